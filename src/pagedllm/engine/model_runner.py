@@ -1,0 +1,84 @@
+"""ModelRunner: owns the model and the KV tensors; turns a SchedulerOutput into one forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..config import ModelConfig
+from ..layers.attention import AttentionMetadata
+from ..models.transformer import Transformer
+from .scheduler import ScheduledRequest
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """What was planned at start-up from the memory budget (a fact, not a setting)."""
+
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype: torch.dtype) -> KVCacheSpec:
+    dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    per_block = config.kv_bytes_per_token(dtype_bytes) * block_size
+    return KVCacheSpec(memory_bytes // per_block, block_size, per_block)
+
+
+@dataclass
+class StepBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # index into the flat tokens of each position whose logits are sampled
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, spec: KVCacheSpec, device: torch.device, dtype: torch.dtype):
+        cfg = model.config
+        self.model, self.spec, self.device = model, spec, device
+        shape = (2, spec.num_blocks, spec.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # Zeroed, not empty: padded block-table entries are read (then masked) and must not hold NaN.
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+
+    def prepare(self, scheduled: list[ScheduledRequest], block_tables: list[list[int]]) -> StepBatch:
+        """Flatten the step's tokens; sequences with nothing to sample still write their K/V."""
+        bs = self.spec.block_size
+        starts = [s.request.num_computed_tokens for s in scheduled]
+        counts = [s.num_new_tokens for s in scheduled]
+        ids = [t for s, st, n in zip(scheduled, starts, counts) for t in s.request.all_token_ids[st:st + n]]
+        token_seq = np.repeat(np.arange(len(scheduled)), counts)
+        query_start = np.concatenate([[0], np.cumsum(counts)])
+        token_index = np.arange(len(ids)) - query_start[token_seq]
+        positions = np.asarray(starts)[token_seq] + token_index
+        max_blocks = max(len(t) for t in block_tables)
+        table = np.zeros((len(scheduled), max_blocks), dtype=np.int64)
+        for row, blocks in enumerate(block_tables):
+            table[row, :len(blocks)] = blocks
+        slots = table[token_seq, positions // bs] * bs + positions % bs
+        padded = np.zeros((len(scheduled), max(counts)), dtype=np.int64)
+        padded[token_seq, token_index] = positions
+        context_lens = np.asarray(starts) + np.asarray(counts)
+        sample_rows = [query_start[i + 1] - 1 for i, s in enumerate(scheduled) if s.completes_prompt]
+        tensor = self._long_tensor
+        meta = AttentionMetadata(
+            slot_mapping=tensor(slots), block_tables=tensor(table), token_seq=tensor(token_seq),
+            token_index=tensor(token_index), positions_padded=tensor(padded),
+            context_lens=tensor(context_lens), max_context_len=int(context_lens.max()))
+        return StepBatch(tensor(ids), tensor(positions), meta, tensor(sample_rows))
+
+    def _long_tensor(self, values) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+
+    @torch.inference_mode()
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        """Logits (float32) for the sampled positions only: the lm_head is too costly for the rest."""
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        return self.model.compute_logits(hidden[batch.sample_rows])

@@ -1,0 +1,170 @@
+"""`pagedllm generate | chat | memory`: thin front ends over LLMEngine."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+from ..errors import PagedLLMError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_bytes(text: str) -> int:
+    """'4GiB', '512MiB', '2G', '1000000' → bytes (binary units)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 4GiB, 512MiB, 1000000)")
+    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least one byte")
+    return int(value)
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default=None,
+                   help="a .gguf file, a Hugging Face folder or repo id (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--kv-cache-memory", type=parse_bytes, default="512MiB", help="KV pool budget (default 512MiB)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the model's)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--sample-seed", type=int, default=None, help="seed of this request's sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagedllm", description="LLM inference over a paged KV cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="continue a prompt, streaming tokens as they come")
+    gen.add_argument("prompt")
+    _add_engine_args(gen)
+    _add_sampling_args(gen, max_tokens=128)
+    chat = sub.add_parser("chat", help="chat with the model (interactive, or one --message)")
+    chat.add_argument("--message", default=None, help="send one message, print the answer and exit")
+    chat.add_argument("--system", default=None, help="a system prompt")
+    _add_engine_args(chat)
+    _add_sampling_args(chat, max_tokens=512)
+    mem = sub.add_parser("memory", help="parameters, weight bytes and KV-cache bytes of a model")
+    mem.add_argument("model", nargs="?", default=None)
+    mem.add_argument("--budget", type=parse_bytes, default="4GiB", help="KV budget to fit tokens in (default 4GiB)")
+    return parser
+
+
+def _engine(args: argparse.Namespace):
+    from ..config import CacheConfig, EngineConfig, SchedulerConfig
+    from ..engine.llm_engine import LLMEngine
+
+    try:
+        config = EngineConfig(
+            model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+            cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory),
+            scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len))
+    except ValueError as exc:
+        raise PagedLLMError(str(exc)) from None
+    return LLMEngine(config)
+
+
+def _sampling(args: argparse.Namespace):
+    from ..sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, seed=args.sample_seed)
+
+
+def stream(engine, request_id: str, prompt, params, out=sys.stdout) -> str:
+    """Run one request to the end, writing text as it is completed; returns the whole text."""
+    engine.add_request(request_id, prompt, params)
+    text = ""
+    while engine.has_unfinished():
+        for output in engine.step():
+            out.write(output.delta_text)
+            out.flush()
+            text = output.text
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    engine = _engine(args)
+    stream(engine, "generate", args.prompt, params)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    params = _sampling(args)
+    started = time.monotonic()
+    engine = _engine(args)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    if args.message is not None:
+        print(f"[pagedllm] {engine.source.name} ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        print(f"> {args.message}")
+        _chat_turn(engine, history, args.message, params, 0)
+        return 0
+    print(f"pagedllm chat with {engine.source.name}. /reset clears the history, /exit or Ctrl-D quits.")
+    turn = 0
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            del history[bool(args.system):]
+            continue
+        if line:
+            _chat_turn(engine, history, line, params, turn)
+            turn += 1
+
+
+def _chat_turn(engine, history: list[dict], message: str, params, turn: int) -> None:
+    history.append({"role": "user", "content": message})
+    prompt_ids = engine.tokenizer.encode_chat(history)
+    answer = stream(engine, f"chat-{turn}", {"prompt_token_ids": prompt_ids}, params)
+    print()
+    history.append({"role": "assistant", "content": answer})
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    from ..models.loaders import resolve_model
+    from ..tools.memory import format_report, memory_report
+
+    print(format_report(memory_report(resolve_model(args.model)), args.budget))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "memory": cmd_memory}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PagedLLMError as exc:
+        print(f"pagedllm: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

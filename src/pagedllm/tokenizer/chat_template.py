@@ -1,0 +1,59 @@
+"""Chat templates, rendered in a sandboxed jinja2 environment.
+
+Templates come from model files (GGUF metadata or tokenizer_config.json) and are untrusted:
+the immutable sandbox blocks attribute tricks, and any error becomes a ChatTemplateError.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from ..errors import PagedLLMError
+
+
+class ChatTemplateError(PagedLLMError, ValueError):
+    """A chat template that cannot be compiled or rendered, or messages it rejects."""
+
+
+def _raise_exception(message: str) -> None:
+    raise ChatTemplateError(f"chat template: {message}")
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str) -> jinja2.Template:
+    # trim_blocks / lstrip_blocks as Hugging Face renders them, so outputs match token for token.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"chat template does not compile: {exc}") from None
+
+
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise ChatTemplateError("messages must be a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ChatTemplateError(f"messages[{i}] needs a string 'role'")
+        if not isinstance(message.get("content", ""), (str, list, type(None))):
+            raise ChatTemplateError(f"messages[{i}].content must be a string")
+    return messages
+
+
+def render_chat(source: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                **variables: Any) -> str:
+    template = _compile(source)
+    try:
+        return template.render(messages=validate_messages(messages), add_generation_prompt=add_generation_prompt,
+                               **variables)
+    except ChatTemplateError:
+        raise
+    except Exception as exc:  # a template may fail in any way its author wrote
+        raise ChatTemplateError(f"chat template failed to render: {type(exc).__name__}: {exc}") from None

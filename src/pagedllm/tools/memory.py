@@ -1,0 +1,80 @@
+"""`pagedllm memory`: what a model costs in memory, computed from its files without loading it."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from safetensors import safe_open
+
+from ..config import ModelConfig
+from ..models.loaders import ModelSource, read_model_config
+from ..models.loaders.gguf_file import GGUFFile
+from ..models.loaders.hf_loader import safetensors_files
+
+# Bytes per weight: plain dtypes, and llama.cpp's Q8_0 / Q4_0 blocks (scale included).
+WEIGHT_DTYPES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    model: str
+    config: ModelConfig
+    num_parameters: int
+    file_bytes: int
+
+    def weight_bytes(self, dtype: str) -> int:
+        return int(self.num_parameters * WEIGHT_DTYPES[dtype])
+
+    def kv_bytes_per_token(self, dtype: str) -> int:
+        return self.config.kv_bytes_per_token(KV_DTYPES[dtype])
+
+    def tokens_in(self, budget_bytes: int, dtype: str) -> int:
+        return budget_bytes // self.kv_bytes_per_token(dtype)
+
+
+def _count_parameters(source: ModelSource) -> tuple[int, int]:
+    if source.kind == "gguf":
+        f = GGUFFile(source.path)
+        return sum(t.n_elements for name, t in f.tensors.items() if name != "rope_freqs.weight"), source.path.stat().st_size
+    files = safetensors_files(source.path)
+    count = 0
+    for path in files:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            for name in f.keys():
+                shape = f.get_slice(name).get_shape()
+                count += math.prod(shape)
+    return count, sum(p.stat().st_size for p in files)
+
+
+def memory_report(source: ModelSource) -> MemoryReport:
+    config, _ = read_model_config(source)
+    params, file_bytes = _count_parameters(source)
+    return MemoryReport(source.name, config, params, file_bytes)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def format_report(report: MemoryReport, budget_bytes: int) -> str:
+    c = report.config
+    lines = [
+        f"model            {report.model} ({c.family}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, "
+        f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads × {c.head_dim})",
+        f"parameters       {report.num_parameters:,}",
+        f"file on disk     {format_bytes(report.file_bytes)}",
+        "weights          " + ", ".join(f"{d} {format_bytes(report.weight_bytes(d))}" for d in WEIGHT_DTYPES),
+        "KV cache/token   " + ", ".join(f"{d} {format_bytes(report.kv_bytes_per_token(d))}" for d in KV_DTYPES)
+        + f"   (2 · {c.num_hidden_layers} layers · {c.num_key_value_heads} kv heads · {c.head_dim} dims · bytes)",
+        f"tokens in {format_bytes(budget_bytes)}   "
+        + ", ".join(f"{d} {report.tokens_in(budget_bytes, d):,}" for d in KV_DTYPES)
+        + f"   (context {c.max_position_embeddings:,})",
+    ]
+    return "\n".join(lines)
