@@ -50,6 +50,8 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
 def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
     cfg = read_json(folder / "config.json")
     family = family_for_hf(cfg.get("architectures"))
+    if cfg.get("mlp_bias"):
+        raise HFModelError(f"{folder}: MLP biases (mlp_bias) are not supported")
     if cfg.get("use_sliding_window"):
         raise HFModelError(f"{folder}: per-layer sliding windows (use_sliding_window) are not supported")
     try:

@@ -1,0 +1,116 @@
+"""Export canonical weights to GGUF in llama.cpp's layout (tensor names, Q/K row order, keys).
+
+The inverse of models/loaders/gguf_loader.py: what llama.cpp's convert_hf_to_gguf.py writes
+for llama-family models, through the `gguf` package's writer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import quants as gguf_quants
+
+from ..config import ModelConfig
+from ..layers.rotary import rope_inv_freq
+from ..models.loaders.gguf_loader import _GLOBAL_RENAMES, _LAYER_RENAMES
+from ..models.registry import family_by_name
+
+_TO_GGUF = {v: k for k, v in _GLOBAL_RENAMES.items()}
+_LAYER_TO_GGUF = {v: k for k, v in _LAYER_RENAMES.items()}
+_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0,
+          "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1}
+
+
+def gguf_name(canonical: str) -> str:
+    if canonical in _TO_GGUF:
+        return _TO_GGUF[canonical]
+    parts = canonical.removeprefix("model.layers.").split(".")
+    return f"blk.{parts[0]}.{_LAYER_TO_GGUF['.'.join(parts[1:-1])]}.{parts[-1]}"
+
+
+def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """llama.cpp's `permute`: rotate-half halves → interleaved rope pairs."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_architecture(config: ModelConfig) -> str:
+    family = family_by_name(config.family)
+    return family.gguf_architectures[0] if family.gguf_architectures else "llama"
+
+
+def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]],
+               metadata: dict[str, Any] | None = None, weight_type: str = "f32") -> None:
+    """Write a model; `metadata` adds keys such as `tokenizer.*` copied from another GGUF."""
+    arch = gguf_architecture(config)
+    permuted = family_by_name(config.family).gguf_qk_permuted
+    writer = GGUFWriter(os.fspath(path), arch)
+    _write_hparams(writer, arch, config)
+    for key, value in (metadata or {}).items():
+        _write_value(writer, key, value)
+    for name, tensor in weights:
+        tensor = tensor.detach().float()
+        if permuted and (".q_proj." in name or ".k_proj." in name):
+            heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
+            tensor = permute_rows(tensor, heads)
+        _add_tensor(writer, gguf_name(name), tensor, weight_type if tensor.dim() == 2 else "f32")
+    if config.rope_scaling is not None and config.rope_scaling.kind == "llama3":
+        plain = rope_inv_freq(config.head_dim, config.rope_theta, None)
+        scaled = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        _add_tensor(writer, "rope_freqs.weight", plain / scaled, "f32")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_key_length(c.head_dim)
+    writer.add_value_length(c.head_dim)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_vocab_size(c.vocab_size)
+    if c.sliding_window:
+        writer.add_sliding_window(c.sliding_window)
+    if c.rope_scaling is not None and c.rope_scaling.kind == "linear":
+        writer.add_string(f"{arch}.rope.scaling.type", "linear")
+        writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_scaling.factor)
+
+
+def _add_tensor(writer: GGUFWriter, name: str, tensor: torch.Tensor, weight_type: str) -> None:
+    qtype = _TYPES[weight_type]
+    data = tensor.numpy().astype(np.float32)
+    if qtype == GGMLQuantizationType.F32:
+        writer.add_tensor(name, data)
+    elif qtype == GGMLQuantizationType.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf_quants.quantize(data, qtype), raw_shape=data.shape, raw_dtype=qtype)
+
+
+def _write_value(writer: GGUFWriter, key: str, value: Any) -> None:
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, list):
+        writer.add_array(key, value)
+    else:
+        raise TypeError(f"cannot write metadata {key!r} of type {type(value).__name__}")

@@ -1,0 +1,79 @@
+"""Shared fixtures: the default model, and tiny random models of every family built offline."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm.models.loaders import default_model_path, read_model_config, ModelSource
+from pagedllm.models.loaders.gguf_file import GGUFFile
+from pagedllm.models.loaders.hf_loader import hf_weights
+from pagedllm.tokenizer import load_tokenizer
+from pagedllm.tools.convert import write_gguf
+
+TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1)
+
+
+def _tiny_configs():
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    return {
+        # llama-3 rope scaling, separate output embedding
+        "llama": LlamaConfig(**TINY, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+        # q/k/v biases, tied embeddings, multi-query attention
+        "qwen2": Qwen2Config(**{**TINY, "num_key_value_heads": 1}, tie_word_embeddings=True,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        # a sliding window shorter than the test sequences
+        "mistral": MistralConfig(**TINY, sliding_window=8, tie_word_embeddings=False),
+    }
+
+
+@dataclass
+class TinyModel:
+    family: str
+    hf_dir: Path
+    gguf_path: Path
+    hf_model: torch.nn.Module
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer_metadata(default_gguf) -> dict:
+    return {k: v for k, v in GGUFFile(default_gguf).metadata.items() if k.startswith("tokenizer.")}
+
+
+def _save_tokenizer(folder: Path, default_gguf: Path) -> None:
+    tok = load_tokenizer(ModelSource("gguf", default_gguf))
+    tok.backend.save(str(folder / "tokenizer.json"))
+    config = {"bos_token": tok.id_to_token(tok.bos_token_id), "eos_token": tok.id_to_token(tok.eos_token_id),
+              "chat_template": tok.chat_template}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, default_gguf, default_tokenizer_metadata) -> dict[str, TinyModel]:
+    from transformers import AutoModelForCausalLM
+
+    models = {}
+    for family, config in _tiny_configs().items():
+        torch.manual_seed(1234)
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        folder = tmp_path_factory.mktemp(f"tiny-{family}")
+        hf.save_pretrained(folder)
+        _save_tokenizer(folder, default_gguf)
+        ours, _ = read_model_config(ModelSource("hf", folder))
+        gguf_path = folder.parent / f"tiny-{family}.gguf"
+        write_gguf(gguf_path, ours, hf_weights(folder), default_tokenizer_metadata)
+        models[family] = TinyModel(family, folder, gguf_path, hf)
+    return models

@@ -1,0 +1,85 @@
+"""The engine on the default model: batching does not change greedy results; blocks come back."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.engine.llm_engine import RequestError
+from pagedllm.engine.request import Request
+from pagedllm.engine.kv_cache_manager import KVCacheManager
+
+PROMPTS = ["The history of Rome", "def add(a, b):", "Water boils at", "List three colours:", "Once upon a time",
+           "The mitochondria is"]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64)
+
+
+def test_batched_equals_alone(llm):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    together = llm.generate(PROMPTS, params)
+    for prompt, out in zip(PROMPTS, together):
+        assert llm.generate(prompt, params)[0].token_ids == out.token_ids
+    stats = llm.engine.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total and stats.num_running == stats.num_waiting == 0
+
+
+def test_preemption_keeps_greedy_outputs():
+    small = LLM(kv_cache_memory=45 * 1024 * 16 * 6, max_num_batched_tokens=64)  # six 16-token blocks
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    prompts = PROMPTS[:3]
+    outs = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(prompts, outs):
+        assert small.generate(prompt, params)[0].token_ids == out.token_ids
+    assert small.engine.stats().kv_blocks_free == small.engine.kv_spec.num_blocks
+
+
+def test_streamed_deltas_add_up_to_the_text(llm):
+    engine = llm.engine
+    engine.add_request("s", "Write a haiku about the sea.", SamplingParams(max_tokens=24, temperature=0))
+    deltas, final = [], None
+    while engine.has_unfinished():
+        for out in engine.step():
+            deltas.append(out.delta_text)
+            final = out
+    assert final.finished and "".join(deltas) == final.text
+
+
+def test_abort_frees_blocks(llm):
+    engine = llm.engine
+    engine.add_request("a", "Tell me a long story", SamplingParams(max_tokens=200, temperature=0))
+    engine.step()
+    engine.abort("a")
+    assert not engine.has_unfinished()
+    assert engine.stats().kv_blocks_free == engine.kv_spec.num_blocks
+
+
+@pytest.mark.parametrize("prompt,params,match", [
+    ("", SamplingParams(), "empty"),
+    ([10**9], SamplingParams(), "token ids"),
+    ("hi", SamplingParams(max_tokens=10**6), "exceed the whole KV cache"),
+    (3.5, SamplingParams(), "a prompt is"),
+])
+def test_refused_at_admission(llm, prompt, params, match):
+    with pytest.raises(RequestError, match=match):
+        llm.engine.add_request("bad", prompt, params)
+    assert not llm.engine.has_unfinished()
+
+
+def test_kv_cache_manager_allocates_and_frees_exact_blocks():
+    from pagedllm.sampling_params import SamplingParams as SP
+
+    kv = KVCacheManager(num_blocks=4, block_size=4)
+    a, b = Request("a", [1] * 6, SP()), Request("b", [1] * 9, SP())
+    assert kv.allocate_slots(a, 6) == [0, 1]
+    assert kv.allocate_slots(b, 9) is None  # needs 3, only 2 left
+    a.num_computed_tokens = 6
+    assert kv.allocate_slots(a, 2) == []  # still fits in block 1
+    assert kv.allocate_slots(a, 3) == [2]
+    kv.free(a)
+    assert kv.num_free_blocks == 4
+    assert kv.allocate_slots(b, 9) == [3, 0, 1]

@@ -1,0 +1,139 @@
+"""Malformed and hostile model files: a clear error naming the problem, fast, with no huge allocation."""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+import tracemalloc
+
+import pytest
+
+from pagedllm.errors import PagedLLMError
+from pagedllm.models.loaders import ModelSource, load_model, read_model_config, resolve_model
+from pagedllm.models.loaders.gguf_file import GGUFError, GGUFFile
+from pagedllm.models.registry import UnsupportedModelError
+
+
+def _string(s: str) -> bytes:
+    data = s.encode()
+    return struct.pack("<Q", len(data)) + data
+
+
+def _header(n_tensors: int, n_kv: int) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_kv)
+
+
+def _kv_string(key: str, value: str) -> bytes:
+    return _string(key) + struct.pack("<I", 8) + _string(value)
+
+
+def _expect_error(path, fragment: str) -> str:
+    tracemalloc.start()
+    try:
+        with pytest.raises(GGUFError) as info:
+            GGUFFile(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak} bytes allocated to reject a bad file"
+    message = str(info.value)
+    assert fragment in message and str(path) in message
+    return message
+
+
+@pytest.mark.parametrize("cut", [10, 30, 1_000, 200_000, 5_000_000, 90_000_000])
+def test_truncated_default_model(tmp_path, default_gguf, cut):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(default_gguf.read_bytes()[:cut])
+    _expect_error(bad, "not a GGUF file" if cut < 24 else "truncated")
+
+
+def test_wrong_magic(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"GGML" + bytes(100))
+    _expect_error(bad, "magic")
+
+
+@pytest.mark.parametrize("n_tensors,n_kv", [(2**40, 0), (0, 2**40), (2**63, 2**63)])
+def test_header_counts_claiming_terabytes(tmp_path, n_tensors, n_kv):
+    bad = tmp_path / "huge.gguf"
+    bad.write_bytes(_header(n_tensors, n_kv) + bytes(64))
+    _expect_error(bad, "more than the file holds")
+
+
+def test_string_length_claiming_terabytes(tmp_path):
+    bad = tmp_path / "s.gguf"
+    bad.write_bytes(_header(0, 1) + struct.pack("<Q", 2**45) + b"key")
+    _expect_error(bad, "truncated")
+
+
+def test_array_count_claiming_terabytes(tmp_path):
+    bad = tmp_path / "a.gguf"
+    body = _string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**50)
+    bad.write_bytes(_header(0, 1) + body + bytes(64))
+    _expect_error(bad, "more than the file can hold")
+    bad.write_bytes(_header(0, 1) + _string("scores") + struct.pack("<IIQ", 9, 6, 2**50) + bytes(64))
+    _expect_error(bad, "truncated")
+
+
+def test_tensor_beyond_end_of_file(tmp_path):
+    bad = tmp_path / "t.gguf"
+    info = _string("token_embd.weight") + struct.pack("<IQQIQ", 2, 64, 64, 0, 0)  # 16 KiB of F32
+    bad.write_bytes(_header(1, 1) + _kv_string("general.architecture", "llama") + info + bytes(64))
+    _expect_error(bad, "truncated or corrupt")
+
+
+def test_unknown_architecture(tmp_path):
+    bad = tmp_path / "rwkv.gguf"
+    bad.write_bytes(_header(0, 1) + _kv_string("general.architecture", "rwkv6") + bytes(32))
+    with pytest.raises(UnsupportedModelError, match="'rwkv6'.*supports: llama, qwen2"):
+        read_model_config(ModelSource("gguf", bad))
+
+
+def test_unknown_hf_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(UnsupportedModelError, match="GPT2LMHeadModel.*LlamaForCausalLM"):
+        read_model_config(resolve_model(tmp_path))
+
+
+def test_bad_hf_config(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(PagedLLMError, match="cannot read JSON"):
+        read_model_config(resolve_model(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "hidden_size": 8}))
+    with pytest.raises(PagedLLMError, match="missing key"):
+        read_model_config(resolve_model(tmp_path))
+
+
+def test_missing_model_file():
+    with pytest.raises(PagedLLMError, match="no such file"):
+        resolve_model("/no/such/model.gguf")
+
+
+def test_weights_that_do_not_fit(tiny_models, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    src = tiny_models["llama"].hf_dir
+    (folder / "config.json").write_text((src / "config.json").read_text())
+    weights = load_file(src / "model.safetensors")
+    del weights["model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, folder / "model.safetensors")
+    with pytest.raises(PagedLLMError, match="missing tensor.*layers.1.mlp"):
+        load_model(resolve_model(folder))
+
+
+@pytest.mark.parametrize("argv", [["generate", "hi", "--model", "{bad}"], ["memory", "{bad}"]])
+def test_cli_reports_one_line_without_traceback(tmp_path, argv):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + bytes(8))
+    argv = [a.replace("{bad}", str(bad)) for a in argv]
+    result = subprocess.run([sys.executable, "-m", "pagedllm.entrypoints.cli", *argv], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("pagedllm: error: ") and "bad.gguf" in result.stderr
+    assert result.stderr.count("\n") == 1

@@ -1,0 +1,84 @@
+"""Detokenisation, chat templates and GGUF vocabularies."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm.models.loaders import ModelSource
+from pagedllm.tokenizer import IncrementalDetokenizer, load_tokenizer
+from pagedllm.tokenizer.chat_template import ChatTemplateError, render_chat
+from pagedllm.tokenizer.gguf_vocab import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, build_gguf_tokenizer
+
+TEXTS = ["héllo wörld", "你好，世界！", "emoji 🙂🚀👩‍💻 mix", "plain ascii text", "混合 text 和 🙂 in one"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_gguf):
+    return load_tokenizer(ModelSource("gguf", default_gguf))
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_detokenizer_never_breaks_a_character(tokenizer, text):
+    ids = tokenizer.encode(text)
+    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Prompt:"))
+    pieces = [detok.add(i) for i in ids]
+    pieces.append(detok.flush())
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == tokenizer.decode(ids)
+
+
+def test_detokenizer_flush_gives_back_an_unfinished_character(tokenizer):
+    ids = tokenizer.encode("🙂")
+    detok = IncrementalDetokenizer(tokenizer, [])
+    assert detok.add(ids[0]) == ""  # the first byte(s) of a four-byte character
+    assert detok.flush() != ""
+
+
+def test_chat_template_matches_known_rendering(tokenizer):
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert text.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\n")
+
+
+@pytest.mark.parametrize("template", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ messages.__class__.__init__.__globals__ }}",
+    "{% set x = messages.append(1) %}{{ x }}",
+])
+def test_chat_template_is_sandboxed(template):
+    with pytest.raises(ChatTemplateError):
+        render_chat(template, [{"role": "user", "content": "x"}])
+
+
+def test_chat_template_errors_are_clear():
+    with pytest.raises(ChatTemplateError, match="does not compile"):
+        render_chat("{% for %}", [{"role": "user", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="only users"):
+        render_chat("{{ raise_exception('only users') }}", [{"role": "user", "content": "x"}])
+    with pytest.raises(ChatTemplateError, match="role"):
+        render_chat("{{ messages }}", [{"content": "no role"}])
+
+
+def _spm_metadata() -> dict:
+    # A merge-closed vocabulary, as SentencePiece BPE builds them: each piece is two others merged.
+    chars = ["\u2581", "h", "e", "l", "o", "w", "r", "d"]
+    merged = ["\u2581h", "\u2581he", "ll", "llo", "\u2581hello", "\u2581w", "or", "\u2581wor", "ld", "\u2581world"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + chars + merged
+    types = [2, TOKEN_CONTROL, TOKEN_CONTROL] + [TOKEN_BYTE] * 256 + [TOKEN_NORMAL] * (len(chars) + len(merged))
+    scores = [0.0] * 259 + [-100.0] * len(chars) + [-float(i) for i in range(1, len(merged) + 1)]
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.unknown_token_id": 0}
+
+
+def test_sentencepiece_vocabulary_from_gguf():
+    tok = build_gguf_tokenizer(_spm_metadata(), "spm.gguf")
+    assert tok.encode("hello world").tokens == ["\u2581hello", "\u2581world"]
+    # a character outside the vocabulary falls back to its UTF-8 bytes
+    assert tok.encode("hé").tokens == ["\u2581h", "<0xC3>", "<0xA9>"]
+    assert tok.decode(tok.encode("hello wé").ids) == "hello wé"
+
+
+def test_unknown_pre_tokenizer_is_named(default_tokenizer_metadata):
+    meta = dict(default_tokenizer_metadata, **{"tokenizer.ggml.pre": "martian"})
+    with pytest.raises(ValueError, match="'martian' is not supported"):
+        build_gguf_tokenizer(meta, "x.gguf")
