@@ -137,3 +137,15 @@ def test_cli_reports_one_line_without_traceback(tmp_path, argv):
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("pagedllm: error: ") and "bad.gguf" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_repo_id_offline_is_one_clear_line(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    # The hub reads HF_HUB_OFFLINE at import, which may already have happened: set both.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(PagedLLMError, match="cannot download 'no-such-org/no-such-model'") as info:
+        resolve_model("no-such-org/no-such-model")
+    assert "\n" not in str(info.value)

@@ -32,6 +32,14 @@ def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype
     return KVCacheSpec(memory_bytes // per_block, block_size, per_block)
 
 
+def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed, not empty: stale slots are read (then masked) and must not hold NaN. On the CPU,
+    numpy's calloc hands out zero pages lazily, so the pool costs nothing until it is used."""
+    if torch.device(device).type == "cpu" and dtype == torch.float32:
+        return torch.from_numpy(np.zeros(shape, dtype=np.float32))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 @dataclass
 class StepBatch:
     input_ids: torch.Tensor
@@ -44,9 +52,8 @@ class ModelRunner:
     def __init__(self, model: Transformer, spec: KVCacheSpec, device: torch.device, dtype: torch.dtype):
         cfg = model.config
         self.model, self.spec, self.device = model, spec, device
-        shape = (2, spec.num_blocks, spec.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        # Zeroed, not empty: padded block-table entries are read (then masked) and must not hold NaN.
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_hidden_layers)]
+        shape = (cfg.num_hidden_layers, 2, spec.num_blocks, spec.block_size, cfg.num_key_value_heads, cfg.head_dim)
+        self.kv_caches = list(_zeroed_pool(shape, dtype, device).unbind(0))
 
     def prepare(self, scheduled: list[ScheduledRequest], block_tables: list[list[int]]) -> StepBatch:
         """Flatten the step's tokens; sequences with nothing to sample still write their K/V."""

@@ -151,6 +151,9 @@ class Transformer(nn.Module):
             target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
         if tuple(target.shape) != tuple(tensor.shape):
             raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
+        if shard is None and tensor.dtype == target.dtype and tensor.device == target.device:
+            param.data = tensor  # take the loader's tensor as it is: no second copy of the weights
+            return
         with torch.no_grad():
             target.copy_(tensor)
 

@@ -12,7 +12,7 @@ from tokenizers import processors
 
 from ..errors import PagedLLMError
 from ..models.loaders import ModelSource
-from ..models.loaders.gguf_file import GGUFFile
+from ..models.loaders.gguf_file import open_gguf
 from ..models.loaders.hf_loader import read_json
 from .chat_template import render_chat
 from .gguf_vocab import build_gguf_tokenizer
@@ -87,7 +87,7 @@ def load_tokenizer(source: ModelSource) -> Tokenizer:
 
 
 def _from_gguf(path: Path) -> Tokenizer:
-    meta = GGUFFile(path).metadata
+    meta = open_gguf(path).metadata
     backend = build_gguf_tokenizer(meta, str(path))
     bos, eos = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama"))

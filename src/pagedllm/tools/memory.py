@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..models.loaders import ModelSource, read_model_config
-from ..models.loaders.gguf_file import GGUFFile
+from ..models.loaders.gguf_file import open_gguf
 from ..models.loaders.hf_loader import safetensors_files
 
 # Bytes per weight: plain dtypes, and llama.cpp's Q8_0 / Q4_0 blocks (scale included).
@@ -37,7 +37,7 @@ class MemoryReport:
 
 def _count_parameters(source: ModelSource) -> tuple[int, int]:
     if source.kind == "gguf":
-        f = GGUFFile(source.path)
+        f = open_gguf(source.path)
         return sum(t.n_elements for name, t in f.tensors.items() if name != "rope_freqs.weight"), source.path.stat().st_size
     files = safetensors_files(source.path)
     count = 0

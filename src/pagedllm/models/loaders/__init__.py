@@ -14,7 +14,7 @@ from ...config import ModelConfig
 from ...errors import ModelSourceError
 from ..registry import FamilySpec
 from ..transformer import Transformer
-from .gguf_file import GGUFFile
+from .gguf_file import open_gguf
 from .gguf_loader import gguf_model_config, gguf_weights
 from .hf_loader import hf_model_config, hf_weights
 
@@ -85,14 +85,14 @@ def _download(repo_id: str) -> Path:
 
 def read_model_config(source: ModelSource) -> tuple[ModelConfig, FamilySpec]:
     if source.kind == "gguf":
-        return gguf_model_config(GGUFFile(source.path))
+        return gguf_model_config(open_gguf(source.path))
     return hf_model_config(source.path)
 
 
 def load_model(source: ModelSource, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> Transformer:
     if source.kind == "gguf":
-        gguf = GGUFFile(source.path)
+        gguf = open_gguf(source.path)
         config, family = gguf_model_config(gguf)
         weights = gguf_weights(gguf, config, family)
     else:

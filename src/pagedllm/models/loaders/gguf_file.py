@@ -14,6 +14,7 @@ from ...errors import PagedLLMError
 import mmap
 import os
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -209,3 +210,18 @@ class GGUFFile:
         if key not in self.metadata:
             raise GGUFError(f"{self.path}: required metadata key {key!r} is missing")
         return self.metadata[key]
+
+
+@lru_cache(maxsize=2)
+def _open_cached(path: str, mtime_ns: int, size: int) -> GGUFFile:
+    return GGUFFile(path)
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """A parsed GGUF, shared by the model and tokenizer loaders (re-read if the file changes)."""
+    path = os.fspath(path)
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return GGUFFile(path)  # raises the clear "no such file" error
+    return _open_cached(path, stat.st_mtime_ns, stat.st_size)
