@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -47,14 +49,14 @@ class ModelConfig:
                      "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"model config: {name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"model config: {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"model config: {self.num_attention_heads} attention heads are not a multiple of "
                 f"{self.num_key_value_heads} key/value heads"
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"model config: sliding_window must be positive, got {self.sliding_window}")
+            raise ConfigError(f"model config: sliding_window must be positive, got {self.sliding_window}")
 
     @property
     def num_parameters(self) -> int:
@@ -80,9 +82,9 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:
-            raise ValueError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
+            raise ConfigError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
         if not isinstance(self.kv_cache_memory_bytes, int) or self.kv_cache_memory_bytes <= 0:
-            raise ValueError(f"kv cache memory must be a positive number of bytes, got {self.kv_cache_memory_bytes!r}")
+            raise ConfigError(f"kv cache memory must be a positive number of bytes, got {self.kv_cache_memory_bytes!r}")
 
 
 @dataclass(frozen=True)
@@ -98,9 +100,9 @@ class SchedulerConfig:
         for name in ("max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
-            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+            raise ConfigError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
 
 
 @dataclass(frozen=True)

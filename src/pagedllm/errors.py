@@ -7,3 +7,7 @@ class PagedLLMError(Exception):
 
 class ModelSourceError(PagedLLMError, ValueError):
     """A --model argument that names nothing pagedllm can load."""
+
+
+class ConfigError(PagedLLMError, ValueError):
+    """A configuration value (from a model file or a flag) outside what pagedllm accepts."""

@@ -149,3 +149,21 @@ def test_repo_id_offline_is_one_clear_line(monkeypatch, tmp_path):
     with pytest.raises(PagedLLMError, match="cannot download 'no-such-org/no-such-model'") as info:
         resolve_model("no-such-org/no-such-model")
     assert "\n" not in str(info.value)
+
+
+def test_deeply_nested_arrays(tmp_path):
+    bad = tmp_path / "nested.gguf"
+    nesting = struct.pack("<IQ", 9, 1) * 5000  # array of array of array ...
+    bad.write_bytes(_header(0, 1) + _string("deep") + struct.pack("<I", 9) + nesting + bytes(64))
+    _expect_error(bad, "nests arrays")
+
+
+def test_impossible_hyperparameters(tmp_path):
+    bad = tmp_path / "zero.gguf"
+    kvs = [_kv_string("general.architecture", "llama")] + [
+        _string(f"llama.{k}") + struct.pack("<II", 4, v) for k, v in
+        [("embedding_length", 64), ("attention.head_count", 0), ("feed_forward_length", 8), ("block_count", 1)]]
+    info = _string("token_embd.weight") + struct.pack("<IQQIQ", 2, 64, 4, 0, 0)
+    bad.write_bytes(_header(1, len(kvs)) + b"".join(kvs) + info + bytes(32 + 64 * 4 * 4))
+    with pytest.raises(PagedLLMError, match="head"):
+        read_model_config(ModelSource("gguf", bad))

@@ -23,6 +23,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ARRAY_NESTING = 8
 
 _SCALAR_DTYPES: dict[GGUFValueType, np.dtype] = {
     GGUFValueType.UINT8: np.dtype("<u1"),
@@ -107,10 +108,12 @@ def _value_type(code: int, cursor: _Cursor, key: str) -> GGUFValueType:
         raise cursor.fail(f"metadata key {key!r} has unknown value type {code}") from None
 
 
-def _read_value(cursor: _Cursor, vtype: GGUFValueType, key: str) -> Any:
+def _read_value(cursor: _Cursor, vtype: GGUFValueType, key: str, depth: int = 0) -> Any:
     if vtype == GGUFValueType.STRING:
         return cursor.string(key)
     if vtype == GGUFValueType.ARRAY:
+        if depth >= MAX_ARRAY_NESTING:
+            raise cursor.fail(f"{key} nests arrays more than {MAX_ARRAY_NESTING} deep")
         item_type = _value_type(cursor.uint(4, f"item type of {key}"), cursor, key)
         count = cursor.uint(8, f"length of {key}")
         if item_type == GGUFValueType.STRING:
@@ -118,7 +121,7 @@ def _read_value(cursor: _Cursor, vtype: GGUFValueType, key: str) -> Any:
         if item_type == GGUFValueType.ARRAY:
             if count > len(cursor.buf):
                 raise cursor.fail(f"{key} claims {count} nested arrays")
-            return [_read_value(cursor, item_type, key) for _ in range(count)]
+            return [_read_value(cursor, item_type, key, depth + 1) for _ in range(count)]
         values = cursor.array(_SCALAR_DTYPES[item_type], count, key)
         return values.astype(bool) if item_type == GGUFValueType.BOOL else values
     value = cursor.array(_SCALAR_DTYPES[vtype], 1, key)[0]

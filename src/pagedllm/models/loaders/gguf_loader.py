@@ -86,7 +86,10 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     family = family_for_gguf(arch)
     hidden = _int_key(f, f"{arch}.embedding_length")
     heads = _int_key(f, f"{arch}.attention.head_count")
-    head_dim = _int_key(f, f"{arch}.attention.key_length", hidden // heads if heads else None)
+    if heads <= 0:
+        raise GGUFError(f"{f.path}: {arch}.attention.head_count must be positive, got {heads}")
+    # Without an explicit key_length the head size is the embedding split evenly across heads.
+    head_dim = _int_key(f, f"{arch}.attention.key_length", hidden // heads if hidden % heads == 0 else None)
     rope_dim = _int_key(f, f"{arch}.rope.dimension_count", head_dim)
     if rope_dim != head_dim:
         raise GGUFError(f"{f.path}: partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported")
