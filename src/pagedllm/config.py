@@ -79,6 +79,7 @@ class CacheConfig:
 
     block_size: int = 16
     kv_cache_memory_bytes: int = 512 * 1024**2
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:

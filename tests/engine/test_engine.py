@@ -73,13 +73,29 @@ def test_refused_at_admission(llm, prompt, params, match):
 def test_kv_cache_manager_allocates_and_frees_exact_blocks():
     from pagedllm.sampling_params import SamplingParams as SP
 
-    kv = KVCacheManager(num_blocks=4, block_size=4)
+    kv = KVCacheManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
     a, b = Request("a", [1] * 6, SP()), Request("b", [1] * 9, SP())
     assert kv.allocate_slots(a, 6) == [0, 1]
     assert kv.allocate_slots(b, 9) is None  # needs 3, only 2 left
     a.num_computed_tokens = 6
     assert kv.allocate_slots(a, 2) == []  # still fits in block 1
     assert kv.allocate_slots(a, 3) == [2]
-    kv.free(a)
+    kv.free(a)  # tail first: block 2 is the first of a's blocks to be evicted
     assert kv.num_free_blocks == 4
-    assert kv.allocate_slots(b, 9) == [3, 0, 1]
+    assert kv.allocate_slots(b, 9) == [3, 2, 1]
+
+
+def test_prefix_caching_reuses_a_shared_system_prompt_without_changing_outputs(llm):
+    system = ("You are a careful assistant. Answer in one short sentence, without lists, and say so "
+              "plainly when you do not know the answer. ")
+    questions = ["What is rain?", "Why is the sky blue?", "What is a prime number?", "Who wrote Hamlet?"]
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    cached = llm.generate([system + q for q in questions], params)
+    assert llm.engine.kv_cache.stats.hit_tokens >= 3 * 16  # later requests found the system prompt's blocks
+    assert llm.engine.stats().prefix_cache_hit_rate > 0
+    uncached = LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64, enable_prefix_caching=False)
+    assert [o.token_ids for o in uncached.generate([system + q for q in questions], params)] == \
+        [o.token_ids for o in cached]
+    assert uncached.engine.kv_cache.stats.hit_tokens == 0
+    stats = llm.engine.stats()
+    assert stats.kv_blocks_free == stats.kv_blocks_total

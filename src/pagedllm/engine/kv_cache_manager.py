@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .block_pool import BlockPool
+from dataclasses import dataclass
+
+from .block_pool import BlockPool, KVBlock, chain_hash
 from .request import Request
 
 
@@ -10,11 +12,23 @@ def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+@dataclass
+class PrefixCacheStats:
+    queried_tokens: int = 0
+    hit_tokens: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
-        self._blocks: dict[str, list[int]] = {}
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.stats = PrefixCacheStats()
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._hashes: dict[str, list[int]] = {}  # chained hashes of each request's full blocks
 
     @property
     def num_blocks(self) -> int:
@@ -24,18 +38,56 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
-    def allocate_slots(self, request: Request, num_new_tokens: int) -> list[int] | None:
-        """Make room for `num_new_tokens` more tokens of `request`; None if the pool is short."""
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
+        """The longest cached prefix of a new request, in whole blocks, leaving at least one
+        token to compute (the step must produce logits, and must not write a shared block)."""
+        if not self.pool.enable_caching:
+            return [], 0
+        hits: list[KVBlock] = []
+        parent, ids = None, request.all_token_ids
+        for index in range((len(ids) - 1) // self.block_size):
+            tokens = self._block_tokens(ids, index)
+            parent = chain_hash(parent, tokens)
+            block = self.pool.lookup(parent, tokens)
+            if block is None:
+                break
+            hits.append(block)
+        self.stats.queried_tokens += request.num_tokens
+        self.stats.hit_tokens += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       computed_blocks: list[KVBlock] | None = None) -> list[int] | None:
+        """Make room for `num_new_tokens` more tokens of `request` (after any cached prefix
+        `computed_blocks`); returns the new block ids, or None if the pool is short."""
         blocks = self._blocks.setdefault(request.request_id, [])
-        total = request.num_computed_tokens + num_new_tokens
-        new = self.pool.allocate(max(0, blocks_needed(total, self.block_size) - len(blocks)))
-        if new is None:
+        computed_blocks = computed_blocks or []
+        total = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        needed = blocks_needed(total, self.block_size) - len(blocks) - len(computed_blocks)
+        # Cached blocks sitting in the free queue are not free for this request's new blocks.
+        reusable = sum(1 for b in computed_blocks if b.ref_count == 0)
+        if needed > self.pool.num_free_blocks - reusable:
             return None
-        blocks.extend(new)
-        return new
+        self.pool.touch(computed_blocks)
+        new = self.pool.allocate(max(0, needed)) or []
+        blocks.extend(computed_blocks + new)
+        self._cache_full_blocks(request, total)
+        return [b.block_id for b in new]
+
+    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
+        blocks, hashes = self._blocks[request.request_id], self._hashes.setdefault(request.request_id, [])
+        ids = request.all_token_ids
+        for index in range(len(hashes), num_tokens // self.block_size):
+            tokens = self._block_tokens(ids, index)
+            hashes.append(chain_hash(hashes[-1] if hashes else None, tokens))
+            self.pool.cache(blocks[index], hashes[-1], tokens)
+
+    def _block_tokens(self, ids: list[int], index: int) -> tuple[int, ...]:
+        return tuple(ids[index * self.block_size:(index + 1) * self.block_size])
 
     def block_table(self, request: Request) -> list[int]:
-        return self._blocks.get(request.request_id, [])
+        return [b.block_id for b in self._blocks.get(request.request_id, [])]
 
     def free(self, request: Request) -> None:
-        self.pool.free(self._blocks.pop(request.request_id, []))
+        self._hashes.pop(request.request_id, None)
+        self.pool.free(list(reversed(self._blocks.pop(request.request_id, []))))

@@ -54,7 +54,8 @@ class LLMEngine:
         if self.kv_spec.num_blocks < 1:
             raise PagedLLMError(f"kv cache memory {config.cache.kv_cache_memory_bytes} bytes is less than one block "
                                 f"({self.kv_spec.bytes_per_block} bytes)")
-        self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size)
+        self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size,
+                                       config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.runner = ModelRunner(self.model, self.kv_spec, self.device, dtype)
         self.sampler = Sampler()
@@ -153,7 +154,8 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.num_blocks,
-                           self.kv_cache.num_free_blocks, self.scheduler.num_preemptions)
+                           self.kv_cache.num_free_blocks, self.scheduler.num_preemptions,
+                           self.kv_cache.stats.hit_rate)
 
 
 def _device(name: str) -> torch.device:

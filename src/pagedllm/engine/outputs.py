@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -37,7 +37,7 @@ class EngineStats:
     kv_blocks_total: int
     kv_blocks_free: int
     num_preemptions: int
-    extra: dict = field(default_factory=dict)
+    prefix_cache_hit_rate: float
 
     @property
     def kv_usage(self) -> float:

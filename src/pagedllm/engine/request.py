@@ -34,6 +34,7 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at the last admission
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None

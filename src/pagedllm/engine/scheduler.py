@@ -75,14 +75,17 @@ class Scheduler:
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            remaining = request.num_tokens - request.num_computed_tokens
+            cached_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
+            remaining = request.num_tokens - num_cached
             if remaining > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(remaining, budget)
-            if self.kv_cache.allocate_slots(request, num_new) is None:
+            if self.kv_cache.allocate_slots(request, num_new, cached_blocks) is None:
                 break
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
+            request.num_computed_tokens = num_cached
+            request.num_cached_tokens = num_cached
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(request, num_new))
             budget -= num_new
