@@ -35,6 +35,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the model's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
+    p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   help="do not reuse KV blocks of shared prompt prefixes")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -72,7 +74,8 @@ def _engine(args: argparse.Namespace):
     try:
         config = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
-            cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory),
+            cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory,
+                              enable_prefix_caching=args.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
                                       max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len))
     except ValueError as exc:
