@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..layers.attention import AttentionMetadata
+from ..layers.attention import AttentionGroup, AttentionMetadata
 from ..models.transformer import Transformer
 from .scheduler import ScheduledRequest
 
@@ -58,28 +58,38 @@ class ModelRunner:
     def prepare(self, scheduled: list[ScheduledRequest], block_tables: list[list[int]]) -> StepBatch:
         """Flatten the step's tokens; sequences with nothing to sample still write their K/V."""
         bs = self.spec.block_size
-        starts = [s.request.num_computed_tokens for s in scheduled]
-        counts = [s.num_new_tokens for s in scheduled]
+        starts = np.asarray([s.request.num_computed_tokens for s in scheduled])
+        counts = np.asarray([s.num_new_tokens for s in scheduled])
         ids = [t for s, st, n in zip(scheduled, starts, counts) for t in s.request.all_token_ids[st:st + n]]
-        token_seq = np.repeat(np.arange(len(scheduled)), counts)
         query_start = np.concatenate([[0], np.cumsum(counts)])
-        token_index = np.arange(len(ids)) - query_start[token_seq]
-        positions = np.asarray(starts)[token_seq] + token_index
-        max_blocks = max(len(t) for t in block_tables)
-        table = np.zeros((len(scheduled), max_blocks), dtype=np.int64)
+        token_seq = np.repeat(np.arange(len(scheduled)), counts)
+        positions = starts[token_seq] + np.arange(len(ids)) - query_start[token_seq]
+        table = np.zeros((len(scheduled), max(len(t) for t in block_tables)), dtype=np.int64)
         for row, blocks in enumerate(block_tables):
             table[row, :len(blocks)] = blocks
         slots = table[token_seq, positions // bs] * bs + positions % bs
-        padded = np.zeros((len(scheduled), max(counts)), dtype=np.int64)
-        padded[token_seq, token_index] = positions
-        context_lens = np.asarray(starts) + np.asarray(counts)
+        # Decodes and prefill chunks attend separately: padding stays within each group.
+        groups = [self._group(np.flatnonzero(sel), starts, counts, table)
+                  for sel in (counts == 1, counts > 1) if sel.any()]
         sample_rows = [query_start[i + 1] - 1 for i, s in enumerate(scheduled) if s.completes_prompt]
-        tensor = self._long_tensor
-        meta = AttentionMetadata(
-            slot_mapping=tensor(slots), block_tables=tensor(table), token_seq=tensor(token_seq),
-            token_index=tensor(token_index), positions_padded=tensor(padded),
-            context_lens=tensor(context_lens), max_context_len=int(context_lens.max()))
-        return StepBatch(tensor(ids), tensor(positions), meta, tensor(sample_rows))
+        meta = AttentionMetadata(slot_mapping=self._long_tensor(slots), groups=groups)
+        return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta, self._long_tensor(sample_rows))
+
+    def _group(self, seqs: np.ndarray, starts: np.ndarray, counts: np.ndarray, table: np.ndarray) -> AttentionGroup:
+        query_start = np.concatenate([[0], np.cumsum(counts)])
+        g_counts = counts[seqs]
+        token_seq = np.repeat(np.arange(len(seqs)), g_counts)
+        g_start = np.concatenate([[0], np.cumsum(g_counts)])
+        token_index = np.arange(int(g_counts.sum())) - g_start[token_seq]
+        rows = query_start[seqs][token_seq] + token_index
+        padded = np.zeros((len(seqs), int(g_counts.max())), dtype=np.int64)
+        padded[token_seq, token_index] = starts[seqs][token_seq] + token_index
+        context_lens = starts[seqs] + g_counts
+        blocks = table[seqs, :-(-int(context_lens.max()) // self.spec.block_size)]
+        t = self._long_tensor
+        return AttentionGroup(rows=t(rows), block_tables=t(blocks), token_seq=t(token_seq),
+                              token_index=t(token_index), positions_padded=t(padded),
+                              max_context_len=int(context_lens.max()))
 
     def _long_tensor(self, values) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)

@@ -37,12 +37,12 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, mask: torch.Tensor) -> torch.Tensor:
+                meta: AttentionMetadata, masks: list[torch.Tensor]) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, mask, self.scale)
+        out = paged_attention(q, k, v, kv_cache, meta, masks, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -65,8 +65,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache, meta, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, mask)
+    def forward(self, x, cos, sin, kv_cache, meta, masks):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -93,9 +93,9 @@ class Transformer(nn.Module):
         """Hidden states [tokens, hidden] for a flat batch of tokens from many sequences."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        mask = build_attention_mask(meta, self.config.sliding_window)
+        masks = [build_attention_mask(group, self.config.sliding_window) for group in meta.groups]
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta, mask)
+            x = layer(x, cos, sin, kv_cache, meta, masks)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
