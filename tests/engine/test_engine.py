@@ -99,3 +99,14 @@ def test_prefix_caching_reuses_a_shared_system_prompt_without_changing_outputs(l
     assert uncached.engine.kv_cache.stats.hit_tokens == 0
     stats = llm.engine.stats()
     assert stats.kv_blocks_free == stats.kv_blocks_total
+
+
+def test_stats_count_tokens_and_rates():
+    llm = LLM(kv_cache_memory=16 * 2**20, enable_prefix_caching=False)
+    prompts = ["Count to ten:", "Name a fruit:"]
+    llm.generate(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    stats = llm.engine.stats()
+    tokenizer = llm.get_tokenizer()
+    assert stats.prompt_tokens_total == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert stats.generation_tokens_total == 16
+    assert stats.generation_tok_s > 0

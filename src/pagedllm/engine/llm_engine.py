@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from .outputs import EngineStats, RequestMetrics, RequestOutput
 from .request import Request, RequestStatus
 from .scheduler import ScheduledRequest, Scheduler
 
+THROUGHPUT_WINDOW_S = 10.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Prompt = str | list[int] | dict[str, Any]
@@ -60,6 +62,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_spec, self.device, dtype)
         self.sampler = Sampler()
         self._tracked: dict[str, _Tracked] = {}
+        self._totals = [0, 0]  # prompt tokens computed, tokens generated
+        self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
@@ -115,8 +119,19 @@ class LLMEngine:
         logits = self.runner.execute(batch)
         sampling = [s for s in out.scheduled if s.completes_prompt]
         tokens = self._sample(sampling, logits).tolist() if sampling else []
+        self._count(out.scheduled, len(tokens))
         self.scheduler.update_from_output(out.scheduled)
         return [self._advance(s.request, token) for s, token in zip(sampling, tokens)]
+
+    def _count(self, scheduled: list[ScheduledRequest], generated: int) -> None:
+        prompt = sum(min(s.num_new_tokens, len(s.request.prompt_token_ids) - s.request.num_computed_tokens)
+                     for s in scheduled if s.request.num_computed_tokens < len(s.request.prompt_token_ids))
+        now = time.monotonic()
+        self._totals[0] += prompt
+        self._totals[1] += generated
+        self._recent.append((now, prompt, generated))
+        while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
+            self._recent.popleft()
 
     def _sample(self, sampling: list[ScheduledRequest], logits: torch.Tensor) -> torch.Tensor:
         tracked = [self._tracked[s.request.request_id] for s in sampling]
@@ -155,7 +170,15 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.num_blocks,
                            self.kv_cache.num_free_blocks, self.scheduler.num_preemptions,
-                           self.kv_cache.stats.hit_rate)
+                           self.kv_cache.stats.hit_rate, self._totals[0], self._totals[1],
+                           self._recent_rate(1), self._recent_rate(2))
+
+    def _recent_rate(self, column: int) -> float:
+        """Tokens per second over the window: the tokens of every step after the first, over the span."""
+        if len(self._recent) < 2:
+            return 0.0
+        span = self._recent[-1][0] - self._recent[0][0]
+        return sum(step[column] for step in list(self._recent)[1:]) / span if span > 0 else 0.0
 
 
 def _device(name: str) -> torch.device:

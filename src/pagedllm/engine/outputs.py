@@ -38,6 +38,10 @@ class EngineStats:
     kv_blocks_free: int
     num_preemptions: int
     prefix_cache_hit_rate: float
+    prompt_tokens_total: int = 0  # prompt tokens computed (prefix-cache hits excluded)
+    generation_tokens_total: int = 0
+    prompt_tok_s: float = 0.0  # over the last few seconds of steps
+    generation_tok_s: float = 0.0
 
     @property
     def kv_usage(self) -> float:
