@@ -69,14 +69,14 @@ class ModelRunner:
             table[row, :len(blocks)] = blocks
         slots = table[token_seq, positions // bs] * bs + positions % bs
         # Decodes and prefill chunks attend separately: padding stays within each group.
-        groups = [self._group(np.flatnonzero(sel), starts, counts, table)
+        groups = [self._group(np.flatnonzero(sel), starts, counts, query_start, table)
                   for sel in (counts == 1, counts > 1) if sel.any()]
         sample_rows = [query_start[i + 1] - 1 for i, s in enumerate(scheduled) if s.completes_prompt]
         meta = AttentionMetadata(slot_mapping=self._long_tensor(slots), groups=groups)
         return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta, self._long_tensor(sample_rows))
 
-    def _group(self, seqs: np.ndarray, starts: np.ndarray, counts: np.ndarray, table: np.ndarray) -> AttentionGroup:
-        query_start = np.concatenate([[0], np.cumsum(counts)])
+    def _group(self, seqs: np.ndarray, starts: np.ndarray, counts: np.ndarray, query_start: np.ndarray,
+               table: np.ndarray) -> AttentionGroup:
         g_counts = counts[seqs]
         token_seq = np.repeat(np.arange(len(seqs)), g_counts)
         g_start = np.concatenate([[0], np.cumsum(g_counts)])

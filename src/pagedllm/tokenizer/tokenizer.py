@@ -66,7 +66,8 @@ class Tokenizer:
 
 def _stop_ids(backend: HFTokenizer, eos_ids: list[int]) -> frozenset[int]:
     ids = {i for i in eos_ids if i is not None}
-    ids |= {i for t in _END_OF_TURN if (i := backend.token_to_id(t)) is not None and i in ids | _special_ids(backend)}
+    known = ids | _special_ids(backend)
+    ids |= {i for t in _END_OF_TURN if (i := backend.token_to_id(t)) is not None and i in known}
     return frozenset(ids)
 
 

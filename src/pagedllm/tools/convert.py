@@ -17,11 +17,11 @@ from gguf import quants as gguf_quants
 
 from ..config import ModelConfig
 from ..layers.rotary import rope_inv_freq
-from ..models.loaders.gguf_loader import _GLOBAL_RENAMES, _LAYER_RENAMES
+from ..models.loaders.gguf_loader import GLOBAL_RENAMES, LAYER_RENAMES
 from ..models.registry import family_by_name
 
-_TO_GGUF = {v: k for k, v in _GLOBAL_RENAMES.items()}
-_LAYER_TO_GGUF = {v: k for k, v in _LAYER_RENAMES.items()}
+_TO_GGUF = {v: k for k, v in GLOBAL_RENAMES.items()}
+_LAYER_TO_GGUF = {v: k for k, v in LAYER_RENAMES.items()}
 _TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0,
           "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1}
 

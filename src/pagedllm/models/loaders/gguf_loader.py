@@ -16,7 +16,7 @@ from ..registry import FamilySpec, family_for_gguf
 from .dequant import dequantize
 from .gguf_file import GGUFError, GGUFFile
 
-_LAYER_RENAMES = {
+LAYER_RENAMES = {
     "attn_norm": "input_layernorm",
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -27,7 +27,7 @@ _LAYER_RENAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GLOBAL_RENAMES = {
+GLOBAL_RENAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
@@ -37,12 +37,12 @@ _CONSUMED_BY_CONFIG = {"rope_freqs.weight"}
 
 
 def canonical_name(gguf_name: str) -> str:
-    if gguf_name in _GLOBAL_RENAMES:
-        return _GLOBAL_RENAMES[gguf_name]
+    if gguf_name in GLOBAL_RENAMES:
+        return GLOBAL_RENAMES[gguf_name]
     match = _LAYER_NAME.match(gguf_name)
-    if match and match.group(2) in _LAYER_RENAMES:
+    if match and match.group(2) in LAYER_RENAMES:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{_LAYER_RENAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{LAYER_RENAMES[part]}.{kind}"
     return gguf_name  # the model reports it as unexpected
 
 
