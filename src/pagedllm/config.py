@@ -106,11 +106,21 @@ class SchedulerConfig:
             raise ConfigError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
 
 
+ATTENTION_BACKENDS = ("auto", "torch")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct, Q4_1 GGUF)
     device: str = "cpu"
     dtype: str = "float32"
     seed: int = 0
+    # "auto": a C++ kernel for decode attention on the CPU when it builds; "torch": plain torch ops only.
+    attention_backend: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                              f"got {self.attention_backend!r}")

@@ -59,7 +59,7 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        self.runner = ModelRunner(self.model, self.kv_spec, self.device, dtype)
+        self.runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend)
         self.sampler = Sampler()
         self._tracked: dict[str, _Tracked] = {}
         self._totals = [0, 0]  # prompt tokens computed, tokens generated

@@ -38,6 +38,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse KV blocks of shared prompt prefixes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-backend", choices=["auto", "torch"], default="auto",
+                   help="auto (default): a C++ decode kernel on the CPU when it builds; torch: plain torch ops")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -74,6 +76,7 @@ def _engine(args: argparse.Namespace):
     try:
         config = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
+            attention_backend=args.attention_backend,
             cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory,
                               enable_prefix_caching=args.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,

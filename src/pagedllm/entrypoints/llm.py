@@ -16,9 +16,10 @@ class LLM:
     def __init__(self, model: str | None = None, *, device: str = "cpu", dtype: str = "float32",
                  kv_cache_memory: int = CacheConfig.kv_cache_memory_bytes, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, enable_chunked_prefill: bool = True,
-                 enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0):
+                 enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
+                 attention_backend: str = "auto"):
         config = EngineConfig(
-            model=model, device=device, dtype=dtype, seed=seed,
+            model=model, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend,
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,

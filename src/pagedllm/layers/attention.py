@@ -5,6 +5,8 @@ kv_heads, head_dim]. Each step's new tokens are written to their slots, then eac
 sequences gathers its keys through its block tables and is attended with one batched SDPA call
 over a padded [sequences, max_query_len] layout. Decodes (one query each) and prefill chunks are
 separate groups, so a long chunk never pads every decode to its length. No loop over sequences.
+On the CPU, a decode group can instead go to a C++ kernel that reads the blocks in place
+(`pagedllm.kernels`): same result, no gather, no padding, no mask.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels import paged_decode_attention
 
 
 @dataclass
@@ -24,7 +28,9 @@ class AttentionGroup:
     token_seq:     [tokens] which of the group's sequences each token belongs to.
     token_index:   [tokens] index of the token among its sequence's new tokens.
     positions_padded: [seqs, max_query_len] absolute positions, padded rows at position 0.
-    max_context_len: the longest sequence in the cache once this step is written.
+    context_lens:  [seqs] tokens of each sequence in the cache once this step is written.
+    max_context_len: the longest of them.
+    use_decode_kernel: attend with the C++ decode kernel (one query per sequence, CPU, float32).
     """
 
     rows: torch.Tensor
@@ -32,7 +38,9 @@ class AttentionGroup:
     token_seq: torch.Tensor
     token_index: torch.Tensor
     positions_padded: torch.Tensor
+    context_lens: torch.Tensor
     max_context_len: int
+    use_decode_kernel: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -51,8 +59,10 @@ class AttentionMetadata:
     groups: list[AttentionGroup]
 
 
-def build_attention_mask(group: AttentionGroup, sliding_window: int | None) -> torch.Tensor:
-    """[seqs, 1, max_query_len, max_context_len] boolean: causal, within the window."""
+def build_attention_mask(group: AttentionGroup, sliding_window: int | None) -> torch.Tensor | None:
+    """[seqs, 1, max_query_len, max_context_len] boolean: causal, within the window (None for the kernel)."""
+    if group.use_decode_kernel:
+        return None
     key_pos = torch.arange(group.max_context_len, device=group.positions_padded.device)
     query_pos = group.positions_padded[:, :, None]
     mask = key_pos[None, None, :] <= query_pos
@@ -68,8 +78,10 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     flat[1].index_copy_(0, slot_mapping, v)
 
 
-def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup, mask: torch.Tensor,
-                  scale: float) -> torch.Tensor:
+def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup, mask: torch.Tensor | None,
+                  scale: float, sliding_window: int | None) -> torch.Tensor:
+    if group.use_decode_kernel:
+        return paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, scale, sliding_window)
     length = group.max_context_len
     keys = kv_cache[0][group.block_tables].flatten(1, 2)[:, :length].transpose(1, 2)
     values = kv_cache[1][group.block_tables].flatten(1, 2)[:, :length].transpose(1, 2)
@@ -81,12 +93,13 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: AttentionMetadata, masks: list[torch.Tensor], scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, masks: list[torch.Tensor | None], scale: float,
+                    sliding_window: int | None) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads, dim]."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
     if len(meta.groups) == 1:
-        return _attend_group(q, kv_cache, meta.groups[0], masks[0], scale)
+        return _attend_group(q, kv_cache, meta.groups[0], masks[0], scale, sliding_window)
     out = torch.empty_like(q)
     for group, mask in zip(meta.groups, masks):
-        out[group.rows] = _attend_group(q[group.rows], kv_cache, group, mask, scale)
+        out[group.rows] = _attend_group(q[group.rows], kv_cache, group, mask, scale, sliding_window)
     return out

@@ -8,8 +8,6 @@ and writes K/V through block tables.
 
 from __future__ import annotations
 
-from ..errors import PagedLLMError
-
 from collections.abc import Iterable
 
 import torch
@@ -17,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..errors import PagedLLMError
 from ..layers.linear import Embedding, Linear
 from ..layers.attention import AttentionMetadata, build_attention_mask, paged_attention
 from ..layers.norm import RMSNorm
@@ -35,6 +34,7 @@ class Attention(nn.Module):
         self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
+        self.sliding_window = cfg.sliding_window
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, masks: list[torch.Tensor]) -> torch.Tensor:
@@ -42,7 +42,7 @@ class Attention(nn.Module):
         q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, masks, self.scale)
+        out = paged_attention(q, k, v, kv_cache, meta, masks, self.scale, self.sliding_window)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

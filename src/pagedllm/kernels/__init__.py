@@ -1,0 +1,43 @@
+"""Optional C++ kernels for the CPU, compiled on first use with torch.utils.cpp_extension.
+
+The build needs a C++ compiler and ninja and takes ~10 s once; torch caches it (under
+TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) and rebuilds when the source changes.
+Without a compiler the engine keeps the plain-torch attention path, which computes the same thing,
+more slowly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+KERNEL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # compiled-in head sizes (paged_attention.cpp)
+_SOURCE = Path(__file__).with_name("paged_attention.cpp")
+# -march=native: the extension is built on the machine that runs it. -fopenmp: at::parallel_for is
+# inlined here and is serial without it.
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+
+
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """Build (or load the cached build of) the CPU kernels; False, with one warning, if that fails."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        load("pagedllm_cpu_kernels", [str(_SOURCE)], is_python_module=False, extra_cflags=_FLAGS, verbose=False)
+    except Exception as exc:  # a missing compiler or ninja must not stop the engine, only slow it
+        log.warning("pagedllm CPU kernels unavailable, using the torch attention path: %s", exc)
+        return False
+    return True
+
+
+def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
+    """One query per sequence against its cached K/V, read in place: [seqs, heads, dim] float32."""
+    return torch.ops.pagedllm.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale,
+                                                     sliding_window or 0)

@@ -1,0 +1,153 @@
+// Decode attention that reads K/V in place through block tables (CPU).
+//
+// One query token per sequence. Work is split over (sequence, kv head) pairs with torch's own
+// thread pool; each pair scores its group of query heads against every cached key, takes the
+// softmax and sums the values, without gathering or padding the cache first.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// Eight floats as one value: GCC/Clang lower it to AVX2 (or SSE, NEON) without intrinsics.
+typedef float Float8 __attribute__((vector_size(32)));
+
+inline Float8 load8(const float* p) {
+  Float8 v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline Float8 load8(const c10::BFloat16* p) {  // bfloat16 is the top half of a float32
+  typedef uint16_t Half8 __attribute__((vector_size(16)));
+  typedef uint32_t Word8 __attribute__((vector_size(32)));
+  Half8 bits;
+  __builtin_memcpy(&bits, p, sizeof bits);
+  return reinterpret_cast<Float8>(__builtin_convertvector(bits, Word8) << 16);
+}
+
+inline Float8 load8(const c10::Half* p) {
+  Float8 v;
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(p[i]);
+  return v;
+}
+
+inline float sum8(Float8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// One (sequence, kv head): `group` query heads of kDim floats against tokens [first, last).
+// Pass 1 scores every key (each key loaded once for the whole group), then a softmax per head,
+// then pass 2 sums the values with each head's accumulator held in registers.
+template <typename T, int64_t kDim>
+void attend_one(const float* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
+                const int64_t* __restrict__ blocks, int64_t first, int64_t last, int64_t block_size,
+                int64_t token_stride, int64_t group, float scale, float* __restrict__ scores,
+                float* __restrict__ out) {
+  constexpr int64_t kLanes = kDim / 8;
+  const int64_t n = last - first;
+  for (int64_t t = first; t < last; ++t) {
+    const T* key = keys + (blocks[t / block_size] * block_size + t % block_size) * token_stride;
+    Float8 k[kLanes];
+    for (int64_t i = 0; i < kLanes; ++i) k[i] = load8(key + 8 * i);
+    for (int64_t g = 0; g < group; ++g) {
+      Float8 acc = load8(query + g * kDim) * k[0];
+      for (int64_t i = 1; i < kLanes; ++i) acc += load8(query + g * kDim + 8 * i) * k[i];
+      scores[g * n + (t - first)] = sum8(acc) * scale;
+    }
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    float* row = scores + g * n;
+    const float peak = *std::max_element(row, row + n);
+    float total = 0.f;
+    for (int64_t i = 0; i < n; ++i) total += (row[i] = std::exp(row[i] - peak));
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < n; ++i) row[i] *= inv;
+  }
+  for (int64_t g = 0; g < group; ++g) {
+    Float8 acc[kLanes] = {};
+    const float* p = scores + g * n;
+    for (int64_t t = first; t < last; ++t) {
+      const T* value = values + (blocks[t / block_size] * block_size + t % block_size) * token_stride;
+      for (int64_t i = 0; i < kLanes; ++i) acc[i] += p[t - first] * load8(value + 8 * i);
+    }
+    __builtin_memcpy(out + g * kDim, acc, sizeof acc);
+  }
+}
+
+template <typename T>
+void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                      const at::Tensor& context_lens, double scale, int64_t sliding_window, at::Tensor& out) {
+  const int64_t seqs = query.size(0), heads = query.size(1), head_dim = query.size(2);
+  const int64_t block_size = kv_cache.size(2), kv_heads = kv_cache.size(3);
+  const int64_t group = heads / kv_heads, token_stride = kv_heads * head_dim;
+  const int64_t max_blocks = block_tables.size(1);
+  const T* keys = kv_cache.select(0, 0).data_ptr<T>();
+  const T* values = kv_cache.select(0, 1).data_ptr<T>();
+  const float* q_all = query.data_ptr<float>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  float* out_all = out.data_ptr<float>();
+  const auto attend = head_dim == 64 ? attend_one<T, 64> : head_dim == 128 ? attend_one<T, 128>
+                    : head_dim == 96 ? attend_one<T, 96> : head_dim == 80 ? attend_one<T, 80>
+                    : head_dim == 256 ? attend_one<T, 256> : head_dim == 32 ? attend_one<T, 32> : attend_one<T, 16>;
+  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t seq = task / kv_heads, kv_head = task % kv_heads;
+      const int64_t last = lens[seq];
+      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, last - sliding_window) : 0;
+      scores.resize(group * (last - first));
+      const int64_t head = (seq * heads + kv_head * group) * head_dim;
+      attend(q_all + head, keys + kv_head * head_dim, values + kv_head * head_dim, tables + seq * max_blocks,
+             first, last, block_size, token_stride, group, static_cast<float>(scale), scores.data(),
+             out_all + head);
+    }
+  });
+}
+
+// Keep in step with KERNEL_HEAD_DIMS in __init__.py.
+bool supported_head_dim(int64_t head_dim) {
+  for (int64_t dim : {16, 32, 64, 80, 96, 128, 256}) {
+    if (head_dim == dim) return true;
+  }
+  return false;
+}
+
+// query [seqs, heads, dim] float32; kv_cache [2, blocks, block_size, kv_heads, dim];
+// block_tables [seqs, max_blocks] int64; context_lens [seqs] int64 (tokens in the cache,
+// this step's included). Returns [seqs, heads, dim] float32.
+at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                  double scale, int64_t sliding_window) {
+  TORCH_CHECK(query.dim() == 3 && query.scalar_type() == at::kFloat, "query must be [seqs, heads, dim] float32");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous(), "kv_cache must be a contiguous 5-d pool");
+  TORCH_CHECK(kv_cache.size(4) == query.size(2) && query.size(1) % kv_cache.size(3) == 0, "head shapes differ");
+  TORCH_CHECK(supported_head_dim(query.size(2)), "head_dim ", query.size(2), " has no kernel");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
+              "block_tables and context_lens must be int64");
+  const at::Tensor q = query.contiguous();
+  const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
+  at::Tensor out = at::empty_like(q);
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat: decode_attention<float>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
+    case at::kBFloat16: decode_attention<c10::BFloat16>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
+    case at::kHalf: decode_attention<c10::Half>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
+    default: TORCH_CHECK(false, "kv_cache dtype ", kv_cache.scalar_type(), " has no kernel");
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pagedllm, m) {
+  m.def("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor context_lens, "
+        "float scale, int sliding_window) -> Tensor",
+        paged_decode_attention);
+}

@@ -1,0 +1,87 @@
+"""Paged attention: the C++ decode kernel against the plain-torch path, and the fallback without it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedllm import LLM, SamplingParams
+from pagedllm import kernels
+from pagedllm.kernels import KERNEL_HEAD_DIMS, cpu_kernels_available, paged_decode_attention
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels_available(), reason="no C++ compiler to build the CPU kernels")
+
+
+def reference_decode(q, kv_cache, tables, lens, scale, window):
+    """SDPA over the gathered, padded context: the torch path's computation, written out."""
+    block_size = kv_cache.shape[2]
+    keys = kv_cache[0][tables].flatten(1, 2).transpose(1, 2)
+    values = kv_cache[1][tables].flatten(1, 2).transpose(1, 2)
+    pos = torch.arange(tables.shape[1] * block_size)
+    mask = pos[None] < lens[:, None]
+    if window:
+        mask &= pos[None] >= lens[:, None] - window
+    out = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=mask[:, None, None], scale=scale,
+                                         enable_gqa=True)
+    return out[:, :, 0]
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", KERNEL_HEAD_DIMS)
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 1)])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_kernel_matches_torch(head_dim, heads, kv_heads, window):
+    gen = torch.Generator().manual_seed(head_dim * 100 + heads)
+    seqs, block_size, num_blocks, max_blocks = 7, 4, 64, 9
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(seqs)])
+    lens = torch.tensor([1, 2, 4, 5, 17, 30, 36])  # one token, block edges, a full table
+    q = torch.randn(seqs, heads, head_dim, generator=gen)
+    out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window)
+    torch.testing.assert_close(out, reference_decode(q, kv_cache, tables, lens, head_dim**-0.5, window),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_refuses_an_uncompiled_head_dim():
+    q, kv_cache = torch.randn(1, 2, 24), torch.randn(2, 4, 4, 2, 24)
+    with pytest.raises(RuntimeError, match="head_dim 24"):
+        paged_decode_attention(q, kv_cache, torch.zeros(1, 1, dtype=torch.long), torch.ones(1, dtype=torch.long),
+                               1.0, None)
+
+
+PROMPTS = ["The history of Rome", "def add(a, b):", "Water boils at", "List three colours:"]
+
+
+def test_backends_give_the_same_greedy_tokens():
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outputs = {}
+    for backend in ("auto", "torch"):
+        llm = LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64, attention_backend=backend)
+        assert llm.engine.runner.use_decode_kernel == (backend == "auto" and cpu_kernels_available())
+        outputs[backend] = [o.token_ids for o in llm.generate(PROMPTS, params)]
+    assert outputs["auto"] == outputs["torch"]
+
+
+def test_failed_build_falls_back_to_torch(monkeypatch, caplog):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
+    kernels.cpu_kernels_available.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="pagedllm.kernels"):
+            assert not kernels.cpu_kernels_available()
+        assert "no C++ compiler" in caplog.text
+    finally:
+        kernels.cpu_kernels_available.cache_clear()
+
+
+def test_unknown_backend_is_a_config_error():
+    from pagedllm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="attention_backend"):
+        LLM(attention_backend="flash")
