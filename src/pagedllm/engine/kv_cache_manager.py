@@ -29,6 +29,7 @@ class KVCacheManager:
         self.stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVBlock]] = {}
         self._hashes: dict[str, list[int]] = {}  # chained hashes of each request's full blocks
+        self._pending_copies: list[tuple[int, int]] = []  # (source, destination) block ids, copy on write
 
     @property
     def num_blocks(self) -> int:
@@ -41,8 +42,8 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of a new request, in whole blocks, leaving at least one
         token to compute (the step must produce logits, and must not write a shared block)."""
-        if not self.pool.enable_caching:
-            return [], 0
+        if not self.pool.enable_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0  # prompt logprobs need every prompt position's logits: nothing can be skipped
         hits: list[KVBlock] = []
         parent, ids = None, request.all_token_ids
         for index in range((len(ids) - 1) // self.block_size):
@@ -64,15 +65,42 @@ class KVCacheManager:
         computed_blocks = computed_blocks or []
         total = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         needed = blocks_needed(total, self.block_size) - len(blocks) - len(computed_blocks)
+        shared_tail = self._shared_partial_tail(request, blocks)
         # Cached blocks sitting in the free queue are not free for this request's new blocks.
         reusable = sum(1 for b in computed_blocks if b.ref_count == 0)
-        if needed > self.pool.num_free_blocks - reusable:
+        if needed + shared_tail > self.pool.num_free_blocks - reusable:
             return None
+        if shared_tail:
+            self._copy_on_write(blocks)
         self.pool.touch(computed_blocks)
         new = self.pool.allocate(max(0, needed)) or []
         blocks.extend(computed_blocks + new)
         self._cache_full_blocks(request, total)
         return [b.block_id for b in new]
+
+    def _shared_partial_tail(self, request: Request, blocks: list[KVBlock]) -> bool:
+        """The next token lands in a partly filled block that a fork shares with this request."""
+        return bool(blocks) and request.num_computed_tokens % self.block_size != 0 and blocks[-1].ref_count > 1
+
+    def _copy_on_write(self, blocks: list[KVBlock]) -> None:
+        shared = blocks[-1]
+        (copy,) = self.pool.allocate(1)
+        self.pool.free([shared])
+        blocks[-1] = copy
+        self._pending_copies.append((shared.block_id, copy.block_id))
+
+    def fork(self, parent: Request, child: Request) -> None:
+        """`child` continues from `parent`'s cached tokens: it shares every block (the partly
+        filled last one is copied when either of them writes to it)."""
+        blocks = list(self._blocks.get(parent.request_id, []))
+        self.pool.touch(blocks)
+        self._blocks[child.request_id] = blocks
+        self._hashes[child.request_id] = list(self._hashes.get(parent.request_id, []))
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """Block copies the model runner must make before the next forward pass."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
 
     def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
         blocks, hashes = self._blocks[request.request_id], self._hashes.setdefault(request.request_id, [])

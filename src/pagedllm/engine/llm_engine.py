@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,31 +13,26 @@ import torch
 from ..config import EngineConfig
 from ..errors import PagedLLMError
 from ..models.loaders import ModelSource, load_model, resolve_model
-from ..sampling.sampler import Sampler, SamplingMetadata
+from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from .kv_cache_manager import KVCacheManager, blocks_needed
-from .model_runner import ModelRunner, plan_kv_cache
-from .outputs import EngineStats, RequestMetrics, RequestOutput
+from .model_runner import ModelRunner, StepBatch, plan_kv_cache
+from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
 from .request import Request, RequestStatus
 from .scheduler import ScheduledRequest, Scheduler
+from .sequence_group import Completion, RequestGroup, finish_status_for_token
+from .stop_strings import StopStringMatcher
 
 THROUGHPUT_WINDOW_S = 10.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 Prompt = str | list[int] | dict[str, Any]
+LogprobRow = list[tuple[int, float, int]]  # (chosen id, logprob, rank), then the top-N as (id, logprob, rank)
 
 
 class RequestError(PagedLLMError, ValueError):
     """A request the engine refuses at admission (too long, bad ids, duplicate id)."""
-
-
-@dataclass
-class _Tracked:
-    request: Request
-    detokenizer: IncrementalDetokenizer
-    generator: torch.Generator | None
-    prompt: str | None
 
 
 class LLMEngine:
@@ -61,22 +57,49 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend)
         self.sampler = Sampler()
-        self._tracked: dict[str, _Tracked] = {}
+        self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
+        self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
+        self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
+        self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
-        if request_id in self._tracked:
+        if request_id in self._groups:
             raise RequestError(f"request id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
         self._check_admissible(ids, params)
-        generator = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
-        request = Request(request_id, ids, params)
-        detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-        self._tracked[request_id] = _Tracked(request, detok, generator, text)
+        arrival = time.monotonic()
+        group = RequestGroup(request_id, params, text, ids, self._generators(params),
+                             arrival + params.timeout if params.timeout is not None else None,
+                             prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        request = self._new_completion(group, Request(self._sequence_id(), ids, params, arrival_time=arrival))
+        self._groups[request_id] = group
+        if group.deadline is not None:
+            heapq.heappush(self._deadlines, (group.deadline, request_id))
         self.scheduler.add_request(request)
+
+    def _generators(self, params: SamplingParams) -> list[torch.Generator | None]:
+        """Seeded requests get one generator per sequence, each seeded from (seed, index)."""
+        if params.seed is None:
+            return [None] * params.num_sequences
+        return [torch.Generator(device=self.device).manual_seed(hash((params.seed, i)) & (2**63 - 1))
+                for i in range(params.num_sequences)]
+
+    def _sequence_id(self) -> str:
+        self._next_seq += 1
+        return f"seq-{self._next_seq}"
+
+    def _new_completion(self, group: RequestGroup, request: Request) -> Request:
+        index, params = len(group.completions), group.params
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        completion = Completion(index, request, detokenizer, StopStringMatcher(params.stop), group.generators[index],
+                                logprobs=[] if params.logprobs is not None else None)
+        group.completions.append(completion)
+        self._completions[request.request_id] = (group, completion)
+        return request
 
     def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -95,77 +118,189 @@ class LLMEngine:
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
+        if params.num_sequences > self.config.scheduler.max_num_seqs:
+            raise RequestError(f"n/best_of ({params.num_sequences}) exceeds max_num_seqs "
+                               f"({self.config.scheduler.max_num_seqs})")
         total = min(len(ids) + params.max_tokens, self.max_model_len)
         if blocks_needed(total, self.kv_spec.block_size) > self.kv_spec.num_blocks:
             raise RequestError(f"prompt + max_tokens ({total} tokens) exceed the whole KV cache "
                                f"({self.kv_spec.num_tokens} tokens); raise --kv-cache-memory")
 
+
     def abort(self, request_id: str) -> None:
-        tracked = self._tracked.pop(request_id, None)
-        if tracked is not None and not tracked.request.status.finished:
-            self.scheduler.finish(tracked.request, RequestStatus.FINISHED_ABORTED)
+        """Stop a request at once and free its blocks; no output is produced for it."""
+        group = self._groups.pop(request_id, None)
+        if group is not None:
+            for completion in group.completions:
+                self._finish(completion, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return bool(self._groups)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One forward pass over everything scheduled; outputs of requests that advanced."""
+        touched = self._expire_deadlines()
         out = self.scheduler.schedule()
-        if not out.scheduled:
-            return []
-        tables = [self.kv_cache.block_table(s.request) for s in out.scheduled]
-        batch = self.runner.prepare(out.scheduled, tables)
-        logits = self.runner.execute(batch)
-        sampling = [s for s in out.scheduled if s.completes_prompt]
-        tokens = self._sample(sampling, logits).tolist() if sampling else []
-        self._count(out.scheduled, len(tokens))
-        self.scheduler.update_from_output(out.scheduled)
-        return [self._advance(s.request, token) for s, token in zip(sampling, tokens)]
+        if out.scheduled:
+            self.runner.copy_blocks(self.kv_cache.take_pending_copies())
+            tables = [self.kv_cache.block_table(s.request) for s in out.scheduled]
+            batch = self.runner.prepare(out.scheduled, tables)
+            logits = self.runner.execute(batch)
+            self._record_prompt_logprobs(out.scheduled, batch, logits[batch.num_sampled:])
+            prompt_tokens = self._prompt_tokens(out.scheduled)
+            sampling = [s.request for s in out.scheduled if s.completes_prompt]
+            self.scheduler.update_from_output(out.scheduled)
+            generated = self._sample_and_append(sampling, logits[:batch.num_sampled], touched)
+            self._count(prompt_tokens, generated)
+        return self._outputs(touched)
 
-    def _count(self, scheduled: list[ScheduledRequest], generated: int) -> None:
-        prompt = sum(min(s.num_new_tokens, len(s.request.prompt_token_ids) - s.request.num_computed_tokens)
-                     for s in scheduled if s.request.num_computed_tokens < len(s.request.prompt_token_ids))
+    def _sample_and_append(self, requests: list[Request], logits: torch.Tensor,
+                           touched: dict[str, RequestGroup]) -> int:
+        """Sample every row (a request forking into n sequences gets n rows), then append."""
+        per_request = [self._sampling_rows(request) for request in requests]
+        rows = [row for rows in per_request for row in rows]
+        if not rows:
+            return 0
+        if len(rows) > len(requests):
+            logits = logits[torch.tensor([i for i, rs in enumerate(per_request) for _ in rs], device=logits.device)]
+        meta = SamplingMetadata.build([self._sequence_state(g, i) for g, i in rows], logits.shape[-1], self.device)
+        sampled = self.sampler(logits, meta)
+        logprobs = self._logprob_rows(sampled)
+        for group, index in rows:  # forks first: they copy the parent as it was before this token
+            if index == len(group.completions):
+                self._fork(group)
+        for row, (group, index), token in zip(range(len(rows)), rows, sampled.tokens.tolist()):
+            self._append(group, group.completions[index], token, logprobs[row] if logprobs else None)
+            touched[group.request_id] = group
+        return len(rows)
+
+    def _sampling_rows(self, request: Request) -> list[tuple[RequestGroup, int]]:
+        group, completion = self._completions[request.request_id]
+        first_sample = completion.index == 0 and len(group.completions) < group.params.num_sequences
+        return [(group, i) for i in range(group.params.num_sequences)] if first_sample else [(group, completion.index)]
+
+    def _sequence_state(self, group: RequestGroup, index: int) -> SequenceState:
+        source = group.completions[min(index, len(group.completions) - 1)].request  # a fork starts as the first
+        stop_ids = self.tokenizer.stop_token_ids | frozenset(group.params.stop_token_ids)
+        return SequenceState(group.params, source.prompt_token_ids, source.output_token_ids,
+                             group.generators[index], stop_ids)
+
+    def _fork(self, group: RequestGroup) -> None:
+        parent = group.completions[0].request
+        child = Request(self._sequence_id(), parent.prompt_token_ids, parent.sampling_params,
+                        arrival_time=parent.arrival_time, output_token_ids=list(parent.output_token_ids),
+                        num_computed_tokens=parent.num_computed_tokens)
+        self._new_completion(group, child)
+        self.kv_cache.fork(parent, child)
+        self.scheduler.add_running(child)
+
+    def _append(self, group: RequestGroup, completion: Completion, token: int, logprob_row: LogprobRow | None) -> None:
+        request = completion.request
+        request.output_token_ids.append(token)
+        request.first_token_time = request.first_token_time or time.monotonic()
+        completion.delta_token_ids.append(token)
+        if logprob_row is not None:
+            completion.cumulative_logprob += logprob_row[0][1]
+            if completion.logprobs is not None:
+                completion.logprobs.append(self._position_logprobs(logprob_row, group.params.logprobs))
+        status, stop_id = finish_status_for_token(request, token, self.tokenizer.stop_token_ids, self.max_model_len)
+        self._emit(completion, completion.matcher.feed(completion.detokenizer.add(token)))
+        if completion.matcher.stopped_by is not None:
+            status, stop_id = RequestStatus.FINISHED_STOPPED, completion.matcher.stopped_by
+        if status is not None:
+            completion.stop_reason = stop_id
+            self._finish(completion, status)
+
+    @staticmethod
+    def _emit(completion: Completion, text: str) -> None:
+        completion.text += text
+        completion.delta_text += text
+
+    def _finish(self, completion: Completion, status: RequestStatus) -> None:
+        """End one sequence: release held-back text (unless a stop string ended it) and its blocks."""
+        if completion.finished:
+            return
+        if completion.matcher.stopped_by is None:
+            tail = completion.matcher.feed(completion.detokenizer.flush())
+            self._emit(completion, tail + completion.matcher.flush())
+            if completion.matcher.stopped_by is not None:  # the flushed bytes completed a stop string
+                status, completion.stop_reason = RequestStatus.FINISHED_STOPPED, completion.matcher.stopped_by
+        completion.request.finish_time = time.monotonic()
+        self.scheduler.finish(completion.request, status)
+        self._completions.pop(completion.request.request_id, None)
+
+    def _expire_deadlines(self) -> dict[str, RequestGroup]:
+        """Finish requests past their deadline (reason "timeout"); they are reported this step."""
+        expired: dict[str, RequestGroup] = {}
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, request_id = heapq.heappop(self._deadlines)
+            group = self._groups.get(request_id)
+            if group is None:
+                continue
+            for completion in group.completions:
+                self._finish(completion, RequestStatus.FINISHED_TIMEOUT)
+            # Sequences never forked will not be: the group is what it has, all finished.
+            group.params = replace(group.params, n=min(group.params.n, len(group.completions)),
+                                   best_of=len(group.completions))
+            expired[request_id] = group
+        return expired
+
+    def _outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
+        outputs = []
+        for request_id, group in touched.items():
+            if group.finished:
+                del self._groups[request_id]
+            if group.streams or group.finished:
+                outputs.append(group.output())
+        return outputs
+
+    # -- logprobs ---------------------------------------------------------------------------
+    @staticmethod
+    def _logprob_rows(sampled: SamplerOutput) -> list[LogprobRow] | None:
+        if sampled.logprobs is None:
+            return None
+        rows = [[(t, lp, r)] for t, lp, r in zip(sampled.tokens.tolist(), sampled.logprobs.tolist(),
+                                                   sampled.ranks.tolist())]
+        if sampled.top_ids is not None:
+            for row, ids, values in zip(rows, sampled.top_ids.tolist(), sampled.top_logprobs.tolist()):
+                row += [(t, lp, rank) for rank, (t, lp) in enumerate(zip(ids, values), start=1)]
+        return rows
+
+    def _position_logprobs(self, row: LogprobRow, top_n: int) -> PositionLogprobs:
+        """The chosen token and the top-N, by id (the chosen one's own entry wins if it is in both)."""
+        return {t: Logprob(lp, rank, self.tokenizer.decode([t], skip_special_tokens=False))
+                for t, lp, rank in reversed(row[:1 + top_n])}
+
+    def _record_prompt_logprobs(self, scheduled: list[ScheduledRequest], batch: StepBatch,
+                                logits: torch.Tensor) -> None:
+        offset = 0
+        for index, start, count in batch.prompt_rows:
+            request = scheduled[index].request
+            group, _ = self._completions[request.request_id]
+            rows, offset = logits[offset:offset + count], offset + count
+            if group.prompt_logprobs is None or len(group.prompt_logprobs) != start + 1:
+                continue  # recomputed after a preemption: already recorded
+            targets = torch.tensor(request.prompt_token_ids[start + 1:start + 1 + count], device=logits.device)
+            top_n = group.params.prompt_logprobs
+            scored = self._logprob_rows(gather_logprobs(rows, targets, top_n))
+            group.prompt_logprobs += [self._position_logprobs(row, top_n) for row in scored]
+
+    # -- stats ------------------------------------------------------------------------------
+    @staticmethod
+    def _prompt_tokens(scheduled: list[ScheduledRequest]) -> int:
+        """Prompt tokens computed this step (call before the scheduler records the step)."""
+        return sum(min(s.num_new_tokens, len(s.request.prompt_token_ids) - s.request.num_computed_tokens)
+                   for s in scheduled if s.request.num_computed_tokens < len(s.request.prompt_token_ids))
+
+    def _count(self, prompt: int, generated: int) -> None:
         now = time.monotonic()
         self._totals[0] += prompt
         self._totals[1] += generated
         self._recent.append((now, prompt, generated))
         while self._recent and self._recent[0][0] < now - THROUGHPUT_WINDOW_S:
             self._recent.popleft()
-
-    def _sample(self, sampling: list[ScheduledRequest], logits: torch.Tensor) -> torch.Tensor:
-        tracked = [self._tracked[s.request.request_id] for s in sampling]
-        meta = SamplingMetadata.build([t.request.sampling_params for t in tracked], [t.generator for t in tracked],
-                                      logits.shape[-1], self.device)
-        return self.sampler(logits, meta)
-
-    def _advance(self, request: Request, token: int) -> RequestOutput:
-        tracked = self._tracked[request.request_id]
-        now = time.monotonic()
-        request.output_token_ids.append(token)
-        request.first_token_time = request.first_token_time or now
-        status = self._stop_status(request, token)
-        delta = tracked.detokenizer.add(token)
-        if status is not None:
-            delta += tracked.detokenizer.flush()
-            request.finish_time = now
-            self.scheduler.finish(request, status)
-            del self._tracked[request.request_id]
-        return self._output(tracked, delta)
-
-    def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
-        params = request.sampling_params
-        if (token in self.tokenizer.stop_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        return None
-
-    def _output(self, tracked: _Tracked, delta: str) -> RequestOutput:
-        r = tracked.request
-        metrics = RequestMetrics(r.arrival_time, r.first_token_time, r.finish_time, r.num_preemptions)
-        return RequestOutput(r.request_id, r.prompt_token_ids, tracked.detokenizer.text, list(r.output_token_ids),
-                             delta, r.status.finished, r.finish_reason, tracked.prompt, metrics)
 
     def stats(self) -> EngineStats:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.num_blocks,

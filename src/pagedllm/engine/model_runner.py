@@ -54,7 +54,10 @@ class StepBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
     meta: AttentionMetadata
-    sample_rows: torch.Tensor  # index into the flat tokens of each position whose logits are sampled
+    logits_rows: torch.Tensor  # flat-token rows whose logits are computed: the sampled ones, then prompt_rows
+    num_sampled: int
+    # Per scheduled request that asked for prompt logprobs: (its index, first prompt position, count).
+    prompt_rows: list[tuple[int, int, int]]
 
 
 def decode_kernel_usable(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -69,7 +72,8 @@ class ModelRunner:
         cfg = model.config
         self.model, self.spec, self.device = model, spec, device
         shape = (cfg.num_hidden_layers, 2, spec.num_blocks, spec.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_caches = list(_zeroed_pool(shape, dtype, device).unbind(0))
+        self.kv_pool = _zeroed_pool(shape, dtype, device)
+        self.kv_caches = list(self.kv_pool.unbind(0))
         self.use_decode_kernel = decode_kernel_usable(attention_backend, torch.device(device), dtype, cfg.head_dim)
 
     def prepare(self, scheduled: list[ScheduledRequest], block_tables: list[list[int]]) -> StepBatch:
@@ -89,8 +93,24 @@ class ModelRunner:
         groups = [self._group(np.flatnonzero(sel), starts, counts, query_start, table)
                   for sel in (counts == 1, counts > 1) if sel.any()]
         sample_rows = [query_start[i + 1] - 1 for i, s in enumerate(scheduled) if s.completes_prompt]
+        prompt_rows, extra_rows = self._prompt_logprob_rows(scheduled, starts, counts, query_start)
         meta = AttentionMetadata(slot_mapping=self._long_tensor(slots), groups=groups)
-        return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta, self._long_tensor(sample_rows))
+        return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta,
+                         self._long_tensor(sample_rows + extra_rows), len(sample_rows), prompt_rows)
+
+    @staticmethod
+    def _prompt_logprob_rows(scheduled: list[ScheduledRequest], starts: np.ndarray, counts: np.ndarray,
+                             query_start: np.ndarray) -> tuple[list[tuple[int, int, int]], list[int]]:
+        """Rows whose logits score the next prompt token, for requests that asked for prompt logprobs."""
+        spans, rows = [], []
+        for i, s in enumerate(scheduled):
+            prompt_len = len(s.request.prompt_token_ids)
+            if s.request.sampling_params.prompt_logprobs is None or starts[i] >= prompt_len - 1:
+                continue
+            count = min(int(counts[i]), prompt_len - 1 - int(starts[i]))
+            spans.append((i, int(starts[i]), count))
+            rows += range(int(query_start[i]), int(query_start[i]) + count)
+        return spans, rows
 
     def _group(self, seqs: np.ndarray, starts: np.ndarray, counts: np.ndarray, query_start: np.ndarray,
                table: np.ndarray) -> AttentionGroup:
@@ -114,6 +134,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """Logits (float32) for the sampled positions only: the lm_head is too costly for the rest."""
+        """Logits (float32) for `logits_rows` only: the lm_head is too costly for the rest."""
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        return self.model.compute_logits(hidden[batch.sample_rows])
+        return self.model.compute_logits(hidden[batch.logits_rows])
+
+    @torch.inference_mode()
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole blocks (every layer, K and V): copy-on-write of blocks shared by forks."""
+        if copies:
+            source, destination = (self._long_tensor(c) for c in zip(*copies))
+            self.kv_pool[:, :, destination] = self.kv_pool[:, :, source]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -17,17 +17,65 @@ class RequestMetrics:
         return None if self.first_token_time is None else self.first_token_time - self.arrival_time
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability under the model (before any sampling setting) and its rank
+    (1 = the most likely token)."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+# Per position: the chosen token and the top-N alternatives, by token id.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's `n` completions."""
+
+    index: int
+    text: str  # all text generated so far (stop strings excluded)
+    token_ids: list[int]  # all tokens generated so far
+    cumulative_logprob: float | None = None
+    logprobs: list[PositionLogprobs] | None = None  # one entry per token, when asked for
+    finish_reason: str | None = None  # "stop", "length", "abort" or "timeout"
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    delta_text: str = ""  # the text completed by this step (for streaming)
+    delta_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
 @dataclass
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
-    text: str  # all text generated so far
-    token_ids: list[int]  # all tokens generated so far
-    delta_text: str = ""  # the text completed by this step (for streaming)
+    outputs: list[CompletionOutput]
     finished: bool = False
-    finish_reason: str | None = None  # "stop", "length" or "abort"
     prompt: str | None = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # None for the first prompt token
     metrics: RequestMetrics | None = None
+
+    # The first completion's fields, for the common n == 1 case.
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def delta_text(self) -> str:
+        return self.outputs[0].delta_text
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
 
+    def add_running(self, request: Request) -> None:
+        """A fork of a running request: it joins the running set as it is (its KV is shared)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

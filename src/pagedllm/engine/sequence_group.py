@@ -1,0 +1,97 @@
+"""A user's request as the engine tracks it: a group of sequences that share the prompt.
+
+A request with n (or best_of) > 1 starts as one sequence; when its prompt is computed, the one
+row of logits is sampled once per sequence and the others are forked from it, sharing its KV
+blocks. Each sequence has its own detokenizer, stop-string matcher and seeded generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..sampling_params import SamplingParams
+from ..tokenizer import IncrementalDetokenizer
+from .outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
+from .request import Request, RequestStatus
+from .stop_strings import StopStringMatcher
+
+
+@dataclass
+class Completion:
+    index: int
+    request: Request  # what the scheduler and the KV cache see
+    detokenizer: IncrementalDetokenizer
+    matcher: StopStringMatcher
+    generator: torch.Generator | None
+    text: str = ""  # emitted so far: stop strings excluded, text that could start one held back
+    delta_text: str = ""  # emitted since the last output
+    delta_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float = 0.0
+    stop_reason: str | int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.request.status.finished
+
+    def take_output(self, index: int | None = None, with_logprobs: bool = False) -> CompletionOutput:
+        """This completion as it stands; the deltas start afresh after."""
+        out = CompletionOutput(
+            index=self.index if index is None else index, text=self.text,
+            token_ids=list(self.request.output_token_ids),
+            cumulative_logprob=self.cumulative_logprob if with_logprobs else None,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            finish_reason=self.request.finish_reason, stop_reason=self.stop_reason,
+            delta_text=self.delta_text, delta_token_ids=self.delta_token_ids)
+        self.delta_text, self.delta_token_ids = "", []
+        return out
+
+
+@dataclass
+class RequestGroup:
+    request_id: str
+    params: SamplingParams
+    prompt: str | None
+    prompt_token_ids: list[int]
+    generators: list[torch.Generator | None]  # one per sequence, made at admission so seeds are fixed
+    deadline: float | None
+    completions: list[Completion] = field(default_factory=list)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return len(self.completions) == self.params.num_sequences and all(c.finished for c in self.completions)
+
+    @property
+    def streams(self) -> bool:
+        """Whether outputs go out as tokens arrive: not when best_of picks among more than n."""
+        return self.params.num_sequences == self.params.n
+
+    def output(self) -> RequestOutput:
+        chosen = self.completions
+        if not self.streams and self.finished:
+            chosen = sorted(chosen, key=lambda c: c.cumulative_logprob, reverse=True)[:self.params.n]
+        reports = self.params.logprobs is not None or not self.streams
+        outputs = [c.take_output(i if not self.streams else None, reports) for i, c in enumerate(chosen)]
+        first = self.completions[0].request
+        finish_time = max(c.request.finish_time for c in self.completions) if self.finished else None
+        metrics = RequestMetrics(first.arrival_time, first.first_token_time, finish_time,
+                                 sum(c.request.num_preemptions for c in self.completions))
+        return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished, self.prompt,
+                             self.prompt_logprobs, metrics)
+
+
+def finish_status_for_token(request: Request, token: int, eos_ids: frozenset[int],
+                            max_model_len: int) -> tuple[RequestStatus | None, int | None]:
+    """The status a sampled token ends the sequence with (and the stop id that did it), if any."""
+    params = request.sampling_params
+    if len(request.output_token_ids) >= params.min_tokens:
+        if token in eos_ids and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED, None
+        if token in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token
+    if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH, None
+    return None, None
