@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "LLMEngine", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "LLMEngine", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
 
 if TYPE_CHECKING:
     from .config import EngineConfig
     from .engine.llm_engine import LLMEngine
     from .entrypoints.llm import LLM
+    from .engine.outputs import CompletionOutput, Logprob, RequestOutput
     from .sampling_params import SamplingParams
 
 _LAZY = {"LLM": "entrypoints.llm", "SamplingParams": "sampling_params", "LLMEngine": "engine.llm_engine",
-         "EngineConfig": "config"}
+         "EngineConfig": "config", "RequestOutput": "engine.outputs", "CompletionOutput": "engine.outputs",
+         "Logprob": "engine.outputs"}
 
 
 def __getattr__(name: str):

@@ -49,6 +49,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--sample-seed", type=int, default=None, help="seed of this request's sampling")
+    p.add_argument("--min-tokens", type=int, default=0, help="no EOS / stop id before this many tokens")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeat for more)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +94,10 @@ def _engine(args: argparse.Namespace):
 def _sampling(args: argparse.Namespace):
     from ..sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, seed=args.sample_seed)
+    return SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.sample_seed,
+                          repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, stop=tuple(args.stop))
 
 
 def stream(engine, request_id: str, prompt, params, out=sys.stdout) -> str:
