@@ -8,7 +8,7 @@ import random
 import pytest
 
 from pagedllm import LLM, SamplingParams
-from helpers import prefill_logits
+from helpers import assert_same_or_near_tie
 
 SYSTEM = "You are a helpful assistant who answers questions about science, history and code. "
 TOPICS = ["the moon", "photosynthesis", "the Roman empire", "binary search", "volcanoes", "the printing press",
@@ -16,7 +16,6 @@ TOPICS = ["the moon", "photosynthesis", "the Roman empire", "binary search", "vo
           "gravity", "Shakespeare", "sorting algorithms", "electricity"]
 TEMPLATES = ["Explain {t} to a child.", "Write two facts about {t}.", "{t} is", "Question: what is {t}? Answer:"]
 MAX_TOKENS = 10
-NEAR_TIE = 1e-3
 
 
 def _prompts() -> list[str]:
@@ -44,14 +43,7 @@ def reference():
 
 def _assert_same_or_near_tie(reference, outputs):
     llm, expected = reference
-    tokenizer = llm.get_tokenizer()
-    for prompt, want, out in zip(_prompts(), expected, outputs):
-        got = out.token_ids
-        if got == want:
-            continue
-        k = next(i for i, (a, b) in enumerate(zip(want, got)) if a != b)
-        logits = prefill_logits(llm.engine.model, tokenizer.encode(prompt) + want[:k])[-1]
-        assert abs(logits[want[k]] - logits[got[k]]) < NEAR_TIE, (prompt, k)
+    assert_same_or_near_tie(llm, _prompts(), expected, [o.token_ids for o in outputs])
 
 
 @pytest.mark.parametrize("name,kwargs", [

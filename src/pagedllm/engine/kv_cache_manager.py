@@ -75,7 +75,7 @@ class KVCacheManager:
         self.pool.touch(computed_blocks)
         new = self.pool.allocate(max(0, needed)) or []
         blocks.extend(computed_blocks + new)
-        self._cache_full_blocks(request, total)
+        self._cache_full_blocks(request, min(total, request.num_tokens))  # drafts are not cached until accepted
         return [b.block_id for b in new]
 
     def _shared_partial_tail(self, request: Request, blocks: list[KVBlock]) -> bool:

@@ -15,6 +15,7 @@ from ..errors import PagedLLMError
 from ..models.loaders import ModelSource, load_model, resolve_model
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
+from ..spec_decode.ngram import NgramProposer
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from .kv_cache_manager import KVCacheManager, blocks_needed
 from .model_runner import ModelRunner, StepBatch, plan_kv_cache
@@ -60,6 +61,10 @@ class LLMEngine:
         self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
+        spec = config.speculative
+        self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
+                                      spec.prompt_lookup_min) if spec is not None else None
+        self.spec_stats = [0, 0]  # draft tokens checked, accepted
         self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
@@ -149,42 +154,78 @@ class LLMEngine:
             logits = self.runner.execute(batch)
             self._record_prompt_logprobs(out.scheduled, batch, logits[batch.num_sampled:])
             prompt_tokens = self._prompt_tokens(out.scheduled)
-            sampling = [s.request for s in out.scheduled if s.completes_prompt]
+            sampling = [s for s in out.scheduled if s.completes_prompt]
             self.scheduler.update_from_output(out.scheduled)
             generated = self._sample_and_append(sampling, logits[:batch.num_sampled], touched)
             self._count(prompt_tokens, generated)
         return self._outputs(touched)
 
-    def _sample_and_append(self, requests: list[Request], logits: torch.Tensor,
+    def _sample_and_append(self, scheduled: list[ScheduledRequest], logits: torch.Tensor,
                            touched: dict[str, RequestGroup]) -> int:
-        """Sample every row (a request forking into n sequences gets n rows), then append."""
-        per_request = [self._sampling_rows(request) for request in requests]
-        rows = [row for rows in per_request for row in rows]
+        """Sample every row, then append. A request forking into n sequences samples its one row n
+        times; a request with k drafts samples k + 1 rows and keeps the drafts the model agrees with."""
+        rows, sources = self._sampling_rows(scheduled)
         if not rows:
             return 0
-        if len(rows) > len(requests):
-            logits = logits[torch.tensor([i for i, rs in enumerate(per_request) for _ in rs], device=logits.device)]
-        meta = SamplingMetadata.build([self._sequence_state(g, i) for g, i in rows], logits.shape[-1], self.device)
+        if sources != list(range(len(sources))):
+            logits = logits[torch.tensor(sources, device=logits.device)]
+        meta = SamplingMetadata.build([self._sequence_state(*row) for row in rows], logits.shape[-1], self.device)
         sampled = self.sampler(logits, meta)
-        logprobs = self._logprob_rows(sampled)
-        for group, index in rows:  # forks first: they copy the parent as it was before this token
+        tokens, logprobs = sampled.tokens.tolist(), self._logprob_rows(sampled)
+        for group, index, _ in rows:  # forks first: they copy the parent as it was before this token
             if index == len(group.completions):
                 self._fork(group)
-        for row, (group, index), token in zip(range(len(rows)), rows, sampled.tokens.tolist()):
-            self._append(group, group.completions[index], token, logprobs[row] if logprobs else None)
+        appended: dict[str, int] = {}  # tokens appended per sequence
+        for r, (group, index, drafts) in enumerate(rows):
+            completion = group.completions[index]
+            if completion.finished or len(drafts) != appended.get(completion.request.request_id, 0):
+                continue  # ended already, or a draft before this row was rejected: it scored a wrong future
+            if drafts and tokens[r - 1] != drafts[-1]:
+                continue
+            self._append(group, completion, tokens[r], logprobs[r] if logprobs else None)
             touched[group.request_id] = group
-        return len(rows)
+            appended[completion.request.request_id] = appended.get(completion.request.request_id, 0) + 1
+        self._settle_drafts(scheduled, appended)
+        return sum(appended.values())
 
-    def _sampling_rows(self, request: Request) -> list[tuple[RequestGroup, int]]:
-        group, completion = self._completions[request.request_id]
-        first_sample = completion.index == 0 and len(group.completions) < group.params.num_sequences
-        return [(group, i) for i in range(group.params.num_sequences)] if first_sample else [(group, completion.index)]
+    def _sampling_rows(self, scheduled: list[ScheduledRequest]) -> tuple[list[tuple[RequestGroup, int, list[int]]],
+                                                                          list[int]]:
+        """(group, sequence index, drafts before the row) per sampling row, and its logits row."""
+        rows, sources, first = [], [], 0
+        for item in scheduled:
+            group, completion = self._completions[item.request.request_id]
+            if completion.index == 0 and len(group.completions) < group.params.num_sequences:
+                rows += [(group, i, []) for i in range(group.params.num_sequences)]
+                sources += [first] * group.params.num_sequences
+            else:
+                drafts = list(item.request.spec_token_ids)
+                rows += [(group, completion.index, drafts[:j]) for j in range(len(drafts) + 1)]
+                sources += range(first, first + len(drafts) + 1)
+            first += 1 + item.num_spec_tokens
+        return rows, sources
 
-    def _sequence_state(self, group: RequestGroup, index: int) -> SequenceState:
+    def _sequence_state(self, group: RequestGroup, index: int, drafts: list[int]) -> SequenceState:
         source = group.completions[min(index, len(group.completions) - 1)].request  # a fork starts as the first
         stop_ids = self.tokenizer.stop_token_ids | frozenset(group.params.stop_token_ids)
-        return SequenceState(group.params, source.prompt_token_ids, source.output_token_ids,
+        return SequenceState(group.params, source.prompt_token_ids, source.output_token_ids + drafts,
                              group.generators[index], stop_ids)
+
+    def _settle_drafts(self, scheduled: list[ScheduledRequest], appended: dict[str, int]) -> None:
+        """Forget rejected drafts (their K/V slots are simply written again) and propose new ones."""
+        for item in scheduled:
+            request = item.request
+            if item.num_spec_tokens:
+                self.spec_stats[0] += item.num_spec_tokens
+                self.spec_stats[1] += max(0, appended.get(request.request_id, 0) - 1)
+                request.spec_token_ids = []
+                if not request.status.finished:
+                    request.num_computed_tokens = request.num_tokens - 1
+            if self.proposer is not None and item.completes_prompt and not request.status.finished \
+                    and request.sampling_params.greedy:
+                params = request.sampling_params
+                limit = min(params.max_tokens - len(request.output_token_ids),
+                            self.max_model_len - request.num_tokens) - 1
+                request.spec_token_ids = self.proposer.propose(request.all_token_ids, limit)
 
     def _fork(self, group: RequestGroup) -> None:
         parent = group.completions[0].request
@@ -306,7 +347,7 @@ class LLMEngine:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.num_blocks,
                            self.kv_cache.num_free_blocks, self.scheduler.num_preemptions,
                            self.kv_cache.stats.hit_rate, self._totals[0], self._totals[1],
-                           self._recent_rate(1), self._recent_rate(2))
+                           self._recent_rate(1), self._recent_rate(2), *self.spec_stats)
 
     def _recent_rate(self, column: int) -> float:
         """Tokens per second over the window: the tokens of every step after the first, over the span."""

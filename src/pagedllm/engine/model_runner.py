@@ -81,7 +81,8 @@ class ModelRunner:
         bs = self.spec.block_size
         starts = np.asarray([s.request.num_computed_tokens for s in scheduled])
         counts = np.asarray([s.num_new_tokens for s in scheduled])
-        ids = [t for s, st, n in zip(scheduled, starts, counts) for t in s.request.all_token_ids[st:st + n]]
+        ids = [t for s, st, n in zip(scheduled, starts, counts)
+               for t in (s.request.all_token_ids + s.request.spec_token_ids)[st:st + n]]
         query_start = np.concatenate([[0], np.cumsum(counts)])
         token_seq = np.repeat(np.arange(len(scheduled)), counts)
         positions = starts[token_seq] + np.arange(len(ids)) - query_start[token_seq]
@@ -92,7 +93,9 @@ class ModelRunner:
         # Decodes and prefill chunks attend separately: padding stays within each group.
         groups = [self._group(np.flatnonzero(sel), starts, counts, query_start, table)
                   for sel in (counts == 1, counts > 1) if sel.any()]
-        sample_rows = [query_start[i + 1] - 1 for i, s in enumerate(scheduled) if s.completes_prompt]
+        # A request with drafts is scored at the last real token and at every draft.
+        sample_rows = [row for i, s in enumerate(scheduled) if s.completes_prompt
+                       for row in range(query_start[i + 1] - 1 - s.num_spec_tokens, query_start[i + 1])]
         prompt_rows, extra_rows = self._prompt_logprob_rows(scheduled, starts, counts, query_start)
         meta = AttentionMetadata(slot_mapping=self._long_tensor(slots), groups=groups)
         return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta,

@@ -90,6 +90,12 @@ class EngineStats:
     generation_tokens_total: int = 0
     prompt_tok_s: float = 0.0  # over the last few seconds of steps
     generation_tok_s: float = 0.0
+    spec_draft_tokens: int = 0  # speculative draft tokens checked by the model
+    spec_accepted_tokens: int = 0  # ... and accepted
+
+    @property
+    def spec_acceptance_rate(self) -> float:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else 0.0
 
     @property
     def kv_usage(self) -> float:

@@ -39,6 +39,7 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify at the next step
 
     @property
     def num_tokens(self) -> int:

@@ -18,12 +18,14 @@ from .request import Request, RequestStatus
 @dataclass
 class ScheduledRequest:
     request: Request
-    num_new_tokens: int
+    num_new_tokens: int  # draft tokens included
+    num_spec_tokens: int = 0  # the last num_spec_tokens of them are drafts, checked this step
 
     @property
     def completes_prompt(self) -> bool:
         """After this step the request has caught up: its next token is sampled now."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+        request = self.request
+        return request.num_computed_tokens + self.num_new_tokens - self.num_spec_tokens == request.num_tokens
 
 
 @dataclass
@@ -66,9 +68,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            behind = request.num_tokens - request.num_computed_tokens
+            num_new = min(behind + len(request.spec_token_ids), budget)
             if self.kv_cache.allocate_slots(request, num_new) is not None:
-                out.scheduled.append(ScheduledRequest(request, num_new))
+                del request.spec_token_ids[max(0, num_new - behind):]  # drafts past the budget wait
+                out.scheduled.append(ScheduledRequest(request, num_new, len(request.spec_token_ids)))
                 budget -= num_new
                 index += 1
                 continue
@@ -97,6 +101,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request)
+        request.spec_token_ids.clear()
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1

@@ -40,6 +40,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-backend", choices=["auto", "torch"], default="auto",
                    help="auto (default): a C++ decode kernel on the CPU when it builds; torch: plain torch ops")
+    p.add_argument("--speculative-method", choices=["ngram"], default=None,
+                   help="draft tokens for greedy requests, checked in one pass (ngram: prompt lookup)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -75,13 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _engine(args: argparse.Namespace):
-    from ..config import CacheConfig, EngineConfig, SchedulerConfig
+    from ..config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
     from ..engine.llm_engine import LLMEngine
 
     try:
         config = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
             attention_backend=args.attention_backend,
+            speculative=SpeculativeConfig(args.speculative_method, args.num_speculative_tokens)
+            if args.speculative_method else None,
             cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory,
                               enable_prefix_caching=args.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,

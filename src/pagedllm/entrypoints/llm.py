@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import CacheConfig, EngineConfig, SchedulerConfig
+from ..config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
 from ..engine.llm_engine import LLMEngine, Prompt
 from ..engine.outputs import RequestOutput
 from ..sampling_params import SamplingParams
@@ -17,9 +17,11 @@ class LLM:
                  kv_cache_memory: int = CacheConfig.kv_cache_memory_bytes, block_size: int = 16,
                  max_num_batched_tokens: int = 512, max_num_seqs: int = 64, enable_chunked_prefill: bool = True,
                  enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", speculative_config: SpeculativeConfig | dict | None = None):
         config = EngineConfig(
             model=model, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend,
+            speculative=SpeculativeConfig(**speculative_config) if isinstance(speculative_config, dict)
+            else speculative_config,
             cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
