@@ -1,8 +1,9 @@
 """SamplingParams: what a request asks of generation, validated at construction.
 
 Names, defaults and ranges follow vLLM and OpenAI (temperature 1.0; 0 means greedy). The logits
-pipeline applies them in this order: min_tokens and logit_bias masks, repetition / presence /
-frequency penalties, temperature, top-k, top-p, min-p (see sampling/sampler.py).
+pipeline applies them in this order: repetition / presence / frequency penalties, logit_bias and
+min_tokens masks (and a structured-output grammar's mask), temperature, top-k, top-p, min-p (see
+sampling/sampler.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .errors import PagedLLMError
+from .sampling.structured_output import StructuredOutputParams
 
 MAX_LOGPROBS = 20  # top-N alternatives per position, as OpenAI allows
 
@@ -41,6 +43,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     timeout: float | None = None  # seconds after arrival; then the request finishes with reason "timeout"
+    structured_output: StructuredOutputParams | None = None  # JSON schema, regex or choice, enforced by a mask
 
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
@@ -68,6 +71,8 @@ class SamplingParams:
                    f"an integer in [0, {MAX_LOGPROBS}]", value)
         _check(self.timeout is None or (_is_number(self.timeout) and self.timeout > 0), "timeout",
                "a positive number of seconds", self.timeout)
+        _check(self.structured_output is None or isinstance(self.structured_output, StructuredOutputParams),
+               "structured_output", "a StructuredOutputParams", self.structured_output)
 
     def _normalise_logit_bias(self) -> None:
         bias = self.logit_bias

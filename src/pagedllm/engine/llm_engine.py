@@ -13,6 +13,7 @@ import torch
 from ..config import EngineConfig
 from ..errors import PagedLLMError
 from ..models.loaders import ModelSource, load_model, resolve_model
+from ..sampling.structured_output import GrammarCompiler
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
 from ..spec_decode.ngram import NgramProposer
@@ -65,6 +66,8 @@ class LLMEngine:
         self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
                                       spec.prompt_lookup_min) if spec is not None else None
         self.spec_stats = [0, 0]  # draft tokens checked, accepted
+        self.grammars = GrammarCompiler(self.tokenizer.backend.to_str(), sorted(self.tokenizer.stop_token_ids),
+                                        self.model.config.vocab_size)
         self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
@@ -76,11 +79,12 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         text, ids = self._prompt_ids(prompt)
         self._check_admissible(ids, params)
+        grammar = self.grammars.matcher(params.structured_output) if params.structured_output else None
         arrival = time.monotonic()
         group = RequestGroup(request_id, params, text, ids, self._generators(params),
                              arrival + params.timeout if params.timeout is not None else None,
                              prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
-        request = self._new_completion(group, Request(self._sequence_id(), ids, params, arrival_time=arrival))
+        request = self._new_completion(group, Request(self._sequence_id(), ids, params, arrival_time=arrival), grammar)
         self._groups[request_id] = group
         if group.deadline is not None:
             heapq.heappush(self._deadlines, (group.deadline, request_id))
@@ -97,11 +101,11 @@ class LLMEngine:
         self._next_seq += 1
         return f"seq-{self._next_seq}"
 
-    def _new_completion(self, group: RequestGroup, request: Request) -> Request:
+    def _new_completion(self, group: RequestGroup, request: Request, grammar=None) -> Request:
         index, params = len(group.completions), group.params
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         completion = Completion(index, request, detokenizer, StopStringMatcher(params.stop), group.generators[index],
-                                logprobs=[] if params.logprobs is not None else None)
+                                logprobs=[] if params.logprobs is not None else None, grammar=grammar)
         group.completions.append(completion)
         self._completions[request.request_id] = (group, completion)
         return request
@@ -205,10 +209,11 @@ class LLMEngine:
         return rows, sources
 
     def _sequence_state(self, group: RequestGroup, index: int, drafts: list[int]) -> SequenceState:
-        source = group.completions[min(index, len(group.completions) - 1)].request  # a fork starts as the first
+        source = group.completions[min(index, len(group.completions) - 1)]  # a fork starts as the first
         stop_ids = self.tokenizer.stop_token_ids | frozenset(group.params.stop_token_ids)
-        return SequenceState(group.params, source.prompt_token_ids, source.output_token_ids + drafts,
-                             group.generators[index], stop_ids)
+        allowed = self.grammars.allowed(source.grammar) if source.grammar is not None else None
+        return SequenceState(group.params, source.request.prompt_token_ids, source.request.output_token_ids + drafts,
+                             group.generators[index], stop_ids, allowed)
 
     def _settle_drafts(self, scheduled: list[ScheduledRequest], appended: dict[str, int]) -> None:
         """Forget rejected drafts (their K/V slots are simply written again) and propose new ones."""
@@ -221,7 +226,7 @@ class LLMEngine:
                 if not request.status.finished:
                     request.num_computed_tokens = request.num_tokens - 1
             if self.proposer is not None and item.completes_prompt and not request.status.finished \
-                    and request.sampling_params.greedy:
+                    and request.sampling_params.greedy and request.sampling_params.structured_output is None:
                 params = request.sampling_params
                 limit = min(params.max_tokens - len(request.output_token_ids),
                             self.max_model_len - request.num_tokens) - 1
@@ -232,7 +237,8 @@ class LLMEngine:
         child = Request(self._sequence_id(), parent.prompt_token_ids, parent.sampling_params,
                         arrival_time=parent.arrival_time, output_token_ids=list(parent.output_token_ids),
                         num_computed_tokens=parent.num_computed_tokens)
-        self._new_completion(group, child)
+        grammar = group.completions[0].grammar
+        self._new_completion(group, child, grammar.deep_copy() if grammar is not None else None)
         self.kv_cache.fork(parent, child)
         self.scheduler.add_running(child)
 
@@ -246,6 +252,10 @@ class LLMEngine:
             if completion.logprobs is not None:
                 completion.logprobs.append(self._position_logprobs(logprob_row, group.params.logprobs))
         status, stop_id = finish_status_for_token(request, token, self.tokenizer.stop_token_ids, self.max_model_len)
+        if completion.grammar is not None:
+            completion.grammar.consume_token(token)
+            if status is None and completion.grammar.is_stopped():  # the grammar is complete
+                status = RequestStatus.FINISHED_STOPPED
         self._emit(completion, completion.matcher.feed(completion.detokenizer.add(token)))
         if completion.matcher.stopped_by is not None:
             status, stop_id = RequestStatus.FINISHED_STOPPED, completion.matcher.stopped_by

@@ -8,6 +8,7 @@ blocks. Each sequence has its own detokenizer, stop-string matcher and seeded ge
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -31,6 +32,7 @@ class Completion:
     logprobs: list[PositionLogprobs] | None = None
     cumulative_logprob: float = 0.0
     stop_reason: str | int | None = None
+    grammar: Any = None  # an llguidance matcher when the request asks for structured output
 
     @property
     def finished(self) -> bool:

@@ -3,7 +3,8 @@
 Steps, in order, each over the whole batch at once (a step no row asks for is skipped):
   1. penalties: repetition (prompt and output tokens: divide positive logits, multiply negative
      ones, as HF and CTRL do), then presence and frequency (output tokens, as OpenAI defines them)
-  2. additive masks: logit_bias, and -inf on EOS / stop ids while min_tokens is not reached
+  2. additive masks: logit_bias, -inf on EOS / stop ids while min_tokens is not reached, and -inf
+     on every token a structured-output grammar does not allow next
   3. temperature (greedy rows take the argmax here)
   4. top-k, 5. top-p (the smallest nucleus whose mass reaches p), 6. min-p (drop tokens below
      min_p x the top probability)
@@ -31,6 +32,7 @@ class SequenceState:
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None
     stop_ids: frozenset[int] = frozenset()  # EOS and stop_token_ids, masked while below min_tokens
+    allowed: torch.Tensor | None = None  # [vocab] bool: the structured-output grammar's next tokens
 
 
 @dataclass
@@ -105,6 +107,16 @@ def _token_counts(sequences: list[Sequence[int]], vocab_size: int, device) -> to
 
 
 def _additive_masks(rows: list[SequenceState], vocab_size: int, device) -> torch.Tensor | None:
+    masks = _bias_and_min_tokens(rows, vocab_size, device)
+    grammar_rows = [i for i, r in enumerate(rows) if r.allowed is not None]
+    if grammar_rows:
+        masks = torch.zeros(len(rows), vocab_size, device=device) if masks is None else masks
+        allowed = torch.stack([rows[i].allowed for i in grammar_rows]).to(device)
+        masks[grammar_rows] = masks[grammar_rows].masked_fill(~allowed, float("-inf"))
+    return masks
+
+
+def _bias_and_min_tokens(rows: list[SequenceState], vocab_size: int, device) -> torch.Tensor | None:
     entries: list[tuple[int, int, float]] = []
     for i, r in enumerate(rows):
         entries += [(i, t, b) for t, b in r.params.logit_bias.items() if t < vocab_size]

@@ -1,0 +1,104 @@
+"""Structured output: JSON (a schema, or any object), a regular expression, or a fixed list of
+choices, enforced by a token mask from llguidance.
+
+Why llguidance: it computes a mask over a 50k-token vocabulary in ~1 ms on the CPU without a
+precompilation step per grammar, handles JSON schema, regex and Lark, has no dependencies beyond
+its Rust core, and takes a Hugging Face `tokenizers` JSON directly (so GGUF vocabularies work).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import PagedLLMError
+
+
+class StructuredOutputError(PagedLLMError, ValueError):
+    """A schema, regex or choice list that cannot be compiled; the message names the problem."""
+
+
+@dataclass(frozen=True)
+class StructuredOutputParams:
+    """Exactly one of: json (a JSON schema, as a dict or a string), json_object (any JSON object),
+    regex, choice (the output is one of these strings)."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise StructuredOutputError(f"structured output takes exactly one of json, json_object, regex, choice; "
+                                        f"got {', '.join(given) or 'none'}")
+        if self.choice is not None:
+            choice = tuple(self.choice)
+            if not choice or not all(isinstance(c, str) and c for c in choice):
+                raise StructuredOutputError("structured output choice must be a non-empty list of non-empty strings")
+            object.__setattr__(self, "choice", choice)
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise StructuredOutputError("structured output regex must be a string")
+
+    def grammar(self) -> str:
+        from llguidance import LLMatcher
+
+        if self.regex is not None:
+            return LLMatcher.grammar_from_regex(ascii_digits(self.regex))
+        if self.choice is not None:
+            return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
+        schema = {"type": "object"} if self.json_object else self.json
+        try:  # compact JSON unless the schema's "x-guidance" says otherwise: it always fits and parses
+            return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+        except (ValueError, TypeError) as exc:
+            raise StructuredOutputError(f"structured output json schema: {exc}") from None
+
+
+def ascii_digits(regex: str) -> str:
+    r"""`\d` as [0-9]: the grammar's regex engine is Unicode-aware, and users mean ASCII digits."""
+    out, in_class, i = [], False, 0
+    while i < len(regex):
+        if regex.startswith("\\d", i):
+            out.append("0-9" if in_class else "[0-9]")
+            i += 2
+            continue
+        if regex[i] == "\\":
+            out.append(regex[i:i + 2])
+            i += 2
+            continue
+        if regex[i] in "[]":
+            in_class = regex[i] == "["
+        out.append(regex[i])
+        i += 1
+    return "".join(out)
+
+
+class GrammarCompiler:
+    """Builds matchers for one tokenizer (the llguidance tokenizer is built once, ~0.3 s)."""
+
+    def __init__(self, tokenizer_json: str, eos_ids: list[int], vocab_size: int):
+        self._tokenizer_json, self._eos_ids, self.vocab_size = tokenizer_json, eos_ids, vocab_size
+        self._ll_tokenizer = None
+
+    def matcher(self, params: StructuredOutputParams):
+        from llguidance import LLMatcher, LLTokenizer
+
+        if self._ll_tokenizer is None:
+            self._ll_tokenizer = LLTokenizer(self._tokenizer_json, eos_token=self._eos_ids)
+        matcher = LLMatcher(self._ll_tokenizer, params.grammar(), log_level=0)
+        if matcher.is_error():
+            raise StructuredOutputError(f"structured output: {matcher.get_error().splitlines()[0]}")
+        return matcher
+
+    def allowed(self, matcher) -> torch.Tensor:
+        """[vocab] bool: tokens the grammar allows next (model tokens past the tokenizer's: never)."""
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8) > 0
+        size = min(self.vocab_size, allowed.numel())
+        mask[:size] = allowed[:size]
+        return mask
