@@ -5,7 +5,6 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -66,8 +65,7 @@ class LLMEngine:
         self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
                                       spec.prompt_lookup_min) if spec is not None else None
         self.spec_stats = [0, 0]  # draft tokens checked, accepted
-        self.grammars = GrammarCompiler(self.tokenizer.backend.to_str(), sorted(self.tokenizer.stop_token_ids),
-                                        self.model.config.vocab_size)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
@@ -83,7 +81,7 @@ class LLMEngine:
         arrival = time.monotonic()
         group = RequestGroup(request_id, params, text, ids, self._generators(params),
                              arrival + params.timeout if params.timeout is not None else None,
-                             prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+                             self.tokenizer.stop_token_ids | frozenset(params.stop_token_ids), prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         request = self._new_completion(group, Request(self._sequence_id(), ids, params, arrival_time=arrival), grammar)
         self._groups[request_id] = group
         if group.deadline is not None:
@@ -210,10 +208,9 @@ class LLMEngine:
 
     def _sequence_state(self, group: RequestGroup, index: int, drafts: list[int]) -> SequenceState:
         source = group.completions[min(index, len(group.completions) - 1)]  # a fork starts as the first
-        stop_ids = self.tokenizer.stop_token_ids | frozenset(group.params.stop_token_ids)
         allowed = self.grammars.allowed(source.grammar) if source.grammar is not None else None
         return SequenceState(group.params, source.request.prompt_token_ids, source.request.output_token_ids + drafts,
-                             group.generators[index], stop_ids, allowed)
+                             group.generators[index], group.stop_ids, allowed)
 
     def _settle_drafts(self, scheduled: list[ScheduledRequest], appended: dict[str, int]) -> None:
         """Forget rejected drafts (their K/V slots are simply written again) and propose new ones."""
@@ -292,9 +289,7 @@ class LLMEngine:
                 continue
             for completion in group.completions:
                 self._finish(completion, RequestStatus.FINISHED_TIMEOUT)
-            # Sequences never forked will not be: the group is what it has, all finished.
-            group.params = replace(group.params, n=min(group.params.n, len(group.completions)),
-                                   best_of=len(group.completions))
+            group.closed = True
             expired[request_id] = group
         return expired
 

@@ -59,12 +59,15 @@ class RequestGroup:
     prompt_token_ids: list[int]
     generators: list[torch.Generator | None]  # one per sequence, made at admission so seeds are fixed
     deadline: float | None
+    stop_ids: frozenset[int]  # EOS ids and the request's stop_token_ids
     completions: list[Completion] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    closed: bool = False  # no more sequences will be forked (the deadline passed before they were)
 
     @property
     def finished(self) -> bool:
-        return len(self.completions) == self.params.num_sequences and all(c.finished for c in self.completions)
+        complete = self.closed or len(self.completions) == self.params.num_sequences
+        return complete and all(c.finished for c in self.completions)
 
     @property
     def streams(self) -> bool:

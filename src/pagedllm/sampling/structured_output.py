@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from ..errors import PagedLLMError
+from ..tokenizer import Tokenizer
 
 
 class StructuredOutputError(PagedLLMError, ValueError):
@@ -79,17 +80,19 @@ def ascii_digits(regex: str) -> str:
 
 
 class GrammarCompiler:
-    """Builds matchers for one tokenizer (the llguidance tokenizer is built once, ~0.3 s)."""
+    """Builds matchers for one tokenizer. The llguidance tokenizer (~0.3 s) is built on the first
+    structured request, so engines that never see one do not pay for it."""
 
-    def __init__(self, tokenizer_json: str, eos_ids: list[int], vocab_size: int):
-        self._tokenizer_json, self._eos_ids, self.vocab_size = tokenizer_json, eos_ids, vocab_size
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int):
+        self._tokenizer, self.vocab_size = tokenizer, vocab_size
         self._ll_tokenizer = None
 
     def matcher(self, params: StructuredOutputParams):
         from llguidance import LLMatcher, LLTokenizer
 
         if self._ll_tokenizer is None:
-            self._ll_tokenizer = LLTokenizer(self._tokenizer_json, eos_token=self._eos_ids)
+            self._ll_tokenizer = LLTokenizer(self._tokenizer.backend.to_str(),
+                                             eos_token=sorted(self._tokenizer.stop_token_ids))
         matcher = LLMatcher(self._ll_tokenizer, params.grammar(), log_level=0)
         if matcher.is_error():
             raise StructuredOutputError(f"structured output: {matcher.get_error().splitlines()[0]}")
