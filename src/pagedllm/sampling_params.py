@@ -4,6 +4,11 @@ Names, defaults and ranges follow vLLM and OpenAI (temperature 1.0; 0 means gree
 pipeline applies them in this order: repetition / presence / frequency penalties, logit_bias and
 min_tokens masks (and a structured-output grammar's mask), temperature, top-k, top-p, min-p (see
 sampling/sampler.py).
+
+Two deterministic search strategies replace sampling (engine/search.py): beam search
+(`use_beam_search`, width = best_of or n, `length_penalty`, `early_stopping`, and diverse beam
+search with `num_beam_groups` and `diversity_penalty`), and contrastive search (`penalty_alpha`
+> 0 with `top_k` candidates). Names and semantics follow vLLM v0 and Hugging Face transformers.
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ class SamplingParams:
     skip_special_tokens: bool = True
     timeout: float | None = None  # seconds after arrival; then the request finishes with reason "timeout"
     structured_output: StructuredOutputParams | None = None  # JSON schema, regex or choice, enforced by a mask
+    use_beam_search: bool = False  # beam width = best_of (or n); the n best finished beams are returned
+    length_penalty: float = 1.0  # beam score = sum of logprobs / length ** length_penalty
+    early_stopping: bool | str = False  # True, False (transformers' heuristic) or "never"
+    num_beam_groups: int = 1  # diverse beam search: the beams split into this many groups ...
+    diversity_penalty: float = 0.0  # ... each penalised for tokens the groups before it chose this step
+    penalty_alpha: float = 0.0  # > 0: contrastive search among top_k candidates (degeneration penalty weight)
 
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
@@ -73,6 +84,46 @@ class SamplingParams:
                "a positive number of seconds", self.timeout)
         _check(self.structured_output is None or isinstance(self.structured_output, StructuredOutputParams),
                "structured_output", "a StructuredOutputParams", self.structured_output)
+        self._check_search()
+
+    def _check_search(self) -> None:
+        _check(isinstance(self.use_beam_search, bool), "use_beam_search", "a boolean", self.use_beam_search)
+        _check(_is_number(self.length_penalty) and -10 <= self.length_penalty <= 10, "length_penalty",
+               "a number in [-10, 10]", self.length_penalty)
+        _check(isinstance(self.early_stopping, bool) or self.early_stopping == "never", "early_stopping",
+               'True, False or "never"', self.early_stopping)
+        _check(_is_int(self.num_beam_groups) and self.num_beam_groups >= 1
+               and self.num_sequences % self.num_beam_groups == 0, "num_beam_groups",
+               f"a positive divisor of the beam width ({self.num_sequences})", self.num_beam_groups)
+        _check(_is_number(self.diversity_penalty) and self.diversity_penalty >= 0, "diversity_penalty",
+               "a number >= 0", self.diversity_penalty)
+        _check(_is_number(self.penalty_alpha) and 0 <= self.penalty_alpha <= 1, "penalty_alpha",
+               "a number in [0, 1]", self.penalty_alpha)
+        if not self.use_beam_search:
+            for name, default in (("length_penalty", 1.0), ("early_stopping", False), ("num_beam_groups", 1),
+                                  ("diversity_penalty", 0.0)):
+                _check(getattr(self, name) == default, name, "left at its default unless use_beam_search is set",
+                       getattr(self, name))
+        if self.search is None:
+            return
+        _check(self.temperature == 0, "temperature", f"0 with {self.search} (it is deterministic)",
+               self.temperature)
+        _check(not (self.use_beam_search and self.penalty_alpha), "penalty_alpha", "0 with beam search",
+               self.penalty_alpha)
+        if self.penalty_alpha:
+            _check(_is_int(self.top_k) and self.top_k > 1, "top_k", "an integer > 1 (the candidates) with penalty_alpha",
+                   self.top_k)
+            _check(self.num_sequences == 1, "n", "1 with contrastive search", self.n)
+        elif self.top_k not in (-1, 0):
+            raise SamplingParamsError("top_k must be -1 with beam search")
+        unsupported = {"top_p": self.top_p != 1.0, "min_p": self.min_p != 0.0, "logit_bias": bool(self.logit_bias),
+                       "repetition_penalty": self.repetition_penalty != 1.0,
+                       "presence_penalty": self.presence_penalty != 0.0,
+                       "frequency_penalty": self.frequency_penalty != 0.0, "stop": bool(self.stop),
+                       "logprobs": self.logprobs is not None, "structured_output": self.structured_output is not None}
+        for name, used in unsupported.items():
+            if used:
+                raise SamplingParamsError(f"{name} is not supported with {self.search}")
 
     def _normalise_logit_bias(self) -> None:
         bias = self.logit_bias
@@ -96,6 +147,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def search(self) -> str | None:
+        """The search strategy that replaces sampling, if any."""
+        if self.use_beam_search:
+            return "beam search"
+        return "contrastive search" if self.penalty_alpha > 0 else None
 
     @property
     def num_sequences(self) -> int:

@@ -22,6 +22,7 @@ from .model_runner import ModelRunner, StepBatch, plan_kv_cache
 from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
 from .request import Request, RequestStatus
 from .scheduler import ScheduledRequest, Scheduler
+from .search import ContrastiveSearch, make_search
 from .sequence_group import Completion, RequestGroup, finish_status_for_token
 from .stop_strings import StopStringMatcher
 
@@ -83,10 +84,28 @@ class LLMEngine:
                              arrival + params.timeout if params.timeout is not None else None,
                              self.tokenizer.stop_token_ids | frozenset(params.stop_token_ids), prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         request = self._new_completion(group, Request(self._sequence_id(), ids, params, arrival_time=arrival), grammar)
+        if params.search is not None:
+            self._start_search(group, request)
         self._groups[request_id] = group
         if group.deadline is not None:
             heapq.heappush(self._deadlines, (group.deadline, request_id))
         self.scheduler.add_request(request)
+
+    def _start_search(self, group: RequestGroup, root: Request) -> None:
+        params = root.sampling_params
+        eos = (frozenset() if params.ignore_eos else self.tokenizer.stop_token_ids) | frozenset(params.stop_token_ids)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(root.prompt_token_ids))
+        group.search = make_search(root, params, eos, max_tokens)
+        root.gang = group.request_id
+        group.decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+        live = params.top_k if params.penalty_alpha else params.num_sequences
+        if live > self.config.scheduler.max_num_seqs:
+            raise RequestError(f"{params.search} keeps {live} sequences, more than max_num_seqs "
+                               f"({self.config.scheduler.max_num_seqs})")
+        needed = group.search.max_blocks(len(root.prompt_token_ids) + max_tokens, self.kv_spec.block_size)
+        if needed > self.kv_spec.num_blocks:
+            raise RequestError(f"{params.search} may hold {needed} KV blocks; the cache has "
+                               f"{self.kv_spec.num_blocks}; raise --kv-cache-memory")
 
     def _generators(self, params: SamplingParams) -> list[torch.Generator | None]:
         """Seeded requests get one generator per sequence, each seeded from (seed, index)."""
@@ -102,7 +121,8 @@ class LLMEngine:
     def _new_completion(self, group: RequestGroup, request: Request, grammar=None) -> Request:
         index, params = len(group.completions), group.params
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
-        completion = Completion(index, request, detokenizer, StopStringMatcher(params.stop), group.generators[index],
+        generator = group.generators[index] if index < len(group.generators) else None  # searches fork freely
+        completion = Completion(index, request, detokenizer, StopStringMatcher(params.stop), generator,
                                 logprobs=[] if params.logprobs is not None else None, grammar=grammar)
         group.completions.append(completion)
         self._completions[request.request_id] = (group, completion)
@@ -153,23 +173,39 @@ class LLMEngine:
             self.runner.copy_blocks(self.kv_cache.take_pending_copies())
             tables = [self.kv_cache.block_table(s.request) for s in out.scheduled]
             batch = self.runner.prepare(out.scheduled, tables)
-            logits = self.runner.execute(batch)
+            result = self.runner.execute(batch)
+            logits = result.logits
             self._record_prompt_logprobs(out.scheduled, batch, logits[batch.num_sampled:])
+            self._record_context(out.scheduled, batch, result.hidden)
             prompt_tokens = self._prompt_tokens(out.scheduled)
-            sampling = [s for s in out.scheduled if s.completes_prompt]
+            plain, searching = self._split_sampling(out.scheduled)
             self.scheduler.update_from_output(out.scheduled)
-            generated = self._sample_and_append(sampling, logits[:batch.num_sampled], touched)
+            generated = self._sample_and_append(plain, logits[:batch.num_sampled], touched)
+            hidden_of = self._last_hidden_rows(out.scheduled, batch, result.hidden)
+            generated += self._advance_searches(searching, logits, hidden_of, touched)
             self._count(prompt_tokens, generated)
         return self._outputs(touched)
 
-    def _sample_and_append(self, scheduled: list[ScheduledRequest], logits: torch.Tensor,
+    def _split_sampling(self, scheduled: list[ScheduledRequest]) -> tuple[list[tuple[ScheduledRequest, int]],
+                                                                          list[tuple[ScheduledRequest, int]]]:
+        """The requests that produce logits this step, with their first logits row: sampled ones,
+        and sequences of a search."""
+        plain, searching, row = [], [], 0
+        for item in scheduled:
+            if item.completes_prompt:
+                group, _ = self._completions[item.request.request_id]
+                (plain if group.search is None else searching).append((item, row))
+                row += 1 + item.num_spec_tokens
+        return plain, searching
+
+    def _sample_and_append(self, scheduled: list[tuple[ScheduledRequest, int]], logits: torch.Tensor,
                            touched: dict[str, RequestGroup]) -> int:
         """Sample every row, then append. A request forking into n sequences samples its one row n
         times; a request with k drafts samples k + 1 rows and keeps the drafts the model agrees with."""
         rows, sources = self._sampling_rows(scheduled)
         if not rows:
             return 0
-        if sources != list(range(len(sources))):
+        if sources != list(range(logits.shape[0])):
             logits = logits[torch.tensor(sources, device=logits.device)]
         meta = SamplingMetadata.build([self._sequence_state(*row) for row in rows], logits.shape[-1], self.device)
         sampled = self.sampler(logits, meta)
@@ -187,14 +223,14 @@ class LLMEngine:
             self._append(group, completion, tokens[r], logprobs[r] if logprobs else None)
             touched[group.request_id] = group
             appended[completion.request.request_id] = appended.get(completion.request.request_id, 0) + 1
-        self._settle_drafts(scheduled, appended)
+        self._settle_drafts([item for item, _ in scheduled], appended)
         return sum(appended.values())
 
-    def _sampling_rows(self, scheduled: list[ScheduledRequest]) -> tuple[list[tuple[RequestGroup, int, list[int]]],
-                                                                          list[int]]:
+    def _sampling_rows(self, scheduled: list[tuple[ScheduledRequest, int]]
+                       ) -> tuple[list[tuple[RequestGroup, int, list[int]]], list[int]]:
         """(group, sequence index, drafts before the row) per sampling row, and its logits row."""
-        rows, sources, first = [], [], 0
-        for item in scheduled:
+        rows, sources = [], []
+        for item, first in scheduled:
             group, completion = self._completions[item.request.request_id]
             if completion.index == 0 and len(group.completions) < group.params.num_sequences:
                 rows += [(group, i, []) for i in range(group.params.num_sequences)]
@@ -203,7 +239,6 @@ class LLMEngine:
                 drafts = list(item.request.spec_token_ids)
                 rows += [(group, completion.index, drafts[:j]) for j in range(len(drafts) + 1)]
                 sources += range(first, first + len(drafts) + 1)
-            first += 1 + item.num_spec_tokens
         return rows, sources
 
     def _sequence_state(self, group: RequestGroup, index: int, drafts: list[int]) -> SequenceState:
@@ -223,21 +258,82 @@ class LLMEngine:
                 if not request.status.finished:
                     request.num_computed_tokens = request.num_tokens - 1
             if self.proposer is not None and item.completes_prompt and not request.status.finished \
-                    and request.sampling_params.greedy and request.sampling_params.structured_output is None:
+                    and request.sampling_params.greedy and request.sampling_params.structured_output is None \
+                    and request.sampling_params.search is None:
                 params = request.sampling_params
                 limit = min(params.max_tokens - len(request.output_token_ids),
                             self.max_model_len - request.num_tokens) - 1
                 request.spec_token_ids = self.proposer.propose(request.all_token_ids, limit)
 
-    def _fork(self, group: RequestGroup) -> None:
-        parent = group.completions[0].request
+    def _fork(self, group: RequestGroup, parent: Request | None = None) -> Request:
+        """A new sequence of `group` continuing from `parent` (the first sequence by default)."""
+        parent = parent or group.completions[0].request
         child = Request(self._sequence_id(), parent.prompt_token_ids, parent.sampling_params,
                         arrival_time=parent.arrival_time, output_token_ids=list(parent.output_token_ids),
-                        num_computed_tokens=parent.num_computed_tokens)
-        grammar = group.completions[0].grammar
+                        num_computed_tokens=parent.num_computed_tokens, first_token_time=parent.first_token_time,
+                        gang=parent.gang)
+        grammar = self._completions[parent.request_id][1].grammar
         self._new_completion(group, child, grammar.deep_copy() if grammar is not None else None)
         self.kv_cache.fork(parent, child)
         self.scheduler.add_running(child)
+        return child
+
+    # -- searches ---------------------------------------------------------------------------
+    def _record_context(self, scheduled: list[ScheduledRequest], batch: StepBatch, hidden: torch.Tensor | None) -> None:
+        """Prompt hidden states for contrastive search, which compares candidates with them."""
+        offset = 0
+        for index, start, count in batch.hidden_spans:
+            group, _ = self._completions[scheduled[index].request.request_id]
+            if isinstance(group.search, ContrastiveSearch):
+                group.search.record_context(start, hidden[offset:offset + count])
+            offset += count
+
+    @staticmethod
+    def _last_hidden_rows(scheduled: list[ScheduledRequest], batch: StepBatch,
+                          hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Per request id, the hidden state of its last computed token (the one its logits are for)."""
+        rows, offset = {}, 0
+        for index, _, count in batch.hidden_spans:
+            offset += count
+            rows[scheduled[index].request.request_id] = hidden[offset - 1]
+        return rows
+
+    def _advance_searches(self, items: list[tuple[ScheduledRequest, int]], logits: torch.Tensor,
+                          hidden_of: dict[str, torch.Tensor], touched: dict[str, RequestGroup]) -> int:
+        """Hand each search sequence's row to its search; advance the searches whose rows are all in."""
+        groups: dict[str, RequestGroup] = {}
+        for item, row in items:
+            group, _ = self._completions[item.request.request_id]
+            group.search.record(item.request, logits[row], hidden_of.get(item.request.request_id))
+            groups[group.request_id] = group
+        return sum(self._advance_search(group, touched) for group in groups.values() if group.search.ready())
+
+    def _advance_search(self, group: RequestGroup, touched: dict[str, RequestGroup]) -> int:
+        """One search step: fork parents chosen more than once, append the chosen tokens, drop the
+        sequences that do not continue."""
+        search, previous = group.search, group.search.live
+        continuations = search.select()
+        children, used = [], set()
+        for parent, _ in continuations:  # every fork before any append: forks copy the parent as it was
+            children.append(self._fork(group, parent) if parent.request_id in used else parent)
+            used.add(parent.request_id)
+        for child, (_, token) in zip(children, continuations):
+            child.output_token_ids.append(token)
+            child.first_token_time = child.first_token_time or time.monotonic()
+        for request in previous:
+            if request.request_id not in used:
+                self._drop(group, request, keep=search.done)
+        search.adopt(children)
+        if search.done:
+            touched[group.request_id] = group
+        return len(continuations)
+
+    def _drop(self, group: RequestGroup, request: Request, keep: bool) -> None:
+        """Free a search sequence that does not continue (kept in the group if the search ended)."""
+        completion = self._completions[request.request_id][1]
+        self._finish(completion, RequestStatus.FINISHED_STOPPED)
+        if not keep:
+            group.completions.remove(completion)
 
     def _append(self, group: RequestGroup, completion: Completion, token: int, logprob_row: LogprobRow | None) -> None:
         request = completion.request

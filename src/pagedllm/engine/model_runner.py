@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import math
 import mmap
@@ -58,6 +58,16 @@ class StepBatch:
     num_sampled: int
     # Per scheduled request that asked for prompt logprobs: (its index, first prompt position, count).
     prompt_rows: list[tuple[int, int, int]]
+    # Per scheduled request whose final hidden states are wanted (contrastive search): (its index,
+    # first position, count); `hidden_rows` lists their flat-token rows in that order.
+    hidden_spans: list[tuple[int, int, int]] = field(default_factory=list)
+    hidden_rows: torch.Tensor | None = None
+
+
+@dataclass
+class StepResult:
+    logits: torch.Tensor  # float32, one row per logits_rows entry
+    hidden: torch.Tensor | None  # final-norm hidden states at hidden_rows, when any were asked for
 
 
 def decode_kernel_usable(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -98,8 +108,12 @@ class ModelRunner:
                        for row in range(query_start[i + 1] - 1 - s.num_spec_tokens, query_start[i + 1])]
         prompt_rows, extra_rows = self._prompt_logprob_rows(scheduled, starts, counts, query_start)
         meta = AttentionMetadata(slot_mapping=self._long_tensor(slots), groups=groups)
+        hidden_spans = [(i, int(starts[i]), int(counts[i])) for i, s in enumerate(scheduled)
+                        if s.request.sampling_params.penalty_alpha > 0]
+        hidden_rows = [row for i, _, n in hidden_spans for row in range(query_start[i], query_start[i] + n)]
         return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta,
-                         self._long_tensor(sample_rows + extra_rows), len(sample_rows), prompt_rows)
+                         self._long_tensor(sample_rows + extra_rows), len(sample_rows), prompt_rows,
+                         hidden_spans, self._long_tensor(hidden_rows) if hidden_rows else None)
 
     @staticmethod
     def _prompt_logprob_rows(scheduled: list[ScheduledRequest], starts: np.ndarray, counts: np.ndarray,
@@ -136,10 +150,11 @@ class ModelRunner:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
 
     @torch.inference_mode()
-    def execute(self, batch: StepBatch) -> torch.Tensor:
+    def execute(self, batch: StepBatch) -> StepResult:
         """Logits (float32) for `logits_rows` only: the lm_head is too costly for the rest."""
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-        return self.model.compute_logits(hidden[batch.logits_rows])
+        wanted = hidden[batch.hidden_rows] if batch.hidden_rows is not None else None
+        return StepResult(self.model.compute_logits(hidden[batch.logits_rows]), wanted)
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -40,6 +40,7 @@ class Request:
     first_token_time: float | None = None
     finish_time: float | None = None
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify at the next step
+    gang: str | None = None  # the search this sequence belongs to: its sequences advance together
 
     @property
     def num_tokens(self) -> int:

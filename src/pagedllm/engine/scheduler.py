@@ -3,6 +3,10 @@
 Running requests are served first (oldest first); waiting ones are admitted while budget,
 sequence slots and KV blocks remain. When a running request cannot get a block, the newest
 running request is preempted: its blocks are freed and it is queued again to be recomputed.
+A running request with nothing to compute (a search sequence waiting for its siblings) is
+skipped. When nothing at all can run because such idle sequences hold the blocks the first
+waiting request needs, a whole other search ("gang") is preempted and queued behind the others:
+each search fits the cache alone (checked at admission), so the first waiting one always gets in.
 """
 
 from __future__ import annotations
@@ -62,7 +66,21 @@ class Scheduler:
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
+        if not out.scheduled and self.waiting and self.running:  # idle search sequences hold the blocks
+            out.preempted += self._yield_gang(self.waiting[0].gang)
+            self._schedule_waiting(out, budget)
         return out
+
+    def _yield_gang(self, keep: str | None) -> list[Request]:
+        """Preempt the newest running search other than `keep`, all its sequences, to the back of the queue."""
+        victim = next((r for r in reversed(self.running) if r.gang is not None and r.gang != keep), self.running[-1])
+        gang = [r for r in self.running if r is victim or (victim.gang is not None and r.gang == victim.gang)]
+        for request in gang:
+            self.running.remove(request)
+            self._preempt(request)
+            self.waiting.remove(request)
+            self.waiting.append(request)
+        return gang
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
@@ -70,6 +88,9 @@ class Scheduler:
             request = self.running[index]
             behind = request.num_tokens - request.num_computed_tokens
             num_new = min(behind + len(request.spec_token_ids), budget)
+            if num_new == 0:
+                index += 1
+                continue
             if self.kv_cache.allocate_slots(request, num_new) is not None:
                 del request.spec_token_ids[max(0, num_new - behind):]  # drafts past the budget wait
                 out.scheduled.append(ScheduledRequest(request, num_new, len(request.spec_token_ids)))

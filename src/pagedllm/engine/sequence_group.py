@@ -7,6 +7,7 @@ blocks. Each sequence has its own detokenizer, stop-string matcher and seeded ge
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,7 @@ from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from .request import Request, RequestStatus
+from .search import SearchStrategy
 from .stop_strings import StopStringMatcher
 
 
@@ -63,29 +65,44 @@ class RequestGroup:
     completions: list[Completion] = field(default_factory=list)
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     closed: bool = False  # no more sequences will be forked (the deadline passed before they were)
+    # Beam or contrastive search: its live sequences are `completions`; its results come from it.
+    search: SearchStrategy | None = None
+    decode: Callable[[list[int]], str] | None = None  # token ids to text, for search results
 
     @property
     def finished(self) -> bool:
-        complete = self.closed or len(self.completions) == self.params.num_sequences
+        if self.search is not None:
+            complete = self.search.done or self.closed
+        else:
+            complete = self.closed or len(self.completions) == self.params.num_sequences
         return complete and all(c.finished for c in self.completions)
 
     @property
     def streams(self) -> bool:
-        """Whether outputs go out as tokens arrive: not when best_of picks among more than n."""
-        return self.params.num_sequences == self.params.n
+        """Whether outputs go out as tokens arrive: not when best_of picks among more than n, nor
+        for a search (its sequences are only candidates until it ends)."""
+        return self.search is None and self.params.num_sequences == self.params.n
 
     def output(self) -> RequestOutput:
-        chosen = self.completions
-        if not self.streams and self.finished:
-            chosen = sorted(chosen, key=lambda c: c.cumulative_logprob, reverse=True)[:self.params.n]
-        reports = self.params.logprobs is not None or not self.streams
-        outputs = [c.take_output(i if not self.streams else None, reports) for i, c in enumerate(chosen)]
+        if self.search is not None:
+            outputs = [CompletionOutput(i, self.decode(h.token_ids), h.token_ids, h.cumulative_logprob,
+                                        finish_reason=h.finish_reason, stop_reason=h.stop_reason)
+                       for i, h in enumerate(self.search.results(self.params.n))]
+        else:
+            outputs = self._completion_outputs()
         first = self.completions[0].request
         finish_time = max(c.request.finish_time for c in self.completions) if self.finished else None
         metrics = RequestMetrics(first.arrival_time, first.first_token_time, finish_time,
                                  sum(c.request.num_preemptions for c in self.completions))
         return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished, self.prompt,
                              self.prompt_logprobs, metrics)
+
+    def _completion_outputs(self) -> list[CompletionOutput]:
+        chosen = self.completions
+        if not self.streams and self.finished:
+            chosen = sorted(chosen, key=lambda c: c.cumulative_logprob, reverse=True)[:self.params.n]
+        reports = self.params.logprobs is not None or not self.streams
+        return [c.take_output(i if not self.streams else None, reports) for i, c in enumerate(chosen)]
 
 
 def finish_status_for_token(request: Request, token: int, eos_ids: frozenset[int],
