@@ -107,22 +107,32 @@ class SchedulerConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "torch")
-SPECULATIVE_METHODS = ("ngram",)
+SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
     """Draft tokens checked by the target model in one pass. Used for greedy requests; sampled
-    requests decode one token at a time."""
+    requests decode one token at a time. "ngram" looks the drafts up in the prompt; "draft_model"
+    asks a smaller model with the same vocabulary (`model`), which has its own KV cache."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4  # longest suffix n-gram looked up
     prompt_lookup_min: int = 1
+    model: str | None = None  # the draft model (GGUF file or Hugging Face folder), for "draft_model"
+    draft_kv_cache_memory_bytes: int = 64 * 2**20
 
     def __post_init__(self) -> None:
+        if self.model is not None and self.method == "ngram":
+            object.__setattr__(self, "method", "draft_model")  # vLLM's rule: a draft model implies the method
         if self.method not in SPECULATIVE_METHODS:
             raise ConfigError(f"speculative method must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.method!r}")
+        if self.method == "draft_model" and not self.model:
+            raise ConfigError("speculative method draft_model needs a draft model path")
+        if not isinstance(self.draft_kv_cache_memory_bytes, int) or self.draft_kv_cache_memory_bytes < 1:
+            raise ConfigError(f"draft_kv_cache_memory_bytes must be a positive integer, "
+                              f"got {self.draft_kv_cache_memory_bytes!r}")
         for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
-from ..config import EngineConfig
+from ..config import EngineConfig, SpeculativeConfig
 from ..errors import PagedLLMError
 from ..models.loaders import ModelSource, load_model, resolve_model
 from ..sampling.structured_output import GrammarCompiler
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
+from ..spec_decode.draft_model import DraftModelProposer
 from ..spec_decode.ngram import NgramProposer
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from .kv_cache_manager import KVCacheManager, blocks_needed
@@ -62,14 +63,21 @@ class LLMEngine:
         self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
-        spec = config.speculative
-        self.proposer = NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max,
-                                      spec.prompt_lookup_min) if spec is not None else None
+        self.proposer = self._make_proposer(config.speculative, dtype)
         self.spec_stats = [0, 0]  # draft tokens checked, accepted
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
+
+    def _make_proposer(self, spec: SpeculativeConfig | None, dtype: torch.dtype):
+        if spec is None:
+            return None
+        if spec.method == "ngram":
+            return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min)
+        return DraftModelProposer(resolve_model(spec.model), spec.num_speculative_tokens, self.model.config.vocab_size,
+                                  self.device, dtype, spec.draft_kv_cache_memory_bytes,
+                                  self.config.cache.block_size, self.config.attention_backend)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
@@ -249,6 +257,7 @@ class LLMEngine:
 
     def _settle_drafts(self, scheduled: list[ScheduledRequest], appended: dict[str, int]) -> None:
         """Forget rejected drafts (their K/V slots are simply written again) and propose new ones."""
+        wanting, limits = [], []
         for item in scheduled:
             request = item.request
             if item.num_spec_tokens:
@@ -257,13 +266,15 @@ class LLMEngine:
                 request.spec_token_ids = []
                 if not request.status.finished:
                     request.num_computed_tokens = request.num_tokens - 1
+            params = request.sampling_params
             if self.proposer is not None and item.completes_prompt and not request.status.finished \
-                    and request.sampling_params.greedy and request.sampling_params.structured_output is None \
-                    and request.sampling_params.search is None:
-                params = request.sampling_params
-                limit = min(params.max_tokens - len(request.output_token_ids),
-                            self.max_model_len - request.num_tokens) - 1
-                request.spec_token_ids = self.proposer.propose(request.all_token_ids, limit)
+                    and params.greedy and params.structured_output is None and params.search is None:
+                wanting.append(request)
+                limits.append(min(params.max_tokens - len(request.output_token_ids),
+                                  self.max_model_len - request.num_tokens) - 1)
+        if wanting:
+            for request, drafts in zip(wanting, self.proposer.propose_for(wanting, limits)):
+                request.spec_token_ids = drafts
 
     def _fork(self, group: RequestGroup, parent: Request | None = None) -> Request:
         """A new sequence of `group` continuing from `parent` (the first sequence by default)."""

@@ -17,7 +17,7 @@ from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
 from .outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
 from .request import Request, RequestStatus
-from .search import SearchStrategy
+from .search import Hypothesis, SearchStrategy
 from .stop_strings import StopStringMatcher
 
 
@@ -85,9 +85,7 @@ class RequestGroup:
 
     def output(self) -> RequestOutput:
         if self.search is not None:
-            outputs = [CompletionOutput(i, self.decode(h.token_ids), h.token_ids, h.cumulative_logprob,
-                                        finish_reason=h.finish_reason, stop_reason=h.stop_reason)
-                       for i, h in enumerate(self.search.results(self.params.n))]
+            outputs = [self._search_output(i, h) for i, h in enumerate(self.search.results(self.params.n))]
         else:
             outputs = self._completion_outputs()
         first = self.completions[0].request
@@ -96,6 +94,13 @@ class RequestGroup:
                                  sum(c.request.num_preemptions for c in self.completions))
         return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished, self.prompt,
                              self.prompt_logprobs, metrics)
+
+    def _search_output(self, index: int, found: Hypothesis) -> CompletionOutput:
+        """A search reports once, at its end: all of the text is new then."""
+        text = self.decode(found.token_ids)
+        return CompletionOutput(index, text, found.token_ids, found.cumulative_logprob,
+                                finish_reason=found.finish_reason, stop_reason=found.stop_reason, delta_text=text,
+                                delta_token_ids=list(found.token_ids))
 
     def _completion_outputs(self) -> list[CompletionOutput]:
         chosen = self.completions

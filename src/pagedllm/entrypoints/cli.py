@@ -40,8 +40,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-backend", choices=["auto", "torch"], default="auto",
                    help="auto (default): a C++ decode kernel on the CPU when it builds; torch: plain torch ops")
-    p.add_argument("--speculative-method", choices=["ngram"], default=None,
-                   help="draft tokens for greedy requests, checked in one pass (ngram: prompt lookup)")
+    p.add_argument("--speculative-method", choices=["ngram", "draft_model"], default=None,
+                   help="draft tokens for greedy requests, checked in one pass (ngram: prompt lookup; "
+                        "draft_model: --speculative-model guesses)")
+    p.add_argument("--speculative-model", default=None,
+                   help="a smaller model with the same vocabulary that drafts tokens (implies draft_model)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
 
 
@@ -57,6 +60,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeat for more)")
+    p.add_argument("--beam-width", type=int, default=0, help="beam search with this many beams (needs temperature 0)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = logprob sum / length ** this")
+    p.add_argument("--penalty-alpha", type=float, default=0.0,
+                   help="contrastive search among --top-k candidates with this degeneration penalty")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,8 +92,9 @@ def _engine(args: argparse.Namespace):
         config = EngineConfig(
             model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
             attention_backend=args.attention_backend,
-            speculative=SpeculativeConfig(args.speculative_method, args.num_speculative_tokens)
-            if args.speculative_method else None,
+            speculative=SpeculativeConfig(args.speculative_method or "ngram", args.num_speculative_tokens,
+                                          model=args.speculative_model)
+            if args.speculative_method or args.speculative_model else None,
             cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory,
                               enable_prefix_caching=args.enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
@@ -102,7 +110,9 @@ def _sampling(args: argparse.Namespace):
     return SamplingParams(max_tokens=args.max_tokens, min_tokens=args.min_tokens, temperature=args.temperature,
                           top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.sample_seed,
                           repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, stop=tuple(args.stop))
+                          frequency_penalty=args.frequency_penalty, stop=tuple(args.stop),
+                          use_beam_search=args.beam_width > 0, best_of=args.beam_width or None,
+                          length_penalty=args.length_penalty, penalty_alpha=args.penalty_alpha)
 
 
 def stream(engine, request_id: str, prompt, params, out=sys.stdout) -> str:
