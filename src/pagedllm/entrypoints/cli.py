@@ -1,12 +1,15 @@
-"""`pagedllm generate | chat | memory`: thin front ends over LLMEngine."""
+"""`pagedllm generate | chat | serve | memory`: thin front ends over LLMEngine."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import PagedLLMError
 
@@ -78,6 +81,18 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="a system prompt")
     _add_engine_args(chat)
     _add_sampling_args(chat, max_tokens=512)
+    serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    serve.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (default: $PAGEDLLM_API_KEY, else no key)")
+    serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: file name)")
+    serve.add_argument("--max-waiting-requests", type=int, default=256, help="queue bound; beyond it: 503")
+    serve.add_argument("--max-tokens-limit", type=int, default=4096, help="the most tokens a request may ask for")
+    serve.add_argument("--max-body-bytes", type=parse_bytes, default="1MiB", help="request body bound (default 1MiB)")
+    serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    _add_engine_args(serve)
     mem = sub.add_parser("memory", help="parameters, weight bytes and KV-cache bytes of a model")
     mem.add_argument("model", nargs="?", default=None)
     mem.add_argument("--budget", type=parse_bytes, default="4GiB", help="KV budget to fit tokens in (default 4GiB)")
@@ -179,7 +194,37 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "memory": cmd_memory}
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .openai.server import ServerConfig, build_app
+
+    args.model = args.model_path or args.model
+    for name in ("port", "max_waiting_requests", "max_tokens_limit"):
+        if getattr(args, name) < (0 if name == "port" else 1) or (name == "port" and args.port > 65535):
+            raise PagedLLMError(f"--{name.replace('_', '-')} is out of range: {getattr(args, name)}")
+    engine = _engine(args)
+    name = args.served_model_name or Path(engine.source.path).stem
+    config = ServerConfig(name, args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
+                          args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit)
+    app = build_app(engine, config, on_ready=lambda: print(_examples(args.host, args.port, config), flush=True))
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _examples(host: str, port: int, config) -> str:
+    base = f"http://{host}:{port}/v1"
+    auth = f' -H "Authorization: Bearer {config.api_key}"' if config.api_key else ""
+    body = json.dumps({"model": config.served_model_name, "messages": [{"role": "user", "content": "Hello!"}],
+                       "max_tokens": 64})
+    return (f"pagedllm is serving {config.served_model_name} at {base}\n\n"
+            f"curl {base}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n\n"
+            f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{config.api_key or 'none'}'); "
+            f"print(c.chat.completions.create(model='{config.served_model_name}', max_tokens=64, "
+            f"messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"\n")
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "memory": cmd_memory}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,322 @@
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLMEngine.
+
+Routes: POST /v1/completions, POST /v1/chat/completions (both stream as server-sent events ending
+in `data: [DONE]`), GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ...engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
+from ...engine.llm_engine import LLMEngine
+from ...engine.outputs import RequestOutput
+from ...errors import PagedLLMError
+from ...sampling_params import SamplingParams
+from .errors import APIError, error_body, error_response, install_error_handlers
+from .metrics import ServerMetrics
+from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest
+from .responses import chat_chunk, chat_response, completion_chunk, completion_response, usage
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    max_waiting_requests: int = 256  # beyond this, new requests get 503
+    max_body_bytes: int = 2**20
+    max_tokens_limit: int = 4096  # the most tokens one request may ask for
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    text: str | None
+
+
+class OpenAIServer:
+    def __init__(self, engine: LLMEngine, config: ServerConfig):
+        self.engine, self.config = engine, config
+        self.tokenizer = engine.tokenizer
+        self.metrics = ServerMetrics(lambda: self.async_engine.stats)
+        self.async_engine = AsyncLLMEngine(engine, config.max_waiting_requests, self.metrics.observe_finished)
+
+    # -- checks -------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.served_model_name:
+            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def max_tokens(self, asked: int | None, prompt_len: int, param: str) -> int:
+        """The token budget of a request; an explicit one that does not fit the context is refused."""
+        context = self.engine.max_model_len
+        if asked is None:
+            asked = max(1, min(self.config.max_tokens_limit, context - prompt_len))
+        if asked > self.config.max_tokens_limit:
+            raise APIError(400, f"{param} must be at most {self.config.max_tokens_limit}, got {asked}", param)
+        if prompt_len + asked > context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
+                                f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} in the "
+                                f"completion). Please reduce the length of the prompt or completion.",
+                           "messages" if param != "max_tokens" or prompt_len else "prompt",
+                           "context_length_exceeded")
+        return asked
+
+    @staticmethod
+    def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return body.sampling_params(max_tokens, logprobs)
+        except (PagedLLMError, ValueError) as exc:
+            message = str(exc)
+            raise APIError(400, message, message.split(" ", 1)[0]) from None
+
+    # -- generation ---------------------------------------------------------------------------
+    async def start(self, request_ids: list[str], prompts: list[_Prompt],
+                    params: list[SamplingParams]) -> list[AsyncIterator[RequestOutput]]:
+        """Admit every prompt (or none: the ones admitted before a refusal are aborted)."""
+        started = []
+        try:
+            for request_id, prompt, p in zip(request_ids, prompts, params):
+                started.append(await self.async_engine.add(request_id, {"prompt_token_ids": prompt.ids}, p))
+        except BaseException as exc:
+            for request_id in request_ids[:len(started)]:
+                self.async_engine.abort(request_id)
+            raise _api_error(exc) from None
+        return started
+
+    def completion_prompts(self, body: CompletionRequest) -> list[_Prompt]:
+        prompt = body.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", "prompt")
+        prompts = [_Prompt(self.tokenizer.encode(p), p) if isinstance(p, str) else _Prompt(list(p), None)
+                   for p in prompt]
+        vocab = self.engine.model.config.vocab_size
+        for p in prompts:
+            if not p.ids:
+                raise APIError(400, "prompt must not be empty", "prompt")
+            if any(t < 0 or t >= vocab for t in p.ids):
+                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+        return prompts
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> _Prompt:
+        messages = [m.as_template_input() for m in body.messages]
+        try:
+            return _Prompt(self.tokenizer.encode_chat(messages, body.add_generation_prompt), None)
+        except (PagedLLMError, ValueError) as exc:
+            raise APIError(400, str(exc), "messages") from None
+
+
+def _api_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, QueueFullError):
+        return APIError(503, str(exc), code="server_overloaded")
+    if isinstance(exc, EngineDeadError):
+        return APIError(500, str(exc))
+    if isinstance(exc, (PagedLLMError, ValueError)):
+        return APIError(400, str(exc))
+    return exc
+
+
+async def _final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    try:
+        async for last in outputs:
+            pass
+    except PagedLLMError as exc:
+        raise _api_error(exc) from None
+    return last
+
+
+def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI:
+    server = OpenAIServer(engine, config)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        server.async_engine.start()
+        if on_ready is not None:
+            on_ready()
+        yield
+        server.async_engine.shutdown()
+
+    app = FastAPI(title="pagedllm", lifespan=lifespan)
+    app.state.server = server
+    install_error_handlers(app)
+    _install_body_limit(app, config.max_body_bytes)
+    auth = [Depends(_auth_dependency(config.api_key))]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if server.async_engine.dead is not None:
+            return error_response(APIError(503, "the engine stopped; see the server log"))
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        card = {"id": config.served_model_name, "object": "model", "created": int(time.time()),
+                "owned_by": "pagedllm", "max_model_len": engine.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+        if body.messages is not None:
+            ids = server.chat_prompt(ChatCompletionRequest(messages=body.messages)).ids
+        else:
+            ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        server.check_model(body.model)
+        vocab = engine.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in body.tokens):
+            raise APIError(400, f"tokens must be in [0, {vocab})", "tokens")
+        return {"prompt": server.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest):
+        server.check_model(body.model)
+        if body.echo or body.suffix:
+            raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix")
+        prompts = server.completion_prompts(body)
+        budgets = [server.max_tokens(body.max_tokens, len(p.ids), "max_tokens") for p in prompts]
+        params = [server.sampling_params(body, b, body.logprobs) for b in budgets]
+        request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts, params)
+        if body.stream:
+            return _sse(_completion_stream(server, body, request_id, created, prompts, gens))
+        outputs = await asyncio.gather(*(_final(g) for g in gens))
+        return completion_response(request_id, created, config.served_model_name, outputs, body.n, body.logprobs,
+                                   server.tokenizer)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest):
+        server.check_model(body.model)
+        prompt = server.chat_prompt(body)
+        asked, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
+                        else (body.max_tokens, "max_tokens"))
+        max_tokens = server.max_tokens(asked, len(prompt.ids), param)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = server.sampling_params(body, max_tokens, logprobs)
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        (gen,) = await server.start([request_id], [prompt], [params])
+        if body.stream:
+            return _sse(_chat_stream(server, body, request_id, created, prompt, gen))
+        output = await _final(gen)
+        return chat_response(request_id, created, config.served_model_name, output, len(prompt.ids),
+                             logprobs, server.tokenizer)
+
+    return app
+
+
+def _auth_dependency(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "Incorrect or missing API key.", code="invalid_api_key")
+    return check
+
+
+def _install_body_limit(app: FastAPI, limit: int) -> None:
+    @app.middleware("http")
+    async def body_limit(request: Request, call_next):
+        if request.method in ("POST", "PUT", "PATCH"):
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return JSONResponse(error_body(411, "a Content-Length header is required"), status_code=411)
+            if int(length) > limit:
+                return JSONResponse(error_body(413, f"the request body is larger than {limit} bytes"),
+                                    status_code=413)
+        return await call_next(request)
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except (APIError, PagedLLMError) as exc:  # the status line has gone out: the error travels as an event
+            error = _api_error(exc)
+            yield f"data: {json.dumps(error_body(error.status, error.message, error.param, error.code))}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(lines(), media_type="text/event-stream")
+
+
+async def _merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several prompts as they come, tagged with the prompt's index."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, gen: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in gen:
+                await queue.put((index, output))
+        except Exception as exc:
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    try:
+        remaining = len(gens)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def _completion_stream(server: OpenAIServer, body: CompletionRequest, request_id: str, created: int,
+                             prompts: list[_Prompt], gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[dict]:
+    model, generated = server.config.served_model_name, {}
+    async for index, output in _merge(gens):
+        for c in output.outputs:
+            if c.delta_text or c.finish_reason or c.delta_token_ids:
+                choice = index * body.n + c.index
+                generated[choice] = len(c.token_ids)
+                yield completion_chunk(request_id, created, model, choice, c, body.logprobs, server.tokenizer)
+    if body.stream_options and body.stream_options.include_usage:
+        yield {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [],
+               "usage": usage(sum(len(p.ids) for p in prompts), sum(generated.values()))}
+
+
+async def _chat_stream(server: OpenAIServer, body: ChatCompletionRequest, request_id: str, created: int,
+                       prompt: _Prompt, gen: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
+    model, generated = server.config.served_model_name, {}
+    top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    for index in range(body.n):
+        yield chat_chunk(request_id, created, model, index, {"role": "assistant", "content": ""})
+    async for output in gen:
+        for c in output.outputs:
+            if c.delta_text or c.finish_reason or c.delta_token_ids:
+                generated[c.index] = len(c.token_ids)
+                yield chat_chunk(request_id, created, model, c.index, {"content": c.delta_text}, c,
+                                 top_logprobs, server.tokenizer)
+    if body.stream_options and body.stream_options.include_usage:
+        yield {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+               "choices": [], "usage": usage(len(prompt.ids), sum(generated.values()))}
+
