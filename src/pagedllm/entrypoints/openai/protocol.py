@@ -95,6 +95,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
+    return_token_ids: bool = False  # vLLM's extension: the generated token ids in each choice
 
 
 class ContentPart(BaseModel):

@@ -62,8 +62,9 @@ def completion_choice(index: int, c: CompletionOutput, top_logprobs: int | None,
 
 
 def completion_response(request_id: str, created: int, model: str, outputs: list[RequestOutput], n: int,
-                        top_logprobs: int | None, tokenizer: Tokenizer) -> dict:
+                        top_logprobs: int | None, tokenizer: Tokenizer, token_ids: bool = False) -> dict:
     choices = [completion_choice(i * n + c.index, c, top_logprobs, tokenizer)
+               | ({"token_ids": c.token_ids} if token_ids else {})
                for i, output in enumerate(outputs) for c in output.outputs]
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -72,9 +73,12 @@ def completion_response(request_id: str, created: int, model: str, outputs: list
 
 
 def completion_chunk(request_id: str, created: int, model: str, index: int, c: CompletionOutput,
-                     top_logprobs: int | None, tokenizer: Tokenizer) -> dict:
+                     top_logprobs: int | None, tokenizer: Tokenizer, token_ids: bool = False) -> dict:
+    choice = completion_choice(index, c, top_logprobs, tokenizer, delta=True)
+    if token_ids:
+        choice["token_ids"] = c.delta_token_ids
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [completion_choice(index, c, top_logprobs, tokenizer, delta=True)], "usage": None}
+            "choices": [choice], "usage": None}
 
 
 def chat_response(request_id: str, created: int, model: str, output: RequestOutput, prompt_tokens: int,

@@ -204,7 +204,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
             return _sse(_completion_stream(server, body, request_id, created, prompts, gens))
         outputs = await asyncio.gather(*(_final(g) for g in gens))
         return completion_response(request_id, created, config.served_model_name, outputs, body.n, body.logprobs,
-                                   server.tokenizer)
+                                   server.tokenizer, body.return_token_ids)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest):
@@ -298,7 +298,8 @@ async def _completion_stream(server: OpenAIServer, body: CompletionRequest, requ
             if c.delta_text or c.finish_reason or c.delta_token_ids:
                 choice = index * body.n + c.index
                 generated[choice] = len(c.token_ids)
-                yield completion_chunk(request_id, created, model, choice, c, body.logprobs, server.tokenizer)
+                yield completion_chunk(request_id, created, model, choice, c, body.logprobs, server.tokenizer,
+                                       body.return_token_ids)
     if body.stream_options and body.stream_options.include_usage:
         yield {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [],
                "usage": usage(sum(len(p.ids) for p in prompts), sum(generated.values()))}

@@ -1,0 +1,152 @@
+"""The server through the clients people use: the official `openai` package and LangChain's
+ChatOpenAI, against a live server on 127.0.0.1 serving the default model."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from live_server import LiveServer
+
+KEY, MODEL = "sk-test", "smollm"
+MESSAGES = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "Name a fruit."}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LiveServer(served_model_name=MODEL, api_key=KEY, max_model_len=512, max_tokens_limit=256) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def test_completion_streamed_and_not(client):
+    full = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0)
+    assert full.usage.completion_tokens == 12 and full.choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens > 0 and full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    chunks = list(client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=12,
+                                            temperature=0, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+
+
+def test_chat_streamed_and_not(client):
+    full = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    assert text and full.choices[0].message.role == "assistant" and full.usage.completion_tokens > 0
+    stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=24, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_n_and_seed(client):
+    out = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, n=3, seed=4,
+                                    temperature=1.0)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2]
+    again = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=10, n=3, seed=4,
+                                      temperature=1.0)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8, n=2, temperature=0.8)
+    assert sorted(c.index for c in chat.choices) == [0, 1] and chat.usage.completion_tokens <= 16
+
+
+def test_logprobs(client):
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert content[0].top_logprobs[0].logprob == content[0].logprob  # greedy: the chosen token is the top one
+    legacy = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=5, temperature=0, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 5
+    assert "".join(lp.tokens) == legacy.choices[0].text and lp.text_offset[0] == 0
+
+
+def test_json_schema_response_format(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+              "required": ["name", "age"], "additionalProperties": False}
+    out = client.chat.completions.create(
+        model=MODEL, max_tokens=60, temperature=0,
+        messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema}})
+    person = json.loads(out.choices[0].message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int)
+
+
+def test_langchain_chat_openai(server):
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(base_url=f"{server.url}/v1", api_key=KEY, model=MODEL, temperature=0, max_tokens=20,
+                     max_retries=0)
+    answer = llm.invoke("What is two plus two?")
+    assert answer.content
+    streamed = "".join(chunk.content for chunk in llm.stream("What is two plus two?"))
+    assert streamed == answer.content
+
+
+def test_errors_have_openai_shape(server, client):
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert missing.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, top_p=3.0)
+    assert bad.value.body["param"] == "top_p"
+    with pytest.raises(openai.BadRequestError) as long:
+        client.completions.create(model=MODEL, prompt="word " * 300, max_tokens=250)
+    assert long.value.body["code"] == "context_length_exceeded"
+    message = long.value.body["message"]
+    assert "512" in message and "250 in the completion" in message and "in the prompt" in message
+
+
+def test_http_level_errors_never_show_a_traceback(server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, headers=headers) as http:
+        too_big = http.post("/v1/completions", content=b"x" * (2**20 + 1), headers={"content-type": "application/json"})
+        assert too_big.status_code == 413 and "error" in too_big.json()
+        broken = http.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+        assert broken.status_code == 400 and "Traceback" not in broken.text
+        wrong_type = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "robot"}]})
+        assert wrong_type.status_code == 400 and wrong_type.json()["error"]["param"].startswith("messages")
+        assert http.get("/no/such/route").status_code == 404
+
+
+def test_tokenize_models_health_metrics(server, client):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, headers=headers) as http:
+        tokens = http.post("/tokenize", json={"prompt": "Hello world"}).json()
+        assert tokens["count"] == len(tokens["tokens"]) > 0
+        text = http.post("/detokenize", json={"tokens": tokens["tokens"]}).json()["prompt"]
+        assert text.endswith("Hello world")
+        assert http.post("/detokenize", json={"tokens": [-1]}).status_code == 400
+        assert http.get("/health").status_code == 200
+        metrics = http.get("/metrics").text
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    for name in ("pagedllm:num_requests_running", "pagedllm:num_requests_waiting", "pagedllm:kv_cache_usage_perc",
+                 "pagedllm:prefix_cache_hit_rate", "pagedllm:prompt_tokens_total", "pagedllm:generation_tokens_total",
+                 "pagedllm:time_to_first_token_seconds_bucket", "pagedllm:time_per_output_token_seconds_bucket"):
+        assert name in metrics
+
+
+def test_full_queue_answers_503(tiny_models):
+    with LiveServer(str(tiny_models["llama"].gguf_path), max_num_seqs=1, max_waiting_requests=1) as live:
+        body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+        with httpx.Client(base_url=live.url, timeout=60) as http:
+            import concurrent.futures
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(lambda _: http.post("/v1/completions", json=body).status_code, range(8)))
+        assert 503 in codes and 200 in codes and set(codes) <= {200, 503}

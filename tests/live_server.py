@@ -1,0 +1,48 @@
+"""A live pagedllm server on 127.0.0.1 (uvicorn on a thread of the test process), for the server tests."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import uvicorn
+
+from pagedllm.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedllm.engine.llm_engine import LLMEngine
+from pagedllm.entrypoints.openai.server import ServerConfig, build_app
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    def __init__(self, model: str | None = None, *, served_model_name: str = "test-model", api_key: str | None = None,
+                 kv_cache_memory: int = 128 * 2**20, max_num_seqs: int = 64, max_model_len: int | None = None,
+                 block_size: int = 16, **server_options):
+        self.engine = LLMEngine(EngineConfig(
+            model=model, cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory),
+            scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=max_num_seqs,
+                                      max_model_len=max_model_len)))
+        self.config = ServerConfig(served_model_name, api_key, **server_options)
+        self.app = build_app(self.engine, self.config)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
