@@ -45,6 +45,7 @@ class AsyncLLMEngine:
         self.on_finished = on_finished  # called on the engine thread for each finished request
         self.stats: EngineStats = engine.stats()  # refreshed by the engine thread after every step
         self.dead: BaseException | None = None
+        self.num_aborted = 0  # requests aborted while still open (their client went away)
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -138,7 +139,8 @@ class AsyncLLMEngine:
 
     def _abort(self, request_id: str) -> None:
         self.engine.abort(request_id)
-        self._streams.pop(request_id, None)
+        if self._streams.pop(request_id, None) is not None:
+            self.num_aborted += 1
 
     def _deliver(self, output: RequestOutput) -> None:
         self._put(output.request_id, output)
