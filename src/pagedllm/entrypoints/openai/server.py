@@ -26,7 +26,7 @@ from ...errors import PagedLLMError
 from ...sampling_params import SamplingParams
 from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest
+from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest
 from .responses import chat_chunk, chat_response, completion_chunk, completion_response, usage
 
 
@@ -110,10 +110,10 @@ class OpenAIServer:
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
         return prompts
 
-    def chat_prompt(self, body: ChatCompletionRequest) -> _Prompt:
-        messages = [m.as_template_input() for m in body.messages]
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> _Prompt:
         try:
-            return _Prompt(self.tokenizer.encode_chat(messages, body.add_generation_prompt), None)
+            ids = self.tokenizer.encode_chat([m.as_template_input() for m in messages], add_generation_prompt)
+            return _Prompt(ids, None)
         except (PagedLLMError, ValueError) as exc:
             raise APIError(400, str(exc), "messages") from None
 
@@ -177,7 +177,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
         if body.messages is not None:
-            ids = server.chat_prompt(ChatCompletionRequest(messages=body.messages)).ids
+            ids = server.chat_prompt(body.messages).ids
         else:
             ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
@@ -209,7 +209,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest):
         server.check_model(body.model)
-        prompt = server.chat_prompt(body)
+        prompt = server.chat_prompt(body.messages, body.add_generation_prompt)
         asked, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
                         else (body.max_tokens, "max_tokens"))
         max_tokens = server.max_tokens(asked, len(prompt.ids), param)
