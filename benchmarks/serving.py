@@ -86,7 +86,7 @@ async def run_rate(url: str, bodies: list[dict], rate: float, seed: int) -> dict
         results = await asyncio.gather(*(one(http, b, d) for b, d in zip(bodies, delays)))
         elapsed = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in results)
-    return {"rate_req_s": rate, "num_requests": len(bodies), "elapsed_s": elapsed, "output_tokens": tokens,
+    return {"rate_req_s": rate if rate != float("inf") else "inf", "num_requests": len(bodies), "elapsed_s": elapsed, "output_tokens": tokens,
             "output_tok_s": tokens / elapsed, "requests_s": len(bodies) / elapsed,
             "ttft_s": percentiles([r["ttft"] for r in results]), "tpot_s": percentiles([r["tpot"] for r in results]),
             "latency_s": percentiles([r["latency"] for r in results])}
