@@ -4,6 +4,7 @@ ChatOpenAI, against a live server on 127.0.0.1 serving the default model."""
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -140,6 +141,21 @@ def test_tokenize_models_health_metrics(server, client):
                  "pagedllm:prefix_cache_hit_rate", "pagedllm:prompt_tokens_total", "pagedllm:generation_tokens_total",
                  "pagedllm:time_to_first_token_seconds_bucket", "pagedllm:time_per_output_token_seconds_bucket"):
         assert name in metrics
+
+
+def test_non_streaming_client_that_leaves_aborts_its_request(server):
+    async_engine = server.app.state.server.async_engine
+    before = async_engine.num_aborted
+    body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 250, "ignore_eos": True, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while async_engine.num_aborted == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert async_engine.num_aborted == before + 1
+    while server.engine.has_unfinished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.engine.kv_cache.num_free_blocks == server.engine.kv_cache.num_blocks
 
 
 def test_full_queue_answers_503(tiny_models):

@@ -11,9 +11,10 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,6 +29,10 @@ from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest
 from .responses import chat_chunk, chat_response, completion_chunk, completion_response, usage
+
+
+T = TypeVar("T")
+DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,18 @@ def _api_error(exc: BaseException) -> BaseException:
     return exc
 
 
+async def _unless_gone(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (which aborts its requests) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise APIError(499, "the client closed the request")
+
+
 async def _final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
     last = None
     try:
@@ -152,7 +169,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     app = FastAPI(title="pagedllm", lifespan=lifespan)
     app.state.server = server
     install_error_handlers(app)
-    _install_body_limit(app, config.max_body_bytes)
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
     auth = [Depends(_auth_dependency(config.api_key))]
 
     @app.get("/health")
@@ -191,7 +208,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         return {"prompt": server.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
         if body.echo or body.suffix:
             raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix")
@@ -202,12 +219,12 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts, params)
         if body.stream:
             return _sse(_completion_stream(server, body, request_id, created, prompts, gens))
-        outputs = await asyncio.gather(*(_final(g) for g in gens))
+        outputs = await _unless_gone(request, asyncio.gather(*(_final(g) for g in gens)))
         return completion_response(request_id, created, config.served_model_name, outputs, body.n, body.logprobs,
                                    server.tokenizer, body.return_token_ids)
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
         prompt = server.chat_prompt(body.messages, body.add_generation_prompt)
         asked, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
@@ -219,7 +236,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         (gen,) = await server.start([request_id], [prompt], [params])
         if body.stream:
             return _sse(_chat_stream(server, body, request_id, created, prompt, gen))
-        output = await _final(gen)
+        output = await _unless_gone(request, _final(gen))
         return chat_response(request_id, created, config.served_model_name, output, len(prompt.ids),
                              logprobs, server.tokenizer)
 
@@ -236,17 +253,26 @@ def _auth_dependency(api_key: str | None):
     return check
 
 
-def _install_body_limit(app: FastAPI, limit: int) -> None:
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        if request.method in ("POST", "PUT", "PATCH"):
-            length = request.headers.get("content-length")
-            if length is None or not length.isdigit():
-                return JSONResponse(error_body(411, "a Content-Length header is required"), status_code=411)
-            if int(length) > limit:
-                return JSONResponse(error_body(413, f"the request body is larger than {limit} bytes"),
-                                    status_code=413)
-        return await call_next(request)
+class _BodyLimit:
+    """Pure ASGI (a BaseHTTPMiddleware would hide client disconnects from the routes): POST bodies
+    need a Content-Length, at most `limit` bytes."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            refusal = None
+            if not length.isdigit():
+                refusal = JSONResponse(error_body(411, "a Content-Length header is required"), status_code=411)
+            elif int(length) > self.limit:
+                refusal = JSONResponse(error_body(413, f"the request body is larger than {self.limit} bytes"),
+                                       status_code=413)
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
