@@ -110,6 +110,7 @@ def test_errors_have_openai_shape(server, client):
     with pytest.raises(openai.BadRequestError) as long:
         client.completions.create(model=MODEL, prompt="word " * 300, max_tokens=250)
     assert long.value.body["code"] == "context_length_exceeded"
+    assert long.value.body["param"] == "prompt"
     message = long.value.body["message"]
     assert "512" in message and "250 in the completion" in message and "in the prompt" in message
 

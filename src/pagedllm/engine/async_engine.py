@@ -115,12 +115,15 @@ class AsyncLLMEngine:
                 self._put(request_id, EngineDeadError("the engine failed; see the server log"))
 
     def _drain_commands(self) -> None:
+        ran = False
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                break
             command()
+            ran = True
+        if ran:
             self.stats = self.engine.stats()
 
     def _add(self, request_id: str, prompt: Prompt, params: SamplingParams, stream: _Stream,

@@ -184,12 +184,11 @@ class LLMEngine:
             result = self.runner.execute(batch)
             logits = result.logits
             self._record_prompt_logprobs(out.scheduled, batch, logits[batch.num_sampled:])
-            self._record_context(out.scheduled, batch, result.hidden)
+            hidden_of = self._take_hidden_states(out.scheduled, batch, result.hidden)
             prompt_tokens = self._prompt_tokens(out.scheduled)
             plain, searching = self._split_sampling(out.scheduled)
             self.scheduler.update_from_output(out.scheduled)
             generated = self._sample_and_append(plain, logits[:batch.num_sampled], touched)
-            hidden_of = self._last_hidden_rows(out.scheduled, batch, result.hidden)
             generated += self._advance_searches(searching, logits, hidden_of, touched)
             self._count(prompt_tokens, generated)
         return self._outputs(touched)
@@ -290,24 +289,19 @@ class LLMEngine:
         return child
 
     # -- searches ---------------------------------------------------------------------------
-    def _record_context(self, scheduled: list[ScheduledRequest], batch: StepBatch, hidden: torch.Tensor | None) -> None:
-        """Prompt hidden states for contrastive search, which compares candidates with them."""
-        offset = 0
+    def _take_hidden_states(self, scheduled: list[ScheduledRequest], batch: StepBatch,
+                            hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Hand prompt hidden states to contrastive searches (they compare candidates with them);
+        return, per request id, the hidden state of its last computed token (its logits' token)."""
+        last, offset = {}, 0
         for index, start, count in batch.hidden_spans:
-            group, _ = self._completions[scheduled[index].request.request_id]
+            request_id = scheduled[index].request.request_id
+            group, _ = self._completions[request_id]
             if isinstance(group.search, ContrastiveSearch):
                 group.search.record_context(start, hidden[offset:offset + count])
             offset += count
-
-    @staticmethod
-    def _last_hidden_rows(scheduled: list[ScheduledRequest], batch: StepBatch,
-                          hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Per request id, the hidden state of its last computed token (the one its logits are for)."""
-        rows, offset = {}, 0
-        for index, _, count in batch.hidden_spans:
-            offset += count
-            rows[scheduled[index].request.request_id] = hidden[offset - 1]
-        return rows
+            last[request_id] = hidden[offset - 1]
+        return last
 
     def _advance_searches(self, items: list[tuple[ScheduledRequest, int]], logits: torch.Tensor,
                           hidden_of: dict[str, torch.Tensor], touched: dict[str, RequestGroup]) -> int:

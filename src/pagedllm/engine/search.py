@@ -14,6 +14,7 @@ beam search with a Hamming diversity penalty and contrastive search as transform
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -42,7 +43,7 @@ class _Beam:
     logprob: float  # the model's log-probability of the generated tokens
 
 
-class SearchStrategy:
+class SearchStrategy(ABC):
     """What the engine sees of a search; subclasses hold the strategy's own state."""
 
     def __init__(self, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int):
@@ -53,8 +54,9 @@ class SearchStrategy:
         self.done = False
 
     @property
+    @abstractmethod
     def live(self) -> list[Request]:
-        raise NotImplementedError
+        """The sequences the search is advancing."""
 
     def record(self, request: Request, logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
         self.rows[request.request_id] = logits.float().clone()
@@ -64,18 +66,21 @@ class SearchStrategy:
         return all(r.request_id in self.rows and r.status == RequestStatus.RUNNING
                    and r.num_computed_tokens == r.num_tokens for r in self.live)
 
+    @abstractmethod
     def select(self) -> list[tuple[Request, int]]:
-        raise NotImplementedError
+        """Continuations (parent, token) for the next step, in order; [] ends the search."""
 
+    @abstractmethod
     def adopt(self, children: list[Request]) -> None:
-        raise NotImplementedError
+        """The sequences that carry select()'s continuations, in the same order."""
 
+    @abstractmethod
     def results(self, limit: int) -> list[Hypothesis]:
-        raise NotImplementedError
+        """The best `limit` finished sequences (the live ones count when the search was cut short)."""
 
+    @abstractmethod
     def max_blocks(self, total_tokens: int, block_size: int) -> int:
         """KV blocks the search may hold at once for sequences of `total_tokens`."""
-        raise NotImplementedError
 
     def _masked(self, request: Request) -> torch.Tensor:
         """The row, with stop tokens masked until min_tokens are generated."""
@@ -148,10 +153,10 @@ class BeamSearch(SearchStrategy):
             penalised = rows - self.params.diversity_penalty * counts
         scores = penalised + torch.tensor([b.score for b in beams])[:, None]
         top = torch.topk(scores.flatten(), min(self.keep, scores.numel()))
-        parents, tokens = (top.indices // vocab).tolist(), (top.indices % vocab).tolist()
-        raw = rows[top.indices // vocab, top.indices % vocab].tolist()
+        parents, tokens = top.indices // vocab, top.indices % vocab
+        raw = rows[parents, tokens].tolist()
         return [(score, beams[p].logprob + lp, beams[p], t)
-                for score, lp, p, t in zip(top.values.tolist(), raw, parents, tokens)]
+                for score, lp, p, t in zip(top.values.tolist(), raw, parents.tolist(), tokens.tolist())]
 
     def _step_group(self, g: int, candidates: list[tuple[float, float, _Beam, int]]):
         """Finish the top candidates that end, keep the best that go on; [] when the group is done."""

@@ -200,9 +200,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .openai.server import ServerConfig, build_app
 
     args.model = args.model_path or args.model
-    for name in ("port", "max_waiting_requests", "max_tokens_limit"):
-        if getattr(args, name) < (0 if name == "port" else 1) or (name == "port" and args.port > 65535):
-            raise PagedLLMError(f"--{name.replace('_', '-')} is out of range: {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise PagedLLMError(f"--port must be in [0, 65535], got {args.port}")
+    for flag, value in (("--max-waiting-requests", args.max_waiting_requests),
+                        ("--max-tokens-limit", args.max_tokens_limit)):
+        if value < 1:
+            raise PagedLLMError(f"{flag} must be at least 1, got {value}")
     engine = _engine(args)
     name = args.served_model_name or Path(engine.source.path).stem
     config = ServerConfig(name, args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,

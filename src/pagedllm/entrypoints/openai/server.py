@@ -62,7 +62,7 @@ class OpenAIServer:
         if name is not None and name != self.config.served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
-    def max_tokens(self, asked: int | None, prompt_len: int, param: str) -> int:
+    def max_tokens(self, asked: int | None, prompt_len: int, param: str, prompt_field: str) -> int:
         """The token budget of a request; an explicit one that does not fit the context is refused."""
         context = self.engine.max_model_len
         if asked is None:
@@ -73,8 +73,7 @@ class OpenAIServer:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you requested "
                                 f"{prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} in the "
                                 f"completion). Please reduce the length of the prompt or completion.",
-                           "messages" if param != "max_tokens" or prompt_len else "prompt",
-                           "context_length_exceeded")
+                           prompt_field, "context_length_exceeded")
         return asked
 
     @staticmethod
@@ -213,7 +212,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         if body.echo or body.suffix:
             raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix")
         prompts = server.completion_prompts(body)
-        budgets = [server.max_tokens(body.max_tokens, len(p.ids), "max_tokens") for p in prompts]
+        budgets = [server.max_tokens(body.max_tokens, len(p.ids), "max_tokens", "prompt") for p in prompts]
         params = [server.sampling_params(body, b, body.logprobs) for b in budgets]
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts, params)
@@ -229,7 +228,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         prompt = server.chat_prompt(body.messages, body.add_generation_prompt)
         asked, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
                         else (body.max_tokens, "max_tokens"))
-        max_tokens = server.max_tokens(asked, len(prompt.ids), param)
+        max_tokens = server.max_tokens(asked, len(prompt.ids), param, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = server.sampling_params(body, max_tokens, logprobs)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
