@@ -5,18 +5,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "LLMEngine", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "LLMEngine", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob", "infer",
+           "BatchSummary"]
 
 if TYPE_CHECKING:
     from .config import EngineConfig
     from .engine.llm_engine import LLMEngine
     from .entrypoints.llm import LLM
     from .engine.outputs import CompletionOutput, Logprob, RequestOutput
+    from .entrypoints.batch import BatchSummary, infer
     from .sampling_params import SamplingParams
 
 _LAZY = {"LLM": "entrypoints.llm", "SamplingParams": "sampling_params", "LLMEngine": "engine.llm_engine",
          "EngineConfig": "config", "RequestOutput": "engine.outputs", "CompletionOutput": "engine.outputs",
-         "Logprob": "engine.outputs"}
+         "Logprob": "engine.outputs", "infer": "entrypoints.batch", "BatchSummary": "entrypoints.batch"}
 
 
 def __getattr__(name: str):

@@ -157,3 +157,20 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                               f"got {self.attention_backend!r}")
+
+
+def build_engine_config(model: str | None = None, *, device: str = "cpu", dtype: str = "float32",
+                        kv_cache_memory: int = CacheConfig.kv_cache_memory_bytes, block_size: int = 16,
+                        max_num_batched_tokens: int = 512, max_num_seqs: int = 64, enable_chunked_prefill: bool = True,
+                        enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
+                        attention_backend: str = "auto",
+                        speculative_config: SpeculativeConfig | dict | None = None) -> EngineConfig:
+    """The engine options every front end takes (LLM, infer, the CLI), as one frozen EngineConfig."""
+    return EngineConfig(
+        model=model, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend,
+        speculative=SpeculativeConfig(**speculative_config) if isinstance(speculative_config, dict)
+        else speculative_config,
+        cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,
+                          enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                  enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len))

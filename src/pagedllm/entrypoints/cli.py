@@ -1,4 +1,4 @@
-"""`pagedllm generate | chat | serve | memory`: thin front ends over LLMEngine."""
+"""`pagedllm generate | chat | serve | infer | memory`: thin front ends over LLMEngine."""
 
 from __future__ import annotations
 
@@ -93,30 +93,60 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=parse_bytes, default="1MiB", help="request body bound (default 1MiB)")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     _add_engine_args(serve)
+    infer = sub.add_parser("infer", help="answer every row of a JSONL file with N model replicas (resumable)")
+    infer.add_argument("model_path", nargs="?", default=None, metavar="MODEL", help="same as --model")
+    infer.add_argument("--input", "-i", required=True, help="JSONL rows: id, prompt or messages, sampling settings")
+    infer.add_argument("--output", "-o", required=True,
+                       help="JSONL records (appended; run the same command again to resume)")
+    infer.add_argument("--workers", type=int, default=1, help="model replicas, each in its own process (default 1)")
+    infer.add_argument("--devices", default=None,
+                       help="comma-separated devices the replicas take in turn, e.g. cuda:0,cuda:1 (default: --device)")
+    infer.add_argument("--threads-per-worker", type=int, default=None,
+                       help="CPU threads of each replica (default: this machine's cores split evenly)")
+    infer.add_argument("--backend", choices=["local", "ray"], default="local",
+                       help="local processes (default) or actors on a Ray cluster")
+    infer.add_argument("--ray-address", default=None,
+                       help="the Ray cluster to join (default: $RAY_ADDRESS, else a new local one)")
+    infer.add_argument("--rows-in-flight", type=int, default=None,
+                       help="rows handed to each replica at a time (default: 2 x --max-num-seqs)")
+    infer.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    _add_engine_args(infer)
+    _add_sampling_args(infer, max_tokens=256)
     mem = sub.add_parser("memory", help="parameters, weight bytes and KV-cache bytes of a model")
     mem.add_argument("model", nargs="?", default=None)
     mem.add_argument("--budget", type=parse_bytes, default="4GiB", help="KV budget to fit tokens in (default 4GiB)")
     return parser
 
 
-def _engine(args: argparse.Namespace):
-    from ..config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
-    from ..engine.llm_engine import LLMEngine
+def _engine_options(args: argparse.Namespace) -> dict:
+    """build_engine_config's keyword arguments from the engine flags."""
+    from ..config import SpeculativeConfig
 
     try:
-        config = EngineConfig(
-            model=args.model, device=args.device, dtype=args.dtype, seed=args.seed,
-            attention_backend=args.attention_backend,
-            speculative=SpeculativeConfig(args.speculative_method or "ngram", args.num_speculative_tokens,
-                                          model=args.speculative_model)
-            if args.speculative_method or args.speculative_model else None,
-            cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory,
-                              enable_prefix_caching=args.enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                      max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len))
+        speculative = (SpeculativeConfig(args.speculative_method or "ngram", args.num_speculative_tokens,
+                                         model=args.speculative_model)
+                       if args.speculative_method or args.speculative_model else None)
     except ValueError as exc:
         raise PagedLLMError(str(exc)) from None
-    return LLMEngine(config)
+    return dict(device=args.device, dtype=args.dtype, seed=args.seed, attention_backend=args.attention_backend,
+                speculative_config=speculative, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+
+
+def _engine_config(args: argparse.Namespace):
+    from ..config import build_engine_config
+
+    try:
+        return build_engine_config(args.model, **_engine_options(args))
+    except ValueError as exc:
+        raise PagedLLMError(str(exc)) from None
+
+
+def _engine(args: argparse.Namespace):
+    from ..engine.llm_engine import LLMEngine
+
+    return LLMEngine(_engine_config(args))
 
 
 def _sampling(args: argparse.Namespace):
@@ -227,7 +257,29 @@ def _examples(host: str, port: int, config) -> str:
             f"messages=[{{'role': 'user', 'content': 'Hello!'}}]).choices[0].message.content)\"\n")
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "memory": cmd_memory}
+def cmd_infer(args: argparse.Namespace) -> int:
+    from .batch import infer
+
+    if args.rows_in_flight is not None and args.rows_in_flight < 1:
+        raise PagedLLMError(f"--rows-in-flight must be at least 1, got {args.rows_in_flight}")
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else [args.device]
+    try:
+        summary = infer(args.model_path or args.model, args.input, args.output, args.workers, devices=devices,
+                        threads_per_worker=args.threads_per_worker, backend=args.backend,
+                        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS") or None,
+                        sampling_params=_sampling(args), engine_options=_engine_options(args),
+                        rows_in_flight=args.rows_in_flight, progress=args.progress)
+    except ValueError as exc:  # an engine option out of range
+        raise PagedLLMError(str(exc)) from None
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the rows finished so far are in {args.output}; run the same command to resume",
+              file=sys.stderr)
+        return 130
+    print(summary.format(), file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "infer": cmd_infer, "memory": cmd_memory}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

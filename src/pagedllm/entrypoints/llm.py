@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..config import CacheConfig, EngineConfig, SchedulerConfig, SpeculativeConfig
+from ..config import build_engine_config
 from ..engine.llm_engine import LLMEngine, Prompt
 from ..engine.outputs import RequestOutput
 from ..sampling_params import SamplingParams
@@ -13,19 +13,9 @@ from ..tokenizer import Tokenizer
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, device: str = "cpu", dtype: str = "float32",
-                 kv_cache_memory: int = CacheConfig.kv_cache_memory_bytes, block_size: int = 16,
-                 max_num_batched_tokens: int = 512, max_num_seqs: int = 64, enable_chunked_prefill: bool = True,
-                 enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
-                 attention_backend: str = "auto", speculative_config: SpeculativeConfig | dict | None = None):
-        config = EngineConfig(
-            model=model, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend,
-            speculative=SpeculativeConfig(**speculative_config) if isinstance(speculative_config, dict)
-            else speculative_config,
-            cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,
-                              enable_prefix_caching=enable_prefix_caching),
-            scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                      enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len))
+    def __init__(self, model: str | None = None, **options: Any):
+        """`options` are build_engine_config's: device, dtype, kv_cache_memory, block_size, max_num_seqs, ..."""
+        config = build_engine_config(model, **options)
         self.engine = LLMEngine(config)
         self._next_id = 0
 

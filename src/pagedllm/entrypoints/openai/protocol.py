@@ -33,6 +33,15 @@ class ResponseFormat(BaseModel):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
+    def structured_output(self) -> StructuredOutputParams | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutputParams(json_object=True)
+        if self.json_schema is None or self.json_schema.json_schema is None:
+            raise ValueError("response_format.json_schema.schema is required for type json_schema")
+        return StructuredOutputParams(json=self.json_schema.json_schema)
+
 
 class SamplingFields(BaseModel):
     """What completions and chat completions share."""
@@ -79,14 +88,7 @@ class SamplingFields(BaseModel):
             use_beam_search=self.use_beam_search, length_penalty=self.length_penalty)
 
     def structured_output(self) -> StructuredOutputParams | None:
-        fmt = self.response_format
-        if fmt is None or fmt.type == "text":
-            return None
-        if fmt.type == "json_object":
-            return StructuredOutputParams(json_object=True)
-        if fmt.json_schema is None or fmt.json_schema.json_schema is None:
-            raise ValueError("response_format.json_schema.schema is required for type json_schema")
-        return StructuredOutputParams(json=fmt.json_schema.json_schema)
+        return None if self.response_format is None else self.response_format.structured_output()
 
 
 class CompletionRequest(SamplingFields):

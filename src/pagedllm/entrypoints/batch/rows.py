@@ -1,0 +1,140 @@
+"""Input rows of a batch job (one JSON object per line) and the records written for them.
+
+A row: `id` (optional; the 1-based line number when absent), either `prompt` (text or token ids)
+or chat `messages`, and optional sampling settings under their OpenAI / vLLM names, which
+override the job's defaults. `metadata` (any JSON) is copied to the output record untouched.
+Any other key is an error: a typo in a million-row job should fail loudly, not be ignored.
+
+Every non-blank input line gets exactly one output record, keyed by its line number:
+a result (`text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, and `choices` when
+n > 1) or an error (`error`, the reason).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from ...engine.outputs import RequestOutput
+from ...sampling_params import SamplingParams
+from ..openai.protocol import ChatMessage, ResponseFormat
+
+# Row keys that become SamplingParams fields of the same name.
+SAMPLING_KEYS = frozenset({
+    "n", "best_of", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "ignore_eos",
+    "skip_special_tokens", "use_beam_search", "length_penalty", "early_stopping", "num_beam_groups",
+    "diversity_penalty", "penalty_alpha"})
+OTHER_KEYS = frozenset({"id", "prompt", "messages", "metadata", "response_format"})
+_MESSAGES = TypeAdapter(list[ChatMessage])
+_RESPONSE_FORMAT = TypeAdapter(ResponseFormat)
+
+
+class RowError(ValueError):
+    """A malformed row; the message says what is wrong with it."""
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    """A valid row, ready for a worker: what to generate and how."""
+
+    line: int
+    id: Any
+    prompt: str | list[int] | None
+    messages: list[dict[str, str]] | None
+    params: SamplingParams
+    metadata: Any = None
+
+
+def row_id(row: Any, line: int) -> Any:
+    """The id a row's records carry: its own `id` when it has a usable one, else its line number."""
+    return row["id"] if isinstance(row, dict) and _usable_id(row.get("id")) else line
+
+
+def _usable_id(value: Any) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
+def load_row(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RowError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def parse_row(row: Any, line: int, defaults: SamplingParams) -> BatchTask:
+    """One decoded input row → a BatchTask; RowError names the problem."""
+    if not isinstance(row, dict):
+        raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    unknown = sorted(set(row) - SAMPLING_KEYS - OTHER_KEYS)
+    if unknown:
+        raise RowError(f"unknown field {unknown[0]!r} (sampling settings use OpenAI / vLLM names)")
+    if "id" in row and not _usable_id(row["id"]):
+        raise RowError("id must be a string or an integer")
+    prompt, messages = _prompt(row)
+    return BatchTask(line, row_id(row, line), prompt, messages, _params(row, defaults), row.get("metadata"))
+
+
+def _prompt(row: dict) -> tuple[str | list[int] | None, list[dict[str, str]] | None]:
+    has_prompt, has_messages = "prompt" in row, "messages" in row
+    if has_prompt == has_messages:
+        raise RowError("a row needs exactly one of 'prompt' or 'messages'")
+    if has_messages:
+        try:
+            messages = _MESSAGES.validate_python(row["messages"])
+        except ValidationError as exc:
+            raise RowError(f"messages: {_first_error(exc)}") from None
+        if not messages:
+            raise RowError("messages must not be empty")
+        return None, [m.as_template_input() for m in messages]
+    prompt = row["prompt"]
+    if isinstance(prompt, str) and prompt:
+        return prompt, None
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return prompt, None
+    raise RowError("prompt must be a non-empty string or a non-empty list of token ids")
+
+
+def _params(row: dict, defaults: SamplingParams) -> SamplingParams:
+    overrides = {key: row[key] for key in SAMPLING_KEYS & set(row)}
+    for key in ("stop", "stop_token_ids"):
+        if isinstance(overrides.get(key), list):
+            overrides[key] = tuple(overrides[key])
+    if "response_format" in row:
+        try:
+            overrides["structured_output"] = _RESPONSE_FORMAT.validate_python(row["response_format"]).structured_output()
+        except ValidationError as exc:
+            raise RowError(f"response_format: {_first_error(exc)}") from None
+        except ValueError as exc:
+            raise RowError(str(exc)) from None
+    try:
+        return dataclasses.replace(defaults, **overrides)
+    except (ValueError, TypeError) as exc:
+        raise RowError(str(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {error['msg']}" if where else error["msg"]
+
+
+def error_record(line: int, id_: Any, reason: str) -> dict[str, Any]:
+    return {"id": id_, "line": line, "error": reason}
+
+
+def result_record(task: BatchTask, output: RequestOutput) -> dict[str, Any]:
+    first = output.outputs[0]
+    record = {"id": task.id, "line": task.line, "text": first.text, "finish_reason": first.finish_reason,
+              "prompt_tokens": len(output.prompt_token_ids),
+              "completion_tokens": sum(len(c.token_ids) for c in output.outputs)}
+    if len(output.outputs) > 1:
+        record["choices"] = [{"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids)}
+                             for c in output.outputs]
+    if task.metadata is not None:
+        record["metadata"] = task.metadata
+    return record
