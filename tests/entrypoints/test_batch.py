@@ -242,3 +242,33 @@ def test_ray_backend_writes_the_same_records(tiny, one_worker_records, tmp_path)
                     sampling_params=GREEDY, engine_options=ENGINE, rows_in_flight=4, progress=False)
     assert summary.written == 40
     assert _by_line(_records(tmp_path / "out.jsonl")) == expected
+
+
+def test_ctrl_c_stops_cleanly_and_the_job_resumes(tiny, tmp_path):
+    data = _write_rows(tmp_path / "data.jsonl", _rows(60, seed=3))
+    out = tmp_path / "out.jsonl"
+    args = _cli(tiny, "-i", str(data), "-o", str(out), "--workers", "2", "--rows-in-flight", "2", "--no-progress",
+                "--kv-cache-memory", "16MiB")
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    while len(_complete_records(out)) < 5 and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "run the same command to resume" in stderr, stderr
+    assert "Traceback" not in stderr, stderr
+    finished = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert set(_by_line(_records(out))) == set(range(1, 61))
+
+
+def test_replicas_get_their_own_cores_and_devices_in_turn(monkeypatch):
+    from pagedllm.entrypoints.batch.runner import plan_placements
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    two = plan_placements(2, None, None)
+    assert [(p.device, p.threads, p.cpus) for p in two] == [("cpu", 2, (0, 1)), ("cpu", 2, (2, 3))]
+    three = plan_placements(3, ["cuda:0", "cuda:1"], None)
+    assert [p.device for p in three] == ["cuda:0", "cuda:1", "cuda:0"] and three[0].threads == 1
+    assert plan_placements(3, None, 2)[0].cpus == ()  # 6 threads on 4 cores: the OS shares them
+    with pytest.raises(BatchError, match="threads per worker"):
+        plan_placements(1, None, 0)

@@ -153,9 +153,13 @@ class RayBackend(Backend):
             local = {"num_cpus": sum(p.threads for p in placements)} if address is None else {}
             ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
         actor = ray.remote(RayReplica)
-        self._actors = [actor.options(num_cpus=p.threads, num_gpus=1 if p.device.startswith("cuda") else 0)
-                        .remote(_replica_config(config, dataclasses.replace(p, cpus=())), dataclasses.replace(p, cpus=()))
-                        for p in placements]
+        self._actors = []
+        for placement in placements:
+            gpu = placement.device.startswith("cuda")
+            # Ray places actors and hides the other GPUs from each: an actor's GPU is always "cuda".
+            placement = dataclasses.replace(placement, device="cuda" if gpu else placement.device, cpus=())
+            self._actors.append(actor.options(num_cpus=placement.threads, num_gpus=int(gpu))
+                                .remote(_replica_config(config, placement), placement))
         self._buffers: list[list[BatchTask]] = [[] for _ in placements]
         self._calls: dict[Any, int] = {}  # pending work() call -> worker
 

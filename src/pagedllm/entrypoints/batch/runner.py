@@ -101,9 +101,9 @@ def plan_placements(num_workers: int, devices: Sequence[str] | None,
         if not _DEVICE.match(device):
             raise BatchError(f"device {device!r} is not cpu, cuda or cuda:N")
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if threads_per_worker is not None and (not isinstance(threads_per_worker, int) or threads_per_worker < 1):
+        raise BatchError(f"threads per worker must be a positive integer, got {threads_per_worker!r}")
     threads = threads_per_worker or max(1, len(cores) // num_workers)
-    if threads < 1:
-        raise BatchError(f"threads per worker must be at least 1, got {threads}")
     pin = threads * num_workers <= len(cores)  # disjoint cores when they go round, else let the OS share
     return [ReplicaPlacement(devices[i % len(devices)], threads,
                              tuple(cores[i * threads:(i + 1) * threads]) if pin else ())
@@ -158,21 +158,27 @@ class _Job:
                 self._write(backend.poll(timeout=0.5))
 
     def _top_up(self, backend: Backend, pending: Iterator[BatchTask | dict]) -> bool:
-        """Give each replica rows up to `rows_in_flight`; error records met on the way are written at once.
-        True when the input has run out."""
-        for worker, in_flight in enumerate(backend.in_flight):
-            tasks, errors = [], []
-            while len(tasks) < self.rows_in_flight - in_flight:
-                item = next(pending, None)
-                if item is None:
-                    self._write(errors)
-                    backend.submit(worker, tasks)
-                    return True
-                (errors if isinstance(item, dict) else tasks).append(item)
-            self._write(errors)
+        """Hand rows to the least-loaded replicas until each holds `rows_in_flight`; error records met on the
+        way are written at once. True when the input has run out."""
+        load = list(backend.in_flight)
+        batches: list[list[BatchTask]] = [[] for _ in load]
+        errors, exhausted = [], False
+        while min(load) < self.rows_in_flight:
+            item = next(pending, None)
+            if item is None:
+                exhausted = True
+                break
+            if isinstance(item, dict):
+                errors.append(item)
+                continue
+            worker = load.index(min(load))
+            batches[worker].append(item)
+            load[worker] += 1
+        self._write(errors)
+        for worker, tasks in enumerate(batches):
             if tasks:
                 backend.submit(worker, tasks)
-        return False
+        return exhausted
 
     def _write(self, records: list[dict[str, Any]]) -> None:
         if not records:

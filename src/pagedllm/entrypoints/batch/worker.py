@@ -8,6 +8,7 @@ the whole job, never chunk by chunk).
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,7 @@ STOP = None  # the message that ends a local worker
 
 def run_local_worker(index: int, config: EngineConfig, placement: ReplicaPlacement, inbox, outbox) -> None:
     """A local worker process: ("ready" | "error" | "records", index, payload) messages go to `outbox`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle; it stops us
     _exit_with_parent()
     placement.apply()
     try:
