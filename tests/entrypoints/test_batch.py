@@ -272,3 +272,15 @@ def test_replicas_get_their_own_cores_and_devices_in_turn(monkeypatch):
     assert plan_placements(3, None, 2)[0].cpus == ()  # 6 threads on 4 cores: the OS shares them
     with pytest.raises(BatchError, match="threads per worker"):
         plan_placements(1, None, 0)
+
+
+def test_rows_can_ask_for_logprobs(tiny, tmp_path):
+    data = _write_rows(tmp_path / "data.jsonl", [{"prompt": "river stone lamp", "max_tokens": 4, "logprobs": 2,
+                                                 "prompt_logprobs": 1, "ignore_eos": True}])
+    infer(tiny, data, tmp_path / "out.jsonl", 1, engine_options=ENGINE, progress=False)
+    [record] = _records(tmp_path / "out.jsonl")
+    assert len(record["logprobs"]) == record["completion_tokens"] == 4
+    assert all(len(p["top_logprobs"]) == 2 and p["logprob"] <= 0 for p in record["logprobs"])
+    assert "".join(p["token"] for p in record["logprobs"]) == record["text"]
+    prompt = record["prompt_logprobs"]
+    assert len(prompt) == record["prompt_tokens"] and prompt[0] is None and all(p is not None for p in prompt[1:])

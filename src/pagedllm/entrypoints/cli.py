@@ -260,8 +260,6 @@ def _examples(host: str, port: int, config) -> str:
 def cmd_infer(args: argparse.Namespace) -> int:
     from .batch import infer
 
-    if args.rows_in_flight is not None and args.rows_in_flight < 1:
-        raise PagedLLMError(f"--rows-in-flight must be at least 1, got {args.rows_in_flight}")
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else [args.device]
     try:
         summary = infer(args.model_path or args.model, args.input, args.output, args.workers, devices=devices,

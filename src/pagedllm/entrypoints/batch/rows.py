@@ -6,8 +6,9 @@ override the job's defaults. `metadata` (any JSON) is copied to the output recor
 Any other key is an error: a typo in a million-row job should fail loudly, not be ignored.
 
 Every non-blank input line gets exactly one output record, keyed by its line number:
-a result (`text`, `finish_reason`, `prompt_tokens`, `completion_tokens`, and `choices` when
-n > 1) or an error (`error`, the reason).
+a result (`text`, `finish_reason`, `prompt_tokens`, `completion_tokens`; `choices` when n > 1;
+`logprobs` / `prompt_logprobs` in the chat API's shape when asked for) or an error (`error`, the
+reason).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from ...engine.outputs import RequestOutput
+from ...engine.outputs import CompletionOutput, RequestOutput
 from ...sampling_params import SamplingParams
 from ..openai.protocol import ChatMessage, ResponseFormat
+from ..openai.responses import logprob_content
 
 # Row keys that become SamplingParams fields of the same name.
 SAMPLING_KEYS = frozenset({
     "n", "best_of", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
     "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "ignore_eos",
     "skip_special_tokens", "use_beam_search", "length_penalty", "early_stopping", "num_beam_groups",
-    "diversity_penalty", "penalty_alpha"})
+    "diversity_penalty", "penalty_alpha", "logprobs", "prompt_logprobs"})
 OTHER_KEYS = frozenset({"id", "prompt", "messages", "metadata", "response_format"})
 _MESSAGES = TypeAdapter(list[ChatMessage])
 _RESPONSE_FORMAT = TypeAdapter(ResponseFormat)
@@ -132,9 +134,19 @@ def result_record(task: BatchTask, output: RequestOutput) -> dict[str, Any]:
     record = {"id": task.id, "line": task.line, "text": first.text, "finish_reason": first.finish_reason,
               "prompt_tokens": len(output.prompt_token_ids),
               "completion_tokens": sum(len(c.token_ids) for c in output.outputs)}
+    record.update(_logprobs(first, task.params))
     if len(output.outputs) > 1:
-        record["choices"] = [{"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids)}
-                             for c in output.outputs]
+        record["choices"] = [{"text": c.text, "finish_reason": c.finish_reason, "completion_tokens": len(c.token_ids),
+                              **_logprobs(c, task.params)} for c in output.outputs]
+    if task.params.prompt_logprobs is not None:
+        record["prompt_logprobs"] = logprob_content(output.prompt_token_ids, output.prompt_logprobs or [],
+                                                    task.params.prompt_logprobs)
     if task.metadata is not None:
         record["metadata"] = task.metadata
     return record
+
+
+def _logprobs(completion: CompletionOutput, params: SamplingParams) -> dict[str, Any]:
+    if params.logprobs is None:
+        return {}
+    return {"logprobs": logprob_content(completion.token_ids, completion.logprobs or [], params.logprobs)}

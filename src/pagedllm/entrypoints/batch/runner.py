@@ -73,6 +73,8 @@ def infer(model_path: str | None, data_path: str | Path, output_path: str | Path
     `engine_options` are build_engine_config's (kv_cache_memory, max_num_seqs, dtype, ...).
     """
     started = time.monotonic()
+    if rows_in_flight is not None and (not isinstance(rows_in_flight, int) or rows_in_flight < 1):
+        raise BatchError(f"rows_in_flight must be a positive integer, got {rows_in_flight!r}")
     config = build_engine_config(model_path, **(engine_options or {}))
     placements = plan_placements(num_workers, devices, threads_per_worker)
     if backend not in BACKENDS:
@@ -131,10 +133,10 @@ class _Job:
         self._feed_start = time.monotonic()
 
     def run(self, make_backend, started: float, progress: bool) -> BatchSummary:
-        if self.summary.already_done >= self.summary.rows:
-            for _ in self._pending():  # nothing to run, but the output must still belong to this input
+        if self.journal.done:
+            for _ in self._pending():  # the output must belong to this input before anything is added to it
                 pass
-        else:
+        if self.summary.already_done < self.summary.rows:
             backend = make_backend()
             try:
                 backend.start()

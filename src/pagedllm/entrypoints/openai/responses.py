@@ -43,15 +43,18 @@ def completion_logprobs(c: CompletionOutput, top_n: int, tokenizer: Tokenizer, d
 def chat_logprobs(c: CompletionOutput, top_n: int, tokenizer: Tokenizer, delta: bool = False) -> dict:
     """The chat shape: per token its text, logprob, UTF-8 bytes and the top_n alternatives."""
     ids, entries = _positions(c, delta)
+    return {"content": logprob_content(ids, entries, top_n)}
 
+
+def logprob_content(ids: list[int], entries: list[PositionLogprobs | None], top_n: int) -> list[dict | None]:
+    """Per position (None where there is no entry, as for the first prompt token) the chat shape's item."""
     def item(text: str, logprob: float) -> dict:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
-    content = []
-    for t, entry in zip(ids, entries):
-        content.append({**item(entry[t].decoded_token, entry[t].logprob),
-                        "top_logprobs": [item(lp.decoded_token, lp.logprob) for lp in _top(entry, top_n)]})
-    return {"content": content}
+    return [None if entry is None else
+            {**item(entry[t].decoded_token, entry[t].logprob),
+             "top_logprobs": [item(lp.decoded_token, lp.logprob) for lp in _top(entry, top_n)]}
+            for t, entry in zip(ids, entries)]
 
 
 def completion_choice(index: int, c: CompletionOutput, top_logprobs: int | None, tokenizer: Tokenizer,
