@@ -155,9 +155,11 @@ def test_journal_cuts_a_torn_record_and_locks(tmp_path):
     journal.write([{"id": "b", "line": 2, "text": "y"}])
     journal.close()
     assert [r["id"] for r in _records(out)] == ["a", "b"]
-    (tmp_path / "foreign.jsonl").write_text('{"hello": 1}\n')
-    with pytest.raises(JournalError, match="not a pagedllm record"):
-        OutputJournal(tmp_path / "foreign.jsonl")
+    for foreign in ('{"hello": 1}\n{"id": "b", "line": 2, "te', '{"id": "a", "line": 1}\nsomeone else\'s text'):
+        (tmp_path / "foreign.jsonl").write_text(foreign)
+        with pytest.raises(JournalError, match="not a pagedllm record"):
+            OutputJournal(tmp_path / "foreign.jsonl")
+        assert (tmp_path / "foreign.jsonl").read_text() == foreign  # refused, and left as it was
 
 
 def test_row_settings_override_the_job_defaults():

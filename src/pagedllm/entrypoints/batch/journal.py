@@ -23,6 +23,9 @@ except ImportError:  # not POSIX: no lock, the rest still holds
     fcntl = None
 
 
+RECORD_START = b'{"id": '  # how every record begins (rows.py puts the id first)
+
+
 class JournalError(ValueError):
     """The output file cannot be used for this job; the message says why."""
 
@@ -52,14 +55,16 @@ class OutputJournal:
         self._file.seek(0)
         data = self._file.read()
         complete = data.rfind(b"\n") + 1
-        if complete < len(data):  # a record torn by a kill; its row runs again
-            self._file.truncate(complete)
         done: dict[int, Any] = {}
         for number, raw in enumerate(data[:complete].splitlines(), start=1):
             line, id_ = self._parse(raw, number)
             if line in done:
                 raise JournalError(f"{self.path} line {number}: input line {line} is recorded twice")
             done[line] = id_
+        if complete < len(data):  # a record torn by a kill; its row runs again
+            if not data[complete:].startswith(RECORD_START):
+                raise JournalError(f"{self.path} ends in a partial line that is not a pagedllm record")
+            self._file.truncate(complete)
         return done
 
     def _parse(self, raw: bytes, number: int) -> tuple[int, Any]:
