@@ -76,7 +76,10 @@ class LocalBackend(Backend):
             process.start()
         waiting = set(range(len(self._processes)))
         while waiting:
-            kind, worker, payload = self._next_message(timeout=1.0) or ("", -1, None)
+            message = self._next_message(timeout=1.0)
+            if message is None:
+                continue
+            kind, worker, payload = message
             if kind == "error":
                 raise BatchError(f"worker {worker} could not start: {payload}")
             waiting.discard(worker)
