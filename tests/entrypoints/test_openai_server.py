@@ -167,3 +167,20 @@ def test_full_queue_answers_503(tiny_models):
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 codes = list(pool.map(lambda _: http.post("/v1/completions", json=body).status_code, range(8)))
         assert 503 in codes and 200 in codes and set(codes) <= {200, 503}
+
+
+def test_default_max_tokens_keep_within_the_server_limits(tiny_models):
+    """Completions without max_tokens get OpenAI's 16, or less where --max-tokens-limit or the context
+    leaves less; chat gets what the context leaves, within the limit. Only explicit values are refused."""
+    with LiveServer(str(tiny_models["llama"].gguf_path), max_tokens_limit=8, max_model_len=64) as live, \
+            httpx.Client(base_url=live.url, timeout=60) as http:
+        def completion_tokens(route: str, body: dict) -> int:
+            response = http.post(route, json={**body, "ignore_eos": True, "temperature": 0})
+            assert response.status_code == 200, response.text
+            return response.json()["usage"]["completion_tokens"]
+
+        assert completion_tokens("/v1/completions", {"prompt": "river stone"}) == 8
+        assert completion_tokens("/v1/completions", {"prompt": [5] * 60}) == 4  # the context leaves 4
+        assert completion_tokens("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}) == 8
+        refused = http.post("/v1/completions", json={"prompt": "river", "max_tokens": 9})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"

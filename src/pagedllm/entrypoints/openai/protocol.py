@@ -16,6 +16,7 @@ from ...sampling.structured_output import StructuredOutputParams
 from ...sampling_params import SamplingParams
 
 MAX_N = 16  # completions per request
+COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 
 class StreamOptions(BaseModel):
@@ -93,7 +94,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(None, ge=1)  # None: COMPLETIONS_MAX_TOKENS, within the limits
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None

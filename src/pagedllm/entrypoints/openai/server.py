@@ -27,7 +27,8 @@ from ...errors import PagedLLMError
 from ...sampling_params import SamplingParams
 from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import ServerMetrics
-from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, SamplingFields, TokenizeRequest
+from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
+                       SamplingFields, TokenizeRequest)
 from .responses import chat_chunk, chat_response, completion_chunk, completion_response, usage
 
 
@@ -62,11 +63,14 @@ class OpenAIServer:
         if name is not None and name != self.config.served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
-    def max_tokens(self, asked: int | None, prompt_len: int, param: str, prompt_field: str) -> int:
-        """The token budget of a request; an explicit one that does not fit the context is refused."""
+    def max_tokens(self, asked: int | None, prompt_len: int, param: str, prompt_field: str,
+                   default: int | None = None) -> int:
+        """The token budget of a request; an explicit one that does not fit the context is refused. Without
+        one: `default` (OpenAI's 16 for completions; none for chat), within the limit and what the context
+        leaves."""
         context = self.engine.max_model_len
         if asked is None:
-            asked = max(1, min(self.config.max_tokens_limit, context - prompt_len))
+            asked = max(1, min(default or context, self.config.max_tokens_limit, context - prompt_len))
         if asked > self.config.max_tokens_limit:
             raise APIError(400, f"{param} must be at most {self.config.max_tokens_limit}, got {asked}", param)
         if prompt_len + asked > context:
@@ -212,7 +216,8 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         if body.echo or body.suffix:
             raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix")
         prompts = server.completion_prompts(body)
-        budgets = [server.max_tokens(body.max_tokens, len(p.ids), "max_tokens", "prompt") for p in prompts]
+        budgets = [server.max_tokens(body.max_tokens, len(p.ids), "max_tokens", "prompt",
+                                     default=COMPLETIONS_MAX_TOKENS) for p in prompts]
         params = [server.sampling_params(body, b, body.logprobs) for b in budgets]
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts, params)
