@@ -102,10 +102,7 @@ def _prompt(row: dict) -> tuple[str | list[int] | None, list[dict[str, str]] | N
 
 
 def _params(row: dict, defaults: SamplingParams) -> SamplingParams:
-    overrides = {key: row[key] for key in SAMPLING_KEYS & set(row)}
-    for key in ("stop", "stop_token_ids"):
-        if isinstance(overrides.get(key), list):
-            overrides[key] = tuple(overrides[key])
+    overrides = {key: row[key] for key in SAMPLING_KEYS & set(row)}  # SamplingParams turns lists into tuples
     if "response_format" in row:
         try:
             overrides["structured_output"] = _RESPONSE_FORMAT.validate_python(row["response_format"]).structured_output()

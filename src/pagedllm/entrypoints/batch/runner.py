@@ -128,14 +128,12 @@ class _Job:
                  rows_in_flight: int):
         self.data_path, self.journal, self.defaults = data_path, journal, defaults
         self.rows_in_flight = rows_in_flight
-        self.summary = BatchSummary(rows=_count_rows(data_path), already_done=len(journal.done))
+        # One read of the input before any work: it counts the rows and checks the output belongs to this input.
+        self.summary = BatchSummary(rows=sum(1 for _ in self._scan()), already_done=len(journal.done))
         self._bar = None
         self._feed_start = time.monotonic()
 
     def run(self, make_backend, started: float, progress: bool) -> BatchSummary:
-        if self.journal.done:
-            for _ in self._pending():  # the output must belong to this input before anything is added to it
-                pass
         if self.summary.already_done < self.summary.rows:
             backend = make_backend()
             try:
@@ -198,6 +196,12 @@ class _Job:
 
     def _pending(self) -> Iterator[BatchTask | dict]:
         """Rows the output does not record yet: a BatchTask, or an error record for a malformed row."""
+        for line, row, id_, problem in self._scan():
+            if line not in self.journal.done:
+                yield error_record(line, id_, problem) if problem else self._task(row, line, id_)
+
+    def _scan(self) -> Iterator[tuple[int, Any, Any, str | None]]:
+        """(line, decoded row, id, what is wrong with it) for every row, checked against the output's records."""
         first_line_of: dict[Any, int] = {}
         lines: set[int] = set()
         for line, text in _lines(self.data_path):
@@ -209,11 +213,9 @@ class _Job:
             id_ = row_id(row, line)
             self._check_recorded(line, id_)
             first = first_line_of.setdefault(id_, line)
-            if line in self.journal.done:
-                continue
             if first != line:
                 problem = f"duplicate id {id_!r} (first on line {first})"
-            yield error_record(line, id_, problem) if problem else self._task(row, line, id_)
+            yield line, row, id_, problem
         self._check_no_strays(lines)
 
     def _task(self, row: Any, line: int, id_: Any) -> BatchTask | dict:
@@ -242,7 +244,3 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             text = raw.decode("utf-8", errors="replace")
             if text.strip():
                 yield number, text
-
-
-def _count_rows(path: Path) -> int:
-    return sum(1 for _ in _lines(path))
