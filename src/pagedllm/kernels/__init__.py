@@ -9,7 +9,9 @@ more slowly.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -41,3 +43,42 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
     """One query per sequence against its cached K/V, read in place: [seqs, heads, dim] float32."""
     return torch.ops.pagedllm.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale,
                                                      sliding_window or 0)
+
+
+# The quantised matmuls carry every instruction-set path in one build (no -march=native) and
+# pick one at run time, so their build does not depend on the CPU it was made on.
+_QUANT_SOURCES = [Path(__file__).with_name("quant_matmul.cpp"), Path(__file__).with_name("quant_impl.h")]
+_QUANT_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
+ISA_NAMES = ("portable", "avx2", "avx512vnni")
+
+
+@functools.cache
+def quant_kernels_available() -> bool:
+    """Build (or load) the packed-weight kernels; False, with one warning, if that fails."""
+    # The header is part of the build but torch only hashes the listed sources: name the build by both.
+    digest = hashlib.sha1(b"".join(p.read_bytes() for p in _QUANT_SOURCES)).hexdigest()[:12]
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(f"pagedllm_quant_{digest}", [str(_QUANT_SOURCES[0])], is_python_module=False,
+             extra_cflags=_QUANT_FLAGS, verbose=False)
+    except Exception as exc:  # a missing compiler must not stop the engine; packed layers then refuse to run
+        log.warning("pagedllm quantised CPU kernels unavailable: %s", exc)
+        return False
+    return True
+
+
+@functools.cache
+def best_isa() -> str:
+    """The fastest kernel path this CPU runs, or the one PAGEDLLM_CPU_ISA names (for tests and comparisons)."""
+    best = ISA_NAMES[torch.ops.pagedllm_quant.best_isa()]
+    wanted = os.environ.get("PAGEDLLM_CPU_ISA", best)
+    if wanted not in ISA_NAMES:
+        raise ValueError(f"PAGEDLLM_CPU_ISA must be one of {', '.join(ISA_NAMES)}, got {wanted!r}")
+    if ISA_NAMES.index(wanted) > ISA_NAMES.index(best):
+        raise ValueError(f"PAGEDLLM_CPU_ISA={wanted}: this CPU only runs {', '.join(ISA_NAMES[:ISA_NAMES.index(best) + 1])}")
+    return wanted
+
+
+def available_isas() -> tuple[str, ...]:
+    return ISA_NAMES[: torch.ops.pagedllm_quant.best_isa() + 1]

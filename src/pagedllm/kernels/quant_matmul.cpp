@@ -1,0 +1,213 @@
+// Matrix products with GGML-quantised weights that stay packed (CPU).
+//
+// Few rows (decode): the activations are quantised to int8 blocks of 32 and each weight block
+// is dotted with them in integers, as llama.cpp does. Many rows (prefill): weight tiles are
+// dequantised into a reused buffer and handed to torch's GEMM. Output rows of W are split over
+// torch's thread pool. quant_impl.h is compiled three times — portable, AVX2+FMA and
+// AVX-512 VNNI — and the caller names the path (`isa`), so one build runs on every x86 CPU and
+// tests can exercise every path the CPU has.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace {
+
+// GGML type ids (ggml.h), the keys the Python side passes.
+constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+constexpr int kIsaPortable = 0, kIsaAvx2 = 1, kIsaAvx512Vnni = 2;
+
+namespace portable {
+#include "quant_impl.h"
+}  // namespace portable
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2")
+#define PAGEDLLM_SIMD
+namespace avx2 {
+#include "quant_impl.h"
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512vnni")
+#define PAGEDLLM_VNNI
+namespace avx512vnni {
+#include "quant_impl.h"
+}  // namespace avx512vnni
+#pragma GCC pop_options
+#undef PAGEDLLM_VNNI
+#undef PAGEDLLM_SIMD
+
+int64_t best_isa() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512bw"))
+    return kIsaAvx512Vnni;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return kIsaAvx2;
+  return kIsaPortable;
+}
+
+struct FormatInfo {
+  int64_t block_elems, block_bytes;
+};
+
+FormatInfo format_info(int64_t type) {
+  switch (type) {
+    case kQ4_0: return {32, 18};
+    case kQ4_1: return {32, 20};
+    case kQ5_0: return {32, 22};
+    case kQ5_1: return {32, 24};
+    case kQ8_0: return {32, 34};
+    case kQ4_K: return {256, 144};
+    case kQ5_K: return {256, 176};
+    case kQ6_K: return {256, 210};
+  }
+  TORCH_CHECK(false, "GGML type ", type, " has no packed kernel");
+}
+
+// Calls body.template operator()<Type>() for the run-time type id.
+template <typename Body>
+void with_format(int64_t type, Body&& body) {
+  switch (type) {
+    case kQ4_0: return body.template operator()<kQ4_0>();
+    case kQ4_1: return body.template operator()<kQ4_1>();
+    case kQ5_0: return body.template operator()<kQ5_0>();
+    case kQ5_1: return body.template operator()<kQ5_1>();
+    case kQ8_0: return body.template operator()<kQ8_0>();
+    case kQ4_K: return body.template operator()<kQ4_K>();
+    case kQ5_K: return body.template operator()<kQ5_K>();
+    case kQ6_K: return body.template operator()<kQ6_K>();
+  }
+  TORCH_CHECK(false, "GGML type ", type, " has no packed kernel");
+}
+
+void check_isa(int64_t isa) {
+  TORCH_CHECK(isa >= kIsaPortable && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
+}
+
+void check_weight(const at::Tensor& w, int64_t type, int64_t k) {
+  const FormatInfo f = format_info(type);
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "packed weight must be 2-d uint8");
+  TORCH_CHECK(k > 0 && k % f.block_elems == 0 && w.size(1) == k / f.block_elems * f.block_bytes,
+              "packed weight rows of ", w.size(1), " bytes do not hold ", k, " values of type ", type);
+}
+
+// x [M, K] float32 → [M, K/32 * 40] uint8 of Q8 blocks.
+at::Tensor quantize_q8(const at::Tensor& x, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 32 == 0, "x must be [M, 32k] float32");
+  const at::Tensor xc = x.contiguous();
+  const int64_t m = xc.size(0), k = xc.size(1);
+  at::Tensor out = at::empty({m, k / 32 * 40}, xc.options().dtype(at::kByte));
+  const float* src = xc.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = src + r * k;
+      uint8_t* o = dst + r * (k / 32 * 40);
+      if (isa == kIsaAvx512Vnni) avx512vnni::quantize_row(row, k, reinterpret_cast<avx512vnni::Q8Block*>(o));
+      else if (isa == kIsaAvx2) avx2::quantize_row(row, k, reinterpret_cast<avx2::Q8Block*>(o));
+      else portable::quantize_row(row, k, reinterpret_cast<portable::Q8Block*>(o));
+    }
+  });
+  return out;
+}
+
+// out [M, N] (row stride free, unit column stride) = dequant(x_q8) · Wᵀ.
+void matmul_q8(const at::Tensor& xq, const at::Tensor& w, int64_t type, int64_t k, at::Tensor& out, int64_t isa) {
+  check_isa(isa);
+  check_weight(w, type, k);
+  TORCH_CHECK(xq.scalar_type() == at::kByte && xq.is_contiguous() && xq.size(1) == k / 32 * 40, "xq must be Q8 rows");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == xq.size(0) &&
+              out.size(1) == w.size(0), "out must be [M, N] float32 with unit column stride");
+  const int64_t m = xq.size(0), n = w.size(0), row_bytes = w.size(1), out_stride = out.stride(0);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint8_t* xp = xq.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  // Enough rows per task that a thread's share is worth waking it for.
+  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(1, row_bytes * m));
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    with_format(type, [&]<int kType>() {
+      if (isa == kIsaAvx512Vnni)
+        avx512vnni::matmul_rows<kType>(wp, row_bytes, reinterpret_cast<const avx512vnni::Q8Block*>(xp), m, k, op,
+                                       out_stride, n0, n1);
+      else if (isa == kIsaAvx2)
+        avx2::matmul_rows<kType>(wp, row_bytes, reinterpret_cast<const avx2::Q8Block*>(xp), m, k, op, out_stride,
+                                 n0, n1);
+      else
+        portable::matmul_rows<kType>(wp, row_bytes, reinterpret_cast<const portable::Q8Block*>(xp), m, k, op,
+                                     out_stride, n0, n1);
+    });
+  });
+}
+
+template <typename Out>
+void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t type, int64_t k, Out* out, int64_t rows,
+                     int64_t isa) {
+  const int64_t blocks = k / format_info(type).block_elems;
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    with_format(type, [&]<int kType>() {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (isa == kIsaAvx512Vnni) avx512vnni::dequantize_row<kType>(w + r * row_bytes, blocks, out + r * k);
+        else if (isa == kIsaAvx2) avx2::dequantize_row<kType>(w + r * row_bytes, blocks, out + r * k);
+        else portable::dequantize_row<kType>(w + r * row_bytes, blocks, out + r * k);
+      }
+    });
+  });
+}
+
+// W [N, row_bytes] → [N, K] in `dtype` (float32 or bfloat16).
+at::Tensor dequantize(const at::Tensor& w, int64_t type, int64_t k, at::ScalarType dtype, int64_t isa) {
+  check_isa(isa);
+  check_weight(w, type, k);
+  at::Tensor out = at::empty({w.size(0), k}, w.options().dtype(dtype));
+  if (dtype == at::kFloat)
+    dequantize_rows(w.data_ptr<uint8_t>(), w.size(1), type, k, out.data_ptr<float>(), w.size(0), isa);
+  else if (dtype == at::kBFloat16)
+    dequantize_rows(w.data_ptr<uint8_t>(), w.size(1), type, k, out.data_ptr<c10::BFloat16>(), w.size(0), isa);
+  else
+    TORCH_CHECK(false, "dequantize to ", dtype, " is not supported");
+  return out;
+}
+
+// out [M, N] = x · dequant(W)ᵀ through the vendor GEMM, dequantising `tile_rows` rows of W at a
+// time into one buffer that stays in cache.
+void matmul_dequant(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k, at::Tensor& out,
+                    int64_t tile_rows, int64_t isa) {
+  check_isa(isa);
+  check_weight(w, type, k);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, K]");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == w.size(0), "out must be [M, N]");
+  const at::ScalarType dtype = x.scalar_type();
+  const int64_t n = w.size(0), row_bytes = w.size(1);
+  at::Tensor buffer = at::empty({std::min(tile_rows, n), k}, x.options());
+  for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
+    const int64_t rows = std::min(tile_rows, n - n0);
+    at::Tensor tile = buffer.narrow(0, 0, rows);
+    const uint8_t* src = w.data_ptr<uint8_t>() + n0 * row_bytes;
+    if (dtype == at::kFloat) dequantize_rows(src, row_bytes, type, k, tile.data_ptr<float>(), rows, isa);
+    else dequantize_rows(src, row_bytes, type, k, tile.data_ptr<c10::BFloat16>(), rows, isa);
+    at::Tensor dst = out.narrow(1, n0, rows);
+    if (dtype == out.scalar_type()) at::mm_out(dst, x, tile.t());
+    else dst.copy_(at::mm(x, tile.t()));
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pagedllm_quant, m) {
+  m.def("best_isa() -> int", best_isa);
+  m.def("quantize_q8(Tensor x, int isa) -> Tensor", quantize_q8);
+  m.def("matmul_q8(Tensor xq, Tensor w, int type, int k, Tensor(a!) out, int isa) -> ()", matmul_q8);
+  m.def("dequantize(Tensor w, int type, int k, ScalarType dtype, int isa) -> Tensor", dequantize);
+  m.def("matmul_dequant(Tensor x, Tensor w, int type, int k, Tensor(a!) out, int tile_rows, int isa) -> ()",
+        matmul_dequant);
+}

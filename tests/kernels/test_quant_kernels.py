@@ -1,0 +1,80 @@
+"""Packed-weight kernels against the reference: the gguf package's dequantisation, then float math.
+
+Every format, every instruction-set path this CPU runs, several row counts and odd shapes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf import quants as gguf_quants
+
+from pagedllm.kernels import available_isas, quant_kernels_available
+from pagedllm.layers.quant import PACKED_TYPES, random_blocks
+
+Q = GGMLQuantizationType
+ISAS = available_isas() if quant_kernels_available() else ()
+
+
+def _reference_weights(raw: np.ndarray, qtype: Q, n: int, k: int) -> torch.Tensor:
+    block_bytes = GGML_QUANT_SIZES[qtype][1]
+    values = gguf_quants.dequantize(raw.reshape(-1, block_bytes), qtype).reshape(n, k)
+    return torch.from_numpy(values.astype(np.float64))
+
+
+def _q8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """The activations as the kernel sees them: int8 blocks of 32 with one float scale."""
+    blocks = x.reshape(x.shape[0], -1, 32)
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0)
+    return (q * d).reshape(x.shape).double()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("m", [1, 2, 7, 64])
+def test_int8_matmul_matches_reference(qtype, isa, m):
+    k = 512 if GGML_QUANT_SIZES[qtype][0] == 256 else 96  # odd block counts: 2 and 3
+    n = 37
+    raw = random_blocks(qtype, n, k, np.random.default_rng(m))
+    w = torch.from_numpy(raw.reshape(n, -1))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    ops = torch.ops.pagedllm_quant
+    isa_id = available_isas().index(isa)
+    out = torch.empty(m, n)
+    ops.matmul_q8(ops.quantize_q8(x, isa_id), w, int(qtype), k, out, isa_id)
+    ref = _q8_roundtrip(x) @ _reference_weights(raw, qtype, n, k).T
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda q: q.name)
+def test_dequantize_matches_gguf(qtype, isa):
+    n, k = 5, 512
+    raw = random_blocks(qtype, n, k, np.random.default_rng(3))
+    ops = torch.ops.pagedllm_quant
+    ours = ops.dequantize(torch.from_numpy(raw.reshape(n, -1)), int(qtype), k, torch.float32, available_isas().index(isa))
+    torch.testing.assert_close(ours.double(), _reference_weights(raw, qtype, n, k), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantised_gemm_matches_reference(qtype, dtype):
+    n, k, m = 70, 256, 33
+    raw = random_blocks(qtype, n, k, np.random.default_rng(4))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(5))
+    out = torch.empty(m, n, dtype=dtype)
+    torch.ops.pagedllm_quant.matmul_dequant(x.to(dtype), torch.from_numpy(raw.reshape(n, -1)), int(qtype), k, out, 16,
+                                            len(available_isas()) - 1)
+    ref = x.double() @ _reference_weights(raw, qtype, n, k).T
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+def test_wrong_row_size_is_refused():
+    w = torch.zeros(4, 19, dtype=torch.uint8)  # a Q4_0 row of 32 values is 18 bytes
+    with pytest.raises(RuntimeError, match="do not hold"):
+        torch.ops.pagedllm_quant.matmul_q8(torch.zeros(1, 40, dtype=torch.uint8), w, int(Q.Q4_0), 32,
+                                           torch.empty(1, 4), 0)
