@@ -107,6 +107,9 @@ class SchedulerConfig:
 
 
 ATTENTION_BACKENDS = ("auto", "torch")
+# auto: GGUF matrices stay in their packed formats, Hugging Face weights stay float;
+# none: everything float; int8 / int4: Hugging Face float weights quantised at load (Q8_0 / Q4_1).
+QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
 SPECULATIVE_METHODS = ("ngram", "draft_model")
 
 
@@ -149,6 +152,7 @@ class EngineConfig:
     seed: int = 0
     # "auto": a C++ kernel for decode attention on the CPU when it builds; "torch": plain torch ops only.
     attention_backend: str = "auto"
+    quantization: str = "auto"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
@@ -157,17 +161,21 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                               f"got {self.attention_backend!r}")
+        if self.quantization not in QUANTIZATION_CHOICES:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)}, "
+                              f"got {self.quantization!r}")
 
 
 def build_engine_config(model: str | None = None, *, device: str = "cpu", dtype: str = "float32",
                         kv_cache_memory: int = CacheConfig.kv_cache_memory_bytes, block_size: int = 16,
                         max_num_batched_tokens: int = 512, max_num_seqs: int = 64, enable_chunked_prefill: bool = True,
                         enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
-                        attention_backend: str = "auto",
+                        attention_backend: str = "auto", quantization: str = "auto",
                         speculative_config: SpeculativeConfig | dict | None = None) -> EngineConfig:
     """The engine options every front end takes (LLM, infer, the CLI), as one frozen EngineConfig."""
     return EngineConfig(
         model=model, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend,
+        quantization=quantization,
         speculative=SpeculativeConfig(**speculative_config) if isinstance(speculative_config, dict)
         else speculative_config,
         cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,

@@ -44,7 +44,7 @@ def test_int8_matmul_matches_reference(qtype, isa, m):
     ops = torch.ops.pagedllm_quant
     isa_id = available_isas().index(isa)
     out = torch.empty(m, n)
-    ops.matmul_q8(ops.quantize_q8(x, isa_id), w, int(qtype), k, out, isa_id)
+    ops.matmul_q8(ops.quantize_q8(x, isa_id), [w], [int(qtype)], k, out, isa_id)
     ref = _q8_roundtrip(x) @ _reference_weights(raw, qtype, n, k).T
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 
@@ -66,7 +66,7 @@ def test_dequantised_gemm_matches_reference(qtype, dtype):
     raw = random_blocks(qtype, n, k, np.random.default_rng(4))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(5))
     out = torch.empty(m, n, dtype=dtype)
-    torch.ops.pagedllm_quant.matmul_dequant(x.to(dtype), torch.from_numpy(raw.reshape(n, -1)), int(qtype), k, out, 16,
+    torch.ops.pagedllm_quant.matmul_dequant(x.to(dtype), [torch.from_numpy(raw.reshape(n, -1))], [int(qtype)], k, out, 16,
                                             len(available_isas()) - 1)
     ref = x.double() @ _reference_weights(raw, qtype, n, k).T
     tol = 1e-5 if dtype == torch.float32 else 2e-2
@@ -76,5 +76,23 @@ def test_dequantised_gemm_matches_reference(qtype, dtype):
 def test_wrong_row_size_is_refused():
     w = torch.zeros(4, 19, dtype=torch.uint8)  # a Q4_0 row of 32 values is 18 bytes
     with pytest.raises(RuntimeError, match="do not hold"):
-        torch.ops.pagedllm_quant.matmul_q8(torch.zeros(1, 40, dtype=torch.uint8), w, int(Q.Q4_0), 32,
+        torch.ops.pagedllm_quant.matmul_q8(torch.zeros(1, 40, dtype=torch.uint8), [w], [int(Q.Q4_0)], 32,
                                            torch.empty(1, 4), 0)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_parts_of_different_types_stack_their_rows(isa):
+    """A fused q/k/v whose shards differ in type (as in Q4_K_M files) runs as one product."""
+    k, types, rows = 256, [Q.Q4_K, Q.Q6_K, Q.Q8_0], [8, 3, 5]
+    raws = [random_blocks(t, n, k, np.random.default_rng(i)) for i, (t, n) in enumerate(zip(types, rows))]
+    ws = [torch.from_numpy(r.reshape(n, -1)) for r, n in zip(raws, rows)]
+    ref_w = torch.cat([_reference_weights(r, t, n, k) for r, t, n in zip(raws, types, rows)])
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(0))
+    ops, isa_id = torch.ops.pagedllm_quant, available_isas().index(isa)
+    out = torch.empty(3, sum(rows))
+    ops.matmul_q8(ops.quantize_q8(x, isa_id), ws, [int(t) for t in types], k, out, isa_id)
+    ref = _q8_roundtrip(x) @ ref_w.T
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+    out = torch.empty(3, sum(rows))
+    ops.matmul_dequant(x, ws, [int(t) for t in types], k, out, 4, isa_id)
+    torch.testing.assert_close(out.double(), x.double() @ ref_w.T, rtol=1e-5, atol=1e-5)

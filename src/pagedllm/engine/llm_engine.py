@@ -47,7 +47,7 @@ class LLMEngine:
         dtype = _DTYPES[config.dtype]
         torch.manual_seed(config.seed)
         self.source = source or resolve_model(config.model)
-        self.model = load_model(self.source, self.device, dtype)
+        self.model = load_model(self.source, self.device, dtype, config.quantization)
         self.tokenizer: Tokenizer = load_tokenizer(self.source)
         model_len = self.model.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_len, model_len)

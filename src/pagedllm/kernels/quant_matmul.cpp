@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -121,31 +122,55 @@ at::Tensor quantize_q8(const at::Tensor& x, int64_t isa) {
   return out;
 }
 
+// W is given in parts (e.g. q, k, v of different types): their rows are stacked, in order.
+struct Part {
+  const uint8_t* data;
+  int64_t type, rows, row_bytes, first_row;
+};
+
+std::vector<Part> parts_of(const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k) {
+  TORCH_CHECK(!ws.empty() && ws.size() == types.size(), "one type per weight part");
+  std::vector<Part> parts;
+  int64_t first = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check_weight(ws[i], types[i], k);
+    parts.push_back({ws[i].data_ptr<uint8_t>(), types[i], ws[i].size(0), ws[i].size(1), first});
+    first += ws[i].size(0);
+  }
+  return parts;
+}
+
 // out [M, N] (row stride free, unit column stride) = dequant(x_q8) · Wᵀ.
-void matmul_q8(const at::Tensor& xq, const at::Tensor& w, int64_t type, int64_t k, at::Tensor& out, int64_t isa) {
+void matmul_q8(const at::Tensor& xq, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k,
+               at::Tensor& out, int64_t isa) {
   check_isa(isa);
-  check_weight(w, type, k);
+  const std::vector<Part> parts = parts_of(ws, types, k);
+  const int64_t n = parts.back().first_row + parts.back().rows;
   TORCH_CHECK(xq.scalar_type() == at::kByte && xq.is_contiguous() && xq.size(1) == k / 32 * 40, "xq must be Q8 rows");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == xq.size(0) &&
-              out.size(1) == w.size(0), "out must be [M, N] float32 with unit column stride");
-  const int64_t m = xq.size(0), n = w.size(0), row_bytes = w.size(1), out_stride = out.stride(0);
-  const uint8_t* wp = w.data_ptr<uint8_t>();
+              out.size(1) == n, "out must be [M, N] float32 with unit column stride");
+  const int64_t m = xq.size(0), out_stride = out.stride(0);
   const uint8_t* xp = xq.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
   // Enough rows per task that a thread's share is worth waking it for.
-  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(1, row_bytes * m));
+  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(1, parts[0].row_bytes * m));
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-    with_format(type, [&]<int kType>() {
-      if (isa == kIsaAvx512Vnni)
-        avx512vnni::matmul_rows<kType>(wp, row_bytes, reinterpret_cast<const avx512vnni::Q8Block*>(xp), m, k, op,
-                                       out_stride, n0, n1);
-      else if (isa == kIsaAvx2)
-        avx2::matmul_rows<kType>(wp, row_bytes, reinterpret_cast<const avx2::Q8Block*>(xp), m, k, op, out_stride,
-                                 n0, n1);
-      else
-        portable::matmul_rows<kType>(wp, row_bytes, reinterpret_cast<const portable::Q8Block*>(xp), m, k, op,
-                                     out_stride, n0, n1);
-    });
+    for (const Part& p : parts) {
+      const int64_t lo = std::max(n0, p.first_row) - p.first_row, hi = std::min(n1, p.first_row + p.rows) - p.first_row;
+      if (lo >= hi) continue;
+      float* o = op + p.first_row;
+      with_format(p.type, [&]<int kType>() {
+        if (isa == kIsaAvx512Vnni)
+          avx512vnni::matmul_rows<kType>(p.data, p.row_bytes, reinterpret_cast<const avx512vnni::Q8Block*>(xp), m, k,
+                                         o, out_stride, lo, hi);
+        else if (isa == kIsaAvx2)
+          avx2::matmul_rows<kType>(p.data, p.row_bytes, reinterpret_cast<const avx2::Q8Block*>(xp), m, k, o,
+                                   out_stride, lo, hi);
+        else
+          portable::matmul_rows<kType>(p.data, p.row_bytes, reinterpret_cast<const portable::Q8Block*>(xp), m, k, o,
+                                       out_stride, lo, hi);
+      });
+    }
   });
 }
 
@@ -179,25 +204,29 @@ at::Tensor dequantize(const at::Tensor& w, int64_t type, int64_t k, at::ScalarTy
 }
 
 // out [M, N] = x · dequant(W)ᵀ through the vendor GEMM, dequantising `tile_rows` rows of W at a
-// time into one buffer that stays in cache.
-void matmul_dequant(const at::Tensor& x, const at::Tensor& w, int64_t type, int64_t k, at::Tensor& out,
-                    int64_t tile_rows, int64_t isa) {
+// time into one buffer that stays in cache. The GEMM runs in x's dtype.
+void matmul_dequant(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types,
+                    int64_t k, at::Tensor& out, int64_t tile_rows, int64_t isa) {
   check_isa(isa);
-  check_weight(w, type, k);
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == k, "x must be [M, K]");
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == w.size(0), "out must be [M, N]");
+  const std::vector<Part> parts = parts_of(ws, types, k);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == k && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "x must be [M, K] float32 or bfloat16");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == x.size(0) && out.size(1) == parts.back().first_row + parts.back().rows,
+              "out must be [M, N]");
+  TORCH_CHECK(tile_rows > 0, "tile_rows must be positive");
   const at::ScalarType dtype = x.scalar_type();
-  const int64_t n = w.size(0), row_bytes = w.size(1);
-  at::Tensor buffer = at::empty({std::min(tile_rows, n), k}, x.options());
-  for (int64_t n0 = 0; n0 < n; n0 += tile_rows) {
-    const int64_t rows = std::min(tile_rows, n - n0);
-    at::Tensor tile = buffer.narrow(0, 0, rows);
-    const uint8_t* src = w.data_ptr<uint8_t>() + n0 * row_bytes;
-    if (dtype == at::kFloat) dequantize_rows(src, row_bytes, type, k, tile.data_ptr<float>(), rows, isa);
-    else dequantize_rows(src, row_bytes, type, k, tile.data_ptr<c10::BFloat16>(), rows, isa);
-    at::Tensor dst = out.narrow(1, n0, rows);
-    if (dtype == out.scalar_type()) at::mm_out(dst, x, tile.t());
-    else dst.copy_(at::mm(x, tile.t()));
+  at::Tensor buffer = at::empty({tile_rows, k}, x.options());
+  for (const Part& p : parts) {
+    for (int64_t r0 = 0; r0 < p.rows; r0 += tile_rows) {
+      const int64_t rows = std::min(tile_rows, p.rows - r0);
+      at::Tensor tile = buffer.narrow(0, 0, rows);
+      const uint8_t* src = p.data + r0 * p.row_bytes;
+      if (dtype == at::kFloat) dequantize_rows(src, p.row_bytes, p.type, k, tile.data_ptr<float>(), rows, isa);
+      else dequantize_rows(src, p.row_bytes, p.type, k, tile.data_ptr<c10::BFloat16>(), rows, isa);
+      at::Tensor dst = out.narrow(1, p.first_row + r0, rows);
+      if (dtype == out.scalar_type()) at::mm_out(dst, x, tile.t());
+      else dst.copy_(at::mm(x, tile.t()));
+    }
   }
 }
 
@@ -206,8 +235,8 @@ void matmul_dequant(const at::Tensor& x, const at::Tensor& w, int64_t type, int6
 TORCH_LIBRARY(pagedllm_quant, m) {
   m.def("best_isa() -> int", best_isa);
   m.def("quantize_q8(Tensor x, int isa) -> Tensor", quantize_q8);
-  m.def("matmul_q8(Tensor xq, Tensor w, int type, int k, Tensor(a!) out, int isa) -> ()", matmul_q8);
+  m.def("matmul_q8(Tensor xq, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q8);
   m.def("dequantize(Tensor w, int type, int k, ScalarType dtype, int isa) -> Tensor", dequantize);
-  m.def("matmul_dequant(Tensor x, Tensor w, int type, int k, Tensor(a!) out, int tile_rows, int isa) -> ()",
+  m.def("matmul_dequant(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int tile_rows, int isa) -> ()",
         matmul_dequant);
 }

@@ -1,31 +1,232 @@
-"""Linear and embedding layers whose weights start uninitialised: they are always loaded.
+"""Linear and embedding layers whose weights belong to a linear method.
 
-nn.Linear / nn.Embedding run a random init at construction (and, on the meta device, import
-torch's decompositions: ~1.5 s); ours allocate with torch.empty. Quantised layers will replace
-Linear here.
+A method (vLLM's pattern, sized down) owns a layer's weight storage: `create_weights` makes it,
+`load` takes one checkpoint tensor (a shard of a fused layer, or the whole weight), `finish`
+runs once every shard is in, and `apply` computes x·Wᵀ. Dense float is one method; packed GGML
+blocks another. A fused layer (q/k/v, gate/up) declares its shard sizes, and its loader places
+each shard — the one path that tensor-parallel sharding can later use too.
+
+Weights start uninitialised (torch.empty): they are always loaded.
 """
 
 from __future__ import annotations
 
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
+from gguf import GGMLQuantizationType
 from torch import nn
+
+from .. import kernels
+from ..errors import PagedLLMError
+from .quant import REPACK_TYPE, PackedWeight, quantize
+
+log = logging.getLogger(__name__)
+
+INT8_MAX_ROWS = 32  # up to this many rows the int8 kernel beats dequantise + GEMM (measured, docs/benchmarks.md)
+GEMM_TILE_BYTES = 2**20  # dequantised weight rows per GEMM call: about one L2's worth
+
+
+class WeightLoadError(PagedLLMError, ValueError):
+    """Weights that do not fit the model: a missing, unexpected or mis-shaped tensor."""
+
+
+Weight = torch.Tensor | PackedWeight
+
+
+class LinearMethod(ABC):
+    """How one layer stores and multiplies its weight."""
+
+    @abstractmethod
+    def create_weights(self, layer: "Linear") -> None: ...
+
+    @abstractmethod
+    def load(self, layer: "Linear", shard: int, tensor: Weight) -> None: ...
+
+    def finish(self, layer: "Linear") -> None:
+        """Called once all shards are loaded."""
+
+    @abstractmethod
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def embedding(self, layer: "Linear", ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of W, for a layer that is also a token embedding."""
+
+    @abstractmethod
+    def weight_bytes(self, layer: "Linear") -> int: ...
+
+
+class DenseMethod(LinearMethod):
+    """Float weights in the model's dtype; quantised checkpoint tensors are dequantised at load."""
+
+    def create_weights(self, layer: "Linear") -> None:
+        layer.weight = nn.Parameter(torch.empty(layer.out_features, layer.in_features), requires_grad=False)
+
+    def load(self, layer: "Linear", shard: int, tensor: Weight) -> None:
+        if isinstance(tensor, PackedWeight):
+            from ..models.loaders.dequant import dequantize  # loaders' reference unpacking, for any GGML type
+
+            tensor = dequantize(tensor.data.numpy(), tensor.qtype, tensor.shape)
+        target = layer.weight.data.narrow(0, layer.shard_offset(shard), layer.shard_sizes[shard])
+        if len(layer.shard_sizes) == 1 and tensor.dtype == target.dtype and tensor.device == target.device:
+            layer.weight.data = tensor  # take the loader's tensor as it is: no second copy of the weights
+            return
+        with torch.no_grad():
+            target.copy_(tensor)
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight)
+
+    def embedding(self, layer: "Linear", ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)
+
+    def weight_bytes(self, layer: "Linear") -> int:
+        return layer.weight.numel() * layer.weight.element_size()
+
+
+@dataclass
+class PackedMethod(LinearMethod):
+    """GGML blocks multiplied in place by the CPU kernels (pagedllm.kernels).
+
+    Each shard keeps its own type, so q/k/v of different formats still run as one product.
+    Float tensors are quantised to `quantize_to`; GGML types without a kernel are repacked to
+    Q8_0. Few rows go through the int8 kernel, more through dequantised tiles and torch's GEMM
+    in `gemm_dtype` (bfloat16 where the CPU multiplies it natively).
+    """
+
+    quantize_to: GGMLQuantizationType = REPACK_TYPE
+    gemm_dtype: torch.dtype = torch.float32
+    isa: int = 0
+
+    def create_weights(self, layer: "Linear") -> None:
+        layer.parts: list[PackedWeight | None] = [None] * len(layer.shard_sizes)
+
+    def load(self, layer: "Linear", shard: int, tensor: Weight) -> None:
+        if not isinstance(tensor, PackedWeight):
+            tensor = quantize(tensor, self.quantize_to)
+        elif not tensor.has_kernel:
+            tensor = _repack(tensor)
+        layer.parts[shard] = tensor
+
+    def finish(self, layer: "Linear") -> None:
+        layer.part_data = [p.data for p in layer.parts]
+        layer.part_types = [int(p.qtype) for p in layer.parts]
+
+    def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
+        ops = torch.ops.pagedllm_quant
+        rows = x.reshape(-1, layer.in_features)
+        out = torch.empty(rows.shape[0], layer.out_features)
+        if rows.shape[0] <= INT8_MAX_ROWS:
+            xq = ops.quantize_q8(rows.float(), self.isa)
+            ops.matmul_q8(xq, layer.part_data, layer.part_types, layer.in_features, out, self.isa)
+        else:
+            tile = max(16, GEMM_TILE_BYTES // (layer.in_features * 2))
+            ops.matmul_dequant(rows.to(self.gemm_dtype), layer.part_data, layer.part_types, layer.in_features, out,
+                               tile, self.isa)
+        return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+    def embedding(self, layer: "Linear", ids: torch.Tensor) -> torch.Tensor:
+        (part,) = layer.parts  # an embedding table is never fused
+        rows = part.data.index_select(0, ids.reshape(-1))
+        out = torch.ops.pagedllm_quant.dequantize(rows, int(part.qtype), layer.in_features, torch.float32, self.isa)
+        return out.reshape(*ids.shape, layer.in_features)
+
+    def weight_bytes(self, layer: "Linear") -> int:
+        return sum(p.data.numel() for p in layer.parts)
+
+
+def _repack(weight: PackedWeight) -> PackedWeight:
+    from ..models.loaders.dequant import dequantize
+
+    return quantize(dequantize(weight.data.numpy(), weight.qtype, weight.shape), REPACK_TYPE)
 
 
 class Linear(nn.Module):
-    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+    """y = x·Wᵀ (+ b). `shard_sizes` splits the output rows of a fused layer into its checkpoint tensors."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 shard_sizes: tuple[int, ...] | None = None, method: LinearMethod | None = None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.in_features, self.out_features = in_features, out_features
+        self.shard_sizes = shard_sizes or (out_features,)
+        self.method = method or DenseMethod()
+        self.method.create_weights(self)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
 
+    def shard_offset(self, shard: int) -> int:
+        return sum(self.shard_sizes[:shard])
+
+    def load_shard(self, shard: int, tensor: Weight, name: str, leaf: str = "weight") -> None:
+        """The per-parameter loader: place checkpoint tensor `name` as shard `shard` of W (or of b)."""
+        expected = (self.shard_sizes[shard], self.in_features)[: 2 if leaf == "weight" else 1]
+        if tuple(tensor.shape) != expected:
+            raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {expected}")
+        if leaf == "weight":
+            self.method.load(self, shard, tensor)
+            return
+        if isinstance(tensor, PackedWeight):
+            raise WeightLoadError(f"tensor {name!r}: a quantised bias is not supported")
+        with torch.no_grad():
+            self.bias.data.narrow(0, self.shard_offset(shard), self.shard_sizes[shard]).copy_(tensor)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        out = self.method.apply(self, x)
+        return out if self.bias is None else out + self.bias
 
 
-class Embedding(nn.Module):
-    def __init__(self, num_embeddings: int, embedding_dim: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
+class Embedding(Linear):
+    """A token embedding: rows of W looked up by id. As a tied output head it is also a Linear."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, method: LinearMethod | None = None):
+        super().__init__(embedding_dim, num_embeddings, method=method)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        return self.method.embedding(self, ids)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """Which method each layer gets, from where its checkpoint tensors are packed.
+
+    packed: canonical names of checkpoint tensors stored as GGML blocks (a layer with any such
+    shard runs packed); quantize_to: quantise every float linear weight at load to this type
+    (the `int8` / `int4` choices for Hugging Face checkpoints).
+    """
+
+    packed: frozenset[str] = frozenset()
+    quantize_to: GGMLQuantizationType | None = None
+    device: str = "cpu"
+
+    def method_for(self, tensor_names: list[str], in_features: int) -> LinearMethod:
+        wants_packed = self.quantize_to is not None or any(name in self.packed for name in tensor_names)
+        if not wants_packed:
+            return DenseMethod()
+        if in_features % 32 or torch.device(self.device).type != "cpu" or not kernels.quant_kernels_available():
+            _warn_dense_once(self.device, in_features)
+            return DenseMethod()
+        isa = kernels.best_isa()
+        return PackedMethod(quantize_to=self.quantize_to or REPACK_TYPE, gemm_dtype=_gemm_dtype(),
+                            isa=kernels.ISA_NAMES.index(isa))
+
+
+_warned: set[tuple[str, int]] = set()
+
+
+def _warn_dense_once(device: str, in_features: int) -> None:
+    if (device, in_features) not in _warned:
+        _warned.add((device, in_features))
+        log.warning("packed weights need the CPU kernels and rows of a multiple of 32 values "
+                    "(device %s, %d columns): these layers are dequantised to float", device, in_features)
+
+
+def _gemm_dtype() -> torch.dtype:
+    """bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX), else float32."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return torch.float32
+    return torch.bfloat16 if (" avx512_bf16" in flags or " amx_bf16" in flags) else torch.float32

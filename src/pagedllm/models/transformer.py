@@ -15,24 +15,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import PagedLLMError
-from ..layers.linear import Embedding, Linear
+from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weight
 from ..layers.attention import AttentionMetadata, build_attention_mask, paged_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
 
 
-class WeightLoadError(PagedLLMError, ValueError):
-    """Weights that do not fit the model: a missing, unexpected or mis-shaped tensor."""
+def _linear(plan: LinearPlan, prefix: str, shards: dict[str, int], in_features: int, bias: bool = False) -> Linear:
+    """A layer fusing the checkpoint tensors `prefix.<shard>.weight` (shard name → rows), in order."""
+    names = [f"{prefix}.{shard}.weight" for shard in shards]
+    return Linear(in_features, sum(shards.values()), bias=bias, shard_sizes=tuple(shards.values()),
+                  method=plan.method_for(names, in_features))
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = _linear(plan, prefix, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
+                                cfg.hidden_size, bias=cfg.attention_bias)
+        self.o_proj = _linear(plan, prefix, {"o_proj": cfg.hidden_size}, self.q_size)
         self.scale = self.head_dim**-0.5
         self.sliding_window = cfg.sliding_window
 
@@ -47,10 +50,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
         super().__init__()
-        self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        size = cfg.intermediate_size
+        self.gate_up_proj = _linear(plan, prefix, {"gate_proj": size, "up_proj": size}, cfg.hidden_size)
+        self.down_proj = _linear(plan, prefix, {"down_proj": cfg.hidden_size}, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
@@ -58,12 +62,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, plan, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg, plan, f"{prefix}.mlp")
 
     def forward(self, x, cos, sin, kv_cache, meta, masks):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, masks)
@@ -79,13 +83,19 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: LinearPlan | None = None):
         super().__init__()
+        plan = plan or LinearPlan()
         self.config = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        # The embedding is packed only as the checkpoint stores it: quantising a float table at load
+        # would change the tied head's logits for a small saving.
+        embed_plan = LinearPlan(plan.packed, None, plan.device)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size,
+                                      method=embed_plan.method_for(["model.embed_tokens.weight"], cfg.hidden_size))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, plan, f"model.layers.{i}") for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, method=plan.method_for(["lm_head.weight"], cfg.hidden_size))
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
@@ -99,33 +109,51 @@ class Transformer(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        return Linear.forward(head, hidden).float()
 
     @classmethod
-    def create(cls, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "Transformer":
+    def create(cls, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+               plan: LinearPlan | None = None) -> "Transformer":
         """A model on `device` whose weights are allocated but not initialised (load_weights fills them)."""
         with torch.device(device):
-            model = cls(cfg)
+            model = cls(cfg, plan)
         model.to(dtype)
         model.inv_freq = model.inv_freq.float()  # rotary frequencies stay float32, as in the reference
         return model
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None:
         """Place canonical (Hugging Face-named) tensors; every parameter must be filled exactly."""
-        params = dict(self.named_parameters())
+        linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+        params = {name: p for name, p in self.named_parameters() if not _owned_by_linear(name, linears)}
         filled: set[str] = set()
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
             target, shard = self._locate(name)
-            if target not in params:
+            module, _, leaf = target.rpartition(".")
+            if module in linears and leaf in ("weight", "bias"):
+                linears[module].load_shard(shard or 0, tensor, name, leaf)
+            elif target in params:
+                _copy_param(params[target], tensor, name)
+            else:
                 raise WeightLoadError(f"unexpected tensor {name!r}: the model has no place for it")
-            self._copy_into(params[target], target, tensor, shard, name)
-            filled.add(f"{target}#{shard}")
-        missing = [n for n in self._expected_slots(params) if n not in filled]
+            filled.add(f"{target}#{shard or 0}")
+        expected = [f"{n}#0" for n in params] + [
+            f"{m}.{leaf}#{i}" for m, layer in linears.items() for leaf in ("weight", "bias")[: 1 + (layer.bias is not None)]
+            for i in range(len(layer.shard_sizes))]
+        missing = [n for n in expected if n not in filled]
         if missing:
             raise WeightLoadError(f"missing tensor(s) for {', '.join(m.split('#')[0] for m in missing[:5])}")
+        for layer in linears.values():
+            layer.method.finish(layer)
+
+    def weight_bytes(self) -> int:
+        """Bytes the weights take as stored (packed blocks counted as they are)."""
+        linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+        packed = sum(m.method.weight_bytes(m) for m in linears.values())
+        return packed + sum(p.numel() * p.element_size() for n, p in self.named_parameters()
+                            if not (n.endswith(".weight") and _owned_by_linear(n, linears)))
 
     @staticmethod
     def _locate(name: str) -> tuple[str, int | None]:
@@ -136,30 +164,16 @@ class Transformer(nn.Module):
             return ".".join(parts[:-2] + [fused, parts[-1]]), shard
         return name, None
 
-    def _expected_slots(self, params: dict[str, nn.Parameter]) -> list[str]:
-        slots = []
-        for name in params:
-            shards = 3 if ".qkv_proj." in name else 2 if ".gate_up_proj." in name else None
-            slots += [f"{name}#{i}" for i in range(shards)] if shards else [f"{name}#None"]
-        return slots
 
-    def _copy_into(self, param: nn.Parameter, param_name: str, tensor: torch.Tensor, shard: int | None,
-                   name: str) -> None:
-        target = param.data
-        if shard is not None:
-            sizes = self._shard_sizes(param_name)
-            target = target.narrow(0, sum(sizes[:shard]), sizes[shard])
-        if tuple(target.shape) != tuple(tensor.shape):
-            raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
-        if shard is None and tensor.dtype == target.dtype and tensor.device == target.device:
-            param.data = tensor  # take the loader's tensor as it is: no second copy of the weights
-            return
-        with torch.no_grad():
-            target.copy_(tensor)
+def _owned_by_linear(param_name: str, linears: dict[str, Linear]) -> bool:
+    module, _, leaf = param_name.rpartition(".")
+    return leaf in ("weight", "bias") and module in linears
 
-    def _shard_sizes(self, param_name: str) -> list[int]:
-        cfg = self.config
-        if ".qkv_proj." in param_name:
-            kv = cfg.num_key_value_heads * cfg.head_dim
-            return [cfg.num_attention_heads * cfg.head_dim, kv, kv]
-        return [cfg.intermediate_size, cfg.intermediate_size]
+
+def _copy_param(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise WeightLoadError(f"tensor {name!r} is quantised, but the model keeps it in float")
+    if tuple(param.shape) != tuple(tensor.shape):
+        raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+    with torch.no_grad():
+        param.data.copy_(tensor)

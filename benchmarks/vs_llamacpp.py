@@ -1,0 +1,170 @@
+"""pagedllm against llama.cpp on the same GGUF files, same thread count, in one run.
+
+For each file, each engine runs in a fresh process: load time, RSS after load, prefill of 512
+tokens (best of 3, new tokens each time) and one-stream greedy decode of 128 tokens (best of 3).
+Files: the default model (SmolLM2-135M Q4_1) and a Qwen2.5-0.5B-shaped model with a Q4_K_M mix
+(random weights, written by pagedllm.tools.convert; cached under ~/.cache/pagedllm-bench).
+
+    .venv/bin/python benchmarks/vs_llamacpp.py [--threads 2] [--files default,qwen]
+
+llama.cpp comes from benchmarks/llamacpp_peer.py (built once for this CPU). Prints one JSON line
+per file with both engines and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from llamacpp_peer import cpu_model, ensure_llamacpp  # noqa: E402
+
+CACHE = Path.home() / ".cache" / "pagedllm-bench"
+PROMPT_LEN, DECODE_LEN, REPEATS = 512, 128, 3
+
+_COMMON = """
+import json, os, sys, time, psutil
+import numpy as np
+rng = np.random.default_rng(0)
+def prompts(n): return [rng.integers(100, 10000, PROMPT_LEN).tolist() for _ in range(n)]
+def rss(): return psutil.Process().memory_info().rss / 2**20
+"""
+
+_PAGEDLLM = """
+import torch
+torch.set_num_threads(THREADS)
+from pagedllm import LLM, SamplingParams
+from pagedllm.kernels import quant_kernels_available
+quant_kernels_available()  # the kernel build is cached; loading it is not model loading
+start = time.perf_counter()
+llm = LLM(PATH, kv_cache_memory=64 * 2**20, max_num_batched_tokens=PROMPT_LEN, enable_prefix_caching=False)
+load_s = time.perf_counter() - start
+rss_load = rss()
+def run(ids, n):
+    t = time.perf_counter()
+    llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    return time.perf_counter() - t
+run(prompts(1)[0][:64], 4)  # warm-up
+prefill = min(run(p, 1) for p in prompts(REPEATS))
+decode = min(run(p[:4], DECODE_LEN + 1) - run(p[:4], 1) for p in prompts(REPEATS))
+"""
+
+_LLAMACPP = """
+from llama_cpp import Llama
+start = time.perf_counter()
+llm = Llama(PATH, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=1024, n_batch=PROMPT_LEN, verbose=False)
+load_s = time.perf_counter() - start
+rss_load = rss()
+def prefill_once(ids):
+    llm.reset()
+    t = time.perf_counter()
+    llm.eval(ids)
+    return time.perf_counter() - t
+def decode_once(ids):
+    llm.reset()
+    llm.eval(ids)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t = time.perf_counter()
+    for _ in range(DECODE_LEN):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return time.perf_counter() - t
+prefill_once(prompts(1)[0][:64])
+prefill = min(prefill_once(p) for p in prompts(REPEATS))
+decode = min(decode_once(p[:4]) for p in prompts(REPEATS))
+"""
+
+_REPORT = """
+print(json.dumps({"load_s": round(load_s, 3), "rss_after_load_mib": round(rss_load),
+                  "peak_rss_mib": round(psutil.Process().memory_info().rss / 2**20),
+                  "prefill_tok_s": round(PROMPT_LEN / prefill, 1), "decode_tok_s": round(DECODE_LEN / decode, 1)}))
+"""
+
+
+def _run(engine: str, path: Path, threads: int) -> dict:
+    body = _PAGEDLLM if engine == "pagedllm" else _LLAMACPP
+    script = textwrap.dedent(f"PATH, THREADS, PROMPT_LEN, DECODE_LEN, REPEATS = {str(path)!r}, {threads}, "
+                             f"{PROMPT_LEN}, {DECODE_LEN}, {REPEATS}\n") + _COMMON + body + _REPORT
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{engine} on {path.name} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def qwen_shaped_q4_k_m() -> Path:
+    """Qwen2.5-0.5B's shape (tied head, q/k/v biases) with random weights, as a Q4_K_M mix."""
+    path = CACHE / "qwen2.5-0.5b-shaped-random.Q4_K_M.gguf"
+    if path.exists():
+        return path
+    import torch
+
+    from pagedllm.config import ModelConfig
+    from pagedllm.models.loaders import default_model_path
+    from pagedllm.models.loaders.gguf_file import GGUFFile
+    from pagedllm.tools.convert import write_gguf
+
+    config = ModelConfig(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
+                         rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=True,
+                         attention_bias=True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    write_gguf(path, config, _random_weights(config, torch), _padded_tokenizer(GGUFFile(default_model_path()), 151936),
+               weight_type="q4_k_m")
+    return path
+
+
+def _random_weights(c, torch):
+    gen = torch.Generator().manual_seed(0)
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    yield "model.embed_tokens.weight", torch.randn(c.vocab_size, c.hidden_size, generator=gen) * 0.02
+    yield "model.norm.weight", torch.ones(c.hidden_size)
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes = {"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
+                  "self_attn.v_proj": (kv, c.hidden_size), "self_attn.o_proj": (c.hidden_size, q),
+                  "mlp.gate_proj": (c.intermediate_size, c.hidden_size), "mlp.up_proj": (c.intermediate_size, c.hidden_size),
+                  "mlp.down_proj": (c.hidden_size, c.intermediate_size)}
+        for name, shape in shapes.items():
+            yield p + name + ".weight", torch.randn(*shape, generator=gen) * 0.02
+        for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            yield p + f"self_attn.{name}.bias", torch.zeros(size)
+        yield p + "input_layernorm.weight", torch.ones(c.hidden_size)
+        yield p + "post_attention_layernorm.weight", torch.ones(c.hidden_size)
+
+
+def _padded_tokenizer(f, vocab_size: int) -> dict:
+    """The default model's tokenizer, padded with unused tokens to the embedding's rows."""
+    meta = {k: v for k, v in f.metadata.items() if k.startswith("tokenizer.")}
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    extra = vocab_size - len(tokens)
+    meta["tokenizer.ggml.tokens"] = tokens + [f"<|unused_{i}|>" for i in range(extra)]
+    if "tokenizer.ggml.token_type" in meta:
+        meta["tokenizer.ggml.token_type"] = list(meta["tokenizer.ggml.token_type"]) + [5] * extra  # unused
+    return meta
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--files", default="default,qwen")
+    args = parser.parse_args()
+    ensure_llamacpp()
+    from pagedllm.models.loaders import default_model_path
+
+    files = {"default": default_model_path, "qwen": qwen_shaped_q4_k_m}
+    for key in args.files.split(","):
+        path = files[key]()
+        ours, peer = _run("pagedllm", path, args.threads), _run("llama.cpp", path, args.threads)
+        ratios = {k: round(ours[k] / peer[k], 2) for k in ("prefill_tok_s", "decode_tok_s", "rss_after_load_mib",
+                                                           "load_s")}
+        print(json.dumps({"cpu": cpu_model(), "threads": args.threads, "file": path.name,
+                          "file_mib": round(path.stat().st_size / 2**20, 1), "pagedllm": ours, "llama.cpp": peer,
+                          "ratio_pagedllm_over_llamacpp": ratios}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

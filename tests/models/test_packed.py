@@ -1,0 +1,186 @@
+"""Packed GGML weights against the float path of the same file.
+
+The packed path quantises activations to int8 blocks of 32 for up to INT8_MAX_ROWS rows (as
+llama.cpp does) and multiplies dequantised bfloat16 tiles where the CPU has native bfloat16, so
+it is not bit-exact. Stated tolerance: mean |Δlogit| ≤ 3% and max |Δlogit| ≤ 25% of the
+logits' standard deviation; greedy tokens equal until the first position where the float
+model's top two logits are closer than NEAR_TIE.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+
+from helpers import prefill_logits
+from pagedllm import LLM, SamplingParams
+from pagedllm.kernels import quant_kernels_available
+from pagedllm.layers.linear import Linear, PackedMethod, WeightLoadError
+from pagedllm.layers.quant import PackedWeight, random_blocks
+from pagedllm.models.loaders import ModelSource, load_model, read_model_config
+from pagedllm.models.loaders.hf_loader import hf_weights
+from pagedllm.tools.convert import write_gguf
+
+pytestmark = pytest.mark.skipif(not quant_kernels_available(), reason="needs a C++ compiler for the CPU kernels")
+
+Q = GGMLQuantizationType
+FORMATS = ["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k", "q4_k_m"]
+NEAR_TIE = 0.5
+SHAPE = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.05)
+
+
+@pytest.fixture(scope="module")
+def hf_folders(tmp_path_factory):
+    """Tiny random llama (q/k rows permuted in GGUF) and qwen2 (biases, tied head) with rows of 256."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    folders = {}
+    for family, config in {"llama": LlamaConfig(**SHAPE, tie_word_embeddings=False),
+                           "qwen2": Qwen2Config(**SHAPE, tie_word_embeddings=True)}.items():
+        torch.manual_seed(7)
+        folder = tmp_path_factory.mktemp(f"packed-{family}")
+        AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+        folders[family] = folder
+    return folders
+
+
+@pytest.fixture(scope="module")
+def write(hf_folders, tmp_path_factory, default_tokenizer_metadata):
+    def _write(family: str, weight_type: str) -> ModelSource:
+        folder = hf_folders[family]
+        path = tmp_path_factory.mktemp("gguf") / f"{family}-{weight_type}.gguf"
+        config, _ = read_model_config(ModelSource("hf", folder))
+        write_gguf(path, config, hf_weights(folder), default_tokenizer_metadata, weight_type=weight_type)
+        return ModelSource("gguf", path)
+    return _write
+
+
+def _assert_close_logits(ours: torch.Tensor, ref: torch.Tensor, mean: float = 0.03, peak: float = 0.25) -> None:
+    diff, spread = (ours - ref).abs(), ref.std().item()
+    assert diff.mean().item() <= mean * spread, (diff.mean().item(), spread)
+    assert diff.max().item() <= peak * spread, (diff.max().item(), spread)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("weight_type", FORMATS)
+def test_packed_logits_match_the_float_path(write, family, weight_type):
+    source = write(family, weight_type)
+    packed, dense = load_model(source), load_model(source, quantization="none")
+    linears = [m for m in packed.modules() if isinstance(m, Linear)]
+    assert linears and all(isinstance(m.method, PackedMethod) for m in linears)
+    assert packed.weight_bytes() < dense.weight_bytes() / 3
+    ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    for length in (1, 7, 40):  # the int8 kernel, and dequantised tiles + GEMM past INT8_MAX_ROWS rows
+        _assert_close_logits(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]))
+
+
+def _assert_same_until_near_tie(model, prompt: list[int], want: list[int], have: list[int]) -> None:
+    k = next((i for i, (a, b) in enumerate(zip(want, have)) if a != b), None)
+    if k is None:
+        return
+    top2 = prefill_logits(model, prompt + want[:k])[-1].topk(2).values
+    assert (top2[0] - top2[1]).item() < NEAR_TIE, (k, want, have)
+
+
+@pytest.mark.parametrize("weight_type", ["q4_1", "q4_k_m"])
+def test_greedy_tokens_match_until_a_near_tie(write, weight_type):
+    source = write("llama", weight_type)
+    prompt = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    outs = {}
+    for quantization in ("auto", "none"):
+        llm = LLM(str(source.path), kv_cache_memory=2**20, block_size=4, quantization=quantization)
+        outs[quantization] = llm.generate({"prompt_token_ids": prompt}, params)[0].token_ids
+    _assert_same_until_near_tie(load_model(source, quantization="none"), prompt, outs["none"], outs["auto"])
+
+
+def test_default_model_runs_packed_close_to_float():
+    from pagedllm.models.loaders import resolve_model
+
+    source = resolve_model(None)
+    packed, dense = load_model(source), load_model(source, quantization="none")
+    ids = list(range(300, 340))
+    for length in (1, 5, 40):
+        _assert_close_logits(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]))
+    assert packed.weight_bytes() <= source.path.stat().st_size
+
+
+def test_int8_and_int4_quantise_hugging_face_weights_at_load(hf_folders):
+    """Against the float weights themselves, so the tolerance includes rounding the weights (4 bits: a lot)."""
+    source = ModelSource("hf", hf_folders["qwen2"])
+    dense = load_model(source)
+    ids = list(range(3, 43))
+    for quantization, mean, peak in (("int8", 0.03, 0.25), ("int4", 0.3, 1.5)):
+        model = load_model(source, quantization=quantization)
+        assert isinstance(model.layers[0].mlp.down_proj.method, PackedMethod)
+        _assert_close_logits(prefill_logits(model, ids), prefill_logits(dense, ids), mean, peak)
+    assert load_model(source, quantization="int4").weight_bytes() < load_model(source, quantization="int8").weight_bytes()
+
+
+def test_int8_on_a_gguf_file_is_refused(write):
+    from pagedllm.errors import ModelSourceError
+
+    with pytest.raises(ModelSourceError, match="applies to Hugging Face"):
+        load_model(write("llama", "q8_0"), quantization="int8")
+
+
+def test_a_type_without_a_kernel_is_repacked_to_q8_0():
+    """Q2_K (and every other GGML type with no kernel) runs as Q8_0, computed from the reference dequantisation."""
+    from gguf import quants as gguf_quants
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (4 * 256 // 256, 84), dtype=np.uint8)
+    raw[:, 80:84] = np.array([0.01, 0.002], dtype=np.float16).view(np.uint8)  # finite d and dmin
+    layer = Linear(256, 4, method=PackedMethod())
+    layer.load_shard(0, PackedWeight(Q.Q2_K, torch.from_numpy(raw.reshape(4, -1)), 256), "w")
+    layer.method.finish(layer)
+    assert layer.parts[0].qtype == Q.Q8_0
+    ref_w = torch.from_numpy(gguf_quants.dequantize(raw, Q.Q2_K).reshape(4, 256))
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(layer(x), x @ ref_w.T, rtol=0.02, atol=0.02 * (x @ ref_w.T).abs().max().item())
+
+
+def test_a_packed_tensor_of_the_wrong_shape_is_refused():
+    layer = Linear(256, 4, method=PackedMethod())
+    wrong = PackedWeight(Q.Q8_0, torch.from_numpy(random_blocks(Q.Q8_0, 5, 256, np.random.default_rng(0))).view(5, -1), 256)
+    with pytest.raises(WeightLoadError, match="expects"):
+        layer.load_shard(0, wrong, "blk.0.attn_q.weight")
+
+
+def test_rss_after_loading_a_q4_0_model_stays_near_its_file_size(hf_folders, tmp_path_factory):
+    """Weights are read from the mapped file in place: loading and running adds about the file, not a float copy."""
+    from transformers import LlamaConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("rss")
+    config = LlamaConfig(**{**SHAPE, "vocab_size": 16384, "hidden_size": 1024, "intermediate_size": 2816,
+                            "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 8})
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    ours, _ = read_model_config(ModelSource("hf", folder))
+    path = folder / "model-q4_0.gguf"
+    write_gguf(path, ours, hf_weights(folder), weight_type="q4_0")
+    script = textwrap.dedent(f"""
+        import psutil, sys, torch
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
+        from helpers import prefill_logits
+        from pagedllm.kernels import quant_kernels_available
+        from pagedllm.models.loaders import ModelSource, load_model
+        quant_kernels_available()
+        ops = torch.ops.pagedllm_quant  # warm the thread pool and allocator first: they are not the model
+        ops.matmul_q8(ops.quantize_q8(torch.randn(2, 32), 0), [torch.zeros(4, 18, dtype=torch.uint8)], [2], 32,
+                      torch.empty(2, 4), 0)
+        torch.randn(64, 64) @ torch.randn(64, 64)
+        before = psutil.Process().memory_info().rss
+        model = load_model(ModelSource("gguf", {str(path)!r}))
+        prefill_logits(model, list(range(8)))
+        print(psutil.Process().memory_info().rss - before)
+    """)
+    grown = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    file_size = path.stat().st_size
+    assert grown < 1.3 * file_size, (grown / 2**20, file_size / 2**20)
