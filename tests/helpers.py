@@ -22,6 +22,9 @@ def prefill_logits(model: Transformer, ids: list[int], block_size: int = 16) -> 
     return model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta))
 
 
+# Tests of batch-shape invariance run the float path: packed weights take an int8 kernel for few
+# rows and dequantised tiles for many, so a token's logits depend (slightly) on its batch.
+FLOAT = "none"
 NEAR_TIE = 1e-3  # vLLM's rule: a different batch shape may flip a token only where the top two were this close
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from pagedllm import LLM, SamplingParams
 from helpers import assert_same_or_near_tie
+from helpers import FLOAT
 
 SYSTEM = "You are a helpful assistant who answers questions about science, history and code. "
 TOPICS = ["the moon", "photosynthesis", "the Roman empire", "binary search", "volcanoes", "the printing press",
@@ -37,7 +38,7 @@ PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 @pytest.fixture(scope="module")
 def reference():
     """Each prompt alone, one at a time, no prefix caching."""
-    llm = LLM(kv_cache_memory=16 * 2**20, enable_prefix_caching=False)
+    llm = LLM(kv_cache_memory=16 * 2**20, enable_prefix_caching=False, quantization=FLOAT)
     return llm, [llm.generate(p, PARAMS)[0].token_ids for p in _prompts()]
 
 
@@ -52,7 +53,7 @@ def _assert_same_or_near_tie(reference, outputs):
     ("no-prefix-cache", dict(max_num_batched_tokens=96, enable_prefix_caching=False)),
 ])
 def test_batched_equals_alone(reference, name, kwargs):
-    llm = LLM(kv_cache_memory=64 * 2**20, **kwargs)
+    llm = LLM(kv_cache_memory=64 * 2**20, quantization=FLOAT, **kwargs)
     outputs = llm.generate(_prompts(), PARAMS)
     _assert_same_or_near_tie(reference, outputs)
     assert llm.engine.stats().kv_blocks_free == llm.engine.kv_spec.num_blocks
@@ -62,7 +63,7 @@ def test_batched_equals_alone(reference, name, kwargs):
 
 def test_preemption_under_memory_pressure(reference):
     # 40 blocks of 16 tokens: far less than 64 prompts need at once.
-    llm = LLM(kv_cache_memory=40 * 16 * 46080, max_num_batched_tokens=256)
+    llm = LLM(kv_cache_memory=40 * 16 * 46080, max_num_batched_tokens=256, quantization=FLOAT)
     outputs = llm.generate(_prompts(), PARAMS)
     assert llm.engine.scheduler.num_preemptions > 0
     _assert_same_or_near_tie(reference, outputs)

@@ -8,6 +8,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.engine.llm_engine import RequestError
 from pagedllm.engine.request import Request
 from pagedllm.engine.kv_cache_manager import KVCacheManager
+from helpers import FLOAT
 
 PROMPTS = ["The history of Rome", "def add(a, b):", "Water boils at", "List three colours:", "Once upon a time",
            "The mitochondria is"]
@@ -28,7 +29,7 @@ def test_batched_equals_alone(llm):
 
 
 def test_preemption_keeps_greedy_outputs():
-    small = LLM(kv_cache_memory=45 * 1024 * 16 * 6, max_num_batched_tokens=64)  # six 16-token blocks
+    small = LLM(kv_cache_memory=45 * 1024 * 16 * 6, max_num_batched_tokens=64, quantization=FLOAT)  # six 16-token blocks
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     prompts = PROMPTS[:3]
     outs = small.generate(prompts, params)

@@ -10,13 +10,14 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from helpers import prefill_logits
+from helpers import FLOAT
 
 PROMPTS = ["The history of Rome", "def add(a, b):", "Water boils at", "List three colours:", "Once upon a time"]
 
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(kv_cache_memory=64 * 2**20, max_num_batched_tokens=128)
+    return LLM(kv_cache_memory=64 * 2**20, max_num_batched_tokens=128, quantization=FLOAT)
 
 
 def test_seeded_request_is_the_same_in_any_batch(llm):
@@ -42,7 +43,7 @@ def peak_blocks(llm: LLM, prompts, params) -> tuple[int, list]:
 
 
 def test_n_samples_share_the_prompts_blocks():
-    llm = LLM(kv_cache_memory=64 * 2**20, enable_prefix_caching=False)
+    llm = LLM(kv_cache_memory=64 * 2**20, enable_prefix_caching=False, quantization=FLOAT)
     prompt = "Write a long poem about the sea, the wind and the ships that sail between them. " * 3
     params = SamplingParams(max_tokens=8, temperature=1.0, seed=3)
     shared, (out,) = peak_blocks(llm, [prompt], [replace(params, n=4)])

@@ -11,6 +11,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.sampling_params import SamplingParamsError
+from helpers import FLOAT
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "My favourite season is", "Water boils at"]
 
@@ -154,8 +155,9 @@ def test_searches_batch_with_other_requests(llm):
 
 def test_search_under_a_small_kv_cache():
     """Beams that do not all fit are preempted and recomputed; the result is the same."""
-    roomy = LLM(kv_cache_memory=64 * 2**20)
-    tight = LLM(kv_cache_memory=roomy.engine.kv_spec.bytes_per_block * 13, max_num_batched_tokens=64)
+    roomy = LLM(kv_cache_memory=64 * 2**20, quantization=FLOAT)
+    tight = LLM(kv_cache_memory=roomy.engine.kv_spec.bytes_per_block * 13, max_num_batched_tokens=64,
+                quantization=FLOAT)
     params = [_beams(n=4, max_tokens=30), _beams(n=2, max_tokens=30), _beams(n=4, max_tokens=30)]
     want = roomy.generate(PROMPTS[:3], params)
     got = tight.generate(PROMPTS[:3], params)

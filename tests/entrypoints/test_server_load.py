@@ -14,6 +14,7 @@ import pytest
 
 from helpers import assert_same_or_near_tie
 from live_server import LiveServer
+from helpers import FLOAT
 
 CLIENTS = 64
 SUBJECTS = ["the sea", "a city", "winter", "a robot", "music", "bread", "the moon", "a garden"]
@@ -56,7 +57,7 @@ def _metric(text: str, name: str) -> float:
 
 
 def test_64_streaming_clients_with_hang_ups():
-    with LiveServer(served_model_name="m", kv_cache_memory=256 * 2**20) as server:
+    with LiveServer(served_model_name="m", kv_cache_memory=256 * 2**20, quantization=FLOAT) as server:
         finishers = [i for i in range(CLIENTS) if i % 4]
         alone = _alone(server.url, finishers)
         started = time.monotonic()

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pagedllm import LLM, SamplingParams
 from pagedllm import kernels
 from pagedllm.kernels import KERNEL_HEAD_DIMS, cpu_kernels_available, paged_decode_attention
+from helpers import FLOAT
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels_available(), reason="no C++ compiler to build the CPU kernels")
 
@@ -60,7 +61,8 @@ def test_backends_give_the_same_greedy_tokens():
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     outputs = {}
     for backend in ("auto", "torch"):
-        llm = LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64, attention_backend=backend)
+        llm = LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64, attention_backend=backend,
+                  quantization=FLOAT)
         assert llm.engine.runner.use_decode_kernel == (backend == "auto" and cpu_kernels_available())
         outputs[backend] = [o.token_ids for o in llm.generate(PROMPTS, params)]
     assert outputs["auto"] == outputs["torch"]

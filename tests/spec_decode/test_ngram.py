@@ -9,6 +9,7 @@ from pagedllm.config import SpeculativeConfig
 from pagedllm.errors import ConfigError
 from pagedllm.spec_decode.ngram import NgramProposer
 from helpers import assert_same_or_near_tie
+from helpers import FLOAT
 
 
 def test_proposer_continues_the_latest_longest_match():
@@ -48,9 +49,9 @@ def prompts() -> list[str]:
 def test_speculative_greedy_equals_plain_greedy_on_50_prompts():
     items = prompts()
     params = [SamplingParams(max_tokens=24 if i % 3 else 9, temperature=0, ignore_eos=bool(i % 2)) for i in range(50)]
-    plain = LLM(kv_cache_memory=128 * 2**20, max_num_batched_tokens=256)
+    plain = LLM(kv_cache_memory=128 * 2**20, max_num_batched_tokens=256, quantization=FLOAT)
     expected = [o.token_ids for o in plain.generate(items, params)]
-    spec = LLM(kv_cache_memory=128 * 2**20, max_num_batched_tokens=256,
+    spec = LLM(kv_cache_memory=128 * 2**20, max_num_batched_tokens=256, quantization=FLOAT,
                speculative_config={"method": "ngram", "num_speculative_tokens": 4})
     got = [o.token_ids for o in spec.generate(items, params)]
     assert_same_or_near_tie(plain, items, expected, got)

@@ -43,6 +43,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-backend", choices=["auto", "torch"], default="auto",
                    help="auto (default): a C++ decode kernel on the CPU when it builds; torch: plain torch ops")
+    p.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
+                   help="auto (default): GGUF weights run in their packed formats, Hugging Face weights in float; "
+                        "none: all float; int8 / int4: quantise Hugging Face weights at load (Q8_0 / Q4_1 blocks)")
     p.add_argument("--speculative-method", choices=["ngram", "draft_model"], default=None,
                    help="draft tokens for greedy requests, checked in one pass (ngram: prompt lookup; "
                         "draft_model: --speculative-model guesses)")
@@ -129,7 +132,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
     except ValueError as exc:
         raise PagedLLMError(str(exc)) from None
     return dict(device=args.device, dtype=args.dtype, seed=args.seed, attention_backend=args.attention_backend,
-                speculative_config=speculative, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                quantization=args.quantization, speculative_config=speculative, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
 

@@ -366,6 +366,24 @@ void dot_rows(const uint8_t* w, const Q8Block* a, int64_t a_stride, int64_t bloc
 }
 #endif
 
+// The same product with float activations (for the output head, where int8 rounding can flip a
+// near-tie): each weight row is dequantised once into `buf` and dotted with every x row.
+template <int kType>
+void matmul_rows_f32(const uint8_t* w, int64_t row_bytes, const float* x, int64_t m_rows, int64_t k, float* out,
+                     int64_t out_stride, int64_t n0, int64_t n1, float* buf) {
+  const int64_t blocks = k / (32 * Format<kType>::kSub);
+  for (int64_t n = n0; n < n1; ++n) {
+    dequantize_row<kType>(w + n * row_bytes, blocks, buf);
+    for (int64_t m = 0; m < m_rows; ++m) {
+      const float* xm = x + m * k;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < k; ++i) s += buf[i] * xm[i];
+      out[m * out_stride + n] = s;
+    }
+  }
+}
+
 // out[m, n] = Σ_k x[m, k]·W[n, k] for rows [n0, n1) of W; x already quantised. Activation rows
 // go four at a time so each weight sub-block is unpacked once per four.
 template <int kType>

@@ -174,6 +174,36 @@ void matmul_q8(const at::Tensor& xq, const std::vector<at::Tensor>& ws, const st
   });
 }
 
+// out [M, N] = x · dequant(W)ᵀ with x in float32, row by row (few rows: the output head).
+void matmul_f32(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k,
+                at::Tensor& out, int64_t isa) {
+  check_isa(isa);
+  const std::vector<Part> parts = parts_of(ws, types, k);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == k,
+              "x must be contiguous [M, K] float32");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == x.size(0) &&
+              out.size(1) == parts.back().first_row + parts.back().rows, "out must be [M, N] float32");
+  const int64_t m = x.size(0), out_stride = out.stride(0);
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, out.size(1), 64, [&](int64_t n0, int64_t n1) {
+    std::vector<float> buf(k);
+    for (const Part& p : parts) {
+      const int64_t lo = std::max(n0, p.first_row) - p.first_row, hi = std::min(n1, p.first_row + p.rows) - p.first_row;
+      if (lo >= hi) continue;
+      float* o = op + p.first_row;
+      with_format(p.type, [&]<int kType>() {
+        if (isa == kIsaAvx512Vnni)
+          avx512vnni::matmul_rows_f32<kType>(p.data, p.row_bytes, xp, m, k, o, out_stride, lo, hi, buf.data());
+        else if (isa == kIsaAvx2)
+          avx2::matmul_rows_f32<kType>(p.data, p.row_bytes, xp, m, k, o, out_stride, lo, hi, buf.data());
+        else
+          portable::matmul_rows_f32<kType>(p.data, p.row_bytes, xp, m, k, o, out_stride, lo, hi, buf.data());
+      });
+    }
+  });
+}
+
 template <typename Out>
 void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t type, int64_t k, Out* out, int64_t rows,
                      int64_t isa) {
@@ -236,6 +266,7 @@ TORCH_LIBRARY(pagedllm_quant, m) {
   m.def("best_isa() -> int", best_isa);
   m.def("quantize_q8(Tensor x, int isa) -> Tensor", quantize_q8);
   m.def("matmul_q8(Tensor xq, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q8);
+  m.def("matmul_f32(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_f32);
   m.def("dequantize(Tensor w, int type, int k, ScalarType dtype, int isa) -> Tensor", dequantize);
   m.def("matmul_dequant(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int tile_rows, int isa) -> ()",
         matmul_dequant);

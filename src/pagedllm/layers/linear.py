@@ -101,6 +101,7 @@ class PackedMethod(LinearMethod):
     quantize_to: GGMLQuantizationType = REPACK_TYPE
     gemm_dtype: torch.dtype = torch.float32
     isa: int = 0
+    int8_activations: bool = True  # False for the output head: int8 rounding there flips near-tied tokens
 
     def create_weights(self, layer: "Linear") -> None:
         layer.parts: list[PackedWeight | None] = [None] * len(layer.shard_sizes)
@@ -120,7 +121,9 @@ class PackedMethod(LinearMethod):
         ops = torch.ops.pagedllm_quant
         rows = x.reshape(-1, layer.in_features)
         out = torch.empty(rows.shape[0], layer.out_features)
-        if rows.shape[0] <= INT8_MAX_ROWS:
+        if rows.shape[0] <= INT8_MAX_ROWS and not self.int8_activations:
+            ops.matmul_f32(rows.float().contiguous(), layer.part_data, layer.part_types, layer.in_features, out, self.isa)
+        elif rows.shape[0] <= INT8_MAX_ROWS:
             xq = ops.quantize_q8(rows.float(), self.isa)
             ops.matmul_q8(xq, layer.part_data, layer.part_types, layer.in_features, out, self.isa)
         else:
@@ -201,7 +204,7 @@ class LinearPlan:
     quantize_to: GGMLQuantizationType | None = None
     device: str = "cpu"
 
-    def method_for(self, tensor_names: list[str], in_features: int) -> LinearMethod:
+    def method_for(self, tensor_names: list[str], in_features: int, output_head: bool = False) -> LinearMethod:
         wants_packed = self.quantize_to is not None or any(name in self.packed for name in tensor_names)
         if not wants_packed:
             return DenseMethod()
@@ -210,7 +213,7 @@ class LinearPlan:
             return DenseMethod()
         isa = kernels.best_isa()
         return PackedMethod(quantize_to=self.quantize_to or REPACK_TYPE, gemm_dtype=_gemm_dtype(),
-                            isa=kernels.ISA_NAMES.index(isa))
+                            isa=kernels.ISA_NAMES.index(isa), int8_activations=not output_head)
 
 
 _warned: set[tuple[str, int]] = set()

@@ -91,11 +91,12 @@ class Transformer(nn.Module):
         # would change the tied head's logits for a small saving.
         embed_plan = LinearPlan(plan.packed, None, plan.device)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size,
-                                      method=embed_plan.method_for(["model.embed_tokens.weight"], cfg.hidden_size))
+                                      method=embed_plan.method_for(["model.embed_tokens.weight"], cfg.hidden_size,
+                                                                   output_head=cfg.tie_word_embeddings))
         self.layers = nn.ModuleList(DecoderLayer(cfg, plan, f"model.layers.{i}") for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, method=plan.method_for(["lm_head.weight"], cfg.hidden_size))
+            cfg.hidden_size, cfg.vocab_size, method=plan.method_for(["lm_head.weight"], cfg.hidden_size, output_head=True))
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

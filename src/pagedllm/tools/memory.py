@@ -11,10 +11,13 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..models.loaders import ModelSource, read_model_config
 from ..models.loaders.gguf_file import open_gguf
+from ..layers.quant import PACKED_TYPES
+from ..models.loaders.gguf_loader import canonical_name, packed_tensor_names
 from ..models.loaders.hf_loader import safetensors_files
 
-# Bytes per weight: plain dtypes, and llama.cpp's Q8_0 / Q4_0 blocks (scale included).
-WEIGHT_DTYPES = {"float32": 4.0, "bfloat16": 2.0, "float16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# Bytes per weight of each --quantization / --dtype choice: plain dtypes, and the blocks that
+# int8 (Q8_0: 32 int8 + an fp16 scale) and int4 (Q4_1: 32 nibbles + fp16 scale and min) load into.
+WEIGHT_DTYPES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32, "int4": 20 / 32}
 KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
@@ -24,6 +27,7 @@ class MemoryReport:
     config: ModelConfig
     num_parameters: int
     file_bytes: int
+    packed_bytes: int | None = None  # a GGUF file's matrices as they run packed (auto), the rest in float32
 
     def weight_bytes(self, dtype: str) -> int:
         return int(self.num_parameters * WEIGHT_DTYPES[dtype])
@@ -33,6 +37,20 @@ class MemoryReport:
 
     def tokens_in(self, budget_bytes: int, dtype: str) -> int:
         return budget_bytes // self.kv_bytes_per_token(dtype)
+
+
+def _packed_bytes(f) -> int:
+    """What `--quantization auto` keeps: kernel formats as stored, other GGML types as Q8_0, floats as float32."""
+    names = packed_tensor_names(f)
+    total, packed = 0, {t.name for t in f.tensors.values() if canonical_name(t.name) in names}
+    for name, t in f.tensors.items():
+        if name == "rope_freqs.weight":
+            continue
+        if name in packed:
+            total += t.nbytes if t.ggml_type in PACKED_TYPES else t.n_elements * 34 // 32
+        else:
+            total += t.n_elements * 4
+    return total
 
 
 def _count_parameters(source: ModelSource) -> tuple[int, int]:
@@ -52,7 +70,8 @@ def _count_parameters(source: ModelSource) -> tuple[int, int]:
 def memory_report(source: ModelSource) -> MemoryReport:
     config, _ = read_model_config(source)
     params, file_bytes = _count_parameters(source)
-    return MemoryReport(source.name, config, params, file_bytes)
+    packed = _packed_bytes(open_gguf(source.path)) if source.kind == "gguf" else None
+    return MemoryReport(source.name, config, params, file_bytes, packed)
 
 
 def format_bytes(n: float) -> str:
@@ -70,7 +89,8 @@ def format_report(report: MemoryReport, budget_bytes: int) -> str:
         f"{c.num_attention_heads} heads / {c.num_key_value_heads} kv heads × {c.head_dim})",
         f"parameters       {report.num_parameters:,}",
         f"file on disk     {format_bytes(report.file_bytes)}",
-        "weights          " + ", ".join(f"{d} {format_bytes(report.weight_bytes(d))}" for d in WEIGHT_DTYPES),
+        "weights          " + (f"as stored (auto) {format_bytes(report.packed_bytes)}, " if report.packed_bytes else "")
+        + ", ".join(f"{d} {format_bytes(report.weight_bytes(d))}" for d in WEIGHT_DTYPES),
         "KV cache/token   " + ", ".join(f"{d} {format_bytes(report.kv_bytes_per_token(d))}" for d in KV_DTYPES)
         + f"   (2 · {c.num_hidden_layers} layers · {c.num_key_value_heads} kv heads · {c.head_dim} dims · bytes)",
         f"tokens in {format_bytes(budget_bytes)}   "
