@@ -112,8 +112,10 @@ def qwen_shaped_q4_k_m() -> Path:
                          rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=True,
                          attention_bias=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    write_gguf(path, config, _random_weights(config, torch), _padded_tokenizer(GGUFFile(default_model_path()), 151936),
-               weight_type="q4_k_m")
+    partial = path.with_suffix(".partial")
+    write_gguf(partial, config, _random_weights(config, torch),
+               _padded_tokenizer(GGUFFile(default_model_path()), 151936), weight_type="q4_k_m")
+    partial.rename(path)
     return path
 
 
@@ -143,7 +145,7 @@ def _padded_tokenizer(f, vocab_size: int) -> dict:
     extra = vocab_size - len(tokens)
     meta["tokenizer.ggml.tokens"] = tokens + [f"<|unused_{i}|>" for i in range(extra)]
     if "tokenizer.ggml.token_type" in meta:
-        meta["tokenizer.ggml.token_type"] = list(meta["tokenizer.ggml.token_type"]) + [5] * extra  # unused
+        meta["tokenizer.ggml.token_type"] = [int(t) for t in meta["tokenizer.ggml.token_type"]] + [5] * extra  # unused
     return meta
 
 
