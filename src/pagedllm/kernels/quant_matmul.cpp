@@ -140,6 +140,15 @@ std::vector<Part> parts_of(const std::vector<at::Tensor>& ws, const std::vector<
   return parts;
 }
 
+// Calls body(part, lo, hi) for the rows [lo, hi) of each part that fall in the stacked rows [n0, n1).
+template <typename Body>
+void for_part_rows(const std::vector<Part>& parts, int64_t n0, int64_t n1, Body&& body) {
+  for (const Part& p : parts) {
+    const int64_t lo = std::max(n0, p.first_row) - p.first_row, hi = std::min(n1, p.first_row + p.rows) - p.first_row;
+    if (lo < hi) body(p, lo, hi);
+  }
+}
+
 // out [M, N] (row stride free, unit column stride) = dequant(x_q8) · Wᵀ.
 void matmul_q8(const at::Tensor& xq, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k,
                at::Tensor& out, int64_t isa) {
@@ -155,9 +164,7 @@ void matmul_q8(const at::Tensor& xq, const std::vector<at::Tensor>& ws, const st
   // Enough rows per task that a thread's share is worth waking it for.
   const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(1, parts[0].row_bytes * m));
   at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-    for (const Part& p : parts) {
-      const int64_t lo = std::max(n0, p.first_row) - p.first_row, hi = std::min(n1, p.first_row + p.rows) - p.first_row;
-      if (lo >= hi) continue;
+    for_part_rows(parts, n0, n1, [&](const Part& p, int64_t lo, int64_t hi) {
       float* o = op + p.first_row;
       with_format(p.type, [&]<int kType>() {
         if (isa == kIsaAvx512Vnni)
@@ -170,7 +177,7 @@ void matmul_q8(const at::Tensor& xq, const std::vector<at::Tensor>& ws, const st
           portable::matmul_rows<kType>(p.data, p.row_bytes, reinterpret_cast<const portable::Q8Block*>(xp), m, k, o,
                                        out_stride, lo, hi);
       });
-    }
+    });
   });
 }
 
@@ -188,9 +195,7 @@ void matmul_f32(const at::Tensor& x, const std::vector<at::Tensor>& ws, const st
   float* op = out.data_ptr<float>();
   at::parallel_for(0, out.size(1), 64, [&](int64_t n0, int64_t n1) {
     std::vector<float> buf(k);
-    for (const Part& p : parts) {
-      const int64_t lo = std::max(n0, p.first_row) - p.first_row, hi = std::min(n1, p.first_row + p.rows) - p.first_row;
-      if (lo >= hi) continue;
+    for_part_rows(parts, n0, n1, [&](const Part& p, int64_t lo, int64_t hi) {
       float* o = op + p.first_row;
       with_format(p.type, [&]<int kType>() {
         if (isa == kIsaAvx512Vnni)
@@ -200,7 +205,7 @@ void matmul_f32(const at::Tensor& x, const std::vector<at::Tensor>& ws, const st
         else
           portable::matmul_rows_f32<kType>(p.data, p.row_bytes, xp, m, k, o, out_stride, lo, hi, buf.data());
       });
-    }
+    });
   });
 }
 
