@@ -86,7 +86,9 @@ def test_kv_cache_manager_allocates_and_frees_exact_blocks():
     assert kv.allocate_slots(b, 9) == [3, 2, 1]
 
 
-def test_prefix_caching_reuses_a_shared_system_prompt_without_changing_outputs(llm):
+def test_prefix_caching_reuses_a_shared_system_prompt_without_changing_outputs():
+    # The float path: packed weights take another kernel when a cache hit shortens the prompt.
+    llm = LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64, quantization=FLOAT)
     system = ("You are a careful assistant. Answer in one short sentence, without lists, and say so "
               "plainly when you do not know the answer. ")
     questions = ["What is rain?", "Why is the sky blue?", "What is a prime number?", "Who wrote Hamlet?"]
@@ -94,7 +96,8 @@ def test_prefix_caching_reuses_a_shared_system_prompt_without_changing_outputs(l
     cached = llm.generate([system + q for q in questions], params)
     assert llm.engine.kv_cache.stats.hit_tokens >= 3 * 16  # later requests found the system prompt's blocks
     assert llm.engine.stats().prefix_cache_hit_rate > 0
-    uncached = LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64, enable_prefix_caching=False)
+    uncached = LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64, enable_prefix_caching=False,
+                   quantization=FLOAT)
     assert [o.token_ids for o in uncached.generate([system + q for q in questions], params)] == \
         [o.token_ids for o in cached]
     assert uncached.engine.kv_cache.stats.hit_tokens == 0

@@ -24,10 +24,10 @@ def _reference_weights(raw: np.ndarray, qtype: Q, n: int, k: int) -> torch.Tenso
     return torch.from_numpy(values.astype(np.float64))
 
 
-def _q8_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    """The activations as the kernel sees them: int8 blocks of 32 with one float scale."""
+def _q8_roundtrip(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """The activations as the kernel sees them: int8 (or int16) blocks of 32 with one float scale."""
     blocks = x.reshape(x.shape[0], -1, 32)
-    d = blocks.abs().amax(-1, keepdim=True) / 127
+    d = blocks.abs().amax(-1, keepdim=True) / levels
     q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0)
     return (q * d).reshape(x.shape).double()
 
@@ -35,18 +35,35 @@ def _q8_roundtrip(x: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("m", [1, 2, 7, 64])
-def test_int8_matmul_matches_reference(qtype, isa, m):
+@pytest.mark.parametrize("activations", ["int8", "int16"])
+def test_integer_matmul_matches_reference(qtype, isa, m, activations):
     k = 512 if GGML_QUANT_SIZES[qtype][0] == 256 else 96  # odd block counts: 2 and 3
-    n = 37
+    n = 37  # weight rows in tiles of four and a remainder
     raw = random_blocks(qtype, n, k, np.random.default_rng(m))
     w = torch.from_numpy(raw.reshape(n, -1))
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
     ops = torch.ops.pagedllm_quant
     isa_id = available_isas().index(isa)
     out = torch.empty(m, n)
-    ops.matmul_q8(ops.quantize_q8(x, isa_id), [w], [int(qtype)], k, out, isa_id)
-    ref = _q8_roundtrip(x) @ _reference_weights(raw, qtype, n, k).T
+    if activations == "int8":
+        ops.matmul_q8(ops.quantize_q8(x, isa_id), [w], [int(qtype)], k, out, isa_id)
+    else:
+        ops.matmul_q16(x, [w], [int(qtype)], k, out, isa_id)
+    ref = _q8_roundtrip(x, 127 if activations == "int8" else 32767) @ _reference_weights(raw, qtype, n, k).T
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int16_activations_are_close_to_float(isa):
+    """The output head's path: int16 rounding of x leaves the product within 1e-4 of float's."""
+    n, k = 64, 576
+    raw = random_blocks(Q.Q8_0, n, k, np.random.default_rng(7))
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(7))
+    out = torch.empty(3, n)
+    torch.ops.pagedllm_quant.matmul_q16(x, [torch.from_numpy(raw.reshape(n, -1))], [int(Q.Q8_0)], k, out,
+                                        available_isas().index(isa))
+    ref = x.double() @ _reference_weights(raw, Q.Q8_0, n, k).T
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -76,7 +93,7 @@ def test_dequantised_gemm_matches_reference(qtype, dtype):
 def test_wrong_row_size_is_refused():
     w = torch.zeros(4, 19, dtype=torch.uint8)  # a Q4_0 row of 32 values is 18 bytes
     with pytest.raises(RuntimeError, match="do not hold"):
-        torch.ops.pagedllm_quant.matmul_q8(torch.zeros(1, 40, dtype=torch.uint8), [w], [int(Q.Q4_0)], 32,
+        torch.ops.pagedllm_quant.matmul_q8(torch.zeros(1, 48, dtype=torch.uint8), [w], [int(Q.Q4_0)], 32,
                                            torch.empty(1, 4), 0)
 
 

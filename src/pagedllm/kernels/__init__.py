@@ -47,7 +47,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
 # The quantised matmuls carry every instruction-set path in one build (no -march=native) and
 # pick one at run time, so their build does not depend on the CPU it was made on.
-_QUANT_SOURCES = [Path(__file__).with_name("quant_matmul.cpp"), Path(__file__).with_name("quant_impl.h")]
+_QUANT_SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "decode_layer.cpp", "quant_impl.h", "quant_kernels.h")]
 _QUANT_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
 ISA_NAMES = ("portable", "avx2", "avx512vnni")
 
@@ -55,12 +55,12 @@ ISA_NAMES = ("portable", "avx2", "avx512vnni")
 @functools.cache
 def quant_kernels_available() -> bool:
     """Build (or load) the packed-weight kernels; False, with one warning, if that fails."""
-    # The header is part of the build but torch only hashes the listed sources: name the build by both.
+    # The headers are part of the build but torch only hashes the compiled sources: name the build by all.
     digest = hashlib.sha1(b"".join(p.read_bytes() for p in _QUANT_SOURCES)).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load
 
-        load(f"pagedllm_quant_{digest}", [str(_QUANT_SOURCES[0])], is_python_module=False,
+        load(f"pagedllm_quant_{digest}", [str(p) for p in _QUANT_SOURCES if p.suffix == ".cpp"], is_python_module=False,
              extra_cflags=_QUANT_FLAGS, verbose=False)
     except Exception as exc:  # a missing compiler must not stop the engine; packed layers then refuse to run
         log.warning("pagedllm quantised CPU kernels unavailable: %s", exc)

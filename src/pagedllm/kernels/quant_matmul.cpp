@@ -1,11 +1,13 @@
 // Matrix products with GGML-quantised weights that stay packed (CPU).
 //
-// Few rows (decode): the activations are quantised to int8 blocks of 32 and each weight block
-// is dotted with them in integers, as llama.cpp does. Many rows (prefill): weight tiles are
-// dequantised into a reused buffer and handed to torch's GEMM. Output rows of W are split over
-// torch's thread pool. quant_impl.h is compiled three times — portable, AVX2+FMA and
-// AVX-512 VNNI — and the caller names the path (`isa`), so one build runs on every x86 CPU and
-// tests can exercise every path the CPU has.
+// Few rows (decode): the activations are quantised to integer blocks of 32 (int8 for the layers,
+// int16 for the output head) and each weight block is dotted with them in integers, as llama.cpp
+// does. Many rows (prefill): weight tiles are dequantised into a reused buffer and handed to
+// torch's GEMM. Output rows of W are split over torch's thread pool. quant_impl.h is compiled
+// three times — portable, AVX2+FMA and AVX-512 VNNI — and the caller names the path (`isa`), so
+// one build runs on every x86 CPU and tests can exercise every path the CPU has.
+
+#include "quant_kernels.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -16,8 +18,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
+namespace pagedllm_quant {
 namespace {
 
 // GGML type ids (ggml.h), the keys the Python side passes.
@@ -45,6 +50,14 @@ namespace avx512vnni {
 #pragma GCC pop_options
 #undef PAGEDLLM_VNNI
 #undef PAGEDLLM_SIMD
+
+// Calls NAMESPACE::call for the instruction set `isa` names.
+#define PAGEDLLM_BY_ISA(isa, ...)                          \
+  do {                                                     \
+    if ((isa) == kIsaAvx512Vnni) avx512vnni::__VA_ARGS__;  \
+    else if ((isa) == kIsaAvx2) avx2::__VA_ARGS__;         \
+    else portable::__VA_ARGS__;                            \
+  } while (0)
 
 int64_t best_isa() {
   __builtin_cpu_init();
@@ -90,10 +103,6 @@ void with_format(int64_t type, Body&& body) {
   TORCH_CHECK(false, "GGML type ", type, " has no packed kernel");
 }
 
-void check_isa(int64_t isa) {
-  TORCH_CHECK(isa >= kIsaPortable && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
-}
-
 void check_weight(const at::Tensor& w, int64_t type, int64_t k) {
   const FormatInfo f = format_info(type);
   TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous(), "packed weight must be 2-d uint8");
@@ -101,32 +110,20 @@ void check_weight(const at::Tensor& w, int64_t type, int64_t k) {
               "packed weight rows of ", w.size(1), " bytes do not hold ", k, " values of type ", type);
 }
 
-// x [M, K] float32 → [M, K/32 * 40] uint8 of Q8 blocks.
-at::Tensor quantize_q8(const at::Tensor& x, int64_t isa) {
-  check_isa(isa);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 32 == 0, "x must be [M, 32k] float32");
-  const at::Tensor xc = x.contiguous();
-  const int64_t m = xc.size(0), k = xc.size(1);
-  at::Tensor out = at::empty({m, k / 32 * 40}, xc.options().dtype(at::kByte));
-  const float* src = xc.data_ptr<float>();
-  uint8_t* dst = out.data_ptr<uint8_t>();
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = src + r * k;
-      uint8_t* o = dst + r * (k / 32 * 40);
-      if (isa == kIsaAvx512Vnni) avx512vnni::quantize_row(row, k, reinterpret_cast<avx512vnni::Q8Block*>(o));
-      else if (isa == kIsaAvx2) avx2::quantize_row(row, k, reinterpret_cast<avx2::Q8Block*>(o));
-      else portable::quantize_row(row, k, reinterpret_cast<portable::Q8Block*>(o));
-    }
-  });
-  return out;
+// Calls body(part, lo, hi) for the rows [lo, hi) of each part that fall in the stacked rows [n0, n1).
+template <typename Body>
+void for_part_rows(const std::vector<Part>& parts, int64_t n0, int64_t n1, Body&& body) {
+  for (const Part& p : parts) {
+    const int64_t lo = std::max(n0, p.first_row) - p.first_row, hi = std::min(n1, p.first_row + p.rows) - p.first_row;
+    if (lo < hi) body(p, lo, hi);
+  }
 }
 
-// W is given in parts (e.g. q, k, v of different types): their rows are stacked, in order.
-struct Part {
-  const uint8_t* data;
-  int64_t type, rows, row_bytes, first_row;
-};
+}  // namespace
+
+void check_isa(int64_t isa) {
+  TORCH_CHECK(isa >= kIsaPortable && isa <= best_isa(), "instruction set ", isa, " is not available on this CPU");
+}
 
 std::vector<Part> parts_of(const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k) {
   TORCH_CHECK(!ws.empty() && ws.size() == types.size(), "one type per weight part");
@@ -140,73 +137,69 @@ std::vector<Part> parts_of(const std::vector<at::Tensor>& ws, const std::vector<
   return parts;
 }
 
-// Calls body(part, lo, hi) for the rows [lo, hi) of each part that fall in the stacked rows [n0, n1).
-template <typename Body>
-void for_part_rows(const std::vector<Part>& parts, int64_t n0, int64_t n1, Body&& body) {
-  for (const Part& p : parts) {
-    const int64_t lo = std::max(n0, p.first_row) - p.first_row, hi = std::min(n1, p.first_row + p.rows) - p.first_row;
-    if (lo < hi) body(p, lo, hi);
-  }
+void quantize_activations(const float* x, int64_t m, int64_t k, int64_t x_stride, uint8_t* out, bool wide,
+                          int64_t isa) {
+  const int64_t row_bytes = activation_row_bytes(k, wide);
+  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
+    PAGEDLLM_BY_ISA(isa, quantize_rows(x + begin * x_stride, end - begin, k, x_stride, out + begin * row_bytes, wide));
+  });
 }
 
-// out [M, N] (row stride free, unit column stride) = dequant(x_q8) · Wᵀ.
+void matmul_parts(const uint8_t* xq, int64_t m, const std::vector<Part>& parts, int64_t k, float* out,
+                  int64_t out_stride, bool wide, bool accumulate, int64_t isa) {
+  // Enough rows per task that a thread's share is worth waking it for.
+  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(1, parts[0].row_bytes * m));
+  at::parallel_for(0, rows_of(parts), grain, [&](int64_t n0, int64_t n1) {
+    for_part_rows(parts, n0, n1, [&](const Part& p, int64_t lo, int64_t hi) {
+      with_format(p.type, [&]<int kType>() {
+        PAGEDLLM_BY_ISA(isa, matmul_quantised<kType>(p.data, p.row_bytes, xq, wide, m, k, out + p.first_row, out_stride,
+                                                     lo, hi, accumulate));
+      });
+    });
+  });
+}
+
+namespace {
+
+void check_out(const at::Tensor& out, int64_t m, int64_t n) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == m &&
+              out.size(1) == n, "out must be [M, N] float32 with unit column stride");
+}
+
+// x [M, K] float32 → [M, K/32 * 48] uint8 of int8 blocks.
+at::Tensor quantize_q8(const at::Tensor& x, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) % 32 == 0, "x must be [M, 32k] float32");
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty({xc.size(0), activation_row_bytes(xc.size(1), false)}, xc.options().dtype(at::kByte));
+  quantize_activations(xc.data_ptr<float>(), xc.size(0), xc.size(1), xc.size(1), out.data_ptr<uint8_t>(), false, isa);
+  return out;
+}
+
+// out [M, N] = dequant(x_q8) · Wᵀ.
 void matmul_q8(const at::Tensor& xq, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k,
                at::Tensor& out, int64_t isa) {
   check_isa(isa);
   const std::vector<Part> parts = parts_of(ws, types, k);
-  const int64_t n = parts.back().first_row + parts.back().rows;
-  TORCH_CHECK(xq.scalar_type() == at::kByte && xq.is_contiguous() && xq.size(1) == k / 32 * 40, "xq must be Q8 rows");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == xq.size(0) &&
-              out.size(1) == n, "out must be [M, N] float32 with unit column stride");
-  const int64_t m = xq.size(0), out_stride = out.stride(0);
-  const uint8_t* xp = xq.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-  // Enough rows per task that a thread's share is worth waking it for.
-  const int64_t grain = std::max<int64_t>(8, 32768 / std::max<int64_t>(1, parts[0].row_bytes * m));
-  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
-    for_part_rows(parts, n0, n1, [&](const Part& p, int64_t lo, int64_t hi) {
-      float* o = op + p.first_row;
-      with_format(p.type, [&]<int kType>() {
-        if (isa == kIsaAvx512Vnni)
-          avx512vnni::matmul_rows<kType>(p.data, p.row_bytes, reinterpret_cast<const avx512vnni::Q8Block*>(xp), m, k,
-                                         o, out_stride, lo, hi);
-        else if (isa == kIsaAvx2)
-          avx2::matmul_rows<kType>(p.data, p.row_bytes, reinterpret_cast<const avx2::Q8Block*>(xp), m, k, o,
-                                   out_stride, lo, hi);
-        else
-          portable::matmul_rows<kType>(p.data, p.row_bytes, reinterpret_cast<const portable::Q8Block*>(xp), m, k, o,
-                                       out_stride, lo, hi);
-      });
-    });
-  });
+  TORCH_CHECK(xq.scalar_type() == at::kByte && xq.is_contiguous() && xq.size(1) == activation_row_bytes(k, false),
+              "xq must be Q8 rows");
+  check_out(out, xq.size(0), rows_of(parts));
+  matmul_parts(xq.data_ptr<uint8_t>(), xq.size(0), parts, k, out.data_ptr<float>(), out.stride(0), false, false, isa);
 }
 
-// out [M, N] = x · dequant(W)ᵀ with x in float32, row by row (few rows: the output head).
-void matmul_f32(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k,
+// out [M, N] = x · Wᵀ with x float32, rounded to int16 blocks (the output head: fine enough that
+// near-tied tokens keep their order, still integer dot products).
+void matmul_q16(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k,
                 at::Tensor& out, int64_t isa) {
   check_isa(isa);
   const std::vector<Part> parts = parts_of(ws, types, k);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.dim() == 2 && x.size(1) == k,
-              "x must be contiguous [M, K] float32");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == x.size(0) &&
-              out.size(1) == parts.back().first_row + parts.back().rows, "out must be [M, N] float32");
-  const int64_t m = x.size(0), out_stride = out.stride(0);
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, out.size(1), 64, [&](int64_t n0, int64_t n1) {
-    std::vector<float> buf(k);
-    for_part_rows(parts, n0, n1, [&](const Part& p, int64_t lo, int64_t hi) {
-      float* o = op + p.first_row;
-      with_format(p.type, [&]<int kType>() {
-        if (isa == kIsaAvx512Vnni)
-          avx512vnni::matmul_rows_f32<kType>(p.data, p.row_bytes, xp, m, k, o, out_stride, lo, hi, buf.data());
-        else if (isa == kIsaAvx2)
-          avx2::matmul_rows_f32<kType>(p.data, p.row_bytes, xp, m, k, o, out_stride, lo, hi, buf.data());
-        else
-          portable::matmul_rows_f32<kType>(p.data, p.row_bytes, xp, m, k, o, out_stride, lo, hi, buf.data());
-      });
-    });
-  });
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.size(1) == k && x.stride(1) == 1,
+              "x must be [M, K] float32 with unit column stride");
+  const int64_t m = x.size(0);
+  check_out(out, m, rows_of(parts));
+  at::Tensor xq = at::empty({m, activation_row_bytes(k, true)}, x.options().dtype(at::kByte));
+  quantize_activations(x.data_ptr<float>(), m, k, x.stride(0), xq.data_ptr<uint8_t>(), true, isa);
+  matmul_parts(xq.data_ptr<uint8_t>(), m, parts, k, out.data_ptr<float>(), out.stride(0), true, false, isa);
 }
 
 template <typename Out>
@@ -215,11 +208,7 @@ void dequantize_rows(const uint8_t* w, int64_t row_bytes, int64_t type, int64_t 
   const int64_t blocks = k / format_info(type).block_elems;
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     with_format(type, [&]<int kType>() {
-      for (int64_t r = r0; r < r1; ++r) {
-        if (isa == kIsaAvx512Vnni) avx512vnni::dequantize_row<kType>(w + r * row_bytes, blocks, out + r * k);
-        else if (isa == kIsaAvx2) avx2::dequantize_row<kType>(w + r * row_bytes, blocks, out + r * k);
-        else portable::dequantize_row<kType>(w + r * row_bytes, blocks, out + r * k);
-      }
+      for (int64_t r = r0; r < r1; ++r) PAGEDLLM_BY_ISA(isa, dequantize_row<kType>(w + r * row_bytes, blocks, out + r * k));
     });
   });
 }
@@ -266,12 +255,15 @@ void matmul_dequant(const at::Tensor& x, const std::vector<at::Tensor>& ws, cons
 }
 
 }  // namespace
+}  // namespace pagedllm_quant
+
+using namespace pagedllm_quant;
 
 TORCH_LIBRARY(pagedllm_quant, m) {
   m.def("best_isa() -> int", best_isa);
   m.def("quantize_q8(Tensor x, int isa) -> Tensor", quantize_q8);
   m.def("matmul_q8(Tensor xq, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q8);
-  m.def("matmul_f32(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_f32);
+  m.def("matmul_q16(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q16);
   m.def("dequantize(Tensor w, int type, int k, ScalarType dtype, int isa) -> Tensor", dequantize);
   m.def("matmul_dequant(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int tile_rows, int isa) -> ()",
         matmul_dequant);

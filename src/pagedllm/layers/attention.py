@@ -97,6 +97,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     sliding_window: int | None) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads, dim]."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
+    return attend(q, kv_cache, meta, masks, scale, sliding_window)
+
+
+def attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, masks: list[torch.Tensor | None],
+           scale: float, sliding_window: int | None) -> torch.Tensor:
+    """Attention of q over the cache, this step's K/V already written. Returns [tokens, heads, dim]."""
     if len(meta.groups) == 1:
         return _attend_group(q, kv_cache, meta.groups[0], masks[0], scale, sliding_window)
     out = torch.empty_like(q)

@@ -84,9 +84,6 @@ def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
 QUANTIZERS = {Q.Q8_0: quantize_q8_0, Q.Q4_1: quantize_q4_1}
 
 
-QUANTIZERS = {Q.Q8_0: quantize_q8_0, Q.Q4_1: quantize_q4_1}
-
-
 def quantize(w: torch.Tensor, qtype: GGMLQuantizationType) -> PackedWeight:
     block = GGML_QUANT_SIZES[qtype][0]
     if w.dim() != 2 or w.shape[1] % block:

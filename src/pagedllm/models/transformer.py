@@ -19,6 +19,7 @@ from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weig
 from ..layers.attention import AttentionMetadata, build_attention_mask, paged_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+from .fused_decode import FusedDecodeLayer
 
 
 def _linear(plan: LinearPlan, prefix: str, shards: dict[str, int], in_features: int, bias: bool = False) -> Linear:
@@ -68,8 +69,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, plan, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, plan, f"{prefix}.mlp")
+        self.fused: FusedDecodeLayer | None = None  # set once the weights are in, where the layer qualifies
 
     def forward(self, x, cos, sin, kv_cache, meta, masks):
+        if self.fused is not None and self.fused.applies_to(x):
+            return self.fused(x, cos, sin, kv_cache, meta, masks)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, masks)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -148,6 +152,8 @@ class Transformer(nn.Module):
             raise WeightLoadError(f"missing tensor(s) for {', '.join(m.split('#')[0] for m in missing[:5])}")
         for layer in linears.values():
             layer.method.finish(layer)
+        for layer in self.layers:
+            layer.fused = FusedDecodeLayer.build(layer)
 
     def weight_bytes(self) -> int:
         """Bytes the weights take as stored (packed blocks counted as they are)."""

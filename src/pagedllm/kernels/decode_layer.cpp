@@ -1,0 +1,170 @@
+// A decoder layer's work around attention, for few rows (decode), in two calls instead of ~20
+// small torch ops: at batch 1 those ops and their Python cost more than reading the weights.
+//
+//   attention_input:      h = rmsnorm(x); q, k, v = h·W_qkv (+ b); rope(q, k); k, v → cache slots
+//   attention_output_mlp: x += attn·W_o; x += down(silu(gate) · up)(rmsnorm(x))
+//
+// Attention itself stays with the attention backend, between the two. The linear products are
+// quant_matmul.cpp's integer kernels; the rest (norms, rope, SiLU, cache writes) is a few
+// thousand floats per row, done here in plain loops without a pass through the dispatcher.
+
+#include "quant_kernels.h"
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+namespace pagedllm_quant {
+namespace {
+
+// out = x / sqrt(mean(x²) + eps) · weight, per row (float32, as the model's RMSNorm).
+void rms_norm_rows(const float* x, int64_t m, int64_t n, const float* weight, float eps, float* out) {
+  for (int64_t r = 0; r < m; ++r, x += n, out += n) {
+    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
+    const float inv = 1.f / std::sqrt(sum / n + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = weight[i] * (x[i] * inv);
+  }
+}
+
+// Rotate-half rope on `heads` heads of one row, in place.
+void rope_row(float* v, int64_t heads, int64_t dim, const float* cos, const float* sin) {
+  const int64_t half = dim / 2;
+  for (int64_t h = 0; h < heads; ++h, v += dim) {
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = v[i], b = v[i + half];
+      v[i] = a * cos[i] - b * sin[i];
+      v[i + half] = b * cos[i + half] + a * sin[i + half];
+    }
+  }
+}
+
+template <typename T>
+void write_cache_row(const float* src, int64_t n, T* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+// k and v of each row into the [2, blocks, block_size, kv_heads, dim] cache at its slot.
+void write_kv(const float* qkv, int64_t m, int64_t row_stride, int64_t k_offset, int64_t kv_size, at::Tensor& cache,
+              const int64_t* slots) {
+  const int64_t half = cache.numel() / 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "write_kv", [&] {
+    scalar_t* keys = cache.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < m; ++r) {
+      const float* row = qkv + r * row_stride + k_offset;
+      write_cache_row(row, kv_size, keys + slots[r] * kv_size);
+      write_cache_row(row + kv_size, kv_size, keys + half + slots[r] * kv_size);
+    }
+  });
+}
+
+at::Tensor quantised_rows(const float* x, int64_t m, int64_t k, int64_t isa) {
+  at::Tensor xq = at::empty({m, activation_row_bytes(k, false)}, at::dtype(at::kByte));
+  quantize_activations(x, m, k, k, xq.data_ptr<uint8_t>(), false, isa);
+  return xq;
+}
+
+void check_rows(const at::Tensor& t, int64_t m, int64_t n, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == m * n, name,
+              " must be contiguous float32 with ", n, " values per row");
+}
+
+// x [M, hidden] → q [M, heads, dim]; k and v written to kv_cache at `slots` [M].
+at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
+                           const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& cos, const at::Tensor& sin,
+                           int64_t num_heads, int64_t num_kv_heads, at::Tensor& kv_cache, const at::Tensor& slots,
+                           int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, hidden] float32");
+  const int64_t m = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 && kv_cache.size(3) == num_kv_heads,
+              "kv_cache must be a contiguous [2, blocks, block_size, kv_heads, dim] pool");
+  const int64_t dim = kv_cache.size(4), q_size = num_heads * dim, kv_size = num_kv_heads * dim;
+  const std::vector<Part> parts = parts_of(ws, types, hidden);
+  TORCH_CHECK(rows_of(parts) == q_size + 2 * kv_size, "q/k/v weights have ", rows_of(parts), " rows, heads need ",
+              q_size + 2 * kv_size);
+  check_rows(norm_weight, 1, hidden, "norm_weight");
+  check_rows(cos, m, dim, "cos");
+  check_rows(sin, m, dim, "sin");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == m, "slots must be [M] int64");
+  const int64_t cache_slots = kv_cache.numel() / (2 * kv_size);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t r = 0; r < m; ++r) TORCH_CHECK(slot[r] >= 0 && slot[r] < cache_slots, "slot ", slot[r], " is outside the cache");
+
+  at::Tensor normed = at::empty({m, hidden}, x.options());
+  rms_norm_rows(x.data_ptr<float>(), m, hidden, norm_weight.data_ptr<float>(), static_cast<float>(eps),
+                normed.data_ptr<float>());
+  const at::Tensor xq = quantised_rows(normed.data_ptr<float>(), m, hidden, isa);
+  const int64_t width = q_size + 2 * kv_size;
+  at::Tensor qkv = at::empty({m, width}, x.options());
+  float* out = qkv.data_ptr<float>();
+  matmul_parts(xq.data_ptr<uint8_t>(), m, parts, hidden, out, width, false, false, isa);
+  if (bias) {
+    check_rows(*bias, 1, width, "bias");
+    qkv.add_(*bias);
+  }
+  for (int64_t r = 0; r < m; ++r) {
+    const float *c = cos.data_ptr<float>() + r * dim, *s = sin.data_ptr<float>() + r * dim;
+    rope_row(out + r * width, num_heads + num_kv_heads, dim, c, s);  // q and k heads are adjacent
+  }
+  write_kv(out, m, width, q_size, kv_size, kv_cache, slot);
+  return qkv.narrow(1, 0, q_size).view({m, num_heads, dim});
+}
+
+// x [M, hidden] += attn·W_oᵀ, then += the SwiGLU MLP of rmsnorm(x). attn: [M, heads·dim].
+void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vector<at::Tensor>& o_ws,
+                          const std::vector<int64_t>& o_types, const at::Tensor& norm_weight, double eps,
+                          const std::vector<at::Tensor>& gate_up_ws, const std::vector<int64_t>& gate_up_types,
+                          const std::vector<at::Tensor>& down_ws, const std::vector<int64_t>& down_types,
+                          int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, hidden] float32");
+  const int64_t m = x.size(0), hidden = x.size(1);
+  TORCH_CHECK(attn.numel() % m == 0, "attn must have M rows");
+  const int64_t attn_width = attn.numel() / m;
+  check_rows(attn, m, attn_width, "attn");
+  check_rows(norm_weight, 1, hidden, "norm_weight");
+  const std::vector<Part> o = parts_of(o_ws, o_types, attn_width), gate_up = parts_of(gate_up_ws, gate_up_types, hidden);
+  const int64_t inter = rows_of(gate_up) / 2;
+  const std::vector<Part> down = parts_of(down_ws, down_types, inter);
+  TORCH_CHECK(rows_of(o) == hidden && rows_of(down) == hidden && rows_of(gate_up) == 2 * inter,
+              "o, gate/up and down weights do not fit the hidden size");
+  float* xp = x.data_ptr<float>();
+
+  at::Tensor xq = quantised_rows(attn.data_ptr<float>(), m, attn_width, isa);
+  matmul_parts(xq.data_ptr<uint8_t>(), m, o, attn_width, xp, hidden, false, true, isa);
+
+  at::Tensor normed = at::empty({m, hidden}, x.options());
+  rms_norm_rows(xp, m, hidden, norm_weight.data_ptr<float>(), static_cast<float>(eps), normed.data_ptr<float>());
+  xq = quantised_rows(normed.data_ptr<float>(), m, hidden, isa);
+  at::Tensor gu = at::empty({m, 2 * inter}, x.options());
+  float* g = gu.data_ptr<float>();
+  matmul_parts(xq.data_ptr<uint8_t>(), m, gate_up, hidden, g, 2 * inter, false, false, isa);
+  for (int64_t r = 0; r < m; ++r) {  // silu(gate) · up, into the gate half
+    float* row = g + r * 2 * inter;
+    for (int64_t i = 0; i < inter; ++i) row[i] = row[i] / (1.f + std::exp(-row[i])) * row[i + inter];
+  }
+  at::Tensor act = at::empty({m, activation_row_bytes(inter, false)}, at::dtype(at::kByte));
+  quantize_activations(g, m, inter, 2 * inter, act.data_ptr<uint8_t>(), false, isa);
+  matmul_parts(act.data_ptr<uint8_t>(), m, down, inter, xp, hidden, false, true, isa);
+}
+
+}  // namespace
+}  // namespace pagedllm_quant
+
+TORCH_LIBRARY_FRAGMENT(pagedllm_quant, m) {
+  m.def("attention_input(Tensor x, Tensor norm_weight, float eps, Tensor[] ws, int[] types, Tensor? bias, "
+        "Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(a!) kv_cache, Tensor slots, int isa) -> Tensor",
+        pagedllm_quant::attention_input);
+  m.def("attention_output_mlp(Tensor(a!) x, Tensor attn, Tensor[] o_ws, int[] o_types, Tensor norm_weight, float eps, "
+        "Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, int[] down_types, int isa) -> ()",
+        pagedllm_quant::attention_output_mlp);
+}

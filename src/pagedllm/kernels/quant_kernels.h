@@ -1,0 +1,30 @@
+// What quant_matmul.cpp offers the other sources of the packed-weight build (decode_layer.cpp).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace pagedllm_quant {
+
+// A weight given in parts (e.g. q, k, v of different types): their rows are stacked, in order.
+struct Part {
+  const uint8_t* data;
+  int64_t type, rows, row_bytes, first_row;
+};
+
+void check_isa(int64_t isa);
+std::vector<Part> parts_of(const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k);
+inline int64_t rows_of(const std::vector<Part>& parts) { return parts.back().first_row + parts.back().rows; }
+
+// Activations are quantised to blocks of 32: int8 (48 bytes a block) or, `wide`, int16 (80).
+inline int64_t activation_row_bytes(int64_t k, bool wide) { return k / 32 * (wide ? 80 : 48); }
+void quantize_activations(const float* x, int64_t m, int64_t k, int64_t x_stride, uint8_t* out, bool wide,
+                          int64_t isa);
+
+// out[M, N] (row stride out_stride) = x · Wᵀ, or += with `accumulate`; x quantised as above.
+void matmul_parts(const uint8_t* xq, int64_t m, const std::vector<Part>& parts, int64_t k, float* out,
+                  int64_t out_stride, bool wide, bool accumulate, int64_t isa);
+
+}  // namespace pagedllm_quant

@@ -1,0 +1,72 @@
+"""The few-row (decode) path of a decoder layer whose linear layers are packed: two C++ calls
+around the attention backend (pagedllm/kernels/decode_layer.cpp) instead of ~20 torch ops.
+
+At batch 1 the model reads each weight once; the small ops between the products (norms, rope,
+cache writes, SiLU, residual adds) and the Python that issues them cost more than that read.
+The fused path computes what the module path computes — same parts, same order, float32
+activations — so a layer takes it only when its parts are the ones the kernels implement
+(RMSNorm, packed int8-activation linears, no bias on o/down, SwiGLU, rotate-half rope);
+any other layer keeps the module path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..layers.attention import AttentionMetadata, attend
+from ..layers.linear import INT8_MAX_ROWS, Linear, PackedMethod
+from ..layers.norm import RMSNorm
+
+
+@dataclass
+class FusedDecodeLayer:
+    input_norm: RMSNorm
+    qkv: Linear
+    o: Linear
+    post_norm: RMSNorm
+    gate_up: Linear
+    down: Linear
+    num_heads: int
+    num_kv_heads: int
+    scale: float
+    sliding_window: int | None
+    isa: int
+
+    max_rows = INT8_MAX_ROWS  # beyond, the module path's dequantise-and-GEMM products are faster
+
+    @classmethod
+    def build(cls, layer: torch.nn.Module) -> "FusedDecodeLayer | None":
+        """The fused path for `layer` (a DecoderLayer, weights loaded), or None where it does not apply."""
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if not all(isinstance(m.method, PackedMethod) and m.method.int8_activations for m in linears):
+            return None
+        if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+            return None
+        if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 for n in norms):
+            return None
+        if attn.qkv_proj.bias is not None and attn.qkv_proj.bias.dtype != torch.float32:
+            return None
+        return cls(layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,
+                   mlp.gate_up_proj, mlp.down_proj, attn.num_heads, attn.num_kv_heads, attn.scale,
+                   attn.sliding_window, attn.qkv_proj.method.isa)
+
+    def applies_to(self, x: torch.Tensor) -> bool:
+        return x.dtype == torch.float32 and x.shape[0] <= self.max_rows
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata, masks: list[torch.Tensor | None]) -> torch.Tensor:
+        """The layer's output for x [tokens, hidden]; x's storage is updated in place and returned."""
+        ops, rows = torch.ops.pagedllm_quant, x.shape[0]
+        x = x.contiguous()
+        q = ops.attention_input(x, self.input_norm.weight, self.input_norm.eps, self.qkv.part_data,
+                                self.qkv.part_types, self.qkv.bias, cos.reshape(rows, -1), sin.reshape(rows, -1),
+                                self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping, self.isa)
+        out = attend(q, kv_cache, meta, masks, self.scale, self.sliding_window)
+        ops.attention_output_mlp(x, out.contiguous(), self.o.part_data, self.o.part_types, self.post_norm.weight,
+                                 self.post_norm.eps, self.gate_up.part_data, self.gate_up.part_types,
+                                 self.down.part_data, self.down.part_types, self.isa)
+        return x
