@@ -187,6 +187,17 @@ inline void quantize_row(const float* x, int64_t k, Block* out) {
 
 inline void store(float* out, float v, bool accumulate) { *out = accumulate ? *out + v : v; }
 
+// Weights stream from memory once per step, and the hardware prefetcher alone kept the decode
+// products at ~18 GB/s where this machine reads ~50 GB/s per thread: ask for the lines 8 KiB
+// ahead of each weight row (measured best of 1-32 KiB; 2.7x on a 30 MB head).
+constexpr int kPrefetchBytes = 8192;
+
+template <int kBlockBytes>
+inline void prefetch_ahead(const uint8_t* block) {
+  for (int offset = 0; offset < kBlockBytes; offset += 64)
+    __builtin_prefetch(block + kPrefetchBytes + offset);
+}
+
 #if defined(PAGEDLLM_SIMD)
 // Σ over 4-element groups of u·s: int32 lane i holds elements 4i..4i+3, so lanes 0–3 are the
 // first half of the sub-block and 4–7 the second.
@@ -216,11 +227,15 @@ inline __m256i nibbles_simd(const uint8_t* qs) {  // 16 bytes → low nibbles in
 inline __m256i fifth_bits(const uint8_t* qh) {  // bit i of a uint32 → 0x10 in byte i
   uint32_t bits;
   std::memcpy(&bits, qh, 4);
+#if defined(PAGEDLLM_VNNI)
+  return _mm256_maskz_mov_epi8(bits, _mm256_set1_epi8(0x10));  // the bits are a byte mask already
+#else
   const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
       _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0));
   const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)),
                                         _mm256_set1_epi64x(-1));
   return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+#endif
 }
 
 // Per format: the 32 unsigned integers of sub-block j as one vector, and its scales and offsets
@@ -283,15 +298,62 @@ template <> inline __m128 coef4<kQ6_K>(const uint8_t* b, int j) {
   return _mm_mul_ps(_mm_broadcastss_ps(fp16_pair(b + 208)), _mm_cvtepi32_ps(ints));
 }
 
-// Weights stream from memory once per step, and the hardware prefetcher alone kept the decode
-// products at ~18 GB/s where this machine reads ~50 GB/s per thread: ask for the lines 8 KiB
-// ahead of each weight row (measured best of 1-32 KiB; 2.7x on a 30 MB head).
-constexpr int kPrefetchBytes = 8192;
+// coef4 of every sub-block of a block at once: K-quant scales unpacked with vector instructions,
+// once per 256 weights instead of once per 32.
+template <int kType>
+inline void block_coefs(const uint8_t* b, __m128* out) {
+  for (int j = 0; j < Format<kType>::kSub; ++j) out[j] = coef4<kType>(b, j);
+}
 
-template <int kBlockBytes>
-inline void prefetch_ahead(const uint8_t* block) {
-  for (int offset = 0; offset < kBlockBytes; offset += 64)
-    _mm_prefetch(reinterpret_cast<const char*>(block + kPrefetchBytes + offset), _MM_HINT_T0);
+// {x₀, x₀, y₀, y₀} ... {x₇, x₇, y₇, y₇} from two vectors of eight.
+inline void pair_up(__m256 x, __m256 y, __m128* out) {
+  const __m256 xx_lo = _mm256_unpacklo_ps(x, x), xx_hi = _mm256_unpackhi_ps(x, x);  // x0x0x1x1 | x4x4x5x5; x2x2x3x3 | x6x6x7x7
+  const __m256 yy_lo = _mm256_unpacklo_ps(y, y), yy_hi = _mm256_unpackhi_ps(y, y);
+  const __m256 c04 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(xx_lo), _mm256_castps_pd(yy_lo)));
+  const __m256 c15 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(xx_lo), _mm256_castps_pd(yy_lo)));
+  const __m256 c26 = _mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(xx_hi), _mm256_castps_pd(yy_hi)));
+  const __m256 c37 = _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(xx_hi), _mm256_castps_pd(yy_hi)));
+  out[0] = _mm256_castps256_ps128(c04), out[4] = _mm256_extractf128_ps(c04, 1);
+  out[1] = _mm256_castps256_ps128(c15), out[5] = _mm256_extractf128_ps(c15, 1);
+  out[2] = _mm256_castps256_ps128(c26), out[6] = _mm256_extractf128_ps(c26, 1);
+  out[3] = _mm256_castps256_ps128(c37), out[7] = _mm256_extractf128_ps(c37, 1);
+}
+
+template <>
+inline void block_coefs<kQ4_K>(const uint8_t* b, __m128* out) {
+  // The 12 scale bytes → eight 6-bit scales and eight 6-bit mins (llama.cpp's kmask arithmetic).
+  uint32_t u[4];
+  std::memcpy(u, b + 4, 12);
+  const uint32_t kmask1 = 0x3f3f3f3f, kmask2 = 0x0f0f0f0f, kmask3 = 0x03030303;
+  u[3] = ((u[2] >> 4) & kmask2) | (((u[1] >> 6) & kmask3) << 4);
+  const uint32_t lo_mins = u[1] & kmask1;
+  u[1] = (u[2] & kmask2) | (((u[0] >> 6) & kmask3) << 4);
+  u[2] = lo_mins;
+  u[0] &= kmask1;  // u[0], u[1]: scales 0-7; u[2], u[3]: mins 0-7
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
+  const __m256 scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
+  const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
+  const __m128 dm = fp16_pair(b);
+  pair_up(_mm256_mul_ps(scales, _mm256_broadcastss_ps(dm)),
+          _mm256_mul_ps(mins, _mm256_broadcastss_ps(_mm_sub_ps(_mm_setzero_ps(), _mm_movehdup_ps(dm)))), out);
+}
+template <>
+inline void block_coefs<kQ5_K>(const uint8_t* b, __m128* out) { block_coefs<kQ4_K>(b, out); }
+
+template <>
+inline void block_coefs<kQ6_K>(const uint8_t* b, __m128* out) {
+  const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));  // 16 int8 scales, two per sub-block
+  const __m256 d = _mm256_broadcastss_ps(fp16_pair(b + 208));
+  for (int half = 0; half < 2; ++half) {
+    const __m256 s = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8 * half))));
+    const __m256 o = _mm256_mul_ps(s, _mm256_set1_ps(-32.f));
+    // s = {s₀ … s₇} for sub-blocks 4·half … 4·half + 3, two each: {sa, sb, oa, ob} per sub-block.
+    const __m256d lo = _mm256_unpacklo_pd(_mm256_castps_pd(s), _mm256_castps_pd(o));  // j, j+2 (128-bit lanes)
+    const __m256d hi = _mm256_unpackhi_pd(_mm256_castps_pd(s), _mm256_castps_pd(o));  // j+1, j+3
+    __m128* o4 = out + 4 * half;
+    o4[0] = _mm256_castps256_ps128(_mm256_castpd_ps(lo)), o4[2] = _mm256_extractf128_ps(_mm256_castpd_ps(lo), 1);
+    o4[1] = _mm256_castps256_ps128(_mm256_castpd_ps(hi)), o4[3] = _mm256_extractf128_ps(_mm256_castpd_ps(hi), 1);
+  }
 }
 
 // How a weight sub-block meets one activation block, per activation kind: `prepare` turns the
@@ -353,14 +415,19 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
   __m128 offsets[kW][kA];  // lanes 2 and 3: Σ offset·d·Σq per half
   for (int i = 0; i < kW; ++i)
     for (int r = 0; r < kA; ++r) acc[i][r] = _mm256_setzero_ps(), offsets[i][r] = _mm_setzero_ps();
+  __m128 coefs[kW][F::kSub];
   for (int64_t b = 0; b < blocks; ++b) {
+    for (int i = 0; i < kW; ++i) {
+      const uint8_t* block = w + i * row_bytes + b * F::kBytes;
+      prefetch_ahead<F::kBytes>(block);
+      block_coefs<kType>(block, coefs[i]);
+    }
     for (int j = 0; j < F::kSub; ++j) {
       const auto* x = a + b * F::kSub + j;
       for (int i = 0; i < kW; ++i) {
         const uint8_t* block = w + i * row_bytes + b * F::kBytes;
-        if (j == 0) prefetch_ahead<F::kBytes>(block);
         const auto prepared = Act::template prepare<kType>(simd_q<kType>(block, j));
-        const __m128 c = coef4<kType>(block, j);
+        const __m128 c = coefs[i][j];
         for (int r = 0; r < kA; ++r) {
           const __m128 scaled = _mm_mul_ps(c, _mm_loadu_ps(x[r * a_stride].d));
           Act::template accumulate<kType>(prepared, x + r * a_stride, scaled, acc[i][r]);
@@ -386,10 +453,13 @@ inline void store8(c10::BFloat16* out, __m256 v) {  // round to nearest even, as
 template <int kType, typename Out>
 void dequantize_row(const uint8_t* w, int64_t blocks, Out* out) {
   using F = Format<kType>;
+  __m128 coefs[F::kSub];
   for (int64_t b = 0; b < blocks; ++b, w += F::kBytes) {
+    prefetch_ahead<F::kBytes>(w);
+    block_coefs<kType>(w, coefs);
     for (int j = 0; j < F::kSub; ++j, out += 32) {
       const __m256i q = simd_q<kType>(w, j);
-      const __m128 c = coef4<kType>(w, j);
+      const __m128 c = coefs[j];
       const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
       for (int h = 0; h < 2; ++h) {
         const __m256 scale = _mm256_set1_ps(c[h]), offset = _mm256_set1_ps(c[2 + h]);
@@ -467,15 +537,23 @@ template <int kType, typename Act>
 void matmul_rows(const uint8_t* w, int64_t row_bytes, const typename Act::Block* x, int64_t m_rows, int64_t k,
                  float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
   const int64_t blocks = k / (32 * Format<kType>::kSub), x_stride = k / 32;
-  int64_t m = 0;
-  for (; m + 4 <= m_rows; m += 4)
-    matmul_tiles<kType, Act, 4>(w, row_bytes, x + m * x_stride, x_stride, blocks, out + m * out_stride, out_stride, n0, n1, accumulate);
-  const auto* xm = x + m * x_stride;
-  float* om = out + m * out_stride;
-  switch (m_rows - m) {
-    case 3: matmul_tiles<kType, Act, 3>(w, row_bytes, xm, x_stride, blocks, om, out_stride, n0, n1, accumulate); break;
-    case 2: matmul_tiles<kType, Act, 2>(w, row_bytes, xm, x_stride, blocks, om, out_stride, n0, n1, accumulate); break;
-    case 1: matmul_tiles<kType, Act, 1>(w, row_bytes, xm, x_stride, blocks, om, out_stride, n0, n1, accumulate); break;
+  // The in-loop prefetch looks kPrefetchBytes ahead; the first window of this thread's rows is asked for here.
+  const int64_t first_window = std::min<int64_t>(kPrefetchBytes, (n1 - n0) * row_bytes);
+  for (int64_t offset = 0; offset < first_window; offset += 64) __builtin_prefetch(w + n0 * row_bytes + offset);
+  // Chunks of weight rows, each used by every activation row while it is in cache: W is read once.
+  constexpr int64_t kChunk = 16;
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+    const int64_t c1 = std::min(n1, c0 + kChunk);
+    int64_t m = 0;
+    for (; m + 4 <= m_rows; m += 4)
+      matmul_tiles<kType, Act, 4>(w, row_bytes, x + m * x_stride, x_stride, blocks, out + m * out_stride, out_stride, c0, c1, accumulate);
+    const auto* xm = x + m * x_stride;
+    float* om = out + m * out_stride;
+    switch (m_rows - m) {
+      case 3: matmul_tiles<kType, Act, 3>(w, row_bytes, xm, x_stride, blocks, om, out_stride, c0, c1, accumulate); break;
+      case 2: matmul_tiles<kType, Act, 2>(w, row_bytes, xm, x_stride, blocks, om, out_stride, c0, c1, accumulate); break;
+      case 1: matmul_tiles<kType, Act, 1>(w, row_bytes, xm, x_stride, blocks, om, out_stride, c0, c1, accumulate); break;
+    }
   }
 }
 
