@@ -205,11 +205,6 @@ def test_rss_after_loading_a_q4_0_model_stays_near_its_file_size(hf_folders, tmp
         import psutil, sys, torch
         sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
         from helpers import prefill_logits
-from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
-from pagedllm.engine.request import Request
-from pagedllm.engine.scheduler import ScheduledRequest
-from pagedllm.layers.attention import build_attention_mask
-from pagedllm.layers.rotary import rope_cos_sin
         from pagedllm.kernels import quant_kernels_available
         from pagedllm.models.loaders import ModelSource, load_model
         quant_kernels_available()
