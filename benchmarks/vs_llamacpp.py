@@ -41,7 +41,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.kernels import quant_kernels_available
 quant_kernels_available()  # the kernel build is cached; loading it is not model loading
 start = time.perf_counter()
-llm = LLM(PATH, kv_cache_memory=64 * 2**20, max_num_batched_tokens=PROMPT_LEN, enable_prefix_caching=False)
+llm = LLM(PATH, kv_cache_memory=KV_MIB * 2**20, max_num_batched_tokens=PROMPT_LEN, enable_prefix_caching=False)
 load_s = time.perf_counter() - start
 rss_load = rss()
 def run(ids, n):
@@ -85,10 +85,12 @@ print(json.dumps({"load_s": round(load_s, 3), "rss_after_load_mib": round(rss_lo
 """
 
 
-def _run(engine: str, path: Path, threads: int) -> dict:
+def run_engine(engine: str, path: Path, threads: int, prompt_len: int = PROMPT_LEN, decode_len: int = DECODE_LEN,
+               repeats: int = REPEATS, kv_mib: int = 64) -> dict:
+    """One engine on one file in a fresh process: load time, RSS, prefill and decode rates."""
     body = _PAGEDLLM if engine == "pagedllm" else _LLAMACPP
-    script = textwrap.dedent(f"PATH, THREADS, PROMPT_LEN, DECODE_LEN, REPEATS = {str(path)!r}, {threads}, "
-                             f"{PROMPT_LEN}, {DECODE_LEN}, {REPEATS}\n") + _COMMON + body + _REPORT
+    script = textwrap.dedent(f"PATH, THREADS, PROMPT_LEN, DECODE_LEN, REPEATS, KV_MIB = {str(path)!r}, {threads}, "
+                             f"{prompt_len}, {decode_len}, {repeats}, {kv_mib}\n") + _COMMON + body + _REPORT
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{engine} on {path.name} failed:\n{out.stderr[-3000:]}")
@@ -160,7 +162,7 @@ def main() -> None:
     files = {"default": default_model_path, "qwen": qwen_shaped_q4_k_m}
     for key in args.files.split(","):
         path = files[key]()
-        ours, peer = _run("pagedllm", path, args.threads), _run("llama.cpp", path, args.threads)
+        ours, peer = run_engine("pagedllm", path, args.threads), run_engine("llama.cpp", path, args.threads)
         ratios = {k: round(ours[k] / peer[k], 2) for k in ("prefill_tok_s", "decode_tok_s", "rss_after_load_mib",
                                                            "load_s")}
         print(json.dumps({"cpu": cpu_model(), "threads": args.threads, "file": path.name,

@@ -73,6 +73,9 @@ class ModelConfig:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * dtype_bytes
 
 
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     """The paged KV pool: planned once from a memory budget."""
@@ -80,8 +83,11 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int = 512 * 1024**2
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # auto: the model's dtype
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"kv cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         if not isinstance(self.block_size, int) or not 1 <= self.block_size <= 1024:
             raise ConfigError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
         if not isinstance(self.kv_cache_memory_bytes, int) or self.kv_cache_memory_bytes <= 0:
@@ -170,7 +176,7 @@ def build_engine_config(model: str | None = None, *, device: str = "cpu", dtype:
                         kv_cache_memory: int = CacheConfig.kv_cache_memory_bytes, block_size: int = 16,
                         max_num_batched_tokens: int = 512, max_num_seqs: int = 64, enable_chunked_prefill: bool = True,
                         enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
-                        attention_backend: str = "auto", quantization: str = "auto",
+                        attention_backend: str = "auto", quantization: str = "auto", kv_cache_dtype: str = "auto",
                         speculative_config: SpeculativeConfig | dict | None = None) -> EngineConfig:
     """The engine options every front end takes (LLM, infer, the CLI), as one frozen EngineConfig."""
     return EngineConfig(
@@ -179,6 +185,6 @@ def build_engine_config(model: str | None = None, *, device: str = "cpu", dtype:
         speculative=SpeculativeConfig(**speculative_config) if isinstance(speculative_config, dict)
         else speculative_config,
         cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,
-                          enable_prefix_caching=enable_prefix_caching),
+                          enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                   enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.llm_engine import RequestError
@@ -114,3 +115,22 @@ def test_stats_count_tokens_and_rates():
     assert stats.prompt_tokens_total == sum(len(tokenizer.encode(p)) for p in prompts)
     assert stats.generation_tokens_total == 16
     assert stats.generation_tok_s > 0
+
+
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_a_16_bit_kv_cache_holds_twice_the_tokens_and_keeps_the_answer(kv_dtype, backend):
+    prompt, params = "The capital of France is", SamplingParams(max_tokens=6, temperature=0)
+    full = LLM(kv_cache_memory=4 * 2**20, attention_backend=backend)
+    half = LLM(kv_cache_memory=4 * 2**20, attention_backend=backend, kv_cache_dtype=kv_dtype)
+    assert half.engine.runner.kv_pool.dtype == getattr(torch, kv_dtype)
+    assert half.engine.kv_spec.num_blocks >= 2 * full.engine.kv_spec.num_blocks
+    want, have = (llm.generate(prompt, params)[0] for llm in (full, half))
+    assert "Paris" in have.text
+    if kv_dtype == "float16":  # 11-bit mantissa: the same greedy tokens here
+        assert have.token_ids == want.token_ids
+
+
+def test_an_unknown_kv_cache_dtype_is_refused():
+    with pytest.raises(ValueError, match="kv cache dtype must be one of"):
+        LLM(kv_cache_dtype="q4")

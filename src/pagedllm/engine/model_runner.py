@@ -78,11 +78,12 @@ def decode_kernel_usable(backend: str, device: torch.device, dtype: torch.dtype,
 
 class ModelRunner:
     def __init__(self, model: Transformer, spec: KVCacheSpec, device: torch.device, dtype: torch.dtype,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", kv_dtype: torch.dtype | None = None):
+        """`dtype`: the model's activations; `kv_dtype`: the pool's elements (default: the same)."""
         cfg = model.config
         self.model, self.spec, self.device = model, spec, device
         shape = (cfg.num_hidden_layers, 2, spec.num_blocks, spec.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_pool = _zeroed_pool(shape, dtype, device)
+        self.kv_pool = _zeroed_pool(shape, kv_dtype or dtype, device)
         self.kv_caches = list(self.kv_pool.unbind(0))
         self.use_decode_kernel = decode_kernel_usable(attention_backend, torch.device(device), dtype, cfg.head_dim)
 

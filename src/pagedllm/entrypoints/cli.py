@@ -34,6 +34,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--kv-cache-memory", type=parse_bytes, default="512MiB", help="KV pool budget (default 512MiB)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="KV pool element type (auto, the default: the model's dtype); 16-bit halves the pool per token")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the model's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
@@ -133,6 +135,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
         raise PagedLLMError(str(exc)) from None
     return dict(device=args.device, dtype=args.dtype, seed=args.seed, attention_backend=args.attention_backend,
                 quantization=args.quantization, speculative_config=speculative, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
+                kv_cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
 

@@ -74,8 +74,8 @@ def build_attention_mask(group: AttentionGroup, sliding_window: int | None) -> t
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
     flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k)
-    flat[1].index_copy_(0, slot_mapping, v)
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
 
 
 def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup, mask: torch.Tensor | None,
@@ -83,8 +83,8 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup
     if group.use_decode_kernel:
         return paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, scale, sliding_window)
     length = group.max_context_len
-    keys = kv_cache[0][group.block_tables].flatten(1, 2)[:, :length].transpose(1, 2)
-    values = kv_cache[1][group.block_tables].flatten(1, 2)[:, :length].transpose(1, 2)
+    keys = kv_cache[0][group.block_tables].flatten(1, 2)[:, :length].transpose(1, 2).to(q.dtype)
+    values = kv_cache[1][group.block_tables].flatten(1, 2)[:, :length].transpose(1, 2).to(q.dtype)
     queries = q.new_zeros(group.num_seqs, group.max_query_len, q.shape[1], q.shape[2])
     queries[group.token_seq, group.token_index] = q
     out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
