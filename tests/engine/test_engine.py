@@ -134,3 +134,20 @@ def test_a_16_bit_kv_cache_holds_twice_the_tokens_and_keeps_the_answer(kv_dtype,
 def test_an_unknown_kv_cache_dtype_is_refused():
     with pytest.raises(ValueError, match="kv cache dtype must be one of"):
         LLM(kv_cache_dtype="q4")
+
+
+def test_rooms_import_only_what_the_map_allows():
+    """The engine does not import the speculative proposers (they import the engine's interfaces),
+    and SamplingParams does not pull in tokenizers, model loaders or the sampler."""
+    import ast
+    import subprocess
+    import sys
+
+    def rooms_after_importing(module: str) -> set[str]:
+        script = (f"import sys, {module}\n"
+                  "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('pagedllm.')}))")
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+        return set(ast.literal_eval(out))
+
+    assert "spec_decode" not in rooms_after_importing("pagedllm.engine.llm_engine")
+    assert rooms_after_importing("pagedllm.sampling_params") == {"errors", "sampling_params"}

@@ -5,7 +5,8 @@ from __future__ import annotations
 import heapq
 import time
 from collections import deque
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
@@ -15,8 +16,6 @@ from ..models.loaders import ModelSource, load_model, resolve_model
 from ..sampling.structured_output import GrammarCompiler
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
-from ..spec_decode.draft_model import DraftModelProposer
-from ..spec_decode.ngram import NgramProposer
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from .kv_cache_manager import KVCacheManager, blocks_needed
 from .model_runner import ModelRunner, StepBatch, plan_kv_cache
@@ -38,8 +37,21 @@ class RequestError(PagedLLMError, ValueError):
     """A request the engine refuses at admission (too long, bad ids, duplicate id)."""
 
 
+class Proposer(Protocol):
+    """Guesses the next tokens of greedy requests (pagedllm.spec_decode); the engine checks them."""
+
+    def propose_for(self, requests: list[Request], limits: list[int]) -> list[list[int]]: ...
+
+
+# Builds the proposer a SpeculativeConfig asks for, for a target of this vocabulary, device, dtype,
+# block size and attention backend (pagedllm.spec_decode.make_proposer).
+ProposerFactory = Callable[[SpeculativeConfig, int, torch.device, torch.dtype, int, str], Proposer]
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig, source: ModelSource | None = None):
+    def __init__(self, config: EngineConfig, source: ModelSource | None = None,
+                 make_proposer: ProposerFactory | None = None):
+        """`make_proposer` is needed when the config asks for speculative decoding (entrypoints pass it)."""
         if config.dtype not in _DTYPES:
             raise PagedLLMError(f"dtype must be one of {', '.join(_DTYPES)}, got {config.dtype!r}")
         self.config = config
@@ -65,21 +77,22 @@ class LLMEngine:
         self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
-        self.proposer = self._make_proposer(config.speculative, dtype)
+        self.proposer = self._proposer(config.speculative, make_proposer, dtype)
         self.spec_stats = [0, 0]  # draft tokens checked, accepted
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
 
-    def _make_proposer(self, spec: SpeculativeConfig | None, dtype: torch.dtype):
+    def _proposer(self, spec: SpeculativeConfig | None, make_proposer: ProposerFactory | None,
+                  dtype: torch.dtype) -> Proposer | None:
         if spec is None:
             return None
-        if spec.method == "ngram":
-            return NgramProposer(spec.num_speculative_tokens, spec.prompt_lookup_max, spec.prompt_lookup_min)
-        return DraftModelProposer(resolve_model(spec.model), spec.num_speculative_tokens, self.model.config.vocab_size,
-                                  self.device, dtype, spec.draft_kv_cache_memory_bytes,
-                                  self.config.cache.block_size, self.config.attention_backend)
+        if make_proposer is None:
+            raise PagedLLMError("speculative decoding needs a proposer factory: build the engine with "
+                                "pagedllm.entrypoints.create_engine")
+        return make_proposer(spec, self.model.config.vocab_size, self.device, dtype, self.config.cache.block_size,
+                             self.config.attention_backend)
 
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:

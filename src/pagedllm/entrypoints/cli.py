@@ -150,9 +150,9 @@ def _engine_config(args: argparse.Namespace):
 
 
 def _engine(args: argparse.Namespace):
-    from ..engine.llm_engine import LLMEngine
+    from . import create_engine
 
-    return LLMEngine(_engine_config(args))
+    return create_engine(_engine_config(args))
 
 
 def _sampling(args: argparse.Namespace):

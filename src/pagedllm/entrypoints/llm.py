@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import build_engine_config
-from ..engine.llm_engine import LLMEngine, Prompt
+from . import create_engine
+from ..engine.llm_engine import Prompt
 from ..engine.outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
@@ -16,7 +17,7 @@ class LLM:
     def __init__(self, model: str | None = None, **options: Any):
         """`options` are build_engine_config's: device, dtype, kv_cache_memory, block_size, max_num_seqs, ..."""
         config = build_engine_config(model, **options)
-        self.engine = LLMEngine(config)
+        self.engine = create_engine(config)
         self._next_id = 0
 
     def get_tokenizer(self) -> Tokenizer:

@@ -9,55 +9,26 @@ its Rust core, and takes a Hugging Face `tokenizers` JSON directly (so GGUF voca
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 
-from ..errors import PagedLLMError
+from ..sampling_params import StructuredOutputError, StructuredOutputParams
 from ..tokenizer import Tokenizer
 
 
-class StructuredOutputError(PagedLLMError, ValueError):
-    """A schema, regex or choice list that cannot be compiled; the message names the problem."""
+def grammar_for(params: StructuredOutputParams) -> str:
+    """The llguidance grammar that enforces `params`."""
+    from llguidance import LLMatcher
 
-
-@dataclass(frozen=True)
-class StructuredOutputParams:
-    """Exactly one of: json (a JSON schema, as a dict or a string), json_object (any JSON object),
-    regex, choice (the output is one of these strings)."""
-
-    json: dict[str, Any] | str | None = None
-    json_object: bool = False
-    regex: str | None = None
-    choice: tuple[str, ...] | None = None
-
-    def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice") if getattr(self, name) is not None]
-        given += ["json_object"] if self.json_object else []
-        if len(given) != 1:
-            raise StructuredOutputError(f"structured output takes exactly one of json, json_object, regex, choice; "
-                                        f"got {', '.join(given) or 'none'}")
-        if self.choice is not None:
-            choice = tuple(self.choice)
-            if not choice or not all(isinstance(c, str) and c for c in choice):
-                raise StructuredOutputError("structured output choice must be a non-empty list of non-empty strings")
-            object.__setattr__(self, "choice", choice)
-        if self.regex is not None and not isinstance(self.regex, str):
-            raise StructuredOutputError("structured output regex must be a string")
-
-    def grammar(self) -> str:
-        from llguidance import LLMatcher
-
-        if self.regex is not None:
-            return LLMatcher.grammar_from_regex(ascii_digits(self.regex))
-        if self.choice is not None:
-            return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
-        schema = {"type": "object"} if self.json_object else self.json
-        try:  # compact JSON unless the schema's "x-guidance" says otherwise: it always fits and parses
-            return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
-        except (ValueError, TypeError) as exc:
-            raise StructuredOutputError(f"structured output json schema: {exc}") from None
+    if params.regex is not None:
+        return LLMatcher.grammar_from_regex(ascii_digits(params.regex))
+    if params.choice is not None:
+        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
+    schema = {"type": "object"} if params.json_object else params.json
+    try:  # compact JSON unless the schema's "x-guidance" says otherwise: it always fits and parses
+        return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+    except (ValueError, TypeError) as exc:
+        raise StructuredOutputError(f"structured output json schema: {exc}") from None
 
 
 def ascii_digits(regex: str) -> str:
@@ -93,7 +64,7 @@ class GrammarCompiler:
         if self._ll_tokenizer is None:
             self._ll_tokenizer = LLTokenizer(self._tokenizer.backend.to_str(),
                                              eos_token=sorted(self._tokenizer.stop_token_ids))
-        matcher = LLMatcher(self._ll_tokenizer, params.grammar(), log_level=0)
+        matcher = LLMatcher(self._ll_tokenizer, grammar_for(params), log_level=0)
         if matcher.is_error():
             raise StructuredOutputError(f"structured output: {matcher.get_error().splitlines()[0]}")
         return matcher

@@ -37,9 +37,9 @@ class ReplicaPlacement:
 
 class ReplicaWorker:
     def __init__(self, config: EngineConfig):
-        from ...engine.llm_engine import LLMEngine
+        from .. import create_engine
 
-        self.engine = LLMEngine(config)
+        self.engine = create_engine(config)
         self._tasks: dict[str, BatchTask] = {}
 
     @property

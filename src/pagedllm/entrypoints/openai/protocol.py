@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ...sampling.structured_output import StructuredOutputParams
+from ...sampling_params import StructuredOutputParams
 from ...sampling_params import SamplingParams
 
 MAX_N = 16  # completions per request
