@@ -145,7 +145,8 @@ class ModelRunner:
         return AttentionGroup(rows=t(rows), block_tables=t(blocks), token_seq=t(token_seq),
                               token_index=t(token_index), positions_padded=t(padded),
                               context_lens=t(context_lens), max_context_len=int(context_lens.max()),
-                              use_decode_kernel=self.use_decode_kernel and padded.shape[1] == 1)
+                              use_decode_kernel=self.use_decode_kernel and padded.shape[1] == 1,
+                              from_start=bool((starts[seqs] == 0).all()))
 
     def _long_tensor(self, values) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)

@@ -31,6 +31,8 @@ class AttentionGroup:
     context_lens:  [seqs] tokens of each sequence in the cache once this step is written.
     max_context_len: the longest of them.
     use_decode_kernel: attend with the C++ decode kernel (one query per sequence, CPU, float32).
+    from_start:    every sequence's new tokens start at position 0 (no cached prefix), so the plain
+                   causal mask is the mask and SDPA can skip the blocks above the diagonal.
     """
 
     rows: torch.Tensor
@@ -41,6 +43,7 @@ class AttentionGroup:
     context_lens: torch.Tensor
     max_context_len: int
     use_decode_kernel: bool = False
+    from_start: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -60,8 +63,9 @@ class AttentionMetadata:
 
 
 def build_attention_mask(group: AttentionGroup, sliding_window: int | None) -> torch.Tensor | None:
-    """[seqs, 1, max_query_len, max_context_len] boolean: causal, within the window (None for the kernel)."""
-    if group.use_decode_kernel:
+    """[seqs, 1, max_query_len, max_context_len] boolean: causal, within the window; None for the decode
+    kernel, and for a causal mask that SDPA builds itself (`from_start`, no window cutting in)."""
+    if group.use_decode_kernel or (group.from_start and (sliding_window is None or group.max_context_len <= sliding_window)):
         return None
     key_pos = torch.arange(group.max_context_len, device=group.positions_padded.device)
     query_pos = group.positions_padded[:, :, None]
@@ -88,7 +92,7 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup
     queries = q.new_zeros(group.num_seqs, group.max_query_len, q.shape[1], q.shape[2])
     queries[group.token_seq, group.token_index] = q
     out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
-                                         enable_gqa=True)
+                                         is_causal=mask is None, enable_gqa=True)
     return out.transpose(1, 2)[group.token_seq, group.token_index]
 
 
