@@ -407,10 +407,98 @@ struct Int16Activations {
 // Dot products of kW weight rows with kA activation rows. Each weight sub-block is unpacked once
 // for all kA activation rows; several weight rows keep independent accumulators in flight, so
 // one activation row (decode) is not bound by the latency of a single accumulation chain.
+#if defined(PAGEDLLM_VNNI)
+// One activation row against four weight rows of a 32-weight-block format, with each row in its
+// own 128-bit lane of a 512-bit register: one nibble split, two dot instructions and one scale
+// for all four rows — about half the instructions per block of the one-row-at-a-time path, which
+// kept decode compute-bound below the memory's bandwidth.
+template <int kType>
+inline __m512i lanes_of_rows(const uint8_t* w, int64_t row_bytes, int offset) {  // 16 bytes of each of 4 rows
+  __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + offset)));
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row_bytes + offset)), 1);
+  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * row_bytes + offset)), 2);
+  return _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * row_bytes + offset)), 3);
+}
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
+template <int kType>
+void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out, bool accumulate) {
+  constexpr int kBytes = Format<kType>::kBytes;
+  constexpr bool kHasMin = kType == kQ4_1 || kType == kQ5_1;
+  constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : 0.f;  // in units of d
+  constexpr int kNibbles = kType == kQ4_0 ? 2 : kType == kQ4_1 ? 4 : kType == kQ5_0 ? 6 : 8;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc = _mm512_setzero_ps();
+  __m128 offsets = _mm_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, w += kBytes, ++x) {
+    for (int i = 0; i < 4; ++i) prefetch_ahead<kBytes>(w + i * row_bytes);
+    __m512i lo, hi;
+    if constexpr (kType == kQ8_0) {
+      lo = lanes_of_rows<kType>(w, row_bytes, 2);
+      hi = lanes_of_rows<kType>(w, row_bytes, 18);
+    } else {
+      const __m512i v = lanes_of_rows<kType>(w, row_bytes, kNibbles);
+      lo = _mm512_and_si512(v, low4);
+      hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      if constexpr (kType == kQ5_0 || kType == kQ5_1) {  // bit e of each row's qh: element e's fifth bit
+        constexpr int kHigh = kType == kQ5_0 ? 2 : 4;
+        uint64_t mask_lo = 0, mask_hi = 0;
+        for (int i = 0; i < 4; ++i) {
+          const uint64_t qh = load_u32(w + i * row_bytes + kHigh);
+          mask_lo |= (qh & 0xFFFF) << (16 * i);
+          mask_hi |= (qh >> 16) << (16 * i);
+        }
+        lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(mask_lo, _mm512_set1_epi8(0x10)));
+        hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(mask_hi, _mm512_set1_epi8(0x10)));
+      }
+    }
+    __m512i xa = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->q)));
+    __m512i xb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->q + 16)));
+    if constexpr (kType == kQ8_0) {  // signed weights: |w| against x with w's sign
+      xa = _mm512_mask_sub_epi8(xa, _mm512_movepi8_mask(lo), zero, xa);
+      xb = _mm512_mask_sub_epi8(xb, _mm512_movepi8_mask(hi), zero, xb);
+      lo = _mm512_abs_epi8(lo);
+      hi = _mm512_abs_epi8(hi);
+    }
+    const __m512i dots = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xa), hi, xb);
+    // The first two fp16 of each row's block: {d, m} (or d and two bytes that are not used).
+    const __m128i heads = _mm_setr_epi32(load_u32(w), load_u32(w + row_bytes), load_u32(w + 2 * row_bytes),
+                                         load_u32(w + 3 * row_bytes));
+    const __m256 dm = _mm256_cvtph_ps(heads);  // d0 m0 d1 m1 d2 m2 d3 m3
+    const __m128 d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
+    const __m128 scale = _mm_mul_ps(d, _mm_set1_ps(x->d[0]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc);
+    const __m128 dsum = _mm_set1_ps(x->dsum[0] + x->dsum[1]);
+    if constexpr (kHasMin) {
+      const __m128 m = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0)));
+      offsets = _mm_fmadd_ps(m, dsum, offsets);
+    } else if constexpr (kOffset != 0.f) {
+      offsets = _mm_fmadd_ps(d, _mm_mul_ps(dsum, _mm_set1_ps(kOffset)), offsets);
+    }
+  }
+  const __m128 l0 = _mm512_extractf32x4_ps(acc, 0), l1 = _mm512_extractf32x4_ps(acc, 1);
+  const __m128 l2 = _mm512_extractf32x4_ps(acc, 2), l3 = _mm512_extractf32x4_ps(acc, 3);
+  const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
+  for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
+}
+#endif
+
 template <int kType, typename Act, int kW, int kA>
 void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a, int64_t a_stride, int64_t blocks,
               float* out, int64_t out_stride, bool accumulate) {
   using F = Format<kType>;
+#if defined(PAGEDLLM_VNNI)
+  if constexpr (kW == 4 && kA == 1 && F::kSub == 1 && std::is_same_v<Act, Int8Activations>) {
+    dot_four_rows<kType>(w, row_bytes, a, blocks, out, accumulate);
+    return;
+  }
+#endif
   __m256 acc[kW][kA];
   __m128 offsets[kW][kA];  // lanes 2 and 3: Σ offset·d·Σq per half
   for (int i = 0; i < kW; ++i)
