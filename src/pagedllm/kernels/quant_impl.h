@@ -319,8 +319,8 @@ inline void pair_up(__m256 x, __m256 y, __m128* out) {
   out[3] = _mm256_castps256_ps128(c37), out[7] = _mm256_extractf128_ps(c37, 1);
 }
 
-template <>
-inline void block_coefs<kQ4_K>(const uint8_t* b, __m128* out) {
+// A Q4_K / Q5_K super-block's eight sub-block scales d·sc and offsets −dmin·m, as two vectors.
+inline void k_scales(const uint8_t* b, __m256& scales, __m256& offsets) {
   // The 12 scale bytes → eight 6-bit scales and eight 6-bit mins (llama.cpp's kmask arithmetic).
   uint32_t u[4];
   std::memcpy(u, b + 4, 12);
@@ -331,11 +331,17 @@ inline void block_coefs<kQ4_K>(const uint8_t* b, __m128* out) {
   u[2] = lo_mins;
   u[0] &= kmask1;  // u[0], u[1]: scales 0-7; u[2], u[3]: mins 0-7
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(u));
-  const __m256 scales = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
-  const __m256 mins = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8)));
   const __m128 dm = fp16_pair(b);
-  pair_up(_mm256_mul_ps(scales, _mm256_broadcastss_ps(dm)),
-          _mm256_mul_ps(mins, _mm256_broadcastss_ps(_mm_sub_ps(_mm_setzero_ps(), _mm_movehdup_ps(dm)))), out);
+  scales = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), _mm256_broadcastss_ps(dm));
+  offsets = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(bytes, 8))),
+                          _mm256_broadcastss_ps(_mm_sub_ps(_mm_setzero_ps(), _mm_movehdup_ps(dm))));
+}
+
+template <>
+inline void block_coefs<kQ4_K>(const uint8_t* b, __m128* out) {
+  __m256 scales, offsets;
+  k_scales(b, scales, offsets);
+  pair_up(scales, offsets, out);
 }
 template <>
 inline void block_coefs<kQ5_K>(const uint8_t* b, __m128* out) { block_coefs<kQ4_K>(b, out); }
@@ -487,6 +493,66 @@ void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_
   const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
   for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
 }
+
+// Four rows of eight → eight columns of four.
+inline void transpose_4x8(const __m256* rows, __m128* columns) {
+  const __m256 t0 = _mm256_unpacklo_ps(rows[0], rows[1]), t1 = _mm256_unpackhi_ps(rows[0], rows[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(rows[2], rows[3]), t3 = _mm256_unpackhi_ps(rows[2], rows[3]);
+  const __m256 c04 = _mm256_shuffle_ps(t0, t2, 0x44), c15 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 c26 = _mm256_shuffle_ps(t1, t3, 0x44), c37 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  columns[0] = _mm256_castps256_ps128(c04), columns[4] = _mm256_extractf128_ps(c04, 1);
+  columns[1] = _mm256_castps256_ps128(c15), columns[5] = _mm256_extractf128_ps(c15, 1);
+  columns[2] = _mm256_castps256_ps128(c26), columns[6] = _mm256_extractf128_ps(c26, 1);
+  columns[3] = _mm256_castps256_ps128(c37), columns[7] = _mm256_extractf128_ps(c37, 1);
+}
+
+// The same for Q4_K / Q5_K super-blocks: each 32-byte run of nibbles holds sub-blocks 2p (low) and
+// 2p + 1 (high); each row's eight scales are unpacked at once and transposed to four rows per sub-block.
+template <int kType>
+void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out,
+                     bool accumulate) {
+  constexpr int kBytes = Format<kType>::kBytes, kQs = kType == kQ4_K ? 16 : 48;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512(), one = _mm512_set1_epi8(1);
+  const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc = _mm512_setzero_ps();
+  __m128 offsets = _mm_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, w += kBytes, x += 8) {
+    __m256 scales[4], mins[4];
+    for (int i = 0; i < 4; ++i) {
+      prefetch_ahead<kBytes>(w + i * row_bytes);
+      k_scales(w + i * row_bytes, scales[i], mins[i]);
+    }
+    __m128 scale_of[8], offset_of[8];  // sub-block j: the four rows' scales (offsets) in one vector
+    transpose_4x8(scales, scale_of);
+    transpose_4x8(mins, offset_of);
+    __m512i high[2];
+    if constexpr (kType == kQ5_K) high[0] = lanes_of_rows<kType>(w, row_bytes, 16), high[1] = lanes_of_rows<kType>(w, row_bytes, 32);
+    for (int pair = 0; pair < 4; ++pair) {
+      const __m512i v[2] = {lanes_of_rows<kType>(w, row_bytes, kQs + 32 * pair),
+                            lanes_of_rows<kType>(w, row_bytes, kQs + 32 * pair + 16)};
+      for (int half = 0; half < 2; ++half) {  // sub-block j = 2·pair + half
+        const int j = 2 * pair + half;
+        __m512i q[2];
+        for (int e = 0; e < 2; ++e) {  // elements 0..15, 16..31
+          q[e] = _mm512_and_si512(half ? _mm512_srli_epi16(v[e], 4) : v[e], low4);
+          if constexpr (kType == kQ5_K)
+            q[e] = _mm512_or_si512(q[e], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high[e], j), one), 4));
+        }
+        const Q8Block* xj = x + j;
+        const __m512i xa = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj->q)));
+        const __m512i xb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj->q + 16)));
+        const __m512i dots = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, q[0], xa), q[1], xb);
+        const __m128 scale = _mm_mul_ps(scale_of[j], _mm_set1_ps(xj->d[0]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc);
+        offsets = _mm_fmadd_ps(offset_of[j], _mm_set1_ps(xj->dsum[0] + xj->dsum[1]), offsets);
+      }
+    }
+  }
+  const __m128 l0 = _mm512_extractf32x4_ps(acc, 0), l1 = _mm512_extractf32x4_ps(acc, 1);
+  const __m128 l2 = _mm512_extractf32x4_ps(acc, 2), l3 = _mm512_extractf32x4_ps(acc, 3);
+  const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
+  for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
+}
 #endif
 
 template <int kType, typename Act, int kW, int kA>
@@ -496,6 +562,10 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
 #if defined(PAGEDLLM_VNNI)
   if constexpr (kW == 4 && kA == 1 && F::kSub == 1 && std::is_same_v<Act, Int8Activations>) {
     dot_four_rows<kType>(w, row_bytes, a, blocks, out, accumulate);
+    return;
+  }
+  if constexpr (kW == 4 && kA == 1 && (kType == kQ4_K || kType == kQ5_K) && std::is_same_v<Act, Int8Activations>) {
+    dot_four_rows_k<kType>(w, row_bytes, a, blocks, out, accumulate);
     return;
   }
 #endif
