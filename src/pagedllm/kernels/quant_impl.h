@@ -553,6 +553,62 @@ void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int6
   const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
   for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
 }
+
+// And for Q6_K: sub-block j = 4n + k takes nibble k/2 of ql's run k%2 in half n and bits 2k of qh's
+// run n; each half of 16 elements has its own scale, so the two dots are weighed apart.
+inline void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out,
+                              bool accumulate) {
+  constexpr int kBytes = Format<kQ6_K>::kBytes;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3), zero = _mm512_setzero_si512();
+  const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512 acc = _mm512_setzero_ps();
+  __m128 offsets = _mm_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, w += kBytes, x += 8) {
+    __m256 scales[2][4];  // [scale index / 8][row]: d·sc
+    for (int i = 0; i < 4; ++i) {
+      const uint8_t* block = w + i * row_bytes;
+      prefetch_ahead<kBytes>(block);
+      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192));
+      const __m256 d = _mm256_broadcastss_ps(fp16_pair(block + 208));
+      scales[0][i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
+      scales[1][i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
+    }
+    __m128 scale_of[16];  // scale index t: the four rows' d·sc[t]
+    transpose_4x8(scales[0], scale_of);
+    transpose_4x8(scales[1], scale_of + 8);
+    for (int n = 0; n < 2; ++n) {
+      const __m512i qh[2] = {lanes_of_rows<kQ6_K>(w, row_bytes, 128 + 32 * n),
+                             lanes_of_rows<kQ6_K>(w, row_bytes, 128 + 32 * n + 16)};
+      __m512i ql[2][2];  // [run k % 2][elements 0..15, 16..31]
+      for (int run = 0; run < 2; ++run)
+        for (int e = 0; e < 2; ++e) ql[run][e] = lanes_of_rows<kQ6_K>(w, row_bytes, 64 * n + 32 * run + 16 * e);
+      for (int k = 0; k < 4; ++k) {
+        const int j = 4 * n + k;
+        __m512i q[2];
+        for (int e = 0; e < 2; ++e) {
+          const __m512i nibble = _mm512_and_si512(k < 2 ? ql[k % 2][e] : _mm512_srli_epi16(ql[k % 2][e], 4), low4);
+          const __m512i two = _mm512_and_si512(_mm512_srli_epi16(qh[e], 2 * k), low2);
+          q[e] = _mm512_or_si512(nibble, _mm512_slli_epi16(two, 4));
+        }
+        const Q8Block* xj = x + j;
+        const __m512i xa = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj->q)));
+        const __m512i xb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj->q + 16)));
+        const __m128 sa = scale_of[2 * j], sb = scale_of[2 * j + 1];
+        const __m128 da = _mm_mul_ps(sa, _mm_set1_ps(xj->d[0])), db = _mm_mul_ps(sb, _mm_set1_ps(xj->d[1]));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q[0], xa)),
+                              _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(da)), acc);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q[1], xb)),
+                              _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(db)), acc);
+        const __m128 offset = _mm_fmadd_ps(sa, _mm_set1_ps(xj->dsum[0]), _mm_mul_ps(sb, _mm_set1_ps(xj->dsum[1])));
+        offsets = _mm_fmadd_ps(offset, _mm_set1_ps(-32.f), offsets);
+      }
+    }
+  }
+  const __m128 l0 = _mm512_extractf32x4_ps(acc, 0), l1 = _mm512_extractf32x4_ps(acc, 1);
+  const __m128 l2 = _mm512_extractf32x4_ps(acc, 2), l3 = _mm512_extractf32x4_ps(acc, 3);
+  const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
+  for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
+}
 #endif
 
 template <int kType, typename Act, int kW, int kA>
@@ -566,6 +622,10 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
   }
   if constexpr (kW == 4 && kA == 1 && (kType == kQ4_K || kType == kQ5_K) && std::is_same_v<Act, Int8Activations>) {
     dot_four_rows_k<kType>(w, row_bytes, a, blocks, out, accumulate);
+    return;
+  }
+  if constexpr (kW == 4 && kA == 1 && kType == kQ6_K && std::is_same_v<Act, Int8Activations>) {
+    dot_four_rows_q6k(w, row_bytes, a, blocks, out, accumulate);
     return;
   }
 #endif
