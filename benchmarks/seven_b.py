@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llamacpp_peer import cpu_model, ensure_llamacpp  # noqa: E402
-from vs_llamacpp import CACHE, _padded_tokenizer, run_engine  # noqa: E402
+from vs_llamacpp import CACHE, _padded_tokenizer, random_weights, run_engine  # noqa: E402
 
 
 def llama_7b_shaped_q4_0() -> Path:
@@ -38,27 +38,10 @@ def llama_7b_shaped_q4_0() -> Path:
                          rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False)
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    write_gguf(partial, config, _random_weights(config, torch), _padded_tokenizer(GGUFFile(default_model_path()), 49152),
+    write_gguf(partial, config, random_weights(config, torch), _padded_tokenizer(GGUFFile(default_model_path()), 49152),
                weight_type="q4_0")
     partial.rename(path)
     return path
-
-
-def _random_weights(c, torch):
-    """One tensor at a time, so that only the quantised blocks accumulate in memory."""
-    gen = torch.Generator().manual_seed(0)
-    h, i = c.hidden_size, c.intermediate_size
-    yield "model.embed_tokens.weight", torch.randn(c.vocab_size, h, generator=gen) * 0.02
-    for layer in range(c.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        for name, shape in (("self_attn.q_proj", (h, h)), ("self_attn.k_proj", (h, h)), ("self_attn.v_proj", (h, h)),
-                            ("self_attn.o_proj", (h, h)), ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
-                            ("mlp.down_proj", (h, i))):
-            yield p + name + ".weight", torch.randn(*shape, generator=gen) * 0.02
-        yield p + "input_layernorm.weight", torch.ones(h)
-        yield p + "post_attention_layernorm.weight", torch.ones(h)
-    yield "model.norm.weight", torch.ones(h)
-    yield "lm_head.weight", torch.randn(c.vocab_size, h, generator=gen) * 0.02
 
 
 def main() -> None:

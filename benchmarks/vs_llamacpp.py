@@ -115,17 +115,21 @@ def qwen_shaped_q4_k_m() -> Path:
                          attention_bias=True)
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    write_gguf(partial, config, _random_weights(config, torch),
+    write_gguf(partial, config, random_weights(config, torch),
                _padded_tokenizer(GGUFFile(default_model_path()), 151936), weight_type="q4_k_m")
     partial.rename(path)
     return path
 
 
-def _random_weights(c, torch):
+def random_weights(c, torch):
+    """Random weights of a llama-family shape, one tensor at a time (only the quantised blocks
+    accumulate in the writer); q/k/v biases where the config has them, lm_head where untied."""
     gen = torch.Generator().manual_seed(0)
     q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     yield "model.embed_tokens.weight", torch.randn(c.vocab_size, c.hidden_size, generator=gen) * 0.02
     yield "model.norm.weight", torch.ones(c.hidden_size)
+    if not c.tie_word_embeddings:
+        yield "lm_head.weight", torch.randn(c.vocab_size, c.hidden_size, generator=gen) * 0.02
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
         shapes = {"self_attn.q_proj": (q, c.hidden_size), "self_attn.k_proj": (kv, c.hidden_size),
@@ -134,8 +138,9 @@ def _random_weights(c, torch):
                   "mlp.down_proj": (c.hidden_size, c.intermediate_size)}
         for name, shape in shapes.items():
             yield p + name + ".weight", torch.randn(*shape, generator=gen) * 0.02
-        for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            yield p + f"self_attn.{name}.bias", torch.zeros(size)
+        if c.attention_bias:
+            for name, size in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+                yield p + f"self_attn.{name}.bias", torch.zeros(size)
         yield p + "input_layernorm.weight", torch.ones(c.hidden_size)
         yield p + "post_attention_layernorm.weight", torch.ones(c.hidden_size)
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from ..config import EngineConfig
-from ..engine.llm_engine import LLMEngine
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig
+    from ..engine.llm_engine import LLMEngine
 
 
 def create_engine(config: EngineConfig) -> LLMEngine:
     """The engine for `config`, with speculative decoding's proposers available to it."""
+    # Imported here: the CLI imports this package, and `pagedllm --help` must not pay for torch.
+    from ..engine.llm_engine import LLMEngine
     from ..spec_decode import make_proposer
 
     return LLMEngine(config, make_proposer=make_proposer)

@@ -65,9 +65,10 @@ void write_kv(const float* qkv, int64_t m, int64_t row_stride, int64_t k_offset,
   });
 }
 
-at::Tensor quantised_rows(const float* x, int64_t m, int64_t k, int64_t isa) {
+// m rows of k floats (row stride `stride`) as int8 activation blocks.
+at::Tensor quantised_rows(const float* x, int64_t m, int64_t k, int64_t stride, int64_t isa) {
   at::Tensor xq = at::empty({m, activation_row_bytes(k, false)}, at::dtype(at::kByte));
-  quantize_activations(x, m, k, k, xq.data_ptr<uint8_t>(), false, isa);
+  quantize_activations(x, m, k, stride, xq.data_ptr<uint8_t>(), false, isa);
   return xq;
 }
 
@@ -102,7 +103,7 @@ at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, d
   at::Tensor normed = at::empty({m, hidden}, x.options());
   rms_norm_rows(x.data_ptr<float>(), m, hidden, norm_weight.data_ptr<float>(), static_cast<float>(eps),
                 normed.data_ptr<float>());
-  const at::Tensor xq = quantised_rows(normed.data_ptr<float>(), m, hidden, isa);
+  const at::Tensor xq = quantised_rows(normed.data_ptr<float>(), m, hidden, hidden, isa);
   const int64_t width = q_size + 2 * kv_size;
   at::Tensor qkv = at::empty({m, width}, x.options());
   float* out = qkv.data_ptr<float>();
@@ -139,12 +140,12 @@ void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vect
               "o, gate/up and down weights do not fit the hidden size");
   float* xp = x.data_ptr<float>();
 
-  at::Tensor xq = quantised_rows(attn.data_ptr<float>(), m, attn_width, isa);
+  at::Tensor xq = quantised_rows(attn.data_ptr<float>(), m, attn_width, attn_width, isa);
   matmul_parts(xq.data_ptr<uint8_t>(), m, o, attn_width, xp, hidden, false, true, isa);
 
   at::Tensor normed = at::empty({m, hidden}, x.options());
   rms_norm_rows(xp, m, hidden, norm_weight.data_ptr<float>(), static_cast<float>(eps), normed.data_ptr<float>());
-  xq = quantised_rows(normed.data_ptr<float>(), m, hidden, isa);
+  xq = quantised_rows(normed.data_ptr<float>(), m, hidden, hidden, isa);
   at::Tensor gu = at::empty({m, 2 * inter}, x.options());
   float* g = gu.data_ptr<float>();
   matmul_parts(xq.data_ptr<uint8_t>(), m, gate_up, hidden, g, 2 * inter, false, false, isa);
@@ -152,9 +153,8 @@ void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vect
     float* row = g + r * 2 * inter;
     for (int64_t i = 0; i < inter; ++i) row[i] = row[i] / (1.f + std::exp(-row[i])) * row[i + inter];
   }
-  at::Tensor act = at::empty({m, activation_row_bytes(inter, false)}, at::dtype(at::kByte));
-  quantize_activations(g, m, inter, 2 * inter, act.data_ptr<uint8_t>(), false, isa);
-  matmul_parts(act.data_ptr<uint8_t>(), m, down, inter, xp, hidden, false, true, isa);
+  xq = quantised_rows(g, m, inter, 2 * inter, isa);
+  matmul_parts(xq.data_ptr<uint8_t>(), m, down, inter, xp, hidden, false, true, isa);
 }
 
 }  // namespace

@@ -265,7 +265,7 @@ template <> inline __m256i simd_q<kQ6_K>(const uint8_t* b, int j) {
   return _mm256_or_si256(low, _mm256_slli_epi16(high, 4));
 }
 
-// Per format: {scale₀, scale₁, offset₀, offset₁} of sub-block j (the halves of 16 differ only in
+// Per format: {scale₀, scale₁, offset₀, offset₁} of each sub-block (the halves of 16 differ only in
 // Q6_K), as one vector.
 inline __m128 fp16_pair(const uint8_t* p) {  // two fp16 at p → {a, b, 0, 0}
   uint32_t bits;
@@ -280,29 +280,20 @@ inline __m128 d_and_min(const uint8_t* b) {  // fp16 d, m → {d, d, m, m}
   return _mm_unpacklo_ps(v, v);
 }
 
-template <int kType> __m128 coef4(const uint8_t* b, int j);
-template <> inline __m128 coef4<kQ4_0>(const uint8_t* b, int) { return scaled_d(b, -8.f); }
-template <> inline __m128 coef4<kQ4_1>(const uint8_t* b, int) { return d_and_min(b); }
-template <> inline __m128 coef4<kQ5_0>(const uint8_t* b, int) { return scaled_d(b, -16.f); }
-template <> inline __m128 coef4<kQ5_1>(const uint8_t* b, int) { return d_and_min(b); }
-template <> inline __m128 coef4<kQ8_0>(const uint8_t* b, int) { return scaled_d(b, 0.f); }
-template <> inline __m128 coef4<kQ4_K>(const uint8_t* b, int j) {
-  uint8_t sc, m;
-  scale_min_k4(j, b + 4, &sc, &m);
-  return _mm_mul_ps(d_and_min(b), _mm_cvtepi32_ps(_mm_setr_epi32(sc, sc, -m, -m)));
-}
-template <> inline __m128 coef4<kQ5_K>(const uint8_t* b, int j) { return coef4<kQ4_K>(b, j); }
-template <> inline __m128 coef4<kQ6_K>(const uint8_t* b, int j) {
-  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 8 * (j / 4) + 2 * (j % 4);
-  const __m128i ints = _mm_setr_epi32(sc[0], sc[1], -32 * sc[0], -32 * sc[1]);
-  return _mm_mul_ps(_mm_broadcastss_ps(fp16_pair(b + 208)), _mm_cvtepi32_ps(ints));
-}
+// Blocks of one 32-weight sub-block: {scale, scale, offset, offset}.
+template <int kType> __m128 coef4(const uint8_t* b);
+template <> inline __m128 coef4<kQ4_0>(const uint8_t* b) { return scaled_d(b, -8.f); }
+template <> inline __m128 coef4<kQ4_1>(const uint8_t* b) { return d_and_min(b); }
+template <> inline __m128 coef4<kQ5_0>(const uint8_t* b) { return scaled_d(b, -16.f); }
+template <> inline __m128 coef4<kQ5_1>(const uint8_t* b) { return d_and_min(b); }
+template <> inline __m128 coef4<kQ8_0>(const uint8_t* b) { return scaled_d(b, 0.f); }
 
-// coef4 of every sub-block of a block at once: K-quant scales unpacked with vector instructions,
-// once per 256 weights instead of once per 32.
+// The coefficients of every sub-block of a block; K-quant super-blocks unpack their eight scales
+// with vector instructions, once per 256 weights (specialisations below).
 template <int kType>
 inline void block_coefs(const uint8_t* b, __m128* out) {
-  for (int j = 0; j < Format<kType>::kSub; ++j) out[j] = coef4<kType>(b, j);
+  static_assert(Format<kType>::kSub == 1, "super-block formats specialise block_coefs");
+  out[0] = coef4<kType>(b);
 }
 
 // {x₀, x₀, y₀, y₀} ... {x₇, x₇, y₇, y₇} from two vectors of eight.
