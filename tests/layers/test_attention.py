@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from pagedllm import LLM, SamplingParams
 from pagedllm import kernels
 from pagedllm.kernels import KERNEL_HEAD_DIMS, cpu_kernels_available, paged_decode_attention
+from pagedllm.layers.attention import KV_Q8_0, dequantize_q8_0, quantize_q8_0
 from helpers import FLOAT
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels_available(), reason="no C++ compiler to build the CPU kernels")
@@ -44,6 +45,34 @@ def test_decode_kernel_matches_torch(head_dim, heads, kv_heads, window):
     out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window)
     torch.testing.assert_close(out, reference_decode(q, kv_cache, tables, lens, head_dim**-0.5, window),
                                atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [d for d in KERNEL_HEAD_DIMS if d % 32 == 0])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_kernel_reads_q8_0_rows(head_dim, window):
+    """An 8-bit pool: the kernel's result is the torch path's over the same rows read back as floats."""
+    gen = torch.Generator().manual_seed(head_dim)
+    seqs, block_size, num_blocks, max_blocks, heads, kv_heads = 5, 4, 32, 6, 6, 2
+    kv_cache = quantize_q8_0(torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen) * 3)
+    assert kv_cache.dtype == KV_Q8_0 and kv_cache.shape[-1] == head_dim // 32 * 34
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(seqs)])
+    lens = torch.tensor([1, 4, 9, 17, 24])
+    q = torch.randn(seqs, heads, head_dim, generator=gen)
+    out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window)
+    floats = dequantize_q8_0(kv_cache, torch.float32)
+    torch.testing.assert_close(out, reference_decode(q, floats, tables, lens, head_dim**-0.5, window),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_q8_0_rows_hold_each_value_within_half_a_step():
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0)) * torch.tensor([0.05, 1.0, 50.0])[:, None, None]
+    x[0, 0] = 0  # an all-zero block has scale 0
+    back = dequantize_q8_0(quantize_q8_0(x), torch.float32)
+    step = x.unflatten(-1, (-1, 32)).abs().amax(-1, keepdim=True) / 127
+    # half a step, plus the float16 scale's rounding (2^-11 of it) times up to 127 steps
+    assert ((back - x).unflatten(-1, (-1, 32)).abs() <= step * (0.5 + 127 * 2**-11) + 1e-12).all()
+    assert (back[0, 0] == 0).all()
 
 
 @needs_kernel

@@ -12,9 +12,10 @@ import torch
 
 from ..config import EngineConfig, SpeculativeConfig
 from ..errors import PagedLLMError
+from ..layers.attention import KV_Q8_0, Q8_0_VALUES
 from ..models.loaders import ModelSource, load_model, resolve_model
 from ..sampling.structured_output import GrammarCompiler
-from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState, gather_logprobs
+from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from .kv_cache_manager import KVCacheManager, blocks_needed
@@ -63,7 +64,7 @@ class LLMEngine:
         self.tokenizer: Tokenizer = load_tokenizer(self.source)
         model_len = self.model.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_len, model_len)
-        kv_dtype = dtype if config.cache.kv_cache_dtype == "auto" else _DTYPES[config.cache.kv_cache_dtype]
+        kv_dtype = self._kv_dtype(config.cache.kv_cache_dtype, dtype)
         self.kv_spec = plan_kv_cache(self.model.config, config.cache.block_size, config.cache.kv_cache_memory_bytes,
                                      kv_dtype)
         if self.kv_spec.num_blocks < 1:
@@ -73,16 +74,25 @@ class LLMEngine:
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self.runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype)
-        self.sampler = Sampler()
         self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
         self.proposer = self._proposer(config.speculative, make_proposer, dtype)
-        self.spec_stats = [0, 0]  # draft tokens checked, accepted
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
+
+    def _kv_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The pool's element type: the model's (auto), a float type, or bytes of q8_0 rows."""
+        if name == "auto":
+            return dtype
+        if name != "q8_0":
+            return _DTYPES[name]
+        if self.model.config.head_dim % Q8_0_VALUES:
+            raise PagedLLMError(f"--kv-cache-dtype q8_0 needs a head_dim divisible by {Q8_0_VALUES}; this model's "
+                                f"is {self.model.config.head_dim}")
+        return KV_Q8_0
 
     def _proposer(self, spec: SpeculativeConfig | None, make_proposer: ProposerFactory | None,
                   dtype: torch.dtype) -> Proposer | None:
@@ -201,52 +211,67 @@ class LLMEngine:
             self._record_prompt_logprobs(out.scheduled, batch, logits[batch.num_sampled:])
             hidden_of = self._take_hidden_states(out.scheduled, batch, result.hidden)
             prompt_tokens = self._prompt_tokens(out.scheduled)
-            plain, searching = self._split_sampling(out.scheduled)
-            self.scheduler.update_from_output(out.scheduled)
-            generated = self._sample_and_append(plain, logits[:batch.num_sampled], touched)
+            plain, searching = self._split_sampling(out.scheduled, batch)
+            rows, tokens, logprobs = self._sample(plain, logits[:batch.num_sampled])
+            rows_of = self._rows_by_sequence(rows)
+            kept = self.scheduler.update_from_output(
+                out.scheduled, {seq: [tokens[r] for r in seq_rows] for seq, seq_rows in rows_of.items()})
+            generated = self._append_kept(rows, rows_of, kept, tokens, logprobs, touched)
             generated += self._advance_searches(searching, logits, hidden_of, touched)
+            self._propose_drafts([item for item, _ in plain])
             self._count(prompt_tokens, generated)
         return self._outputs(touched)
 
-    def _split_sampling(self, scheduled: list[ScheduledRequest]) -> tuple[list[tuple[ScheduledRequest, int]],
-                                                                          list[tuple[ScheduledRequest, int]]]:
+    def _split_sampling(self, scheduled: list[ScheduledRequest], batch: StepBatch
+                        ) -> tuple[list[tuple[ScheduledRequest, int]], list[tuple[ScheduledRequest, int]]]:
         """The requests that produce logits this step, with their first logits row: sampled ones,
         and sequences of a search."""
-        plain, searching, row = [], [], 0
-        for item in scheduled:
-            if item.completes_prompt:
+        plain, searching = [], []
+        for item, span in zip(scheduled, batch.sample_spans):
+            if span is not None:
                 group, _ = self._completions[item.request.request_id]
-                (plain if group.search is None else searching).append((item, row))
-                row += 1 + item.num_spec_tokens
+                (plain if group.search is None else searching).append((item, span[0]))
         return plain, searching
 
-    def _sample_and_append(self, scheduled: list[tuple[ScheduledRequest, int]], logits: torch.Tensor,
-                           touched: dict[str, RequestGroup]) -> int:
-        """Sample every row, then append. A request forking into n sequences samples its one row n
-        times; a request with k drafts samples k + 1 rows and keeps the drafts the model agrees with."""
+    def _sample(self, scheduled: list[tuple[ScheduledRequest, int]], logits: torch.Tensor
+                ) -> tuple[list[tuple[RequestGroup, int, list[int]]], list[int], list[LogprobRow] | None]:
+        """Sample every row: (group, sequence index, drafts before the row) per row, its token and
+        logprobs. A request forking into n sequences samples its one row n times; a request with k
+        drafts samples k + 1 rows."""
         rows, sources = self._sampling_rows(scheduled)
         if not rows:
-            return 0
-        if sources != list(range(logits.shape[0])):
-            logits = logits[torch.tensor(sources, device=logits.device)]
-        meta = SamplingMetadata.build([self._sequence_state(*row) for row in rows], logits.shape[-1], self.device)
-        sampled = self.sampler(logits, meta)
-        tokens, logprobs = sampled.tokens.tolist(), self._logprob_rows(sampled)
-        for group, index, _ in rows:  # forks first: they copy the parent as it was before this token
-            if index == len(group.completions):
-                self._fork(group)
-        appended: dict[str, int] = {}  # tokens appended per sequence
-        for r, (group, index, drafts) in enumerate(rows):
-            completion = group.completions[index]
-            if completion.finished or len(drafts) != appended.get(completion.request.request_id, 0):
-                continue  # ended already, or a draft before this row was rejected: it scored a wrong future
-            if drafts and tokens[r - 1] != drafts[-1]:
-                continue
-            self._append(group, completion, tokens[r], logprobs[r] if logprobs else None)
-            touched[group.request_id] = group
-            appended[completion.request.request_id] = appended.get(completion.request.request_id, 0) + 1
-        self._settle_drafts([item for item, _ in scheduled], appended)
-        return sum(appended.values())
+            return [], [], None
+        sampled = self.runner.sample(logits, sources, [self._sequence_state(*row) for row in rows])
+        return rows, sampled.tokens.tolist(), self._logprob_rows(sampled)
+
+    @staticmethod
+    def _rows_by_sequence(rows: list[tuple[RequestGroup, int, list[int]]]) -> dict[str, list[int]]:
+        """Sampled rows per existing sequence id; the rows of sequences still to fork are left out."""
+        rows_of: dict[str, list[int]] = {}
+        for r, (group, index, _) in enumerate(rows):
+            if index < len(group.completions):
+                rows_of.setdefault(group.completions[index].request.request_id, []).append(r)
+        return rows_of
+
+    def _append_kept(self, rows: list[tuple[RequestGroup, int, list[int]]], rows_of: dict[str, list[int]],
+                     kept: dict[str, list[int]], tokens: list[int], logprobs: list[LogprobRow] | None,
+                     touched: dict[str, RequestGroup]) -> int:
+        """Fork the new sequences of n > 1 requests (copies of their parent before this token), then
+        append each sequence's kept tokens until one of them ends it."""
+        for r, (group, index, _) in enumerate(rows):
+            if index >= len(group.completions):
+                child = self._fork(group)
+                rows_of[child.request_id], kept[child.request_id] = [r], [tokens[r]]
+        appended = 0
+        for sequence_id, sequence_rows in rows_of.items():
+            group, completion = self._completions[sequence_id]
+            for token, r in zip(kept[sequence_id], sequence_rows):
+                if completion.finished:
+                    break
+                self._append(group, completion, token, logprobs[r] if logprobs else None)
+                touched[group.request_id] = group
+                appended += 1
+        return appended
 
     def _sampling_rows(self, scheduled: list[tuple[ScheduledRequest, int]]
                        ) -> tuple[list[tuple[RequestGroup, int, list[int]]], list[int]]:
@@ -269,20 +294,15 @@ class LLMEngine:
         return SequenceState(group.params, source.request.prompt_token_ids, source.request.output_token_ids + drafts,
                              group.generators[index], group.stop_ids, allowed)
 
-    def _settle_drafts(self, scheduled: list[ScheduledRequest], appended: dict[str, int]) -> None:
-        """Forget rejected drafts (their K/V slots are simply written again) and propose new ones."""
+    def _propose_drafts(self, sampled: list[ScheduledRequest]) -> None:
+        """Ask the proposer for the next drafts of the greedy requests that sampled this step."""
+        if self.proposer is None:
+            return
         wanting, limits = [], []
-        for item in scheduled:
-            request = item.request
-            if item.num_spec_tokens:
-                self.spec_stats[0] += item.num_spec_tokens
-                self.spec_stats[1] += max(0, appended.get(request.request_id, 0) - 1)
-                request.spec_token_ids = []
-                if not request.status.finished:
-                    request.num_computed_tokens = request.num_tokens - 1
-            params = request.sampling_params
-            if self.proposer is not None and item.completes_prompt and not request.status.finished \
-                    and params.greedy and params.structured_output is None and params.search is None:
+        for item in sampled:
+            request, params = item.request, item.request.sampling_params
+            if not request.status.finished and params.greedy and params.structured_output is None \
+                    and params.search is None:
                 wanting.append(request)
                 limits.append(min(params.max_tokens - len(request.output_token_ids),
                                   self.max_model_len - request.num_tokens) - 1)
@@ -468,7 +488,8 @@ class LLMEngine:
         return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), self.kv_cache.num_blocks,
                            self.kv_cache.num_free_blocks, self.scheduler.num_preemptions,
                            self.kv_cache.stats.hit_rate, self._totals[0], self._totals[1],
-                           self._recent_rate(1), self._recent_rate(2), *self.spec_stats)
+                           self._recent_rate(1), self._recent_rate(2),
+                           self.scheduler.num_draft_tokens, self.scheduler.num_accepted_drafts)
 
     def _recent_rate(self, column: int) -> float:
         """Tokens per second over the window: the tokens of every step after the first, over the span."""

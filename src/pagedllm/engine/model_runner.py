@@ -12,8 +12,9 @@ import torch
 
 from ..config import ModelConfig
 from ..kernels import KERNEL_HEAD_DIMS, cpu_kernels_available
-from ..layers.attention import AttentionGroup, AttentionMetadata
+from ..layers.attention import AttentionGroup, AttentionMetadata, kv_row_elements
 from ..models.transformer import Transformer
+from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState
 from .scheduler import ScheduledRequest
 
 
@@ -31,8 +32,9 @@ class KVCacheSpec:
 
 
 def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype: torch.dtype) -> KVCacheSpec:
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    per_block = config.kv_bytes_per_token(dtype_bytes) * block_size
+    """`dtype`: the pool's elements (KV_Q8_0 for 8-bit rows)."""
+    row_bytes = kv_row_elements(config.head_dim, dtype) * dtype.itemsize
+    per_block = 2 * config.num_hidden_layers * config.num_key_value_heads * row_bytes * block_size
     return KVCacheSpec(memory_bytes // per_block, block_size, per_block)
 
 
@@ -56,6 +58,8 @@ class StepBatch:
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # flat-token rows whose logits are computed: the sampled ones, then prompt_rows
     num_sampled: int
+    # Per scheduled request: (its first logits row, 1 + its drafts) when it samples this step, else None.
+    sample_spans: list[tuple[int, int] | None]
     # Per scheduled request that asked for prompt logprobs: (its index, first prompt position, count).
     prompt_rows: list[tuple[int, int, int]]
     # Per scheduled request whose final hidden states are wanted (contrastive search): (its index,
@@ -82,10 +86,13 @@ class ModelRunner:
         """`dtype`: the model's activations; `kv_dtype`: the pool's elements (default: the same)."""
         cfg = model.config
         self.model, self.spec, self.device = model, spec, device
-        shape = (cfg.num_hidden_layers, 2, spec.num_blocks, spec.block_size, cfg.num_key_value_heads, cfg.head_dim)
-        self.kv_pool = _zeroed_pool(shape, kv_dtype or dtype, device)
+        kv_dtype = kv_dtype or dtype
+        shape = (cfg.num_hidden_layers, 2, spec.num_blocks, spec.block_size, cfg.num_key_value_heads,
+                 kv_row_elements(cfg.head_dim, kv_dtype))
+        self.kv_pool = _zeroed_pool(shape, kv_dtype, device)
         self.kv_caches = list(self.kv_pool.unbind(0))
         self.use_decode_kernel = decode_kernel_usable(attention_backend, torch.device(device), dtype, cfg.head_dim)
+        self.sampler = Sampler()
 
     def prepare(self, scheduled: list[ScheduledRequest], block_tables: list[list[int]]) -> StepBatch:
         """Flatten the step's tokens; sequences with nothing to sample still write their K/V."""
@@ -105,15 +112,18 @@ class ModelRunner:
         groups = [self._group(np.flatnonzero(sel), starts, counts, query_start, table)
                   for sel in (counts == 1, counts > 1) if sel.any()]
         # A request with drafts is scored at the last real token and at every draft.
-        sample_rows = [row for i, s in enumerate(scheduled) if s.completes_prompt
-                       for row in range(query_start[i + 1] - 1 - s.num_spec_tokens, query_start[i + 1])]
+        sample_spans, sample_rows = [], []
+        for i, s in enumerate(scheduled):
+            count = 1 + s.num_spec_tokens if s.completes_prompt else 0
+            sample_spans.append((len(sample_rows), count) if count else None)
+            sample_rows += range(query_start[i + 1] - count, query_start[i + 1])
         prompt_rows, extra_rows = self._prompt_logprob_rows(scheduled, starts, counts, query_start)
         meta = AttentionMetadata(slot_mapping=self._long_tensor(slots), groups=groups)
         hidden_spans = [(i, int(starts[i]), int(counts[i])) for i, s in enumerate(scheduled)
                         if s.request.sampling_params.penalty_alpha > 0]
         hidden_rows = [row for i, _, n in hidden_spans for row in range(query_start[i], query_start[i] + n)]
         return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta,
-                         self._long_tensor(sample_rows + extra_rows), len(sample_rows), prompt_rows,
+                         self._long_tensor(sample_rows + extra_rows), len(sample_rows), sample_spans, prompt_rows,
                          hidden_spans, self._long_tensor(hidden_rows) if hidden_rows else None)
 
     @staticmethod
@@ -157,6 +167,13 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         wanted = hidden[batch.hidden_rows] if batch.hidden_rows is not None else None
         return StepResult(self.model.compute_logits(hidden[batch.logits_rows]), wanted)
+
+    def sample(self, logits: torch.Tensor, sources: list[int], rows: list[SequenceState]) -> SamplerOutput:
+        """One token per row in `rows`, drawn from logits row `sources[i]` (a row may be drawn from
+        several times: a request forking into n sequences)."""
+        if sources != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(sources, device=logits.device)]
+        return self.sampler(logits, SamplingMetadata.build(rows, logits.shape[-1], self.device))
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

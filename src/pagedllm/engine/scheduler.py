@@ -49,6 +49,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_draft_tokens = 0  # speculative decoding: drafts checked, and those the model agreed with
+        self.num_accepted_drafts = 0
 
     def add_request(self, request: Request) -> None:
         self.waiting.append(request)
@@ -129,10 +131,29 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def update_from_output(self, scheduled: list[ScheduledRequest]) -> None:
-        """Record the tokens computed this step (sampled tokens are appended by the engine)."""
+    def update_from_output(self, scheduled: list[ScheduledRequest],
+                           sampled: dict[str, list[int]]) -> dict[str, list[int]]:
+        """Record the step: the tokens each request computed, and which of its sampled tokens it keeps.
+
+        `sampled` holds, per request that sampled, one token per scored row. A request with drafts
+        keeps the tokens up to the first one that differs from its draft (that one included: the
+        model's own choice there); the K/V of the rejected drafts is written over later. Returns the
+        kept tokens per request; the engine appends them (it checks each for a stop)."""
+        kept: dict[str, list[int]] = {}
         for item in scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
+            request = item.request
+            tokens = sampled.get(request.request_id, [])
+            if item.num_spec_tokens:
+                agreed = _agreed_prefix(request.spec_token_ids, tokens)
+                tokens = tokens[:agreed + 1]
+                self.num_draft_tokens += item.num_spec_tokens
+                self.num_accepted_drafts += agreed
+                request.spec_token_ids = []
+                request.num_computed_tokens = request.num_tokens + len(tokens) - 1  # the last kept is not computed
+            else:
+                request.num_computed_tokens += item.num_new_tokens
+            kept[request.request_id] = tokens
+        return kept
 
     def finish(self, request: Request, status: RequestStatus) -> None:
         request.status = status
@@ -141,3 +162,11 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+
+
+def _agreed_prefix(drafts: list[int], tokens: list[int]) -> int:
+    """How many leading drafts the model sampled itself (tokens[j] is its choice after drafts[:j])."""
+    agreed = 0
+    while agreed < len(drafts) and agreed < len(tokens) - 1 and tokens[agreed] == drafts[agreed]:
+        agreed += 1
+    return agreed

@@ -15,6 +15,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -51,16 +52,46 @@ void write_cache_row(const float* src, int64_t n, T* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// k and v of each row into the [2, blocks, block_size, kv_heads, dim] cache at its slot.
+// n floats as q8_0 rows (per 32: a float16 scale d = max|x| / 127, then round(x / d) as int8; the
+// same arithmetic as layers.attention.quantize_q8_0, so both paths write the same bytes).
+void write_q8_0_row(const float* src, int64_t n, uint8_t* dst) {
+  for (int64_t b = 0; b < n; b += 32, dst += 34) {
+    float amax = 0.f;
+    for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(src[b + i]));
+    const float d = amax / 127, inverse = d > 0 ? 1.f / d : 0.f;
+    const c10::Half half_d(d);
+    __builtin_memcpy(dst, &half_d, sizeof half_d);
+    for (int64_t i = 0; i < 32; ++i) {
+      const float q = std::min(127.f, std::max(-127.f, std::nearbyint(src[b + i] * inverse)));
+      dst[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(q));
+    }
+  }
+}
+
+// Pool elements a row of n values takes (q8_0: 34 bytes per 32 values).
+int64_t cache_row_elements(const at::Tensor& cache, int64_t n) {
+  return cache.scalar_type() == at::kByte ? n / 32 * 34 : n;
+}
+
+// k and v of each row into the [2, blocks, block_size, kv_heads, row] cache at its slot.
 void write_kv(const float* qkv, int64_t m, int64_t row_stride, int64_t k_offset, int64_t kv_size, at::Tensor& cache,
               const int64_t* slots) {
-  const int64_t half = cache.numel() / 2;
+  const int64_t half = cache.numel() / 2, row = cache_row_elements(cache, kv_size);
+  if (cache.scalar_type() == at::kByte) {
+    uint8_t* keys = cache.data_ptr<uint8_t>();
+    for (int64_t r = 0; r < m; ++r) {
+      const float* src = qkv + r * row_stride + k_offset;
+      write_q8_0_row(src, kv_size, keys + slots[r] * row);
+      write_q8_0_row(src + kv_size, kv_size, keys + half + slots[r] * row);
+    }
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "write_kv", [&] {
     scalar_t* keys = cache.data_ptr<scalar_t>();
     for (int64_t r = 0; r < m; ++r) {
-      const float* row = qkv + r * row_stride + k_offset;
-      write_cache_row(row, kv_size, keys + slots[r] * kv_size);
-      write_cache_row(row + kv_size, kv_size, keys + half + slots[r] * kv_size);
+      const float* src = qkv + r * row_stride + k_offset;
+      write_cache_row(src, kv_size, keys + slots[r] * row);
+      write_cache_row(src + kv_size, kv_size, keys + half + slots[r] * row);
     }
   });
 }
@@ -87,8 +118,10 @@ at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, d
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, hidden] float32");
   const int64_t m = x.size(0), hidden = x.size(1);
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 && kv_cache.size(3) == num_kv_heads,
-              "kv_cache must be a contiguous [2, blocks, block_size, kv_heads, dim] pool");
-  const int64_t dim = kv_cache.size(4), q_size = num_heads * dim, kv_size = num_kv_heads * dim;
+              "kv_cache must be a contiguous [2, blocks, block_size, kv_heads, row] pool");
+  const int64_t dim = cos.size(-1), q_size = num_heads * dim, kv_size = num_kv_heads * dim;
+  TORCH_CHECK(kv_cache.size(4) == cache_row_elements(kv_cache, dim) && (kv_cache.scalar_type() != at::kByte || dim % 32 == 0),
+              "kv_cache rows do not hold head_dim ", dim, " values");
   const std::vector<Part> parts = parts_of(ws, types, hidden);
   TORCH_CHECK(rows_of(parts) == q_size + 2 * kv_size, "q/k/v weights have ", rows_of(parts), " rows, heads need ",
               q_size + 2 * kv_size);
@@ -96,7 +129,7 @@ at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, d
   check_rows(cos, m, dim, "cos");
   check_rows(sin, m, dim, "sin");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == m, "slots must be [M] int64");
-  const int64_t cache_slots = kv_cache.numel() / (2 * kv_size);
+  const int64_t cache_slots = kv_cache.numel() / (2 * cache_row_elements(kv_cache, kv_size));
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t r = 0; r < m; ++r) TORCH_CHECK(slot[r] >= 0 && slot[r] < cache_slots, "slot ", slot[r], " is outside the cache");
 

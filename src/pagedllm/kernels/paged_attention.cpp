@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -38,6 +39,34 @@ inline Float8 load8(const c10::Half* p) {
   return v;
 }
 
+// A cached head row of kDim values as kDim / 8 vectors. Float rows are read as they are; q8_0 rows
+// (T = uint8_t: per 32 values a float16 scale d, then 32 int8 q) are d·q.
+template <int64_t kDim, typename T>
+inline void load_row(const T* row, Float8* out) {
+  for (int64_t i = 0; i < kDim / 8; ++i) out[i] = load8(row + 8 * i);
+}
+
+template <int64_t kDim>
+inline void load_row(const uint8_t* row, Float8* out) {
+  typedef int8_t Byte8 __attribute__((vector_size(8)));
+  for (int64_t b = 0; b < kDim / 32; ++b, row += 34) {
+    c10::Half d;
+    __builtin_memcpy(&d, row, sizeof d);
+    const float scale = static_cast<float>(d);
+    for (int64_t i = 0; i < 4; ++i) {
+      Byte8 q;
+      __builtin_memcpy(&q, row + 2 + 8 * i, sizeof q);
+      out[4 * b + i] = __builtin_convertvector(q, Float8) * scale;
+    }
+  }
+}
+
+// Pool elements per head row of `head_dim` values (q8_0: 34 bytes per 32 values).
+template <typename T>
+constexpr int64_t row_elements(int64_t head_dim) {
+  return std::is_same_v<T, uint8_t> ? head_dim / 32 * 34 : head_dim;
+}
+
 inline float sum8(Float8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -55,7 +84,7 @@ void attend_one(const float* __restrict__ query, const T* __restrict__ keys, con
   for (int64_t t = first; t < last; ++t) {
     const T* key = keys + (blocks[t / block_size] * block_size + t % block_size) * token_stride;
     Float8 k[kLanes];
-    for (int64_t i = 0; i < kLanes; ++i) k[i] = load8(key + 8 * i);
+    load_row<kDim>(key, k);
     for (int64_t g = 0; g < group; ++g) {
       Float8 acc = load8(query + g * kDim) * k[0];
       for (int64_t i = 1; i < kLanes; ++i) acc += load8(query + g * kDim + 8 * i) * k[i];
@@ -75,7 +104,9 @@ void attend_one(const float* __restrict__ query, const T* __restrict__ keys, con
     const float* p = scores + g * n;
     for (int64_t t = first; t < last; ++t) {
       const T* value = values + (blocks[t / block_size] * block_size + t % block_size) * token_stride;
-      for (int64_t i = 0; i < kLanes; ++i) acc[i] += p[t - first] * load8(value + 8 * i);
+      Float8 v[kLanes];
+      load_row<kDim>(value, v);
+      for (int64_t i = 0; i < kLanes; ++i) acc[i] += p[t - first] * v[i];
     }
     __builtin_memcpy(out + g * kDim, acc, sizeof acc);
   }
@@ -86,7 +117,7 @@ void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const
                       const at::Tensor& context_lens, double scale, int64_t sliding_window, at::Tensor& out) {
   const int64_t seqs = query.size(0), heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = kv_cache.size(2), kv_heads = kv_cache.size(3);
-  const int64_t group = heads / kv_heads, token_stride = kv_heads * head_dim;
+  const int64_t row = row_elements<T>(head_dim), group = heads / kv_heads, token_stride = kv_heads * row;
   const int64_t max_blocks = block_tables.size(1);
   const T* keys = kv_cache.select(0, 0).data_ptr<T>();
   const T* values = kv_cache.select(0, 1).data_ptr<T>();
@@ -105,7 +136,7 @@ void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const
       const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, last - sliding_window) : 0;
       scores.resize(group * (last - first));
       const int64_t head = (seq * heads + kv_head * group) * head_dim;
-      attend(q_all + head, keys + kv_head * head_dim, values + kv_head * head_dim, tables + seq * max_blocks,
+      attend(q_all + head, keys + kv_head * row, values + kv_head * row, tables + seq * max_blocks,
              first, last, block_size, token_stride, group, static_cast<float>(scale), scores.data(),
              out_all + head);
     }
@@ -120,7 +151,8 @@ bool supported_head_dim(int64_t head_dim) {
   return false;
 }
 
-// query [seqs, heads, dim] float32; kv_cache [2, blocks, block_size, kv_heads, dim];
+// query [seqs, heads, dim] float32; kv_cache [2, blocks, block_size, kv_heads, dim] float32, bfloat16
+// or float16, or [..., dim / 32 · 34] uint8 (q8_0 rows);
 // block_tables [seqs, max_blocks] int64; context_lens [seqs] int64 (tokens in the cache,
 // this step's included). Returns [seqs, heads, dim] float32.
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_cache,
@@ -128,8 +160,11 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_
                                   double scale, int64_t sliding_window) {
   TORCH_CHECK(query.dim() == 3 && query.scalar_type() == at::kFloat, "query must be [seqs, heads, dim] float32");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous(), "kv_cache must be a contiguous 5-d pool");
-  TORCH_CHECK(kv_cache.size(4) == query.size(2) && query.size(1) % kv_cache.size(3) == 0, "head shapes differ");
-  TORCH_CHECK(supported_head_dim(query.size(2)), "head_dim ", query.size(2), " has no kernel");
+  const bool q8 = kv_cache.scalar_type() == at::kByte;
+  TORCH_CHECK(supported_head_dim(query.size(2)) && (!q8 || query.size(2) % 32 == 0), "head_dim ", query.size(2),
+              " has no kernel");
+  TORCH_CHECK(kv_cache.size(4) == (q8 ? row_elements<uint8_t>(query.size(2)) : query.size(2)) &&
+              query.size(1) % kv_cache.size(3) == 0, "head shapes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_tables and context_lens must be int64");
   const at::Tensor q = query.contiguous();
@@ -139,6 +174,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_
     case at::kFloat: decode_attention<float>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
     case at::kBFloat16: decode_attention<c10::BFloat16>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
     case at::kHalf: decode_attention<c10::Half>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
+    case at::kByte: decode_attention<uint8_t>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
     default: TORCH_CHECK(false, "kv_cache dtype ", kv_cache.scalar_type(), " has no kernel");
   }
   return out;

@@ -75,11 +75,44 @@ def build_attention_mask(group: AttentionGroup, sliding_window: int | None) -> t
     return mask[:, None]
 
 
+# An 8-bit KV cache (`--kv-cache-dtype q8_0`) stores each head row as llama.cpp's q8_0 blocks: per
+# 32 values, a float16 scale d then 32 int8 q, value = d·q. The pool's elements are then bytes, a
+# row of head_dim values taking head_dim / 32 · 34 of them (the kernels work it out the same way).
+Q8_0_VALUES, Q8_0_BYTES = 32, 34
+KV_Q8_0 = torch.uint8  # the pool dtype that means q8_0 rows
+
+
+def kv_row_elements(head_dim: int, kv_dtype: torch.dtype) -> int:
+    """Pool elements per cached head row."""
+    return head_dim // Q8_0_VALUES * Q8_0_BYTES if kv_dtype == KV_Q8_0 else head_dim
+
+
+def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
+    """[..., dim] floats → [..., dim / 32 · 34] bytes (round half to even, as the C++ writers)."""
+    blocks = x.float().unflatten(-1, (-1, Q8_0_VALUES))
+    d = blocks.abs().amax(-1, keepdim=True) / 127
+    inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    q = torch.round(blocks * inverse).clamp_(-127, 127).to(torch.int8)
+    packed = torch.cat([d.half().view(torch.uint8), q.view(torch.uint8)], dim=-1)
+    return packed.flatten(-2)
+
+
+def dequantize_q8_0(packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    blocks = packed.unflatten(-1, (-1, Q8_0_BYTES))
+    d = blocks[..., :2].contiguous().view(torch.float16).to(dtype)
+    return (blocks[..., 2:].contiguous().view(torch.int8).to(dtype) * d).flatten(-2)
+
+
+def cached_values(kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cache rows read back as `dtype` values."""
+    return dequantize_q8_0(kv, dtype) if kv.dtype == KV_Q8_0 else kv.to(dtype)
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    _, num_blocks, block_size, kv_heads, head_dim = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, head_dim)
-    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
-    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))
+    _, num_blocks, block_size, kv_heads, row = kv_cache.shape
+    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, row)
+    for index, x in enumerate((k, v)):
+        flat[index].index_copy_(0, slot_mapping, quantize_q8_0(x) if kv_cache.dtype == KV_Q8_0 else x.to(kv_cache.dtype))
 
 
 def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup, mask: torch.Tensor | None,
@@ -87,8 +120,8 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup
     if group.use_decode_kernel:
         return paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, scale, sliding_window)
     length = group.max_context_len
-    keys = kv_cache[0][group.block_tables].flatten(1, 2)[:, :length].transpose(1, 2).to(q.dtype)
-    values = kv_cache[1][group.block_tables].flatten(1, 2)[:, :length].transpose(1, 2).to(q.dtype)
+    keys = cached_values(kv_cache[0][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)
+    values = cached_values(kv_cache[1][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)
     queries = q.new_zeros(group.num_seqs, group.max_query_len, q.shape[1], q.shape[2])
     queries[group.token_seq, group.token_index] = q
     out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,

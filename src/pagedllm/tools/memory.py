@@ -18,7 +18,7 @@ from ..models.loaders.hf_loader import safetensors_files
 # Bytes per weight of each --quantization / --dtype choice: plain dtypes, and the blocks that
 # int8 (Q8_0: 32 int8 + an fp16 scale) and int4 (Q4_1: 32 nibbles + fp16 scale and min) load into.
 WEIGHT_DTYPES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32, "int4": 20 / 32}
-KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2}
+KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "q8_0": 34 / 32}
 
 
 @dataclass(frozen=True)
