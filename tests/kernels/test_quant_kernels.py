@@ -113,3 +113,15 @@ def test_parts_of_different_types_stack_their_rows(isa):
     out = torch.empty(3, sum(rows))
     ops.matmul_dequant(x, ws, [int(t) for t in types], k, out, 4, isa_id)
     torch.testing.assert_close(out.double(), x.double() @ ref_w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(len(ISAS) < 2, reason="one instruction set only")
+def test_every_instruction_set_quantises_activations_to_the_same_bytes():
+    """The vector quantisers round as the portable one does, so a model's results do not depend on the CPU."""
+    x = torch.randn(5, 7 * 32, generator=torch.Generator().manual_seed(3)) * 4
+    x[1, :32] = 0  # a zero block
+    x[2, 32:64] = torch.arange(32) - 15.5  # evenly spaced: many products near .5
+    ops = torch.ops.pagedllm_quant
+    portable = ops.quantize_q8(x, 0)
+    for isa_id in range(1, len(ISAS)):
+        assert torch.equal(ops.quantize_q8(x, isa_id), portable), ISAS[isa_id]

@@ -107,14 +107,13 @@ def test_fused_decode_layer_equals_the_module_path(write, family, rows, kv_dtype
     masks = [build_attention_mask(g, None) for g in batch.meta.groups]
     layer = model.layers[1]
     with torch.inference_mode():
-        fused = layer(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta, masks)
-        layer.fused, fused_path = None, layer.fused
+        fused = layer.fused(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta, masks)
         plain = layer(x.clone(), cos, sin, runners[1].kv_caches[1], batch.meta, masks)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
     written = [cached_values(runner.kv_caches[1], torch.float32) for runner in runners]
     step = written[1].abs().max().item() / 127 if kv_dtype == KV_Q8_0 else 0  # a k a hair apart may round apart
     torch.testing.assert_close(written[0], written[1], rtol=1e-5, atol=1e-5 + step)
-    assert fused_path.applies_to(x)
+    assert layer.fused.applies_to(x)
 
 
 def _assert_same_until_near_tie(model, prompt: list[int], want: list[int], have: list[int]) -> None:

@@ -182,10 +182,7 @@ void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vect
   at::Tensor gu = at::empty({m, 2 * inter}, x.options());
   float* g = gu.data_ptr<float>();
   matmul_parts(xq.data_ptr<uint8_t>(), m, gate_up, hidden, g, 2 * inter, false, false, isa);
-  for (int64_t r = 0; r < m; ++r) {  // silu(gate) · up, into the gate half
-    float* row = g + r * 2 * inter;
-    for (int64_t i = 0; i < inter; ++i) row[i] = row[i] / (1.f + std::exp(-row[i])) * row[i + inter];
-  }
+  silu_mul_rows(g, m, inter, isa);  // into the gate half
   xq = quantised_rows(g, m, inter, 2 * inter, isa);
   matmul_parts(xq.data_ptr<uint8_t>(), m, down, inter, xp, hidden, false, true, isa);
 }

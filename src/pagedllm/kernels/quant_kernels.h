@@ -23,6 +23,9 @@ inline int64_t activation_row_bytes(int64_t k, bool wide) { return k / 32 * (wid
 void quantize_activations(const float* x, int64_t m, int64_t k, int64_t x_stride, uint8_t* out, bool wide,
                           int64_t isa);
 
+// gate_up [M, 2·n] → its first n columns = silu(gate) · up (vectorised, with a polynomial exp).
+void silu_mul_rows(float* gate_up, int64_t m, int64_t n, int64_t isa);
+
 // out[M, N] (row stride out_stride) = x · Wᵀ, or += with `accumulate`; x quantised as above.
 void matmul_parts(const uint8_t* xq, int64_t m, const std::vector<Part>& parts, int64_t k, float* out,
                   int64_t out_stride, bool wide, bool accumulate, int64_t isa);

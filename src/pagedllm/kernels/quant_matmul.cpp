@@ -145,6 +145,10 @@ void quantize_activations(const float* x, int64_t m, int64_t k, int64_t x_stride
   });
 }
 
+void silu_mul_rows(float* gate_up, int64_t m, int64_t n, int64_t isa) {
+  for (int64_t r = 0; r < m; ++r, gate_up += 2 * n) PAGEDLLM_BY_ISA(isa, silu_mul_row(gate_up, gate_up + n, n));
+}
+
 void matmul_parts(const uint8_t* xq, int64_t m, const std::vector<Part>& parts, int64_t k, float* out,
                   int64_t out_stride, bool wide, bool accumulate, int64_t isa) {
   // Enough rows per task that a thread's share is worth waking it for.
