@@ -18,7 +18,9 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "My favourite season
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM(kv_cache_memory=64 * 2**20, max_num_batched_tokens=256)
+    # The float path: packed rows depend slightly on their batch (a step with a prefill chunk takes the
+    # module path, a decode-only step the fused one), and beam scores have near-ties.
+    return LLM(kv_cache_memory=64 * 2**20, max_num_batched_tokens=256, quantization=FLOAT)
 
 
 @pytest.fixture(scope="module")

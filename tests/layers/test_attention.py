@@ -35,15 +35,16 @@ def reference_decode(q, kv_cache, tables, lens, scale, window):
 @pytest.mark.parametrize("head_dim", KERNEL_HEAD_DIMS)
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (8, 1)])
 @pytest.mark.parametrize("window", [None, 5])
-def test_decode_kernel_matches_torch(head_dim, heads, kv_heads, window):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_decode_kernel_matches_torch(head_dim, heads, kv_heads, window, kv_dtype):
     gen = torch.Generator().manual_seed(head_dim * 100 + heads)
     seqs, block_size, num_blocks, max_blocks = 7, 4, 64, 9
-    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(kv_dtype)
     tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(seqs)])
     lens = torch.tensor([1, 2, 4, 5, 17, 30, 36])  # one token, block edges, a full table
     q = torch.randn(seqs, heads, head_dim, generator=gen)
     out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window)
-    torch.testing.assert_close(out, reference_decode(q, kv_cache, tables, lens, head_dim**-0.5, window),
+    torch.testing.assert_close(out, reference_decode(q, kv_cache.float(), tables, lens, head_dim**-0.5, window),
                                atol=1e-5, rtol=1e-5)
 
 
