@@ -19,29 +19,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llamacpp_peer import cpu_model, ensure_llamacpp  # noqa: E402
-from vs_llamacpp import CACHE, _padded_tokenizer, random_weights, run_engine  # noqa: E402
+from vs_llamacpp import cached_random_gguf, run_engine  # noqa: E402
 
 
 def llama_7b_shaped_q4_0() -> Path:
-    path = CACHE / "llama-7b-shaped-random.Q4_0.gguf"
-    if path.exists():
-        return path
-    import torch
-
-    from pagedllm.config import ModelConfig
-    from pagedllm.models.loaders import default_model_path
-    from pagedllm.models.loaders.gguf_file import GGUFFile
-    from pagedllm.tools.convert import write_gguf
-
-    config = ModelConfig(family="llama", vocab_size=49152, hidden_size=4096, intermediate_size=11008,
-                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                         rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, tie_word_embeddings=False)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    write_gguf(partial, config, random_weights(config, torch), _padded_tokenizer(GGUFFile(default_model_path()), 49152),
-               weight_type="q4_0")
-    partial.rename(path)
-    return path
+    return cached_random_gguf("llama-7b-shaped-random.Q4_0.gguf", "q4_0", dict(
+        family="llama", vocab_size=49152, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=32, head_dim=128, rms_norm_eps=1e-5, rope_theta=10000.0,
+        max_position_embeddings=4096, tie_word_embeddings=False))
 
 
 def main() -> None:

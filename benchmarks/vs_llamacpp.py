@@ -99,7 +99,16 @@ def run_engine(engine: str, path: Path, threads: int, prompt_len: int = PROMPT_L
 
 def qwen_shaped_q4_k_m() -> Path:
     """Qwen2.5-0.5B's shape (tied head, q/k/v biases) with random weights, as a Q4_K_M mix."""
-    path = CACHE / "qwen2.5-0.5b-shaped-random.Q4_K_M.gguf"
+    return cached_random_gguf("qwen2.5-0.5b-shaped-random.Q4_K_M.gguf", "q4_k_m", dict(
+        family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+        num_attention_heads=14, num_key_value_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6,
+        max_position_embeddings=32768, tie_word_embeddings=True, attention_bias=True))
+
+
+def cached_random_gguf(name: str, weight_type: str, shape: dict) -> Path:
+    """A GGUF file of random weights of `shape` (ModelConfig fields) and the default model's
+    tokenizer padded to its vocabulary, written once by tools/convert into CACHE."""
+    path = CACHE / name
     if path.exists():
         return path
     import torch
@@ -109,14 +118,11 @@ def qwen_shaped_q4_k_m() -> Path:
     from pagedllm.models.loaders.gguf_file import GGUFFile
     from pagedllm.tools.convert import write_gguf
 
-    config = ModelConfig(family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, head_dim=64,
-                         rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=32768, tie_word_embeddings=True,
-                         attention_bias=True)
+    config = ModelConfig(**shape)
     CACHE.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     write_gguf(partial, config, random_weights(config, torch),
-               _padded_tokenizer(GGUFFile(default_model_path()), 151936), weight_type="q4_k_m")
+               _padded_tokenizer(GGUFFile(default_model_path()), config.vocab_size), weight_type=weight_type)
     partial.rename(path)
     return path
 

@@ -213,10 +213,10 @@ class LLMEngine:
             prompt_tokens = self._prompt_tokens(out.scheduled)
             plain, searching = self._split_sampling(out.scheduled, batch)
             rows, tokens, logprobs = self._sample(plain, logits[:batch.num_sampled])
-            rows_of = self._rows_by_sequence(rows)
+            rows_of, fork_rows = self._rows_by_sequence(rows)
             kept = self.scheduler.update_from_output(
                 out.scheduled, {seq: [tokens[r] for r in seq_rows] for seq, seq_rows in rows_of.items()})
-            generated = self._append_kept(rows, rows_of, kept, tokens, logprobs, touched)
+            generated = self._append_kept(rows, rows_of, fork_rows, kept, tokens, logprobs, touched)
             generated += self._advance_searches(searching, logits, hidden_of, touched)
             self._propose_drafts([item for item, _ in plain])
             self._count(prompt_tokens, generated)
@@ -245,23 +245,25 @@ class LLMEngine:
         return rows, sampled.tokens.tolist(), self._logprob_rows(sampled)
 
     @staticmethod
-    def _rows_by_sequence(rows: list[tuple[RequestGroup, int, list[int]]]) -> dict[str, list[int]]:
-        """Sampled rows per existing sequence id; the rows of sequences still to fork are left out."""
+    def _rows_by_sequence(rows: list[tuple[RequestGroup, int, list[int]]]) -> tuple[dict[str, list[int]], list[int]]:
+        """Sampled rows per existing sequence id, and the rows of sequences still to fork (n > 1)."""
         rows_of: dict[str, list[int]] = {}
+        fork_rows = []
         for r, (group, index, _) in enumerate(rows):
             if index < len(group.completions):
                 rows_of.setdefault(group.completions[index].request.request_id, []).append(r)
-        return rows_of
+            else:
+                fork_rows.append(r)
+        return rows_of, fork_rows
 
     def _append_kept(self, rows: list[tuple[RequestGroup, int, list[int]]], rows_of: dict[str, list[int]],
-                     kept: dict[str, list[int]], tokens: list[int], logprobs: list[LogprobRow] | None,
-                     touched: dict[str, RequestGroup]) -> int:
+                     fork_rows: list[int], kept: dict[str, list[int]], tokens: list[int],
+                     logprobs: list[LogprobRow] | None, touched: dict[str, RequestGroup]) -> int:
         """Fork the new sequences of n > 1 requests (copies of their parent before this token), then
         append each sequence's kept tokens until one of them ends it."""
-        for r, (group, index, _) in enumerate(rows):
-            if index >= len(group.completions):
-                child = self._fork(group)
-                rows_of[child.request_id], kept[child.request_id] = [r], [tokens[r]]
+        for r in fork_rows:
+            child = self._fork(rows[r][0])
+            rows_of[child.request_id], kept[child.request_id] = [r], [tokens[r]]
         appended = 0
         for sequence_id, sequence_rows in rows_of.items():
             group, completion = self._completions[sequence_id]

@@ -52,9 +52,9 @@ void write_cache_row(const float* src, int64_t n, T* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
 }
 
-// n floats as q8_0 rows (per 32: a float16 scale d = max|x| / 127, then round(x / d) as int8; the
-// same arithmetic as layers.attention.quantize_q8_0, so both paths write the same bytes).
-void write_q8_0_row(const float* src, int64_t n, uint8_t* dst) {
+// A uint8 pool holds q8_0 rows: per 32 values a float16 scale d = max|x| / 127, then round(x / d) as
+// int8 — the same arithmetic as layers.attention.quantize_q8_0, so both paths write the same bytes.
+void write_cache_row(const float* src, int64_t n, uint8_t* dst) {
   for (int64_t b = 0; b < n; b += 32, dst += 34) {
     float amax = 0.f;
     for (int64_t i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(src[b + i]));
@@ -77,23 +77,16 @@ int64_t cache_row_elements(const at::Tensor& cache, int64_t n) {
 void write_kv(const float* qkv, int64_t m, int64_t row_stride, int64_t k_offset, int64_t kv_size, at::Tensor& cache,
               const int64_t* slots) {
   const int64_t half = cache.numel() / 2, row = cache_row_elements(cache, kv_size);
-  if (cache.scalar_type() == at::kByte) {
-    uint8_t* keys = cache.data_ptr<uint8_t>();
-    for (int64_t r = 0; r < m; ++r) {
-      const float* src = qkv + r * row_stride + k_offset;
-      write_q8_0_row(src, kv_size, keys + slots[r] * row);
-      write_q8_0_row(src + kv_size, kv_size, keys + half + slots[r] * row);
-    }
-    return;
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "write_kv", [&] {
-    scalar_t* keys = cache.data_ptr<scalar_t>();
+  const auto write = [&](auto* keys) {
     for (int64_t r = 0; r < m; ++r) {
       const float* src = qkv + r * row_stride + k_offset;
       write_cache_row(src, kv_size, keys + slots[r] * row);
       write_cache_row(src + kv_size, kv_size, keys + half + slots[r] * row);
     }
-  });
+  };
+  if (cache.scalar_type() == at::kByte) return write(cache.data_ptr<uint8_t>());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, cache.scalar_type(), "write_kv",
+                                  [&] { write(cache.data_ptr<scalar_t>()); });
 }
 
 // m rows of k floats (row stride `stride`) as int8 activation blocks.

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..models.loaders import ModelSource, read_model_config
 from ..models.loaders.gguf_file import open_gguf
+from ..layers.attention import Q8_0_BYTES, Q8_0_VALUES
 from ..layers.quant import PACKED_TYPES
 from ..models.loaders.gguf_loader import canonical_name, packed_tensor_names
 from ..models.loaders.hf_loader import safetensors_files
@@ -18,7 +19,7 @@ from ..models.loaders.hf_loader import safetensors_files
 # Bytes per weight of each --quantization / --dtype choice: plain dtypes, and the blocks that
 # int8 (Q8_0: 32 int8 + an fp16 scale) and int4 (Q4_1: 32 nibbles + fp16 scale and min) load into.
 WEIGHT_DTYPES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32, "int4": 20 / 32}
-KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "q8_0": 34 / 32}
+KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "q8_0": Q8_0_BYTES / Q8_0_VALUES}
 
 
 @dataclass(frozen=True)
