@@ -193,9 +193,17 @@ inline void store(float* out, float v, bool accumulate) { *out = accumulate ? *o
 constexpr int kPrefetchBytes = 8192;
 
 template <int kBlockBytes>
-inline void prefetch_ahead(const uint8_t* block) {
+inline void prefetch_ahead(const uint8_t* block, int64_t lead = kPrefetchBytes) {
   for (int offset = 0; offset < kBlockBytes; offset += 64)
-    __builtin_prefetch(block + kPrefetchBytes + offset);
+    __builtin_prefetch(block + lead + offset);
+}
+
+// How far ahead to prefetch while `rows` weight rows are read side by side: the same block that
+// many tiles later, at least kPrefetchBytes on. (A fixed lead from each row lands inside the tile
+// itself once rows are long — Q6_K's down projection ran at ~28 GB/s that way, ~50 with this.)
+inline int64_t prefetch_lead(int64_t row_bytes, int rows) {
+  const int64_t tile = rows * row_bytes;
+  return (kPrefetchBytes + tile - 1) / tile * tile;
 }
 
 #if defined(PAGEDLLM_SIMD)
@@ -488,7 +496,7 @@ inline uint32_t load_u32(const uint8_t* p) {
 }
 
 template <int kType>
-void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out, bool accumulate) {
+void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out, bool accumulate, int64_t lead) {
   constexpr int kBytes = Format<kType>::kBytes;
   constexpr bool kHasMin = kType == kQ4_1 || kType == kQ5_1;
   constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : 0.f;  // in units of d
@@ -498,7 +506,7 @@ void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_
   __m512 acc = _mm512_setzero_ps();
   __m128 offsets = _mm_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b, w += kBytes, ++x) {
-    for (int i = 0; i < 4; ++i) prefetch_ahead<kBytes>(w + i * row_bytes);
+    for (int i = 0; i < 4; ++i) prefetch_ahead<kBytes>(w + i * row_bytes, lead);
     __m512i lo, hi;
     if constexpr (kType == kQ8_0) {
       lo = lanes_of_rows<kType>(w, row_bytes, 2);
@@ -565,7 +573,7 @@ inline void transpose_4x8(const __m256* rows, __m128* columns) {
 // 2p + 1 (high); each row's eight scales are unpacked at once and transposed to four rows per sub-block.
 template <int kType>
 void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out,
-                     bool accumulate) {
+                     bool accumulate, int64_t lead) {
   constexpr int kBytes = Format<kType>::kBytes, kQs = kType == kQ4_K ? 16 : 48;
   const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512(), one = _mm512_set1_epi8(1);
   const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -574,7 +582,7 @@ void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int6
   for (int64_t b = 0; b < blocks; ++b, w += kBytes, x += 8) {
     __m256 scales[4], mins[4];
     for (int i = 0; i < 4; ++i) {
-      prefetch_ahead<kBytes>(w + i * row_bytes);
+      prefetch_ahead<kBytes>(w + i * row_bytes, lead);
       k_scales(w + i * row_bytes, scales[i], mins[i]);
     }
     __m128 scale_of[8], offset_of[8];  // sub-block j: the four rows' scales (offsets) in one vector
@@ -612,7 +620,7 @@ void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int6
 // And for Q6_K: sub-block j = 4n + k takes nibble k/2 of ql's run k%2 in half n and bits 2k of qh's
 // run n; each half of 16 elements has its own scale, so the two dots are weighed apart.
 inline void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out,
-                              bool accumulate) {
+                              bool accumulate, int64_t lead) {
   constexpr int kBytes = Format<kQ6_K>::kBytes;
   const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3), zero = _mm512_setzero_si512();
   const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -622,7 +630,7 @@ inline void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Q8Block
     __m256 scales[2][4];  // [scale index / 8][row]: d·sc
     for (int i = 0; i < 4; ++i) {
       const uint8_t* block = w + i * row_bytes;
-      prefetch_ahead<kBytes>(block);
+      prefetch_ahead<kBytes>(block, lead);
       const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192));
       const __m256 d = _mm256_broadcastss_ps(fp16_pair(block + 208));
       scales[0][i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
@@ -668,19 +676,19 @@ inline void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Q8Block
 
 template <int kType, typename Act, int kW, int kA>
 void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a, int64_t a_stride, int64_t blocks,
-              float* out, int64_t out_stride, bool accumulate) {
+              float* out, int64_t out_stride, bool accumulate, int64_t lead) {
   using F = Format<kType>;
 #if defined(PAGEDLLM_VNNI)
   if constexpr (kW == 4 && kA == 1 && F::kSub == 1 && std::is_same_v<Act, Int8Activations>) {
-    dot_four_rows<kType>(w, row_bytes, a, blocks, out, accumulate);
+    dot_four_rows<kType>(w, row_bytes, a, blocks, out, accumulate, lead);
     return;
   }
   if constexpr (kW == 4 && kA == 1 && (kType == kQ4_K || kType == kQ5_K) && std::is_same_v<Act, Int8Activations>) {
-    dot_four_rows_k<kType>(w, row_bytes, a, blocks, out, accumulate);
+    dot_four_rows_k<kType>(w, row_bytes, a, blocks, out, accumulate, lead);
     return;
   }
   if constexpr (kW == 4 && kA == 1 && kType == kQ6_K && std::is_same_v<Act, Int8Activations>) {
-    dot_four_rows_q6k(w, row_bytes, a, blocks, out, accumulate);
+    dot_four_rows_q6k(w, row_bytes, a, blocks, out, accumulate, lead);
     return;
   }
 #endif
@@ -692,7 +700,7 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
   for (int64_t b = 0; b < blocks; ++b) {
     for (int i = 0; i < kW; ++i) {
       const uint8_t* block = w + i * row_bytes + b * F::kBytes;
-      prefetch_ahead<F::kBytes>(block);
+      prefetch_ahead<F::kBytes>(block, lead);
       block_coefs<kType>(block, coefs[i]);
     }
     for (int j = 0; j < F::kSub; ++j) {
@@ -768,7 +776,7 @@ struct Int16Activations {
 
 template <int kType, typename Act, int kW, int kA>
 void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a, int64_t a_stride, int64_t blocks,
-              float* out, int64_t out_stride, bool accumulate) {
+              float* out, int64_t out_stride, bool accumulate, int64_t lead) {
   using F = Format<kType>;
   uint8_t q[32];
   Coef c;
@@ -797,21 +805,22 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
 template <int kType, typename Act, int kA>
 void matmul_tiles(const uint8_t* w, int64_t row_bytes, const typename Act::Block* x, int64_t x_stride, int64_t blocks,
                   float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
+  const int64_t lead = prefetch_lead(row_bytes, kA < 4 ? 4 : 1);
   int64_t n = n0;
   if constexpr (kA < 4) {
     for (; n + 4 <= n1; n += 4)
-      dot_tile<kType, Act, 4, kA>(w + n * row_bytes, row_bytes, x, x_stride, blocks, out + n, out_stride, accumulate);
+      dot_tile<kType, Act, 4, kA>(w + n * row_bytes, row_bytes, x, x_stride, blocks, out + n, out_stride, accumulate, lead);
   }
   for (; n < n1; ++n)
-    dot_tile<kType, Act, 1, kA>(w + n * row_bytes, row_bytes, x, x_stride, blocks, out + n, out_stride, accumulate);
+    dot_tile<kType, Act, 1, kA>(w + n * row_bytes, row_bytes, x, x_stride, blocks, out + n, out_stride, accumulate, lead);
 }
 
 template <int kType, typename Act>
 void matmul_rows(const uint8_t* w, int64_t row_bytes, const typename Act::Block* x, int64_t m_rows, int64_t k,
                  float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
   const int64_t blocks = k / (32 * Format<kType>::kSub), x_stride = k / 32;
-  // The in-loop prefetch looks kPrefetchBytes ahead; the first window of this thread's rows is asked for here.
-  const int64_t first_window = std::min<int64_t>(kPrefetchBytes, (n1 - n0) * row_bytes);
+  // The in-loop prefetch looks a lead ahead; the first window of this thread's rows is asked for here.
+  const int64_t first_window = std::min<int64_t>(prefetch_lead(row_bytes, 4), (n1 - n0) * row_bytes);
   for (int64_t offset = 0; offset < first_window; offset += 64) __builtin_prefetch(w + n0 * row_bytes + offset);
   // Chunks of weight rows, each used by every activation row while it is in cache: W is read once.
   constexpr int64_t kChunk = 16;
