@@ -25,7 +25,7 @@ def _reference_weights(raw: np.ndarray, qtype: Q, n: int, k: int) -> torch.Tenso
 
 
 def _q8_roundtrip(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
-    """The activations as the kernel sees them: int8 (or int16) blocks of 32 with one float scale."""
+    """The activations as the kernel sees them: int8 (or 15-bit) blocks of 32 with one float scale."""
     blocks = x.reshape(x.shape[0], -1, 32)
     d = blocks.abs().amax(-1, keepdim=True) / levels
     q = torch.where(d > 0, torch.round(blocks / torch.where(d > 0, d, 1)), 0)
@@ -35,7 +35,7 @@ def _q8_roundtrip(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda q: q.name)
 @pytest.mark.parametrize("m", [1, 2, 7, 64])
-@pytest.mark.parametrize("activations", ["int8", "int16"])
+@pytest.mark.parametrize("activations", ["int8", "15-bit"])
 def test_integer_matmul_matches_reference(qtype, isa, m, activations):
     k = 512 if GGML_QUANT_SIZES[qtype][0] == 256 else 96  # odd block counts: 2 and 3
     n = 37  # weight rows in tiles of four and a remainder
@@ -48,19 +48,19 @@ def test_integer_matmul_matches_reference(qtype, isa, m, activations):
     if activations == "int8":
         ops.matmul_q8(ops.quantize_q8(x, isa_id), [w], [int(qtype)], k, out, isa_id)
     else:
-        ops.matmul_q16(x, [w], [int(qtype)], k, out, isa_id)
-    ref = _q8_roundtrip(x, 127 if activations == "int8" else 32767) @ _reference_weights(raw, qtype, n, k).T
+        ops.matmul_q15(x, [w], [int(qtype)], k, out, isa_id)
+    ref = _q8_roundtrip(x, 127 if activations == "int8" else 127 * 128) @ _reference_weights(raw, qtype, n, k).T
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_int16_activations_are_close_to_float(isa):
-    """The output head's path: int16 rounding of x leaves the product within 1e-4 of float's."""
+def test_15_bit_activations_are_close_to_float(isa):
+    """The output head's path: 15-bit rounding of x leaves the product within 1e-4 of float's."""
     n, k = 64, 576
     raw = random_blocks(Q.Q8_0, n, k, np.random.default_rng(7))
     x = torch.randn(3, k, generator=torch.Generator().manual_seed(7))
     out = torch.empty(3, n)
-    torch.ops.pagedllm_quant.matmul_q16(x, [torch.from_numpy(raw.reshape(n, -1))], [int(Q.Q8_0)], k, out,
+    torch.ops.pagedllm_quant.matmul_q15(x, [torch.from_numpy(raw.reshape(n, -1))], [int(Q.Q8_0)], k, out,
                                         available_isas().index(isa))
     ref = x.double() @ _reference_weights(raw, Q.Q8_0, n, k).T
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-4 * ref.abs().max().item())

@@ -5,7 +5,7 @@
 //
 // Every GGML block format is read as 32-weight sub-blocks: 32 unsigned integers q and, per half
 // of 16, a scale and an offset, so that weight = scale·q + offset. Activations are quantised to
-// blocks of 32 (int8 or int16, one float scale, the sum of each half), so that a sub-block's dot
+// blocks of 32 (int8, or 15-bit for the head; one float scale, the sum of each half), so that a sub-block's dot
 // product is Σ_half scale·dx·Σ(q·a) + offset·dx·Σa — integer work inside, float terms per half.
 
 struct Coef {
@@ -147,36 +147,44 @@ struct Format<kQ6_K> {
   }
 };
 
-// One activation row's sub-block, as the quantisers write it: int8 for the layers, int16 for the
-// output head (where int8 rounding flips near-tied tokens; int16 is ~256x finer).
+// One activation row's sub-block, as the quantisers write it: int8 for the layers, and for the
+// output head (where int8 rounding flips near-tied tokens) 15-bit integers 128·hi + lo, kept as two
+// int8 halves so that the head takes the same byte dot products as the layers, twice.
 // After the integers: {d, d, d·Σq of elements 0..15, d·Σq of 16..31}, one 4-float vector that
 // multiplies a weight sub-block's {scale, scale, offset, offset} in one instruction.
 struct Q8Block {
   int8_t q[32];
   float d[2];
   float dsum[2];
+
+  static constexpr float kMax = 127.f;
+  int value(int i) const { return q[i]; }
+  void set(int i, int v) { q[i] = static_cast<int8_t>(v); }
 };
 static_assert(sizeof(Q8Block) == 48, "Q8Block layout");
 
-struct Q16Block {
-  int16_t q[32];
+struct Q15Block {
+  int8_t hi[32];  // −127..127
+  int8_t lo[32];  // 0..127
   float d[2];
   float dsum[2];
+
+  static constexpr float kMax = 127.f * 128.f;  // ±16256: hi stays within ±127, so its sign can be flipped
+  int value(int i) const { return 128 * hi[i] + lo[i]; }
+  void set(int i, int v) { hi[i] = static_cast<int8_t>(v >> 7), lo[i] = static_cast<int8_t>(v & 127); }
 };
-static_assert(sizeof(Q16Block) == 80, "Q16Block layout");
+static_assert(sizeof(Q15Block) == 80, "Q15Block layout");
 
 template <typename Block>
 inline void quantize_row(const float* x, int64_t k, Block* out) {
-  using Int = std::remove_cvref_t<decltype(out->q[0])>;
-  constexpr float kMax = std::numeric_limits<Int>::max();
   for (int64_t b = 0; b < k / 32; ++b, x += 32) {
     float amax = 0.f;
     for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float d = amax / kMax, inv = d > 0.f ? 1.f / d : 0.f;
+    const float d = amax / Block::kMax, inv = d > 0.f ? 1.f / d : 0.f;
     int sums[2] = {0, 0};
     for (int i = 0; i < 32; ++i) {
       const int v = static_cast<int>(std::nearbyint(x[i] * inv));
-      out[b].q[i] = static_cast<Int>(v);
+      out[b].set(i, v);
       sums[i / 16] += v;
     }
     out[b].d[0] = out[b].d[1] = d;
@@ -425,11 +433,30 @@ inline void block_coefs<kQ6_K>(const uint8_t* b, __m128* out) {
   }
 }
 
-// How a weight sub-block meets one activation block, per activation kind: `prepare` turns the
-// 32 weight integers into the form the products need (once per sub-block, shared by every
-// activation row), `accumulate` adds the scaled integer products to acc.
-struct Int8Activations {
-  using Block = Q8Block;
+// The integer dot products of one weight sub-block (32 unsigned bytes u; for Q8_0 |w|, with w's
+// sign moved onto x) with one activation block, per int32 lane of four elements: lanes 0–3 hold
+// the first half, 4–7 the second. A Q15Block is two byte products, 128·(u·hi) + u·lo.
+template <int kType>
+inline __m256i signed_like(__m256i x, __m256i sign) {
+  if constexpr (kType == kQ8_0) return _mm256_sign_epi8(x, sign);
+  else return x;
+}
+template <int kType>
+inline __m256i block_dot(__m256i u, __m256i sign, const Q8Block* x) {
+  return dot32(u, signed_like<kType>(load32(x->q), sign));
+}
+template <int kType>
+inline __m256i block_dot(__m256i u, __m256i sign, const Q15Block* x) {
+  const __m256i high = _mm256_slli_epi32(dot32(u, signed_like<kType>(load32(x->hi), sign)), 7);
+  return _mm256_add_epi32(high, dot32(u, signed_like<kType>(load32(x->lo), sign)));
+}
+
+// How a weight sub-block meets activation blocks of type B: `prepare` turns the 32 weight
+// integers into the form the products need (once per sub-block, shared by every activation
+// row), `accumulate` adds the scaled integer products to acc.
+template <typename B>
+struct Activations {
+  using Block = B;
   struct Weights {
     __m256i u, sign;
   };
@@ -441,35 +468,10 @@ struct Int8Activations {
   // scaled = coef · {d, d, dsum₀, dsum₁}: lanes 0 and 1 weigh the halves.
   template <int kType>
   static void accumulate(const Weights& w, const Block* x, __m128 scaled, __m256& acc) {
-    __m256i s = load32(x->q);
-    if constexpr (kType == kQ8_0) s = _mm256_sign_epi8(s, w.sign);
-    const __m256i p = dot32(w.u, s);  // lanes 0-3: first half, 4-7: second
+    const __m256i p = block_dot<kType>(w.u, w.sign, x);
     const __m256 scale = kType == kQ6_K ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(scaled), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1))
                                         : _mm256_broadcastss_ps(scaled);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
-  }
-};
-
-struct Int16Activations {
-  using Block = Q16Block;
-  struct Weights {
-    __m256i half[2];
-  };
-  template <int kType>
-  static Weights prepare(__m256i q) {
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    if constexpr (kType == kQ8_0) return {{_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)}};
-    else return {{_mm256_cvtepu8_epi16(lo), _mm256_cvtepu8_epi16(hi)}};
-  }
-  template <int kType>
-  static void accumulate(const Weights& w, const Block* x, __m128 scaled, __m256& acc) {
-    const __m256i p0 = _mm256_madd_epi16(w.half[0], load32(x->q)), p1 = _mm256_madd_epi16(w.half[1], load32(x->q + 16));
-    if constexpr (kType == kQ6_K) {  // hadd: lanes 0,1,4,5 ← p0; 2,3,6,7 ← p1
-      const __m256 scale = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(scaled), _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1));
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_hadd_epi32(p0, p1)), scale, acc);
-    } else {
-      acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)), _mm256_broadcastss_ps(scaled), acc);
-    }
   }
 };
 
@@ -495,13 +497,41 @@ inline uint32_t load_u32(const uint8_t* p) {
   return v;
 }
 
-template <int kType>
-void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out, bool accumulate, int64_t lead) {
+inline __m512i broadcast16(const int8_t* p) { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// Four rows' byte products with 16 activation bytes x, each row in its 128-bit lane: acc + q·x per
+// four-byte group, with x negated where `negative` marks a Q8_0 weight below zero (q is then |w|).
+template <bool kSigned>
+inline __m512i dots16(__m512i acc, __m512i q, const int8_t* x, __mmask64 negative) {
+  __m512i v = broadcast16(x);
+  if constexpr (kSigned) v = _mm512_mask_sub_epi8(v, negative, _mm512_setzero_si512(), v);
+  return _mm512_dpbusd_epi32(acc, q, v);
+}
+
+// The four rows' products with activation elements 16e..16e+15 (q holds those weights), or, with
+// e = -1, with the whole block (q0: elements 0..15, q1: 16..31).
+template <bool kSigned = false>
+inline __m512i dots4(__m512i q0, __m512i q1, const Q8Block* x, __mmask64 neg0 = 0, __mmask64 neg1 = 0) {
+  return dots16<kSigned>(dots16<kSigned>(_mm512_setzero_si512(), q0, x->q, neg0), q1, x->q + 16, neg1);
+}
+template <bool kSigned = false>
+inline __m512i dots4(__m512i q0, __m512i q1, const Q15Block* x, __mmask64 neg0 = 0, __mmask64 neg1 = 0) {
+  const __m512i high = dots16<kSigned>(dots16<kSigned>(_mm512_setzero_si512(), q0, x->hi, neg0), q1, x->hi + 16, neg1);
+  return dots16<kSigned>(dots16<kSigned>(_mm512_slli_epi32(high, 7), q0, x->lo, neg0), q1, x->lo + 16, neg1);
+}
+inline __m512i half_dots4(__m512i q, const Q8Block* x, int e) { return dots16<false>(_mm512_setzero_si512(), q, x->q + 16 * e, 0); }
+inline __m512i half_dots4(__m512i q, const Q15Block* x, int e) {
+  const __m512i high = dots16<false>(_mm512_setzero_si512(), q, x->hi + 16 * e, 0);
+  return dots16<false>(_mm512_slli_epi32(high, 7), q, x->lo + 16 * e, 0);
+}
+
+template <int kType, typename Block>
+void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t blocks, float* out, bool accumulate, int64_t lead) {
   constexpr int kBytes = Format<kType>::kBytes;
   constexpr bool kHasMin = kType == kQ4_1 || kType == kQ5_1;
   constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : 0.f;  // in units of d
   constexpr int kNibbles = kType == kQ4_0 ? 2 : kType == kQ4_1 ? 4 : kType == kQ5_0 ? 6 : 8;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   __m512 acc = _mm512_setzero_ps();
   __m128 offsets = _mm_setzero_ps();
@@ -527,15 +557,11 @@ void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_
         hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(mask_hi, _mm512_set1_epi8(0x10)));
       }
     }
-    __m512i xa = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->q)));
-    __m512i xb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x->q + 16)));
-    if constexpr (kType == kQ8_0) {  // signed weights: |w| against x with w's sign
-      xa = _mm512_mask_sub_epi8(xa, _mm512_movepi8_mask(lo), zero, xa);
-      xb = _mm512_mask_sub_epi8(xb, _mm512_movepi8_mask(hi), zero, xb);
-      lo = _mm512_abs_epi8(lo);
-      hi = _mm512_abs_epi8(hi);
-    }
-    const __m512i dots = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, xa), hi, xb);
+    __m512i dots;
+    if constexpr (kType == kQ8_0)  // signed weights: |w| against x with w's sign
+      dots = dots4<true>(_mm512_abs_epi8(lo), _mm512_abs_epi8(hi), x, _mm512_movepi8_mask(lo), _mm512_movepi8_mask(hi));
+    else
+      dots = dots4(lo, hi, x);
     // The first two fp16 of each row's block: {d, m} (or d and two bytes that are not used).
     const __m128i heads = _mm_setr_epi32(load_u32(w), load_u32(w + row_bytes), load_u32(w + 2 * row_bytes),
                                          load_u32(w + 3 * row_bytes));
@@ -571,11 +597,11 @@ inline void transpose_4x8(const __m256* rows, __m128* columns) {
 
 // The same for Q4_K / Q5_K super-blocks: each 32-byte run of nibbles holds sub-blocks 2p (low) and
 // 2p + 1 (high); each row's eight scales are unpacked at once and transposed to four rows per sub-block.
-template <int kType>
-void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out,
+template <int kType, typename Block>
+void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t blocks, float* out,
                      bool accumulate, int64_t lead) {
   constexpr int kBytes = Format<kType>::kBytes, kQs = kType == kQ4_K ? 16 : 48;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512(), one = _mm512_set1_epi8(1);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
   const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   __m512 acc = _mm512_setzero_ps();
   __m128 offsets = _mm_setzero_ps();
@@ -601,10 +627,8 @@ void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int6
           if constexpr (kType == kQ5_K)
             q[e] = _mm512_or_si512(q[e], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high[e], j), one), 4));
         }
-        const Q8Block* xj = x + j;
-        const __m512i xa = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj->q)));
-        const __m512i xb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj->q + 16)));
-        const __m512i dots = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, q[0], xa), q[1], xb);
+        const Block* xj = x + j;
+        const __m512i dots = dots4(q[0], q[1], xj);
         const __m128 scale = _mm_mul_ps(scale_of[j], _mm_set1_ps(xj->d[0]));
         acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc);
         offsets = _mm_fmadd_ps(offset_of[j], _mm_set1_ps(xj->dsum[0] + xj->dsum[1]), offsets);
@@ -619,10 +643,11 @@ void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int6
 
 // And for Q6_K: sub-block j = 4n + k takes nibble k/2 of ql's run k%2 in half n and bits 2k of qh's
 // run n; each half of 16 elements has its own scale, so the two dots are weighed apart.
-inline void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Q8Block* x, int64_t blocks, float* out,
+template <typename Block>
+void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t blocks, float* out,
                               bool accumulate, int64_t lead) {
   constexpr int kBytes = Format<kQ6_K>::kBytes;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3), zero = _mm512_setzero_si512();
+  const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3);
   const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   __m512 acc = _mm512_setzero_ps();
   __m128 offsets = _mm_setzero_ps();
@@ -653,14 +678,12 @@ inline void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Q8Block
           const __m512i two = _mm512_and_si512(_mm512_srli_epi16(qh[e], 2 * k), low2);
           q[e] = _mm512_or_si512(nibble, _mm512_slli_epi16(two, 4));
         }
-        const Q8Block* xj = x + j;
-        const __m512i xa = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj->q)));
-        const __m512i xb = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(xj->q + 16)));
+        const Block* xj = x + j;
         const __m128 sa = scale_of[2 * j], sb = scale_of[2 * j + 1];
         const __m128 da = _mm_mul_ps(sa, _mm_set1_ps(xj->d[0])), db = _mm_mul_ps(sb, _mm_set1_ps(xj->d[1]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q[0], xa)),
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half_dots4(q[0], xj, 0)),
                               _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(da)), acc);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(zero, q[1], xb)),
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half_dots4(q[1], xj, 1)),
                               _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(db)), acc);
         const __m128 offset = _mm_fmadd_ps(sa, _mm_set1_ps(xj->dsum[0]), _mm_mul_ps(sb, _mm_set1_ps(xj->dsum[1])));
         offsets = _mm_fmadd_ps(offset, _mm_set1_ps(-32.f), offsets);
@@ -679,15 +702,15 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
               float* out, int64_t out_stride, bool accumulate, int64_t lead) {
   using F = Format<kType>;
 #if defined(PAGEDLLM_VNNI)
-  if constexpr (kW == 4 && kA == 1 && F::kSub == 1 && std::is_same_v<Act, Int8Activations>) {
+  if constexpr (kW == 4 && kA == 1 && F::kSub == 1) {
     dot_four_rows<kType>(w, row_bytes, a, blocks, out, accumulate, lead);
     return;
   }
-  if constexpr (kW == 4 && kA == 1 && (kType == kQ4_K || kType == kQ5_K) && std::is_same_v<Act, Int8Activations>) {
+  if constexpr (kW == 4 && kA == 1 && (kType == kQ4_K || kType == kQ5_K)) {
     dot_four_rows_k<kType>(w, row_bytes, a, blocks, out, accumulate, lead);
     return;
   }
-  if constexpr (kW == 4 && kA == 1 && kType == kQ6_K && std::is_same_v<Act, Int8Activations>) {
+  if constexpr (kW == 4 && kA == 1 && kType == kQ6_K) {
     dot_four_rows_q6k(w, row_bytes, a, blocks, out, accumulate, lead);
     return;
   }
@@ -767,11 +790,9 @@ void dequantize_row(const uint8_t* w, int64_t blocks, Out* out) {
   }
 }
 
-struct Int8Activations {
-  using Block = Q8Block;
-};
-struct Int16Activations {
-  using Block = Q16Block;
+template <typename B>
+struct Activations {
+  using Block = B;
 };
 
 template <int kType, typename Act, int kW, int kA>
@@ -789,7 +810,7 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
           const auto* x = a + r * a_stride + b * F::kSub + j;
           for (int h = 0; h < 2; ++h) {
             int32_t s = 0;
-            for (int e = 16 * h; e < 16 * h + 16; ++e) s += q[e] * x->q[e];
+            for (int e = 16 * h; e < 16 * h + 16; ++e) s += q[e] * x->value(e);
             total[r] += c.scale[h] * x->d[h] * s + c.offset[h] * x->dsum[h];
           }
         }
@@ -842,7 +863,7 @@ void matmul_rows(const uint8_t* w, int64_t row_bytes, const typename Act::Block*
 // Entry points for quant_matmul.cpp, which picks the namespace (instruction set) at run time.
 inline void quantize_rows(const float* x, int64_t m, int64_t k, int64_t x_stride, uint8_t* out, bool wide) {
   for (int64_t r = 0; r < m; ++r) {
-    if (wide) quantize_row(x + r * x_stride, k, reinterpret_cast<Q16Block*>(out) + r * (k / 32));
+    if (wide) quantize_row(x + r * x_stride, k, reinterpret_cast<Q15Block*>(out) + r * (k / 32));
     else quantize_row(x + r * x_stride, k, reinterpret_cast<Q8Block*>(out) + r * (k / 32));
   }
 }
@@ -851,9 +872,9 @@ template <int kType>
 void matmul_quantised(const uint8_t* w, int64_t row_bytes, const uint8_t* x, bool wide, int64_t m, int64_t k,
                       float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
   if (wide)
-    matmul_rows<kType, Int16Activations>(w, row_bytes, reinterpret_cast<const Q16Block*>(x), m, k, out, out_stride, n0,
+    matmul_rows<kType, Activations<Q15Block>>(w, row_bytes, reinterpret_cast<const Q15Block*>(x), m, k, out, out_stride, n0,
                                          n1, accumulate);
   else
-    matmul_rows<kType, Int8Activations>(w, row_bytes, reinterpret_cast<const Q8Block*>(x), m, k, out, out_stride, n0,
+    matmul_rows<kType, Activations<Q8Block>>(w, row_bytes, reinterpret_cast<const Q8Block*>(x), m, k, out, out_stride, n0,
                                         n1, accumulate);
 }

@@ -1,7 +1,7 @@
 // Matrix products with GGML-quantised weights that stay packed (CPU).
 //
 // Few rows (decode): the activations are quantised to integer blocks of 32 (int8 for the layers,
-// int16 for the output head) and each weight block is dotted with them in integers, as llama.cpp
+// 15-bit for the output head) and each weight block is dotted with them in integers, as llama.cpp
 // does. Many rows (prefill): weight tiles are dequantised into a reused buffer and handed to
 // torch's GEMM. Output rows of W are split over torch's thread pool. quant_impl.h is compiled
 // three times — portable, AVX2+FMA and AVX-512 VNNI — and the caller names the path (`isa`), so
@@ -191,9 +191,9 @@ void matmul_q8(const at::Tensor& xq, const std::vector<at::Tensor>& ws, const st
   matmul_parts(xq.data_ptr<uint8_t>(), xq.size(0), parts, k, out.data_ptr<float>(), out.stride(0), false, false, isa);
 }
 
-// out [M, N] = x · Wᵀ with x float32, rounded to int16 blocks (the output head: fine enough that
+// out [M, N] = x · Wᵀ with x float32, rounded to 15-bit blocks (the output head: fine enough that
 // near-tied tokens keep their order, still integer dot products).
-void matmul_q16(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k,
+void matmul_q15(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k,
                 at::Tensor& out, int64_t isa) {
   check_isa(isa);
   const std::vector<Part> parts = parts_of(ws, types, k);
@@ -267,7 +267,7 @@ TORCH_LIBRARY(pagedllm_quant, m) {
   m.def("best_isa() -> int", best_isa);
   m.def("quantize_q8(Tensor x, int isa) -> Tensor", quantize_q8);
   m.def("matmul_q8(Tensor xq, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q8);
-  m.def("matmul_q16(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q16);
+  m.def("matmul_q15(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q15);
   m.def("dequantize(Tensor w, int type, int k, ScalarType dtype, int isa) -> Tensor", dequantize);
   m.def("matmul_dequant(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int tile_rows, int isa) -> ()",
         matmul_dequant);

@@ -101,7 +101,7 @@ class PackedMethod(LinearMethod):
     quantize_to: GGMLQuantizationType = REPACK_TYPE
     gemm_dtype: torch.dtype = torch.float32
     isa: int = 0
-    int8_activations: bool = True  # False for the output head (int16): int8 rounding there flips near-tied tokens
+    int8_activations: bool = True  # False for the output head (15-bit): int8 rounding there flips near-tied tokens
 
     def create_weights(self, layer: "Linear") -> None:
         layer.parts: list[PackedWeight | None] = [None] * len(layer.shard_sizes)
@@ -122,7 +122,7 @@ class PackedMethod(LinearMethod):
         rows = x.reshape(-1, layer.in_features)
         out = torch.empty(rows.shape[0], layer.out_features)
         if rows.shape[0] <= INT8_MAX_ROWS and not self.int8_activations:
-            ops.matmul_q16(rows.float(), layer.part_data, layer.part_types, layer.in_features, out, self.isa)
+            ops.matmul_q15(rows.float(), layer.part_data, layer.part_types, layer.in_features, out, self.isa)
         elif rows.shape[0] <= INT8_MAX_ROWS:
             xq = ops.quantize_q8(rows.float(), self.isa)
             ops.matmul_q8(xq, layer.part_data, layer.part_types, layer.in_features, out, self.isa)
