@@ -231,6 +231,18 @@ at::Tensor dequantize(const at::Tensor& w, int64_t type, int64_t k, at::ScalarTy
   return out;
 }
 
+// dst[M, N] (row stride dst_stride) = src[M, N] (contiguous bfloat16) widened to float32. torch's
+// copy_ into a strided float slice took ~13% of a Qwen-sized prefill; bf16 → f32 is a 16-bit shift.
+void widen_bf16_rows(const c10::BFloat16* src, int64_t m, int64_t n, float* dst, int64_t dst_stride) {
+  at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint16_t* in = reinterpret_cast<const uint16_t*>(src + r * n);
+      uint32_t* out = reinterpret_cast<uint32_t*>(dst + r * dst_stride);
+      for (int64_t i = 0; i < n; ++i) out[i] = static_cast<uint32_t>(in[i]) << 16;
+    }
+  });
+}
+
 // out [M, N] = x · dequant(W)ᵀ through the vendor GEMM, dequantising `tile_rows` rows of W at a
 // time into one buffer that stays in cache. The GEMM runs in x's dtype.
 void matmul_dequant(const at::Tensor& x, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types,
@@ -244,6 +256,8 @@ void matmul_dequant(const at::Tensor& x, const std::vector<at::Tensor>& ws, cons
   TORCH_CHECK(tile_rows > 0, "tile_rows must be positive");
   const at::ScalarType dtype = x.scalar_type();
   at::Tensor buffer = at::empty({tile_rows, k}, x.options());
+  const bool widen = dtype == at::kBFloat16 && out.scalar_type() == at::kFloat && out.stride(1) == 1;
+  at::Tensor product = at::empty({x.size(0) * tile_rows}, x.options());  // [M, rows] per tile, contiguous
   for (const Part& p : parts) {
     for (int64_t r0 = 0; r0 < p.rows; r0 += tile_rows) {
       const int64_t rows = std::min(tile_rows, p.rows - r0);
@@ -252,8 +266,15 @@ void matmul_dequant(const at::Tensor& x, const std::vector<at::Tensor>& ws, cons
       if (dtype == at::kFloat) dequantize_rows(src, p.row_bytes, p.type, k, tile.data_ptr<float>(), rows, isa);
       else dequantize_rows(src, p.row_bytes, p.type, k, tile.data_ptr<c10::BFloat16>(), rows, isa);
       at::Tensor dst = out.narrow(1, p.first_row + r0, rows);
-      if (dtype == out.scalar_type()) at::mm_out(dst, x, tile.t());
-      else dst.copy_(at::mm(x, tile.t()));
+      if (dtype == out.scalar_type()) {
+        at::mm_out(dst, x, tile.t());
+      } else if (widen) {
+        at::Tensor part = product.narrow(0, 0, x.size(0) * rows).view({x.size(0), rows});
+        at::mm_out(part, x, tile.t());
+        widen_bf16_rows(part.data_ptr<c10::BFloat16>(), x.size(0), rows, dst.data_ptr<float>(), out.stride(0));
+      } else {
+        dst.copy_(at::mm(x, tile.t()));
+      }
     }
   }
 }

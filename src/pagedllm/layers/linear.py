@@ -27,7 +27,7 @@ from .quant import REPACK_TYPE, PackedWeight, quantize
 log = logging.getLogger(__name__)
 
 INT8_MAX_ROWS = 32  # up to this many rows the int8 kernel beats dequantise + GEMM (measured, docs/benchmarks.md)
-GEMM_TILE_BYTES = 2**20  # dequantised weight rows per GEMM call: about one L2's worth
+GEMM_TILE_BYTES = 4 * 2**20  # dequantised weight rows per GEMM call (1 MB tiles were 3-7% slower here)
 
 
 class WeightLoadError(PagedLLMError, ValueError):
@@ -51,6 +51,11 @@ class LinearMethod(ABC):
 
     @abstractmethod
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor: ...
+
+    def activation_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the product reads x in. A caller holding activations only for products (the
+        MLP's intermediate) can keep them in it and save a conversion each way."""
+        return x.dtype
 
     @abstractmethod
     def embedding(self, layer: "Linear", ids: torch.Tensor) -> torch.Tensor:
@@ -117,19 +122,26 @@ class PackedMethod(LinearMethod):
         layer.part_data = [p.data for p in layer.parts]
         layer.part_types = [int(p.qtype) for p in layer.parts]
 
+    def activation_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return x.dtype if x.numel() <= INT8_MAX_ROWS * x.shape[-1] else self.gemm_dtype
+
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.pagedllm_quant
         rows = x.reshape(-1, layer.in_features)
-        out = torch.empty(rows.shape[0], layer.out_features)
-        if rows.shape[0] <= INT8_MAX_ROWS and not self.int8_activations:
-            ops.matmul_q15(rows.float(), layer.part_data, layer.part_types, layer.in_features, out, self.isa)
-        elif rows.shape[0] <= INT8_MAX_ROWS:
-            xq = ops.quantize_q8(rows.float(), self.isa)
-            ops.matmul_q8(xq, layer.part_data, layer.part_types, layer.in_features, out, self.isa)
-        else:
+        if rows.shape[0] > INT8_MAX_ROWS:
+            # The GEMM writes its own dtype: asked in that dtype, the product comes back unconverted.
+            out_dtype = x.dtype if x.dtype == self.gemm_dtype else torch.float32
+            out = torch.empty(rows.shape[0], layer.out_features, dtype=out_dtype)
             tile = max(16, GEMM_TILE_BYTES // (layer.in_features * 2))
             ops.matmul_dequant(rows.to(self.gemm_dtype), layer.part_data, layer.part_types, layer.in_features, out,
                                tile, self.isa)
+        else:
+            out = torch.empty(rows.shape[0], layer.out_features)
+            if self.int8_activations:
+                xq = ops.quantize_q8(rows.float(), self.isa)
+                ops.matmul_q8(xq, layer.part_data, layer.part_types, layer.in_features, out, self.isa)
+            else:
+                ops.matmul_q15(rows.float(), layer.part_data, layer.part_types, layer.in_features, out, self.isa)
         return out.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
     def embedding(self, layer: "Linear", ids: torch.Tensor) -> torch.Tensor:

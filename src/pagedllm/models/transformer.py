@@ -58,6 +58,9 @@ class MLP(nn.Module):
         self.down_proj = _linear(plan, prefix, {"down_proj": cfg.hidden_size}, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Where the products run in bfloat16 (many rows, packed weights), the intermediate stays in
+        # it: its values are the GEMM's bfloat16 output either way, and it is the widest activation.
+        x = x.to(self.gate_up_proj.method.activation_dtype(x))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
