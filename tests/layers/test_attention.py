@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pagedllm import LLM, SamplingParams
 from pagedllm import kernels
 from pagedllm.kernels import KERNEL_HEAD_DIMS, cpu_kernels_available, paged_decode_attention
-from pagedllm.layers.attention import KV_Q8_0, dequantize_q8_0, quantize_q8_0
+from pagedllm.layers.attention import KV_Q8_0, _causal_attention_chunked, dequantize_q8_0, quantize_q8_0
 from helpers import FLOAT
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels_available(), reason="no C++ compiler to build the CPU kernels")
@@ -64,6 +64,21 @@ def test_decode_kernel_reads_q8_0_rows(head_dim, window):
     floats = dequantize_q8_0(kv_cache, torch.float32)
     torch.testing.assert_close(out, reference_decode(q, floats, tables, lens, head_dim**-0.5, window),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("length", [1, 127, 300])  # within one chunk, at its edge, three chunks with a remainder
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (14, 2)])
+def test_chunked_causal_attention_matches_sdpa(length, heads, kv_heads):
+    """The prefill path of bfloat16-GEMM layers: in float32 it is SDPA's causal attention; in
+    bfloat16 it stays within bfloat16 rounding of it."""
+    gen = torch.Generator().manual_seed(length + heads)
+    q = torch.randn(2, heads, length, 64, generator=gen)
+    k, v = (torch.randn(2, kv_heads, length, 64, generator=gen) for _ in range(2))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(_causal_attention_chunked(q, k, v, 0.125, torch.float32), ref, rtol=1e-5, atol=1e-5)
+    narrow = _causal_attention_chunked(q, k, v, 0.125, torch.bfloat16).float()
+    torch.testing.assert_close(narrow, ref, rtol=0, atol=0.05)
+    assert (narrow - ref).abs().mean() < 0.005
 
 
 def test_q8_0_rows_hold_each_value_within_half_a_step():

@@ -46,7 +46,9 @@ class Attention(nn.Module):
         q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache, meta, masks, self.scale, self.sliding_window)
+        # Products in bfloat16 GEMMs (packed weights, many rows) take attention's products with them.
+        matmul_dtype = self.qkv_proj.method.activation_dtype(x)
+        out = paged_attention(q, k, v, kv_cache, meta, masks, self.scale, self.sliding_window, matmul_dtype)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
