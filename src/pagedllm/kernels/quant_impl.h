@@ -200,6 +200,12 @@ inline void store(float* out, float v, bool accumulate) { *out = accumulate ? *o
 // ahead of each weight row (measured best of 1-32 KiB; 2.7x on a 30 MB head).
 constexpr int kPrefetchBytes = 8192;
 
+#if defined(PAGEDLLM_VNNI)
+constexpr bool kLanesPerRow = true;  // dot_four_rows: a weight row per 128-bit lane of a 512-bit register
+#else
+constexpr bool kLanesPerRow = false;
+#endif
+
 template <int kBlockBytes>
 inline void prefetch_ahead(const uint8_t* block, int64_t lead = kPrefetchBytes) {
   for (int offset = 0; offset < kBlockBytes; offset += 64)
@@ -479,10 +485,11 @@ struct Activations {
 // for all kA activation rows; several weight rows keep independent accumulators in flight, so
 // one activation row (decode) is not bound by the latency of a single accumulation chain.
 #if defined(PAGEDLLM_VNNI)
-// One activation row against four weight rows of a 32-weight-block format, with each row in its
-// own 128-bit lane of a 512-bit register: one nibble split, two dot instructions and one scale
-// for all four rows — about half the instructions per block of the one-row-at-a-time path, which
-// kept decode compute-bound below the memory's bandwidth.
+// Activation rows against four weight rows of a 32-weight-block format, with each weight row in
+// its own 128-bit lane of a 512-bit register: one nibble split per block, then per activation row
+// two dot instructions and one scale for all four weight rows — about half the instructions per
+// block of the one-row-at-a-time path, which kept decode compute-bound below the memory's
+// bandwidth (one activation row) and batched steps at ~200 GFLOP/s (several).
 template <int kType>
 inline __m512i lanes_of_rows(const uint8_t* w, int64_t row_bytes, int offset) {  // 16 bytes of each of 4 rows
   __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + offset)));
@@ -495,6 +502,14 @@ inline uint32_t load_u32(const uint8_t* p) {
   uint32_t v;
   std::memcpy(&v, p, 4);
   return v;
+}
+
+// out[0..3] (+)= the sums of acc's four 128-bit lanes (one weight row each), plus offsets.
+inline void store_lanes(__m512 acc, __m128 offsets, float* out, bool accumulate) {
+  const __m128 l0 = _mm512_extractf32x4_ps(acc, 0), l1 = _mm512_extractf32x4_ps(acc, 1);
+  const __m128 l2 = _mm512_extractf32x4_ps(acc, 2), l3 = _mm512_extractf32x4_ps(acc, 3);
+  const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
+  for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
 }
 
 inline __m512i broadcast16(const int8_t* p) { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
@@ -525,16 +540,19 @@ inline __m512i half_dots4(__m512i q, const Q15Block* x, int e) {
   return dots16<false>(_mm512_slli_epi32(high, 7), q, x->lo + 16 * e, 0);
 }
 
-template <int kType, typename Block>
-void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t blocks, float* out, bool accumulate, int64_t lead) {
+// kA activation rows (x_stride blocks apart; outputs out_stride apart) share each unpacked block.
+template <int kType, int kA, typename Block>
+void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks, float* out,
+                   int64_t out_stride, bool accumulate, int64_t lead) {
   constexpr int kBytes = Format<kType>::kBytes;
   constexpr bool kHasMin = kType == kQ4_1 || kType == kQ5_1;
   constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : 0.f;  // in units of d
   constexpr int kNibbles = kType == kQ4_0 ? 2 : kType == kQ4_1 ? 4 : kType == kQ5_0 ? 6 : 8;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  __m512 acc = _mm512_setzero_ps();
-  __m128 offsets = _mm_setzero_ps();
+  __m512 acc[kA];
+  __m128 offsets[kA];
+  for (int r = 0; r < kA; ++r) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b, w += kBytes, ++x) {
     for (int i = 0; i < 4; ++i) prefetch_ahead<kBytes>(w + i * row_bytes, lead);
     __m512i lo, hi;
@@ -557,30 +575,28 @@ void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t 
         hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(mask_hi, _mm512_set1_epi8(0x10)));
       }
     }
-    __m512i dots;
-    if constexpr (kType == kQ8_0)  // signed weights: |w| against x with w's sign
-      dots = dots4<true>(_mm512_abs_epi8(lo), _mm512_abs_epi8(hi), x, _mm512_movepi8_mask(lo), _mm512_movepi8_mask(hi));
-    else
-      dots = dots4(lo, hi, x);
+    __mmask64 negative_lo = 0, negative_hi = 0;
+    if constexpr (kType == kQ8_0) {  // signed weights: |w| against x with w's sign
+      negative_lo = _mm512_movepi8_mask(lo), negative_hi = _mm512_movepi8_mask(hi);
+      lo = _mm512_abs_epi8(lo), hi = _mm512_abs_epi8(hi);
+    }
     // The first two fp16 of each row's block: {d, m} (or d and two bytes that are not used).
     const __m128i heads = _mm_setr_epi32(load_u32(w), load_u32(w + row_bytes), load_u32(w + 2 * row_bytes),
                                          load_u32(w + 3 * row_bytes));
     const __m256 dm = _mm256_cvtph_ps(heads);  // d0 m0 d1 m1 d2 m2 d3 m3
     const __m128 d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
-    const __m128 scale = _mm_mul_ps(d, _mm_set1_ps(x->d[0]));
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc);
-    const __m128 dsum = _mm_set1_ps(x->dsum[0] + x->dsum[1]);
-    if constexpr (kHasMin) {
-      const __m128 m = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0)));
-      offsets = _mm_fmadd_ps(m, dsum, offsets);
-    } else if constexpr (kOffset != 0.f) {
-      offsets = _mm_fmadd_ps(d, _mm_mul_ps(dsum, _mm_set1_ps(kOffset)), offsets);
+    __m128 offset = d;  // what each row's offset per unit of Σx is
+    if constexpr (kHasMin) offset = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0)));
+    else if constexpr (kOffset != 0.f) offset = _mm_mul_ps(d, _mm_set1_ps(kOffset));
+    for (int r = 0; r < kA; ++r) {
+      const Block* xr = x + r * x_stride;
+      const __m512i dots = dots4<kType == kQ8_0>(lo, hi, xr, negative_lo, negative_hi);
+      const __m128 scale = _mm_mul_ps(d, _mm_set1_ps(xr->d[0]));
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc[r]);
+      if constexpr (kHasMin || kOffset != 0.f) offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(xr->dsum[0] + xr->dsum[1]), offsets[r]);
     }
   }
-  const __m128 l0 = _mm512_extractf32x4_ps(acc, 0), l1 = _mm512_extractf32x4_ps(acc, 1);
-  const __m128 l2 = _mm512_extractf32x4_ps(acc, 2), l3 = _mm512_extractf32x4_ps(acc, 3);
-  const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
-  for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
+  for (int r = 0; r < kA; ++r) store_lanes(acc[r], offsets[r], out + r * out_stride, accumulate);
 }
 
 // Four rows of eight → eight columns of four.
@@ -597,14 +613,15 @@ inline void transpose_4x8(const __m256* rows, __m128* columns) {
 
 // The same for Q4_K / Q5_K super-blocks: each 32-byte run of nibbles holds sub-blocks 2p (low) and
 // 2p + 1 (high); each row's eight scales are unpacked at once and transposed to four rows per sub-block.
-template <int kType, typename Block>
-void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t blocks, float* out,
-                     bool accumulate, int64_t lead) {
+template <int kType, int kA, typename Block>
+void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks, float* out,
+                     int64_t out_stride, bool accumulate, int64_t lead) {
   constexpr int kBytes = Format<kType>::kBytes, kQs = kType == kQ4_K ? 16 : 48;
   const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
   const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  __m512 acc = _mm512_setzero_ps();
-  __m128 offsets = _mm_setzero_ps();
+  __m512 acc[kA];
+  __m128 offsets[kA];
+  for (int r = 0; r < kA; ++r) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b, w += kBytes, x += 8) {
     __m256 scales[4], mins[4];
     for (int i = 0; i < 4; ++i) {
@@ -627,30 +644,30 @@ void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Block* x, int64_
           if constexpr (kType == kQ5_K)
             q[e] = _mm512_or_si512(q[e], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high[e], j), one), 4));
         }
-        const Block* xj = x + j;
-        const __m512i dots = dots4(q[0], q[1], xj);
-        const __m128 scale = _mm_mul_ps(scale_of[j], _mm_set1_ps(xj->d[0]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc);
-        offsets = _mm_fmadd_ps(offset_of[j], _mm_set1_ps(xj->dsum[0] + xj->dsum[1]), offsets);
+        for (int r = 0; r < kA; ++r) {
+          const Block* xj = x + r * x_stride + j;
+          const __m512i dots = dots4(q[0], q[1], xj);
+          const __m128 scale = _mm_mul_ps(scale_of[j], _mm_set1_ps(xj->d[0]));
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc[r]);
+          offsets[r] = _mm_fmadd_ps(offset_of[j], _mm_set1_ps(xj->dsum[0] + xj->dsum[1]), offsets[r]);
+        }
       }
     }
   }
-  const __m128 l0 = _mm512_extractf32x4_ps(acc, 0), l1 = _mm512_extractf32x4_ps(acc, 1);
-  const __m128 l2 = _mm512_extractf32x4_ps(acc, 2), l3 = _mm512_extractf32x4_ps(acc, 3);
-  const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
-  for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
+  for (int r = 0; r < kA; ++r) store_lanes(acc[r], offsets[r], out + r * out_stride, accumulate);
 }
 
 // And for Q6_K: sub-block j = 4n + k takes nibble k/2 of ql's run k%2 in half n and bits 2k of qh's
 // run n; each half of 16 elements has its own scale, so the two dots are weighed apart.
-template <typename Block>
-void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t blocks, float* out,
-                              bool accumulate, int64_t lead) {
+template <int kA, typename Block>
+void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks,
+                       float* out, int64_t out_stride, bool accumulate, int64_t lead) {
   constexpr int kBytes = Format<kQ6_K>::kBytes;
   const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3);
   const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  __m512 acc = _mm512_setzero_ps();
-  __m128 offsets = _mm_setzero_ps();
+  __m512 acc[kA];
+  __m128 offsets[kA];
+  for (int r = 0; r < kA; ++r) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b, w += kBytes, x += 8) {
     __m256 scales[2][4];  // [scale index / 8][row]: d·sc
     for (int i = 0; i < 4; ++i) {
@@ -678,22 +695,21 @@ void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Block* x, int6
           const __m512i two = _mm512_and_si512(_mm512_srli_epi16(qh[e], 2 * k), low2);
           q[e] = _mm512_or_si512(nibble, _mm512_slli_epi16(two, 4));
         }
-        const Block* xj = x + j;
         const __m128 sa = scale_of[2 * j], sb = scale_of[2 * j + 1];
-        const __m128 da = _mm_mul_ps(sa, _mm_set1_ps(xj->d[0])), db = _mm_mul_ps(sb, _mm_set1_ps(xj->d[1]));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half_dots4(q[0], xj, 0)),
-                              _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(da)), acc);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half_dots4(q[1], xj, 1)),
-                              _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(db)), acc);
-        const __m128 offset = _mm_fmadd_ps(sa, _mm_set1_ps(xj->dsum[0]), _mm_mul_ps(sb, _mm_set1_ps(xj->dsum[1])));
-        offsets = _mm_fmadd_ps(offset, _mm_set1_ps(-32.f), offsets);
+        for (int r = 0; r < kA; ++r) {
+          const Block* xj = x + r * x_stride + j;
+          const __m128 da = _mm_mul_ps(sa, _mm_set1_ps(xj->d[0])), db = _mm_mul_ps(sb, _mm_set1_ps(xj->d[1]));
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half_dots4(q[0], xj, 0)),
+                                   _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(da)), acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half_dots4(q[1], xj, 1)),
+                                   _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(db)), acc[r]);
+          const __m128 offset = _mm_fmadd_ps(sa, _mm_set1_ps(xj->dsum[0]), _mm_mul_ps(sb, _mm_set1_ps(xj->dsum[1])));
+          offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(-32.f), offsets[r]);
+        }
       }
     }
   }
-  const __m128 l0 = _mm512_extractf32x4_ps(acc, 0), l1 = _mm512_extractf32x4_ps(acc, 1);
-  const __m128 l2 = _mm512_extractf32x4_ps(acc, 2), l3 = _mm512_extractf32x4_ps(acc, 3);
-  const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
-  for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
+  for (int r = 0; r < kA; ++r) store_lanes(acc[r], offsets[r], out + r * out_stride, accumulate);
 }
 #endif
 
@@ -702,16 +718,16 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
               float* out, int64_t out_stride, bool accumulate, int64_t lead) {
   using F = Format<kType>;
 #if defined(PAGEDLLM_VNNI)
-  if constexpr (kW == 4 && kA == 1 && F::kSub == 1) {
-    dot_four_rows<kType>(w, row_bytes, a, blocks, out, accumulate, lead);
+  if constexpr (kW == 4 && F::kSub == 1) {
+    dot_four_rows<kType, kA>(w, row_bytes, a, a_stride, blocks, out, out_stride, accumulate, lead);
     return;
   }
-  if constexpr (kW == 4 && kA == 1 && (kType == kQ4_K || kType == kQ5_K)) {
-    dot_four_rows_k<kType>(w, row_bytes, a, blocks, out, accumulate, lead);
+  if constexpr (kW == 4 && (kType == kQ4_K || kType == kQ5_K)) {
+    dot_four_rows_k<kType, kA>(w, row_bytes, a, a_stride, blocks, out, out_stride, accumulate, lead);
     return;
   }
-  if constexpr (kW == 4 && kA == 1 && kType == kQ6_K) {
-    dot_four_rows_q6k(w, row_bytes, a, blocks, out, accumulate, lead);
+  if constexpr (kW == 4 && kType == kQ6_K) {
+    dot_four_rows_q6k<kA>(w, row_bytes, a, a_stride, blocks, out, out_stride, accumulate, lead);
     return;
   }
 #endif
@@ -826,9 +842,12 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
 template <int kType, typename Act, int kA>
 void matmul_tiles(const uint8_t* w, int64_t row_bytes, const typename Act::Block* x, int64_t x_stride, int64_t blocks,
                   float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
-  const int64_t lead = prefetch_lead(row_bytes, kA < 4 ? 4 : 1);
+  // Four weight rows at a time, except four activation rows on the 256-bit path (4 × 4 accumulators
+  // would spill); the VNNI lanes path keeps one register per activation row and takes four of each.
+  constexpr bool kFourWeightRows = kA < 4 || kLanesPerRow;
+  const int64_t lead = prefetch_lead(row_bytes, kFourWeightRows ? 4 : 1);
   int64_t n = n0;
-  if constexpr (kA < 4) {
+  if constexpr (kFourWeightRows) {
     for (; n + 4 <= n1; n += 4)
       dot_tile<kType, Act, 4, kA>(w + n * row_bytes, row_bytes, x, x_stride, blocks, out + n, out_stride, accumulate, lead);
   }
