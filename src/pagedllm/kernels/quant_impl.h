@@ -302,6 +302,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 
@@ -496,12 +502,6 @@ inline __m512i lanes_of_rows(const uint8_t* w, int64_t row_bytes, int offset) { 
   v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row_bytes + offset)), 1);
   v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * row_bytes + offset)), 2);
   return _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * row_bytes + offset)), 3);
-}
-
-inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t v;
-  std::memcpy(&v, p, 4);
-  return v;
 }
 
 // out[0..3] (+)= the sums of acc's four 128-bit lanes (one weight row each), plus offsets.
@@ -713,15 +713,118 @@ void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Block* x, int6
 }
 #endif
 
+#if !defined(PAGEDLLM_VNNI)
+// AVX2 without VNNI: two weight rows per 256-bit register (one per 128-bit lane), as the VNNI path
+// puts four in 512 bits: one nibble split per two rows, and the activation's 16-byte halves
+// broadcast to both lanes. Weights are unsigned (Q8_0: |w|, with w's sign moved onto x).
+inline __m256i rows_pair(const uint8_t* w, int64_t row_bytes, int offset) {  // 16 bytes of two rows
+  return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(w + row_bytes + offset),
+                             reinterpret_cast<const __m128i*>(w + offset));
+}
+inline __m256i broadcast_half(const int8_t* p) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// Σ u·x over four-byte groups (int32), u against x's bytes 0..15 (lo) and 16..31 (hi), x negated
+// where sign < 0 when kSigned. Each pair of products stays within int16: |u| ≤ 128, |x| ≤ 127.
+template <bool kSigned>
+inline __m256i pair_dots(__m256i lo, __m256i hi, const int8_t* x, __m256i sign_lo, __m256i sign_hi) {
+  __m256i a = broadcast_half(x), b = broadcast_half(x + 16);
+  if constexpr (kSigned) a = _mm256_sign_epi8(a, sign_lo), b = _mm256_sign_epi8(b, sign_hi);
+  const __m256i ones = _mm256_set1_epi16(1);
+  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, a), ones),
+                          _mm256_madd_epi16(_mm256_maddubs_epi16(hi, b), ones));
+}
+template <bool kSigned>
+inline __m256i pair_dots(__m256i lo, __m256i hi, const Q8Block* x, __m256i sign_lo, __m256i sign_hi) {
+  return pair_dots<kSigned>(lo, hi, x->q, sign_lo, sign_hi);
+}
+template <bool kSigned>
+inline __m256i pair_dots(__m256i lo, __m256i hi, const Q15Block* x, __m256i sign_lo, __m256i sign_hi) {
+  const __m256i high = _mm256_slli_epi32(pair_dots<kSigned>(lo, hi, x->hi, sign_lo, sign_hi), 7);
+  return _mm256_add_epi32(high, pair_dots<kSigned>(lo, hi, x->lo, sign_lo, sign_hi));
+}
+
+// A Q5 block's fifth bits for two rows, as 0x10 bytes: elements 0..15 (lo) and 16..31 (hi) of each
+// row, one lane per row.
+inline void fifth_bits_pair(const uint8_t* w, int64_t row_bytes, int offset, __m256i& lo, __m256i& hi) {
+  const __m256i a = fifth_bits(w + offset), b = fifth_bits(w + row_bytes + offset);
+  lo = _mm256_permute2x128_si256(a, b, 0x20);
+  hi = _mm256_permute2x128_si256(a, b, 0x31);
+}
+
+// kA activation rows (x_stride blocks apart) against four weight rows of a 32-weight-block format.
+template <int kType, int kA, typename Block>
+void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks, float* out,
+                   int64_t out_stride, bool accumulate, int64_t lead) {
+  constexpr int kBytes = Format<kType>::kBytes;
+  constexpr bool kHasMin = kType == kQ4_1 || kType == kQ5_1;
+  constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : 0.f;  // in units of d
+  constexpr int kNibbles = kType == kQ4_0 ? 2 : kType == kQ4_1 ? 4 : kType == kQ5_0 ? 6 : 8;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[2][kA];  // [row pair][activation row]
+  __m128 offsets[kA];
+  for (int r = 0; r < kA; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps(), offsets[r] = _mm_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, w += kBytes, ++x) {
+    for (int i = 0; i < 4; ++i) prefetch_ahead<kBytes>(w + i * row_bytes, lead);
+    __m256i lo[2], hi[2];
+    for (int pair = 0; pair < 2; ++pair) {
+      const uint8_t* wp = w + 2 * pair * row_bytes;
+      if constexpr (kType == kQ8_0) {
+        lo[pair] = rows_pair(wp, row_bytes, 2);
+        hi[pair] = rows_pair(wp, row_bytes, 18);
+      } else {
+        const __m256i v = rows_pair(wp, row_bytes, kNibbles);
+        lo[pair] = _mm256_and_si256(v, low4);
+        hi[pair] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        if constexpr (kType == kQ5_0 || kType == kQ5_1) {
+          __m256i fifth_lo, fifth_hi;
+          fifth_bits_pair(wp, row_bytes, kType == kQ5_0 ? 2 : 4, fifth_lo, fifth_hi);
+          lo[pair] = _mm256_or_si256(lo[pair], fifth_lo);
+          hi[pair] = _mm256_or_si256(hi[pair], fifth_hi);
+        }
+      }
+    }
+    __m256i sign_lo[2] = {lo[0], lo[1]}, sign_hi[2] = {hi[0], hi[1]};
+    if constexpr (kType == kQ8_0)
+      for (int pair = 0; pair < 2; ++pair) lo[pair] = _mm256_sign_epi8(lo[pair], lo[pair]), hi[pair] = _mm256_sign_epi8(hi[pair], hi[pair]);
+    // The first two fp16 of each row's block: {d, m} (or d and two bytes that are not used).
+    const __m128i heads = _mm_setr_epi32(load_u32(w), load_u32(w + row_bytes), load_u32(w + 2 * row_bytes),
+                                         load_u32(w + 3 * row_bytes));
+    const __m256 dm = _mm256_cvtph_ps(heads);  // d0 m0 d1 m1 d2 m2 d3 m3
+    const __m256 d_pairs[2] = {_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)),
+                               _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6))};
+    const __m128 d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
+    __m128 offset = d;  // each row's offset per unit of Σx
+    if constexpr (kHasMin) offset = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0)));
+    else if constexpr (kOffset != 0.f) offset = _mm_mul_ps(d, _mm_set1_ps(kOffset));
+    for (int r = 0; r < kA; ++r) {
+      const Block* xr = x + r * x_stride;
+      const __m256 xd = _mm256_set1_ps(xr->d[0]);
+      for (int pair = 0; pair < 2; ++pair) {
+        const __m256i dots = pair_dots<kType == kQ8_0>(lo[pair], hi[pair], xr, sign_lo[pair], sign_hi[pair]);
+        acc[pair][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(d_pairs[pair], xd), acc[pair][r]);
+      }
+      if constexpr (kHasMin || kOffset != 0.f) offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(xr->dsum[0] + xr->dsum[1]), offsets[r]);
+    }
+  }
+  for (int r = 0; r < kA; ++r) {
+    const __m128 a0 = _mm256_castps256_ps128(acc[0][r]), a1 = _mm256_extractf128_ps(acc[0][r], 1);
+    const __m128 b0 = _mm256_castps256_ps128(acc[1][r]), b1 = _mm256_extractf128_ps(acc[1][r], 1);
+    const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(a0, a1), _mm_hadd_ps(b0, b1)), offsets[r]);
+    for (int i = 0; i < 4; ++i) store(out + r * out_stride + i, sums[i], accumulate);
+  }
+}
+#endif
+
 template <int kType, typename Act, int kW, int kA>
 void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a, int64_t a_stride, int64_t blocks,
               float* out, int64_t out_stride, bool accumulate, int64_t lead) {
   using F = Format<kType>;
-#if defined(PAGEDLLM_VNNI)
-  if constexpr (kW == 4 && F::kSub == 1) {
+  if constexpr (kW == 4 && F::kSub == 1) {  // both SIMD paths have a four-weight-row form
     dot_four_rows<kType, kA>(w, row_bytes, a, a_stride, blocks, out, out_stride, accumulate, lead);
     return;
   }
+#if defined(PAGEDLLM_VNNI)
   if constexpr (kW == 4 && (kType == kQ4_K || kType == kQ5_K)) {
     dot_four_rows_k<kType, kA>(w, row_bytes, a, a_stride, blocks, out, out_stride, accumulate, lead);
     return;
