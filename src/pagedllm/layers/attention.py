@@ -129,11 +129,11 @@ def _causal_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q = q.to(dtype).unflatten(1, (kv_heads, heads // kv_heads))  # [seqs, kv_heads, group, len, dim]
     k, v = k.to(dtype).unsqueeze(2), v.to(dtype).unsqueeze(2)
     out = torch.empty_like(q)
-    future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
+    future = torch.ones(_CAUSAL_CHUNK, _CAUSAL_CHUNK, dtype=torch.bool, device=q.device).triu_(1)
     for start in range(0, length, _CAUSAL_CHUNK):
         end = min(length, start + _CAUSAL_CHUNK)
         scores = torch.matmul(q[..., start:end, :], k[..., :end, :].transpose(-1, -2)).float().mul_(scale)
-        scores.masked_fill_(future[start:end, :end], float("-inf"))
+        scores[..., start:].masked_fill_(future[: end - start, : end - start], float("-inf"))  # earlier keys: all seen
         out[..., start:end, :] = torch.matmul(scores.softmax(-1).to(dtype), v[..., :end, :])
     return out.flatten(1, 2)
 
