@@ -8,7 +8,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from pagedllm.models.loaders.dequant import _BLOCK_KERNELS, dequantize
+from pagedllm.layers.dequant import _BLOCK_KERNELS, dequantize
 
 Q = GGMLQuantizationType
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from .. import kernels
 from ..errors import PagedLLMError
+from .dequant import dequantize
 from .quant import REPACK_TYPE, PackedWeight, quantize
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,6 @@ class DenseMethod(LinearMethod):
 
     def load(self, layer: "Linear", shard: int, tensor: Weight) -> None:
         if isinstance(tensor, PackedWeight):
-            from ..models.loaders.dequant import dequantize  # loaders' reference unpacking, for any GGML type
-
             tensor = dequantize(tensor.data.numpy(), tensor.qtype, tensor.shape)
         target = layer.weight.data.narrow(0, layer.shard_offset(shard), layer.shard_sizes[shard])
         if len(layer.shard_sizes) == 1 and tensor.dtype == target.dtype and tensor.device == target.device:
@@ -155,8 +154,6 @@ class PackedMethod(LinearMethod):
 
 
 def _repack(weight: PackedWeight) -> PackedWeight:
-    from ..models.loaders.dequant import dequantize
-
     return quantize(dequantize(weight.data.numpy(), weight.qtype, weight.shape), REPACK_TYPE)
 
 

@@ -17,7 +17,7 @@ from ...config import ModelConfig, RopeScaling
 from ...layers.linear import Weight
 from ...layers.quant import PackedWeight
 from ..registry import FamilySpec, family_for_gguf
-from .dequant import dequantize
+from ...layers.dequant import dequantize
 from .gguf_file import GGUFError, GGUFFile
 
 LAYER_RENAMES = {

@@ -15,9 +15,13 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf import quants as gguf_quants
 
-from .gguf_file import GGUFError
+from ..errors import PagedLLMError
 
 Q = GGMLQuantizationType
+
+
+class UnreadableQuantizationError(PagedLLMError, ValueError):
+    """A quantised tensor in a GGML type that neither pagedllm nor the gguf package can unpack."""
 
 
 def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
@@ -87,5 +91,5 @@ def _dequantize_with_gguf(raw: np.ndarray, ggml_type: GGMLQuantizationType, shap
     try:
         values = gguf_quants.dequantize(np.asarray(raw).reshape(-1, type_size), ggml_type)
     except NotImplementedError:
-        raise GGUFError(f"quantisation type {ggml_type.name} cannot be dequantised by the gguf package") from None
+        raise UnreadableQuantizationError(f"quantisation type {ggml_type.name} cannot be dequantised by the gguf package") from None
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
