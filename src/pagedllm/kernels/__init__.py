@@ -12,6 +12,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -25,13 +26,26 @@ _SOURCE = Path(__file__).with_name("paged_attention.cpp")
 _FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
 
 
+def _cpu_fingerprint() -> bytes:
+    """What a -march=native build depends on: the CPU's model and instruction-set flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine().encode() + platform.processor().encode()
+    wanted = [line for line in lines if line.startswith(("model name", "flags"))][:2]
+    return "\n".join(wanted).encode()
+
+
 @functools.cache
 def cpu_kernels_available() -> bool:
     """Build (or load the cached build of) the CPU kernels; False, with one warning, if that fails."""
+    # -march=native code from another CPU can die of an illegal instruction: name the build by both.
+    digest = hashlib.sha1(_SOURCE.read_bytes() + _cpu_fingerprint()).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load
 
-        load("pagedllm_cpu_kernels", [str(_SOURCE)], is_python_module=False, extra_cflags=_FLAGS, verbose=False)
+        load(f"pagedllm_cpu_kernels_{digest}", [str(_SOURCE)], is_python_module=False, extra_cflags=_FLAGS,
+             verbose=False)
     except Exception as exc:  # a missing compiler or ninja must not stop the engine, only slow it
         log.warning("pagedllm CPU kernels unavailable, using the torch attention path: %s", exc)
         return False
