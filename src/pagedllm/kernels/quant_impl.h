@@ -308,6 +308,30 @@ inline uint32_t load_u32(const uint8_t* p) {
   return v;
 }
 
+// A 32-weight-block format as the four-weight-row kernels read it: bytes, where the nibbles start,
+// and how its offset follows from the block header (a stored minimum m, or a fixed multiple of d).
+template <int kType>
+struct SmallBlock {
+  static constexpr int kBytes = Format<kType>::kBytes;
+  static constexpr int kNibbles = kType == kQ4_0 ? 2 : kType == kQ4_1 ? 4 : kType == kQ5_0 ? 6 : 8;
+  static constexpr bool kHasMin = kType == kQ4_1 || kType == kQ5_1;
+  static constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : 0.f;  // in units of d
+  static constexpr bool kHasOffset = kHasMin || kOffset != 0.f;
+};
+
+// Four rows' block headers (rows row_bytes apart): each row's scale d, and its offset per unit of Σx.
+template <int kType>
+inline void four_row_headers(const uint8_t* w, int64_t row_bytes, __m128& d, __m128& offset) {
+  using B = SmallBlock<kType>;
+  // The first two fp16 of each row's block: {d, m} (or d and two bytes that are not used).
+  const __m128i heads = _mm_setr_epi32(load_u32(w), load_u32(w + row_bytes), load_u32(w + 2 * row_bytes),
+                                       load_u32(w + 3 * row_bytes));
+  const __m256 dm = _mm256_cvtph_ps(heads);  // d0 m0 d1 m1 d2 m2 d3 m3
+  d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
+  if constexpr (B::kHasMin) offset = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0)));
+  else offset = _mm_mul_ps(d, _mm_set1_ps(B::kOffset));
+}
+
 inline __m256i load32(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline __m256i low4(__m256i v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
 
@@ -544,10 +568,8 @@ inline __m512i half_dots4(__m512i q, const Q15Block* x, int e) {
 template <int kType, int kA, typename Block>
 void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks, float* out,
                    int64_t out_stride, bool accumulate, int64_t lead) {
-  constexpr int kBytes = Format<kType>::kBytes;
-  constexpr bool kHasMin = kType == kQ4_1 || kType == kQ5_1;
-  constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : 0.f;  // in units of d
-  constexpr int kNibbles = kType == kQ4_0 ? 2 : kType == kQ4_1 ? 4 : kType == kQ5_0 ? 6 : 8;
+  using B = SmallBlock<kType>;
+  constexpr int kBytes = B::kBytes;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   __m512 acc[kA];
@@ -560,7 +582,7 @@ void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t 
       lo = lanes_of_rows<kType>(w, row_bytes, 2);
       hi = lanes_of_rows<kType>(w, row_bytes, 18);
     } else {
-      const __m512i v = lanes_of_rows<kType>(w, row_bytes, kNibbles);
+      const __m512i v = lanes_of_rows<kType>(w, row_bytes, B::kNibbles);
       lo = _mm512_and_si512(v, low4);
       hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
       if constexpr (kType == kQ5_0 || kType == kQ5_1) {  // bit e of each row's qh: element e's fifth bit
@@ -580,20 +602,14 @@ void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t 
       negative_lo = _mm512_movepi8_mask(lo), negative_hi = _mm512_movepi8_mask(hi);
       lo = _mm512_abs_epi8(lo), hi = _mm512_abs_epi8(hi);
     }
-    // The first two fp16 of each row's block: {d, m} (or d and two bytes that are not used).
-    const __m128i heads = _mm_setr_epi32(load_u32(w), load_u32(w + row_bytes), load_u32(w + 2 * row_bytes),
-                                         load_u32(w + 3 * row_bytes));
-    const __m256 dm = _mm256_cvtph_ps(heads);  // d0 m0 d1 m1 d2 m2 d3 m3
-    const __m128 d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
-    __m128 offset = d;  // what each row's offset per unit of Σx is
-    if constexpr (kHasMin) offset = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0)));
-    else if constexpr (kOffset != 0.f) offset = _mm_mul_ps(d, _mm_set1_ps(kOffset));
+    __m128 d, offset;
+    four_row_headers<kType>(w, row_bytes, d, offset);
     for (int r = 0; r < kA; ++r) {
       const Block* xr = x + r * x_stride;
       const __m512i dots = dots4<kType == kQ8_0>(lo, hi, xr, negative_lo, negative_hi);
       const __m128 scale = _mm_mul_ps(d, _mm_set1_ps(xr->d[0]));
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc[r]);
-      if constexpr (kHasMin || kOffset != 0.f) offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(xr->dsum[0] + xr->dsum[1]), offsets[r]);
+      if constexpr (B::kHasOffset) offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(xr->dsum[0] + xr->dsum[1]), offsets[r]);
     }
   }
   for (int r = 0; r < kA; ++r) store_lanes(acc[r], offsets[r], out + r * out_stride, accumulate);
@@ -756,10 +772,8 @@ inline void fifth_bits_pair(const uint8_t* w, int64_t row_bytes, int offset, __m
 template <int kType, int kA, typename Block>
 void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks, float* out,
                    int64_t out_stride, bool accumulate, int64_t lead) {
-  constexpr int kBytes = Format<kType>::kBytes;
-  constexpr bool kHasMin = kType == kQ4_1 || kType == kQ5_1;
-  constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : 0.f;  // in units of d
-  constexpr int kNibbles = kType == kQ4_0 ? 2 : kType == kQ4_1 ? 4 : kType == kQ5_0 ? 6 : 8;
+  using B = SmallBlock<kType>;
+  constexpr int kBytes = B::kBytes;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256 acc[2][kA];  // [row pair][activation row]
   __m128 offsets[kA];
@@ -773,7 +787,7 @@ void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t 
         lo[pair] = rows_pair(wp, row_bytes, 2);
         hi[pair] = rows_pair(wp, row_bytes, 18);
       } else {
-        const __m256i v = rows_pair(wp, row_bytes, kNibbles);
+        const __m256i v = rows_pair(wp, row_bytes, B::kNibbles);
         lo[pair] = _mm256_and_si256(v, low4);
         hi[pair] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
         if constexpr (kType == kQ5_0 || kType == kQ5_1) {
@@ -787,16 +801,11 @@ void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t 
     __m256i sign_lo[2] = {lo[0], lo[1]}, sign_hi[2] = {hi[0], hi[1]};
     if constexpr (kType == kQ8_0)
       for (int pair = 0; pair < 2; ++pair) lo[pair] = _mm256_sign_epi8(lo[pair], lo[pair]), hi[pair] = _mm256_sign_epi8(hi[pair], hi[pair]);
-    // The first two fp16 of each row's block: {d, m} (or d and two bytes that are not used).
-    const __m128i heads = _mm_setr_epi32(load_u32(w), load_u32(w + row_bytes), load_u32(w + 2 * row_bytes),
-                                         load_u32(w + 3 * row_bytes));
-    const __m256 dm = _mm256_cvtph_ps(heads);  // d0 m0 d1 m1 d2 m2 d3 m3
-    const __m256 d_pairs[2] = {_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2)),
-                               _mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(4, 4, 4, 4, 6, 6, 6, 6))};
-    const __m128 d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
-    __m128 offset = d;  // each row's offset per unit of Σx
-    if constexpr (kHasMin) offset = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0)));
-    else if constexpr (kOffset != 0.f) offset = _mm_mul_ps(d, _mm_set1_ps(kOffset));
+    __m128 d, offset;
+    four_row_headers<kType>(w, row_bytes, d, offset);
+    const __m256 d4 = _mm256_castps128_ps256(d);  // rows 0 and 1, then 2 and 3: each scale over its lane
+    const __m256 d_pairs[2] = {_mm256_permutevar8x32_ps(d4, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)),
+                               _mm256_permutevar8x32_ps(d4, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3))};
     for (int r = 0; r < kA; ++r) {
       const Block* xr = x + r * x_stride;
       const __m256 xd = _mm256_set1_ps(xr->d[0]);
@@ -804,7 +813,7 @@ void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t 
         const __m256i dots = pair_dots<kType == kQ8_0>(lo[pair], hi[pair], xr, sign_lo[pair], sign_hi[pair]);
         acc[pair][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(d_pairs[pair], xd), acc[pair][r]);
       }
-      if constexpr (kHasMin || kOffset != 0.f) offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(xr->dsum[0] + xr->dsum[1]), offsets[r]);
+      if constexpr (B::kHasOffset) offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(xr->dsum[0] + xr->dsum[1]), offsets[r]);
     }
   }
   for (int r = 0; r < kA; ++r) {
