@@ -125,3 +125,13 @@ def test_every_instruction_set_quantises_activations_to_the_same_bytes():
     portable = ops.quantize_q8(x, 0)
     for isa_id in range(1, len(ISAS)):
         assert torch.equal(ops.quantize_q8(x, isa_id), portable), ISAS[isa_id]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_silu_and_mul_in_bfloat16_rounds_once(isa):
+    """The prefill MLP's activation: float32 math on bfloat16 inputs, one rounding (≤ 1 ulp of bf16)."""
+    gate_up = (torch.randn(5, 2 * 203, generator=torch.Generator().manual_seed(5)) * 4).bfloat16()  # odd n: a tail
+    out = torch.ops.pagedllm_quant.silu_and_mul(gate_up, available_isas().index(isa))
+    gate, up = gate_up.float().chunk(2, dim=-1)
+    exact = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(out.float(), exact, rtol=2**-8, atol=1e-6)

@@ -882,6 +882,16 @@ inline void store8(c10::BFloat16* out, __m256 v) {  // round to nearest even, as
                    _mm_packus_epi32(_mm256_castsi256_si128(top), _mm256_extracti128_si256(top, 1)));
 }
 
+#if defined(PAGEDLLM_VNNI)
+inline void store16(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store16(c10::BFloat16* out, __m512 v) {  // round to nearest even, as store8
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i top = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(top));
+}
+#endif
+
 template <int kType, typename Out>
 void dequantize_row(const uint8_t* w, int64_t blocks, Out* out) {
   using F = Format<kType>;
@@ -894,17 +904,44 @@ void dequantize_row(const uint8_t* w, int64_t blocks, Out* out) {
       const __m128 c = coefs[j];
       const __m128i halves[2] = {_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1)};
       for (int h = 0; h < 2; ++h) {
+#if defined(PAGEDLLM_VNNI)  // a half of 16 values in one register: the prefill's tiles dequantise ~2x faster
+        const __m512i ints = kType == kQ8_0 ? _mm512_cvtepi8_epi32(halves[h]) : _mm512_cvtepu8_epi32(halves[h]);
+        store16(out + 16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(ints), _mm512_set1_ps(c[h]), _mm512_set1_ps(c[2 + h])));
+#else
         const __m256 scale = _mm256_set1_ps(c[h]), offset = _mm256_set1_ps(c[2 + h]);
         for (int e = 0; e < 2; ++e) {
           const __m128i bytes = _mm_srli_si128(halves[h], 8 * e);
           const __m256i ints = kType == kQ8_0 ? _mm256_cvtepi8_epi32(bytes) : _mm256_cvtepu8_epi32(bytes);
           store8(out + 16 * h + 8 * e, _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), scale, offset));
         }
+#endif
       }
     }
   }
 }
+
+// out[i] = silu(gate[i]) · up[i] for bfloat16 rows, in float32 with one rounding at the end.
+inline void silu_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, int64_t n, c10::BFloat16* out) {
+  const auto widen8 = [](const c10::BFloat16* p) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  };
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = widen8(gate + i);
+    const __m256 sig = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    store8(out + i, _mm256_mul_ps(sig, widen8(up + i)));
+  }
+  for (; i < n; ++i) out[i] = static_cast<float>(gate[i]) / (1.f + std::exp(-static_cast<float>(gate[i]))) * static_cast<float>(up[i]);
+}
 #else
+inline void silu_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, int64_t n, c10::BFloat16* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = gate[i];
+    out[i] = g / (1.f + std::exp(-g)) * static_cast<float>(up[i]);
+  }
+}
+
 template <int kType, typename Out>
 void dequantize_row(const uint8_t* w, int64_t blocks, Out* out) {
   using F = Format<kType>;

@@ -165,6 +165,22 @@ void matmul_parts(const uint8_t* xq, int64_t m, const std::vector<Part>& parts, 
 
 namespace {
 
+// gate_up [M, 2n] bfloat16 → silu(gate) · up [M, n] bfloat16 (SwiGLU's activation for the prefill's
+// bfloat16 MLP): one pass in float32 and one rounding, where torch's silu then mul rounds twice.
+at::Tensor silu_and_mul(const at::Tensor& gate_up, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.scalar_type() == at::kBFloat16 && gate_up.is_contiguous() &&
+              gate_up.size(1) % 2 == 0, "gate_up must be contiguous [M, 2n] bfloat16");
+  const int64_t m = gate_up.size(0), n = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({m, n}, gate_up.options());
+  const c10::BFloat16* in = gate_up.data_ptr<c10::BFloat16>();
+  c10::BFloat16* o = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, m, 4, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) PAGEDLLM_BY_ISA(isa, silu_mul_row(in + r * 2 * n, in + r * 2 * n + n, n, o + r * n));
+  });
+  return out;
+}
+
 void check_out(const at::Tensor& out, int64_t m, int64_t n) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == m &&
               out.size(1) == n, "out must be [M, N] float32 with unit column stride");
@@ -290,6 +306,7 @@ TORCH_LIBRARY(pagedllm_quant, m) {
   m.def("matmul_q8(Tensor xq, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q8);
   m.def("matmul_q15(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q15);
   m.def("dequantize(Tensor w, int type, int k, ScalarType dtype, int isa) -> Tensor", dequantize);
+  m.def("silu_and_mul(Tensor gate_up, int isa) -> Tensor", silu_and_mul);
   m.def("matmul_dequant(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int tile_rows, int isa) -> ()",
         matmul_dequant);
 }

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weight
+from ..layers.activation import silu_and_mul
 from ..layers.attention import AttentionMetadata, build_attention_mask, paged_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
@@ -63,8 +63,7 @@ class MLP(nn.Module):
         # Where the products run in bfloat16 (many rows, packed weights), the intermediate stays in
         # it: its values are the GEMM's bfloat16 output either way, and it is the widest activation.
         x = x.to(self.gate_up_proj.method.activation_dtype(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
