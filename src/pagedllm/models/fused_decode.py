@@ -1,5 +1,6 @@
 """The few-row (decode) path of a decoder layer whose linear layers are packed: two C++ calls
-around the attention backend (pagedllm/kernels/decode_layer.cpp) instead of ~20 torch ops.
+around the attention backend (pagedllm/kernels/decode_layer.cpp) instead of ~20 torch ops, or one
+call with the C++ decode kernel inside when the step is one query per sequence.
 
 At batch 1 the model reads each weight once; the small ops between the products (norms, rope,
 cache writes, SiLU, residual adds) and the Python that issues them cost more than that read.
@@ -62,6 +63,15 @@ class FusedDecodeLayer:
         """The layer's output for x [tokens, hidden]; x's storage is updated in place and returned."""
         ops, rows = torch.ops.pagedllm_quant, x.shape[0]
         x = x.contiguous()
+        group = meta.groups[0] if len(meta.groups) == 1 else None
+        if group is not None and group.use_decode_kernel:  # one query per sequence: the whole layer in one call
+            ops.decode_layer(x, self.input_norm.weight, self.input_norm.eps, self.post_norm.weight, self.post_norm.eps,
+                             self.qkv.part_data, self.qkv.part_types, self.qkv.bias, self.o.part_data,
+                             self.o.part_types, self.gate_up.part_data, self.gate_up.part_types, self.down.part_data,
+                             self.down.part_types, cos.reshape(rows, -1), sin.reshape(rows, -1), self.num_heads,
+                             self.num_kv_heads, kv_cache, meta.slot_mapping, group.block_tables, group.context_lens,
+                             self.scale, self.sliding_window or 0, self.isa)
+            return x
         q = ops.attention_input(x, self.input_norm.weight, self.input_norm.eps, self.qkv.part_data,
                                 self.qkv.part_types, self.qkv.bias, cos.reshape(rows, -1), sin.reshape(rows, -1),
                                 self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping, self.isa)
