@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import ctypes
+import functools
 import math
 import mmap
 
@@ -74,6 +76,21 @@ class StepResult:
     hidden: torch.Tensor | None  # final-norm hidden states at hidden_rows, when any were asked for
 
 
+@functools.cache
+def keep_freed_buffers() -> None:
+    """Ask glibc's malloc to keep freed buffers of up to 32 MB for reuse instead of unmapping them.
+    A prefill's activations (~10 MB each at 512 tokens) otherwise come back as fresh pages every
+    step: 8k-44k page faults per SmolLM2 prefill, up to a third of its time (measured). Called once
+    the model is loaded, so that the loader's freed temporaries still go back to the system."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc: that allocator keeps its own policy
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # glibc's largest allowed value
+    libc.mallopt(m_trim_threshold, 512 * 2**20)
+
+
 def decode_kernel_usable(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """The C++ decode kernel serves float32 models on the CPU when it builds ("auto"), never for "torch"."""
     return (backend == "auto" and device.type == "cpu" and dtype == torch.float32 and head_dim in KERNEL_HEAD_DIMS
@@ -90,6 +107,8 @@ class ModelRunner:
         shape = (cfg.num_hidden_layers, 2, spec.num_blocks, spec.block_size, cfg.num_key_value_heads,
                  kv_row_elements(cfg.head_dim, kv_dtype))
         self.kv_pool = _zeroed_pool(shape, kv_dtype, device)
+        if torch.device(device).type == "cpu":
+            keep_freed_buffers()
         self.kv_caches = list(self.kv_pool.unbind(0))
         self.use_decode_kernel = decode_kernel_usable(attention_backend, torch.device(device), dtype, cfg.head_dim)
         self.sampler = Sampler()
