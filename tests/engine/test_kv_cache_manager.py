@@ -100,3 +100,13 @@ def test_hit_rate_counts_tokens():
     _admit(kv, _request("b", list(range(9))))
     assert kv.stats.queried_tokens == 18 and kv.stats.hit_tokens == 8
     assert kv.stats.hit_rate == pytest.approx(8 / 18)
+
+
+def test_token_ids_at_reads_across_prompt_output_and_drafts():
+    request = Request("r", [1, 2, 3], SamplingParams())
+    request.output_token_ids += [4, 5]
+    request.spec_token_ids = [6, 7]
+    joined = [1, 2, 3, 4, 5, 6, 7]
+    for start in range(len(joined) + 1):
+        for count in range(len(joined) - start + 1):
+            assert request.token_ids_at(start, count) == joined[start:start + count]

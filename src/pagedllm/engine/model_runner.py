@@ -118,8 +118,7 @@ class ModelRunner:
         bs = self.spec.block_size
         starts = np.asarray([s.request.num_computed_tokens for s in scheduled])
         counts = np.asarray([s.num_new_tokens for s in scheduled])
-        ids = [t for s, st, n in zip(scheduled, starts, counts)
-               for t in (s.request.all_token_ids + s.request.spec_token_ids)[st:st + n]]
+        ids = [t for s, st, n in zip(scheduled, starts, counts) for t in s.request.token_ids_at(int(st), int(n))]
         query_start = np.concatenate([[0], np.cumsum(counts)])
         token_seq = np.repeat(np.arange(len(scheduled)), counts)
         positions = starts[token_seq] + np.arange(len(ids)) - query_start[token_seq]

@@ -50,6 +50,20 @@ class Request:
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
+    def token_ids_at(self, start: int, count: int) -> list[int]:
+        """Tokens start..start+count-1 of prompt, output and drafts in a row, without joining the lists
+        (a step reads a few tokens of each running request; joining costs the whole context)."""
+        tokens: list[int] = []
+        for part in (self.prompt_token_ids, self.output_token_ids, self.spec_token_ids):
+            if len(tokens) == count:
+                break
+            if start < len(part):
+                tokens += part[start:start + count - len(tokens)]
+                start = 0
+            else:
+                start -= len(part)
+        return tokens
+
     @property
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None
