@@ -60,9 +60,9 @@ def main() -> None:
                 xq = ops.quantize_q8(x, isa)
                 repeats = 30 if n > 10000 else 200
                 t8 = median_seconds(lambda: ops.matmul_q8(xq, [w], [int(qtype)], k, out, isa), repeats)
-                t16 = median_seconds(lambda: ops.matmul_q16(x, [w], [int(qtype)], k, out, isa), repeats)
+                t15 = median_seconds(lambda: ops.matmul_q15(x, [w], [int(qtype)], k, out, isa), repeats)
                 print(f"{qtype.name:5s} {name:22s} rows={m:<3d} int8 {t8 * 1e6:8.1f} us {w.numel() / t8 / 1e9:6.1f} GB/s"
-                      f"   int16 {t16 * 1e6:8.1f} us", flush=True)
+                      f"   15-bit (head) {t15 * 1e6:8.1f} us", flush=True)
 
 
 if __name__ == "__main__":
