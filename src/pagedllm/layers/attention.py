@@ -122,19 +122,20 @@ _CAUSAL_CHUNK = 128
 def _causal_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                               dtype: torch.dtype) -> torch.Tensor:
     """Causal attention from position 0 — q [seqs, heads, len, dim], k and v [seqs, kv_heads, len, dim] —
-    with both products in `dtype` GEMMs and the softmax in float32. A chunk of queries reads only the
-    keys up to its last row. Returns [seqs, heads, len, dim] in `dtype`."""
+    with both products in `dtype` GEMMs; the softmax reads the `dtype` scores and sums in float32
+    (torch's reduced-precision softmax), so the scores are never widened in memory. A chunk of
+    queries reads only the keys up to its last row. Returns [seqs, heads, len, dim] in `dtype`."""
     seqs, heads, length, dim = q.shape
     kv_heads = k.shape[1]
-    q = q.to(dtype).unflatten(1, (kv_heads, heads // kv_heads))  # [seqs, kv_heads, group, len, dim]
+    q = (q * scale).to(dtype).unflatten(1, (kv_heads, heads // kv_heads))  # [seqs, kv_heads, group, len, dim]
     k, v = k.to(dtype).unsqueeze(2), v.to(dtype).unsqueeze(2)
     out = torch.empty_like(q)
     future = torch.ones(_CAUSAL_CHUNK, _CAUSAL_CHUNK, dtype=torch.bool, device=q.device).triu_(1)
     for start in range(0, length, _CAUSAL_CHUNK):
         end = min(length, start + _CAUSAL_CHUNK)
-        scores = torch.matmul(q[..., start:end, :], k[..., :end, :].transpose(-1, -2)).float().mul_(scale)
+        scores = torch.matmul(q[..., start:end, :], k[..., :end, :].transpose(-1, -2))
         scores[..., start:].masked_fill_(future[: end - start, : end - start], float("-inf"))  # earlier keys: all seen
-        out[..., start:end, :] = torch.matmul(scores.softmax(-1).to(dtype), v[..., :end, :])
+        out[..., start:end, :] = torch.matmul(scores.softmax(-1), v[..., :end, :])
     return out.flatten(1, 2)
 
 
