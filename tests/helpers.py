@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
+from pagedllm.layers.attention import kv_bytes_per_token
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import ScheduledRequest
 from pagedllm.models.transformer import Transformer
@@ -14,7 +15,7 @@ from pagedllm.sampling_params import SamplingParams
 @torch.inference_mode()
 def prefill_logits(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
     """Logits at every position of `ids`, computed in one paged forward pass."""
-    spec = plan_kv_cache(model.config, block_size, model.config.kv_bytes_per_token(4) * (len(ids) + block_size),
+    spec = plan_kv_cache(model.config, block_size, kv_bytes_per_token(model.config, torch.float32) * (len(ids) + block_size),
                          torch.float32)
     runner = ModelRunner(model, spec, "cpu", torch.float32)
     batch = runner.prepare([ScheduledRequest(Request("x", ids, SamplingParams()), len(ids))],

@@ -68,10 +68,6 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
 
-    def kv_bytes_per_token(self, bytes_per_value: float) -> int:
-        """2 (K and V) · layers · kv_heads · head_dim · bytes (34 / 32 for q8_0 rows)."""
-        return int(2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * bytes_per_value)
-
 
 # q8_0: llama.cpp's 8-bit blocks (32 int8 values and a float16 scale), 1.06 bytes a value.
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "q8_0")

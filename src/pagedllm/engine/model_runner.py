@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import ctypes
 import functools
 import math
 import mmap
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ..config import ModelConfig
 from ..kernels import KERNEL_HEAD_DIMS, cpu_kernels_available
-from ..layers.attention import AttentionGroup, AttentionMetadata, kv_row_elements
+from ..layers.attention import AttentionGroup, AttentionMetadata, kv_bytes_per_token, kv_row_elements
 from ..models.transformer import Transformer
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState
 from .scheduler import ScheduledRequest
@@ -35,8 +34,7 @@ class KVCacheSpec:
 
 def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype: torch.dtype) -> KVCacheSpec:
     """`dtype`: the pool's elements (KV_Q8_0 for 8-bit rows)."""
-    row_bytes = kv_row_elements(config.head_dim, dtype) * dtype.itemsize
-    per_block = 2 * config.num_hidden_layers * config.num_key_value_heads * row_bytes * block_size
+    per_block = kv_bytes_per_token(config, dtype) * block_size
     return KVCacheSpec(memory_bytes // per_block, block_size, per_block)
 
 

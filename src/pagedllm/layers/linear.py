@@ -121,13 +121,18 @@ class PackedMethod(LinearMethod):
         layer.part_data = [p.data for p in layer.parts]
         layer.part_types = [int(p.qtype) for p in layer.parts]
 
+    @staticmethod
+    def _through_gemm(x: torch.Tensor) -> bool:
+        """Many rows go to the dequantise-and-GEMM path, few to the integer kernels."""
+        return x.numel() > INT8_MAX_ROWS * x.shape[-1]
+
     def activation_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return x.dtype if x.numel() <= INT8_MAX_ROWS * x.shape[-1] else self.gemm_dtype
+        return self.gemm_dtype if self._through_gemm(x) else x.dtype
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
         ops = torch.ops.pagedllm_quant
         rows = x.reshape(-1, layer.in_features)
-        if rows.shape[0] > INT8_MAX_ROWS:
+        if self._through_gemm(rows):
             # The GEMM writes its own dtype: asked in that dtype, the product comes back unconverted.
             out_dtype = x.dtype if x.dtype == self.gemm_dtype else torch.float32
             out = torch.empty(rows.shape[0], layer.out_features, dtype=out_dtype)

@@ -6,12 +6,13 @@ import math
 import os
 from dataclasses import dataclass
 
+import torch
 from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..models.loaders import ModelSource, read_model_config
 from ..models.loaders.gguf_file import open_gguf
-from ..layers.attention import Q8_0_BYTES, Q8_0_VALUES
+from ..layers.attention import KV_Q8_0, kv_bytes_per_token
 from ..layers.quant import PACKED_TYPES
 from ..models.loaders.gguf_loader import canonical_name, packed_tensor_names
 from ..models.loaders.hf_loader import safetensors_files
@@ -19,7 +20,7 @@ from ..models.loaders.hf_loader import safetensors_files
 # Bytes per weight of each --quantization / --dtype choice: plain dtypes, and the blocks that
 # int8 (Q8_0: 32 int8 + an fp16 scale) and int4 (Q4_1: 32 nibbles + fp16 scale and min) load into.
 WEIGHT_DTYPES = {"float32": 4.0, "bfloat16": 2.0, "int8": 34 / 32, "int4": 20 / 32}
-KV_DTYPES = {"float32": 4, "bfloat16": 2, "float16": 2, "q8_0": Q8_0_BYTES / Q8_0_VALUES}
+KV_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "q8_0": KV_Q8_0}
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class MemoryReport:
         return int(self.num_parameters * WEIGHT_DTYPES[dtype])
 
     def kv_bytes_per_token(self, dtype: str) -> int:
-        return self.config.kv_bytes_per_token(KV_DTYPES[dtype])
+        return kv_bytes_per_token(self.config, KV_DTYPES[dtype])
 
     def tokens_in(self, budget_bytes: int, dtype: str) -> int:
         return budget_bytes // self.kv_bytes_per_token(dtype)
