@@ -12,7 +12,7 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..models.loaders import ModelSource, read_model_config
 from ..models.loaders.gguf_file import open_gguf
-from ..layers.attention import KV_Q8_0, kv_bytes_per_token
+from ..layers.attention import KV_Q8_0, Q8_0_VALUES, kv_bytes_per_token
 from ..layers.quant import PACKED_TYPES
 from ..models.loaders.gguf_loader import canonical_name, packed_tensor_names
 from ..models.loaders.hf_loader import safetensors_files
@@ -33,6 +33,10 @@ class MemoryReport:
 
     def weight_bytes(self, dtype: str) -> int:
         return int(self.num_parameters * WEIGHT_DTYPES[dtype])
+
+    def kv_dtypes(self) -> list[str]:
+        """The --kv-cache-dtype choices this model takes (q8_0 needs head_dim in whole 32-value blocks)."""
+        return [d for d in KV_DTYPES if d != "q8_0" or self.config.head_dim % Q8_0_VALUES == 0]
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         return kv_bytes_per_token(self.config, KV_DTYPES[dtype])
@@ -93,10 +97,10 @@ def format_report(report: MemoryReport, budget_bytes: int) -> str:
         f"file on disk     {format_bytes(report.file_bytes)}",
         "weights          " + (f"as stored (auto) {format_bytes(report.packed_bytes)}, " if report.packed_bytes else "")
         + ", ".join(f"{d} {format_bytes(report.weight_bytes(d))}" for d in WEIGHT_DTYPES),
-        "KV cache/token   " + ", ".join(f"{d} {format_bytes(report.kv_bytes_per_token(d))}" for d in KV_DTYPES)
+        "KV cache/token   " + ", ".join(f"{d} {format_bytes(report.kv_bytes_per_token(d))}" for d in report.kv_dtypes())
         + f"   (2 · {c.num_hidden_layers} layers · {c.num_key_value_heads} kv heads · {c.head_dim} dims · bytes)",
         f"tokens in {format_bytes(budget_bytes)}   "
-        + ", ".join(f"{d} {report.tokens_in(budget_bytes, d):,}" for d in KV_DTYPES)
+        + ", ".join(f"{d} {report.tokens_in(budget_bytes, d):,}" for d in report.kv_dtypes())
         + f"   (context {c.max_position_embeddings:,})",
     ]
     return "\n".join(lines)
