@@ -20,8 +20,10 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _tiny_configs():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config,
+                              Qwen3Config)
 
+    gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
         # llama-3 rope scaling, separate output embedding
         "llama": LlamaConfig(**TINY, tie_word_embeddings=False, rope_parameters={
@@ -32,6 +34,19 @@ def _tiny_configs():
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
         # a sliding window shorter than the test sequences
         "mistral": MistralConfig(**TINY, sliding_window=8, tie_word_embeddings=False),
+        # per-head q/k norms, explicit head_dim
+        "qwen3": Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        # (1 + w) norms, GeGLU, embeddings × √hidden
+        "gemma": GemmaConfig(**TINY, head_dim=16),
+        # + norms around each sub-layer, soft-capped scores and logits, a window on every other layer
+        "gemma2": Gemma2Config(**TINY, **gemma, sliding_window=8, attn_logit_softcapping=5.0,
+                               final_logit_softcapping=3.0),
+        # + q/k norms, windowed layers with their own (unscaled) rope base, linear scaling on the global ones
+        "gemma3": Gemma3TextConfig(**TINY, **gemma, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                       "rope_theta": 1000000.0},
+                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
     }
 
 
@@ -68,7 +83,12 @@ def tiny_models(tmp_path_factory, default_gguf, default_tokenizer_metadata) -> d
     models = {}
     for family, config in _tiny_configs().items():
         torch.manual_seed(1234)
-        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        # eager: transformers' SDPA path drops Gemma 2's soft-capping
+        hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+        with torch.no_grad():  # norms away from their initial ones (Gemma's 0 would hide a missing 1 + w)
+            for name, param in hf.named_parameters():
+                if "norm" in name:
+                    param.add_(torch.randn_like(param) * 0.1)
         folder = tmp_path_factory.mktemp(f"tiny-{family}")
         hf.save_pretrained(folder)
         _save_tokenizer(folder, default_gguf)

@@ -24,9 +24,19 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
 
 
+# Activations of the MLP's gate (or of its one projection, for an ungated MLP).
+HIDDEN_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The shape of one llama-family transformer, whatever file it came from."""
+    """The shape of one decoder-only transformer, whatever file and family it came from.
+
+    The parts every family shares have llama's defaults; a family's spec (models/registry.py)
+    and its checkpoint choose the rest: Gemma's (1 + w) norms are `norm_offset` 1, Qwen3's and
+    Gemma 3's per-head q/k norms `qk_norm`, Gemma 2/3's norms after attention and around the MLP
+    `sandwich_norms`; windows per layer (`sliding_layers`) with their own rope base, soft-capping.
+    """
 
     family: str
     vocab_size: int
@@ -43,6 +53,17 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     sliding_window: int | None = None
+    # Which layers the window applies to (None: all of them, when there is a window).
+    sliding_layers: tuple[bool, ...] | None = None
+    local_rope_theta: float | None = None  # the windowed layers' rope base (unscaled), where it differs
+    norm_offset: float = 0.0  # each RMSNorm scales by (norm_offset + w)
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k, before the rotation
+    sandwich_norms: bool = False  # norms on the attention's output and around the MLP (Gemma 2/3)
+    hidden_act: str = "silu"
+    embedding_scale: float = 1.0  # the embeddings are multiplied by this (Gemma: √hidden)
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # scores → cap · tanh(scores / cap)
+    final_logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -57,6 +78,30 @@ class ModelConfig:
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"model config: sliding_window must be positive, got {self.sliding_window}")
+        if self.sliding_layers is not None and len(self.sliding_layers) != self.num_hidden_layers:
+            raise ConfigError(f"model config: {len(self.sliding_layers)} sliding-layer flags for "
+                              f"{self.num_hidden_layers} layers")
+        if self.hidden_act not in HIDDEN_ACTIVATIONS:
+            raise ConfigError(f"model config: activation {self.hidden_act!r} is not supported "
+                              f"(supported: {', '.join(HIDDEN_ACTIVATIONS)})")
+        for name in ("attention_scale", "attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"model config: {name} must be positive, got {value!r}")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of `layer`, or None where it attends to the whole context."""
+        if self.sliding_layers is None or self.sliding_layers[layer]:
+            return self.sliding_window
+        return None
+
+    def uses_local_rope(self, layer: int) -> bool:
+        return self.local_rope_theta is not None and self.layer_window(layer) is not None
+
+    @property
+    def scale(self) -> float:
+        """What the attention scores are multiplied by."""
+        return self.attention_scale if self.attention_scale is not None else self.head_dim**-0.5
 
     @property
     def num_parameters(self) -> int:
@@ -64,7 +109,8 @@ class ModelConfig:
         q = self.num_attention_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
         mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
+        norms = (4 if self.sandwich_norms else 2) * h + (2 * self.head_dim if self.qk_norm else 0)
+        per_layer = attn + mlp + norms
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
 

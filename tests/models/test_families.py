@@ -6,10 +6,14 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.models.loaders import ModelSource, load_model
-from helpers import prefill_logits
+from pagedllm.kernels import quant_kernels_available
+from pagedllm.layers.linear import Linear, PackedMethod
+from pagedllm.models.loaders import ModelSource, load_model, read_model_config
+from pagedllm.models.loaders.hf_loader import hf_weights
+from pagedllm.tools.convert import write_gguf
+from helpers import assert_packed_logits_close, prefill_logits
 
-FAMILIES = ["llama", "qwen2", "mistral"]
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "gemma", "gemma2", "gemma3"]
 LOADERS = ["hf", "gguf"]
 
 
@@ -46,14 +50,29 @@ def test_32_greedy_tokens_match_transformers(tiny_models, family, loader):
     assert out.finish_reason == "length"
 
 
+@pytest.mark.skipif(not quant_kernels_available(), reason="needs a C++ compiler for the CPU kernels")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantised_gguf_runs_packed(tiny_models, tmp_path, default_tokenizer_metadata, family):
+    """Q8_0 (rows of 64 hold no K-quant blocks): every matrix packed, logits within the packed
+    tolerance (tests/helpers.py) of the same file's float path (which the f32 files hold to transformers)."""
+    tiny = tiny_models[family]
+    config, _ = read_model_config(ModelSource("hf", tiny.hf_dir))
+    path = tmp_path / f"{family}-q8_0.gguf"
+    write_gguf(path, config, hf_weights(tiny.hf_dir), default_tokenizer_metadata, weight_type="q8_0")
+    packed, dense = load_model(ModelSource("gguf", path)), load_model(ModelSource("gguf", path), quantization="none")
+    assert all(isinstance(m.method, PackedMethod) for m in packed.modules() if isinstance(m, Linear))
+    ids = _prompt()
+    for length in (1, 24):  # the int8 kernel (and the fused layer where the family has one), then many rows
+        assert_packed_logits_close(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]))
+
+
 def test_sliding_window_changes_the_result(tiny_models):
     """The mistral window (8) is shorter than the prompt, so ignoring it must change logits."""
-    from dataclasses import replace
-
     model = load_model(ModelSource("hf", tiny_models["mistral"].hf_dir))
     ids = _prompt()
     windowed = prefill_logits(model, ids)
-    model.config = replace(model.config, sliding_window=None)
+    for layer in model.layers:
+        layer.self_attn.sliding_window = None
     assert (prefill_logits(model, ids) - windowed).abs().max().item() > 1e-3
 
 
@@ -67,3 +86,39 @@ def test_written_gguf_loads_in_transformers(tiny_models):
     ids = torch.tensor([_prompt()])
     with torch.no_grad():
         assert (hf_from_gguf(ids).logits - tiny.hf_model(ids).logits).abs().max().item() < 1e-4
+
+
+def test_readme_lists_every_family():
+    """The README's family table: each family with its Hugging Face and GGUF architectures and an example."""
+    from pathlib import Path
+
+    from pagedllm.models.registry import FAMILIES
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    rows = {line.split("|")[1].strip(): line for line in readme.read_text().splitlines()
+            if line.startswith("| ") and line.count("|") >= 5}
+    for family in FAMILIES:
+        row = rows.get(family.name)
+        assert row is not None, f"README's family table has no row for {family.name}"
+        for name in family.hf_architectures + family.gguf_architectures + (family.example,):
+            assert name and name in row, (family.name, name)
+
+
+def test_qwen2_per_layer_windows(tmp_path, default_tokenizer_metadata):
+    """Qwen2's `use_sliding_window`: layers from `max_window_layers` on are windowed, as transformers has it."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from conftest import TINY
+
+    config = Qwen2Config(**TINY, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    torch.manual_seed(5)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours, _ = read_model_config(ModelSource("hf", tmp_path / "hf"))
+    assert ours.sliding_layers == (False, True)
+    write_gguf(tmp_path / "m.gguf", ours, hf_weights(tmp_path / "hf"), default_tokenizer_metadata)
+    ids = _prompt()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    for source in (ModelSource("hf", tmp_path / "hf"), ModelSource("gguf", tmp_path / "m.gguf")):
+        assert (prefill_logits(load_model(source), ids) - ref).abs().max().item() < 1e-4

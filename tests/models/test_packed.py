@@ -20,11 +20,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType
 
-from helpers import prefill_logits
+from helpers import assert_packed_logits_close, prefill_logits
 from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import ScheduledRequest
-from pagedllm.layers.attention import KV_Q8_0, build_attention_mask, cached_values
+from pagedllm.layers.attention import KV_Q8_0, AttentionMasks, cached_values
 from pagedllm.layers.rotary import rope_cos_sin
 from pagedllm import LLM, SamplingParams
 from pagedllm.kernels import quant_kernels_available
@@ -69,12 +69,6 @@ def write(hf_folders, tmp_path_factory, default_tokenizer_metadata):
     return _write
 
 
-def _assert_close_logits(ours: torch.Tensor, ref: torch.Tensor, mean: float = 0.03, peak: float = 0.25) -> None:
-    diff, spread = (ours - ref).abs(), ref.std().item()
-    assert diff.mean().item() <= mean * spread, (diff.mean().item(), spread)
-    assert diff.max().item() <= peak * spread, (diff.max().item(), spread)
-
-
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("weight_type", FORMATS)
 def test_packed_logits_match_the_float_path(write, family, weight_type):
@@ -85,7 +79,7 @@ def test_packed_logits_match_the_float_path(write, family, weight_type):
     assert packed.weight_bytes() < dense.weight_bytes() / 3
     ids = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(1)).tolist()
     for length in (1, 7, 40):  # the int8 kernel, and dequantised tiles + GEMM past INT8_MAX_ROWS rows
-        _assert_close_logits(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]))
+        assert_packed_logits_close(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]))
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -106,7 +100,7 @@ def test_fused_decode_layer_equals_the_module_path(write, family, rows, kv_dtype
     batch = runners[0].prepare(requests, tables)
     x = torch.randn(rows, model.config.hidden_size, generator=torch.Generator().manual_seed(rows)) * 3
     cos, sin = rope_cos_sin(batch.positions, model.inv_freq, x.dtype)
-    masks = [build_attention_mask(g, None) for g in batch.meta.groups]
+    masks = AttentionMasks(batch.meta)
     layer = model.layers[1]
     with torch.inference_mode():
         fused = layer.fused(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta, masks)
@@ -148,7 +142,7 @@ def test_default_model_runs_packed_close_to_float():
     # flips either way moves its logits by ~3% of their spread: measured 1.6-3.2% on either path
     # (fused decode layer or module by module); a wrong kernel moves them by far more.
     for length in (1, 5, 40):
-        _assert_close_logits(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]), mean=0.04)
+        assert_packed_logits_close(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]), mean=0.04)
     assert packed.weight_bytes() <= source.path.stat().st_size
 
 
@@ -160,7 +154,7 @@ def test_int8_and_int4_quantise_hugging_face_weights_at_load(hf_folders):
     for quantization, mean, peak in (("int8", 0.03, 0.25), ("int4", 0.3, 1.5)):
         model = load_model(source, quantization=quantization)
         assert isinstance(model.layers[0].mlp.down_proj.method, PackedMethod)
-        _assert_close_logits(prefill_logits(model, ids), prefill_logits(dense, ids), mean, peak)
+        assert_packed_logits_close(prefill_logits(model, ids), prefill_logits(dense, ids), mean, peak)
     assert load_model(source, quantization="int4").weight_bytes() < load_model(source, quantization="int8").weight_bytes()
 
 
@@ -208,7 +202,7 @@ def test_rss_after_loading_a_q4_0_model_stays_near_its_file_size(hf_folders, tmp
     script = textwrap.dedent(f"""
         import psutil, sys, torch
         sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
-        from helpers import prefill_logits
+        from helpers import assert_packed_logits_close, prefill_logits
         from pagedllm.kernels import quant_kernels_available
         from pagedllm.models.loaders import ModelSource, load_model
         quant_kernels_available()

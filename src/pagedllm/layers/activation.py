@@ -1,6 +1,9 @@
-"""SwiGLU's activation over a fused gate/up product: silu(gate) · up."""
+"""MLP activations: the gated kinds over a fused gate/up product (SwiGLU's silu(gate) · up,
+GeGLU's gelu(gate) · up), and the plain ones for an ungated MLP."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,3 +20,23 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return torch.ops.pagedllm_quant.silu_and_mul(rows, isa).view(*gate_up.shape[:-1], -1)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu_tanh": gelu_tanh, "gelu": F.gelu}
+
+
+def gated(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated activation over [..., 2·n] gate/up products for an activation name of ModelConfig."""
+    if kind == "silu":
+        return silu_and_mul
+    activation = ACTIVATIONS[kind]
+
+    def act_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        return activation(gate) * up
+
+    return act_and_mul

@@ -68,12 +68,31 @@ def build_attention_mask(group: AttentionGroup, sliding_window: int | None) -> t
     kernel, and for a causal mask that SDPA builds itself (`from_start`, no window cutting in)."""
     if group.use_decode_kernel or (group.from_start and (sliding_window is None or group.max_context_len <= sliding_window)):
         return None
+    return causal_mask(group, sliding_window)
+
+
+def causal_mask(group: AttentionGroup, sliding_window: int | None) -> torch.Tensor:
+    """The mask build_attention_mask describes, always built."""
     key_pos = torch.arange(group.max_context_len, device=group.positions_padded.device)
     query_pos = group.positions_padded[:, :, None]
     mask = key_pos[None, None, :] <= query_pos
     if sliding_window is not None:
         mask &= key_pos[None, None, :] > query_pos - sliding_window
     return mask[:, None]
+
+
+class AttentionMasks:
+    """One step's masks: each group's, per sliding window, built when a layer with that window first
+    asks (a model whose layers alternate windows builds two sets, not one per layer)."""
+
+    def __init__(self, meta: AttentionMetadata):
+        self.meta = meta
+        self._by_window: dict[int | None, list[torch.Tensor | None]] = {}
+
+    def for_window(self, sliding_window: int | None) -> list[torch.Tensor | None]:
+        if sliding_window not in self._by_window:
+            self._by_window[sliding_window] = [build_attention_mask(g, sliding_window) for g in self.meta.groups]
+        return self._by_window[sliding_window]
 
 
 # An 8-bit KV cache (`--kv-cache-dtype q8_0`) stores each head row as llama.cpp's q8_0 blocks: per
@@ -146,8 +165,21 @@ def _causal_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.flatten(1, 2)
 
 
+def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                          softcap: float) -> torch.Tensor:
+    """Attention whose scores are soft-capped (cap · tanh(s / cap)) before the mask and the
+    float32 softmax, as Gemma 2 computes it. q [seqs, heads, len, dim]; k, v [seqs, kv_heads, ctx, dim]."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
+
+
 def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup, mask: torch.Tensor | None,
-                  scale: float, sliding_window: int | None, matmul_dtype: torch.dtype | None) -> torch.Tensor:
+                  scale: float, sliding_window: int | None, matmul_dtype: torch.dtype | None,
+                  softcap: float | None = None) -> torch.Tensor:
     if group.use_decode_kernel:
         return paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, scale, sliding_window)
     length = group.max_context_len
@@ -155,7 +187,10 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup
     values = cached_values(kv_cache[1][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)
     queries = q.new_zeros(group.num_seqs, group.max_query_len, q.shape[1], q.shape[2])
     queries[group.token_seq, group.token_index] = q
-    if mask is None and matmul_dtype not in (None, q.dtype):
+    if softcap is not None:
+        mask = mask if mask is not None else causal_mask(group, sliding_window)
+        out = _softcapped_attention(queries.transpose(1, 2), keys, values, mask, scale, softcap)
+    elif mask is None and matmul_dtype not in (None, q.dtype):
         out = _causal_attention_chunked(queries.transpose(1, 2), keys, values, scale, matmul_dtype).to(q.dtype)
     else:
         out = F.scaled_dot_product_attention(queries.transpose(1, 2), keys, values, attn_mask=mask, scale=scale,
@@ -165,21 +200,25 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, masks: list[torch.Tensor | None], scale: float,
-                    sliding_window: int | None, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    sliding_window: int | None, matmul_dtype: torch.dtype | None = None,
+                    softcap: float | None = None) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads, dim].
 
     `matmul_dtype`: where the layer's own products run in a narrower dtype (bfloat16 GEMMs over
-    packed weights), a prefill from position 0 computes its scores and weighted sum in it too."""
+    packed weights), a prefill from position 0 computes its scores and weighted sum in it too.
+    `softcap`: the scores are soft-capped (the decode kernel does not; the runner keeps it off)."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
-    return attend(q, kv_cache, meta, masks, scale, sliding_window, matmul_dtype)
+    return attend(q, kv_cache, meta, masks, scale, sliding_window, matmul_dtype, softcap)
 
 
 def attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, masks: list[torch.Tensor | None],
-           scale: float, sliding_window: int | None, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+           scale: float, sliding_window: int | None, matmul_dtype: torch.dtype | None = None,
+           softcap: float | None = None) -> torch.Tensor:
     """Attention of q over the cache, this step's K/V already written. Returns [tokens, heads, dim]."""
     if len(meta.groups) == 1:
-        return _attend_group(q, kv_cache, meta.groups[0], masks[0], scale, sliding_window, matmul_dtype)
+        return _attend_group(q, kv_cache, meta.groups[0], masks[0], scale, sliding_window, matmul_dtype, softcap)
     out = torch.empty_like(q)
     for group, mask in zip(meta.groups, masks):
-        out[group.rows] = _attend_group(q[group.rows], kv_cache, group, mask, scale, sliding_window, matmul_dtype)
+        out[group.rows] = _attend_group(q[group.rows], kv_cache, group, mask, scale, sliding_window, matmul_dtype,
+                                        softcap)
     return out

@@ -7,10 +7,18 @@ from torch import nn
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float):
+    """x / rms(x) · weight. Gemma's norms scale by (1 + w): `offset` 1 is added to the checkpoint's
+    weight once, at load, which rounds exactly as the reference's float32 (1 + w) each time."""
+
+    def __init__(self, hidden_size: int, eps: float, offset: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
+        self.offset = offset
+
+    def load_weight(self, tensor: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weight.copy_(tensor.float() + self.offset if self.offset else tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

@@ -6,7 +6,8 @@ At batch 1 the model reads each weight once; the small ops between the products 
 cache writes, SiLU, residual adds) and the Python that issues them cost more than that read.
 The fused path computes what the module path computes — same parts, same order, float32
 activations — so a layer takes it only when its parts are the ones the kernels implement
-(RMSNorm, packed int8-activation linears, no bias on o/down, SwiGLU, rotate-half rope);
+(RMSNorm, packed int8-activation linears, no bias on o/down, SwiGLU, rotate-half rope, no q/k
+norms, soft-capping or sandwich norms);
 any other layer keeps the module path.
 """
 
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers.attention import AttentionMetadata, attend
+from ..layers.attention import AttentionMasks, AttentionMetadata, attend
 from ..layers.linear import INT8_MAX_ROWS, Linear, PackedMethod
 from ..layers.norm import RMSNorm
 
@@ -45,6 +46,10 @@ class FusedDecodeLayer:
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(isinstance(m.method, PackedMethod) and m.method.int8_activations for m in linears):
             return None
+        if attn.q_norm is not None or attn.softcap is not None or layer.pre_feedforward_layernorm is not None:
+            return None  # parts the C++ layer does not have
+        if mlp.hidden_act != "silu":
+            return None
         if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
             return None
         if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 for n in norms):
@@ -59,7 +64,7 @@ class FusedDecodeLayer:
         return x.dtype == torch.float32 and x.shape[0] <= self.max_rows
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                 meta: AttentionMetadata, masks: list[torch.Tensor | None]) -> torch.Tensor:
+                 meta: AttentionMetadata, masks: AttentionMasks) -> torch.Tensor:
         """The layer's output for x [tokens, hidden]; x's storage is updated in place and returned."""
         ops, rows = torch.ops.pagedllm_quant, x.shape[0]
         x = x.contiguous()
@@ -75,7 +80,7 @@ class FusedDecodeLayer:
         q = ops.attention_input(x, self.input_norm.weight, self.input_norm.eps, self.qkv.part_data,
                                 self.qkv.part_types, self.qkv.bias, cos.reshape(rows, -1), sin.reshape(rows, -1),
                                 self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping, self.isa)
-        out = attend(q, kv_cache, meta, masks, self.scale, self.sliding_window)
+        out = attend(q, kv_cache, meta, masks.for_window(self.sliding_window), self.scale, self.sliding_window)
         ops.attention_output_mlp(x, out.contiguous(), self.o.part_data, self.o.part_types, self.post_norm.weight,
                                  self.post_norm.eps, self.gate_up.part_data, self.gate_up.part_types,
                                  self.down.part_data, self.down.part_types, self.isa)

@@ -1,9 +1,12 @@
-"""One decoder-only transformer for the whole llama family.
+"""One decoder-only transformer for every family: the llama block, with the parts a family's
+spec chooses (models/registry.py → ModelConfig).
 
-Pre-norm RMSNorm, SwiGLU MLP, rotary embeddings, grouped-query attention with optional q/k/v
-bias, tied or separate output embedding, optional sliding window. Families differ only in
-their ModelConfig; the forward pass takes a flat batch of tokens from many sequences and reads
-and writes K/V through block tables.
+Pre-norm RMSNorm (Gemma's 1 + w), a gated MLP (SwiGLU, GeGLU), rotary embeddings (a second,
+local base for windowed layers), grouped-query attention with optional q/k/v bias, per-head
+q/k norms, soft-capped scores and per-layer sliding windows; Gemma 2/3's extra norms around each
+sub-layer; scaled embeddings; tied or separate output embedding with optional soft-capping.
+The forward pass takes a flat batch of tokens from many sequences and reads and writes K/V
+through block tables.
 """
 
 from __future__ import annotations
@@ -15,8 +18,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weight
-from ..layers.activation import silu_and_mul
-from ..layers.attention import AttentionMetadata, build_attention_mask, paged_attention
+from ..layers.activation import gated
+from ..layers.attention import AttentionMasks, AttentionMetadata, paged_attention
 from ..layers.norm import RMSNorm
 from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
 from .fused_decode import FusedDecodeLayer
@@ -29,26 +32,36 @@ def _linear(plan: LinearPlan, prefix: str, shards: dict[str, int], in_features: 
                   method=plan.method_for(names, in_features))
 
 
+def _norm(cfg: ModelConfig, size: int | None = None) -> RMSNorm:
+    return RMSNorm(size or cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
+    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str, layer: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_proj = _linear(plan, prefix, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
                                 cfg.hidden_size, bias=cfg.attention_bias)
         self.o_proj = _linear(plan, prefix, {"o_proj": cfg.hidden_size}, self.q_size)
-        self.scale = self.head_dim**-0.5
-        self.sliding_window = cfg.sliding_window
+        self.q_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
+        self.k_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
+        self.scale = cfg.scale
+        self.sliding_window = cfg.layer_window(layer)
+        self.softcap = cfg.attn_logit_softcap
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, masks: list[torch.Tensor]) -> torch.Tensor:
+                meta: AttentionMetadata, masks: AttentionMasks) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Products in bfloat16 GEMMs (packed weights, many rows) take attention's products with them.
         matmul_dtype = self.qkv_proj.method.activation_dtype(x)
-        out = paged_attention(q, k, v, kv_cache, meta, masks, self.scale, self.sliding_window, matmul_dtype)
+        out = paged_attention(q, k, v, kv_cache, meta, masks.for_window(self.sliding_window), self.scale,
+                              self.sliding_window, matmul_dtype, self.softcap)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -58,27 +71,38 @@ class MLP(nn.Module):
         size = cfg.intermediate_size
         self.gate_up_proj = _linear(plan, prefix, {"gate_proj": size, "up_proj": size}, cfg.hidden_size)
         self.down_proj = _linear(plan, prefix, {"down_proj": cfg.hidden_size}, size)
+        self.hidden_act = cfg.hidden_act
+        self.act_and_mul = gated(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Where the products run in bfloat16 (many rows, packed weights), the intermediate stays in
         # it: its values are the GEMM's bfloat16 output either way, and it is the widest activation.
         x = x.to(self.gate_up_proj.method.activation_dtype(x))
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
+    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str, layer: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, plan, f"{prefix}.self_attn")
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = _norm(cfg)
+        self.self_attn = Attention(cfg, plan, f"{prefix}.self_attn", layer)
+        # Llama's post-attention norm comes before the MLP; Gemma 2/3's is on the attention's output,
+        # and two more wrap the MLP (the checkpoints' names, kept).
+        self.post_attention_layernorm = _norm(cfg)
+        self.pre_feedforward_layernorm = _norm(cfg) if cfg.sandwich_norms else None
+        self.post_feedforward_layernorm = _norm(cfg) if cfg.sandwich_norms else None
         self.mlp = MLP(cfg, plan, f"{prefix}.mlp")
+        self.rope_index = 1 if cfg.uses_local_rope(layer) else 0  # which of the model's rotations
         self.fused: FusedDecodeLayer | None = None  # set once the weights are in, where the layer qualifies
 
     def forward(self, x, cos, sin, kv_cache, meta, masks):
         """The module path (Transformer.forward sends few-row steps to `fused` where it is set)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, masks)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, masks)
+        if self.pre_feedforward_layernorm is None:
+            x = x + attn
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attn)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 # Canonical (Hugging Face) names whose tensors are slices of one fused parameter here.
@@ -100,19 +124,26 @@ class Transformer(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size,
                                       method=embed_plan.method_for(["model.embed_tokens.weight"], cfg.hidden_size,
                                                                    output_head=cfg.tie_word_embeddings))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, plan, f"model.layers.{i}") for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, plan, f"model.layers.{i}", i) for i in range(cfg.num_hidden_layers))
+        self.norm = _norm(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, method=plan.method_for(["lm_head.weight"], cfg.hidden_size, output_head=True))
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        local_theta = cfg.local_rope_theta or cfg.rope_theta  # windowed layers' rotation, unscaled
+        self.register_buffer("local_inv_freq", rope_inv_freq(cfg.head_dim, local_theta, None), persistent=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [tokens, hidden] for a flat batch of tokens from many sequences."""
         x = self.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
-        masks = [build_attention_mask(group, self.config.sliding_window) for group in meta.groups]
+        if self.config.embedding_scale != 1.0:
+            x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        ropes = [rope_cos_sin(positions, self.inv_freq, x.dtype)]
+        if self.config.local_rope_theta is not None:
+            ropes.append(rope_cos_sin(positions, self.local_inv_freq, x.dtype))
+        masks = AttentionMasks(meta)
         for layer, kv_cache in zip(self.layers, kv_caches):
+            cos, sin = ropes[layer.rope_index]
             fused = layer.fused  # called directly: at ~60 µs a layer, nn.Module's call costs show
             if fused is not None and fused.applies_to(x):
                 x = fused(x, cos, sin, kv_cache, meta, masks)
@@ -122,7 +153,9 @@ class Transformer(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return Linear.forward(head, hidden).float()
+        logits = Linear.forward(head, hidden).float()
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     @classmethod
     def create(cls, cfg: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -132,12 +165,14 @@ class Transformer(nn.Module):
             model = cls(cfg, plan)
         model.to(dtype)
         model.inv_freq = model.inv_freq.float()  # rotary frequencies stay float32, as in the reference
+        model.local_inv_freq = model.local_inv_freq.float()
         return model
 
     def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None:
         """Place canonical (Hugging Face-named) tensors; every parameter must be filled exactly."""
         linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
         params = {name: p for name, p in self.named_parameters() if not _owned_by_linear(name, linears)}
+        norms = {name: m for name, m in self.named_modules() if isinstance(m, RMSNorm)}
         filled: set[str] = set()
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES):
@@ -147,7 +182,7 @@ class Transformer(nn.Module):
             if module in linears and leaf in ("weight", "bias"):
                 linears[module].load_shard(shard or 0, tensor, name, leaf)
             elif target in params:
-                _copy_param(params[target], tensor, name)
+                _copy_param(params[target], tensor, name, norms.get(module))
             else:
                 raise WeightLoadError(f"unexpected tensor {name!r}: the model has no place for it")
             filled.add(f"{target}#{shard or 0}")
@@ -184,10 +219,13 @@ def _owned_by_linear(param_name: str, linears: dict[str, Linear]) -> bool:
     return leaf in ("weight", "bias") and module in linears
 
 
-def _copy_param(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
+def _copy_param(param: nn.Parameter, tensor: torch.Tensor, name: str, norm: RMSNorm | None = None) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise WeightLoadError(f"tensor {name!r} is quantised, but the model keeps it in float")
     if tuple(param.shape) != tuple(tensor.shape):
         raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+    if norm is not None:
+        norm.load_weight(tensor)
+        return
     with torch.no_grad():
         param.data.copy_(tensor)

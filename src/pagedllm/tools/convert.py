@@ -18,11 +18,10 @@ from gguf import quants as gguf_quants
 from ..config import ModelConfig
 from ..layers.quant import QUANTIZERS, quantize
 from ..layers.rotary import rope_inv_freq
-from ..models.loaders.gguf_loader import GLOBAL_RENAMES, LAYER_RENAMES
-from ..models.registry import family_by_name
+from ..models.loaders.gguf_loader import GLOBAL_RENAMES, is_norm_weight, layer_renames
+from ..models.registry import FamilySpec, family_by_name
 
 _TO_GGUF = {v: k for k, v in GLOBAL_RENAMES.items()}
-_LAYER_TO_GGUF = {v: k for k, v in LAYER_RENAMES.items()}
 Q = GGMLQuantizationType
 _TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1,
           "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
@@ -48,11 +47,15 @@ def tensor_type(weight_type: str, gguf_tensor: str, shape: tuple[int, ...]) -> s
     return weight_type
 
 
-def gguf_name(canonical: str) -> str:
+def gguf_name(canonical: str, family: FamilySpec) -> str:
     if canonical in _TO_GGUF:
         return _TO_GGUF[canonical]
+    to_gguf = {hf: gguf for gguf, hf in layer_renames(family).items()}
     parts = canonical.removeprefix("model.layers.").split(".")
-    return f"blk.{parts[0]}.{_LAYER_TO_GGUF['.'.join(parts[1:-1])]}.{parts[-1]}"
+    part = ".".join(parts[1:-1])
+    if part not in to_gguf:
+        raise ValueError(f"tensor {canonical!r} has no llama.cpp name in family {family.name}")
+    return f"blk.{parts[0]}.{to_gguf[part]}.{parts[-1]}"
 
 
 def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -74,17 +77,19 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
     arch = gguf_architecture(config)
-    permuted = family_by_name(config.family).gguf_qk_permuted
+    family = family_by_name(config.family)
     writer = GGUFWriter(os.fspath(path), arch)
     _write_hparams(writer, arch, config)
     for key, value in (metadata or {}).items():
         _write_value(writer, key, value)
     for name, tensor in weights:
         tensor = tensor.detach().float()
-        if permuted and (".q_proj." in name or ".k_proj." in name):
+        if family.gguf_qk_permuted and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
             tensor = permute_rows(tensor, heads)
-        target = gguf_name(name)
+        if family.norm_offset and is_norm_weight(name):
+            tensor = tensor + family.norm_offset  # llama.cpp stores Gemma's norms as 1 + w
+        target = gguf_name(name, family)
         _add_tensor(writer, target, tensor, tensor_type(weight_type, target, tuple(tensor.shape)))
     if config.rope_scaling is not None and config.rope_scaling.kind == "llama3":
         plain = rope_inv_freq(config.head_dim, config.rope_theta, None)
@@ -111,6 +116,16 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
     writer.add_vocab_size(c.vocab_size)
     if c.sliding_window:
         writer.add_sliding_window(c.sliding_window)
+        # One flag per layer: llama.cpp reads a list as it stands, where a period would need its default.
+        writer.add_sliding_window_pattern([c.layer_window(i) is not None for i in range(c.num_hidden_layers)])
+    if c.local_rope_theta is not None:
+        writer.add_rope_freq_base_swa(c.local_rope_theta)
+    if c.attention_scale is not None:
+        writer.add_float32(f"{arch}.attention.scale", c.attention_scale)
+    if c.attn_logit_softcap is not None:
+        writer.add_attn_logit_softcapping(c.attn_logit_softcap)
+    if c.final_logit_softcap is not None:
+        writer.add_final_logit_softcapping(c.final_logit_softcap)
     if c.rope_scaling is not None and c.rope_scaling.kind == "linear":
         writer.add_string(f"{arch}.rope.scaling.type", "linear")
         writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_scaling.factor)

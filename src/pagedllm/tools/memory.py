@@ -14,7 +14,7 @@ from ..models.loaders import ModelSource, read_model_config
 from ..models.loaders.gguf_file import open_gguf
 from ..layers.attention import KV_Q8_0, Q8_0_VALUES, kv_bytes_per_token
 from ..layers.quant import PACKED_TYPES
-from ..models.loaders.gguf_loader import canonical_name, packed_tensor_names
+from ..models.loaders.gguf_loader import is_quantised_matrix
 from ..models.loaders.hf_loader import safetensors_files
 
 # Bytes per weight of each --quantization / --dtype choice: plain dtypes, and the blocks that
@@ -47,12 +47,11 @@ class MemoryReport:
 
 def _packed_bytes(f) -> int:
     """What `--quantization auto` keeps: kernel formats as stored, other GGML types as Q8_0, floats as float32."""
-    names = packed_tensor_names(f)
-    total, packed = 0, {t.name for t in f.tensors.values() if canonical_name(t.name) in names}
+    total = 0
     for name, t in f.tensors.items():
         if name == "rope_freqs.weight":
             continue
-        if name in packed:
+        if is_quantised_matrix(t):
             total += t.nbytes if t.ggml_type in PACKED_TYPES else t.n_elements * 34 // 32
         else:
             total += t.n_elements * 4

@@ -101,7 +101,7 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu",
         gguf = open_gguf(source.path)
         config, family = gguf_model_config(gguf)
         packed = quantization == "auto"
-        plan = LinearPlan(packed_tensor_names(gguf) if packed else frozenset(), None, str(device))
+        plan = LinearPlan(packed_tensor_names(gguf, family) if packed else frozenset(), None, str(device))
         weights = gguf_weights(gguf, config, family, packed=packed)
     else:
         config, _ = hf_model_config(source.path)

@@ -10,6 +10,7 @@ import re
 import warnings
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 from gguf import GGMLQuantizationType
 
@@ -30,6 +31,8 @@ LAYER_RENAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 GLOBAL_RENAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -40,14 +43,25 @@ _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _CONSUMED_BY_CONFIG = {"rope_freqs.weight"}
 
 
-def canonical_name(gguf_name: str) -> str:
+def layer_renames(family: FamilySpec) -> dict[str, str]:
+    """llama.cpp's per-layer tensor names → Hugging Face's, for one family."""
+    return {**LAYER_RENAMES, **dict(family.gguf_renames)}
+
+
+def canonical_name(gguf_name: str, family: FamilySpec) -> str:
     if gguf_name in GLOBAL_RENAMES:
         return GLOBAL_RENAMES[gguf_name]
     match = _LAYER_NAME.match(gguf_name)
-    if match and match.group(2) in LAYER_RENAMES:
+    renames = layer_renames(family)
+    if match and match.group(2) in renames:
         layer, part, kind = match.groups()
-        return f"model.layers.{layer}.{LAYER_RENAMES[part]}.{kind}"
+        return f"model.layers.{layer}.{renames[part]}.{kind}"
     return gguf_name  # the model reports it as unexpected
+
+
+def is_norm_weight(canonical: str) -> bool:
+    """The tensors llama.cpp's converter shifts by a family's norm offset (Gemma's 1 + w)."""
+    return canonical.endswith("norm.weight")
 
 
 def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -85,6 +99,35 @@ def _rope_scaling(f: GGUFFile, arch: str) -> RopeScaling | None:
     raise GGUFError(f"{f.path}: rope scaling {kind!r} is not supported (pagedllm supports linear and llama3)")
 
 
+def _optional_float(f: GGUFFile, key: str) -> float | None:
+    value = _float_key(f, key, 0.0)
+    return value or None  # llama.cpp writes 0 for "none"
+
+
+def _sliding_layers(f: GGUFFile, arch: str, family: FamilySpec, layers: int) -> tuple[bool, ...] | None:
+    """Which layers are windowed: the file's pattern (a period, or one flag per layer) or the
+    architecture's default, read as llama.cpp does (every period-th layer global, the last of each run)."""
+    key = f"{arch}.attention.sliding_window_pattern"
+    pattern = f.get(key, family.gguf_swa_pattern)
+    if isinstance(pattern, np.ndarray):
+        if pattern.shape != (layers,) or pattern.dtype.kind not in "biu":
+            raise GGUFError(f"{f.path}: metadata {key!r} should hold one flag per layer ({layers})")
+        flags = tuple(bool(p) for p in pattern)
+    elif isinstance(pattern, int) and not isinstance(pattern, bool) and pattern >= 0:
+        flags = tuple(pattern == 0 or i % pattern < pattern - 1 for i in range(layers))
+    else:
+        raise GGUFError(f"{f.path}: metadata {key!r} should be a period or a list of flags")
+    return None if all(flags) else flags
+
+
+def _attention_scale(f: GGUFFile, arch: str, family: FamilySpec, layers: int, hidden: int, heads: int) -> float | None:
+    if f"{arch}.attention.scale" in f.metadata:
+        return _float_key(f, f"{arch}.attention.scale", 1.0)
+    if family.gguf_hidden_scale_layers and layers == family.gguf_hidden_scale_layers:
+        return (hidden // heads) ** -0.5
+    return None
+
+
 def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     arch = f.require("general.architecture")
     family = family_for_gguf(arch)
@@ -100,13 +143,16 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     if "token_embd.weight" not in f.tensors:
         raise GGUFError(f"{f.path}: tensor 'token_embd.weight' is missing")
     vocab_size = f.tensors["token_embd.weight"].shape[0]
-    window = f.get(f"{arch}.attention.sliding_window")
+    window = _int_key(f, f"{arch}.attention.sliding_window", 0) or None
+    layers = _int_key(f, f"{arch}.block_count")
+    sliding_layers = _sliding_layers(f, arch, family, layers) if window else None
+    local_theta = _float_key(f, f"{arch}.rope.freq_base_swa", family.gguf_local_rope_theta or 0.0) or None
     config = ModelConfig(
         family=family.name,
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=_int_key(f, f"{arch}.feed_forward_length"),
-        num_hidden_layers=_int_key(f, f"{arch}.block_count"),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=_int_key(f, f"{arch}.attention.head_count_kv", heads),
         head_dim=head_dim,
@@ -116,7 +162,15 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         max_position_embeddings=_int_key(f, f"{arch}.context_length", 4096),
         tie_word_embeddings="output.weight" not in f.tensors,
         attention_bias="blk.0.attn_q.bias" in f.tensors,
-        sliding_window=int(window) if window else None,
+        sliding_window=window,
+        sliding_layers=sliding_layers,
+        local_rope_theta=local_theta if window else None,
+        hidden_act=family.hidden_act,
+        embedding_scale=float(hidden) ** 0.5 if family.scale_embeddings else 1.0,
+        attention_scale=_attention_scale(f, arch, family, layers, hidden, heads),
+        attn_logit_softcap=_optional_float(f, f"{arch}.attn_logit_softcapping"),
+        final_logit_softcap=_optional_float(f, f"{arch}.final_logit_softcapping"),
+        **family.model_parts(),
     )
     return config, family
 
@@ -125,10 +179,14 @@ _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantiza
                 GGMLQuantizationType.F64}
 
 
-def packed_tensor_names(f: GGUFFile) -> frozenset[str]:
-    """Canonical names of the matrices the file stores quantised (they can stay packed)."""
-    return frozenset(canonical_name(info.name) for info in f.tensors.values()
-                     if info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2)
+def is_quantised_matrix(info) -> bool:
+    """A matrix the file stores quantised: it can stay packed."""
+    return info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2
+
+
+def packed_tensor_names(f: GGUFFile, family: FamilySpec) -> frozenset[str]:
+    """Canonical names of the matrices the file stores quantised."""
+    return frozenset(canonical_name(info.name, family) for info in f.tensors.values() if is_quantised_matrix(info))
 
 
 def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: bool = False
@@ -141,9 +199,11 @@ def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: b
     for info in f.tensors.values():
         if info.name in _CONSUMED_BY_CONFIG:
             continue
-        name = canonical_name(info.name)
-        keep_packed = packed and info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2
+        name = canonical_name(info.name, family)
+        keep_packed = packed and is_quantised_matrix(info)
         tensor = _packed(f, info) if keep_packed else dequantize(f.tensor_bytes(info), info.ggml_type, info.shape)
+        if family.norm_offset and is_norm_weight(name) and isinstance(tensor, torch.Tensor):
+            tensor = tensor - family.norm_offset  # back to the checkpoint's w; the model adds it again
         if family.gguf_qk_permuted and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
             tensor = _unpermute(tensor, heads)

@@ -30,21 +30,70 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    # transformers 5 writes `rope_parameters`; older configs use rope_theta + rope_scaling.
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+def _rope_scaling(params: dict[str, Any]) -> RopeScaling | None:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in ("default", None):
-        return theta, None
+        return None
     if kind == "linear":
-        return theta, RopeScaling(kind="linear", factor=float(params["factor"]))
+        return RopeScaling(kind="linear", factor=float(params["factor"]))
     if kind == "llama3":
-        return theta, RopeScaling(
+        return RopeScaling(
             kind="llama3", factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]))
     raise HFModelError(f"rope scaling {kind!r} is not supported (pagedllm supports linear and llama3)")
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
+    """(base, scaling) of the global layers and the windowed layers' own base, if any."""
+    # transformers 5 writes `rope_parameters` (per layer type where they differ, as Gemma 3's);
+    # older configs use rope_theta + rope_scaling (+ rope_local_base_freq).
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    local_theta = cfg.get("rope_local_base_freq")
+    if "full_attention" in params or "sliding_attention" in params:
+        local = params.get("sliding_attention") or {}
+        if _rope_scaling(local) is not None:
+            raise HFModelError("scaled rope on sliding-window layers is not supported")
+        local_theta = local.get("rope_theta", local_theta)
+        params = params.get("full_attention") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    return theta, _rope_scaling(params), None if local_theta is None else float(local_theta)
+
+
+_LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
+
+
+def _windows(cfg: dict[str, Any], family: FamilySpec) -> tuple[int | None, tuple[bool, ...] | None]:
+    """The sliding window and which layers it applies to (None: all), as transformers decides them."""
+    window, layers = cfg.get("sliding_window"), cfg["num_hidden_layers"]
+    if family.sliding_window:  # Mistral: one window for every layer
+        return window, None
+    types = cfg.get("layer_types")
+    if types is None and cfg.get("use_sliding_window") and window:  # older Qwen2 configs
+        start = cfg.get("max_window_layers", layers)
+        types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
+    if types is None or not window:
+        return None, None
+    unknown = sorted(set(map(str, types)) - set(_LAYER_TYPES))
+    if unknown:
+        raise HFModelError(f"layer types {', '.join(unknown)} are not supported (known: {', '.join(_LAYER_TYPES)})")
+    sliding = tuple(_LAYER_TYPES[t] for t in types)
+    if not any(sliding):
+        return None, None
+    return window, None if all(sliding) else sliding
+
+
+_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+                "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def _activation(cfg: dict[str, Any], family: FamilySpec) -> str:
+    name = cfg.get("hidden_activation") or cfg.get("hidden_act") or family.hidden_act
+    if family.name == "gemma" and name == "gelu":
+        name = "gelu_pytorch_tanh"  # transformers' rule: Gemma's legacy "gelu" means the tanh form
+    if name not in _ACTIVATIONS:
+        raise HFModelError(f"activation {name!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+    return _ACTIVATIONS[name]
 
 
 def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
@@ -52,27 +101,35 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
     family = family_for_hf(cfg.get("architectures"))
     if cfg.get("mlp_bias"):
         raise HFModelError(f"{folder}: MLP biases (mlp_bias) are not supported")
-    if cfg.get("use_sliding_window"):
-        raise HFModelError(f"{folder}: per-layer sliding windows (use_sliding_window) are not supported")
     try:
-        heads = cfg["num_attention_heads"]
-        theta, scaling = _rope(cfg)
+        heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
+        theta, scaling, local_theta = _rope(cfg)
+        window, sliding_layers = _windows(cfg, family)
+        scalar = cfg.get("query_pre_attn_scalar")
         config = ModelConfig(
             family=family.name,
             vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
+            hidden_size=hidden,
             intermediate_size=cfg["intermediate_size"],
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+            head_dim=cfg.get("head_dim") or hidden // heads,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.scale_embeddings)),
             attention_bias=bool(cfg.get("attention_bias", family.attention_bias)),
-            sliding_window=cfg.get("sliding_window") if family.sliding_window else None,
+            sliding_window=window,
+            sliding_layers=sliding_layers,
+            local_rope_theta=local_theta if window is not None else None,
+            hidden_act=_activation(cfg, family),
+            embedding_scale=float(hidden) ** 0.5 if family.scale_embeddings else 1.0,
+            attention_scale=float(scalar) ** -0.5 if scalar else None,
+            attn_logit_softcap=cfg.get("attn_logit_softcapping"),
+            final_logit_softcap=cfg.get("final_logit_softcapping"),
+            **family.model_parts(),
         )
     except KeyError as exc:
         raise HFModelError(f"{folder / 'config.json'}: missing key {exc.args[0]!r}") from None
