@@ -1,7 +1,8 @@
 // A decoder layer's work around attention, for few rows (decode), in two calls instead of ~20
 // small torch ops: at batch 1 those ops and their Python cost more than reading the weights.
 //
-//   attention_input:      h = rmsnorm(x); q, k, v = h·W_qkv (+ b); rope(q, k); k, v → cache slots
+//   attention_input:      h = rmsnorm(x); q, k, v = h·W_qkv (+ b); (q, k per-head rmsnorm); rope(q, k);
+//                         k, v → cache slots
 //   attention_output_mlp: x += attn·W_o; x += down(silu(gate) · up)(rmsnorm(x))
 //
 // Attention itself stays with the attention backend, between the two; when that backend is the C++
@@ -106,7 +107,8 @@ void check_rows(const at::Tensor& t, int64_t m, int64_t n, const char* name) {
 // x [M, hidden] → q [M, heads, dim]; k and v written to kv_cache at `slots` [M].
 at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
                            const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types,
-                           const std::optional<at::Tensor>& bias, const at::Tensor& cos, const at::Tensor& sin,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_norm,
+                           const std::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
                            int64_t num_heads, int64_t num_kv_heads, at::Tensor& kv_cache, const at::Tensor& slots,
                            int64_t isa) {
   check_isa(isa);
@@ -139,6 +141,16 @@ at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, d
   if (bias) {
     check_rows(*bias, 1, width, "bias");
     qkv.add_(*bias);
+  }
+  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm come together");
+  if (q_norm) {  // Qwen3 / Gemma 3: each head of q and k normalised before the rotation
+    check_rows(*q_norm, 1, dim, "q_norm");
+    check_rows(*k_norm, 1, dim, "k_norm");
+    for (int64_t r = 0; r < m; ++r) {
+      float* row = out + r * width;
+      rms_norm_rows(row, num_heads, dim, q_norm->data_ptr<float>(), static_cast<float>(eps), row);
+      rms_norm_rows(row + q_size, num_kv_heads, dim, k_norm->data_ptr<float>(), static_cast<float>(eps), row + q_size);
+    }
   }
   for (int64_t r = 0; r < m; ++r) {
     const float *c = cos.data_ptr<float>() + r * dim, *s = sin.data_ptr<float>() + r * dim;
@@ -188,7 +200,8 @@ void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vect
 // the attention backend's Python from the model cost ~10 µs more.
 void decode_layer(at::Tensor& x, const at::Tensor& input_norm, double input_eps, const at::Tensor& post_norm, double post_eps,
                   const std::vector<at::Tensor>& qkv_ws, const std::vector<int64_t>& qkv_types,
-                  const std::optional<at::Tensor>& bias, const std::vector<at::Tensor>& o_ws,
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_norm,
+                  const std::optional<at::Tensor>& k_norm, const std::vector<at::Tensor>& o_ws,
                   const std::vector<int64_t>& o_types, const std::vector<at::Tensor>& gate_up_ws,
                   const std::vector<int64_t>& gate_up_types, const std::vector<at::Tensor>& down_ws,
                   const std::vector<int64_t>& down_types, const at::Tensor& cos, const at::Tensor& sin,
@@ -198,8 +211,8 @@ void decode_layer(at::Tensor& x, const at::Tensor& input_norm, double input_eps,
   static const auto attend = c10::Dispatcher::singleton()
       .findSchemaOrThrow("pagedllm::paged_decode_attention", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
-  const at::Tensor q = attention_input(x, input_norm, input_eps, qkv_ws, qkv_types, bias, cos, sin, num_heads, num_kv_heads,
-                                       kv_cache, slots, isa);
+  const at::Tensor q = attention_input(x, input_norm, input_eps, qkv_ws, qkv_types, bias, q_norm, k_norm, cos, sin,
+                                       num_heads, num_kv_heads, kv_cache, slots, isa);
   const at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, scale, sliding_window);
   attention_output_mlp(x, out.contiguous(), o_ws, o_types, post_norm, post_eps, gate_up_ws, gate_up_types, down_ws,
                        down_types, isa);
@@ -210,12 +223,12 @@ void decode_layer(at::Tensor& x, const at::Tensor& input_norm, double input_eps,
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_quant, m) {
   m.def("decode_layer(Tensor(a!) x, Tensor input_norm, float input_eps, Tensor post_norm, float post_eps, Tensor[] qkv_ws, int[] qkv_types, "
-        "Tensor? bias, Tensor[] o_ws, int[] o_types, Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, "
+        "Tensor? bias, Tensor? q_norm, Tensor? k_norm, Tensor[] o_ws, int[] o_types, Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, "
         "int[] down_types, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(b!) kv_cache, Tensor slots, "
         "Tensor block_tables, Tensor context_lens, float scale, int sliding_window, int isa) -> ()",
         pagedllm_quant::decode_layer);
   m.def("attention_input(Tensor x, Tensor norm_weight, float eps, Tensor[] ws, int[] types, Tensor? bias, "
-        "Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(a!) kv_cache, Tensor slots, int isa) -> Tensor",
+        "Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(a!) kv_cache, Tensor slots, int isa) -> Tensor",
         pagedllm_quant::attention_input);
   m.def("attention_output_mlp(Tensor(a!) x, Tensor attn, Tensor[] o_ws, int[] o_types, Tensor norm_weight, float eps, "
         "Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, int[] down_types, int isa) -> ()",

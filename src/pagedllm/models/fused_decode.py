@@ -6,8 +6,8 @@ At batch 1 the model reads each weight once; the small ops between the products 
 cache writes, SiLU, residual adds) and the Python that issues them cost more than that read.
 The fused path computes what the module path computes — same parts, same order, float32
 activations — so a layer takes it only when its parts are the ones the kernels implement
-(RMSNorm, packed int8-activation linears, no bias on o/down, SwiGLU, rotate-half rope, no q/k
-norms, soft-capping or sandwich norms);
+(RMSNorm, optional per-head q/k RMSNorm, packed int8-activation linears, no bias on o/down,
+SwiGLU, rotate-half rope; no soft-capping or sandwich norms);
 any other layer keeps the module path.
 """
 
@@ -30,6 +30,8 @@ class FusedDecodeLayer:
     post_norm: RMSNorm
     gate_up: Linear
     down: Linear
+    q_norm: torch.Tensor | None  # per-head RMSNorm weights of q and k (Qwen3), or None
+    k_norm: torch.Tensor | None
     num_heads: int
     num_kv_heads: int
     scale: float
@@ -46,18 +48,19 @@ class FusedDecodeLayer:
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(isinstance(m.method, PackedMethod) and m.method.int8_activations for m in linears):
             return None
-        if attn.q_norm is not None or attn.softcap is not None or layer.pre_feedforward_layernorm is not None:
+        if attn.softcap is not None or layer.pre_feedforward_layernorm is not None or mlp.hidden_act != "silu":
             return None  # parts the C++ layer does not have
-        if mlp.hidden_act != "silu":
-            return None
         if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
             return None
+        if attn.q_norm is not None:
+            norms += (attn.q_norm, attn.k_norm)
         if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 for n in norms):
             return None
         if attn.qkv_proj.bias is not None and attn.qkv_proj.bias.dtype != torch.float32:
             return None
+        qk_norms = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
         return cls(layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,
-                   mlp.gate_up_proj, mlp.down_proj, attn.num_heads, attn.num_kv_heads, attn.scale,
+                   mlp.gate_up_proj, mlp.down_proj, *qk_norms, attn.num_heads, attn.num_kv_heads, attn.scale,
                    attn.sliding_window, attn.qkv_proj.method.isa)
 
     def applies_to(self, x: torch.Tensor) -> bool:
@@ -71,15 +74,16 @@ class FusedDecodeLayer:
         group = meta.groups[0] if len(meta.groups) == 1 else None
         if group is not None and group.use_decode_kernel:  # one query per sequence: the whole layer in one call
             ops.decode_layer(x, self.input_norm.weight, self.input_norm.eps, self.post_norm.weight, self.post_norm.eps,
-                             self.qkv.part_data, self.qkv.part_types, self.qkv.bias, self.o.part_data,
-                             self.o.part_types, self.gate_up.part_data, self.gate_up.part_types, self.down.part_data,
-                             self.down.part_types, cos.reshape(rows, -1), sin.reshape(rows, -1), self.num_heads,
+                             self.qkv.part_data, self.qkv.part_types, self.qkv.bias, self.q_norm, self.k_norm,
+                             self.o.part_data, self.o.part_types, self.gate_up.part_data, self.gate_up.part_types,
+                             self.down.part_data, self.down.part_types, cos.reshape(rows, -1), sin.reshape(rows, -1), self.num_heads,
                              self.num_kv_heads, kv_cache, meta.slot_mapping, group.block_tables, group.context_lens,
                              self.scale, self.sliding_window or 0, self.isa)
             return x
         q = ops.attention_input(x, self.input_norm.weight, self.input_norm.eps, self.qkv.part_data,
-                                self.qkv.part_types, self.qkv.bias, cos.reshape(rows, -1), sin.reshape(rows, -1),
-                                self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping, self.isa)
+                                self.qkv.part_types, self.qkv.bias, self.q_norm, self.k_norm, cos.reshape(rows, -1),
+                                sin.reshape(rows, -1), self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping,
+                                self.isa)
         out = attend(q, kv_cache, meta, masks.for_window(self.sliding_window), self.scale, self.sliding_window)
         ops.attention_output_mlp(x, out.contiguous(), self.o.part_data, self.o.part_types, self.post_norm.weight,
                                  self.post_norm.eps, self.gate_up.part_data, self.gate_up.part_types,
