@@ -20,8 +20,8 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _tiny_configs():
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config,
-                              Qwen3Config)
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config,
+                              Qwen2Config, Qwen3Config)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -37,6 +37,10 @@ def _tiny_configs():
         # per-head q/k norms, explicit head_dim
         "qwen3": Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
+        # q/k/v and gate/up fused in the checkpoint; LongRoPE past 16 tokens (the prompts are longer), a window
+        "phi3": Phi3Config(**TINY, pad_token_id=0, sliding_window=12, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
+            "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)]}),
         # (1 + w) norms, GeGLU, embeddings × √hidden
         "gemma": GemmaConfig(**TINY, head_dim=16),
         # + norms around each sub-layer, soft-capped scores and logits, a window on every other layer

@@ -12,8 +12,11 @@ class RopeScaling:
     """How rotary frequencies are stretched for long contexts.
 
     kind: "linear" (positions divided by `factor`), "llama3" (low frequencies divided by
-    `factor`, high ones kept, a smooth ramp between) or "freq_factors" (explicit per-frequency
-    divisors, as llama.cpp stores llama-3 scaling in a GGUF's `rope_freqs` tensor).
+    `factor`, high ones kept, a smooth ramp between), "freq_factors" (explicit per-frequency
+    divisors, as llama.cpp stores llama-3 scaling in a GGUF's `rope_freqs` tensor) or "longrope"
+    (Phi-3: `freq_factors` divide the frequencies of a sequence up to
+    `original_max_position_embeddings` tokens long, `long_factors` those of a longer one, and
+    cos/sin are multiplied by `attention_factor`).
     """
 
     kind: str
@@ -22,6 +25,8 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    long_factors: tuple[float, ...] = ()
+    attention_factor: float = 1.0
 
 
 # Activations of the MLP's gate (or of its one projection, for an ungated MLP).

@@ -88,7 +88,7 @@ def test_tensor_beyond_end_of_file(tmp_path):
 def test_unknown_architecture(tmp_path):
     bad = tmp_path / "rwkv.gguf"
     bad.write_bytes(_header(0, 1) + _kv_string("general.architecture", "rwkv6") + bytes(32))
-    with pytest.raises(UnsupportedModelError, match="'rwkv6'.*supports: gemma, gemma2, gemma3, llama, qwen2, qwen3$"):
+    with pytest.raises(UnsupportedModelError, match="'rwkv6'.*supports: gemma, gemma2, gemma3, llama, phi3, qwen2, qwen3$"):
         read_model_config(ModelSource("gguf", bad))
 
 

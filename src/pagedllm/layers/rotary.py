@@ -17,15 +17,24 @@ def rope_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None) -> to
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if scaling is None:
         return inv_freq
-    if scaling.kind == "freq_factors":
-        if len(scaling.freq_factors) != inv_freq.numel():
-            raise ValueError(f"rope: {len(scaling.freq_factors)} frequency factors for {inv_freq.numel()} frequencies")
-        return inv_freq / torch.tensor(scaling.freq_factors, dtype=torch.float32)
+    if scaling.kind in ("freq_factors", "longrope"):  # longrope: the short factors (rope_long_inv_freq: the long)
+        return _divided(inv_freq, scaling.freq_factors)
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
     if scaling.kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"unsupported rope scaling {scaling.kind!r}; pagedllm supports linear and llama3")
+    raise ValueError(f"unsupported rope scaling {scaling.kind!r}; pagedllm supports linear, llama3 and longrope")
+
+
+def rope_long_inv_freq(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
+    """LongRoPE's frequencies for sequences past its original context."""
+    return _divided(rope_inv_freq(head_dim, base, None), scaling.long_factors)
+
+
+def _divided(inv_freq: torch.Tensor, factors: tuple[float, ...]) -> torch.Tensor:
+    if len(factors) != inv_freq.numel():
+        raise ValueError(f"rope: {len(factors)} frequency factors for {inv_freq.numel()} frequencies")
+    return inv_freq / torch.tensor(factors, dtype=torch.float32)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
@@ -40,11 +49,15 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [tokens, 1, head_dim] for the given absolute positions."""
-    freqs = positions.float()[:, None] * inv_freq[None, :]
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
+                 scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of shape [tokens, 1, head_dim] for the given absolute positions (× `scale`).
+    `inv_freq` is [head_dim / 2], or [tokens, head_dim / 2] for frequencies chosen per token."""
+    freqs = positions.float()[:, None] * inv_freq.expand(positions.shape[0], -1)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    if scale == 1.0:
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,9 @@ class FamilySpec:
     # llama.cpp scales a model of this many layers' queries by (hidden / heads) ** -0.5, not head_dim's
     # (Gemma 2/3 27B, after gemma_pytorch).
     gguf_hidden_scale_layers: int = 0
+    # The checkpoint stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3); the
+    # loaders split them into the canonical names.
+    fused_checkpoint: bool = False
 
     def model_parts(self) -> dict[str, object]:
         """The ModelConfig fields the family fixes, whatever its checkpoint says."""
@@ -82,6 +85,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
         example="Qwen/Qwen3-0.6B",
         gguf_qk_permuted=False,
         qk_norm=True,
+    ),
+    FamilySpec(
+        name="phi3",
+        hf_architectures=("Phi3ForCausalLM",),
+        gguf_architectures=("phi3",),
+        example="microsoft/Phi-3-mini-4k-instruct",
+        sliding_window=True,
+        gguf_qk_permuted=False,
+        fused_checkpoint=True,
+        gguf_renames=(("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")),
     ),
     FamilySpec(
         name="gemma",

@@ -21,7 +21,7 @@ from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weig
 from ..layers.activation import gated
 from ..layers.attention import AttentionMasks, AttentionMetadata, paged_attention
 from ..layers.norm import RMSNorm
-from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq
+from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq, rope_long_inv_freq
 from .fused_decode import FusedDecodeLayer
 
 
@@ -129,6 +129,9 @@ class Transformer(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, method=plan.method_for(["lm_head.weight"], cfg.hidden_size, output_head=True))
         self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
+            self.register_buffer("long_inv_freq", rope_long_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
+                                 persistent=False)
         local_theta = cfg.local_rope_theta or cfg.rope_theta  # windowed layers' rotation, unscaled
         self.register_buffer("local_inv_freq", rope_inv_freq(cfg.head_dim, local_theta, None), persistent=False)
 
@@ -138,7 +141,7 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.config.embedding_scale != 1.0:
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
-        ropes = [rope_cos_sin(positions, self.inv_freq, x.dtype)]
+        ropes = [self._global_rope(positions, meta, x.dtype)]
         if self.config.local_rope_theta is not None:
             ropes.append(rope_cos_sin(positions, self.local_inv_freq, x.dtype))
         masks = AttentionMasks(meta)
@@ -150,6 +153,20 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, kv_cache, meta, masks)
         return self.norm(x)
+
+    def _global_rope(self, positions: torch.Tensor, meta: AttentionMetadata,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        scaling = self.config.rope_scaling
+        if scaling is None or scaling.kind != "longrope":
+            return rope_cos_sin(positions, self.inv_freq, dtype)
+        # LongRoPE, as transformers runs it: a sequence longer than the original context (as far as
+        # this step reaches) takes the long factors; its cached keys keep the rotation they got.
+        context = torch.empty_like(positions)
+        for group in meta.groups:
+            context[group.rows] = group.context_lens[group.token_seq]
+        long = (context > scaling.original_max_position_embeddings)[:, None]
+        inv_freq = torch.where(long, self.long_inv_freq, self.inv_freq)
+        return rope_cos_sin(positions, inv_freq, dtype, scaling.attention_factor)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed_tokens if self.lm_head is None else self.lm_head
@@ -166,6 +183,8 @@ class Transformer(nn.Module):
         model.to(dtype)
         model.inv_freq = model.inv_freq.float()  # rotary frequencies stay float32, as in the reference
         model.local_inv_freq = model.local_inv_freq.float()
+        if hasattr(model, "long_inv_freq"):
+            model.long_inv_freq = model.long_inv_freq.float()
         return model
 
     def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None:

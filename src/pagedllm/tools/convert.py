@@ -91,10 +91,14 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
             tensor = tensor + family.norm_offset  # llama.cpp stores Gemma's norms as 1 + w
         target = gguf_name(name, family)
         _add_tensor(writer, target, tensor, tensor_type(weight_type, target, tuple(tensor.shape)))
-    if config.rope_scaling is not None and config.rope_scaling.kind == "llama3":
+    scaling = config.rope_scaling
+    if scaling is not None and scaling.kind == "llama3":
         plain = rope_inv_freq(config.head_dim, config.rope_theta, None)
-        scaled = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        scaled = rope_inv_freq(config.head_dim, config.rope_theta, scaling)
         _add_tensor(writer, "rope_freqs.weight", plain / scaled, "f32")
+    if scaling is not None and scaling.kind == "longrope":
+        _add_tensor(writer, "rope_factors_long.weight", torch.tensor(scaling.long_factors), "f32")
+        _add_tensor(writer, "rope_factors_short.weight", torch.tensor(scaling.freq_factors), "f32")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -126,6 +130,9 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
         writer.add_attn_logit_softcapping(c.attn_logit_softcap)
     if c.final_logit_softcap is not None:
         writer.add_final_logit_softcapping(c.final_logit_softcap)
+    if c.rope_scaling is not None and c.rope_scaling.kind == "longrope":
+        writer.add_rope_scaling_orig_ctx_len(c.rope_scaling.original_max_position_embeddings)
+        writer.add_rope_scaling_attn_factors(c.rope_scaling.attention_factor)
     if c.rope_scaling is not None and c.rope_scaling.kind == "linear":
         writer.add_string(f"{arch}.rope.scaling.type", "linear")
         writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_scaling.factor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from ...errors import ModelSourceError
 from ..registry import FamilySpec
 from ..transformer import Transformer
 from .gguf_file import open_gguf
-from ...layers.linear import LinearPlan
-from ...layers.quant import QUANTIZE_AT_LOAD
+from ...layers.linear import LinearPlan, Weight, WeightLoadError
+from ...layers.quant import QUANTIZE_AT_LOAD, PackedWeight
 from .gguf_loader import gguf_model_config, gguf_weights, packed_tensor_names
 from .hf_loader import hf_model_config, hf_weights
 
@@ -91,6 +92,52 @@ def read_model_config(source: ModelSource) -> tuple[ModelConfig, FamilySpec]:
     return hf_model_config(source.path)
 
 
+# Checkpoint tensors that hold several canonical ones, stacked by rows (Phi-3).
+_FUSED_SHARDS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _fused_part(name: str) -> tuple[str, str, str]:
+    """`model.layers.0.self_attn.qkv_proj.weight` → ("model.layers.0.self_attn", "qkv_proj", "weight")."""
+    prefix, _, leaf = name.rpartition(".")
+    module, _, part = prefix.rpartition(".")
+    return module, part, leaf
+
+
+def split_names(names: frozenset[str]) -> frozenset[str]:
+    """Canonical names with fused checkpoint tensors replaced by the names of their parts."""
+    split = set()
+    for name in names:
+        module, part, leaf = _fused_part(name)
+        split |= {f"{module}.{s}.{leaf}" for s in _FUSED_SHARDS[part]} if part in _FUSED_SHARDS else {name}
+    return frozenset(split)
+
+
+def split_fused(weights: Iterable[tuple[str, Weight]], config: ModelConfig) -> Iterator[tuple[str, Weight]]:
+    """A checkpoint's fused `qkv_proj` / `gate_up_proj` (Phi-3) as the canonical q/k/v and gate/up rows."""
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    rows_of = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": config.intermediate_size,
+               "up_proj": config.intermediate_size}
+    for name, tensor in weights:
+        module, fused, leaf = _fused_part(name)
+        if fused not in _FUSED_SHARDS:
+            yield name, tensor
+            continue
+        parts = {shard: rows_of[shard] for shard in _FUSED_SHARDS[fused]}
+        rows = tensor.shape[0]
+        if rows != sum(parts.values()):
+            raise WeightLoadError(f"tensor {name!r} has {rows} rows, the model's {fused} needs {sum(parts.values())}")
+        start = 0
+        for shard, size in parts.items():
+            yield f"{module}.{shard}.{leaf}", _row_slice(tensor, start, size)
+            start += size
+
+
+def _row_slice(tensor: Weight, start: int, rows: int) -> Weight:
+    if isinstance(tensor, PackedWeight):  # whole rows of blocks: a view of the mapped file
+        return PackedWeight(tensor.qtype, tensor.data[start:start + rows], tensor.cols)
+    return tensor[start:start + rows]
+
+
 def load_model(source: ModelSource, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, quantization: str = "auto") -> Transformer:
     """Build and fill the model. `quantization`: see config.QUANTIZATION_CHOICES."""
@@ -101,12 +148,14 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu",
         gguf = open_gguf(source.path)
         config, family = gguf_model_config(gguf)
         packed = quantization == "auto"
-        plan = LinearPlan(packed_tensor_names(gguf, family) if packed else frozenset(), None, str(device))
+        plan = LinearPlan(split_names(packed_tensor_names(gguf, family)) if packed else frozenset(), None, str(device))
         weights = gguf_weights(gguf, config, family, packed=packed)
     else:
-        config, _ = hf_model_config(source.path)
+        config, family = hf_model_config(source.path)
         plan = LinearPlan(frozenset(), QUANTIZE_AT_LOAD.get(quantization), str(device))
         weights = hf_weights(source.path)
+    if family.fused_checkpoint:
+        weights = split_fused(weights, config)
     model = Transformer.create(config, device, dtype, plan)
     model.load_weights(weights)
     return model.eval()

@@ -40,7 +40,7 @@ GLOBAL_RENAMES = {
     "output.weight": "lm_head.weight",
 }
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_CONSUMED_BY_CONFIG = {"rope_freqs.weight"}
+_CONSUMED_BY_CONFIG = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
 def layer_renames(family: FamilySpec) -> dict[str, str]:
@@ -86,11 +86,21 @@ def _float_key(f: GGUFFile, key: str, default: float) -> float:
     return float(f"{value:.7g}")  # stored as float32: 1e-5 reads back as 9.99999974e-06
 
 
+def _factors(f: GGUFFile, name: str) -> tuple[float, ...]:
+    info = f.tensors[name]
+    return tuple(dequantize(f.tensor_bytes(info), info.ggml_type, info.shape).reshape(-1).tolist())
+
+
 def _rope_scaling(f: GGUFFile, arch: str) -> RopeScaling | None:
     if "rope_freqs.weight" in f.tensors:
-        info = f.tensors["rope_freqs.weight"]
-        factors = dequantize(f.tensor_bytes(info), info.ggml_type, info.shape)
-        return RopeScaling(kind="freq_factors", freq_factors=tuple(factors.tolist()))
+        return RopeScaling(kind="freq_factors", freq_factors=_factors(f, "rope_freqs.weight"))
+    if "rope_factors_long.weight" in f.tensors:  # Phi-3's LongRoPE, as llama.cpp's converter writes it
+        if "rope_factors_short.weight" not in f.tensors:
+            raise GGUFError(f"{f.path}: rope_factors_long without rope_factors_short")
+        return RopeScaling(kind="longrope", freq_factors=_factors(f, "rope_factors_short.weight"),
+                           long_factors=_factors(f, "rope_factors_long.weight"),
+                           original_max_position_embeddings=_int_key(f, f"{arch}.rope.scaling.original_context_length"),
+                           attention_factor=_float_key(f, f"{arch}.rope.scaling.attn_factor", 1.0))
     kind = f.get(f"{arch}.rope.scaling.type", "none")
     if kind == "none":
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,10 +31,12 @@ def read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _rope_scaling(params: dict[str, Any]) -> RopeScaling | None:
+def _rope_scaling(params: dict[str, Any], max_positions: int = 0) -> RopeScaling | None:
     kind = params.get("rope_type", params.get("type", "default"))
     if kind in ("default", None):
         return None
+    if kind in ("longrope", "su"):
+        return _longrope(params, max_positions)
     if kind == "linear":
         return RopeScaling(kind="linear", factor=float(params["factor"]))
     if kind == "llama3":
@@ -41,7 +44,19 @@ def _rope_scaling(params: dict[str, Any]) -> RopeScaling | None:
             kind="llama3", factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    raise HFModelError(f"rope scaling {kind!r} is not supported (pagedllm supports linear and llama3)")
+    raise HFModelError(f"rope scaling {kind!r} is not supported (pagedllm supports linear, llama3 and longrope)")
+
+
+def _longrope(params: dict[str, Any], max_positions: int) -> RopeScaling:
+    """Phi-3's LongRoPE; its attention factor as transformers derives it when the config has none."""
+    original = int(params["original_max_position_embeddings"])
+    factor = params.get("factor") or max_positions / original
+    attention = params.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    return RopeScaling(kind="longrope", freq_factors=tuple(map(float, params["short_factor"])),
+                       long_factors=tuple(map(float, params["long_factor"])),
+                       original_max_position_embeddings=original, attention_factor=float(attention))
 
 
 def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
@@ -57,7 +72,10 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]
         local_theta = local.get("rope_theta", local_theta)
         params = params.get("full_attention") or {}
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    return theta, _rope_scaling(params), None if local_theta is None else float(local_theta)
+    if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise HFModelError("partial rotary embeddings (partial_rotary_factor) are not supported")
+    scaling = _rope_scaling(params, cfg.get("max_position_embeddings", 4096))
+    return theta, scaling, None if local_theta is None else float(local_theta)
 
 
 _LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
