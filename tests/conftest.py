@@ -20,8 +20,9 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _tiny_configs():
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, LlamaConfig, MistralConfig, Phi3Config,
-                              Qwen2Config, Qwen3Config)
+    from transformers import (BloomConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, GlmConfig, LlamaConfig,
+                              MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
+                              Qwen3MoeConfig)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -41,6 +42,24 @@ def _tiny_configs():
         "phi3": Phi3Config(**TINY, pad_token_id=0, sliding_window=12, tie_word_embeddings=False, rope_parameters={
             "rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 16,
             "short_factor": [1.0 + 0.1 * i for i in range(8)], "long_factor": [2.0 + 0.5 * i for i in range(8)]}),
+        # 4 experts, 2 a token (renormalised); a window
+        "mixtral": MixtralConfig(**TINY, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
+                                 tie_word_embeddings=False),
+        # 6 experts of 32, 2 a token (not renormalised), a sigmoid-gated shared expert; q/k/v biases
+        "qwen2_moe": Qwen2MoeConfig(**TINY, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                                    shared_expert_intermediate_size=96, tie_word_embeddings=False),
+        # 8 experts of 32, 3 a token (renormalised); q/k norms
+        "qwen3_moe": Qwen3MoeConfig(**TINY, head_dim=16, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                                    norm_topk_prob=True, tie_word_embeddings=True),
+        # interleaved rotary pairs on half of each head (of 32), q/k/v biases, gate/up fused in the checkpoint
+        "glm": GlmConfig(**TINY, head_dim=32, pad_token_id=0, tie_word_embeddings=False),
+        # + norms after attention and around the MLP; a quarter of each head rotates
+        "glm4": Glm4Config(**TINY, head_dim=16, pad_token_id=0, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+        # ALiBi (6 heads: not a power of two), LayerNorm with biases (one after the embeddings), a plain
+        # GELU MLP with biases, q/k/v fused head by head in the checkpoint
+        "bloom": BloomConfig(vocab_size=49152, hidden_size=96, n_layer=2, n_head=6, initializer_range=0.1,
+                             layer_norm_epsilon=1e-5),
         # (1 + w) norms, GeGLU, embeddings × √hidden
         "gemma": GemmaConfig(**TINY, head_dim=16),
         # + norms around each sub-layer, soft-capped scores and logits, a window on every other layer
@@ -91,7 +110,7 @@ def tiny_models(tmp_path_factory, default_gguf, default_tokenizer_metadata) -> d
         hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
         with torch.no_grad():  # norms away from their initial ones (Gemma's 0 would hide a missing 1 + w)
             for name, param in hf.named_parameters():
-                if "norm" in name:
+                if "norm" in name or name.endswith(".bias"):
                     param.add_(torch.randn_like(param) * 0.1)
         folder = tmp_path_factory.mktemp(f"tiny-{family}")
         hf.save_pretrained(folder)

@@ -29,6 +29,7 @@ class RopeScaling:
     attention_factor: float = 1.0
 
 
+POSITION_ENCODINGS = ("rope", "alibi", "none")
 # Activations of the MLP's gate (or of its one projection, for an ungated MLP).
 HIDDEN_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -54,6 +55,13 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    # Position encoding: "rope" (on the first `rotary_dim` dims of each head; None: all of them),
+    # "alibi" (linear biases on the scores, per head) or "none".
+    position_encoding: str = "rope"
+    rotary_dim: int | None = None
+    # The checkpoint's q/k rows pair dims (2i, 2i + 1) for rotation (GLM) rather than (i, i + dim/2);
+    # the loaders reorder the rows to the latter, which the model runs.
+    rope_interleaved: bool = False
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -61,6 +69,12 @@ class ModelConfig:
     # Which layers the window applies to (None: all of them, when there is a window).
     sliding_layers: tuple[bool, ...] | None = None
     local_rope_theta: float | None = None  # the windowed layers' rope base (unscaled), where it differs
+    norm_kind: str = "rms"  # "rms": RMSNorm; "layer": LayerNorm with a bias (BLOOM); eps is rms_norm_eps either way
+    embedding_norm: bool = False  # a norm right after the embeddings (BLOOM)
+    gated_mlp: bool = True  # down(act(gate) · up); False: down(act(up)) (BLOOM)
+    mlp_bias: bool = False
+    o_proj_bias: bool = False
+    normalized_head: bool = False  # the output head's rows are scaled to unit length (Baichuan 2)
     norm_offset: float = 0.0  # each RMSNorm scales by (norm_offset + w)
     qk_norm: bool = False  # an RMSNorm over each head of q and of k, before the rotation
     sandwich_norms: bool = False  # norms on the attention's output and around the MLP (Gemma 2/3)
@@ -69,6 +83,13 @@ class ModelConfig:
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcap: float | None = None  # scores → cap · tanh(scores / cap)
     final_logit_softcap: float | None = None
+    # Mixture of experts (0 experts: a dense MLP in every layer).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0  # each expert's intermediate width
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    norm_topk_prob: bool = False  # the top-k weights are renormalised to sum to 1
+    dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -86,9 +107,23 @@ class ModelConfig:
         if self.sliding_layers is not None and len(self.sliding_layers) != self.num_hidden_layers:
             raise ConfigError(f"model config: {len(self.sliding_layers)} sliding-layer flags for "
                               f"{self.num_hidden_layers} layers")
+        if self.norm_kind not in ("rms", "layer"):
+            raise ConfigError(f"model config: norm kind {self.norm_kind!r} is not one of rms, layer")
+        if self.position_encoding not in POSITION_ENCODINGS:
+            raise ConfigError(f"model config: position encoding {self.position_encoding!r} is not one of "
+                              f"{', '.join(POSITION_ENCODINGS)}")
+        if self.rotary_dim is not None and not (0 < self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0
+                                                and (self.head_dim - self.rotary_dim) % 2 == 0):
+            raise ConfigError(f"model config: rotary_dim {self.rotary_dim} must be even and within the head "
+                              f"({self.head_dim})")
         if self.hidden_act not in HIDDEN_ACTIVATIONS:
             raise ConfigError(f"model config: activation {self.hidden_act!r} is not supported "
                               f"(supported: {', '.join(HIDDEN_ACTIVATIONS)})")
+        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts
+                                     and self.moe_intermediate_size > 0):
+            raise ConfigError(f"model config: {self.num_experts} experts need 1 to {self.num_experts} experts per "
+                              f"token (got {self.num_experts_per_tok}) and a positive expert size "
+                              f"(got {self.moe_intermediate_size})")
         for name in ("attention_scale", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             if value is not None and not value > 0:
@@ -100,8 +135,16 @@ class ModelConfig:
             return self.sliding_window
         return None
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer not in self.dense_layers
+
     def uses_local_rope(self, layer: int) -> bool:
         return self.local_rope_theta is not None and self.layer_window(layer) is not None
+
+    @property
+    def rope_dims(self) -> int:
+        """How many dims of each head rotate."""
+        return self.rotary_dim or self.head_dim
 
     @property
     def scale(self) -> float:
@@ -112,12 +155,22 @@ class ModelConfig:
     def num_parameters(self) -> int:
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
         q = self.num_attention_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0)
-        mlp = 3 * h * self.intermediate_size
-        norms = (4 if self.sandwich_norms else 2) * h + (2 * self.head_dim if self.qk_norm else 0)
-        per_layer = attn + mlp + norms
+        attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0) + (h if self.o_proj_bias else 0)
+        norm = 2 * h if self.norm_kind == "layer" else h
+        norms = (4 if self.sandwich_norms else 2) * norm + (2 * self.head_dim if self.qk_norm else 0)
+        mlps = sum(self._mlp_parameters(i) for i in range(self.num_hidden_layers))
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
-        return self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
+        embedding = self.vocab_size * h + (norm if self.embedding_norm else 0)
+        return embedding + self.num_hidden_layers * (attn + norms) + mlps + norm + head
+
+    def _mlp_parameters(self, layer: int) -> int:
+        h = self.hidden_size
+        if not self.is_moe_layer(layer):
+            size, matrices = self.intermediate_size, 3 if self.gated_mlp else 2
+            biases = (matrices - 1) * size + h if self.mlp_bias else 0
+            return matrices * h * size + biases
+        shared = 3 * h * self.shared_expert_intermediate_size + (h if self.shared_expert_intermediate_size else 0)
+        return self.num_experts * (3 * h * self.moe_intermediate_size + h) + shared
 
 
 # q8_0: llama.cpp's 8-bit blocks (32 int8 values and a float16 scale), 1.06 bytes a value.

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from pagedllm import LLM, SamplingParams
 from pagedllm import kernels
 from pagedllm.kernels import KERNEL_HEAD_DIMS, cpu_kernels_available, paged_decode_attention
-from pagedllm.layers.attention import KV_Q8_0, _causal_attention_chunked, dequantize_q8_0, quantize_q8_0
+from pagedllm.layers.attention import (KV_Q8_0, _causal_attention_chunked, alibi_slopes, dequantize_q8_0,
+                                       quantize_q8_0)
 from helpers import FLOAT
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels_available(), reason="no C++ compiler to build the CPU kernels")
@@ -46,6 +47,34 @@ def test_decode_kernel_matches_torch(head_dim, heads, kv_heads, window, kv_dtype
     out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window)
     torch.testing.assert_close(out, reference_decode(q, kv_cache.float(), tables, lens, head_dim**-0.5, window),
                                atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [64, 256])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_kernel_softcap_and_alibi(head_dim, softcap, alibi, window):
+    """Gemma 2's soft-capped scores and ALiBi's distance bias in the kernel, against explicit scores."""
+    gen = torch.Generator().manual_seed(head_dim + 7)
+    seqs, block_size, num_blocks, max_blocks, heads, kv_heads = 5, 4, 32, 6, 6, 2
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(seqs)])
+    lens = torch.tensor([1, 3, 8, 13, 24])
+    q = torch.randn(seqs, heads, head_dim, generator=gen) * 2
+    slopes = alibi_slopes(heads) if alibi else None
+    out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window, softcap, slopes)
+    keys = kv_cache[0][tables].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)  # [seqs, ctx, heads, dim]
+    values = kv_cache[1][tables].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)
+    scores = torch.einsum("shd,sthd->sht", q, keys) * head_dim**-0.5
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    pos = torch.arange(keys.shape[1])
+    if alibi:
+        scores = scores + slopes[None, :, None] * (pos[None, None, :] - (lens[:, None, None] - 1))
+    visible = (pos[None] < lens[:, None]) & ((pos[None] >= lens[:, None] - window) if window else True)
+    weights = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    torch.testing.assert_close(out, torch.einsum("sht,sthd->shd", weights, values), atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel

@@ -13,7 +13,8 @@ from pagedllm.models.loaders.hf_loader import hf_weights
 from pagedllm.tools.convert import write_gguf
 from helpers import assert_packed_logits_close, prefill_logits
 
-FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma", "gemma2", "gemma3"]
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "glm", "glm4",
+            "bloom", "gemma", "gemma2", "gemma3"]
 LOADERS = ["hf", "gguf"]
 
 
@@ -53,17 +54,39 @@ def test_32_greedy_tokens_match_transformers(tiny_models, family, loader):
 @pytest.mark.skipif(not quant_kernels_available(), reason="needs a C++ compiler for the CPU kernels")
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantised_gguf_runs_packed(tiny_models, tmp_path, default_tokenizer_metadata, family):
-    """Q8_0 (rows of 64 hold no K-quant blocks): every matrix packed, logits within the packed
+    """Q8_0 (rows of 64 hold no K-quant blocks): every matrix but the routers packed, logits within the packed
     tolerance (tests/helpers.py) of the same file's float path (which the f32 files hold to transformers)."""
     tiny = tiny_models[family]
     config, _ = read_model_config(ModelSource("hf", tiny.hf_dir))
     path = tmp_path / f"{family}-q8_0.gguf"
     write_gguf(path, config, hf_weights(tiny.hf_dir), default_tokenizer_metadata, weight_type="q8_0")
     packed, dense = load_model(ModelSource("gguf", path)), load_model(ModelSource("gguf", path), quantization="none")
-    assert all(isinstance(m.method, PackedMethod) for m in packed.modules() if isinstance(m, Linear))
+    routers = ("mlp.gate", "mlp.shared_expert_gate")  # kept float by the writer, as llama.cpp keeps them
+    assert all(isinstance(m.method, PackedMethod) for name, m in packed.named_modules()
+               if isinstance(m, Linear) and not name.endswith(routers))
     ids = _prompt()
     for length in (1, 24):  # the int8 kernel (and the fused layer where the family has one), then many rows
-        assert_packed_logits_close(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]))
+        (ours, our_routes), (ref, ref_routes) = (_logits_and_routes(m, ids[:length]) for m in (packed, dense))
+        # A router near a tie picks other experts from slightly different (quantised) inputs: those
+        # tokens are a different computation, not a precision loss; the others must hold the tolerance.
+        same = (our_routes == ref_routes).all(dim=2).all(dim=0)
+        assert same.float().mean() >= 0.9
+        assert_packed_logits_close(ours[same], ref[same])
+
+
+def _logits_and_routes(model, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill logits, and each MoE layer's sorted expert choices [layers, tokens, top_k] (empty: dense)."""
+    from pagedllm.layers.moe import SparseMoE
+
+    routes = []
+    hooks = [m.register_forward_hook(lambda m, args, out: routes.append(m.route(args[0])[1].sort(-1).values))
+             for m in model.modules() if isinstance(m, SparseMoE)]
+    try:
+        logits = prefill_logits(model, ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return logits, torch.stack(routes) if routes else torch.zeros(0, len(ids), 0)
 
 
 def test_sliding_window_changes_the_result(tiny_models):

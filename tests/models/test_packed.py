@@ -45,14 +45,15 @@ SHAPE = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidde
 
 @pytest.fixture(scope="module")
 def hf_folders(tmp_path_factory):
-    """Tiny random llama (q/k rows permuted in GGUF), qwen2 (biases, tied head) and qwen3 (q/k norms)
-    with rows of 256."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    """Tiny random llama (q/k rows permuted in GGUF), qwen2 (biases, tied head), qwen3 (q/k norms) and
+    glm (half of each head rotating, interleaved: reordered rows, zero frequencies) with rows of 256."""
+    from transformers import AutoModelForCausalLM, GlmConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
     folders = {}
     for family, config in {"llama": LlamaConfig(**SHAPE, tie_word_embeddings=False),
                            "qwen2": Qwen2Config(**SHAPE, tie_word_embeddings=True),
-                           "qwen3": Qwen3Config(**SHAPE, head_dim=64, tie_word_embeddings=True)}.items():
+                           "qwen3": Qwen3Config(**SHAPE, head_dim=64, tie_word_embeddings=True),
+                           "glm": GlmConfig(**SHAPE, head_dim=64, pad_token_id=0)}.items():
         torch.manual_seed(7)
         folder = tmp_path_factory.mktemp(f"packed-{family}")
         AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
@@ -84,14 +85,14 @@ def test_packed_logits_match_the_float_path(write, family, weight_type):
         assert_packed_logits_close(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "glm"])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, KV_Q8_0])
 @pytest.mark.parametrize("backend", ["auto", "torch"])  # the decode kernel inside one C++ call, or two calls around torch
 def test_fused_decode_layer_equals_the_module_path(write, family, rows, kv_dtype, backend):
     """Same layer, same input: output and the K/V it writes agree to float rounding (q4_k_m: q/k/v of
-    different types in one product; qwen2: q/k/v biases; qwen3: per-head q/k norms; a q8_0 pool
-    written by both)."""
+    different types in one product; qwen2: q/k/v biases; qwen3: per-head q/k norms; glm: partial
+    rotation; a q8_0 pool written by both)."""
     model = load_model(write(family, "q4_k_m"))
     assert all(layer.fused is not None for layer in model.layers)
     spec = plan_kv_cache(model.config, 4, 2**20, kv_dtype)

@@ -109,8 +109,7 @@ class ModelRunner:
             keep_freed_buffers()
         self.kv_caches = list(self.kv_pool.unbind(0))
         # The C++ decode kernel has no soft-capping: such models attend with torch ops.
-        self.use_decode_kernel = (decode_kernel_usable(attention_backend, torch.device(device), dtype, cfg.head_dim)
-                                  and cfg.attn_logit_softcap is None)
+        self.use_decode_kernel = decode_kernel_usable(attention_backend, torch.device(device), dtype, cfg.head_dim)
         self.sampler = Sampler()
 
     def prepare(self, scheduled: list[ScheduledRequest], block_tables: list[list[int]]) -> StepBatch:

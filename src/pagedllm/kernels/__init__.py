@@ -53,10 +53,12 @@ def cpu_kernels_available() -> bool:
 
 
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
-                           context_lens: torch.Tensor, scale: float, sliding_window: int | None) -> torch.Tensor:
-    """One query per sequence against its cached K/V, read in place: [seqs, heads, dim] float32."""
+                           context_lens: torch.Tensor, scale: float, sliding_window: int | None,
+                           softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence against its cached K/V, read in place: [seqs, heads, dim] float32.
+    `softcap`: scores soft-capped; `alibi`: per-head ALiBi slopes."""
     return torch.ops.pagedllm.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale,
-                                                     sliding_window or 0)
+                                                     sliding_window or 0, softcap or 0.0, alibi)
 
 
 # The quantised matmuls carry every instruction-set path in one build (no -march=native) and

@@ -207,13 +207,14 @@ void decode_layer(at::Tensor& x, const at::Tensor& input_norm, double input_eps,
                   const std::vector<int64_t>& down_types, const at::Tensor& cos, const at::Tensor& sin,
                   int64_t num_heads, int64_t num_kv_heads, at::Tensor& kv_cache, const at::Tensor& slots,
                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t sliding_window,
-                  int64_t isa) {
+                  double softcap, const std::optional<at::Tensor>& alibi, int64_t isa) {
   static const auto attend = c10::Dispatcher::singleton()
       .findSchemaOrThrow("pagedllm::paged_decode_attention", "")
-      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t)>();
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
+                        double, const std::optional<at::Tensor>&)>();
   const at::Tensor q = attention_input(x, input_norm, input_eps, qkv_ws, qkv_types, bias, q_norm, k_norm, cos, sin,
                                        num_heads, num_kv_heads, kv_cache, slots, isa);
-  const at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, scale, sliding_window);
+  const at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, scale, sliding_window, softcap, alibi);
   attention_output_mlp(x, out.contiguous(), o_ws, o_types, post_norm, post_eps, gate_up_ws, gate_up_types, down_ws,
                        down_types, isa);
 }
@@ -225,7 +226,7 @@ TORCH_LIBRARY_FRAGMENT(pagedllm_quant, m) {
   m.def("decode_layer(Tensor(a!) x, Tensor input_norm, float input_eps, Tensor post_norm, float post_eps, Tensor[] qkv_ws, int[] qkv_types, "
         "Tensor? bias, Tensor? q_norm, Tensor? k_norm, Tensor[] o_ws, int[] o_types, Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, "
         "int[] down_types, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(b!) kv_cache, Tensor slots, "
-        "Tensor block_tables, Tensor context_lens, float scale, int sliding_window, int isa) -> ()",
+        "Tensor block_tables, Tensor context_lens, float scale, int sliding_window, float softcap, Tensor? alibi, int isa) -> ()",
         pagedllm_quant::decode_layer);
   m.def("attention_input(Tensor x, Tensor norm_weight, float eps, Tensor[] ws, int[] types, Tensor? bias, "
         "Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(a!) kv_cache, Tensor slots, int isa) -> Tensor",

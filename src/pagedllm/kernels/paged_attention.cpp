@@ -80,14 +80,32 @@ inline float sum8(Float8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
+// How raw scores become logits: × scale, then optionally cap · tanh(s / cap) (Gemma 2) and
+// ALiBi's slope · (key position − query position) (BLOOM, Baichuan-13B; slopes per query head).
+struct ScoreMods {
+  float scale;
+  float softcap;         // 0: none
+  const float* slopes;   // the group's first head's slope, or nullptr
+};
+
+inline void modify_scores(float* row, int64_t n, int64_t first, int64_t last, float slope, float softcap) {
+  if (softcap > 0.f) {
+    for (int64_t i = 0; i < n; ++i) row[i] = softcap * std::tanh(row[i] / softcap);
+  }
+  if (slope != 0.f) {  // the query is the sequence's last token, at position last - 1
+    for (int64_t i = 0; i < n; ++i) row[i] += slope * static_cast<float>(first + i - (last - 1));
+  }
+}
+
 // One (sequence, kv head): `group` query heads of kDim floats against tokens [first, last).
 // Pass 1 scores every key (each key loaded once for the whole group), then a softmax per head,
 // then pass 2 sums the values with each head's accumulator held in registers.
 template <typename T, int64_t kDim>
 void attend_one(const float* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
                 const int64_t* __restrict__ blocks, int64_t first, int64_t last, int64_t block_size,
-                int64_t token_stride, int64_t group, float scale, float* __restrict__ scores,
+                int64_t token_stride, int64_t group, ScoreMods mods, float* __restrict__ scores,
                 float* __restrict__ out) {
+  const float scale = mods.scale;
   constexpr int64_t kLanes = kDim / 8;
   const int64_t n = last - first;
   for (int64_t t = first; t < last; ++t) {
@@ -102,6 +120,7 @@ void attend_one(const float* __restrict__ query, const T* __restrict__ keys, con
   }
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * n;
+    modify_scores(row, n, first, last, mods.slopes ? mods.slopes[g] : 0.f, mods.softcap);
     const float peak = *std::max_element(row, row + n);
     float total = 0.f;
     for (int64_t i = 0; i < n; ++i) total += (row[i] = std::exp(row[i] - peak));
@@ -123,7 +142,8 @@ void attend_one(const float* __restrict__ query, const T* __restrict__ keys, con
 
 template <typename T>
 void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_tables,
-                      const at::Tensor& context_lens, double scale, int64_t sliding_window, at::Tensor& out) {
+                      const at::Tensor& context_lens, double scale, int64_t sliding_window, double softcap,
+                      const float* slopes, at::Tensor& out) {
   const int64_t seqs = query.size(0), heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = kv_cache.size(2), kv_heads = kv_cache.size(3);
   const int64_t row = row_elements<T>(head_dim), group = heads / kv_heads, token_stride = kv_heads * row;
@@ -145,9 +165,10 @@ void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const
       const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, last - sliding_window) : 0;
       scores.resize(group * (last - first));
       const int64_t head = (seq * heads + kv_head * group) * head_dim;
+      const ScoreMods mods{static_cast<float>(scale), static_cast<float>(softcap),
+                           slopes ? slopes + kv_head * group : nullptr};
       attend(q_all + head, keys + kv_head * row, values + kv_head * row, tables + seq * max_blocks,
-             first, last, block_size, token_stride, group, static_cast<float>(scale), scores.data(),
-             out_all + head);
+             first, last, block_size, token_stride, group, mods, scores.data(), out_all + head);
     }
   });
 }
@@ -163,10 +184,12 @@ bool supported_head_dim(int64_t head_dim) {
 // query [seqs, heads, dim] float32; kv_cache [2, blocks, block_size, kv_heads, dim] float32, bfloat16
 // or float16, or [..., dim / 32 · 34] uint8 (q8_0 rows);
 // block_tables [seqs, max_blocks] int64; context_lens [seqs] int64 (tokens in the cache,
-// this step's included). Returns [seqs, heads, dim] float32.
+// this step's included); softcap 0: none; alibi: [heads] float32 slopes, or none.
+// Returns [seqs, heads, dim] float32.
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens,
-                                  double scale, int64_t sliding_window) {
+                                  double scale, int64_t sliding_window, double softcap,
+                                  const std::optional<at::Tensor>& alibi) {
   TORCH_CHECK(query.dim() == 3 && query.scalar_type() == at::kFloat, "query must be [seqs, heads, dim] float32");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous(), "kv_cache must be a contiguous 5-d pool");
   const bool q8 = kv_cache.scalar_type() == at::kByte;
@@ -176,14 +199,20 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_
               query.size(1) % kv_cache.size(3) == 0, "head shapes differ");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && context_lens.scalar_type() == at::kLong,
               "block_tables and context_lens must be int64");
+  TORCH_CHECK(!alibi || (alibi->scalar_type() == at::kFloat && alibi->numel() == query.size(1)),
+              "alibi must hold one float32 slope per query head");
   const at::Tensor q = query.contiguous();
   const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
+  const at::Tensor slopes = alibi ? alibi->contiguous() : at::Tensor();
+  const float* s = alibi ? slopes.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty_like(q);
   switch (kv_cache.scalar_type()) {
-    case at::kFloat: decode_attention<float>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
-    case at::kBFloat16: decode_attention<c10::BFloat16>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
-    case at::kHalf: decode_attention<c10::Half>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
-    case at::kByte: decode_attention<uint8_t>(q, kv_cache, tables, lens, scale, sliding_window, out); break;
+    case at::kFloat: decode_attention<float>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, out); break;
+    case at::kBFloat16:
+      decode_attention<c10::BFloat16>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, out);
+      break;
+    case at::kHalf: decode_attention<c10::Half>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, out); break;
+    case at::kByte: decode_attention<uint8_t>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, out); break;
     default: TORCH_CHECK(false, "kv_cache dtype ", kv_cache.scalar_type(), " has no kernel");
   }
   return out;
@@ -193,6 +222,6 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_
 
 TORCH_LIBRARY(pagedllm, m) {
   m.def("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor context_lens, "
-        "float scale, int sliding_window) -> Tensor",
+        "float scale, int sliding_window, float softcap=0., Tensor? alibi=None) -> Tensor",
         paged_decode_attention);
 }

@@ -11,6 +11,7 @@ On the CPU, a decode group can instead go to a C++ kernel that reads the blocks 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -165,31 +166,47 @@ def _causal_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out.flatten(1, 2)
 
 
-def _softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                          softcap: float) -> torch.Tensor:
-    """Attention whose scores are soft-capped (cap · tanh(s / cap)) before the mask and the
-    float32 softmax, as Gemma 2 computes it. q [seqs, heads, len, dim]; k, v [seqs, kv_heads, ctx, dim]."""
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """ALiBi's per-head slopes (Press et al.; BLOOM's and Baichuan-13B's, llama.cpp's with max bias 8):
+    a geometric series from 2^(-8/n) for the nearest power of two n, then every other slope of 2n."""
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = [2 ** (-8 * i / closest) for i in range(1, closest + 1)]
+    slopes += [2 ** (-8 * i / (2 * closest)) for i in range(1, 2 * (num_heads - closest), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def _modified_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+                        softcap: float | None, alibi: torch.Tensor | None, query_pos: torch.Tensor) -> torch.Tensor:
+    """Attention with explicit scores: soft-capped (cap · tanh(s / cap), Gemma 2) and/or with ALiBi's
+    slope · (key position − query position) added, then the mask and a float32 softmax.
+    q [seqs, heads, len, dim]; k, v [seqs, kv_heads, ctx, dim]; query_pos [seqs, len]."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi is not None:
+        distance = torch.arange(k.shape[2], device=q.device)[None, None, :] - query_pos[:, :, None]
+        scores = scores + alibi[None, :, None, None] * distance[:, None].to(scores.dtype)
     scores = scores.masked_fill(~mask, float("-inf"))
     return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 
 
 def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup, mask: torch.Tensor | None,
                   scale: float, sliding_window: int | None, matmul_dtype: torch.dtype | None,
-                  softcap: float | None = None) -> torch.Tensor:
+                  softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
     if group.use_decode_kernel:
-        return paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, scale, sliding_window)
+        return paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, scale, sliding_window,
+                                      softcap, alibi)
     length = group.max_context_len
     keys = cached_values(kv_cache[0][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)
     values = cached_values(kv_cache[1][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)
     queries = q.new_zeros(group.num_seqs, group.max_query_len, q.shape[1], q.shape[2])
     queries[group.token_seq, group.token_index] = q
-    if softcap is not None:
+    if softcap is not None or alibi is not None:
         mask = mask if mask is not None else causal_mask(group, sliding_window)
-        out = _softcapped_attention(queries.transpose(1, 2), keys, values, mask, scale, softcap)
+        out = _modified_attention(queries.transpose(1, 2), keys, values, mask, scale, softcap, alibi,
+                                  group.positions_padded)
     elif mask is None and matmul_dtype not in (None, q.dtype):
         out = _causal_attention_chunked(queries.transpose(1, 2), keys, values, scale, matmul_dtype).to(q.dtype)
     else:
@@ -201,24 +218,25 @@ def _attend_group(q: torch.Tensor, kv_cache: torch.Tensor, group: AttentionGroup
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                     meta: AttentionMetadata, masks: list[torch.Tensor | None], scale: float,
                     sliding_window: int | None, matmul_dtype: torch.dtype | None = None,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim]. Returns [tokens, heads, dim].
 
     `matmul_dtype`: where the layer's own products run in a narrower dtype (bfloat16 GEMMs over
     packed weights), a prefill from position 0 computes its scores and weighted sum in it too.
-    `softcap`: the scores are soft-capped (the decode kernel does not; the runner keeps it off)."""
+    `softcap`: the scores are soft-capped; `alibi`: per-head slopes of ALiBi's distance bias."""
     write_kv(kv_cache, k, v, meta.slot_mapping)
-    return attend(q, kv_cache, meta, masks, scale, sliding_window, matmul_dtype, softcap)
+    return attend(q, kv_cache, meta, masks, scale, sliding_window, matmul_dtype, softcap, alibi)
 
 
 def attend(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, masks: list[torch.Tensor | None],
            scale: float, sliding_window: int | None, matmul_dtype: torch.dtype | None = None,
-           softcap: float | None = None) -> torch.Tensor:
+           softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of q over the cache, this step's K/V already written. Returns [tokens, heads, dim]."""
     if len(meta.groups) == 1:
-        return _attend_group(q, kv_cache, meta.groups[0], masks[0], scale, sliding_window, matmul_dtype, softcap)
+        return _attend_group(q, kv_cache, meta.groups[0], masks[0], scale, sliding_window, matmul_dtype, softcap,
+                             alibi)
     out = torch.empty_like(q)
     for group, mask in zip(meta.groups, masks):
         out[group.rows] = _attend_group(q[group.rows], kv_cache, group, mask, scale, sliding_window, matmul_dtype,
-                                        softcap)
+                                        softcap, alibi)
     return out

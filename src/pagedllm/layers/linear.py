@@ -65,6 +65,10 @@ class LinearMethod(ABC):
     @abstractmethod
     def weight_bytes(self, layer: "Linear") -> int: ...
 
+    @abstractmethod
+    def row_norms(self, layer: "Linear") -> torch.Tensor:
+        """‖W_i‖ of every output row, in float32."""
+
 
 class DenseMethod(LinearMethod):
     """Float weights in the model's dtype; quantised checkpoint tensors are dequantised at load."""
@@ -90,6 +94,9 @@ class DenseMethod(LinearMethod):
 
     def weight_bytes(self, layer: "Linear") -> int:
         return layer.weight.numel() * layer.weight.element_size()
+
+    def row_norms(self, layer: "Linear") -> torch.Tensor:
+        return layer.weight.float().norm(dim=1)
 
 
 @dataclass
@@ -157,6 +164,16 @@ class PackedMethod(LinearMethod):
     def weight_bytes(self, layer: "Linear") -> int:
         return sum(p.data.numel() for p in layer.parts)
 
+    def row_norms(self, layer: "Linear") -> torch.Tensor:
+        """Dequantised a tile of rows at a time: a whole head in float would be a second copy of it."""
+        norms = []
+        for part in layer.parts:
+            for rows in part.data.split(max(1, GEMM_TILE_BYTES // (4 * layer.in_features))):
+                values = torch.ops.pagedllm_quant.dequantize(rows, int(part.qtype), layer.in_features, torch.float32,
+                                                             self.isa)
+                norms.append(values.norm(dim=1))
+        return torch.cat(norms)
+
 
 def _repack(weight: PackedWeight) -> PackedWeight:
     return quantize(dequantize(weight.data.numpy(), weight.qtype, weight.shape), REPACK_TYPE)
@@ -173,6 +190,7 @@ class Linear(nn.Module):
         self.method = method or DenseMethod()
         self.method.create_weights(self)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.checkpoint_names: tuple[str, ...] = ()  # the checkpoint tensors (less .weight) of each shard
 
     def shard_offset(self, shard: int) -> int:
         return sum(self.shard_sizes[:shard])
@@ -187,6 +205,8 @@ class Linear(nn.Module):
             return
         if isinstance(tensor, PackedWeight):
             raise WeightLoadError(f"tensor {name!r}: a quantised bias is not supported")
+        if self.bias is None:
+            raise WeightLoadError(f"unexpected tensor {name!r}: the model's layer has no bias")
         with torch.no_grad():
             self.bias.data.narrow(0, self.shard_offset(shard), self.shard_sizes[shard]).copy_(tensor)
 
@@ -218,8 +238,21 @@ class LinearPlan:
     quantize_to: GGMLQuantizationType | None = None
     device: str = "cpu"
 
-    def method_for(self, tensor_names: list[str], in_features: int, output_head: bool = False) -> LinearMethod:
-        wants_packed = self.quantize_to is not None or any(name in self.packed for name in tensor_names)
+    def linear(self, prefix: str, shards: dict[str, int], in_features: int, bias: bool = False,
+               keep_float: bool = False) -> Linear:
+        """A layer fusing the checkpoint tensors `prefix.<shard>.weight` (shard name → rows), in order."""
+        names = [f"{prefix}.{shard}.weight" for shard in shards]
+        layer = Linear(in_features, sum(shards.values()), bias=bias, shard_sizes=tuple(shards.values()),
+                       method=self.method_for(names, in_features, keep_float=keep_float))
+        layer.checkpoint_names = tuple(f"{prefix}.{shard}" for shard in shards)
+        return layer
+
+    def method_for(self, tensor_names: list[str], in_features: int, output_head: bool = False,
+                   keep_float: bool = False) -> LinearMethod:
+        """`keep_float`: not quantised at load, only run packed as the checkpoint stores it (routers:
+        a rounded router picks other experts, and llama.cpp keeps them float too)."""
+        quantize = self.quantize_to is not None and not keep_float
+        wants_packed = quantize or any(name in self.packed for name in tensor_names)
         if not wants_packed:
             return DenseMethod()
         if in_features % 32 or torch.device(self.device).type != "cpu" or not kernels.quant_kernels_available():

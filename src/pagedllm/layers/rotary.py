@@ -1,7 +1,10 @@
 """Rotary position embedding in the Hugging Face ("rotate half") layout.
 
 The frequencies depend on the base and the scaling; cos/sin are computed once per forward for
-the batch's positions and shared by every layer.
+the batch's positions and shared by every layer. Every layout converts to this one at load:
+interleaved pairs and partial rotation (GLM) by reordering each head's q/k rows
+(`rotate_half_order`) so that the rotated pairs sit at (i, i + head_dim / 2), with frequency 0 —
+cos 1, sin 0, exactly the identity — for the dims that do not rotate.
 """
 
 from __future__ import annotations
@@ -65,3 +68,22 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def padded_inv_freq(inv_freq: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """A partial rotation's frequencies over the whole head: 0 (no rotation) past the rotated dims."""
+    return torch.cat([inv_freq, inv_freq.new_zeros(head_dim // 2 - inv_freq.shape[-1])], dim=-1)
+
+
+def rotate_half_order(head_dim: int, rotary_dim: int, interleaved: bool) -> list[int]:
+    """The checkpoint dim each position of a head takes, so that the checkpoint's rotated pairs
+    ((2i, 2i + 1) interleaved, (i, i + rotary_dim / 2) otherwise) land at (i, i + head_dim / 2)
+    and its unrotated dims fill the rest."""
+    half = rotary_dim // 2
+    if interleaved:
+        first, second = list(range(0, rotary_dim, 2)), list(range(1, rotary_dim, 2))
+    else:
+        first, second = list(range(half)), list(range(half, rotary_dim))
+    rest = list(range(rotary_dim, head_dim))
+    middle = len(rest) // 2
+    return first + rest[:middle] + second + rest[middle:]

@@ -7,7 +7,8 @@ cache writes, SiLU, residual adds) and the Python that issues them cost more tha
 The fused path computes what the module path computes — same parts, same order, float32
 activations — so a layer takes it only when its parts are the ones the kernels implement
 (RMSNorm, optional per-head q/k RMSNorm, packed int8-activation linears, no bias on o/down,
-SwiGLU, rotate-half rope; no soft-capping or sandwich norms);
+SwiGLU, rotate-half rope — the identity where a model has no rotary positions —, soft-capping and
+ALiBi in the attention kernel; no sandwich norms);
 any other layer keeps the module path.
 """
 
@@ -36,6 +37,8 @@ class FusedDecodeLayer:
     num_kv_heads: int
     scale: float
     sliding_window: int | None
+    softcap: float | None
+    alibi: torch.Tensor | None
     isa: int
 
     max_rows = INT8_MAX_ROWS  # beyond, the module path's dequantise-and-GEMM products are faster
@@ -44,11 +47,13 @@ class FusedDecodeLayer:
     def build(cls, layer: torch.nn.Module) -> "FusedDecodeLayer | None":
         """The fused path for `layer` (a DecoderLayer, weights loaded), or None where it does not apply."""
         attn, mlp = layer.self_attn, layer.mlp
+        if not hasattr(mlp, "gate_up_proj"):
+            return None  # routed experts (layers/moe.py)
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(isinstance(m.method, PackedMethod) and m.method.int8_activations for m in linears):
             return None
-        if attn.softcap is not None or layer.pre_feedforward_layernorm is not None or mlp.hidden_act != "silu":
+        if layer.pre_feedforward_layernorm is not None or mlp.hidden_act != "silu":
             return None  # parts the C++ layer does not have
         if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
             return None
@@ -61,7 +66,7 @@ class FusedDecodeLayer:
         qk_norms = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
         return cls(layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,
                    mlp.gate_up_proj, mlp.down_proj, *qk_norms, attn.num_heads, attn.num_kv_heads, attn.scale,
-                   attn.sliding_window, attn.qkv_proj.method.isa)
+                   attn.sliding_window, attn.softcap, attn.alibi, attn.qkv_proj.method.isa)
 
     def applies_to(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.float32 and x.shape[0] <= self.max_rows
@@ -78,13 +83,14 @@ class FusedDecodeLayer:
                              self.o.part_data, self.o.part_types, self.gate_up.part_data, self.gate_up.part_types,
                              self.down.part_data, self.down.part_types, cos.reshape(rows, -1), sin.reshape(rows, -1), self.num_heads,
                              self.num_kv_heads, kv_cache, meta.slot_mapping, group.block_tables, group.context_lens,
-                             self.scale, self.sliding_window or 0, self.isa)
+                             self.scale, self.sliding_window or 0, self.softcap or 0.0, self.alibi, self.isa)
             return x
         q = ops.attention_input(x, self.input_norm.weight, self.input_norm.eps, self.qkv.part_data,
                                 self.qkv.part_types, self.qkv.bias, self.q_norm, self.k_norm, cos.reshape(rows, -1),
                                 sin.reshape(rows, -1), self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping,
                                 self.isa)
-        out = attend(q, kv_cache, meta, masks.for_window(self.sliding_window), self.scale, self.sliding_window)
+        out = attend(q, kv_cache, meta, masks.for_window(self.sliding_window), self.scale, self.sliding_window,
+                     softcap=self.softcap, alibi=self.alibi)
         ops.attention_output_mlp(x, out.contiguous(), self.o.part_data, self.o.part_types, self.post_norm.weight,
                                  self.post_norm.eps, self.gate_up.part_data, self.gate_up.part_types,
                                  self.down.part_data, self.down.part_types, self.isa)

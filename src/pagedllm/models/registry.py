@@ -45,15 +45,53 @@ class FamilySpec:
     # The checkpoint stores q/k/v as one `qkv_proj` and gate/up as one `gate_up_proj` (Phi-3); the
     # loaders split them into the canonical names.
     fused_checkpoint: bool = False
+    # Routed experts in place of the MLP (models of the family that have `num_experts`); the top-k
+    # weights renormalised where the checkpoint does not say (Mixtral always; llama.cpp's rule per
+    # architecture for GGUF files).
+    moe: bool = False
+    norm_topk_prob: bool = False
+    # Checkpoint names → canonical ones: (regular expression, replacement), applied in order
+    # (Mixtral's block_sparse_moe.experts.N.w1 → mlp.experts.N.gate_proj).
+    hf_renames: tuple[tuple[str, str], ...] = ()
+    # Rotary pairs are (2i, 2i + 1) in the checkpoint's q/k rows (GLM), in both formats.
+    rope_interleaved: bool = False
+    # BLOOM's parts: LayerNorm, a norm after the embeddings, a plain MLP, biases everywhere.
+    norm_kind: str = "rms"
+    embedding_norm: bool = False
+    gated_mlp: bool = True
+    mlp_bias: bool = False
+    o_proj_bias: bool = False
+    # The Hugging Face checkpoint's fused q/k/v rows go head by head ([heads, 3, head_dim], BLOOM).
+    hf_qkv_per_head: bool = False
+    position_encoding: str = "rope"
+    # Models of this many layers use ALiBi instead (Baichuan-13B, by llama.cpp's rule; 0: none).
+    alibi_layers: int = 0
+    # The output head's rows are normalised to unit length (Baichuan 2's NormHead) in models whose
+    # vocabulary has this size (0: never).
+    normalized_head_vocab: int = 0
 
     def model_parts(self) -> dict[str, object]:
         """The ModelConfig fields the family fixes, whatever its checkpoint says."""
-        return {"norm_offset": self.norm_offset, "qk_norm": self.qk_norm, "sandwich_norms": self.sandwich_norms}
+        return {"norm_offset": self.norm_offset, "qk_norm": self.qk_norm, "sandwich_norms": self.sandwich_norms,
+                "rope_interleaved": self.rope_interleaved, "norm_kind": self.norm_kind,
+                "embedding_norm": self.embedding_norm, "gated_mlp": self.gated_mlp, "o_proj_bias": self.o_proj_bias}
+
+    def model_shape_parts(self, layers: int, vocab_size: int) -> dict[str, object]:
+        """The ModelConfig fields the family decides from a model's size."""
+        alibi = self.position_encoding == "alibi" or layers == self.alibi_layers
+        return {"position_encoding": "alibi" if alibi else self.position_encoding,
+                "normalized_head": vocab_size == self.normalized_head_vocab}
 
 
 # Gemma 2/3: llama.cpp's ffn_norm is the norm before the MLP, two more follow the sub-layers.
 _GEMMA_SANDWICH = (("ffn_norm", "pre_feedforward_layernorm"), ("post_attention_norm", "post_attention_layernorm"),
                    ("post_ffw_norm", "post_feedforward_layernorm"))
+
+# GLM-4's norms, as Gemma 2/3's: after attention, before and after the MLP (its pre-MLP one is
+# named post_attention_layernorm).
+_GLM4_NORMS = ((r"\.post_attention_layernorm\.", ".pre_feedforward_layernorm."),
+               (r"\.post_self_attn_layernorm\.", ".post_attention_layernorm."),
+               (r"\.post_mlp_layernorm\.", ".post_feedforward_layernorm."))
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
@@ -95,6 +133,99 @@ FAMILIES: tuple[FamilySpec, ...] = (
         gguf_qk_permuted=False,
         fused_checkpoint=True,
         gguf_renames=(("attn_qkv", "self_attn.qkv_proj"), ("ffn_up", "mlp.gate_up_proj")),
+    ),
+    FamilySpec(
+        name="mixtral",
+        # llama.cpp writes Mixtral as GGUF architecture "llama" with an expert count.
+        hf_architectures=("MixtralForCausalLM",),
+        gguf_architectures=("llama",),
+        example="mistralai/Mixtral-8x7B-Instruct-v0.1",
+        sliding_window=True,
+        moe=True,
+        norm_topk_prob=True,
+        hf_renames=((r"\.block_sparse_moe\.", ".mlp."), (r"\.w1\.", ".gate_proj."), (r"\.w3\.", ".up_proj."),
+                    (r"\.w2\.", ".down_proj.")),
+    ),
+    FamilySpec(
+        name="qwen2_moe",
+        hf_architectures=("Qwen2MoeForCausalLM",),
+        gguf_architectures=("qwen2moe",),
+        example="Qwen/Qwen1.5-MoE-A2.7B-Chat",
+        attention_bias=True,
+        gguf_qk_permuted=False,
+        moe=True,
+    ),
+    FamilySpec(
+        name="qwen3_moe",
+        hf_architectures=("Qwen3MoeForCausalLM",),
+        gguf_architectures=("qwen3moe",),
+        example="Qwen/Qwen3-30B-A3B",
+        gguf_qk_permuted=False,
+        qk_norm=True,
+        moe=True,
+        norm_topk_prob=True,
+    ),
+    FamilySpec(
+        name="glm",
+        # transformers' port of ChatGLM / GLM-4-9B; llama.cpp writes it as "chatglm".
+        hf_architectures=("GlmForCausalLM",),
+        gguf_architectures=("chatglm",),
+        example="THUDM/glm-4-9b-chat-hf",
+        attention_bias=True,
+        gguf_qk_permuted=False,  # llama.cpp rotates interleaved pairs, as the checkpoint
+        fused_checkpoint=True,
+        rope_interleaved=True,
+        gguf_renames=(("ffn_up", "mlp.gate_up_proj"),),
+    ),
+    FamilySpec(
+        name="glm4",
+        hf_architectures=("Glm4ForCausalLM",),
+        gguf_architectures=("glm4",),
+        example="THUDM/GLM-4-9B-0414",
+        attention_bias=True,
+        gguf_qk_permuted=False,
+        fused_checkpoint=True,
+        rope_interleaved=True,
+        sandwich_norms=True,
+        hf_renames=_GLM4_NORMS,
+        gguf_renames=_GEMMA_SANDWICH + (("ffn_up", "mlp.gate_up_proj"),),
+    ),
+    FamilySpec(
+        name="baichuan",
+        # Baichuan 1 and 2, 7B (RoPE) and 13B (ALiBi); remote code, no transformers class.
+        hf_architectures=("BaichuanForCausalLM", "BaiChuanForCausalLM"),
+        gguf_architectures=("baichuan",),
+        example="baichuan-inc/Baichuan2-7B-Chat",
+        fused_checkpoint=True,
+        hf_renames=((r"\.self_attn\.W_pack\.", ".self_attn.qkv_proj."),),
+        alibi_layers=40,
+        normalized_head_vocab=125696,
+    ),
+    FamilySpec(
+        name="bloom",
+        hf_architectures=("BloomForCausalLM",),
+        gguf_architectures=("bloom",),
+        example="bigscience/bloomz-560m",
+        attention_bias=True,
+        gguf_qk_permuted=False,  # no rotation
+        fused_checkpoint=True,
+        hf_qkv_per_head=True,
+        norm_kind="layer",
+        embedding_norm=True,
+        gated_mlp=False,
+        mlp_bias=True,
+        o_proj_bias=True,
+        position_encoding="alibi",
+        hidden_act="gelu_tanh",
+        hf_renames=((r"^(transformer\.)?h\.", "model.layers."),
+                    (r"^(transformer\.)?word_embeddings_layernorm\.", "model.embed_layernorm."),
+                    (r"^(transformer\.)?word_embeddings\.", "model.embed_tokens."),
+                    (r"^(transformer\.)?ln_f\.", "model.norm."),
+                    (r"\.self_attention\.query_key_value\.", ".self_attn.qkv_proj."),
+                    (r"\.self_attention\.dense\.", ".self_attn.o_proj."),
+                    (r"\.mlp\.dense_h_to_4h\.", ".mlp.up_proj."),
+                    (r"\.mlp\.dense_4h_to_h\.", ".mlp.down_proj.")),
+        gguf_renames=(("attn_qkv", "self_attn.qkv_proj"),),
     ),
     FamilySpec(
         name="gemma",
@@ -155,10 +286,14 @@ def family_for_hf(architectures: list[str] | None) -> FamilySpec:
     )
 
 
-def family_for_gguf(architecture: str) -> FamilySpec:
-    for family in FAMILIES:
-        if architecture in family.gguf_architectures:
+def family_for_gguf(architecture: str, experts: bool = False) -> FamilySpec:
+    """The family of a GGUF architecture; one name can stand for a dense and a MoE family ("llama")."""
+    candidates = [f for f in FAMILIES if architecture in f.gguf_architectures]
+    for family in candidates:
+        if family.moe == experts:
             return family
+    if candidates:
+        return candidates[0]
     raise UnsupportedModelError(
         f"unsupported GGUF architecture {architecture!r}; pagedllm supports: {_supported('gguf')}"
     )

@@ -1,7 +1,8 @@
 """One decoder-only transformer for every family: the llama block, with the parts a family's
 spec chooses (models/registry.py → ModelConfig).
 
-Pre-norm RMSNorm (Gemma's 1 + w), a gated MLP (SwiGLU, GeGLU), rotary embeddings (a second,
+Pre-norm RMSNorm (Gemma's 1 + w) or LayerNorm, a gated MLP (SwiGLU, GeGLU), a plain one, or routed
+experts, rotary (partial, any pair layout: the loaders reorder q/k rows) or ALiBi positions, rotary embeddings (a second,
 local base for windowed layers), grouped-query attention with optional q/k/v bias, per-head
 q/k norms, soft-capped scores and per-layer sliding windows; Gemma 2/3's extra norms around each
 sub-layer; scaled embeddings; tied or separate output embedding with optional soft-capping.
@@ -18,21 +19,17 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weight
-from ..layers.activation import gated
-from ..layers.attention import AttentionMasks, AttentionMetadata, paged_attention
-from ..layers.norm import RMSNorm
-from ..layers.rotary import apply_rope, rope_cos_sin, rope_inv_freq, rope_long_inv_freq
+from ..layers.attention import AttentionMasks, AttentionMetadata, alibi_slopes, paged_attention
+from ..layers.mlp import MLP
+from ..layers.moe import SparseMoE
+from ..layers.norm import LayerNorm, RMSNorm
+from ..layers.rotary import apply_rope, padded_inv_freq, rope_cos_sin, rope_inv_freq, rope_long_inv_freq
 from .fused_decode import FusedDecodeLayer
 
 
-def _linear(plan: LinearPlan, prefix: str, shards: dict[str, int], in_features: int, bias: bool = False) -> Linear:
-    """A layer fusing the checkpoint tensors `prefix.<shard>.weight` (shard name → rows), in order."""
-    names = [f"{prefix}.{shard}.weight" for shard in shards]
-    return Linear(in_features, sum(shards.values()), bias=bias, shard_sizes=tuple(shards.values()),
-                  method=plan.method_for(names, in_features))
-
-
-def _norm(cfg: ModelConfig, size: int | None = None) -> RMSNorm:
+def _norm(cfg: ModelConfig, size: int | None = None) -> RMSNorm | LayerNorm:
+    if cfg.norm_kind == "layer":
+        return LayerNorm(size or cfg.hidden_size, cfg.rms_norm_eps)
     return RMSNorm(size or cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
 
 
@@ -41,14 +38,16 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = _linear(plan, prefix, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
+        self.qkv_proj = plan.linear(prefix, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
                                 cfg.hidden_size, bias=cfg.attention_bias)
-        self.o_proj = _linear(plan, prefix, {"o_proj": cfg.hidden_size}, self.q_size)
+        self.o_proj = plan.linear(prefix, {"o_proj": cfg.hidden_size}, self.q_size, bias=cfg.o_proj_bias)
         self.q_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.k_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.scale = cfg.scale
         self.sliding_window = cfg.layer_window(layer)
         self.softcap = cfg.attn_logit_softcap
+        self.register_buffer("alibi", alibi_slopes(self.num_heads) if cfg.position_encoding == "alibi" else None,
+                             persistent=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, masks: AttentionMasks) -> torch.Tensor:
@@ -61,24 +60,8 @@ class Attention(nn.Module):
         # Products in bfloat16 GEMMs (packed weights, many rows) take attention's products with them.
         matmul_dtype = self.qkv_proj.method.activation_dtype(x)
         out = paged_attention(q, k, v, kv_cache, meta, masks.for_window(self.sliding_window), self.scale,
-                              self.sliding_window, matmul_dtype, self.softcap)
+                              self.sliding_window, matmul_dtype, self.softcap, self.alibi)
         return self.o_proj(out.reshape(-1, self.q_size))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
-        super().__init__()
-        size = cfg.intermediate_size
-        self.gate_up_proj = _linear(plan, prefix, {"gate_proj": size, "up_proj": size}, cfg.hidden_size)
-        self.down_proj = _linear(plan, prefix, {"down_proj": cfg.hidden_size}, size)
-        self.hidden_act = cfg.hidden_act
-        self.act_and_mul = gated(cfg.hidden_act)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Where the products run in bfloat16 (many rows, packed weights), the intermediate stays in
-        # it: its values are the GEMM's bfloat16 output either way, and it is the widest activation.
-        x = x.to(self.gate_up_proj.method.activation_dtype(x))
-        return self.down_proj(self.act_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -91,7 +74,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = _norm(cfg)
         self.pre_feedforward_layernorm = _norm(cfg) if cfg.sandwich_norms else None
         self.post_feedforward_layernorm = _norm(cfg) if cfg.sandwich_norms else None
-        self.mlp = MLP(cfg, plan, f"{prefix}.mlp")
+        self.mlp = SparseMoE(cfg, plan, f"{prefix}.mlp") if cfg.is_moe_layer(layer) else MLP(cfg, plan, f"{prefix}.mlp")
         self.rope_index = 1 if cfg.uses_local_rope(layer) else 0  # which of the model's rotations
         self.fused: FusedDecodeLayer | None = None  # set once the weights are in, where the layer qualifies
 
@@ -105,11 +88,6 @@ class DecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-# Canonical (Hugging Face) names whose tensors are slices of one fused parameter here.
-_FUSED = {
-    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
-}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
@@ -124,16 +102,27 @@ class Transformer(nn.Module):
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size,
                                       method=embed_plan.method_for(["model.embed_tokens.weight"], cfg.hidden_size,
                                                                    output_head=cfg.tie_word_embeddings))
+        self.embed_layernorm = _norm(cfg) if cfg.embedding_norm else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, plan, f"model.layers.{i}", i) for i in range(cfg.num_hidden_layers))
         self.norm = _norm(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, method=plan.method_for(["lm_head.weight"], cfg.hidden_size, output_head=True))
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        self.head_scale: torch.Tensor | None = None  # per-row scale of the logits (normalized_head), set at load
+        self.register_buffer("inv_freq", self._frequencies(rope_inv_freq, cfg.rope_theta, cfg.rope_scaling),
+                             persistent=False)
         if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
-            self.register_buffer("long_inv_freq", rope_long_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                                 persistent=False)
+            self.register_buffer("long_inv_freq", self._frequencies(rope_long_inv_freq, cfg.rope_theta,
+                                                                    cfg.rope_scaling), persistent=False)
         local_theta = cfg.local_rope_theta or cfg.rope_theta  # windowed layers' rotation, unscaled
-        self.register_buffer("local_inv_freq", rope_inv_freq(cfg.head_dim, local_theta, None), persistent=False)
+        self.register_buffer("local_inv_freq", self._frequencies(rope_inv_freq, local_theta, None), persistent=False)
+
+    def _frequencies(self, inv_freq_of, theta: float, scaling) -> torch.Tensor:
+        """Rotation frequencies over the whole head: a partial rotation's padded with 0, and all 0
+        (cos 1, sin 0: the identity) where positions are not rotary (ALiBi, none)."""
+        cfg = self.config
+        if cfg.position_encoding != "rope":
+            return torch.zeros(cfg.head_dim // 2)
+        return padded_inv_freq(inv_freq_of(cfg.rope_dims, theta, scaling), cfg.head_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -141,6 +130,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.config.embedding_scale != 1.0:
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
+        if self.embed_layernorm is not None:
+            x = self.embed_layernorm(x)
         ropes = [self._global_rope(positions, meta, x.dtype)]
         if self.config.local_rope_theta is not None:
             ropes.append(rope_cos_sin(positions, self.local_inv_freq, x.dtype))
@@ -169,8 +160,9 @@ class Transformer(nn.Module):
         return rope_cos_sin(positions, inv_freq, dtype, scaling.attention_factor)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        head = self.embed_tokens if self.lm_head is None else self.lm_head
-        logits = Linear.forward(head, hidden).float()
+        logits = Linear.forward(self._head, hidden).float()
+        if self.head_scale is not None:
+            logits = logits * self.head_scale
         cap = self.config.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -185,6 +177,9 @@ class Transformer(nn.Module):
         model.local_inv_freq = model.local_inv_freq.float()
         if hasattr(model, "long_inv_freq"):
             model.long_inv_freq = model.long_inv_freq.float()
+        for layer in model.layers:
+            if layer.self_attn.alibi is not None:
+                layer.self_attn.alibi = layer.self_attn.alibi.float()  # the kernels read float32 slopes
         return model
 
     def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None:
@@ -192,11 +187,14 @@ class Transformer(nn.Module):
         linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
         params = {name: p for name, p in self.named_parameters() if not _owned_by_linear(name, linears)}
         norms = {name: m for name, m in self.named_modules() if isinstance(m, RMSNorm)}
+        # Checkpoint tensor → (layer, shard): each fused layer knows the tensors it is made of.
+        shards = {checkpoint: (module, i) for module, layer in linears.items()
+                  for i, checkpoint in enumerate(layer.checkpoint_names)}
         filled: set[str] = set()
         for name, tensor in weights:
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
-            target, shard = self._locate(name)
+            target, shard = self._locate(name, shards)
             module, _, leaf = target.rpartition(".")
             if module in linears and leaf in ("weight", "bias"):
                 linears[module].load_shard(shard or 0, tensor, name, leaf)
@@ -215,6 +213,12 @@ class Transformer(nn.Module):
             layer.method.finish(layer)
         for layer in self.layers:
             layer.fused = FusedDecodeLayer.build(layer)
+        if self.config.normalized_head:  # Baichuan 2's NormHead: x · W_iᵀ / ‖W_i‖, whatever W's storage
+            self.head_scale = 1 / self._head.method.row_norms(self._head).clamp_min(1e-12)
+
+    @property
+    def _head(self) -> Linear:
+        return self.embed_tokens if self.lm_head is None else self.lm_head
 
     def weight_bytes(self) -> int:
         """Bytes the weights take as stored (packed blocks counted as they are)."""
@@ -224,13 +228,13 @@ class Transformer(nn.Module):
                             if not (n.endswith(".weight") and _owned_by_linear(n, linears)))
 
     @staticmethod
-    def _locate(name: str) -> tuple[str, int | None]:
-        name = name.removeprefix("model.")
-        parts = name.split(".")
-        if len(parts) >= 2 and parts[-2] in _FUSED:
-            fused, shard = _FUSED[parts[-2]]
-            return ".".join(parts[:-2] + [fused, parts[-1]]), shard
-        return name, None
+    def _locate(name: str, shards: dict[str, tuple[str, int]]) -> tuple[str, int | None]:
+        """The parameter a canonical tensor fills, and its shard where the layer is fused."""
+        checkpoint, _, leaf = name.rpartition(".")
+        if checkpoint in shards:
+            module, shard = shards[checkpoint]
+            return f"{module}.{leaf}", shard
+        return name.removeprefix("model."), None
 
 
 def _owned_by_linear(param_name: str, linears: dict[str, Linear]) -> bool:

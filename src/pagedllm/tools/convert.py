@@ -7,6 +7,7 @@ for llama-family models, through the `gguf` package's writer.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,6 +19,7 @@ from gguf import quants as gguf_quants
 from ..config import ModelConfig
 from ..layers.quant import QUANTIZERS, quantize
 from ..layers.rotary import rope_inv_freq
+from ..models.loaders import split_fused
 from ..models.loaders.gguf_loader import GLOBAL_RENAMES, is_norm_weight, layer_renames
 from ..models.registry import FamilySpec, family_by_name
 
@@ -34,8 +36,9 @@ WEIGHT_TYPES = tuple(_TYPES) + tuple(_MIXES)
 
 
 def tensor_type(weight_type: str, gguf_tensor: str, shape: tuple[int, ...]) -> str:
-    """The type one tensor is written in, for a file type (a plain type or a mix such as q4_k_m)."""
-    if len(shape) != 2:
+    """The type one tensor is written in, for a file type (a plain type or a mix such as q4_k_m).
+    `shape`: one matrix's (one expert's, for a stack of experts)."""
+    if len(shape) != 2 or "ffn_gate_inp" in gguf_tensor:  # routers stay float, as llama.cpp keeps them
         return "f32"
     if weight_type in _MIXES:
         base, precise = _MIXES[weight_type]
@@ -47,15 +50,36 @@ def tensor_type(weight_type: str, gguf_tensor: str, shape: tuple[int, ...]) -> s
     return weight_type
 
 
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+def expert_of(canonical: str) -> int | None:
+    match = _EXPERT.search(canonical)
+    return int(match.group(1)) if match else None
+
+
 def gguf_name(canonical: str, family: FamilySpec) -> str:
+    """llama.cpp's name for a canonical tensor (an expert's: that of the stack it goes into)."""
     if canonical in _TO_GGUF:
         return _TO_GGUF[canonical]
     to_gguf = {hf: gguf for gguf, hf in layer_renames(family).items()}
-    parts = canonical.removeprefix("model.layers.").split(".")
+    parts = _EXPERT.sub(".experts.{}.", canonical).removeprefix("model.layers.").split(".")
     part = ".".join(parts[1:-1])
     if part not in to_gguf:
         raise ValueError(f"tensor {canonical!r} has no llama.cpp name in family {family.name}")
     return f"blk.{parts[0]}.{to_gguf[part]}.{parts[-1]}"
+
+
+def _llama_cpp_tensors(weights: Iterable[tuple[str, torch.Tensor]], config: ModelConfig,
+                       family: FamilySpec) -> Iterable[tuple[str, torch.Tensor]]:
+    """Fused checkpoint tensors that llama.cpp stores split (Baichuan's W_pack) as their parts."""
+    for name, tensor in weights:
+        try:
+            gguf_name(name, family)
+        except ValueError:
+            yield from split_fused([(name, tensor)], config)
+            continue
+        yield name, tensor
 
 
 def permute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -82,19 +106,32 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
     _write_hparams(writer, arch, config)
     for key, value in (metadata or {}).items():
         _write_value(writer, key, value)
-    for name, tensor in weights:
+    stacks: dict[str, dict[int, torch.Tensor]] = {}  # experts' matrices, until each stack is complete
+    for name, tensor in _llama_cpp_tensors(weights, config, family):
         tensor = tensor.detach().float()
         if family.gguf_qk_permuted and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
             tensor = permute_rows(tensor, heads)
         if family.norm_offset and is_norm_weight(name):
             tensor = tensor + family.norm_offset  # llama.cpp stores Gemma's norms as 1 + w
+        if config.normalized_head and name == "lm_head.weight":
+            tensor = torch.nn.functional.normalize(tensor)  # Baichuan 2's NormHead, as its model does at first use
         target = gguf_name(name, family)
-        _add_tensor(writer, target, tensor, tensor_type(weight_type, target, tuple(tensor.shape)))
+        expert = expert_of(name)
+        if expert is not None:
+            stack = stacks.setdefault(target, {})
+            stack[expert] = tensor
+            if len(stack) < config.num_experts:
+                continue
+            del stacks[target]
+            tensor = torch.stack([stack[e] for e in range(config.num_experts)])
+        _add_tensor(writer, target, tensor, tensor_type(weight_type, target, tuple(tensor.shape[-2:])))
+    if stacks:
+        raise ValueError(f"incomplete expert tensors for {', '.join(sorted(stacks))}")
     scaling = config.rope_scaling
     if scaling is not None and scaling.kind == "llama3":
-        plain = rope_inv_freq(config.head_dim, config.rope_theta, None)
-        scaled = rope_inv_freq(config.head_dim, config.rope_theta, scaling)
+        plain = rope_inv_freq(config.rope_dims, config.rope_theta, None)
+        scaled = rope_inv_freq(config.rope_dims, config.rope_theta, scaling)
         _add_tensor(writer, "rope_freqs.weight", plain / scaled, "f32")
     if scaling is not None and scaling.kind == "longrope":
         _add_tensor(writer, "rope_factors_long.weight", torch.tensor(scaling.long_factors), "f32")
@@ -114,8 +151,11 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_key_length(c.head_dim)
     writer.add_value_length(c.head_dim)
-    writer.add_rope_dimension_count(c.head_dim)
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_rope_dimension_count(c.rope_dims)
+    if c.norm_kind == "layer":
+        writer.add_layer_norm_eps(c.rms_norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_vocab_size(c.vocab_size)
     if c.sliding_window:
@@ -133,6 +173,13 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
     if c.rope_scaling is not None and c.rope_scaling.kind == "longrope":
         writer.add_rope_scaling_orig_ctx_len(c.rope_scaling.original_max_position_embeddings)
         writer.add_rope_scaling_attn_factors(c.rope_scaling.attention_factor)
+    if c.num_experts:
+        writer.add_expert_count(c.num_experts)
+        writer.add_expert_used_count(c.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(c.moe_intermediate_size)
+        writer.add_expert_weights_norm(c.norm_topk_prob)
+        if c.shared_expert_intermediate_size:
+            writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
     if c.rope_scaling is not None and c.rope_scaling.kind == "linear":
         writer.add_string(f"{arch}.rope.scaling.type", "linear")
         writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_scaling.factor)
@@ -146,7 +193,10 @@ def _add_tensor(writer: GGUFWriter, name: str, tensor: torch.Tensor, weight_type
     elif qtype == GGMLQuantizationType.F16:
         writer.add_tensor(name, data.astype(np.float16))
     else:  # the gguf package quantises the legacy types only; ours are the same blocks, and vectorised
-        blocks = quantize(tensor, qtype).data.numpy() if qtype in QUANTIZERS else gguf_quants.quantize(data, qtype)
+        matrices = tensor.reshape(-1, tensor.shape[-1])  # a stack of experts: all their rows at once
+        blocks = quantize(matrices, qtype).data.numpy() if qtype in QUANTIZERS else gguf_quants.quantize(
+            data.reshape(matrices.shape), qtype)
+        blocks = blocks.reshape(*tensor.shape[:-1], -1)
         writer.add_tensor(name, blocks, raw_shape=blocks.shape, raw_dtype=qtype)
 
 

@@ -18,6 +18,7 @@ from ..transformer import Transformer
 from .gguf_file import open_gguf
 from ...layers.linear import LinearPlan, Weight, WeightLoadError
 from ...layers.quant import QUANTIZE_AT_LOAD, PackedWeight
+from ...layers.rotary import rotate_half_order
 from .gguf_loader import gguf_model_config, gguf_weights, packed_tensor_names
 from .hf_loader import hf_model_config, hf_weights
 
@@ -138,6 +139,18 @@ def _row_slice(tensor: Weight, start: int, rows: int) -> Weight:
     return tensor[start:start + rows]
 
 
+def rotate_half_rows(weights: Iterable[tuple[str, Weight]], config: ModelConfig) -> Iterator[tuple[str, Weight]]:
+    """Each head's q/k rows (and biases) reordered so that the checkpoint's rotary pairs run in
+    the model's rotate-half layout (layers/rotary.py); q·k is unchanged, the same order on both."""
+    order = torch.tensor(rotate_half_order(config.head_dim, config.rope_dims, config.rope_interleaved))
+    for name, tensor in weights:
+        if ".q_proj." in name or ".k_proj." in name:
+            rows = torch.arange(tensor.shape[0]).view(-1, config.head_dim)[:, order].reshape(-1)
+            tensor = (PackedWeight(tensor.qtype, tensor.data[rows], tensor.cols) if isinstance(tensor, PackedWeight)
+                      else tensor[rows])
+        yield name, tensor
+
+
 def load_model(source: ModelSource, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32, quantization: str = "auto") -> Transformer:
     """Build and fill the model. `quantization`: see config.QUANTIZATION_CHOICES."""
@@ -156,6 +169,8 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu",
         weights = hf_weights(source.path)
     if family.fused_checkpoint:
         weights = split_fused(weights, config)
+    if config.position_encoding == "rope" and (config.rope_interleaved or config.rope_dims < config.head_dim):
+        weights = rotate_half_rows(weights, config)
     model = Transformer.create(config, device, dtype, plan)
     model.load_weights(weights)
     return model.eval()

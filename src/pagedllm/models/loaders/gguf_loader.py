@@ -33,10 +33,23 @@ LAYER_RENAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
+    # Mixture of experts: the router, the experts stacked in one 3-D tensor each ({} is the expert),
+    # Qwen2-MoE's shared expert and its gate.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.{}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{}.up_proj",
+    "ffn_down_exps": "mlp.experts.{}.down_proj",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
 GLOBAL_RENAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
+    "token_embd_norm.weight": "model.embed_layernorm.weight",
+    "token_embd_norm.bias": "model.embed_layernorm.bias",
     "output_norm.weight": "model.norm.weight",
+    "output_norm.bias": "model.norm.bias",
     "output.weight": "lm_head.weight",
 }
 _LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -57,6 +70,11 @@ def canonical_name(gguf_name: str, family: FamilySpec) -> str:
         layer, part, kind = match.groups()
         return f"model.layers.{layer}.{renames[part]}.{kind}"
     return gguf_name  # the model reports it as unexpected
+
+
+def expert_names(canonical: str, experts: int) -> list[str]:
+    """The canonical names a stacked expert tensor holds (its first dimension), or the name itself."""
+    return [canonical.format(e) for e in range(experts)] if "{}" in canonical else [canonical]
 
 
 def is_norm_weight(canonical: str) -> bool:
@@ -138,9 +156,25 @@ def _attention_scale(f: GGUFFile, arch: str, family: FamilySpec, layers: int, hi
     return None
 
 
+def _experts(f: GGUFFile, arch: str, family: FamilySpec) -> dict:
+    experts = _int_key(f, f"{arch}.expert_count", 0)
+    if not experts:
+        return {}
+    if not family.moe:
+        raise GGUFError(f"{f.path}: architecture {arch!r} with experts is not supported")
+    norm = f.get(f"{arch}.expert_weights_norm", family.norm_topk_prob)
+    return dict(num_experts=experts, num_experts_per_tok=_int_key(f, f"{arch}.expert_used_count"),
+                moe_intermediate_size=_int_key(f, f"{arch}.expert_feed_forward_length",
+                                               _int_key(f, f"{arch}.feed_forward_length")),
+                shared_expert_intermediate_size=_int_key(f, f"{arch}.expert_shared_feed_forward_length", 0),
+                norm_topk_prob=bool(norm),
+                dense_layers=tuple(i for i in range(_int_key(f, f"{arch}.block_count"))
+                                   if f"blk.{i}.ffn_gate_inp.weight" not in f.tensors))
+
+
 def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     arch = f.require("general.architecture")
-    family = family_for_gguf(arch)
+    family = family_for_gguf(arch, experts=bool(f.get(f"{arch}.expert_count", 0)))
     hidden = _int_key(f, f"{arch}.embedding_length")
     heads = _int_key(f, f"{arch}.attention.head_count")
     if heads <= 0:
@@ -148,8 +182,6 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     # Without an explicit key_length the head size is the embedding split evenly across heads.
     head_dim = _int_key(f, f"{arch}.attention.key_length", hidden // heads if hidden % heads == 0 else None)
     rope_dim = _int_key(f, f"{arch}.rope.dimension_count", head_dim)
-    if rope_dim != head_dim:
-        raise GGUFError(f"{f.path}: partial rotary embeddings ({rope_dim} of {head_dim} dims) are not supported")
     if "token_embd.weight" not in f.tensors:
         raise GGUFError(f"{f.path}: tensor 'token_embd.weight' is missing")
     vocab_size = f.tensors["token_embd.weight"].shape[0]
@@ -161,17 +193,19 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         family=family.name,
         vocab_size=vocab_size,
         hidden_size=hidden,
-        intermediate_size=_int_key(f, f"{arch}.feed_forward_length"),
+        intermediate_size=_int_key(f, f"{arch}.feed_forward_length", 0) or _int_key(f, f"{arch}.expert_feed_forward_length"),
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=_int_key(f, f"{arch}.attention.head_count_kv", heads),
         head_dim=head_dim,
-        rms_norm_eps=_float_key(f, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6),
+        rotary_dim=rope_dim if rope_dim != head_dim else None,
+        rms_norm_eps=_float_key(f, f"{arch}.attention.layer_norm_rms_epsilon",
+                                _float_key(f, f"{arch}.attention.layer_norm_epsilon", 1e-6)),
         rope_theta=_float_key(f, f"{arch}.rope.freq_base", 10000.0),
         rope_scaling=_rope_scaling(f, arch),
         max_position_embeddings=_int_key(f, f"{arch}.context_length", 4096),
         tie_word_embeddings="output.weight" not in f.tensors,
-        attention_bias="blk.0.attn_q.bias" in f.tensors,
+        attention_bias="blk.0.attn_q.bias" in f.tensors or "blk.0.attn_qkv.bias" in f.tensors,
         sliding_window=window,
         sliding_layers=sliding_layers,
         local_rope_theta=local_theta if window else None,
@@ -180,7 +214,10 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         attention_scale=_attention_scale(f, arch, family, layers, hidden, heads),
         attn_logit_softcap=_optional_float(f, f"{arch}.attn_logit_softcapping"),
         final_logit_softcap=_optional_float(f, f"{arch}.final_logit_softcapping"),
+        mlp_bias=family.mlp_bias or "blk.0.ffn_down.bias" in f.tensors,
+        **_experts(f, arch, family),
         **family.model_parts(),
+        **family.model_shape_parts(layers, vocab_size),
     )
     return config, family
 
@@ -190,13 +227,14 @@ _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantiza
 
 
 def is_quantised_matrix(info) -> bool:
-    """A matrix the file stores quantised: it can stay packed."""
-    return info.ggml_type not in _FLOAT_TYPES and len(info.shape) == 2
+    """A matrix (or a stack of experts' matrices) the file stores quantised: it can stay packed."""
+    return info.ggml_type not in _FLOAT_TYPES and len(info.shape) in (2, 3)
 
 
 def packed_tensor_names(f: GGUFFile, family: FamilySpec) -> frozenset[str]:
     """Canonical names of the matrices the file stores quantised."""
-    return frozenset(canonical_name(info.name, family) for info in f.tensors.values() if is_quantised_matrix(info))
+    return frozenset(name for info in f.tensors.values() if is_quantised_matrix(info)
+                     for name in expert_names(canonical_name(info.name, family), info.shape[0]))
 
 
 def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: bool = False
@@ -212,6 +250,11 @@ def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: b
         name = canonical_name(info.name, family)
         keep_packed = packed and is_quantised_matrix(info)
         tensor = _packed(f, info) if keep_packed else dequantize(f.tensor_bytes(info), info.ggml_type, info.shape)
+        if "{}" in name:  # one tensor per expert: views of the stack
+            yield from ((expert, _expert(tensor, e)) for e, expert in enumerate(expert_names(name, info.shape[0])))
+            continue
+        if name.endswith("shared_expert_gate.weight") and tensor.dim() == 1:
+            tensor = tensor[None]  # llama.cpp's {n_embd} vector is the [1, hidden] gate
         if family.norm_offset and is_norm_weight(name) and isinstance(tensor, torch.Tensor):
             tensor = tensor - family.norm_offset  # back to the checkpoint's w; the model adds it again
         if family.gguf_qk_permuted and (".q_proj." in name or ".k_proj." in name):
@@ -223,11 +266,15 @@ def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: b
 
 
 def _packed(f: GGUFFile, info) -> PackedWeight:
-    rows, cols = info.shape
+    """The blocks as a view of the map: [rows, bytes] ([experts, rows, bytes] for a stack)."""
     with warnings.catch_warnings():  # the map is read-only, and nothing ever writes to weights
         warnings.simplefilter("ignore", UserWarning)
-        data = torch.from_numpy(f.tensor_bytes(info)).view(rows, -1)
-    return PackedWeight(info.ggml_type, data, cols)
+        data = torch.from_numpy(f.tensor_bytes(info)).view(*info.shape[:-1], -1)
+    return PackedWeight(info.ggml_type, data, info.shape[-1])
+
+
+def _expert(stack: Weight, e: int) -> Weight:
+    return PackedWeight(stack.qtype, stack.data[e], stack.cols) if isinstance(stack, PackedWeight) else stack[e]
 
 
 def _unpermute(tensor: Weight, heads: int) -> Weight:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,9 @@ def _longrope(params: dict[str, Any], max_positions: int) -> RopeScaling:
                        original_max_position_embeddings=original, attention_factor=float(attention))
 
 
-def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]:
-    """(base, scaling) of the global layers and the windowed layers' own base, if any."""
+def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None, float]:
+    """(base, scaling) of the global layers, the windowed layers' own base (if any) and the
+    fraction of each head that rotates."""
     # transformers 5 writes `rope_parameters` (per layer type where they differ, as Gemma 3's);
     # older configs use rope_theta + rope_scaling (+ rope_local_base_freq).
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -72,10 +74,9 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None]
         local_theta = local.get("rope_theta", local_theta)
         params = params.get("full_attention") or {}
     theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    if params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise HFModelError("partial rotary embeddings (partial_rotary_factor) are not supported")
+    partial = float(params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0)))
     scaling = _rope_scaling(params, cfg.get("max_position_embeddings", 4096))
-    return theta, scaling, None if local_theta is None else float(local_theta)
+    return theta, scaling, None if local_theta is None else float(local_theta), partial
 
 
 _LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
@@ -114,14 +115,46 @@ def _activation(cfg: dict[str, Any], family: FamilySpec) -> str:
     return _ACTIVATIONS[name]
 
 
+def _experts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
+    """The MoE fields of ModelConfig, as transformers reads Mixtral's and Qwen-MoE's configs."""
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    if not family.moe or not experts:
+        return {}
+    layers, step = cfg["num_hidden_layers"], cfg.get("decoder_sparse_step") or 1
+    only_mlp = set(cfg.get("mlp_only_layers") or ())
+    return dict(num_experts=experts, num_experts_per_tok=cfg["num_experts_per_tok"],
+                moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
+                shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", family.norm_topk_prob)),
+                dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step))
+
+
+# Older configs' names for the standard keys (BLOOM's, GPT-2's), as transformers' attribute maps.
+_ALIASES = {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers", "n_embed": "hidden_size",
+            "layer_norm_epsilon": "rms_norm_eps"}
+
+
+def _standard_keys(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg = {**{new: cfg[old] for old, new in _ALIASES.items() if old in cfg}, **cfg}
+    if "intermediate_size" not in cfg and "hidden_size" in cfg:
+        cfg["intermediate_size"] = 4 * cfg["hidden_size"]  # BLOOM's fixed ratio
+    return cfg
+
+
+def _shape_parts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
+    parts = family.model_shape_parts(cfg["num_hidden_layers"], cfg["vocab_size"])
+    if family.normalized_head_vocab and "z_loss_weight" in cfg:  # a Baichuan 2 config, whatever its vocabulary
+        parts["normalized_head"] = True
+    return parts
+
+
 def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
-    cfg = read_json(folder / "config.json")
+    cfg = _standard_keys(read_json(folder / "config.json"))
     family = family_for_hf(cfg.get("architectures"))
-    if cfg.get("mlp_bias"):
-        raise HFModelError(f"{folder}: MLP biases (mlp_bias) are not supported")
     try:
         heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
-        theta, scaling, local_theta = _rope(cfg)
+        theta, scaling, local_theta, partial_rotary = _rope(cfg)
+        head_dim = cfg.get("head_dim") or hidden // heads
         window, sliding_layers = _windows(cfg, family)
         scalar = cfg.get("query_pre_attn_scalar")
         config = ModelConfig(
@@ -132,13 +165,14 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=cfg.get("head_dim") or hidden // heads,
+            head_dim=head_dim,
+            rotary_dim=int(head_dim * partial_rotary) if partial_rotary != 1.0 else None,
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+            max_position_embeddings=cfg.get("max_position_embeddings") or cfg.get("model_max_length", 4096),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family.scale_embeddings)),
-            attention_bias=bool(cfg.get("attention_bias", family.attention_bias)),
+            attention_bias=bool(cfg.get("attention_bias", cfg.get("qkv_bias", family.attention_bias))),
             sliding_window=window,
             sliding_layers=sliding_layers,
             local_rope_theta=local_theta if window is not None else None,
@@ -147,7 +181,10 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
             attention_scale=float(scalar) ** -0.5 if scalar else None,
             attn_logit_softcap=cfg.get("attn_logit_softcapping"),
             final_logit_softcap=cfg.get("final_logit_softcapping"),
+            mlp_bias=bool(cfg.get("mlp_bias") or family.mlp_bias),
+            **_experts(cfg, family),
             **family.model_parts(),
+            **_shape_parts(cfg, family),
         )
     except KeyError as exc:
         raise HFModelError(f"{folder / 'config.json'}: missing key {exc.args[0]!r}") from None
@@ -163,11 +200,28 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
+def canonical_hf_name(name: str, family: FamilySpec) -> str:
+    for pattern, canonical in family.hf_renames:
+        name = re.sub(pattern, canonical, name)
+    return name
+
+
 def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors under canonical names (fused ones stay whole: loaders.split_fused)."""
+    cfg = _standard_keys(read_json(folder / "config.json"))
+    family = family_for_hf(cfg.get("architectures"))
     for path in safetensors_files(folder):
         try:
             with safe_open(os.fspath(path), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    tensor, name = f.get_tensor(name), canonical_hf_name(name, family)
+                    if family.hf_qkv_per_head and ".qkv_proj." in name:
+                        tensor = _qkv_by_kind(tensor, cfg["num_attention_heads"])
+                    yield name, tensor
         except (OSError, RuntimeError, ValueError) as exc:  # safetensors reports bad headers as these
             raise HFModelError(f"{path}: cannot read safetensors ({exc})") from None
+
+
+def _qkv_by_kind(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """BLOOM's fused rows, head by head [heads, 3, head_dim], as all q, all k, all v rows."""
+    return tensor.reshape(heads, 3, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
