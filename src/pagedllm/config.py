@@ -16,7 +16,9 @@ class RopeScaling:
     divisors, as llama.cpp stores llama-3 scaling in a GGUF's `rope_freqs` tensor) or "longrope"
     (Phi-3: `freq_factors` divide the frequencies of a sequence up to
     `original_max_position_embeddings` tokens long, `long_factors` those of a longer one, and
-    cos/sin are multiplied by `attention_factor`).
+    cos/sin are multiplied by `attention_factor`) or "yarn" (frequencies divided by `factor` below
+    a ramp between the dims that turn `beta_fast` and `beta_slow` times over the original context,
+    kept above it; cos/sin × `attention_factor`).
     """
 
     kind: str
@@ -27,6 +29,9 @@ class RopeScaling:
     original_max_position_embeddings: int = 8192
     long_factors: tuple[float, ...] = ()
     attention_factor: float = 1.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True  # YaRN's ramp ends rounded to whole dims (transformers' default; llama.cpp always)
 
 
 POSITION_ENCODINGS = ("rope", "alibi", "none")

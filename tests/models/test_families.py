@@ -145,3 +145,30 @@ def test_qwen2_per_layer_windows(tmp_path, default_tokenizer_metadata):
         ref = hf(torch.tensor([ids])).logits[0]
     for source in (ModelSource("hf", tmp_path / "hf"), ModelSource("gguf", tmp_path / "m.gguf")):
         assert (prefill_logits(load_model(source), ids) - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family,rope", [
+    ("qwen2", {"factor": 4.0, "original_max_position_embeddings": 64}),
+    ("llama", {"factor": 8.0, "original_max_position_embeddings": 32, "beta_fast": 16.0, "attention_factor": 1.3}),
+    ("glm", {"factor": 2.0, "original_max_position_embeddings": 64, "partial_rotary_factor": 0.5}),
+])
+def test_yarn_for_any_rope_family(tmp_path, default_tokenizer_metadata, family, rope):
+    """YaRN (transformers' `rope_type: yarn`) through both loaders, a GGUF written by tools/convert."""
+    from transformers import AutoModelForCausalLM, GlmConfig, LlamaConfig, Qwen2Config
+
+    from conftest import TINY
+
+    config_class = {"qwen2": Qwen2Config, "llama": LlamaConfig, "glm": GlmConfig}[family]
+    extra = {"head_dim": 32, "pad_token_id": 0} if family == "glm" else {}
+    config = config_class(**TINY, **extra, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, **rope})
+    torch.manual_seed(9)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours, _ = read_model_config(ModelSource("hf", tmp_path / "hf"))
+    assert ours.rope_scaling.kind == "yarn"
+    write_gguf(tmp_path / "m.gguf", ours, hf_weights(tmp_path / "hf"), default_tokenizer_metadata)
+    ids = _prompt(40)
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0]
+    for source in (ModelSource("hf", tmp_path / "hf"), ModelSource("gguf", tmp_path / "m.gguf")):
+        assert (prefill_logits(load_model(source), ids) - ref).abs().max().item() < 1e-4

@@ -78,6 +78,21 @@ def test_sentencepiece_vocabulary_from_gguf():
     assert tok.decode(tok.encode("hello wé").ids) == "hello wé"
 
 
+def test_sentencepiece_without_space_prefix():
+    """Gemma's GGUF vocabulary (add_space_prefix false): no space added in front, none stripped back."""
+    tok = build_gguf_tokenizer({**_spm_metadata(), "tokenizer.ggml.add_space_prefix": False}, "gemma.gguf")
+    assert tok.encode("hello world").tokens == ["h", "e", "llo", "\u2581world"]
+    assert tok.encode(" hello").tokens == ["\u2581hello"]
+    assert tok.decode(tok.encode(" hello world").ids) == " hello world"
+
+
+@pytest.mark.parametrize("pre", ["glm4", "chatglm-bpe", "bloom"])
+def test_new_families_pre_tokenizers_build(default_tokenizer_metadata, pre):
+    """llama.cpp's pre-tokenizers of GLM-4 and BLOOM vocabularies are known (regexes from llama-vocab.cpp)."""
+    tok = build_gguf_tokenizer({**default_tokenizer_metadata, "tokenizer.ggml.pre": pre}, "x.gguf")
+    assert tok.decode(tok.encode("Hello, world! 12345").ids) == "Hello, world! 12345"
+
+
 def test_unknown_pre_tokenizer_is_named(default_tokenizer_metadata):
     meta = dict(default_tokenizer_metadata, **{"tokenizer.ggml.pre": "martian"})
     with pytest.raises(ValueError, match="'martian' is not supported"):

@@ -26,7 +26,28 @@ def rope_inv_freq(head_dim: int, base: float, scaling: RopeScaling | None) -> to
         return inv_freq / scaling.factor
     if scaling.kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
-    raise ValueError(f"unsupported rope scaling {scaling.kind!r}; pagedllm supports linear, llama3 and longrope")
+    if scaling.kind == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, base, scaling)
+    raise ValueError(f"unsupported rope scaling {scaling.kind!r}; pagedllm supports linear, llama3, longrope and yarn")
+
+
+def yarn_mscale(factor: float) -> float:
+    """YaRN's attention factor for a context stretched `factor` times (0.1 ln(factor) + 1)."""
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, base: float, s: RopeScaling) -> torch.Tensor:
+    """Interpolated (÷ factor) frequencies for the slow dims, the original ones for the fast dims,
+    a linear ramp between: transformers' and llama.cpp's YaRN."""
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / max(high - low, 0.001)).clamp(0, 1)
+    return inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
 
 
 def rope_long_inv_freq(head_dim: int, base: float, scaling: RopeScaling) -> torch.Tensor:
@@ -60,6 +81,9 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
     emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
     if scale == 1.0:
         return emb.cos().to(dtype), emb.sin().to(dtype)
+    # Only the rotated dims are scaled: the unrotated ones (frequency 0) pass through as they are.
+    rotated = (torch.cat((inv_freq, inv_freq), dim=-1) != 0).unsqueeze(-2)  # [1 or tokens, 1, head_dim]
+    scale = torch.where(rotated, scale, 1.0)
     return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
 
 

@@ -148,6 +148,8 @@ class Transformer(nn.Module):
     def _global_rope(self, positions: torch.Tensor, meta: AttentionMetadata,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         scaling = self.config.rope_scaling
+        if scaling is not None and scaling.kind == "yarn":
+            return rope_cos_sin(positions, self.inv_freq, dtype, scaling.attention_factor)
         if scaling is None or scaling.kind != "longrope":
             return rope_cos_sin(positions, self.inv_freq, dtype)
         # LongRoPE, as transformers runs it: a sequence longer than the original context (as far as

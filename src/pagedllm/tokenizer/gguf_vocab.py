@@ -31,7 +31,11 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     **{name: (_LLAMA3,) for name in
        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "smaug-bpe", "dbrx")},
     **{name: (_QWEN2,) for name in ("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez")},
+    **{name: (_LLAMA3,) for name in ("chatglm-bpe", "glm4")},  # llama.cpp's CHATGLM4: llama3's regex
+    "bloom": (r" ?[^(\s|.,!?…。，、।۔،)]+",),
 }
+# Pre-tokenizers whose words found whole in the vocabulary skip the merges (llama.cpp's ignore_merges).
+IGNORE_MERGES = frozenset({"llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "glm4"})
 
 
 class GGUFTokenizerError(PagedLLMError, ValueError):
@@ -72,7 +76,8 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], path: str) -> Token
     if pre not in PRE_TOKENIZER_REGEXES:
         raise GGUFTokenizerError(
             f"{path}: pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(PRE_TOKENIZER_REGEXES))}")
-    tokenizer = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=pairs, fuse_unk=False))
+    tokenizer = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=pairs, fuse_unk=False,
+                                     ignore_merges=pre in IGNORE_MERGES))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_REGEXES[pre]]
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -91,12 +96,16 @@ def _sentencepiece_bpe(meta: dict[str, Any], tokens: list[str], token_types: lis
                      unk_token=tokens[unk_id] if 0 <= unk_id < len(tokens) else None,
                      fuse_unk=True, byte_fallback=True)
     tokenizer = Tokenizer(bpe)
+    # Gemma's vocabulary adds no space in front of the text (add_space_prefix false), so its decoder
+    # must not strip one either.
+    space_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
     steps = [normalizers.Replace(" ", "\u2581")]
-    if meta.get("tokenizer.ggml.add_space_prefix", True):
+    decoding = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if space_prefix:
         steps.insert(0, normalizers.Prepend("\u2581"))
+        decoding.append(decoders.Strip(" ", 1, 0))
     tokenizer.normalizer = normalizers.Sequence(steps)
-    tokenizer.decoder = decoders.Sequence([
-        decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tokenizer.decoder = decoders.Sequence(decoding)
     return tokenizer
 
 

@@ -18,7 +18,7 @@ from gguf import quants as gguf_quants
 
 from ..config import ModelConfig
 from ..layers.quant import QUANTIZERS, quantize
-from ..layers.rotary import rope_inv_freq
+from ..layers.rotary import rope_inv_freq, yarn_mscale
 from ..models.loaders import split_fused
 from ..models.loaders.gguf_loader import GLOBAL_RENAMES, is_norm_weight, layer_renames
 from ..models.registry import FamilySpec, family_by_name
@@ -180,6 +180,16 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
         writer.add_expert_weights_norm(c.norm_topk_prob)
         if c.shared_expert_intermediate_size:
             writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+    if c.rope_scaling is not None and c.rope_scaling.kind == "yarn":
+        s = c.rope_scaling
+        if not s.truncate:
+            raise ValueError("YaRN without truncated ramp ends has no GGUF form (llama.cpp always truncates)")
+        writer.add_string(f"{arch}.rope.scaling.type", "yarn")
+        writer.add_float32(f"{arch}.rope.scaling.factor", s.factor)
+        writer.add_rope_scaling_orig_ctx_len(s.original_max_position_embeddings)
+        writer.add_rope_scaling_yarn_beta_fast(s.beta_fast)
+        writer.add_rope_scaling_yarn_beta_slow(s.beta_slow)
+        writer.add_rope_scaling_yarn_attn_factor(s.attention_factor / yarn_mscale(s.factor))
     if c.rope_scaling is not None and c.rope_scaling.kind == "linear":
         writer.add_string(f"{arch}.rope.scaling.type", "linear")
         writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_scaling.factor)

@@ -19,6 +19,7 @@ from ...layers.linear import Weight
 from ...layers.quant import PackedWeight
 from ..registry import FamilySpec, family_for_gguf
 from ...layers.dequant import dequantize
+from ...layers.rotary import yarn_mscale
 from .gguf_file import GGUFError, GGUFFile
 
 LAYER_RENAMES = {
@@ -124,7 +125,15 @@ def _rope_scaling(f: GGUFFile, arch: str) -> RopeScaling | None:
         return None
     if kind == "linear":
         return RopeScaling(kind="linear", factor=float(f.get(f"{arch}.rope.scaling.factor", 1.0)))
-    raise GGUFError(f"{f.path}: rope scaling {kind!r} is not supported (pagedllm supports linear and llama3)")
+    if kind == "yarn":  # llama.cpp's reading: cos/sin × yarn_attn_factor × (0.1 ln factor + 1)
+        factor = _float_key(f, f"{arch}.rope.scaling.factor", 1.0)
+        return RopeScaling(kind="yarn", factor=factor,
+                           original_max_position_embeddings=_int_key(f, f"{arch}.rope.scaling.original_context_length"),
+                           beta_fast=_float_key(f, f"{arch}.rope.scaling.yarn_beta_fast", 32.0),
+                           beta_slow=_float_key(f, f"{arch}.rope.scaling.yarn_beta_slow", 1.0),
+                           attention_factor=_float_key(f, f"{arch}.rope.scaling.yarn_attn_factor", 1.0) * yarn_mscale(factor))
+    raise GGUFError(f"{f.path}: rope scaling {kind!r} is not supported (pagedllm supports linear, llama3, longrope "
+                    "and yarn)")
 
 
 def _optional_float(f: GGUFFile, key: str) -> float | None:

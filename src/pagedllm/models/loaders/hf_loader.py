@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from ...config import ModelConfig, RopeScaling
+from ...layers.rotary import yarn_mscale
 from ...errors import PagedLLMError
 from ..registry import FamilySpec, family_for_hf
 
@@ -38,6 +39,8 @@ def _rope_scaling(params: dict[str, Any], max_positions: int = 0) -> RopeScaling
         return None
     if kind in ("longrope", "su"):
         return _longrope(params, max_positions)
+    if kind == "yarn":
+        return _yarn(params, max_positions)
     if kind == "linear":
         return RopeScaling(kind="linear", factor=float(params["factor"]))
     if kind == "llama3":
@@ -45,7 +48,22 @@ def _rope_scaling(params: dict[str, Any], max_positions: int = 0) -> RopeScaling
             kind="llama3", factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    raise HFModelError(f"rope scaling {kind!r} is not supported (pagedllm supports linear, llama3 and longrope)")
+    raise HFModelError(f"rope scaling {kind!r} is not supported (pagedllm supports linear, llama3, longrope and yarn)")
+
+
+def _yarn(params: dict[str, Any], max_positions: int) -> RopeScaling:
+    """YaRN, with transformers' defaults and its attention factor (mscale / mscale_all_dim)."""
+    original = int(params.get("original_max_position_embeddings") or max_positions)
+    factor = float(params.get("factor") or max_positions / original)
+    attention = params.get("attention_factor")
+    mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+    if attention is None and mscale and mscale_all_dim:
+        attention = (0.1 * mscale * math.log(factor) + 1) / (0.1 * mscale_all_dim * math.log(factor) + 1) \
+            if factor > 1 else 1.0
+    return RopeScaling(kind="yarn", factor=factor, original_max_position_embeddings=original,
+                       attention_factor=float(attention if attention is not None else yarn_mscale(factor)),
+                       beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+                       truncate=bool(params.get("truncate", True)))
 
 
 def _longrope(params: dict[str, Any], max_positions: int) -> RopeScaling:
