@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
-from pagedllm.layers.attention import kv_bytes_per_token
+from pagedllm.attention import kv_bytes_per_token
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import ScheduledRequest
 from pagedllm.models.transformer import Transformer

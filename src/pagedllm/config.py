@@ -218,7 +218,7 @@ class SchedulerConfig:
             raise ConfigError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
 
 
-ATTENTION_BACKENDS = ("auto", "torch")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # pagedllm.attention.BACKENDS, and auto
 # auto: GGUF matrices stay in their packed formats, Hugging Face weights stay float;
 # none: everything float; int8 / int4: Hugging Face float weights quantised at load (Q8_0 / Q4_1).
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")

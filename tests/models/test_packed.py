@@ -24,7 +24,7 @@ from helpers import assert_packed_logits_close, prefill_logits
 from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
 from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import ScheduledRequest
-from pagedllm.layers.attention import KV_Q8_0, AttentionMasks, cached_values
+from pagedllm.attention import KV_Q8_0, cached_values
 from pagedllm.layers.rotary import rope_cos_sin
 from pagedllm import LLM, SamplingParams
 from pagedllm.kernels import quant_kernels_available
@@ -104,11 +104,10 @@ def test_fused_decode_layer_equals_the_module_path(write, family, rows, kv_dtype
     batch = runners[0].prepare(requests, tables)
     x = torch.randn(rows, model.config.hidden_size, generator=torch.Generator().manual_seed(rows)) * 3
     cos, sin = rope_cos_sin(batch.positions, model.inv_freq, x.dtype)
-    masks = AttentionMasks(batch.meta)
     layer = model.layers[1]
     with torch.inference_mode():
-        fused = layer.fused(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta, masks)
-        plain = layer(x.clone(), cos, sin, runners[1].kv_caches[1], batch.meta, masks)
+        fused = layer.fused(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta)
+        plain = layer(x.clone(), cos, sin, runners[1].kv_caches[1], batch.meta)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
     written = [cached_values(runner.kv_caches[1], torch.float32) for runner in runners]
     step = written[1].abs().max().item() / 127 if kv_dtype == KV_Q8_0 else 0  # a k a hair apart may round apart

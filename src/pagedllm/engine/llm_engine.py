@@ -12,7 +12,7 @@ import torch
 
 from ..config import EngineConfig, SpeculativeConfig
 from ..errors import PagedLLMError
-from ..layers.attention import KV_Q8_0, Q8_0_VALUES
+from ..attention import KV_Q8_0, Q8_0_VALUES
 from ..models.loaders import ModelSource, load_model, resolve_model
 from ..sampling.structured_output import GrammarCompiler
 from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..kernels import KERNEL_HEAD_DIMS, cpu_kernels_available
-from ..layers.attention import AttentionGroup, AttentionMetadata, kv_bytes_per_token, kv_row_elements
+from ..attention import StepLayout, kv_bytes_per_token, kv_row_elements, select_backend
 from ..models.transformer import Transformer
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState
 from .scheduler import ScheduledRequest
@@ -89,12 +88,6 @@ def keep_freed_buffers() -> None:
     libc.mallopt(m_trim_threshold, 512 * 2**20)
 
 
-def decode_kernel_usable(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-    """The C++ decode kernel serves float32 models on the CPU when it builds ("auto"), never for "torch"."""
-    return (backend == "auto" and device.type == "cpu" and dtype == torch.float32 and head_dim in KERNEL_HEAD_DIMS
-            and cpu_kernels_available())
-
-
 class ModelRunner:
     def __init__(self, model: Transformer, spec: KVCacheSpec, device: torch.device, dtype: torch.dtype,
                  attention_backend: str = "auto", kv_dtype: torch.dtype | None = None):
@@ -102,14 +95,13 @@ class ModelRunner:
         cfg = model.config
         self.model, self.spec, self.device = model, spec, device
         kv_dtype = kv_dtype or dtype
-        shape = (cfg.num_hidden_layers, 2, spec.num_blocks, spec.block_size, cfg.num_key_value_heads,
-                 kv_row_elements(cfg.head_dim, kv_dtype))
+        self.attention_backend = select_backend(attention_backend, device, dtype, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, *self.attention_backend.kv_cache_shape(
+            spec.num_blocks, spec.block_size, cfg.num_key_value_heads, kv_row_elements(cfg.head_dim, kv_dtype)))
         self.kv_pool = _zeroed_pool(shape, kv_dtype, device)
         if torch.device(device).type == "cpu":
             keep_freed_buffers()
         self.kv_caches = list(self.kv_pool.unbind(0))
-        # The C++ decode kernel has no soft-capping: such models attend with torch ops.
-        self.use_decode_kernel = decode_kernel_usable(attention_backend, torch.device(device), dtype, cfg.head_dim)
         self.sampler = Sampler()
 
     def prepare(self, scheduled: list[ScheduledRequest], block_tables: list[list[int]]) -> StepBatch:
@@ -124,10 +116,7 @@ class ModelRunner:
         table = np.zeros((len(scheduled), max(len(t) for t in block_tables)), dtype=np.int64)
         for row, blocks in enumerate(block_tables):
             table[row, :len(blocks)] = blocks
-        slots = table[token_seq, positions // bs] * bs + positions % bs
-        # Decodes and prefill chunks attend separately: padding stays within each group.
-        groups = [self._group(np.flatnonzero(sel), starts, counts, query_start, table)
-                  for sel in (counts == 1, counts > 1) if sel.any()]
+        meta = self.attention_backend.build_metadata(StepLayout(starts, counts, table, bs, self.device))
         # A request with drafts is scored at the last real token and at every draft.
         sample_spans, sample_rows = [], []
         for i, s in enumerate(scheduled):
@@ -135,7 +124,6 @@ class ModelRunner:
             sample_spans.append((len(sample_rows), count) if count else None)
             sample_rows += range(query_start[i + 1] - count, query_start[i + 1])
         prompt_rows, extra_rows = self._prompt_logprob_rows(scheduled, starts, counts, query_start)
-        meta = AttentionMetadata(slot_mapping=self._long_tensor(slots), groups=groups)
         hidden_spans = [(i, int(starts[i]), int(counts[i])) for i, s in enumerate(scheduled)
                         if s.request.sampling_params.penalty_alpha > 0]
         hidden_rows = [row for i, _, n in hidden_spans for row in range(query_start[i], query_start[i] + n)]
@@ -156,24 +144,6 @@ class ModelRunner:
             spans.append((i, int(starts[i]), count))
             rows += range(int(query_start[i]), int(query_start[i]) + count)
         return spans, rows
-
-    def _group(self, seqs: np.ndarray, starts: np.ndarray, counts: np.ndarray, query_start: np.ndarray,
-               table: np.ndarray) -> AttentionGroup:
-        g_counts = counts[seqs]
-        token_seq = np.repeat(np.arange(len(seqs)), g_counts)
-        g_start = np.concatenate([[0], np.cumsum(g_counts)])
-        token_index = np.arange(int(g_counts.sum())) - g_start[token_seq]
-        rows = query_start[seqs][token_seq] + token_index
-        padded = np.zeros((len(seqs), int(g_counts.max())), dtype=np.int64)
-        padded[token_seq, token_index] = starts[seqs][token_seq] + token_index
-        context_lens = starts[seqs] + g_counts
-        blocks = table[seqs, :-(-int(context_lens.max()) // self.spec.block_size)]
-        t = self._long_tensor
-        return AttentionGroup(rows=t(rows), block_tables=t(blocks), token_seq=t(token_seq),
-                              token_index=t(token_index), positions_padded=t(padded),
-                              context_lens=t(context_lens), max_context_len=int(context_lens.max()),
-                              use_decode_kernel=self.use_decode_kernel and padded.shape[1] == 1,
-                              from_start=bool((starts[seqs] == 0).all()))
 
     def _long_tensor(self, values) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..config import ATTENTION_BACKENDS
 from ..errors import PagedLLMError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
@@ -44,8 +45,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse KV blocks of shared prompt prefixes")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--attention-backend", choices=["auto", "torch"], default="auto",
-                   help="auto (default): a C++ decode kernel on the CPU when it builds; torch: plain torch ops")
+    p.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
+                   help="auto (default): the best that runs here (cpu: the C++ decode kernel, on the CPU when it "
+                        "builds); torch: plain torch ops on any device")
     p.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
                    help="auto (default): GGUF weights run in their packed formats, Hugging Face weights in float; "
                         "none: all float; int8 / int4: quantise Hugging Face weights at load (Q8_0 / Q4_1 blocks)")

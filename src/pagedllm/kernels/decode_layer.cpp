@@ -56,7 +56,7 @@ void write_cache_row(const float* src, int64_t n, T* dst) {
 }
 
 // A uint8 pool holds q8_0 rows: per 32 values a float16 scale d = max|x| / 127, then round(x / d) as
-// int8 — the same arithmetic as layers.attention.quantize_q8_0, so both paths write the same bytes.
+// int8 — the same arithmetic as attention.kv_cache.quantize_q8_0, so both paths write the same bytes.
 void write_cache_row(const float* src, int64_t n, uint8_t* dst) {
   for (int64_t b = 0; b < n; b += 32, dst += 34) {
     float amax = 0.f;

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layers.attention import AttentionMasks, AttentionMetadata, attend
+from ..attention import AttentionMetadata, LayerAttention
 from ..layers.linear import INT8_MAX_ROWS, Linear, PackedMethod
 from ..layers.norm import RMSNorm
 
@@ -35,10 +35,7 @@ class FusedDecodeLayer:
     k_norm: torch.Tensor | None
     num_heads: int
     num_kv_heads: int
-    scale: float
-    sliding_window: int | None
-    softcap: float | None
-    alibi: torch.Tensor | None
+    attention: LayerAttention
     isa: int
 
     max_rows = INT8_MAX_ROWS  # beyond, the module path's dequantise-and-GEMM products are faster
@@ -65,16 +62,16 @@ class FusedDecodeLayer:
             return None
         qk_norms = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
         return cls(layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,
-                   mlp.gate_up_proj, mlp.down_proj, *qk_norms, attn.num_heads, attn.num_kv_heads, attn.scale,
-                   attn.sliding_window, attn.softcap, attn.alibi, attn.qkv_proj.method.isa)
+                   mlp.gate_up_proj, mlp.down_proj, *qk_norms, attn.num_heads, attn.num_kv_heads,
+                   attn.layer_attention(), attn.qkv_proj.method.isa)
 
     def applies_to(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.float32 and x.shape[0] <= self.max_rows
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                 meta: AttentionMetadata, masks: AttentionMasks) -> torch.Tensor:
+                 meta: AttentionMetadata) -> torch.Tensor:
         """The layer's output for x [tokens, hidden]; x's storage is updated in place and returned."""
-        ops, rows = torch.ops.pagedllm_quant, x.shape[0]
+        ops, rows, a = torch.ops.pagedllm_quant, x.shape[0], self.attention
         x = x.contiguous()
         group = meta.groups[0] if len(meta.groups) == 1 else None
         if group is not None and group.use_decode_kernel:  # one query per sequence: the whole layer in one call
@@ -83,14 +80,13 @@ class FusedDecodeLayer:
                              self.o.part_data, self.o.part_types, self.gate_up.part_data, self.gate_up.part_types,
                              self.down.part_data, self.down.part_types, cos.reshape(rows, -1), sin.reshape(rows, -1), self.num_heads,
                              self.num_kv_heads, kv_cache, meta.slot_mapping, group.block_tables, group.context_lens,
-                             self.scale, self.sliding_window or 0, self.softcap or 0.0, self.alibi, self.isa)
+                             a.scale, a.sliding_window or 0, a.softcap or 0.0, a.alibi, self.isa)
             return x
         q = ops.attention_input(x, self.input_norm.weight, self.input_norm.eps, self.qkv.part_data,
                                 self.qkv.part_types, self.qkv.bias, self.q_norm, self.k_norm, cos.reshape(rows, -1),
                                 sin.reshape(rows, -1), self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping,
                                 self.isa)
-        out = attend(q, kv_cache, meta, masks.for_window(self.sliding_window), self.scale, self.sliding_window,
-                     softcap=self.softcap, alibi=self.alibi)
+        out = meta.backend.attend(q, kv_cache, meta, a)
         ops.attention_output_mlp(x, out.contiguous(), self.o.part_data, self.o.part_types, self.post_norm.weight,
                                  self.post_norm.eps, self.gate_up.part_data, self.gate_up.part_types,
                                  self.down.part_data, self.down.part_types, self.isa)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weight
-from ..layers.attention import AttentionMasks, AttentionMetadata, alibi_slopes, paged_attention
+from ..attention import AttentionMetadata, LayerAttention, alibi_slopes, attention
 from ..layers.mlp import MLP
 from ..layers.moe import SparseMoE
 from ..layers.norm import LayerNorm, RMSNorm
@@ -49,8 +49,11 @@ class Attention(nn.Module):
         self.register_buffer("alibi", alibi_slopes(self.num_heads) if cfg.position_encoding == "alibi" else None,
                              persistent=False)
 
+    def layer_attention(self) -> LayerAttention:
+        return LayerAttention(self.scale, self.sliding_window, self.softcap, self.alibi)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, masks: AttentionMasks) -> torch.Tensor:
+                meta: AttentionMetadata) -> torch.Tensor:
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -59,8 +62,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Products in bfloat16 GEMMs (packed weights, many rows) take attention's products with them.
         matmul_dtype = self.qkv_proj.method.activation_dtype(x)
-        out = paged_attention(q, k, v, kv_cache, meta, masks.for_window(self.sliding_window), self.scale,
-                              self.sliding_window, matmul_dtype, self.softcap, self.alibi)
+        out = attention(q, k, v, kv_cache, meta, self.layer_attention(), matmul_dtype)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -78,9 +80,9 @@ class DecoderLayer(nn.Module):
         self.rope_index = 1 if cfg.uses_local_rope(layer) else 0  # which of the model's rotations
         self.fused: FusedDecodeLayer | None = None  # set once the weights are in, where the layer qualifies
 
-    def forward(self, x, cos, sin, kv_cache, meta, masks):
+    def forward(self, x, cos, sin, kv_cache, meta):
         """The module path (Transformer.forward sends few-row steps to `fused` where it is set)."""
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, masks)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
         if self.pre_feedforward_layernorm is None:
             x = x + attn
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -135,14 +137,13 @@ class Transformer(nn.Module):
         ropes = [self._global_rope(positions, meta, x.dtype)]
         if self.config.local_rope_theta is not None:
             ropes.append(rope_cos_sin(positions, self.local_inv_freq, x.dtype))
-        masks = AttentionMasks(meta)
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = ropes[layer.rope_index]
             fused = layer.fused  # called directly: at ~60 µs a layer, nn.Module's call costs show
             if fused is not None and fused.applies_to(x):
-                x = fused(x, cos, sin, kv_cache, meta, masks)
+                x = fused(x, cos, sin, kv_cache, meta)
             else:
-                x = layer(x, cos, sin, kv_cache, meta, masks)
+                x = layer(x, cos, sin, kv_cache, meta)
         return self.norm(x)
 
     def _global_rope(self, positions: torch.Tensor, meta: AttentionMetadata,

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from ..config import ModelConfig
 from ..models.loaders import ModelSource, read_model_config
 from ..models.loaders.gguf_file import open_gguf
-from ..layers.attention import KV_Q8_0, Q8_0_VALUES, kv_bytes_per_token
+from ..attention import KV_Q8_0, Q8_0_VALUES, kv_bytes_per_token
 from ..layers.quant import PACKED_TYPES
 from ..models.loaders.gguf_loader import is_quantised_matrix
 from ..models.loaders.hf_loader import safetensors_files

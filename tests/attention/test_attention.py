@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from pagedllm import LLM, SamplingParams
 from pagedllm import kernels
 from pagedllm.kernels import KERNEL_HEAD_DIMS, cpu_kernels_available, paged_decode_attention
-from pagedllm.layers.attention import (KV_Q8_0, _causal_attention_chunked, alibi_slopes, dequantize_q8_0,
-                                       quantize_q8_0)
+from pagedllm.attention import KV_Q8_0, alibi_slopes
+from pagedllm.attention.backend import _causal_attention_chunked
+from pagedllm.attention.kv_cache import dequantize_q8_0, quantize_q8_0
 from helpers import FLOAT
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels_available(), reason="no C++ compiler to build the CPU kernels")
@@ -137,7 +138,8 @@ def test_backends_give_the_same_greedy_tokens():
     for backend in ("auto", "torch"):
         llm = LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64, attention_backend=backend,
                   quantization=FLOAT)
-        assert llm.engine.runner.use_decode_kernel == (backend == "auto" and cpu_kernels_available())
+        expected = "cpu" if backend == "auto" and cpu_kernels_available() else "torch"
+        assert llm.engine.runner.attention_backend.name == expected
         outputs[backend] = [o.token_ids for o in llm.generate(PROMPTS, params)]
     assert outputs["auto"] == outputs["torch"]
 
