@@ -268,8 +268,11 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
+    tensor_parallel_size: int = 1  # processes the model is split over (pagedllm.distributed)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ConfigError(f"tensor_parallel_size must be a positive integer, got {self.tensor_parallel_size!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                               f"got {self.attention_backend!r}")
@@ -283,11 +286,12 @@ def build_engine_config(model: str | None = None, *, device: str = "cpu", dtype:
                         max_num_batched_tokens: int = 512, max_num_seqs: int = 64, enable_chunked_prefill: bool = True,
                         enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
                         attention_backend: str = "auto", quantization: str = "auto", kv_cache_dtype: str = "auto",
-                        speculative_config: SpeculativeConfig | dict | None = None) -> EngineConfig:
+                        speculative_config: SpeculativeConfig | dict | None = None,
+                        tensor_parallel_size: int = 1) -> EngineConfig:
     """The engine options every front end takes (LLM, infer, the CLI), as one frozen EngineConfig."""
     return EngineConfig(
         model=model, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend,
-        quantization=quantization,
+        quantization=quantization, tensor_parallel_size=tensor_parallel_size,
         speculative=SpeculativeConfig(**speculative_config) if isinstance(speculative_config, dict)
         else speculative_config,
         cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,

@@ -23,10 +23,11 @@ def kv_row_elements(head_dim: int, kv_dtype: torch.dtype) -> int:
     return head_dim // Q8_0_VALUES * Q8_0_BYTES if kv_dtype == KV_Q8_0 else head_dim
 
 
-def kv_bytes_per_token(config: ModelConfig, kv_dtype: torch.dtype) -> int:
-    """What one token's K and V take over all layers in a pool of `kv_dtype` (KV_Q8_0: q8_0 rows)."""
+def kv_bytes_per_token(config: ModelConfig, kv_dtype: torch.dtype, kv_heads: int | None = None) -> int:
+    """What one token's K and V take over all layers in a pool of `kv_dtype` (KV_Q8_0: q8_0 rows);
+    `kv_heads`: the heads one pool holds (a tensor-parallel rank's), by default the model's."""
     row_bytes = kv_row_elements(config.head_dim, kv_dtype) * kv_dtype.itemsize
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * row_bytes
+    return 2 * config.num_hidden_layers * (kv_heads or config.num_key_value_heads) * row_bytes
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from .kv_cache_manager import KVCacheManager, blocks_needed
+from .parallel import ParallelRunner, free_port, join_group, serve_steps, start_workers
 from .model_runner import ModelRunner, StepBatch, plan_kv_cache
 from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
 from .request import Request, RequestStatus
@@ -60,20 +61,26 @@ class LLMEngine:
         dtype = _DTYPES[config.dtype]
         torch.manual_seed(config.seed)
         self.source = source or resolve_model(config.model)
-        self.model = load_model(self.source, self.device, dtype, config.quantization)
+        workers, tp, threads = [], None, torch.get_num_threads()
+        if config.tensor_parallel_size > 1:  # workers first: each loads its slice while this rank loads its own
+            port = free_port()
+            workers = start_workers(config.tensor_parallel_size, port, _tensor_parallel_worker, config, self.source)
+            tp = join_group(0, config.tensor_parallel_size, port, config.device)
+        self.model = load_model(self.source, self.device, dtype, config.quantization, tp)
         self.tokenizer: Tokenizer = load_tokenizer(self.source)
         model_len = self.model.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_len, model_len)
-        kv_dtype = self._kv_dtype(config.cache.kv_cache_dtype, dtype)
+        kv_dtype = kv_pool_dtype(self.model, config.cache.kv_cache_dtype, dtype)
         self.kv_spec = plan_kv_cache(self.model.config, config.cache.block_size, config.cache.kv_cache_memory_bytes,
-                                     kv_dtype)
+                                     kv_dtype, self.model.planned_kv_heads)
         if self.kv_spec.num_blocks < 1:
             raise PagedLLMError(f"kv cache memory {config.cache.kv_cache_memory_bytes} bytes is less than one block "
                                 f"({self.kv_spec.bytes_per_block} bytes)")
         self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        self.runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype)
+        runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype)
+        self.runner = ParallelRunner(runner, workers, threads) if tp is not None else runner
         self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
@@ -82,17 +89,6 @@ class LLMEngine:
         self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
-
-    def _kv_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
-        """The pool's element type: the model's (auto), a float type, or bytes of q8_0 rows."""
-        if name == "auto":
-            return dtype
-        if name != "q8_0":
-            return _DTYPES[name]
-        if self.model.config.head_dim % Q8_0_VALUES:
-            raise PagedLLMError(f"--kv-cache-dtype q8_0 needs a head_dim divisible by {Q8_0_VALUES}; this model's "
-                                f"is {self.model.config.head_dim}")
-        return KV_Q8_0
 
     def _proposer(self, spec: SpeculativeConfig | None, make_proposer: ProposerFactory | None,
                   dtype: torch.dtype) -> Proposer | None:
@@ -499,6 +495,35 @@ class LLMEngine:
             return 0.0
         span = self._recent[-1][0] - self._recent[0][0]
         return sum(step[column] for step in list(self._recent)[1:]) / span if span > 0 else 0.0
+
+
+def kv_pool_dtype(model, name: str, dtype: torch.dtype) -> torch.dtype:
+    """The pool's element type: the model's (auto), a float type, or bytes of q8_0 rows."""
+    if name == "auto":
+        return dtype
+    if name != "q8_0":
+        return _DTYPES[name]
+    if model.config.head_dim % Q8_0_VALUES:
+        raise PagedLLMError(f"--kv-cache-dtype q8_0 needs a head_dim divisible by {Q8_0_VALUES}; this model's "
+                            f"is {model.config.head_dim}")
+    return KV_Q8_0
+
+
+def _tensor_parallel_worker(rank: int, size: int, port: int, config: EngineConfig, source: ModelSource) -> None:
+    """Rank `rank` of a tensor-parallel engine: its slice of the model and of the KV pool, stepping with rank 0."""
+    tp = join_group(rank, size, port, config.device)
+    device, dtype = _device(_rank_device(config.device, rank)), _DTYPES[config.dtype]
+    torch.manual_seed(config.seed)
+    model = load_model(source, device, dtype, config.quantization, tp)
+    kv_dtype = kv_pool_dtype(model, config.cache.kv_cache_dtype, dtype)
+    spec = plan_kv_cache(model.config, config.cache.block_size, config.cache.kv_cache_memory_bytes, kv_dtype,
+                         model.planned_kv_heads)
+    serve_steps(ModelRunner(model, spec, device, dtype, config.attention_backend, kv_dtype))
+
+
+def _rank_device(name: str, rank: int) -> str:
+    """Rank r of a GPU group takes cuda:r (of the devices this process sees)."""
+    return f"cuda:{rank}" if name == "cuda" else name
 
 
 def _device(name: str) -> torch.device:

@@ -31,9 +31,10 @@ class KVCacheSpec:
         return self.num_blocks * self.block_size
 
 
-def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype: torch.dtype) -> KVCacheSpec:
-    """`dtype`: the pool's elements (KV_Q8_0 for 8-bit rows)."""
-    per_block = kv_bytes_per_token(config, dtype) * block_size
+def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype: torch.dtype,
+                  kv_heads: int | None = None) -> KVCacheSpec:
+    """`dtype`: the pool's elements (KV_Q8_0 for 8-bit rows); `kv_heads`: per pool (see kv_bytes_per_token)."""
+    per_block = kv_bytes_per_token(config, dtype, kv_heads) * block_size
     return KVCacheSpec(memory_bytes // per_block, block_size, per_block)
 
 
@@ -97,7 +98,7 @@ class ModelRunner:
         kv_dtype = kv_dtype or dtype
         self.attention_backend = select_backend(attention_backend, device, dtype, cfg.head_dim)
         shape = (cfg.num_hidden_layers, *self.attention_backend.kv_cache_shape(
-            spec.num_blocks, spec.block_size, cfg.num_key_value_heads, kv_row_elements(cfg.head_dim, kv_dtype)))
+            spec.num_blocks, spec.block_size, model.layers[0].self_attn.num_kv_heads, kv_row_elements(cfg.head_dim, kv_dtype)))
         self.kv_pool = _zeroed_pool(shape, kv_dtype, device)
         if torch.device(device).type == "cpu":
             keep_freed_buffers()

@@ -45,6 +45,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse KV blocks of shared prompt prefixes")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many processes (gloo on the CPU, NCCL on GPUs: rank r on cuda:r)")
     p.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
                    help="auto (default): the best that runs here (cpu: the C++ decode kernel, on the CPU when it "
                         "builds); torch: plain torch ops on any device")
@@ -140,7 +142,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 quantization=args.quantization, speculative_config=speculative, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                 kv_cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
-                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len)
+                max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+                tensor_parallel_size=args.tensor_parallel_size)
 
 
 def _engine_config(args: argparse.Namespace):

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from gguf import GGMLQuantizationType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from .. import kernels
+from ..distributed import TensorParallel, span
 from ..errors import PagedLLMError
 from .dequant import dequantize
 from .quant import REPACK_TYPE, PackedWeight, quantize
@@ -183,9 +184,16 @@ class Linear(nn.Module):
     """y = x·Wᵀ (+ b). `shard_sizes` splits the output rows of a fused layer into its checkpoint tensors."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 shard_sizes: tuple[int, ...] | None = None, method: LinearMethod | None = None):
+                 shard_sizes: tuple[int, ...] | None = None, method: LinearMethod | None = None,
+                 parallel: str | None = None, tp: TensorParallel | None = None,
+                 rank_slices: tuple[tuple[int, int], ...] = ()):
+        """`parallel`: "column" or "row" under tensor parallelism `tp`: the sizes given are this rank's,
+        `rank_slices` where they sit in the checkpoint's tensors — (offset, whole size) of each shard's
+        rows (column), or of the input columns (row)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        parallel = parallel if tp is not None and tp.size > 1 else None
+        self.parallel, self.tp, self.rank_slices = (parallel, tp, rank_slices) if parallel else (None, None, ())
         self.shard_sizes = shard_sizes or (out_features,)
         self.method = method or DenseMethod()
         self.method.create_weights(self)
@@ -198,6 +206,8 @@ class Linear(nn.Module):
     def load_shard(self, shard: int, tensor: Weight, name: str, leaf: str = "weight") -> None:
         """The per-parameter loader: place checkpoint tensor `name` as shard `shard` of W (or of b)."""
         expected = (self.shard_sizes[shard], self.in_features)[: 2 if leaf == "weight" else 1]
+        if self.tp is not None:
+            tensor = self._rank_slice(tensor, expected, shard, name, leaf)
         if tuple(tensor.shape) != expected:
             raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {expected}")
         if leaf == "weight":
@@ -210,19 +220,55 @@ class Linear(nn.Module):
         with torch.no_grad():
             self.bias.data.narrow(0, self.shard_offset(shard), self.shard_sizes[shard]).copy_(tensor)
 
+    def _rank_slice(self, tensor: Weight, expected: tuple[int, ...], shard: int, name: str, leaf: str) -> Weight:
+        """This rank's slice of a whole checkpoint tensor: its output rows of a column-parallel layer,
+        its input columns of a row-parallel one (a row-parallel bias is whole: added once, after the sum)."""
+        dim = 1 if self.parallel == "row" else 0
+        if self.parallel == "row" and leaf == "bias":
+            return tensor
+        offset, full = self.rank_slices[0 if self.parallel == "row" else shard]
+        whole = expected[:dim] + (full,) + expected[dim + 1:]
+        if tuple(tensor.shape) != whole:
+            raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {whole}")
+        if isinstance(tensor, PackedWeight):
+            return _packed_slice(tensor, dim, offset, expected[dim], name)
+        return tensor.narrow(dim, offset, expected[dim])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.method.apply(self, x)
+        if self.parallel == "row" and self.tp is not None:
+            out = self.tp.all_reduce(out)  # each rank's partial product over its input columns
         return out if self.bias is None else out + self.bias
 
 
-class Embedding(Linear):
-    """A token embedding: rows of W looked up by id. As a tied output head it is also a Linear."""
+def _packed_slice(tensor: PackedWeight, dim: int, start: int, size: int, name: str) -> PackedWeight:
+    if dim == 0:  # whole rows of blocks
+        return PackedWeight(tensor.qtype, tensor.data[start:start + size], tensor.cols)
+    block, block_bytes = GGML_QUANT_SIZES[tensor.qtype]
+    if start % block or size % block:
+        raise WeightLoadError(f"tensor {name!r}: a slice of {size} columns does not fall on its {block}-value blocks")
+    first = start // block * block_bytes
+    return PackedWeight(tensor.qtype, tensor.data[:, first:first + size // block * block_bytes].contiguous(), size)
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, method: LinearMethod | None = None):
-        super().__init__(embedding_dim, num_embeddings, method=method)
+
+class Embedding(Linear):
+    """A token embedding: rows of W looked up by id. As a tied output head it is also a Linear.
+    Under tensor parallelism each rank holds a slice of the vocabulary (its rows from `vocab_start`)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, method: LinearMethod | None = None,
+                 tp: TensorParallel | None = None):
+        first, count = span(num_embeddings, tp)
+        super().__init__(embedding_dim, count, method=method, parallel="column", tp=tp,
+                         rank_slices=((first, num_embeddings),))
+        self.vocab_start = first
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.method.embedding(self, ids)
+        if self.tp is None:
+            return self.method.embedding(self, ids)
+        local = ids - self.vocab_start
+        mine = (local >= 0) & (local < self.out_features)
+        rows = self.method.embedding(self, torch.where(mine, local, 0))
+        return self.tp.all_reduce(rows * mine[..., None].to(rows.dtype))  # each id's row comes from its rank
 
 
 @dataclass(frozen=True)
@@ -237,13 +283,17 @@ class LinearPlan:
     packed: frozenset[str] = frozenset()
     quantize_to: GGMLQuantizationType | None = None
     device: str = "cpu"
+    tp: TensorParallel | None = None  # tensor parallelism: this rank's place in the group
 
     def linear(self, prefix: str, shards: dict[str, int], in_features: int, bias: bool = False,
-               keep_float: bool = False) -> Linear:
-        """A layer fusing the checkpoint tensors `prefix.<shard>.weight` (shard name → rows), in order."""
+               keep_float: bool = False, parallel: str | None = None,
+               rank_slices: tuple[tuple[int, int], ...] = ()) -> Linear:
+        """A layer fusing the checkpoint tensors `prefix.<shard>.weight` (shard name → rows), in order;
+        `parallel` ("column" / "row"): split over the plan's tensor-parallel group (Linear's rank_slices)."""
         names = [f"{prefix}.{shard}.weight" for shard in shards]
         layer = Linear(in_features, sum(shards.values()), bias=bias, shard_sizes=tuple(shards.values()),
-                       method=self.method_for(names, in_features, keep_float=keep_float))
+                       method=self.method_for(names, in_features, keep_float=keep_float), parallel=parallel,
+                       tp=self.tp, rank_slices=rank_slices)
         layer.checkpoint_names = tuple(f"{prefix}.{shard}" for shard in shards)
         return layer
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..distributed import span
 from .activation import ACTIVATIONS, gated
 from .linear import LinearPlan
 
@@ -16,15 +17,19 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str, size: int | None = None):
         super().__init__()
-        size = size or cfg.intermediate_size
+        whole = size or cfg.intermediate_size
+        first, size = span(whole, plan.tp)  # this rank's share of the intermediate width
+        rows = ((first, whole),)
         if cfg.gated_mlp:
             self.gate_up_proj = plan.linear(prefix, {"gate_proj": size, "up_proj": size}, cfg.hidden_size,
-                                            bias=cfg.mlp_bias)
+                                            bias=cfg.mlp_bias, parallel="column", rank_slices=rows * 2)
             self.activation = gated(cfg.hidden_act)
         else:
-            self.up_proj = plan.linear(prefix, {"up_proj": size}, cfg.hidden_size, bias=cfg.mlp_bias)
+            self.up_proj = plan.linear(prefix, {"up_proj": size}, cfg.hidden_size, bias=cfg.mlp_bias,
+                                       parallel="column", rank_slices=rows)
             self.activation = ACTIVATIONS[cfg.hidden_act]
-        self.down_proj = plan.linear(prefix, {"down_proj": cfg.hidden_size}, size, bias=cfg.mlp_bias)
+        self.down_proj = plan.linear(prefix, {"down_proj": cfg.hidden_size}, size, bias=cfg.mlp_bias, parallel="row",
+                                     rank_slices=rows)
         self.hidden_act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..distributed import attention_heads, max_kv_heads, span
 from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weight
 from ..attention import AttentionMetadata, LayerAttention, alibi_slopes, attention
 from ..layers.mlp import MLP
@@ -36,18 +37,24 @@ def _norm(cfg: ModelConfig, size: int | None = None) -> RMSNorm | LayerNorm:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str, layer: int):
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # Under tensor parallelism, this rank's heads (key/value heads shared where there are fewer than ranks).
+        q_first, self.num_heads, kv_first, self.num_kv_heads = attention_heads(
+            cfg.num_attention_heads, cfg.num_key_value_heads, plan.tp)
+        self.head_dim = hd = cfg.head_dim
+        self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
+        q_rows, kv_rows = (q_first * hd, cfg.num_attention_heads * hd), (kv_first * hd, cfg.num_key_value_heads * hd)
         self.qkv_proj = plan.linear(prefix, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
-                                cfg.hidden_size, bias=cfg.attention_bias)
-        self.o_proj = plan.linear(prefix, {"o_proj": cfg.hidden_size}, self.q_size, bias=cfg.o_proj_bias)
+                                    cfg.hidden_size, bias=cfg.attention_bias, parallel="column",
+                                    rank_slices=(q_rows, kv_rows, kv_rows))
+        self.o_proj = plan.linear(prefix, {"o_proj": cfg.hidden_size}, self.q_size, bias=cfg.o_proj_bias,
+                                  parallel="row", rank_slices=(q_rows,))
         self.q_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.k_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.scale = cfg.scale
         self.sliding_window = cfg.layer_window(layer)
         self.softcap = cfg.attn_logit_softcap
-        self.register_buffer("alibi", alibi_slopes(self.num_heads) if cfg.position_encoding == "alibi" else None,
-                             persistent=False)
+        slopes = alibi_slopes(cfg.num_attention_heads)[q_first:q_first + self.num_heads]
+        self.register_buffer("alibi", slopes if cfg.position_encoding == "alibi" else None, persistent=False)
 
     def layer_attention(self) -> LayerAttention:
         return LayerAttention(self.scale, self.sliding_window, self.softcap, self.alibi)
@@ -101,14 +108,21 @@ class Transformer(nn.Module):
         # The embedding is packed only as the checkpoint stores it: quantising a float table at load
         # would change the tied head's logits for a small saving.
         embed_plan = LinearPlan(plan.packed, None, plan.device)
+        self.tp = plan.tp if plan.tp is not None and plan.tp.size > 1 else None
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size,
                                       method=embed_plan.method_for(["model.embed_tokens.weight"], cfg.hidden_size,
-                                                                   output_head=cfg.tie_word_embeddings))
+                                                                   output_head=cfg.tie_word_embeddings), tp=self.tp)
         self.embed_layernorm = _norm(cfg) if cfg.embedding_norm else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, plan, f"model.layers.{i}", i) for i in range(cfg.num_hidden_layers))
         self.norm = _norm(cfg)
+        first, count = span(cfg.vocab_size, self.tp)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, method=plan.method_for(["lm_head.weight"], cfg.hidden_size, output_head=True))
+            cfg.hidden_size, count, method=plan.method_for(["lm_head.weight"], cfg.hidden_size, output_head=True),
+            parallel="column", tp=self.tp, rank_slices=((first, cfg.vocab_size),))
+        # What each rank's KV pool is planned for: the most key/value heads a rank holds, so that every
+        # rank has as many blocks as rank 0's scheduler hands out.
+        self.planned_kv_heads = max_kv_heads(cfg.num_attention_heads, cfg.num_key_value_heads,
+                                             self.tp.size if self.tp else 1)
         self.head_scale: torch.Tensor | None = None  # per-row scale of the logits (normalized_head), set at load
         self.register_buffer("inv_freq", self._frequencies(rope_inv_freq, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
@@ -166,6 +180,8 @@ class Transformer(nn.Module):
         logits = Linear.forward(self._head, hidden).float()
         if self.head_scale is not None:
             logits = logits * self.head_scale
+        if self.tp is not None:
+            logits = self.tp.all_gather(logits)  # each rank scored its slice of the vocabulary
         cap = self.config.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -214,8 +230,8 @@ class Transformer(nn.Module):
             raise WeightLoadError(f"missing tensor(s) for {', '.join(m.split('#')[0] for m in missing[:5])}")
         for layer in linears.values():
             layer.method.finish(layer)
-        for layer in self.layers:
-            layer.fused = FusedDecodeLayer.build(layer)
+        for layer in self.layers:  # the fused C++ layer sums no partial products across ranks
+            layer.fused = FusedDecodeLayer.build(layer) if self.tp is None else None
         if self.config.normalized_head:  # Baichuan 2's NormHead: x · W_iᵀ / ‖W_i‖, whatever W's storage
             self.head_scale = 1 / self._head.method.row_norms(self._head).clamp_min(1e-12)
 

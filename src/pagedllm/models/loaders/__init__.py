@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ...config import ModelConfig
+from ...distributed import TensorParallel
 from ...errors import ModelSourceError
 from ..registry import FamilySpec
 from ..transformer import Transformer
@@ -152,8 +153,9 @@ def rotate_half_rows(weights: Iterable[tuple[str, Weight]], config: ModelConfig)
 
 
 def load_model(source: ModelSource, device: torch.device | str = "cpu",
-               dtype: torch.dtype = torch.float32, quantization: str = "auto") -> Transformer:
-    """Build and fill the model. `quantization`: see config.QUANTIZATION_CHOICES."""
+               dtype: torch.dtype = torch.float32, quantization: str = "auto",
+               tp: TensorParallel | None = None) -> Transformer:
+    """Build and fill the model (`tp`: this rank's slice of it). `quantization`: see config.QUANTIZATION_CHOICES."""
     if source.kind == "gguf":
         if quantization in QUANTIZE_AT_LOAD:
             raise ModelSourceError(f"--quantization {quantization} applies to Hugging Face weights; a GGUF file "
@@ -161,11 +163,12 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu",
         gguf = open_gguf(source.path)
         config, family = gguf_model_config(gguf)
         packed = quantization == "auto"
-        plan = LinearPlan(split_names(packed_tensor_names(gguf, family)) if packed else frozenset(), None, str(device))
+        plan = LinearPlan(split_names(packed_tensor_names(gguf, family)) if packed else frozenset(), None, str(device),
+                          tp)
         weights = gguf_weights(gguf, config, family, packed=packed)
     else:
         config, family = hf_model_config(source.path)
-        plan = LinearPlan(frozenset(), QUANTIZE_AT_LOAD.get(quantization), str(device))
+        plan = LinearPlan(frozenset(), QUANTIZE_AT_LOAD.get(quantization), str(device), tp)
         weights = hf_weights(source.path)
     if family.fused_checkpoint:
         weights = split_fused(weights, config)

@@ -1,0 +1,86 @@
+"""Tensor parallelism of 2 over gloo on one machine: every family's logits and greedy tokens equal a
+single process's, and the default model through `pagedllm generate --tensor-parallel-size 2`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.models.loaders import ModelSource, load_model
+from helpers import prefill_logits
+
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "glm", "glm4",
+            "bloom", "gemma", "gemma2", "gemma3"]
+PROMPT = list(range(100, 124))
+
+
+def _sources(tiny) -> list[ModelSource]:
+    return [ModelSource("hf", tiny.hf_dir), ModelSource("gguf", tiny.gguf_path)]
+
+
+def _rank_logits(rank: int, size: int, port: int, sources: list[ModelSource], out: Path) -> None:
+    """One rank: each model's slice, its prefill logits (all ranks take part; rank 0 saves them)."""
+    import torch.distributed as dist
+
+    from pagedllm.distributed import init_group
+
+    torch.set_num_threads(1)
+    tp = init_group(rank, size, port, "cpu")
+    logits = [prefill_logits(load_model(source, tp=tp), PROMPT, block_size=4) for source in sources]
+    if rank == 0:
+        torch.save(logits, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_every_family_gives_single_process_logits(tiny_models, tmp_path):
+    from pagedllm.engine.parallel import free_port
+
+    sources = [source for family in FAMILIES for source in _sources(tiny_models[family])]
+    mp.spawn(_rank_logits, args=(2, free_port(), sources, tmp_path / "logits.pt"), nprocs=2, join=True)
+    for source, logits in zip(sources, torch.load(tmp_path / "logits.pt")):
+        reference = prefill_logits(load_model(source), PROMPT, block_size=4)
+        assert (logits - reference).abs().max().item() < 1e-4, source
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_equal_a_single_process(tiny_models, family):
+    """The engine with a worker process: one scheduler, the step broadcast, logits gathered on rank 0."""
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(30 + 7 * i, 40 + 9 * i))} for i in range(3)]
+    outputs = {}
+    for size in (1, 2):
+        llm = LLM(str(tiny_models[family].hf_dir), kv_cache_memory=4 * 2**20, block_size=4, tensor_parallel_size=size)
+        outputs[size] = [o.token_ids for o in llm.generate(prompts, params)]
+        if size == 2:
+            llm.engine.runner.shutdown()
+    assert outputs[2] == outputs[1]
+
+
+def test_cli_generate_with_two_ranks_on_the_default_model():
+    def generate(*extra: str) -> str:
+        command = [sys.executable, "-m", "pagedllm.entrypoints.cli", "generate", "--max-tokens", "24",
+                   "--temperature", "0", *extra, "The capital of France is"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert generate("--tensor-parallel-size", "2") == generate()
+
+
+def test_heads_that_do_not_divide_are_split_by_groups():
+    """SmolLM2's 9 heads over 3 key/value heads on 2 ranks: whole groups, 6 + 3 query heads."""
+    from pagedllm.distributed import TensorParallel, attention_heads, max_kv_heads
+
+    assert attention_heads(9, 3, TensorParallel(0, 2)) == (0, 3, 0, 1)
+    assert attention_heads(9, 3, TensorParallel(1, 2)) == (3, 6, 1, 2)
+    assert attention_heads(4, 1, TensorParallel(1, 2)) == (2, 2, 0, 1)  # one key/value head, shared
+    assert max_kv_heads(9, 3, 2) == 2
+    with pytest.raises(ValueError, match="cannot be split"):
+        attention_heads(6, 2, TensorParallel(0, 4))
