@@ -199,6 +199,7 @@ class Linear(nn.Module):
         self.method.create_weights(self)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.checkpoint_names: tuple[str, ...] = ()  # the checkpoint tensors (less .weight) of each shard
+        self.reduce = True  # a row-parallel layer sums the ranks' partial products (False: its caller does)
 
     def shard_offset(self, shard: int) -> int:
         return sum(self.shard_sizes[:shard])
@@ -236,8 +237,11 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.method.apply(self, x)
-        if self.parallel == "row" and self.tp is not None:
-            out = self.tp.all_reduce(out)  # each rank's partial product over its input columns
+        if self.parallel == "row":
+            if self.reduce:
+                out = self.tp.all_reduce(out)  # each rank's partial product over its input columns
+            elif self.tp.rank:
+                return out  # the caller sums the partial outputs: the bias goes in once, from rank 0
         return out if self.bias is None else out + self.bias
 
 

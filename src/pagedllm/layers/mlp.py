@@ -15,7 +15,10 @@ class MLP(nn.Module):
     """down(act(gate(x)) · up(x)), or down(act(up(x))) where the model's MLP is not gated (BLOOM);
     `size` is the intermediate width (an expert's own, for MoE)."""
 
-    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str, size: int | None = None):
+    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str, size: int | None = None,
+                 reduce: bool = True):
+        """`reduce`: under tensor parallelism, sum the ranks' partial outputs here (False: the caller
+        sums once over several MLPs — the experts of a MoE block)."""
         super().__init__()
         whole = size or cfg.intermediate_size
         first, size = span(whole, plan.tp)  # this rank's share of the intermediate width
@@ -30,6 +33,7 @@ class MLP(nn.Module):
             self.activation = ACTIVATIONS[cfg.hidden_act]
         self.down_proj = plan.linear(prefix, {"down_proj": cfg.hidden_size}, size, bias=cfg.mlp_bias, parallel="row",
                                      rank_slices=rows)
+        self.down_proj.reduce = reduce
         self.hidden_act = cfg.hidden_act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -24,11 +24,15 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = plan.linear(prefix, {"gate": cfg.num_experts}, cfg.hidden_size, keep_float=True)
-        self.experts = nn.ModuleList(MLP(cfg, plan, f"{prefix}.experts.{e}", cfg.moe_intermediate_size)
+        # Under tensor parallelism every expert is split by width; the ranks' partial sums are added
+        # once for the whole block (forward), not once per expert.
+        self.tp = plan.tp if plan.tp is not None and plan.tp.size > 1 else None
+        self.experts = nn.ModuleList(MLP(cfg, plan, f"{prefix}.experts.{e}", cfg.moe_intermediate_size, reduce=False)
                                      for e in range(cfg.num_experts))
         self.shared_expert = self.shared_expert_gate = None
         if cfg.shared_expert_intermediate_size:
-            self.shared_expert = MLP(cfg, plan, f"{prefix}.shared_expert", cfg.shared_expert_intermediate_size)
+            self.shared_expert = MLP(cfg, plan, f"{prefix}.shared_expert", cfg.shared_expert_intermediate_size,
+                                     reduce=False)
             self.shared_expert_gate = plan.linear(prefix, {"shared_expert_gate": 1}, cfg.hidden_size, keep_float=True)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +47,7 @@ class SparseMoE(nn.Module):
         out = self.experts_output(x, *self.route(x))
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        return out if self.tp is None else self.tp.all_reduce(out)
 
     def experts_output(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         flat = experts.reshape(-1)
