@@ -269,6 +269,8 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     speculative: SpeculativeConfig | None = None
     tensor_parallel_size: int = 1  # processes the model is split over (pagedllm.distributed)
+    # The device of each rank (empty: rank r on cuda:r for "cuda", else `device` for all).
+    tensor_parallel_devices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:

@@ -92,6 +92,15 @@ def test_more_workers_give_the_same_records(tiny, one_worker_records, tmp_path, 
     assert _by_line(_records(tmp_path / "out.jsonl")) == expected
 
 
+def test_tensor_parallel_replicas_give_the_same_records(tiny, one_worker_records, tmp_path):
+    """Two replicas of two ranks each (four processes): each replica's ranks split the model."""
+    data, expected = one_worker_records
+    summary = infer(tiny, data, tmp_path / "out.jsonl", 2, sampling_params=GREEDY,
+                    engine_options={**ENGINE, "tensor_parallel_size": 2}, rows_in_flight=8, progress=False)
+    assert summary.written == 40
+    assert _by_line(_records(tmp_path / "out.jsonl")) == expected
+
+
 def test_malformed_rows_become_error_records(tiny, tmp_path):
     good = [{"id": "a", "prompt": "river stone"}, {"prompt": "lamp orbit", "metadata": {"k": [1, 2]}},
             {"id": "c", "messages": [{"role": "user", "content": "hi"}], "n": 2, "temperature": 0.7, "seed": 3}]
@@ -272,6 +281,9 @@ def test_replicas_get_their_own_cores_and_devices_in_turn(monkeypatch):
     three = plan_placements(3, ["cuda:0", "cuda:1"], None)
     assert [p.device for p in three] == ["cuda:0", "cuda:1", "cuda:0"] and three[0].threads == 1
     assert plan_placements(3, None, 2)[0].cpus == ()  # 6 threads on 4 cores: the OS shares them
+    groups = plan_placements(2, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"], None, tensor_parallel_size=2)
+    assert [p.group for p in groups] == [("cuda:0", "cuda:1"), ("cuda:2", "cuda:3")]
+    assert [p.device for p in groups] == ["cuda:0", "cuda:2"]
     with pytest.raises(BatchError, match="threads per worker"):
         plan_placements(1, None, 0)
 

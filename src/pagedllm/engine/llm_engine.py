@@ -19,7 +19,7 @@ from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 from .kv_cache_manager import KVCacheManager, blocks_needed
-from .parallel import ParallelRunner, free_port, join_group, serve_steps, start_workers
+from .parallel import ParallelRunner, exit_with_parent, free_port, join_group, serve_steps, start_workers
 from .model_runner import ModelRunner, StepBatch, plan_kv_cache
 from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
 from .request import Request, RequestStatus
@@ -512,7 +512,8 @@ def kv_pool_dtype(model, name: str, dtype: torch.dtype) -> torch.dtype:
 def _tensor_parallel_worker(rank: int, size: int, port: int, config: EngineConfig, source: ModelSource) -> None:
     """Rank `rank` of a tensor-parallel engine: its slice of the model and of the KV pool, stepping with rank 0."""
     tp = join_group(rank, size, port, config.device)
-    device, dtype = _device(_rank_device(config.device, rank)), _DTYPES[config.dtype]
+    exit_with_parent()
+    device, dtype = _device(_rank_device(config, rank)), _DTYPES[config.dtype]
     torch.manual_seed(config.seed)
     model = load_model(source, device, dtype, config.quantization, tp)
     kv_dtype = kv_pool_dtype(model, config.cache.kv_cache_dtype, dtype)
@@ -521,9 +522,11 @@ def _tensor_parallel_worker(rank: int, size: int, port: int, config: EngineConfi
     serve_steps(ModelRunner(model, spec, device, dtype, config.attention_backend, kv_dtype))
 
 
-def _rank_device(name: str, rank: int) -> str:
-    """Rank r of a GPU group takes cuda:r (of the devices this process sees)."""
-    return f"cuda:{rank}" if name == "cuda" else name
+def _rank_device(config: EngineConfig, rank: int) -> str:
+    """Rank r's device: the r-th of `tensor_parallel_devices`, or cuda:r of the devices this process sees."""
+    if config.tensor_parallel_devices:
+        return config.tensor_parallel_devices[rank]
+    return f"cuda:{rank}" if config.device == "cuda" else config.device
 
 
 def _device(name: str) -> torch.device:

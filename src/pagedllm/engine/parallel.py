@@ -10,7 +10,9 @@ logits — and rank 0 samples. Block copies (forks) are sent the same way.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import socket
+import threading
 import weakref
 from typing import Any
 
@@ -92,6 +94,13 @@ def serve_steps(runner: ModelRunner) -> None:
         else:
             break
     dist.destroy_process_group()
+
+
+def exit_with_parent() -> None:
+    """A worker whose engine process is gone (even by kill -9) must not wait for it forever."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=lambda: (parent.join(), os._exit(1)), name="parent-watch", daemon=True).start()
 
 
 def join_group(rank: int, size: int, port: int, device: str) -> TensorParallel:

@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="JSONL records (appended; run the same command again to resume)")
     infer.add_argument("--workers", type=int, default=1, help="model replicas, each in its own process (default 1)")
     infer.add_argument("--devices", default=None,
-                       help="comma-separated devices the replicas take in turn, e.g. cuda:0,cuda:1 (default: --device)")
+                       help="comma-separated devices the replicas take in turn, e.g. cuda:0,cuda:1 (default: --device); "
+                            "with --tensor-parallel-size N each replica takes the next N")
     infer.add_argument("--threads-per-worker", type=int, default=None,
                        help="CPU threads of each replica (default: this machine's cores split evenly)")
     infer.add_argument("--backend", choices=["local", "ray"], default="local",

@@ -55,7 +55,7 @@ class Backend(ABC):
 
 
 def _replica_config(config: EngineConfig, placement: ReplicaPlacement) -> EngineConfig:
-    return dataclasses.replace(config, device=placement.device)
+    return dataclasses.replace(config, device=placement.device, tensor_parallel_devices=placement.group)
 
 
 class LocalBackend(Backend):
@@ -66,8 +66,9 @@ class LocalBackend(Backend):
         context = multiprocessing.get_context("spawn")  # no inherited torch threads or locks
         self._outbox = context.Queue()
         self._inboxes = [context.Queue() for _ in placements]
+        daemon = config.tensor_parallel_size == 1  # a tensor-parallel replica starts rank processes: not as a daemon
         self._processes = [
-            context.Process(target=run_local_worker, name=f"pagedllm-worker-{i}", daemon=True,
+            context.Process(target=run_local_worker, name=f"pagedllm-worker-{i}", daemon=daemon,
                             args=(i, _replica_config(config, p), p, self._inboxes[i], self._outbox))
             for i, p in enumerate(placements)]
 

@@ -76,7 +76,7 @@ def infer(model_path: str | None, data_path: str | Path, output_path: str | Path
     if rows_in_flight is not None and (not isinstance(rows_in_flight, int) or rows_in_flight < 1):
         raise BatchError(f"rows_in_flight must be a positive integer, got {rows_in_flight!r}")
     config = build_engine_config(model_path, **(engine_options or {}))
-    placements = plan_placements(num_workers, devices, threads_per_worker)
+    placements = plan_placements(num_workers, devices, threads_per_worker, config.tensor_parallel_size)
     if backend not in BACKENDS:
         raise BatchError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     data_path, output_path = Path(data_path), Path(output_path)
@@ -94,8 +94,9 @@ def infer(model_path: str | None, data_path: str | Path, output_path: str | Path
 
 
 def plan_placements(num_workers: int, devices: Sequence[str] | None,
-                    threads_per_worker: int | None) -> list[ReplicaPlacement]:
-    """Replica i runs on devices[i % len(devices)] with its own slice of this machine's cores."""
+                    threads_per_worker: int | None, tensor_parallel_size: int = 1) -> list[ReplicaPlacement]:
+    """Replica i runs on devices[i % len(devices)] with its own slice of this machine's cores; with
+    tensor parallelism of N, on the N devices from devices[i·N] on (going round the list)."""
     if not isinstance(num_workers, int) or num_workers < 1:
         raise BatchError(f"the number of workers must be a positive integer, got {num_workers!r}")
     devices = list(devices or ["cpu"])
@@ -107,9 +108,11 @@ def plan_placements(num_workers: int, devices: Sequence[str] | None,
         raise BatchError(f"threads per worker must be a positive integer, got {threads_per_worker!r}")
     threads = threads_per_worker or max(1, len(cores) // num_workers)
     pin = threads * num_workers <= len(cores)  # disjoint cores when they go round, else let the OS share
-    return [ReplicaPlacement(devices[i % len(devices)], threads,
-                             tuple(cores[i * threads:(i + 1) * threads]) if pin else ())
-            for i in range(num_workers)]
+    n = tensor_parallel_size
+    groups = [tuple(devices[(i * n + r) % len(devices)] for r in range(n)) for i in range(num_workers)]
+    return [ReplicaPlacement(group[0], threads, tuple(cores[i * threads:(i + 1) * threads]) if pin else (),
+                             group if n > 1 else ())
+            for i, group in enumerate(groups)]
 
 
 def _open_journal(path: Path) -> OutputJournal:

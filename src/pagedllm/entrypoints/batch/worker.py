@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from dataclasses import dataclass
 from typing import Any
 
 from ...config import EngineConfig
+from ...engine.parallel import exit_with_parent
 from ...errors import PagedLLMError
 from .rows import BatchTask, error_record, result_record
 
@@ -25,6 +25,7 @@ class ReplicaPlacement:
     device: str
     threads: int
     cpus: tuple[int, ...] = ()
+    group: tuple[str, ...] = ()  # the devices of its tensor-parallel ranks (device is the first)
 
     def apply(self) -> None:
         """Pin this process before the engine starts any thread pool."""
@@ -75,7 +76,7 @@ STOP = None  # the message that ends a local worker
 def run_local_worker(index: int, config: EngineConfig, placement: ReplicaPlacement, inbox, outbox) -> None:
     """A local worker process: ("ready" | "error" | "records", index, payload) messages go to `outbox`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle; it stops us
-    _exit_with_parent()
+    exit_with_parent()  # a worker whose coordinator is gone (even by kill -9) must not keep computing
     placement.apply()
     try:
         worker = ReplicaWorker(config)
@@ -108,18 +109,3 @@ def _take(inbox, wait: bool) -> list[BatchTask] | None:
             message = inbox.get_nowait()
     except queue.Empty:
         return tasks
-
-
-def _exit_with_parent() -> None:
-    """A worker whose coordinator is gone (even by kill -9) must not keep computing."""
-    import multiprocessing
-
-    parent = multiprocessing.parent_process()
-    if parent is None:
-        return
-
-    def watch() -> None:
-        parent.join()
-        os._exit(1)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
