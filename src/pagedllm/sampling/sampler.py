@@ -42,6 +42,7 @@ class SamplingMetadata:
     top_p: torch.Tensor  # [rows]
     min_p: torch.Tensor  # [rows]
     greedy: torch.Tensor  # [rows] bool
+    all_greedy: bool  # known on the host: the sampler asks the device nothing to decide it
     generators: dict[int, torch.Generator]  # row → generator of seeded rows
     filters: bool  # some row uses top-k, top-p or min-p
     penalties: "Penalties | None"
@@ -63,6 +64,7 @@ class SamplingMetadata:
             top_p=col([p.top_p for p in params], torch.float32),
             min_p=col([p.min_p for p in params], torch.float32),
             greedy=col([p.greedy for p in params], torch.bool),
+            all_greedy=all(p.greedy for p in params),
             generators={i: r.generator for i, r in enumerate(rows) if r.generator is not None},
             filters=any(0 < p.top_k < vocab_size or p.top_p < 1.0 or p.min_p > 0.0 for p in params),
             penalties=Penalties.build(rows, vocab_size, device) if any(p.penalised for p in params) else None,
@@ -170,7 +172,7 @@ class Sampler:
         if meta.additive is not None:
             logits = logits + meta.additive
         greedy_tokens = logits.argmax(dim=-1)
-        if bool(meta.greedy.all()):
+        if meta.all_greedy:
             return greedy_tokens
         logits = logits / meta.temperature[:, None]
         if meta.filters:
