@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 
 @dataclass(frozen=True)
 class TensorParallel:
@@ -59,9 +61,15 @@ def attention_heads(heads: int, kv_heads: int, tp: TensorParallel | None) -> tup
         kv_first, kv_count = span(kv_heads, tp)
         return kv_first * group, kv_count * group, kv_first, kv_count
     if tp.size % kv_heads or heads % tp.size:
-        raise ValueError(f"{heads} attention heads over {kv_heads} key/value heads cannot be split over {tp.size} ranks")
+        raise ConfigError(f"{heads} attention heads over {kv_heads} key/value heads cannot be split over "
+                          f"{tp.size} ranks (--tensor-parallel-size)")
     q_first, q_count = span(heads, tp)
     return q_first, q_count, q_first // group, 1
+
+
+def check_split(heads: int, kv_heads: int, size: int) -> None:
+    """Refuse, before any process starts, a model whose heads cannot be split over `size` ranks."""
+    max_kv_heads(heads, kv_heads, size)
 
 
 def max_kv_heads(heads: int, kv_heads: int, size: int) -> int:

@@ -84,3 +84,10 @@ def test_heads_that_do_not_divide_are_split_by_groups():
     assert max_kv_heads(9, 3, 2) == 2
     with pytest.raises(ValueError, match="cannot be split"):
         attention_heads(6, 2, TensorParallel(0, 4))
+
+
+def test_a_split_that_cannot_be_made_is_one_line_before_any_process_starts():
+    done = subprocess.run([sys.executable, "-m", "pagedllm.entrypoints.cli", "generate", "--tensor-parallel-size", "4",
+                           "--max-tokens", "2", "hi"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "9 attention heads over 3 key/value heads cannot be split over 4 ranks" in done.stderr

@@ -13,7 +13,8 @@ import torch
 from ..config import EngineConfig, SpeculativeConfig
 from ..errors import PagedLLMError
 from ..attention import KV_Q8_0, Q8_0_VALUES
-from ..models.loaders import ModelSource, load_model, resolve_model
+from ..distributed import check_split
+from ..models.loaders import ModelSource, load_model, read_model_config, resolve_model
 from ..sampling.structured_output import GrammarCompiler
 from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
@@ -63,6 +64,8 @@ class LLMEngine:
         self.source = source or resolve_model(config.model)
         workers, tp, threads = [], None, torch.get_num_threads()
         if config.tensor_parallel_size > 1:  # workers first: each loads its slice while this rank loads its own
+            model_config, _ = read_model_config(self.source)
+            check_split(model_config.num_attention_heads, model_config.num_key_value_heads, config.tensor_parallel_size)
             port = free_port()
             workers = start_workers(config.tensor_parallel_size, port, _tensor_parallel_worker, config, self.source)
             tp = join_group(0, config.tensor_parallel_size, port, config.device)
