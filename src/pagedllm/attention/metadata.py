@@ -14,6 +14,15 @@ if TYPE_CHECKING:
     from .backend import AttentionBackend
 
 
+def long_tensor(values, device: torch.device | str) -> torch.Tensor:
+    """Step data as int64 on `device`. To a GPU it goes through pinned memory without waiting: the
+    copy overlaps the host's next work, and the stream orders it before the kernels that read it."""
+    host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class LayerAttention:
     """One layer's attention: its scale, window, soft-capping and ALiBi slopes."""
@@ -86,7 +95,7 @@ class StepLayout:
         return np.concatenate([[0], np.cumsum(self.counts)])
 
     def tensor(self, values) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+        return long_tensor(values, self.device)
 
     def slot_mapping(self) -> torch.Tensor:
         token_seq = np.repeat(np.arange(len(self.counts)), self.counts)

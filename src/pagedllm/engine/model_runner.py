@@ -13,6 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..attention import StepLayout, kv_bytes_per_token, kv_row_elements, select_backend
+from ..attention.metadata import long_tensor
 from ..models.transformer import Transformer
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState
 from .scheduler import ScheduledRequest
@@ -147,7 +148,7 @@ class ModelRunner:
         return spans, rows
 
     def _long_tensor(self, values) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device)
+        return long_tensor(values, self.device)
 
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> StepResult:
