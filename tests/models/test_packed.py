@@ -27,7 +27,7 @@ from pagedllm.engine.scheduler import ScheduledRequest
 from pagedllm.attention import KV_Q8_0, cached_values
 from pagedllm.layers.rotary import rope_cos_sin
 from pagedllm import LLM, SamplingParams
-from pagedllm.kernels import quant_kernels_available
+from pagedllm.kernels import ISA_NAMES, available_isas, quant_kernels_available
 from pagedllm.layers.linear import Linear, PackedMethod, WeightLoadError
 from pagedllm.layers.quant import PackedWeight, random_blocks
 from pagedllm.models.loaders import ModelSource, load_model, read_model_config
@@ -113,6 +113,27 @@ def test_fused_decode_layer_equals_the_module_path(write, family, rows, kv_dtype
     step = written[1].abs().max().item() / 127 if kv_dtype == KV_Q8_0 else 0  # a k a hair apart may round apart
     torch.testing.assert_close(written[0], written[1], rtol=1e-5, atol=1e-5 + step)
     assert layer.fused.applies_to(x)
+
+
+@pytest.mark.parametrize("isa", available_isas() if quant_kernels_available() else ())
+def test_fused_decode_layer_on_every_instruction_set(write, isa):
+    """The fused C++ layer through each kernel path this CPU has (portable, AVX2, AVX-512 VNNI): the
+    same output as the module path, so an AVX2-only machine runs code that was checked here too."""
+    model = load_model(write("glm", "q4_k_m"))
+    spec = plan_kv_cache(model.config, 4, 2**20, torch.float32)
+    runners = [ModelRunner(model, spec, "cpu", torch.float32) for _ in range(2)]
+    requests = [ScheduledRequest(Request(f"r{i}", [5 + i] * (i + 2), SamplingParams()), 1) for i in range(3)]
+    for i, r in enumerate(requests):
+        r.request.num_computed_tokens = i + 1
+    batch = runners[0].prepare(requests, [[2 * i, 2 * i + 1] for i in range(3)])
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(3)) * 3
+    cos, sin = rope_cos_sin(batch.positions, model.inv_freq, x.dtype)
+    layer = model.layers[1]
+    layer.fused.isa = ISA_NAMES.index(isa)
+    with torch.inference_mode():
+        fused = layer.fused(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta)
+        plain = layer(x.clone(), cos, sin, runners[1].kv_caches[1], batch.meta)
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item())
 
 
 def _assert_same_until_near_tie(model, prompt: list[int], want: list[int], have: list[int]) -> None:
@@ -206,7 +227,7 @@ def test_rss_after_loading_a_q4_0_model_stays_near_its_file_size(hf_folders, tmp
         import psutil, sys, torch
         sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parents[1])!r})
         from helpers import assert_packed_logits_close, prefill_logits
-        from pagedllm.kernels import quant_kernels_available
+        from pagedllm.kernels import ISA_NAMES, available_isas, quant_kernels_available
         from pagedllm.models.loaders import ModelSource, load_model
         quant_kernels_available()
         ops = torch.ops.pagedllm_quant  # warm the thread pool and allocator first: they are not the model

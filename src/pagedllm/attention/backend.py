@@ -47,9 +47,17 @@ class AttentionBackend(ABC):
         write_kv(kv_cache, k, v, meta.slot_mapping)
         return self.attend(q, kv_cache, meta, layer, matmul_dtype)
 
+    @abstractmethod
     def attend(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, layer: LayerAttention,
                matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
         """Attention of q over the cache, this step's K/V already written."""
+
+
+class TorchBackend(AttentionBackend):
+    name = "torch"
+
+    def attend(self, q, kv_cache, meta, layer, matmul_dtype=None):
+        """Group by group (decodes and prefill chunks apart: padding stays within each group)."""
         if len(meta.groups) == 1:
             return self.attend_group(q, kv_cache, meta, meta.groups[0], 0, layer, matmul_dtype)
         out = torch.empty_like(q)
@@ -57,16 +65,9 @@ class AttentionBackend(ABC):
             out[group.rows] = self.attend_group(q[group.rows], kv_cache, meta, group, index, layer, matmul_dtype)
         return out
 
-    @abstractmethod
     def attend_group(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, group: AttentionGroup,
                      index: int, layer: LayerAttention, matmul_dtype: torch.dtype | None) -> torch.Tensor:
         """Attention for one group's tokens (`index`: the group's place in meta.groups)."""
-
-
-class TorchBackend(AttentionBackend):
-    name = "torch"
-
-    def attend_group(self, q, kv_cache, meta, group, index, layer, matmul_dtype):
         length = group.max_context_len
         keys = cached_values(kv_cache[0][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)
         values = cached_values(kv_cache[1][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)

@@ -3,6 +3,7 @@ stays within each group, and what each layer asks of its scores."""
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -90,18 +91,28 @@ class StepLayout:
     block_size: int
     device: torch.device | str
 
-    @property
+    @functools.cached_property
     def query_start(self) -> np.ndarray:
+        """[seqs + 1] where each sequence's tokens start in the step's flat batch."""
         return np.concatenate([[0], np.cumsum(self.counts)])
+
+    @functools.cached_property
+    def token_seq(self) -> np.ndarray:
+        """[tokens] the sequence of each token of the flat batch."""
+        return np.repeat(np.arange(len(self.counts)), self.counts)
+
+    @functools.cached_property
+    def positions(self) -> np.ndarray:
+        """[tokens] each token's position in its sequence."""
+        seq = self.token_seq
+        return self.starts[seq] + np.arange(len(seq)) - self.query_start[seq]
 
     def tensor(self, values) -> torch.Tensor:
         return long_tensor(values, self.device)
 
     def slot_mapping(self) -> torch.Tensor:
-        token_seq = np.repeat(np.arange(len(self.counts)), self.counts)
-        positions = self.starts[token_seq] + np.arange(int(self.counts.sum())) - self.query_start[token_seq]
-        bs = self.block_size
-        return self.tensor(self.table[token_seq, positions // bs] * bs + positions % bs)
+        bs, positions = self.block_size, self.positions
+        return self.tensor(self.table[self.token_seq, positions // bs] * bs + positions % bs)
 
     def group(self, seqs: np.ndarray) -> AttentionGroup:
         """The sequences `seqs` as one group, in the padded [seqs, max query length] layout."""

@@ -10,7 +10,6 @@ import functools
 import importlib.util
 import os
 
-import numpy as np
 import torch
 
 from .backend import AttentionBackend
@@ -36,9 +35,8 @@ class TritonBackend(AttentionBackend):
 
     def build_metadata(self, layout: StepLayout) -> AttentionMetadata:
         meta = super().build_metadata(layout)
-        token_seq = np.repeat(np.arange(len(layout.counts)), layout.counts)
-        positions = layout.starts[token_seq] + np.arange(int(layout.counts.sum())) - layout.query_start[token_seq]
-        meta.cache["triton"] = (layout.tensor(token_seq), layout.tensor(positions), layout.tensor(layout.table))
+        meta.cache["triton"] = (layout.tensor(layout.token_seq), layout.tensor(layout.positions),
+                                layout.tensor(layout.table))
         return meta
 
     def attend(self, q, kv_cache, meta, layer, matmul_dtype=None):
@@ -61,9 +59,6 @@ class TritonBackend(AttentionBackend):
             BLOCK_D=triton_next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
             HAS_ALIBI=layer.alibi is not None, HAS_SOFTCAP=layer.softcap is not None, Q8=kv_cache.dtype == KV_Q8_0)
         return out
-
-    def attend_group(self, q, kv_cache, meta, group, index, layer, matmul_dtype):
-        raise NotImplementedError("the Triton backend attends every group in one launch (attend)")
 
 
 def triton_next_power_of_2(n: int) -> int:

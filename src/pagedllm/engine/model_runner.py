@@ -112,13 +112,12 @@ class ModelRunner:
         starts = np.asarray([s.request.num_computed_tokens for s in scheduled])
         counts = np.asarray([s.num_new_tokens for s in scheduled])
         ids = [t for s, st, n in zip(scheduled, starts, counts) for t in s.request.token_ids_at(int(st), int(n))]
-        query_start = np.concatenate([[0], np.cumsum(counts)])
-        token_seq = np.repeat(np.arange(len(scheduled)), counts)
-        positions = starts[token_seq] + np.arange(len(ids)) - query_start[token_seq]
         table = np.zeros((len(scheduled), max(len(t) for t in block_tables)), dtype=np.int64)
         for row, blocks in enumerate(block_tables):
             table[row, :len(blocks)] = blocks
-        meta = self.attention_backend.build_metadata(StepLayout(starts, counts, table, bs, self.device))
+        layout = StepLayout(starts, counts, table, bs, self.device)
+        query_start, positions = layout.query_start, layout.positions
+        meta = self.attention_backend.build_metadata(layout)
         # A request with drafts is scored at the last real token and at every draft.
         sample_spans, sample_rows = [], []
         for i, s in enumerate(scheduled):
