@@ -309,12 +309,22 @@ class LinearPlan:
         wants_packed = quantize or any(name in self.packed for name in tensor_names)
         if not wants_packed:
             return DenseMethod()
-        if in_features % 32 or torch.device(self.device).type != "cpu" or not kernels.quant_kernels_available():
-            _warn_dense_once(self.device, in_features)
-            return DenseMethod()
-        isa = kernels.best_isa()
-        return PackedMethod(quantize_to=self.quantize_to or REPACK_TYPE, gemm_dtype=_gemm_dtype(),
-                            isa=kernels.ISA_NAMES.index(isa), int8_activations=not output_head)
+        return packed_method(self.device, in_features, self.quantize_to or REPACK_TYPE, output_head)
+
+
+def packed_method(device: str, in_features: int, quantize_to: GGMLQuantizationType,
+                  output_head: bool) -> LinearMethod:
+    """The method for quantised weights on `device`: the CPU kernels on the CPU, weight-only integer
+    groups elsewhere (layers/weight_only.py); float where neither applies."""
+    if in_features % 32 == 0 and torch.device(device).type != "cpu":
+        from .weight_only import WeightOnlyMethod  # it builds on this module
+
+        return WeightOnlyMethod(quantize_to=quantize_to, device=device)
+    if in_features % 32 or not kernels.quant_kernels_available():
+        _warn_dense_once(device, in_features)
+        return DenseMethod()
+    return PackedMethod(quantize_to=quantize_to, gemm_dtype=_gemm_dtype(),
+                        isa=kernels.ISA_NAMES.index(kernels.best_isa()), int8_activations=not output_head)
 
 
 _warned: set[tuple[str, int]] = set()
@@ -323,7 +333,7 @@ _warned: set[tuple[str, int]] = set()
 def _warn_dense_once(device: str, in_features: int) -> None:
     if (device, in_features) not in _warned:
         _warned.add((device, in_features))
-        log.warning("packed weights need the CPU kernels and rows of a multiple of 32 values "
+        log.warning("quantised weights need rows of a multiple of 32 values (and, on the CPU, its kernels) "
                     "(device %s, %d columns): these layers are dequantised to float", device, in_features)
 
 

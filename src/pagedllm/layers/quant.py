@@ -22,7 +22,7 @@ QUANTIZE_AT_LOAD = {"int8": Q.Q8_0, "int4": Q.Q4_1}
 
 # Byte offsets of each block's fp16 scale fields (d, and m / dmin where the format has one).
 _FP16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q4_K: (0, 2),
-                Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+                Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q3_K: (108,)}
 
 
 @dataclass(frozen=True)
