@@ -271,6 +271,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1  # processes the model is split over (pagedllm.distributed)
     # The device of each rank (empty: rank r on cuda:r for "cuda", else `device` for all).
     tensor_parallel_devices: tuple[str, ...] = ()
+    enforce_eager: bool = False  # on a GPU, run decode steps eagerly instead of replaying CUDA graphs
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -289,11 +290,11 @@ def build_engine_config(model: str | None = None, *, device: str = "cpu", dtype:
                         enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
                         attention_backend: str = "auto", quantization: str = "auto", kv_cache_dtype: str = "auto",
                         speculative_config: SpeculativeConfig | dict | None = None,
-                        tensor_parallel_size: int = 1) -> EngineConfig:
+                        tensor_parallel_size: int = 1, enforce_eager: bool = False) -> EngineConfig:
     """The engine options every front end takes (LLM, infer, the CLI), as one frozen EngineConfig."""
     return EngineConfig(
         model=model, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend,
-        quantization=quantization, tensor_parallel_size=tensor_parallel_size,
+        quantization=quantization, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
         speculative=SpeculativeConfig(**speculative_config) if isinstance(speculative_config, dict)
         else speculative_config,
         cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,

@@ -85,3 +85,20 @@ def test_hugging_face_weights_quantised_at_load(hf_folder, weight_only_here, qua
             layer.weight.data = dequantize(blocks.data.numpy(), qtype, blocks.shape)
     got, want = prefill_logits(model, IDS), prefill_logits(rounded, IDS)
     torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+def test_bfloat16_activations_on_the_torch_path(hf_folder, tmp_path, default_tokenizer_metadata, weight_only_here,
+                                                monkeypatch):
+    """A bfloat16 model (the GPU's usual dtype) over integer groups, through the dequantise-and-multiply
+    path a device without Triton takes: dequantised embedding rows come back in the model's dtype."""
+    from helpers import assert_packed_logits_close
+    from pagedllm.layers import weight_only
+
+    monkeypatch.setattr(weight_only, "use_triton", lambda device: False)
+    source = _gguf(hf_folder, tmp_path, default_tokenizer_metadata, "q8_0")
+    model = load_model(source, dtype=torch.bfloat16)
+    dense = load_model(source, quantization="none")
+    assert model.norm.weight.dtype == torch.bfloat16
+    got = prefill_logits(model, IDS)
+    assert got.dtype == torch.float32
+    assert_packed_logits_close(got, prefill_logits(dense, IDS))

@@ -24,6 +24,7 @@ from .metadata import AttentionGroup, AttentionMetadata, LayerAttention, StepLay
 
 class AttentionBackend(ABC):
     name: str
+    supports_graphs = False  # whether graph_inputs holds all a step's attention reads (engine/cuda_graphs.py)
 
     @classmethod
     def usable(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -37,6 +38,11 @@ class AttentionBackend(ABC):
 
     def build_metadata(self, layout: StepLayout) -> AttentionMetadata:
         return AttentionMetadata(layout.slot_mapping(), layout.decode_and_prefill_groups(), self)
+
+    def graph_inputs(self, meta: AttentionMetadata) -> list[torch.Tensor]:
+        """Every tensor of `meta` the backend's kernels read, in a fixed order: a captured graph keeps
+        its own, and a replay copies the next step's (of the same shapes) into them."""
+        raise NotImplementedError(f"the {self.name} attention backend cannot be captured in a graph")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, layer: LayerAttention, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:

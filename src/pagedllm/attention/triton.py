@@ -27,6 +27,7 @@ def triton_available() -> bool:
 
 class TritonBackend(AttentionBackend):
     name = "triton"
+    supports_graphs = True
 
     @classmethod
     def usable(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -38,6 +39,9 @@ class TritonBackend(AttentionBackend):
         meta.cache["triton"] = (layout.tensor(layout.token_seq), layout.tensor(layout.positions),
                                 layout.tensor(layout.table))
         return meta
+
+    def graph_inputs(self, meta: AttentionMetadata) -> list[torch.Tensor]:
+        return [meta.slot_mapping, *meta.cache["triton"]]
 
     def attend(self, q, kv_cache, meta, layer, matmul_dtype=None):
         from .triton_kernels import paged_attention_kernel

@@ -19,6 +19,7 @@ from ..sampling.structured_output import GrammarCompiler
 from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from .cuda_graphs import GraphConfig
 from .kv_cache_manager import KVCacheManager, blocks_needed
 from .parallel import ParallelRunner, exit_with_parent, free_port, join_group, serve_steps, start_workers
 from .model_runner import ModelRunner, StepBatch, plan_kv_cache
@@ -82,7 +83,8 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size,
                                        config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype)
+        runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype,
+                             self._graph_config())
         self.runner = ParallelRunner(runner, workers, threads) if tp is not None else runner
         self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
@@ -92,6 +94,13 @@ class LLMEngine:
         self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
+
+    def _graph_config(self) -> GraphConfig | None:
+        """CUDA graphs for decode steps on a GPU, unless --enforce-eager."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return None
+        return GraphConfig.for_engine(self.config.scheduler.max_num_seqs, self.max_model_len,
+                                      self.config.cache.block_size, capture=True)
 
     def _proposer(self, spec: SpeculativeConfig | None, make_proposer: ProposerFactory | None,
                   dtype: torch.dtype) -> Proposer | None:

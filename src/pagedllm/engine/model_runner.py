@@ -12,10 +12,11 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..attention import StepLayout, kv_bytes_per_token, kv_row_elements, select_backend
+from ..attention import AttentionMetadata, StepLayout, kv_bytes_per_token, kv_row_elements, select_backend
 from ..attention.metadata import long_tensor
 from ..models.transformer import Transformer
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState
+from .cuda_graphs import DecodeGraphs, GraphConfig
 from .scheduler import ScheduledRequest
 
 
@@ -67,6 +68,7 @@ class StepBatch:
     # first position, count); `hidden_rows` lists their flat-token rows in that order.
     hidden_spans: list[tuple[int, int, int]] = field(default_factory=list)
     hidden_rows: torch.Tensor | None = None
+    padded: bool = False  # a decode step padded to a graph bucket (engine/cuda_graphs.py)
 
 
 @dataclass
@@ -92,19 +94,36 @@ def keep_freed_buffers() -> None:
 
 class ModelRunner:
     def __init__(self, model: Transformer, spec: KVCacheSpec, device: torch.device, dtype: torch.dtype,
-                 attention_backend: str = "auto", kv_dtype: torch.dtype | None = None):
-        """`dtype`: the model's activations; `kv_dtype`: the pool's elements (default: the same)."""
+                 attention_backend: str = "auto", kv_dtype: torch.dtype | None = None,
+                 graphs: GraphConfig | None = None):
+        """`dtype`: the model's activations; `kv_dtype`: the pool's elements (default: the same);
+        `graphs`: replay decode steps from graphs where the backend and the model allow it."""
         cfg = model.config
         self.model, self.spec, self.device = model, spec, device
         kv_dtype = kv_dtype or dtype
         self.attention_backend = select_backend(attention_backend, device, dtype, cfg.head_dim)
+        use_graphs = graphs is not None and self.attention_backend.supports_graphs and model.capturable
+        blocks = spec.num_blocks + use_graphs  # the graphs' scratch block for padding rows
         shape = (cfg.num_hidden_layers, *self.attention_backend.kv_cache_shape(
-            spec.num_blocks, spec.block_size, model.layers[0].self_attn.num_kv_heads, kv_row_elements(cfg.head_dim, kv_dtype)))
+            blocks, spec.block_size, model.layers[0].self_attn.num_kv_heads, kv_row_elements(cfg.head_dim, kv_dtype)))
         self.kv_pool = _zeroed_pool(shape, kv_dtype, device)
         if torch.device(device).type == "cpu":
             keep_freed_buffers()
         self.kv_caches = list(self.kv_pool.unbind(0))
         self.sampler = Sampler()
+        self.graphs = DecodeGraphs(graphs, self._forward, spec.num_blocks, spec.block_size,
+                                   self.attention_backend.build_metadata, device) if use_graphs else None
+        if self.graphs is not None and graphs.capture:
+            self.graphs.capture_all()
+
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, self.kv_caches, meta)
+
+    def _decode_bucket(self, counts: np.ndarray) -> int | None:
+        """The graph bucket of a step of single tokens, None for any other step."""
+        if self.graphs is None or not (counts == 1).all():
+            return None
+        return self.graphs.config.bucket(len(counts))
 
     def prepare(self, scheduled: list[ScheduledRequest], block_tables: list[list[int]]) -> StepBatch:
         """Flatten the step's tokens; sequences with nothing to sample still write their K/V."""
@@ -115,7 +134,12 @@ class ModelRunner:
         table = np.zeros((len(scheduled), max(len(t) for t in block_tables)), dtype=np.int64)
         for row, blocks in enumerate(block_tables):
             table[row, :len(blocks)] = blocks
-        layout = StepLayout(starts, counts, table, bs, self.device)
+        bucket = self._decode_bucket(counts)
+        if bucket is not None:
+            layout = self.graphs.pad(starts, table, bucket)
+            ids += [0] * (bucket - len(ids))
+        else:
+            layout = StepLayout(starts, counts, table, bs, self.device)
         query_start, positions = layout.query_start, layout.positions
         meta = self.attention_backend.build_metadata(layout)
         # A request with drafts is scored at the last real token and at every draft.
@@ -130,7 +154,7 @@ class ModelRunner:
         hidden_rows = [row for i, _, n in hidden_spans for row in range(query_start[i], query_start[i] + n)]
         return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta,
                          self._long_tensor(sample_rows + extra_rows), len(sample_rows), sample_spans, prompt_rows,
-                         hidden_spans, self._long_tensor(hidden_rows) if hidden_rows else None)
+                         hidden_spans, self._long_tensor(hidden_rows) if hidden_rows else None, bucket is not None)
 
     @staticmethod
     def _prompt_logprob_rows(scheduled: list[ScheduledRequest], starts: np.ndarray, counts: np.ndarray,
@@ -152,7 +176,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> StepResult:
         """Logits (float32) for `logits_rows` only: the lm_head is too costly for the rest."""
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        run = self.graphs.run if batch.padded else self._forward
+        hidden = run(batch.input_ids, batch.positions, batch.meta)
         wanted = hidden[batch.hidden_rows] if batch.hidden_rows is not None else None
         return StepResult(self.model.compute_logits(hidden[batch.logits_rows]), wanted)
 

@@ -47,6 +47,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many processes (gloo on the CPU, NCCL on GPUs: rank r on cuda:r)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="on a GPU, run every step eagerly (default: decode steps replay CUDA graphs captured at start)")
     p.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
                    help="auto (default): the best that runs here (cpu: the C++ decode kernel, on the CPU when it "
                         "builds); torch: plain torch ops on any device")
@@ -144,7 +146,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                tensor_parallel_size=args.tensor_parallel_size)
+                tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
 
 
 def _engine_config(args: argparse.Namespace):

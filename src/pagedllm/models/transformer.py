@@ -143,7 +143,7 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states [tokens, hidden] for a flat batch of tokens from many sequences."""
-        x = self.embed_tokens(input_ids)
+        x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)  # quantised tables dequantise to float32
         if self.config.embedding_scale != 1.0:
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         if self.embed_layernorm is not None:
@@ -234,6 +234,15 @@ class Transformer(nn.Module):
             layer.fused = FusedDecodeLayer.build(layer) if self.tp is None else None
         if self.config.normalized_head:  # Baichuan 2's NormHead: x · W_iᵀ / ‖W_i‖, whatever W's storage
             self.head_scale = 1 / self._head.method.row_norms(self._head).clamp_min(1e-12)
+
+    @property
+    def capturable(self) -> bool:
+        """Whether a forward pass decides nothing on the host from the step's data, so that it can be
+        captured in a CUDA graph: routed experts sort tokens by expert, LongRoPE picks frequencies from
+        context lengths, and tensor-parallel all-reduces are not captured (yet; gloo's are no CUDA kernels)."""
+        scaling = self.config.rope_scaling
+        return (self.tp is None and not any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
+                and (scaling is None or scaling.kind != "longrope"))
 
     @property
     def _head(self) -> Linear:
