@@ -180,6 +180,8 @@ def test_row_settings_override_the_job_defaults():
         parse_row({"prompt": "hi", "top_p": 0}, 1, GREEDY)
     with pytest.raises(RowError, match="non-empty"):
         parse_row({"prompt": []}, 1, GREEDY)
+    with pytest.raises(RowError, match="messages: this model reads text only"):
+        parse_row({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, 1, GREEDY)
 
 
 def _cli(*args: str) -> list[str]:

@@ -184,3 +184,49 @@ def test_default_max_tokens_keep_within_the_server_limits(tiny_models):
         assert completion_tokens("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}) == 8
         refused = http.post("/v1/completions", json={"prompt": "river", "max_tokens": 9})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+def test_echo_scores_the_prompt(client):
+    """lm-eval's loglikelihood request: echo + logprobs + max_tokens 0 gives the prompt's token logprobs,
+    the first one null. Scoring a greedy continuation gives back the logprobs it was generated with
+    (prefill and decode take different kernels here, so within a small tolerance)."""
+    prompt = "1, 2, 3, 4,"
+    generated = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, logprobs=1)
+    text = prompt + generated.choices[0].text
+    scored = client.completions.create(model=MODEL, prompt=text, max_tokens=0, echo=True, logprobs=1)
+    choice = scored.choices[0]
+    lp = choice.logprobs
+    assert choice.text == text and scored.usage.completion_tokens == 0
+    assert len(lp.tokens) == scored.usage.prompt_tokens and "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:]) and lp.text_offset == sorted(lp.text_offset)
+    assert lp.tokens[-4:] == generated.choices[0].logprobs.tokens
+    for ours, theirs in zip(lp.token_logprobs[-4:], generated.choices[0].logprobs.token_logprobs):
+        assert abs(ours - theirs) < 0.15
+    continued = client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True)
+    assert continued.choices[0].text == text and continued.usage.completion_tokens == 4
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0, echo=True,
+                                            logprobs=1, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+    streamed = [t for c in chunks for t in c.choices[0].logprobs.tokens]
+    assert "".join(streamed) == text and chunks[0].choices[0].logprobs.token_logprobs[0] is None
+
+
+def test_requests_the_model_cannot_serve_are_named(client):
+    with pytest.raises(openai.BadRequestError) as no_tokens:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=0)
+    assert no_tokens.value.body["param"] == "max_tokens" and "echo" in no_tokens.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as fim:
+        client.completions.create(model=MODEL, prompt="def add(a, b):", suffix="    return c", max_tokens=4)
+    assert fim.value.body["param"] == "suffix" and "FIM" in fim.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as bias:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=2, logit_bias={"999999": 5})
+    assert "999999" in bias.value.body["message"] and bias.value.body["param"] == "logit_bias"
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(openai.BadRequestError) as picture:
+        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "text", "text": "What is this?"}, image]}])
+    assert "text only" in picture.value.body["message"] and picture.value.body["param"] == "messages"
+    parts = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}])
+    assert parts.choices[0].message.content

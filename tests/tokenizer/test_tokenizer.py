@@ -8,6 +8,7 @@ from pagedllm.models.loaders import ModelSource
 from pagedllm.tokenizer import IncrementalDetokenizer, load_tokenizer
 from pagedllm.tokenizer.chat_template import ChatTemplateError, render_chat
 from pagedllm.tokenizer.gguf_vocab import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, build_gguf_tokenizer
+from pagedllm.tokenizer.tokenizer import FIM_TOKEN_NAMES
 
 TEXTS = ["héllo wörld", "你好，世界！", "emoji 🙂🚀👩‍💻 mix", "plain ascii text", "混合 text 和 🙂 in one"]
 
@@ -97,3 +98,16 @@ def test_unknown_pre_tokenizer_is_named(default_tokenizer_metadata):
     meta = dict(default_tokenizer_metadata, **{"tokenizer.ggml.pre": "martian"})
     with pytest.raises(ValueError, match="'martian' is not supported"):
         build_gguf_tokenizer(meta, "x.gguf")
+
+
+@pytest.mark.parametrize("names", FIM_TOKEN_NAMES)
+def test_fill_in_the_middle_prompt_in_each_convention(default_gguf, names):
+    """Prefix, suffix, middle (llama.cpp's /infill order) in the convention whose tokens the vocabulary
+    has; the default model has none, so it is refused upstream."""
+    tokenizer = load_tokenizer(ModelSource("gguf", default_gguf))
+    assert tokenizer.fill_in_the_middle("a", "b") is None
+    tokenizer.backend.add_special_tokens(list(names))
+    pre, suf, mid = (tokenizer.token_to_id(n) for n in names)
+    ids = tokenizer.fill_in_the_middle("def add(a, b):\n", "\n    return c\n")
+    prefix, suffix = tokenizer.encode("def add(a, b):\n", False), tokenizer.encode("\n    return c\n", False)
+    assert ids == [pre, *prefix, suf, *suffix, mid]

@@ -38,7 +38,12 @@ LogprobRow = list[tuple[int, float, int]]  # (chosen id, logprob, rank), then th
 
 
 class RequestError(PagedLLMError, ValueError):
-    """A request the engine refuses at admission (too long, bad ids, duplicate id)."""
+    """A request the engine refuses at admission (too long, bad ids, duplicate id); `param`: the request
+    field at fault, where one is."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class Proposer(Protocol):
@@ -184,6 +189,9 @@ class LLMEngine:
             raise RequestError("the prompt is empty")
         if any(t < 0 or t >= vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        outside = sorted(t for t in params.logit_bias if t >= vocab)
+        if outside:
+            raise RequestError(f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})", "logit_bias")
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
         if params.num_sequences > self.config.scheduler.max_num_seqs:

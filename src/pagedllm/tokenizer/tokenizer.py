@@ -25,6 +25,13 @@ class TokenizerError(PagedLLMError, ValueError):
     """Tokenizer files that are missing or unreadable."""
 
 
+# (prefix, suffix, middle) tokens of the fill-in-the-middle conventions code models use.
+FIM_TOKEN_NAMES = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),  # Qwen2.5-Coder, Granite
+                   ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),  # StarCoder, SantaCoder
+                   ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>"),  # DeepSeek-Coder
+                   ("<PRE>", "<SUF>", "<MID>"))  # CodeLlama
+
+
 @dataclass
 class Tokenizer:
     backend: HFTokenizer
@@ -43,6 +50,18 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def fill_in_the_middle(self, prefix: str, suffix: str) -> list[int] | None:
+        """The prompt that asks for the text between `prefix` and `suffix` (prefix-suffix-middle order, as
+        llama.cpp's /infill), in the first FIM convention whose tokens this vocabulary has; None without one."""
+        for names in FIM_TOKEN_NAMES:
+            ids = [self.token_to_id(name) for name in names]
+            if None not in ids:
+                pre, suf, mid = ids
+                bos = [self.bos_token_id] if self.add_bos and self.bos_token_id is not None else []
+                return (bos + [pre] + self.encode(prefix, add_special_tokens=False) + [suf]
+                        + self.encode(suffix, add_special_tokens=False) + [mid])
+        return None
 
     def token_to_id(self, token: str) -> int | None:
         return self.backend.token_to_id(token)

@@ -92,7 +92,10 @@ def _prompt(row: dict) -> tuple[str | list[int] | None, list[dict[str, str]] | N
             raise RowError(f"messages: {_first_error(exc)}") from None
         if not messages:
             raise RowError("messages must not be empty")
-        return None, [m.as_template_input() for m in messages]
+        try:
+            return None, [m.as_template_input() for m in messages]
+        except ValueError as exc:
+            raise RowError(f"messages: {exc}") from None
     prompt = row["prompt"]
     if isinstance(prompt, str) and prompt:
         return prompt, None

@@ -94,17 +94,30 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=1)  # None: COMPLETIONS_MAX_TOKENS, within the limits
+    max_tokens: int | None = Field(None, ge=0)  # None: COMPLETIONS_MAX_TOKENS, within the limits; 0 with echo
     logprobs: int | None = Field(None, ge=0, le=20)
-    echo: bool = False
-    suffix: str | None = None
+    echo: bool = False  # the prompt in front of the text, and with logprobs its tokens' logprobs (scoring)
+    suffix: str | None = None  # fill-in-the-middle, where the model has FIM tokens
     return_token_ids: bool = False  # vLLM's extension: the generated token ids in each choice
+
+
+NON_TEXT_PARTS = ("image_url", "image", "input_image", "input_audio", "audio_url", "audio", "video_url", "file",
+                  "input_file")
 
 
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str | None = None
+
+    def as_text(self) -> str:
+        if self.type in NON_TEXT_PARTS:
+            raise ValueError(f"this model reads text only: a content part of type {self.type!r} cannot be given to it")
+        if self.type != "text":
+            raise ValueError(f"unknown content part type {self.type!r} (this model reads 'text' parts)")
+        if self.text is None:
+            raise ValueError("a content part of type 'text' needs a 'text' field")
+        return self.text
 
 
 class ChatMessage(BaseModel):
@@ -116,7 +129,7 @@ class ChatMessage(BaseModel):
     def as_template_input(self) -> dict[str, Any]:
         content = self.content
         if isinstance(content, list):
-            content = "".join(part.text for part in content)
+            content = "".join(part.as_text() for part in content)
         role = "system" if self.role == "developer" else self.role
         return {"role": role, "content": content or ""}
 

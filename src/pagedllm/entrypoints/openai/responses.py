@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 from ...engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ...tokenizer import Tokenizer
 
@@ -57,27 +59,71 @@ def logprob_content(ids: list[int], entries: list[PositionLogprobs | None], top_
             for t, entry in zip(ids, entries)]
 
 
+@dataclass(frozen=True)
+class Echo:
+    """Completions' `echo`: the prompt text a choice starts with. prompt_only (max_tokens 0, scoring):
+    the one token the engine generated alongside the prompt's logprobs is dropped."""
+
+    text: str
+    prompt_only: bool = False
+
+    def generated(self, c: CompletionOutput) -> CompletionOutput:
+        if not self.prompt_only:
+            return c
+        return replace(c, text="", token_ids=[], delta_text="", delta_token_ids=[], cumulative_logprob=None,
+                       logprobs=None if c.logprobs is None else [], finish_reason="length", stop_reason=None)
+
+
+def prompt_logprobs(output: RequestOutput, top_n: int, tokenizer: Tokenizer) -> dict:
+    """The prompt's tokens in the legacy logprobs shape; the first has no logprob (null), as in OpenAI's."""
+    entries = output.prompt_logprobs or [None]
+    tokens = [_token_text(tokenizer, t) for t in output.prompt_token_ids]
+    offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens,
+            "token_logprobs": [None if e is None else e[t].logprob for t, e in zip(output.prompt_token_ids, entries)],
+            "top_logprobs": [None if e is None else {lp.decoded_token: lp.logprob for lp in _top(e, top_n)}
+                             for e in entries],
+            "text_offset": offsets}
+
+
 def completion_choice(index: int, c: CompletionOutput, top_logprobs: int | None, tokenizer: Tokenizer,
-                      delta: bool = False) -> dict:
-    return {"index": index, "text": c.delta_text if delta else c.text,
-            "logprobs": completion_logprobs(c, top_logprobs, tokenizer, delta) if top_logprobs is not None else None,
-            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                      delta: bool = False, echo: tuple[RequestOutput, Echo] | None = None) -> dict:
+    """`echo`: the request's output and its Echo, for the choice (or first chunk) that starts with the prompt."""
+    logprobs = completion_logprobs(c, top_logprobs, tokenizer, delta) if top_logprobs is not None else None
+    text = c.delta_text if delta else c.text
+    if echo is not None:
+        output, prompt = echo
+        if logprobs is not None:
+            scored = prompt_logprobs(output, top_logprobs, tokenizer)
+            shift = len(prompt.text)
+            logprobs = {key: scored[key] + ([o + shift for o in logprobs[key]] if key == "text_offset" else logprobs[key])
+                        for key in scored}
+        text = prompt.text + text
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason}
 
 
 def completion_response(request_id: str, created: int, model: str, outputs: list[RequestOutput], n: int,
-                        top_logprobs: int | None, tokenizer: Tokenizer, token_ids: bool = False) -> dict:
-    choices = [completion_choice(i * n + c.index, c, top_logprobs, tokenizer)
-               | ({"token_ids": c.token_ids} if token_ids else {})
-               for i, output in enumerate(outputs) for c in output.outputs]
+                        top_logprobs: int | None, tokenizer: Tokenizer, token_ids: bool = False,
+                        echo: list[Echo] | None = None) -> dict:
+    choices, completion_tokens = [], 0
+    for i, output in enumerate(outputs):
+        for c in output.outputs:
+            c = echo[i].generated(c) if echo else c
+            completion_tokens += len(c.token_ids)
+            choices.append(completion_choice(i * n + c.index, c, top_logprobs, tokenizer,
+                                             echo=(output, echo[i]) if echo else None)
+                           | ({"token_ids": c.token_ids} if token_ids else {}))
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    completion_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens)}
 
 
 def completion_chunk(request_id: str, created: int, model: str, index: int, c: CompletionOutput,
-                     top_logprobs: int | None, tokenizer: Tokenizer, token_ids: bool = False) -> dict:
-    choice = completion_choice(index, c, top_logprobs, tokenizer, delta=True)
+                     top_logprobs: int | None, tokenizer: Tokenizer, token_ids: bool = False,
+                     echo: tuple[RequestOutput, Echo] | None = None) -> dict:
+    """`echo`: for a choice's first chunk, which carries the prompt (see completion_choice)."""
+    choice = completion_choice(index, c, top_logprobs, tokenizer, delta=True, echo=echo)
     if token_ids:
         choice["token_ids"] = c.delta_token_ids
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,

@@ -7,6 +7,7 @@ in `data: [DONE]`), GET /v1/models, POST /tokenize, POST /detokenize, GET /healt
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import secrets
 import time
@@ -29,7 +30,7 @@ from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import ServerMetrics
 from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                        SamplingFields, TokenizeRequest)
-from .responses import chat_chunk, chat_response, completion_chunk, completion_response, usage
+from .responses import Echo, chat_chunk, chat_response, completion_chunk, completion_response, usage
 
 
 T = TypeVar("T")
@@ -108,8 +109,11 @@ class OpenAIServer:
             prompt = [prompt]
         if not prompt:
             raise APIError(400, "prompt must not be empty", "prompt")
-        prompts = [_Prompt(self.tokenizer.encode(p), p) if isinstance(p, str) else _Prompt(list(p), None)
-                   for p in prompt]
+        if body.suffix is not None:
+            prompts = [self.fill_in_the_middle(p, body.suffix) for p in prompt]
+        else:
+            prompts = [_Prompt(self.tokenizer.encode(p), p) if isinstance(p, str) else _Prompt(list(p), None)
+                       for p in prompt]
         vocab = self.engine.model.config.vocab_size
         for p in prompts:
             if not p.ids:
@@ -117,6 +121,18 @@ class OpenAIServer:
             if any(t < 0 or t >= vocab for t in p.ids):
                 raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
         return prompts
+
+    def fill_in_the_middle(self, prefix: str | list[int], suffix: str) -> _Prompt:
+        if not isinstance(prefix, str):
+            raise APIError(400, "suffix (fill-in-the-middle) needs a text prompt, not token ids", "suffix")
+        ids = self.tokenizer.fill_in_the_middle(prefix, suffix)
+        if ids is None:
+            raise APIError(400, "suffix (fill-in-the-middle) needs a model with FIM tokens; this one has none",
+                           "suffix")
+        return _Prompt(ids, prefix)
+
+    def prompt_text(self, prompt: _Prompt) -> str:
+        return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.ids, skip_special_tokens=False)
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> _Prompt:
         try:
@@ -132,7 +148,7 @@ def _api_error(exc: BaseException) -> BaseException:
     if isinstance(exc, EngineDeadError):
         return APIError(500, str(exc))
     if isinstance(exc, (PagedLLMError, ValueError)):
-        return APIError(400, str(exc))
+        return APIError(400, str(exc), getattr(exc, "param", None))
     return exc
 
 
@@ -213,19 +229,23 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
-        if body.echo or body.suffix:
-            raise APIError(400, "echo and suffix are not supported", "echo" if body.echo else "suffix")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)", "max_tokens")
         prompts = server.completion_prompts(body)
         budgets = [server.max_tokens(body.max_tokens, len(p.ids), "max_tokens", "prompt",
-                                     default=COMPLETIONS_MAX_TOKENS) for p in prompts]
-        params = [server.sampling_params(body, b, body.logprobs) for b in budgets]
+                                   default=COMPLETIONS_MAX_TOKENS) for p in prompts]
+        # max_tokens 0 (scoring) still runs one step: the prompt's logprobs come with its first token, dropped.
+        params = [server.sampling_params(body, max(1, b), body.logprobs) for b in budgets]
+        if body.echo and body.logprobs is not None:
+            params = [dataclasses.replace(p, prompt_logprobs=body.logprobs) for p in params]
+        echo = [Echo(server.prompt_text(p), body.max_tokens == 0) for p in prompts] if body.echo else None
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts, params)
         if body.stream:
-            return _sse(_completion_stream(server, body, request_id, created, prompts, gens))
+            return _sse(_completion_stream(server, body, request_id, created, prompts, gens, echo))
         outputs = await _unless_gone(request, asyncio.gather(*(_final(g) for g in gens)))
         return completion_response(request_id, created, config.served_model_name, outputs, body.n, body.logprobs,
-                                   server.tokenizer, body.return_token_ids)
+                                   server.tokenizer, body.return_token_ids, echo)
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -321,15 +341,19 @@ async def _merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tupl
 
 
 async def _completion_stream(server: OpenAIServer, body: CompletionRequest, request_id: str, created: int,
-                             prompts: list[_Prompt], gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[dict]:
+                             prompts: list[_Prompt], gens: list[AsyncIterator[RequestOutput]],
+                             echo: list[Echo] | None) -> AsyncIterator[dict]:
+    """With echo, each choice's first chunk carries the prompt (and its logprobs) in front of its text."""
     model, generated = server.config.served_model_name, {}
     async for index, output in _merge(gens):
         for c in output.outputs:
             if c.delta_text or c.finish_reason or c.delta_token_ids:
                 choice = index * body.n + c.index
+                first = echo is not None and choice not in generated
+                c = echo[index].generated(c) if echo else c
                 generated[choice] = len(c.token_ids)
                 yield completion_chunk(request_id, created, model, choice, c, body.logprobs, server.tokenizer,
-                                       body.return_token_ids)
+                                       body.return_token_ids, (output, echo[index]) if first else None)
     if body.stream_options and body.stream_options.include_usage:
         yield {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": [],
                "usage": usage(sum(len(p.ids) for p in prompts), sum(generated.values()))}
