@@ -13,14 +13,20 @@ from pagedllm.sampling_params import SamplingParams
 
 
 @torch.inference_mode()
-def prefill_logits(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
-    """Logits at every position of `ids`, computed in one paged forward pass."""
+def prefill_hidden(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Final-norm hidden states at every position of `ids`, one paged forward pass."""
     spec = plan_kv_cache(model.config, block_size, kv_bytes_per_token(model.config, torch.float32) * (len(ids) + block_size),
                          torch.float32)
     runner = ModelRunner(model, spec, "cpu", torch.float32)
     batch = runner.prepare([ScheduledRequest(Request("x", ids, SamplingParams()), len(ids))],
                            [list(range(spec.num_blocks))])
-    return model.compute_logits(model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta))
+    return model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
+
+
+@torch.inference_mode()
+def prefill_logits(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
+    """Logits at every position of `ids`, computed in one paged forward pass."""
+    return model.compute_logits(prefill_hidden(model, ids, block_size))
 
 
 def assert_packed_logits_close(ours: torch.Tensor, ref: torch.Tensor, mean: float = 0.03, peak: float = 0.25) -> None:

@@ -10,6 +10,7 @@ import httpx
 import openai
 import pytest
 
+from helpers import prefill_hidden
 from live_server import LiveServer
 
 KEY, MODEL = "sk-test", "smollm"
@@ -230,3 +231,39 @@ def test_requests_the_model_cannot_serve_are_named(client):
     parts = client.chat.completions.create(model=MODEL, max_tokens=2, temperature=0, messages=[
         {"role": "user", "content": [{"type": "text", "text": "Name a "}, {"type": "text", "text": "colour."}]}])
     assert parts.choices[0].message.content
+
+
+def test_embeddings(server, client):
+    """Batched through the engine, L2-normalised, float or base64 (the client's default), the same vector
+    alone or in a batch, and the final hidden state of the prompt's last token as the model computes it."""
+    import numpy as np
+    import torch
+
+    texts = ["The cat sat on the mat.", "A kitten rested on the rug.", "Interest rates rose in March."]
+    batch = client.embeddings.create(model=MODEL, input=texts)  # the client asks for base64 and decodes it
+    vectors = np.array([d.embedding for d in batch.data])
+    assert [d.index for d in batch.data] == [0, 1, 2] and vectors.shape == (3, 576)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    assert batch.usage.prompt_tokens == batch.usage.total_tokens > 10
+    alone = client.embeddings.create(model=MODEL, input=texts[0], encoding_format="float").data[0].embedding
+    assert float(np.dot(alone, vectors[0])) > 0.999
+    ids = server.engine.tokenizer.encode(texts[2])
+    by_ids = client.embeddings.create(model=MODEL, input=ids, encoding_format="float").data[0].embedding
+    assert float(np.dot(by_ids, vectors[2])) > 0.999
+    reference = torch.nn.functional.normalize(prefill_hidden(server.engine.model, ids)[-1], dim=0).numpy()
+    assert float(np.dot(reference, vectors[2])) > 0.99
+    with pytest.raises(openai.BadRequestError) as dims:
+        client.embeddings.create(model=MODEL, input="hi", dimensions=64)
+    assert dims.value.body["param"] == "dimensions"
+    with pytest.raises(openai.BadRequestError) as empty:
+        client.embeddings.create(model=MODEL, input=[])
+    assert empty.value.body["param"] == "input"
+
+
+def test_embedding_task_serves_embeddings_only(tiny_models):
+    with LiveServer(str(tiny_models["llama"].gguf_path), task="embed", pooling="mean") as live, \
+            httpx.Client(base_url=live.url, timeout=60) as http:
+        out = http.post("/v1/embeddings", json={"input": ["river stone", "mountain"]})
+        assert out.status_code == 200 and len(out.json()["data"]) == 2
+        refused = http.post("/v1/completions", json={"prompt": "river", "max_tokens": 2})
+        assert refused.status_code == 400 and "/v1/embeddings" in refused.json()["error"]["message"]

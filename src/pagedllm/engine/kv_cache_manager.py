@@ -42,8 +42,8 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of a new request, in whole blocks, leaving at least one
         token to compute (the step must produce logits, and must not write a shared block)."""
-        if not self.pool.enable_caching or request.sampling_params.prompt_logprobs is not None:
-            return [], 0  # prompt logprobs need every prompt position's logits: nothing can be skipped
+        if not self.pool.enable_caching or request.sampling_params.needs_every_prompt_row:
+            return [], 0  # prompt logprobs and pooling read every prompt position: nothing can be skipped
         hits: list[KVBlock] = []
         parent, ids = None, request.all_token_ids
         for index in range((len(ids) - 1) // self.block_size):

@@ -27,7 +27,7 @@ from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
 from .request import Request, RequestStatus
 from .scheduler import ScheduledRequest, Scheduler
 from .search import ContrastiveSearch, make_search
-from .sequence_group import Completion, RequestGroup, finish_status_for_token
+from .sequence_group import Completion, Pooled, RequestGroup, finish_status_for_token
 from .stop_strings import StopStringMatcher
 
 THROUGHPUT_WINDOW_S = 10.0
@@ -129,6 +129,7 @@ class LLMEngine:
         group = RequestGroup(request_id, params, text, ids, self._generators(params),
                              arrival + params.timeout if params.timeout is not None else None,
                              self.tokenizer.stop_token_ids | frozenset(params.stop_token_ids), prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        group.pooled = Pooled(params.pooling, len(ids)) if params.pooling else None
         request = self._new_completion(group, Request(self._sequence_id(), ids, params, arrival_time=arrival), grammar)
         if params.search is not None:
             self._start_search(group, request)
@@ -344,14 +345,16 @@ class LLMEngine:
     # -- searches ---------------------------------------------------------------------------
     def _take_hidden_states(self, scheduled: list[ScheduledRequest], batch: StepBatch,
                             hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Hand prompt hidden states to contrastive searches (they compare candidates with them);
-        return, per request id, the hidden state of its last computed token (its logits' token)."""
+        """Hand prompt hidden states to contrastive searches (they compare candidates with them) and to
+        pooling requests; return, per request id, the hidden state of its last computed token (its logits' token)."""
         last, offset = {}, 0
         for index, start, count in batch.hidden_spans:
             request_id = scheduled[index].request.request_id
             group, _ = self._completions[request_id]
             if isinstance(group.search, ContrastiveSearch):
                 group.search.record_context(start, hidden[offset:offset + count])
+            if group.pooled is not None:
+                group.pooled.add(start, hidden[offset:offset + count])
             offset += count
             last[request_id] = hidden[offset - 1]
         return last

@@ -150,7 +150,7 @@ class ModelRunner:
             sample_rows += range(query_start[i + 1] - count, query_start[i + 1])
         prompt_rows, extra_rows = self._prompt_logprob_rows(scheduled, starts, counts, query_start)
         hidden_spans = [(i, int(starts[i]), int(counts[i])) for i, s in enumerate(scheduled)
-                        if s.request.sampling_params.penalty_alpha > 0]
+                        if s.request.sampling_params.penalty_alpha > 0 or s.request.sampling_params.pooling]
         hidden_rows = [row for i, _, n in hidden_spans for row in range(query_start[i], query_start[i] + n)]
         return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta,
                          self._long_tensor(sample_rows + extra_rows), len(sample_rows), sample_spans, prompt_rows,

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -59,6 +63,7 @@ class RequestOutput:
     prompt: str | None = None
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # None for the first prompt token
     metrics: RequestMetrics | None = None
+    embedding: torch.Tensor | None = None  # float32 [hidden], L2-normalised: a request with `pooling`, once finished
 
     # The first completion's fields, for the common n == 1 case.
     @property

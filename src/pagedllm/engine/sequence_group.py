@@ -54,6 +54,30 @@ class Completion:
 
 
 @dataclass
+class Pooled:
+    """A prompt's final hidden states reduced as they arrive, chunk by chunk: their sum and the last."""
+
+    kind: str  # "last" or "mean"
+    prompt_len: int
+    rows: int = 0
+    total: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+
+    def add(self, start: int, hidden: torch.Tensor) -> None:
+        """Rows for prompt positions start.. (a chunk seen before, recomputed after a preemption, is skipped)."""
+        hidden = hidden[:self.prompt_len - start]  # generated tokens' rows are not the prompt's
+        if start != self.rows or not len(hidden):
+            return
+        chunk = hidden.float().sum(0)
+        self.total = chunk if self.total is None else self.total + chunk
+        self.last, self.rows = hidden[-1].float(), self.rows + hidden.shape[0]
+
+    def embedding(self) -> torch.Tensor:
+        pooled = self.last if self.kind == "last" else self.total / self.rows
+        return torch.nn.functional.normalize(pooled, dim=0).cpu()
+
+
+@dataclass
 class RequestGroup:
     request_id: str
     params: SamplingParams
@@ -68,6 +92,7 @@ class RequestGroup:
     # Beam or contrastive search: its live sequences are `completions`; its results come from it.
     search: SearchStrategy | None = None
     decode: Callable[[list[int]], str] | None = None  # token ids to text, for search results
+    pooled: Pooled | None = None  # the prompt's hidden states so far, for a request with `pooling`
 
     @property
     def finished(self) -> bool:
@@ -92,8 +117,9 @@ class RequestGroup:
         finish_time = max(c.request.finish_time for c in self.completions) if self.finished else None
         metrics = RequestMetrics(first.arrival_time, first.first_token_time, finish_time,
                                  sum(c.request.num_preemptions for c in self.completions))
+        embedding = self.pooled.embedding() if self.pooled is not None and self.finished else None
         return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished, self.prompt,
-                             self.prompt_logprobs, metrics)
+                             self.prompt_logprobs, metrics, embedding)
 
     def _search_output(self, index: int, found: Hypothesis) -> CompletionOutput:
         """A search reports once, at its end: all of the text is new then."""

@@ -102,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: file name)")
     serve.add_argument("--max-waiting-requests", type=int, default=256, help="queue bound; beyond it: 503")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="the most tokens a request may ask for")
+    serve.add_argument("--task", choices=["generate", "embed"], default="generate",
+                       help="generate (default): every route; embed: an embedding model, /v1/embeddings only")
+    serve.add_argument("--pooling", choices=["last", "mean"], default="last",
+                       help="how /v1/embeddings reduces a prompt's final hidden states (default: the last token's, "
+                            "as decoder embedding models such as Qwen3-Embedding are trained); always L2-normalised")
     serve.add_argument("--max-body-bytes", type=parse_bytes, default="1MiB", help="request body bound (default 1MiB)")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     _add_engine_args(serve)
@@ -254,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = _engine(args)
     name = args.served_model_name or Path(engine.source.path).stem
     config = ServerConfig(name, args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
-                          args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit)
+                          args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit, args.task, args.pooling)
     app = build_app(engine, config, on_ready=lambda: print(_examples(args.host, args.port, config), flush=True))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, replace
 
 from ...engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
@@ -149,3 +150,16 @@ def chat_chunk(request_id: str, created: int, model: str, index: int, delta: dic
             choice["logprobs"] = chat_logprobs(c, top_logprobs, tokenizer, delta=True)
     return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [choice], "usage": None}
+
+
+def embedding_response(model: str, outputs: list[RequestOutput], encoding_format: str) -> dict:
+    """OpenAI's embeddings list; base64 is the float32 little-endian bytes (what the clients decode)."""
+    def encoded(output: RequestOutput):
+        values = output.embedding.float()
+        if encoding_format == "base64":
+            return base64.b64encode(values.numpy().astype("<f4").tobytes()).decode()
+        return values.tolist()
+
+    data = [{"object": "embedding", "index": i, "embedding": encoded(o)} for i, o in enumerate(outputs)]
+    tokens = sum(len(o.prompt_token_ids) for o in outputs)
+    return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

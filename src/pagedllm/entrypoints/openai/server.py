@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLMEngine.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream as server-sent events ending
-in `data: [DONE]`), GET /v1/models, POST /tokenize, POST /detokenize, GET /health, GET /metrics.
+in `data: [DONE]`), POST /v1/embeddings, GET /v1/models, POST /tokenize, POST /detokenize, GET /health,
+GET /metrics.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from ...sampling_params import SamplingParams
 from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import ServerMetrics
 from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
-                       SamplingFields, TokenizeRequest)
-from .responses import Echo, chat_chunk, chat_response, completion_chunk, completion_response, usage
+                       EmbeddingRequest, SamplingFields, TokenizeRequest)
+from .responses import Echo, chat_chunk, chat_response, completion_chunk, completion_response, embedding_response, usage
 
 
 T = TypeVar("T")
@@ -44,6 +45,8 @@ class ServerConfig:
     max_waiting_requests: int = 256  # beyond this, new requests get 503
     max_body_bytes: int = 2**20
     max_tokens_limit: int = 4096  # the most tokens one request may ask for
+    task: str = "generate"  # "embed": an embedding model, served on /v1/embeddings only
+    pooling: str = "last"  # how /v1/embeddings reduces a prompt's hidden states: "last" token or "mean"
 
 
 @dataclass
@@ -63,6 +66,11 @@ class OpenAIServer:
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.served_model_name:
             raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def check_generates(self) -> None:
+        if self.config.task == "embed":
+            raise APIError(400, "this server runs an embedding model (--task embed): use /v1/embeddings",
+                           code="unsupported_task")
 
     def max_tokens(self, asked: int | None, prompt_len: int, param: str, prompt_field: str,
                    default: int | None = None) -> int:
@@ -104,22 +112,25 @@ class OpenAIServer:
         return started
 
     def completion_prompts(self, body: CompletionRequest) -> list[_Prompt]:
-        prompt = body.prompt
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", "prompt")
         if body.suffix is not None:
-            prompts = [self.fill_in_the_middle(p, body.suffix) for p in prompt]
-        else:
-            prompts = [_Prompt(self.tokenizer.encode(p), p) if isinstance(p, str) else _Prompt(list(p), None)
-                       for p in prompt]
+            texts = [body.prompt] if isinstance(body.prompt, str) or not body.prompt else body.prompt
+            return self.checked([self.fill_in_the_middle(p, body.suffix) for p in texts], "prompt")
+        return self.prompts(body.prompt, "prompt")
+
+    def prompts(self, given: str | list[str] | list[int] | list[list[int]], param: str) -> list[_Prompt]:
+        """One prompt or several, each text or token ids (the `prompt` of completions, embeddings' `input`)."""
+        if isinstance(given, str) or (given and isinstance(given[0], int)):
+            given = [given]
+        prompts = [_Prompt(self.tokenizer.encode(p), p) if isinstance(p, str) else _Prompt(list(p), None)
+                   for p in given]
+        return self.checked(prompts, param)
+
+    def checked(self, prompts: list[_Prompt], param: str) -> list[_Prompt]:
         vocab = self.engine.model.config.vocab_size
-        for p in prompts:
-            if not p.ids:
-                raise APIError(400, "prompt must not be empty", "prompt")
-            if any(t < 0 or t >= vocab for t in p.ids):
-                raise APIError(400, f"prompt token ids must be in [0, {vocab})", "prompt")
+        if not prompts or any(not p.ids for p in prompts):
+            raise APIError(400, f"{param} must not be empty", param)
+        if any(t < 0 or t >= vocab for p in prompts for t in p.ids):
+            raise APIError(400, f"{param} token ids must be in [0, {vocab})", param)
         return prompts
 
     def fill_in_the_middle(self, prefix: str | list[int], suffix: str) -> _Prompt:
@@ -226,9 +237,29 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
             raise APIError(400, f"tokens must be in [0, {vocab})", "tokens")
         return {"prompt": server.tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
+    @app.post("/v1/embeddings", dependencies=auth)
+    async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
+        server.check_model(body.model)
+        hidden = engine.model.config.hidden_size
+        if body.dimensions is not None and body.dimensions != hidden:
+            raise APIError(400, f"dimensions: this model's embeddings have {hidden} dimensions (it was not trained "
+                                f"to be truncated)", "dimensions")
+        prompts = server.prompts(body.input, "input")
+        for p in prompts:
+            if len(p.ids) >= engine.max_model_len:
+                raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; an "
+                                    f"input has {len(p.ids)}.", "input", "context_length_exceeded")
+        params = SamplingParams(max_tokens=1, temperature=0, pooling=config.pooling)
+        request_id = f"embd-{uuid.uuid4().hex}"
+        gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts,
+                                  [params] * len(prompts))
+        outputs = await _unless_gone(request, asyncio.gather(*(_final(g) for g in gens)))
+        return embedding_response(config.served_model_name, outputs, body.encoding_format)
+
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
         server.check_model(body.model)
+        server.check_generates()
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)", "max_tokens")
         prompts = server.completion_prompts(body)
@@ -250,6 +281,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
+        server.check_generates()
         prompt = server.chat_prompt(body.messages, body.add_generation_prompt)
         asked, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
                         else (body.max_tokens, "max_tokens"))
