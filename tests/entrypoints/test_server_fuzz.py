@@ -27,15 +27,18 @@ def _operations(url: str) -> list:
 def _served(case):
     """The second pass on the generation routes: random `model` names end in 404 and random prompts
     (empty, ids past the vocabulary) in 400 before generation, so the field is dropped and a completion
-    prompt made valid; every other field stays fuzzed."""
+    prompt or embedding input made valid; every other field stays fuzzed."""
     if isinstance(case.body, dict):
         case.body.pop("model", None)
         if case.path == "/v1/completions":
             case.body["prompt"] = "river stone"
+        if case.path == "/v1/embeddings":
+            case.body["input"] = ["river stone", "mountain"]
+            case.body.pop("dimensions", None)
     return case
 
 
-GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions")
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
 
 
 def test_no_input_gets_a_server_error(fuzzed_server):
@@ -57,6 +60,6 @@ def test_no_input_gets_a_server_error(fuzzed_server):
                 assert "error" in response.json() and "Traceback" not in response.text
 
         check()
-    for route in GENERATION_ROUTES:  # the fuzzer got past validation into generation on both routes
+    for route in GENERATION_ROUTES:  # the fuzzer got past validation into generation on every route
         assert 200 in statuses[(route, True)], (route, statuses[(route, True)])
     assert fuzzed_server.engine.kv_cache.num_free_blocks == fuzzed_server.engine.kv_cache.num_blocks
