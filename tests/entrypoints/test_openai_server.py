@@ -267,3 +267,28 @@ def test_embedding_task_serves_embeddings_only(tiny_models):
         assert out.status_code == 200 and len(out.json()["data"]) == 2
         refused = http.post("/v1/completions", json={"prompt": "river", "max_tokens": 2})
         assert refused.status_code == 400 and "/v1/embeddings" in refused.json()["error"]["message"]
+
+
+def test_reasoning_kept_apart_from_the_answer():
+    """The default model does not reason, so its output is made thinking-shaped with vLLM's
+    structured_outputs regex; the server (--reasoning-parser think) splits it, whole and streamed.
+    chat_template_kwargs may not replace the server's own template variables."""
+    thinking = {"regex": r"<think>[a-z]{2,8}( [a-z]{2,8}){1,3}</think>\n[A-Z][a-z]{2,8}( [a-z]{2,8}){0,3}\."}
+    with LiveServer(reasoning_parser="think", served_model_name=MODEL) as live:
+        client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
+        ask = dict(model=MODEL, messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=40,
+                   temperature=0, extra_body={"structured_outputs": thinking})
+        message = client.chat.completions.create(**ask).choices[0].message
+        reasoning = message.model_extra["reasoning_content"]
+        assert reasoning and "<think>" not in reasoning and " " in reasoning
+        assert message.content and "think>" not in message.content and message.content.endswith(".")
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+        deltas = [c.choices[0].delta for c in chunks]
+        assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == reasoning
+        assert "".join(d.content or "" for d in deltas) == message.content
+        with pytest.raises(openai.BadRequestError) as reserved:
+            client.chat.completions.create(**{**ask, "extra_body": {"chat_template_kwargs": {"messages": []}}})
+        assert reserved.value.body["param"] == "chat_template_kwargs"
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(**{**ask, "extra_body": {"structured_outputs": {"grammar": "x"}}})
+        assert bad.value.body["param"] == "structured_outputs"

@@ -111,3 +111,15 @@ def test_fill_in_the_middle_prompt_in_each_convention(default_gguf, names):
     ids = tokenizer.fill_in_the_middle("def add(a, b):\n", "\n    return c\n")
     prefix, suffix = tokenizer.encode("def add(a, b):\n", False), tokenizer.encode("\n    return c\n", False)
     assert ids == [pre, *prefix, suf, *suffix, mid]
+
+
+def test_chat_template_variables_reach_the_template(tokenizer):
+    """A request's chat_template_kwargs (Qwen3's enable_thinking) are variables of the template."""
+    import dataclasses
+
+    template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+                "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}")
+    thinking = dataclasses.replace(tokenizer, chat_template=template)
+    messages = [{"role": "user", "content": "Hi"}]
+    assert thinking.apply_chat_template(messages) == "Hi"
+    assert thinking.apply_chat_template(messages, enable_thinking=False) == "Hi<think>\n\n</think>\n\n"

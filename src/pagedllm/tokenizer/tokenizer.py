@@ -69,15 +69,19 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """`variables`: more names the template may read (a request's chat_template_kwargs: enable_thinking…)."""
         if not self.chat_template:
             raise TokenizerError("this model has no chat template; use `generate` with a plain prompt")
-        return render_chat(self.chat_template, messages, add_generation_prompt,
+        return render_chat(self.chat_template, messages, add_generation_prompt, **variables,
                            bos_token=self._text(self.bos_token_id), eos_token=self._text(self.eos_token_id))
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    **variables: Any) -> list[int]:
         # The rendered template already holds BOS where the model wants one.
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, add_generation_prompt, **variables),
+                           add_special_tokens=False)
 
     def _text(self, token_id: int | None) -> str:
         return "" if token_id is None else (self.backend.id_to_token(token_id) or "")

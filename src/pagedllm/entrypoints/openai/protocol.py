@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...sampling_params import StructuredOutputParams
 from ...sampling_params import SamplingParams
 
+STRUCTURED_OUTPUT_KEYS = {"json", "json_object", "regex", "choice"}
+# Names a chat template is given by the server itself, which chat_template_kwargs may not replace.
+RESERVED_TEMPLATE_NAMES = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
 MAX_N = 16  # completions per request
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
@@ -72,6 +75,7 @@ class SamplingFields(BaseModel):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     user: str | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: exactly one of json, json_object, regex, choice
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         def given(name: str, default: Any) -> Any:
@@ -89,7 +93,19 @@ class SamplingFields(BaseModel):
             use_beam_search=self.use_beam_search, length_penalty=self.length_penalty)
 
     def structured_output(self) -> StructuredOutputParams | None:
-        return None if self.response_format is None else self.response_format.structured_output()
+        from_format = None if self.response_format is None else self.response_format.structured_output()
+        if self.structured_outputs is None:
+            return from_format
+        if from_format is not None:
+            raise ValueError("structured_outputs and a response_format other than text cannot both be given")
+        unknown = set(self.structured_outputs) - STRUCTURED_OUTPUT_KEYS
+        if unknown:
+            raise ValueError(f"structured_outputs takes {', '.join(sorted(STRUCTURED_OUTPUT_KEYS))}; got "
+                             f"{', '.join(sorted(unknown))}")
+        try:
+            return StructuredOutputParams(**self.structured_outputs)
+        except ValueError as exc:
+            raise ValueError(f"structured_outputs is invalid: {exc}") from None
 
 
 class CompletionRequest(SamplingFields):
@@ -141,6 +157,14 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None  # more template variables, e.g. {"enable_thinking": false}
+
+    def template_variables(self) -> dict[str, Any]:
+        given = self.chat_template_kwargs or {}
+        clash = sorted(RESERVED_TEMPLATE_NAMES & set(given))
+        if clash:
+            raise ValueError(f"chat_template_kwargs may not set {', '.join(clash)}")
+        return given
 
 
 class TokenizeRequest(BaseModel):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ...engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ...tokenizer import Tokenizer
+from .reasoning import ReasoningSplitter
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -132,12 +134,21 @@ def completion_chunk(request_id: str, created: int, model: str, index: int, c: C
 
 
 def chat_response(request_id: str, created: int, model: str, output: RequestOutput, prompt_tokens: int,
-                  top_logprobs: int | None, tokenizer: Tokenizer) -> dict:
-    choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                  top_logprobs: int | None, tokenizer: Tokenizer,
+                  splitter: Callable[[], ReasoningSplitter | None] = lambda: None) -> dict:
+    """`splitter`: a fresh reasoning splitter per choice, where the model reasons."""
+    choices = [{"index": c.index, "message": _message(c.text, splitter()),
                 "logprobs": chat_logprobs(c, top_logprobs, tokenizer) if top_logprobs is not None else None,
                 "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in output.outputs))}
+
+
+def _message(text: str, splitter: ReasoningSplitter | None) -> dict:
+    if splitter is None:
+        return {"role": "assistant", "content": text}
+    reasoning, content = splitter.split(text)
+    return {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
 
 
 def chat_chunk(request_id: str, created: int, model: str, index: int, delta: dict,

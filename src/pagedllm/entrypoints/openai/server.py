@@ -31,6 +31,7 @@ from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import ServerMetrics
 from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                        EmbeddingRequest, SamplingFields, TokenizeRequest)
+from .reasoning import REASONING_FORMATS, ReasoningSplitter, detect_format
 from .responses import Echo, chat_chunk, chat_response, completion_chunk, completion_response, embedding_response, usage
 
 
@@ -47,6 +48,7 @@ class ServerConfig:
     max_tokens_limit: int = 4096  # the most tokens one request may ask for
     task: str = "generate"  # "embed": an embedding model, served on /v1/embeddings only
     pooling: str = "last"  # how /v1/embeddings reduces a prompt's hidden states: "last" token or "mean"
+    reasoning_parser: str = "auto"  # "auto" (from the chat template), "none", or a REASONING_FORMATS name
 
 
 @dataclass
@@ -61,6 +63,8 @@ class OpenAIServer:
         self.tokenizer = engine.tokenizer
         self.metrics = ServerMetrics(lambda: self.async_engine.stats)
         self.async_engine = AsyncLLMEngine(engine, config.max_waiting_requests, self.metrics.observe_finished)
+        self.reasoning = (detect_format(self.tokenizer.chat_template) if config.reasoning_parser == "auto"
+                          else REASONING_FORMATS.get(config.reasoning_parser))
 
     # -- checks -------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -145,12 +149,22 @@ class OpenAIServer:
     def prompt_text(self, prompt: _Prompt) -> str:
         return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.ids, skip_special_tokens=False)
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> _Prompt:
+    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                    body: ChatCompletionRequest | None = None) -> _Prompt:
+        """The rendered template (kept as the prompt's text: reasoning splitters look at its end) and its ids."""
         try:
-            ids = self.tokenizer.encode_chat([m.as_template_input() for m in messages], add_generation_prompt)
-            return _Prompt(ids, None)
+            variables = body.template_variables() if body is not None else {}
+        except ValueError as exc:
+            raise APIError(400, str(exc), "chat_template_kwargs") from None
+        try:
+            text = self.tokenizer.apply_chat_template([m.as_template_input() for m in messages],
+                                                      add_generation_prompt, **variables)
         except (PagedLLMError, ValueError) as exc:
             raise APIError(400, str(exc), "messages") from None
+        return _Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
+
+    def splitter(self, prompt: _Prompt) -> ReasoningSplitter | None:
+        return None if self.reasoning is None else ReasoningSplitter(self.reasoning, prompt.text or "")
 
 
 def _api_error(exc: BaseException) -> BaseException:
@@ -282,7 +296,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         server.check_model(body.model)
         server.check_generates()
-        prompt = server.chat_prompt(body.messages, body.add_generation_prompt)
+        prompt = server.chat_prompt(body.messages, body.add_generation_prompt, body)
         asked, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
                         else (body.max_tokens, "max_tokens"))
         max_tokens = server.max_tokens(asked, len(prompt.ids), param, "messages")
@@ -294,7 +308,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
             return _sse(_chat_stream(server, body, request_id, created, prompt, gen))
         output = await _unless_gone(request, _final(gen))
         return chat_response(request_id, created, config.served_model_name, output, len(prompt.ids),
-                             logprobs, server.tokenizer)
+                             logprobs, server.tokenizer, lambda: server.splitter(prompt))
 
     return app
 
@@ -393,17 +407,32 @@ async def _completion_stream(server: OpenAIServer, body: CompletionRequest, requ
 
 async def _chat_stream(server: OpenAIServer, body: ChatCompletionRequest, request_id: str, created: int,
                        prompt: _Prompt, gen: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
+    """With a reasoning format, each choice's deltas go through its own splitter: `reasoning_content`
+    and `content` deltas apart, text that may be a marker held back until the next delta (or the end)."""
     model, generated = server.config.served_model_name, {}
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    splitters = {index: server.splitter(prompt) for index in range(body.n)}
     for index in range(body.n):
         yield chat_chunk(request_id, created, model, index, {"role": "assistant", "content": ""})
     async for output in gen:
         for c in output.outputs:
             if c.delta_text or c.finish_reason or c.delta_token_ids:
                 generated[c.index] = len(c.token_ids)
-                yield chat_chunk(request_id, created, model, c.index, {"content": c.delta_text}, c,
+                yield chat_chunk(request_id, created, model, c.index, _delta(splitters.get(c.index), c), c,
                                  top_logprobs, server.tokenizer)
     if body.stream_options and body.stream_options.include_usage:
         yield {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [], "usage": usage(len(prompt.ids), sum(generated.values()))}
 
+
+
+def _delta(splitter: ReasoningSplitter | None, c) -> dict:
+    """A chat chunk's delta: the new text, split into reasoning and answer where the model reasons."""
+    if splitter is None:
+        return {"content": c.delta_text}
+    reasoning, content = splitter.feed(c.delta_text)
+    if c.finish_reason is not None:
+        rest_reasoning, rest_content = splitter.finish()
+        reasoning, content = reasoning + rest_reasoning, content + rest_content
+    delta = {"reasoning_content": reasoning} if reasoning else {}
+    return delta | ({"content": content} if content or not reasoning else {})
