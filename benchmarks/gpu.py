@@ -159,7 +159,8 @@ def main() -> None:
             result = run_pagedllm(path, quantization, requests, args)
             result["decode_fraction_of_bandwidth"] = result["decode_weight_bytes_s"] / bandwidth
             report["pagedllm"].append(result)
-            torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+            if args.device.startswith("cuda"):
+                torch.cuda.empty_cache()  # the next engine plans its KV pool from free memory
         if args.peer == "hf":
             report["transformers"] = peer = run_transformers(path, requests, args)
             for result in report["pagedllm"]:

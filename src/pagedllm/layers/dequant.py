@@ -24,17 +24,17 @@ class UnreadableQuantizationError(PagedLLMError, ValueError):
     """A quantised tensor in a GGML type that neither pagedllm nor the gguf package can unpack."""
 
 
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
+def f16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """The fp16 scalar stored at byte `start` of each block, as a float32 column."""
     return blocks[:, start : start + 2].contiguous().view(torch.float16).float()
 
 
-def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+def block_nibbles(qs: torch.Tensor) -> torch.Tensor:
     """Low nibbles hold elements 0..15 of a block, high nibbles 16..31."""
     return torch.cat([qs & 0x0F, qs >> 4], dim=1)
 
 
-def _high_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
+def fifth_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
     """Q5 blocks keep the fifth bit of all 32 elements in one little-endian uint32."""
     qh = blocks[:, start : start + 4].to(torch.int64)
     bits = qh[:, 0] | qh[:, 1] << 8 | qh[:, 2] << 16 | qh[:, 3] << 24
@@ -43,25 +43,25 @@ def _high_bits(blocks: torch.Tensor, start: int) -> torch.Tensor:
 
 
 def _q8_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * b[:, 2:].view(torch.int8).float()
+    return f16_field(b, 0) * b[:, 2:].view(torch.int8).float()
 
 
 def _q4_0(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * (_nibbles(b[:, 2:]).float() - 8)
+    return f16_field(b, 0) * (block_nibbles(b[:, 2:]).float() - 8)
 
 
 def _q4_1(b: torch.Tensor) -> torch.Tensor:
-    return _f16(b, 0) * _nibbles(b[:, 4:]).float() + _f16(b, 2)
+    return f16_field(b, 0) * block_nibbles(b[:, 4:]).float() + f16_field(b, 2)
 
 
 def _q5_0(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 6:]) | _high_bits(b, 2)
-    return _f16(b, 0) * (q.float() - 16)
+    q = block_nibbles(b[:, 6:]) | fifth_bits(b, 2)
+    return f16_field(b, 0) * (q.float() - 16)
 
 
 def _q5_1(b: torch.Tensor) -> torch.Tensor:
-    q = _nibbles(b[:, 8:]) | _high_bits(b, 4)
-    return _f16(b, 0) * q.float() + _f16(b, 2)
+    q = block_nibbles(b[:, 8:]) | fifth_bits(b, 4)
+    return f16_field(b, 0) * q.float() + f16_field(b, 2)
 
 
 _BLOCK_KERNELS: dict[GGMLQuantizationType, Callable[[torch.Tensor], torch.Tensor]] = {

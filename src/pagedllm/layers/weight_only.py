@@ -21,6 +21,7 @@ rows at a time and multiplied with torch.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ..attention.triton import triton_available
-from .dequant import dequantize
+from .dequant import block_nibbles, dequantize, f16_field, fifth_bits
 from .linear import LinearMethod, Weight
 from .quant import REPACK_TYPE, PackedWeight, quantize
 
@@ -75,9 +76,14 @@ class GroupQuantized:
             w = w + self.min.float()[..., None]
         return w.reshape(self.rows, self.cols).to(dtype)
 
-    def select_rows(self, rows: torch.Tensor) -> "GroupQuantized":
-        pick = lambda t: None if t is None else t.index_select(0, rows)  # noqa: E731
+    def select_rows(self, rows: torch.Tensor | slice) -> "GroupQuantized":
+        pick = lambda t: None if t is None else t[rows]  # noqa: E731
         return GroupQuantized(pick(self.q), pick(self.scale), pick(self.min), self.group, self.bits, self.tile)
+
+    def row_tiles(self, float_bytes: int) -> Iterator["GroupQuantized"]:
+        """Consecutive slices of rows, each at most `float_bytes` once dequantised to float32 (views)."""
+        step = max(1, float_bytes // (4 * self.cols))
+        return (self.select_rows(slice(start, start + step)) for start in range(0, self.rows, step))
 
     def to(self, device: torch.device | str) -> "GroupQuantized":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -112,22 +118,6 @@ def unify(parts: list[GroupQuantized], tile: int) -> GroupQuantized:
 
 # ---- GGML blocks → groups ------------------------------------------------------------------------
 
-def _f16(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    return blocks[..., start:start + 2].contiguous().view(torch.float16).float()
-
-
-def _nibbles32(qs: torch.Tensor) -> torch.Tensor:
-    """A 32-value block's 16 bytes: low nibbles are values 0..15, high nibbles 16..31."""
-    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-
-
-def _bits32(blocks: torch.Tensor, start: int) -> torch.Tensor:
-    """Q5_0/Q5_1: bit i of the little-endian uint32 at `start` is the fifth bit of value i."""
-    qh = blocks[..., start:start + 4].to(torch.int64)
-    word = qh[..., 0] | qh[..., 1] << 8 | qh[..., 2] << 16 | qh[..., 3] << 24
-    return ((word[..., None] >> torch.arange(32)) & 1).to(torch.uint8) << 4
-
-
 def _k_scales(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q4_K/Q5_K: the eight 6-bit sub-block scales and mins packed in bytes 4..15."""
     s = blocks[..., 4:16].to(torch.int32)
@@ -143,29 +133,29 @@ def _k_low_nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 
 def _from_q8_0(b):
-    return b[..., 2:].view(torch.int8), _f16(b, 0), None, 32
+    return b[..., 2:].view(torch.int8), f16_field(b, 0), None, 32
 
 
 def _from_q4_0(b):
-    d = _f16(b, 0)
-    return _nibbles32(b[..., 2:]), d, -8 * d, 32
+    d = f16_field(b, 0)
+    return block_nibbles(b[..., 2:]), d, -8 * d, 32
 
 
 def _from_q4_1(b):
-    return _nibbles32(b[..., 4:]), _f16(b, 0), _f16(b, 2), 32
+    return block_nibbles(b[..., 4:]), f16_field(b, 0), f16_field(b, 2), 32
 
 
 def _from_q5_0(b):
-    return (_nibbles32(b[..., 6:]) | _bits32(b, 2)).to(torch.int8) - 16, _f16(b, 0), None, 32
+    return (block_nibbles(b[..., 6:]) | fifth_bits(b, 2)).to(torch.int8) - 16, f16_field(b, 0), None, 32
 
 
 def _from_q5_1(b):
-    return _nibbles32(b[..., 8:]) | _bits32(b, 4), _f16(b, 0), _f16(b, 2), 32
+    return block_nibbles(b[..., 8:]) | fifth_bits(b, 4), f16_field(b, 0), f16_field(b, 2), 32
 
 
 def _k_affine(b, q):
     sc, m = _k_scales(b)
-    return q, _f16(b, 0) * sc, -_f16(b, 2) * m, 32
+    return q, f16_field(b, 0) * sc, -f16_field(b, 2) * m, 32
 
 
 def _from_q4_k(b):
@@ -183,7 +173,7 @@ def _from_q6_k(b):
     low = torch.stack([ql[..., :32] & 0x0F, ql[..., 32:] & 0x0F, ql[..., :32] >> 4, ql[..., 32:] >> 4], dim=-2)
     high = torch.stack([(qh >> shift) & 3 for shift in (0, 2, 4, 6)], dim=-2)
     q = (low | high << 4).reshape(*b.shape[:-1], 256).to(torch.int8) - 32
-    return q, _f16(b, 208) * b[..., 192:208].view(torch.int8).float(), None, 16
+    return q, f16_field(b, 208) * b[..., 192:208].view(torch.int8).float(), None, 16
 
 
 _FROM_BLOCKS = {Q.Q8_0: _from_q8_0, Q.Q4_0: _from_q4_0, Q.Q4_1: _from_q4_1, Q.Q5_0: _from_q5_0,
@@ -197,7 +187,7 @@ def from_packed(weight: PackedWeight, tile: int) -> GroupQuantized:
         weight = quantize(dequantize(weight.data.numpy(), weight.qtype, weight.shape), REPACK_TYPE)
     rows, cols = weight.shape
     _, block_bytes = GGML_QUANT_SIZES[weight.qtype]
-    blocks = weight.data.reshape(rows, -1, block_bytes)
+    blocks = weight.data.reshape(-1, block_bytes)
     q, scale, mins, group = _FROM_BLOCKS[weight.qtype](blocks)
     q = q.reshape(rows, cols)
     scale = scale.reshape(rows, -1).to(torch.float16)
@@ -255,10 +245,7 @@ class WeightOnlyMethod(LinearMethod):
     @staticmethod
     def _dequantized_matmul(x: torch.Tensor, w: GroupQuantized) -> torch.Tensor:
         """A tile of weight rows dequantised at a time: never the whole matrix in float."""
-        step = max(16, DEQUANT_TILE_BYTES // (w.cols * 4))
-        outs = [F.linear(x, w.select_rows(torch.arange(start, min(start + step, w.rows), device=w.q.device))
-                         .dequantize(x.dtype)) for start in range(0, w.rows, step)]
-        return torch.cat(outs, dim=-1)
+        return torch.cat([F.linear(x, tile.dequantize(x.dtype)) for tile in w.row_tiles(DEQUANT_TILE_BYTES)], dim=-1)
 
     def embedding(self, layer, ids: torch.Tensor) -> torch.Tensor:
         rows = layer.quantized.select_rows(ids.reshape(-1))
@@ -270,8 +257,5 @@ class WeightOnlyMethod(LinearMethod):
         return sum(p.nbytes() for p in layer.parts if p is not None)
 
     def row_norms(self, layer) -> torch.Tensor:
-        w = layer.quantized
-        step = max(1, DEQUANT_TILE_BYTES // (4 * w.cols))
-        return torch.cat([w.select_rows(torch.arange(s, min(s + step, w.rows), device=w.q.device)).dequantize().norm(dim=1)
-                          for s in range(0, w.rows, step)])
+        return torch.cat([tile.dequantize().norm(dim=1) for tile in layer.quantized.row_tiles(DEQUANT_TILE_BYTES)])
 

@@ -117,16 +117,14 @@ class OpenAIServer:
 
     def completion_prompts(self, body: CompletionRequest) -> list[_Prompt]:
         if body.suffix is not None:
-            texts = [body.prompt] if isinstance(body.prompt, str) or not body.prompt else body.prompt
-            return self.checked([self.fill_in_the_middle(p, body.suffix) for p in texts], "prompt")
+            return self.checked([self.fill_in_the_middle(p, body.suffix) for p in _one_or_many(body.prompt)],
+                                "prompt")
         return self.prompts(body.prompt, "prompt")
 
     def prompts(self, given: str | list[str] | list[int] | list[list[int]], param: str) -> list[_Prompt]:
         """One prompt or several, each text or token ids (the `prompt` of completions, embeddings' `input`)."""
-        if isinstance(given, str) or (given and isinstance(given[0], int)):
-            given = [given]
         prompts = [_Prompt(self.tokenizer.encode(p), p) if isinstance(p, str) else _Prompt(list(p), None)
-                   for p in given]
+                   for p in _one_or_many(given)]
         return self.checked(prompts, param)
 
     def checked(self, prompts: list[_Prompt], param: str) -> list[_Prompt]:
@@ -165,6 +163,11 @@ class OpenAIServer:
 
     def splitter(self, prompt: _Prompt) -> ReasoningSplitter | None:
         return None if self.reasoning is None else ReasoningSplitter(self.reasoning, prompt.text or "")
+
+
+def _one_or_many(given: str | list[str] | list[int] | list[list[int]]) -> list:
+    """A prompt field as a list of prompts: one text or one list of ids is a single prompt."""
+    return [given] if isinstance(given, str) or (given and isinstance(given[0], int)) else list(given)
 
 
 def _api_error(exc: BaseException) -> BaseException:
