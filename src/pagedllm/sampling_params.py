@@ -29,26 +29,29 @@ class StructuredOutputError(PagedLLMError, ValueError):
 @dataclass(frozen=True)
 class StructuredOutputParams:
     """Exactly one of: json (a JSON schema, as a dict or a string), json_object (any JSON object),
-    regex, choice (the output is one of these strings)."""
+    regex, choice (the output is one of these strings), grammar (a Lark grammar in llguidance's
+    dialect, which may embed JSON schemas with `%json {...}`; tool calls are enforced with one)."""
 
     json: dict[str, Any] | str | None = None
     json_object: bool = False
     regex: str | None = None
     choice: tuple[str, ...] | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
-        given = [name for name in ("json", "regex", "choice") if getattr(self, name) is not None]
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
-            raise StructuredOutputError(f"structured output takes exactly one of json, json_object, regex, choice; "
-                                        f"got {', '.join(given) or 'none'}")
+            raise StructuredOutputError(f"structured output takes exactly one of json, json_object, regex, choice, "
+                                        f"grammar; got {', '.join(given) or 'none'}")
         if self.choice is not None:
             choice = tuple(self.choice)
             if not choice or not all(isinstance(c, str) and c for c in choice):
                 raise StructuredOutputError("structured output choice must be a non-empty list of non-empty strings")
             object.__setattr__(self, "choice", choice)
-        if self.regex is not None and not isinstance(self.regex, str):
-            raise StructuredOutputError("structured output regex must be a string")
+        for name in ("regex", "grammar"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise StructuredOutputError(f"structured output {name} must be a string")
 
 
 class SamplingParamsError(PagedLLMError, ValueError):

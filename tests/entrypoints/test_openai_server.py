@@ -290,5 +290,7 @@ def test_reasoning_kept_apart_from_the_answer():
             client.chat.completions.create(**{**ask, "extra_body": {"chat_template_kwargs": {"messages": []}}})
         assert reserved.value.body["param"] == "chat_template_kwargs"
         with pytest.raises(openai.BadRequestError) as bad:
-            client.chat.completions.create(**{**ask, "extra_body": {"structured_outputs": {"grammar": "x"}}})
+            client.chat.completions.create(**{**ask, "extra_body": {"structured_outputs": {"ebnf": "x"}}})
         assert bad.value.body["param"] == "structured_outputs"
+        with pytest.raises(openai.BadRequestError, match="structured output"):  # a Lark grammar that is not one
+            client.chat.completions.create(**{**ask, "extra_body": {"structured_outputs": {"grammar": "x"}}})

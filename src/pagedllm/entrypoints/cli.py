@@ -14,6 +14,7 @@ from pathlib import Path
 from ..config import ATTENTION_BACKENDS
 from ..errors import PagedLLMError
 from .openai.reasoning import REASONING_FORMATS
+from .openai.tool_calls import TOOL_FORMATS
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--reasoning-parser", choices=["auto", "none", *REASONING_FORMATS], default="auto",
                        help="keep a reasoning model's thinking apart as reasoning_content (auto, the default: when "
                             "the chat template mentions <think> and </think>; none: never)")
+    serve.add_argument("--tool-call-parser", choices=["auto", *TOOL_FORMATS], default="auto",
+                       help="how the model writes tool calls (auto, the default: from the chat template's markers; "
+                            "hermes when it has none, with the tools described in a system message)")
     serve.add_argument("--task", choices=["generate", "embed"], default="generate",
                        help="generate (default): every route; embed: an embedding model, /v1/embeddings only")
     serve.add_argument("--pooling", choices=["last", "mean"], default="last",
@@ -264,7 +268,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or Path(engine.source.path).stem
     config = ServerConfig(name, args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
                           args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit, args.task, args.pooling,
-                          args.reasoning_parser)
+                          args.reasoning_parser, args.tool_call_parser)
     app = build_app(engine, config, on_ready=lambda: print(_examples(args.host, args.port, config), flush=True))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

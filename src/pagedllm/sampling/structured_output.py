@@ -1,5 +1,5 @@
-"""Structured output: JSON (a schema, or any object), a regular expression, or a fixed list of
-choices, enforced by a token mask from llguidance.
+"""Structured output: JSON (a schema, or any object), a regular expression, a fixed list of
+choices or a Lark grammar, enforced by a token mask from llguidance.
 
 Why llguidance: it computes a mask over a 50k-token vocabulary in ~1 ms on the CPU without a
 precompilation step per grammar, handles JSON schema, regex and Lark, has no dependencies beyond
@@ -24,6 +24,8 @@ def grammar_for(params: StructuredOutputParams) -> str:
         return LLMatcher.grammar_from_regex(ascii_digits(params.regex))
     if params.choice is not None:
         return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in params.choice))
+    if params.grammar is not None:
+        return LLMatcher.grammar_from_lark(params.grammar)
     schema = {"type": "object"} if params.json_object else params.json
     try:  # compact JSON unless the schema's "x-guidance" says otherwise: it always fits and parses
         return LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})

@@ -6,6 +6,7 @@ the immutable sandbox blocks attribute tricks, and any error becomes a ChatTempl
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -24,12 +25,20 @@ def _raise_exception(message: str) -> None:
     raise ChatTemplateError(f"chat template: {message}")
 
 
+def _tojson(value: Any, indent: int | None = None, separators: tuple[str, str] | None = None,
+            sort_keys: bool = False, ensure_ascii: bool = False) -> str:
+    """Hugging Face's tojson: plain JSON (jinja2's own escapes <, > and & for HTML, which would change
+    the tool schemas and arguments the model reads)."""
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+
+
 @lru_cache(maxsize=8)
 def _compile(source: str) -> jinja2.Template:
     # trim_blocks / lstrip_blocks as Hugging Face renders them, so outputs match token for token.
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
     try:
         return env.from_string(source)
     except jinja2.TemplateError as exc:

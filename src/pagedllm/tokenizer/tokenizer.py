@@ -69,6 +69,11 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
+    def special_token_id(self, text: str) -> int | None:
+        """The id of `text` where it is one special token (a control token that decoding skips by default)."""
+        token_id = self.token_to_id(text)
+        return token_id if token_id is not None and token_id in _special_ids(self.backend) else None
+
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                             **variables: Any) -> str:
         """`variables`: more names the template may read (a request's chat_template_kwargs: enable_thinking…)."""

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...sampling_params import StructuredOutputParams
 from ...sampling_params import SamplingParams
 
-STRUCTURED_OUTPUT_KEYS = {"json", "json_object", "regex", "choice"}
+STRUCTURED_OUTPUT_KEYS = {"json", "json_object", "regex", "choice", "grammar"}
 # Names a chat template is given by the server itself, which chat_template_kwargs may not replace.
 RESERVED_TEMPLATE_NAMES = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
 MAX_N = 16  # completions per request
@@ -75,7 +75,7 @@ class SamplingFields(BaseModel):
     use_beam_search: bool = False
     length_penalty: float = 1.0
     user: str | None = None
-    structured_outputs: dict[str, Any] | None = None  # vLLM's: exactly one of json, json_object, regex, choice
+    structured_outputs: dict[str, Any] | None = None  # vLLM's: exactly one of json, json_object, regex, choice, grammar
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         def given(name: str, default: Any) -> Any:
@@ -136,18 +136,60 @@ class ContentPart(BaseModel):
         return self.text
 
 
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionCallIn(BaseModel):
+    name: str
+    arguments: str = "{}"  # a JSON object, as text
+
+
+class ToolCallIn(BaseModel):
+    """A call an earlier assistant message made (the conversation's history)."""
+    model_config = ConfigDict(extra="ignore")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # on assistant messages
+    tool_call_id: str | None = None  # on tool messages: the call this is the result of
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.as_text() for part in self.content)
+        return self.content or ""
 
     def as_template_input(self) -> dict[str, Any]:
-        content = self.content
-        if isinstance(content, list):
-            content = "".join(part.as_text() for part in content)
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+        return {"role": role, "content": self.text()}
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object; none: no arguments
+    strict: bool | None = None
+
+
+class ChatTool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -157,6 +199,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None  # more template variables, e.g. {"enable_thinking": false}
 
     def template_variables(self) -> dict[str, Any]:

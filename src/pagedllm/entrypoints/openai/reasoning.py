@@ -62,7 +62,7 @@ class ReasoningSplitter:
                     reasoning += self.pending[:at]
                     self.pending, self.state = self.pending[at + len(self.fmt.end):].lstrip("\n"), "after"
                     continue
-                held = _marker_prefix_length(self.pending, self.fmt.end)
+                held = marker_prefix_length(self.pending, self.fmt.end)
                 reasoning += self.pending[:len(self.pending) - held]
                 self.pending = self.pending[len(self.pending) - held:]
                 return reasoning, content
@@ -80,7 +80,7 @@ class ReasoningSplitter:
         return (rest, "") if self.state == "thinking" else ("", rest)
 
 
-def _marker_prefix_length(text: str, marker: str) -> int:
+def marker_prefix_length(text: str, marker: str) -> int:
     """The length of the longest end of `text` that begins `marker`."""
     for size in range(min(len(text), len(marker) - 1), 0, -1):
         if marker.startswith(text[-size:]):

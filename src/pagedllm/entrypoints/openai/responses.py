@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from ...engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ...tokenizer import Tokenizer
 from .reasoning import ReasoningSplitter
+from .tool_calls import ToolCall, ToolCallParser
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -133,30 +134,71 @@ def completion_chunk(request_id: str, created: int, model: str, index: int, c: C
             "choices": [choice], "usage": None}
 
 
+class ChoiceText:
+    """One chat choice's text split into reasoning, content and tool calls, whole or delta by delta."""
+
+    def __init__(self, reasoning: ReasoningSplitter | None = None, tools: ToolCallParser | None = None):
+        self.reasoning, self.tools = reasoning, tools
+        self.calls: list[ToolCall] = []
+
+    def split(self, delta: str, final: bool) -> tuple[str, str, list[ToolCall]]:
+        reasoning, content = self.reasoning.feed(delta) if self.reasoning else ("", delta)
+        if final and self.reasoning:
+            rest_reasoning, rest_content = self.reasoning.finish()
+            reasoning, content = reasoning + rest_reasoning, content + rest_content
+        calls = []
+        if self.tools:
+            content, calls = self.tools.feed(content)
+            if final:
+                rest_content, rest_calls = self.tools.finish()
+                content, calls = content + rest_content, calls + rest_calls
+        self.calls += calls
+        return reasoning, content, calls
+
+    def message(self, text: str) -> dict:
+        reasoning, content, calls = self.split(text, final=True)
+        message = {"role": "assistant", "content": None if calls and not content.strip() else content}
+        if self.reasoning is not None:
+            message["reasoning_content"] = reasoning or None
+        if calls:
+            message["tool_calls"] = [call.as_openai() for call in calls]
+        return message
+
+    def delta(self, text: str, final: bool) -> dict:
+        """A chunk's delta; tool calls come whole, each with its index among the choice's calls."""
+        first_call = len(self.calls)
+        reasoning, content, calls = self.split(text, final)
+        delta = {"reasoning_content": reasoning} if reasoning else {}
+        if content or not (reasoning or calls):
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = [call.as_openai(first_call + i) for i, call in enumerate(calls)]
+        return delta
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        return "tool_calls" if reason == "stop" and self.calls else reason
+
+
 def chat_response(request_id: str, created: int, model: str, output: RequestOutput, prompt_tokens: int,
                   top_logprobs: int | None, tokenizer: Tokenizer,
-                  splitter: Callable[[], ReasoningSplitter | None] = lambda: None) -> dict:
-    """`splitter`: a fresh reasoning splitter per choice, where the model reasons."""
-    choices = [{"index": c.index, "message": _message(c.text, splitter()),
-                "logprobs": chat_logprobs(c, top_logprobs, tokenizer) if top_logprobs is not None else None,
-                "finish_reason": c.finish_reason, "stop_reason": c.stop_reason} for c in output.outputs]
+                  choice_text: Callable[[], ChoiceText] = ChoiceText) -> dict:
+    """`choice_text`: a fresh ChoiceText per choice (its reasoning splitter and tool call parser)."""
+    choices = []
+    for c in output.outputs:
+        text = choice_text()
+        choices.append({"index": c.index, "message": text.message(c.text),
+                        "logprobs": chat_logprobs(c, top_logprobs, tokenizer) if top_logprobs is not None else None,
+                        "finish_reason": text.finish_reason(c.finish_reason), "stop_reason": c.stop_reason})
     return {"id": request_id, "object": "chat.completion", "created": created, "model": model, "choices": choices,
             "usage": usage(prompt_tokens, sum(len(c.token_ids) for c in output.outputs))}
 
 
-def _message(text: str, splitter: ReasoningSplitter | None) -> dict:
-    if splitter is None:
-        return {"role": "assistant", "content": text}
-    reasoning, content = splitter.split(text)
-    return {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
-
-
 def chat_chunk(request_id: str, created: int, model: str, index: int, delta: dict,
                c: CompletionOutput | None = None, top_logprobs: int | None = None,
-               tokenizer: Tokenizer | None = None) -> dict:
+               tokenizer: Tokenizer | None = None, finish_reason: str | None = None) -> dict:
     choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
     if c is not None:
-        choice["finish_reason"] = c.finish_reason
+        choice["finish_reason"] = finish_reason or c.finish_reason
         if top_logprobs is not None:
             choice["logprobs"] = chat_logprobs(c, top_logprobs, tokenizer, delta=True)
     return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,

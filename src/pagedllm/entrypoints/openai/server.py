@@ -13,7 +13,7 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
@@ -26,13 +26,16 @@ from ...engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullErr
 from ...engine.llm_engine import LLMEngine
 from ...engine.outputs import RequestOutput
 from ...errors import PagedLLMError
-from ...sampling_params import SamplingParams
+from ...sampling_params import SamplingParams, StructuredOutputParams
 from .errors import APIError, error_body, error_response, install_error_handlers
 from .metrics import ServerMetrics
 from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                        EmbeddingRequest, SamplingFields, TokenizeRequest)
 from .reasoning import REASONING_FORMATS, ReasoningSplitter, detect_format
-from .responses import Echo, chat_chunk, chat_response, completion_chunk, completion_response, embedding_response, usage
+from .responses import (ChoiceText, Echo, chat_chunk, chat_response, completion_chunk, completion_response,
+                        embedding_response, usage)
+from .tool_calls import TOOL_FORMATS, detect_tool_format
+from .tool_prompt import ToolPlan, template_reads_tools
 
 
 T = TypeVar("T")
@@ -49,6 +52,7 @@ class ServerConfig:
     task: str = "generate"  # "embed": an embedding model, served on /v1/embeddings only
     pooling: str = "last"  # how /v1/embeddings reduces a prompt's hidden states: "last" token or "mean"
     reasoning_parser: str = "auto"  # "auto" (from the chat template), "none", or a REASONING_FORMATS name
+    tool_call_parser: str = "auto"  # "auto" (from the chat template) or a TOOL_FORMATS name
 
 
 @dataclass
@@ -63,8 +67,12 @@ class OpenAIServer:
         self.tokenizer = engine.tokenizer
         self.metrics = ServerMetrics(lambda: self.async_engine.stats)
         self.async_engine = AsyncLLMEngine(engine, config.max_waiting_requests, self.metrics.observe_finished)
-        self.reasoning = (detect_format(self.tokenizer.chat_template) if config.reasoning_parser == "auto"
+        template = self.tokenizer.chat_template
+        self.reasoning = (detect_format(template) if config.reasoning_parser == "auto"
                           else REASONING_FORMATS.get(config.reasoning_parser))
+        self.tool_format = (detect_tool_format(template) if config.tool_call_parser == "auto"
+                            else TOOL_FORMATS[config.tool_call_parser])
+        self.template_reads_tools = template_reads_tools(template)
 
     # -- checks -------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -148,18 +156,70 @@ class OpenAIServer:
         return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.ids, skip_special_tokens=False)
 
     def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    body: ChatCompletionRequest | None = None) -> _Prompt:
+                    body: ChatCompletionRequest | None = None, tools: ToolPlan | None = None) -> _Prompt:
         """The rendered template (kept as the prompt's text: reasoning splitters look at its end) and its ids."""
         try:
             variables = body.template_variables() if body is not None else {}
         except ValueError as exc:
             raise APIError(400, str(exc), "chat_template_kwargs") from None
         try:
-            text = self.tokenizer.apply_chat_template([m.as_template_input() for m in messages],
-                                                      add_generation_prompt, **variables)
+            inputs, tool_variables = (tools or ToolPlan(self.tool_format)).template_input(
+                messages, self.template_reads_tools)
+            text = self.tokenizer.apply_chat_template(inputs, add_generation_prompt, **variables, **tool_variables)
         except (PagedLLMError, ValueError) as exc:
             raise APIError(400, str(exc), "messages") from None
         return _Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
+
+    def tool_plan(self, body: ChatCompletionRequest) -> ToolPlan:
+        try:
+            return ToolPlan.of(body, self.tool_format)
+        except ValueError as exc:
+            message = str(exc)
+            raise APIError(400, message, "tool_choice" if "tool_choice" in message else "tools") from None
+
+    def chat_params(self, body: ChatCompletionRequest, max_tokens: int, logprobs: int | None,
+                    tools: ToolPlan) -> SamplingParams:
+        """The request's sampling, with the grammar that makes a required or named tool choice binding."""
+        params = self.sampling_params(body, max_tokens, logprobs)
+        if not tools.parses:
+            return params
+        if self.tokenizer.special_token_id(self.tool_format.start) is not None:
+            params = dataclasses.replace(params, skip_special_tokens=False)  # the parser must see the marker
+        if not tools.forced:
+            return params
+        if params.structured_output is not None:
+            raise APIError(400, "a required or named tool_choice cannot be combined with response_format or "
+                                "structured_outputs", "tool_choice")
+        return dataclasses.replace(params, structured_output=StructuredOutputParams(
+            grammar=tools.grammar(self.grammar_literal)))
+
+    def grammar_literal(self, text: str) -> str:
+        """`text` as a grammar must match it: a special token by its id (decoding never spells it out)."""
+        token_id = self.tokenizer.special_token_id(text)
+        return json.dumps(text) if token_id is None else f"<[{token_id}]>"
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> dict | AsyncIterator[dict]:
+        """A chat completion: the response body, or (streaming) an iterator over its chunks."""
+        self.check_model(body.model)
+        self.check_generates()
+        tools = self.tool_plan(body)
+        prompt = self.chat_prompt(body.messages, body.add_generation_prompt, body, tools)
+        asked, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
+                        else (body.max_tokens, "max_tokens"))
+        max_tokens = self.max_tokens(asked, len(prompt.ids), param, "messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self.chat_params(body, max_tokens, logprobs, tools)
+        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        (gen,) = await self.start([request_id], [prompt], [params])
+
+        def choice_text() -> ChoiceText:
+            return ChoiceText(self.splitter(prompt), tools.parser())
+
+        if body.stream:
+            return _chat_stream(self, body, request_id, created, prompt, gen, choice_text)
+        output = await _unless_gone(request, _final(gen))
+        return chat_response(request_id, created, self.config.served_model_name, output, len(prompt.ids),
+                             logprobs, self.tokenizer, choice_text)
 
     def splitter(self, prompt: _Prompt) -> ReasoningSplitter | None:
         return None if self.reasoning is None else ReasoningSplitter(self.reasoning, prompt.text or "")
@@ -297,21 +357,8 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        server.check_model(body.model)
-        server.check_generates()
-        prompt = server.chat_prompt(body.messages, body.add_generation_prompt, body)
-        asked, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
-                        else (body.max_tokens, "max_tokens"))
-        max_tokens = server.max_tokens(asked, len(prompt.ids), param, "messages")
-        logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        params = server.sampling_params(body, max_tokens, logprobs)
-        request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        (gen,) = await server.start([request_id], [prompt], [params])
-        if body.stream:
-            return _sse(_chat_stream(server, body, request_id, created, prompt, gen))
-        output = await _unless_gone(request, _final(gen))
-        return chat_response(request_id, created, config.served_model_name, output, len(prompt.ids),
-                             logprobs, server.tokenizer, lambda: server.splitter(prompt))
+        result = await server.chat(body, request)
+        return _sse(result) if body.stream else result
 
     return app
 
@@ -409,33 +456,25 @@ async def _completion_stream(server: OpenAIServer, body: CompletionRequest, requ
 
 
 async def _chat_stream(server: OpenAIServer, body: ChatCompletionRequest, request_id: str, created: int,
-                       prompt: _Prompt, gen: AsyncIterator[RequestOutput]) -> AsyncIterator[dict]:
-    """With a reasoning format, each choice's deltas go through its own splitter: `reasoning_content`
-    and `content` deltas apart, text that may be a marker held back until the next delta (or the end)."""
+                       prompt: _Prompt, gen: AsyncIterator[RequestOutput],
+                       choice_text: Callable[[], ChoiceText]) -> AsyncIterator[dict]:
+    """Each choice's deltas go through its own ChoiceText: reasoning, content and tool calls apart,
+    text that may be a marker held back until the next delta (or the end)."""
     model, generated = server.config.served_model_name, {}
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    splitters = {index: server.splitter(prompt) for index in range(body.n)}
+    texts = {index: choice_text() for index in range(body.n)}
     for index in range(body.n):
         yield chat_chunk(request_id, created, model, index, {"role": "assistant", "content": ""})
     async for output in gen:
         for c in output.outputs:
             if c.delta_text or c.finish_reason or c.delta_token_ids:
                 generated[c.index] = len(c.token_ids)
-                yield chat_chunk(request_id, created, model, c.index, _delta(splitters.get(c.index), c), c,
-                                 top_logprobs, server.tokenizer)
+                text = texts[c.index]
+                delta = text.delta(c.delta_text, c.finish_reason is not None)
+                if delta == {"content": ""} and c.finish_reason is None and top_logprobs is None:
+                    continue  # all held back (a call being written, a marker's beginning)
+                yield chat_chunk(request_id, created, model, c.index, delta, c, top_logprobs, server.tokenizer,
+                                 text.finish_reason(c.finish_reason))
     if body.stream_options and body.stream_options.include_usage:
         yield {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                "choices": [], "usage": usage(len(prompt.ids), sum(generated.values()))}
-
-
-
-def _delta(splitter: ReasoningSplitter | None, c) -> dict:
-    """A chat chunk's delta: the new text, split into reasoning and answer where the model reasons."""
-    if splitter is None:
-        return {"content": c.delta_text}
-    reasoning, content = splitter.feed(c.delta_text)
-    if c.finish_reason is not None:
-        rest_reasoning, rest_content = splitter.finish()
-        reasoning, content = reasoning + rest_reasoning, content + rest_content
-    delta = {"reasoning_content": reasoning} if reasoning else {}
-    return delta | ({"content": content} if content or not reasoning else {})

@@ -1,0 +1,319 @@
+"""Tool calling: how each model family writes a call, how calls are found in what the model wrote
+(whole, or delta by delta while streaming), and the grammar that makes `tool_choice` binding.
+
+A ToolFormat is one family's convention. It is chosen from the chat template (the first format
+whose marker the template mentions) or named with --tool-call-parser; a new family is a subclass
+added to TOOL_FORMATS. Formats:
+- hermes: `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`, one block per call
+  (Qwen2.5/Qwen3, Hermes 2/3, and the prompt pagedllm writes for templates without tool support);
+- llama3_json: the message is `{"name": ..., "parameters": {...}}`, calls separated by `; `,
+  optionally after `<|python_tag|>` (Llama 3.1-3.3 JSON tool calling);
+- mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (Mistral v3 templates), or
+  `[TOOL_CALLS]name[ARGS]{...}` (later ones).
+
+`tool_choice` "required" or a named function turns into a grammar (llguidance Lark with the
+functions' JSON schemas embedded): the output is one call or more in the family's own format, so
+it always parses and its arguments validate. "auto" parses whatever the model writes; text that
+does not parse as calls stays content.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .reasoning import marker_prefix_length
+
+# Compact JSON with the separators models see in their training data (json.dumps' defaults).
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+EMPTY_PARAMETERS = {"type": "object", "properties": {}}
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    """One function a request offers the model."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] = field(default_factory=lambda: dict(EMPTY_PARAMETERS))
+
+    def as_template_tool(self) -> dict:
+        """The shape chat templates read (Hugging Face's `tools` variable)."""
+        function = {"name": self.name, "parameters": self.parameters}
+        if self.description:
+            function["description"] = self.description
+        return {"type": "function", "function": function}
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+    id: str = field(default_factory=new_call_id)
+
+    def as_openai(self, index: int | None = None) -> dict:
+        call = {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+def call_from_json(value: Any, arguments_keys: tuple[str, ...] = ("arguments", "parameters")) -> ToolCall | None:
+    """A ToolCall from a decoded `{"name": ..., "arguments": {...}}`; None if it is not one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = next((value[k] for k in arguments_keys if k in value), {})
+    if isinstance(arguments, str):  # some models write the arguments as a JSON string
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return ToolCall(value["name"], json.dumps(arguments, ensure_ascii=False))
+
+
+def decode_json_sequence(text: str, separator: str) -> list[Any] | None:
+    """JSON values one after another, apart by `separator` (and whitespace); None unless all of `text` is."""
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while True:
+        while at < len(text) and text[at].isspace():
+            at += 1
+        if at == len(text):
+            return values or None
+        if values:
+            if not text.startswith(separator.strip(), at):
+                return None
+            at += len(separator.strip())
+            while at < len(text) and text[at].isspace():
+                at += 1
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        values.append(value)
+
+
+class ToolFormat:
+    """One family's way of writing calls. `start` opens the calls; `parse` reads the text from there on."""
+
+    name = ""
+    start = ""
+    arguments_key = "arguments"
+    separator = "\n"  # between parallel calls, in the grammar
+    anywhere = True  # calls may follow some content (False: only at the start of the message)
+
+    def matches(self, chat_template: str) -> bool:
+        return self.start in chat_template
+
+    def locate(self, text: str) -> tuple[int, int]:
+        """(where the calls start in `text` or -1, how many characters at its end may begin the marker)."""
+        at = text.find(self.start)
+        return (at, 0) if at >= 0 else (-1, marker_prefix_length(text, self.start))
+
+    def parse(self, section: str) -> list[ToolCall] | None:
+        """The calls in `section` (which starts with the marker); None if it is not calls."""
+        raise NotImplementedError
+
+    def take_complete(self, section: str) -> tuple[list[ToolCall], str]:
+        """Calls already complete at the front of a growing section, and the rest (streaming)."""
+        return [], section
+
+    def grammar(self, tools: list[FunctionSpec], parallel: bool, literal: Callable[[str], str]) -> str:
+        """A Lark grammar whose sentences are one call (or, `parallel`, several) of `tools`.
+        `literal` writes a marker as the grammar must match it (a special token by id)."""
+        call = f"%json {json.dumps(self.call_schema(tools))}"
+        return (f"start: {self.grammar_prefix(literal)} calls {self.grammar_suffix(literal)}\n"
+                f"calls: call" + (f" ({json.dumps(self.separator)} call)*\n" if parallel else "\n")
+                + f"call: {self.call_template(literal).format(call='body')}\nbody: {call}\n")
+
+    def grammar_prefix(self, literal: Callable[[str], str]) -> str:
+        return ""
+
+    def grammar_suffix(self, literal: Callable[[str], str]) -> str:
+        return ""
+
+    def call_template(self, literal: Callable[[str], str]) -> str:
+        return "{call}"
+
+    def call_schema(self, tools: list[FunctionSpec]) -> dict:
+        """The JSON of one call: the name is one of the tools' and the arguments follow its schema."""
+        options = [{"type": "object", "properties": {"name": {"const": t.name}, self.arguments_key: t.parameters},
+                    "required": ["name", self.arguments_key], "additionalProperties": False} for t in tools]
+        schema = options[0] if len(options) == 1 else {"anyOf": options}
+        return {**schema, "x-guidance": JSON_STYLE}
+
+    def render(self, calls: list[dict]) -> str:
+        """Calls (OpenAI's message shape) as this format writes them: history for templates without tools."""
+        raise NotImplementedError
+
+
+class HermesFormat(ToolFormat):
+    name, start = "hermes", "<tool_call>"
+    end = "</tool_call>"
+    _block = re.compile(r"\s*<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+
+    def parse(self, section: str) -> list[ToolCall] | None:
+        calls, at = [], 0
+        while at < len(section.rstrip()):
+            block = self._block.match(section, at)
+            call = call_from_json(_loads(block.group(1))) if block else None
+            if call is None:
+                return None
+            calls.append(call)
+            at = block.end()
+        return calls or None
+
+    def take_complete(self, section: str) -> tuple[list[ToolCall], str]:
+        calls = []
+        while (end := section.find(self.end)) >= 0:
+            done = self.parse(section[:end + len(self.end)])
+            if done is None:
+                break
+            calls += done
+            section = section[end + len(self.end):]
+        return calls, section
+
+    def call_template(self, literal: Callable[[str], str]) -> str:
+        return f'{literal(self.start)} "\\n" {{call}} "\\n" {literal(self.end)}'
+
+    def render(self, calls: list[dict]) -> str:
+        return "\n".join(f'{self.start}\n{{"name": {json.dumps(c["name"])}, "arguments": {c["arguments"]}}}\n{self.end}'
+                         for c in calls)
+
+
+class Llama3JsonFormat(ToolFormat):
+    name, start = "llama3_json", "<|python_tag|>"
+    arguments_key, separator, anywhere = "parameters", "; ", False
+
+    def matches(self, chat_template: str) -> bool:
+        return self.start in chat_template or "ipython" in chat_template
+
+    def locate(self, text: str) -> tuple[int, int]:
+        body = text.lstrip()
+        offset = len(text) - len(body)
+        if body.startswith("{") or body.startswith(self.start):
+            return offset, 0
+        return -1, len(text) if self.start.startswith(body) else 0
+
+    def parse(self, section: str) -> list[ToolCall] | None:
+        section = section.strip().removeprefix(self.start)
+        values = decode_json_sequence(section, ";")
+        calls = [call_from_json(v, ("parameters", "arguments")) for v in values or []]
+        return calls if calls and None not in calls else None
+
+    def render(self, calls: list[dict]) -> str:
+        return "; ".join(f'{{"name": {json.dumps(c["name"])}, "parameters": {c["arguments"]}}}' for c in calls)
+
+
+class MistralFormat(ToolFormat):
+    name, start = "mistral", "[TOOL_CALLS]"
+    separator = ", "
+    _named = re.compile(r"\s*([A-Za-z0-9_.-]+)\s*\[ARGS\]")
+
+    def parse(self, section: str) -> list[ToolCall] | None:
+        body = section.strip().removeprefix(self.start).strip().removesuffix("</s>").rstrip()
+        if body.startswith("["):
+            values = decode_json_sequence(body, ",")
+            listed = values[0] if values and len(values) == 1 and isinstance(values[0], list) else None
+            calls = [call_from_json(v) for v in listed or []]
+            return calls if calls and None not in calls else None
+        return self._parse_named(body)
+
+    def _parse_named(self, body: str) -> list[ToolCall] | None:
+        """The later form: name[ARGS]{...}, each call after its own [TOOL_CALLS]."""
+        calls = []
+        for part in body.split(self.start):
+            head = self._named.match(part)
+            arguments = _loads(part[head.end():]) if head else None
+            if not isinstance(arguments, dict):
+                return None
+            calls.append(ToolCall(head.group(1), json.dumps(arguments, ensure_ascii=False)))
+        return calls
+
+    def grammar_prefix(self, literal: Callable[[str], str]) -> str:
+        return f'{literal(self.start)} "["'
+
+    def grammar_suffix(self, literal: Callable[[str], str]) -> str:
+        return '"]"'
+
+    def render(self, calls: list[dict]) -> str:
+        items = ", ".join(f'{{"name": {json.dumps(c["name"])}, "arguments": {c["arguments"]}}}' for c in calls)
+        return f"{self.start}[{items}]"
+
+
+TOOL_FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HermesFormat(), MistralFormat(), Llama3JsonFormat())}
+FALLBACK_FORMAT = "hermes"  # for templates that know no tool format: pagedllm writes the tool prompt itself
+
+
+def detect_tool_format(chat_template: str | None) -> ToolFormat:
+    for fmt in TOOL_FORMATS.values():
+        if chat_template and fmt.matches(chat_template):
+            return fmt
+    return TOOL_FORMATS[FALLBACK_FORMAT]
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+class ToolCallParser:
+    """Text in, (content, calls) out: all at once with `parse`, or delta by delta with `feed` then
+    `finish`. Content flows until the format's marker; text that may begin one is held back. A
+    section that does not parse as calls is given back as content at the end."""
+
+    def __init__(self, fmt: ToolFormat):
+        self.fmt = fmt
+        self.pending = ""  # content not yet given out
+        self.section: str | None = None  # the calls' text, once the marker was seen
+        self.searching = True
+        self.calls: list[ToolCall] = []
+
+    def parse(self, text: str) -> tuple[str, list[ToolCall]]:
+        content, calls = self.feed(text)
+        rest_content, rest_calls = self.finish()
+        return content + rest_content, calls + rest_calls
+
+    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
+        if self.section is not None:
+            return "", self._take(delta)
+        self.pending += delta
+        if not self.searching:
+            content, self.pending = self.pending, ""
+            return content, []
+        at, held = self.fmt.locate(self.pending)
+        if at >= 0:
+            content, self.section = self.pending[:at], ""
+            rest, self.pending = self.pending[at:], ""
+            return content, self._take(rest)
+        content = self.pending[:len(self.pending) - held]
+        self.pending = self.pending[len(content):]
+        if content.strip() and not self.fmt.anywhere:
+            self.searching = False
+            content, self.pending = content + self.pending, ""
+        return content, []
+
+    def _take(self, delta: str) -> list[ToolCall]:
+        calls, self.section = self.fmt.take_complete(self.section + delta)
+        self.calls += calls
+        return calls
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """What was held back, once the text is complete."""
+        content, self.pending = self.pending, ""
+        if self.section is None or not self.section.strip():
+            return content, []
+        calls = self.fmt.parse(self.section)
+        if calls is None:
+            return content + self.section, []
+        self.calls += calls
+        return content, calls
