@@ -35,10 +35,15 @@ def _served(case):
         if case.path == "/v1/embeddings":
             case.body["input"] = ["river stone", "mountain"]
             case.body.pop("dimensions", None)
+        if case.path == "/v1/responses":
+            case.body.update(input="river stone", max_output_tokens=4)
+            case.body.pop("previous_response_id", None)
+        if case.path == "/v1/messages":
+            case.body.update(messages=[{"role": "user", "content": "river stone"}], max_tokens=4)
     return case
 
 
-GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings")
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages")
 
 
 def test_no_input_gets_a_server_error(fuzzed_server):
@@ -56,7 +61,7 @@ def test_no_input_gets_a_server_error(fuzzed_server):
             response = case.call(timeout=60)
             statuses.setdefault((case.path, served_model), []).append(response.status_code)
             assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
-            if response.status_code >= 400:
+            if response.status_code >= 400:  # OpenAI's error shape, or Anthropic's on /v1/messages
                 assert "error" in response.json() and "Traceback" not in response.text
 
         check()

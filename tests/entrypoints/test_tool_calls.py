@@ -198,3 +198,11 @@ def test_templates_without_tools_get_them_written_out():
     assert messages[2] == {"role": "assistant", "content": '<tool_call>\n{"name": "get_weather", "arguments": '
                                                            '{"city": "Paris"}}\n</tool_call>'}
     assert messages[3] == {"role": "user", "content": "<tool_response>\n18 C, sunny\n</tool_response>"}
+
+
+def test_a_forced_call_cut_short_is_not_content():
+    """With `required` the grammar allows only calls: a tail cut by max_tokens is dropped, not shown as text."""
+    text = '<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n<tool_call>\n{"name": "ad'
+    assert _named(ToolCallParser(TOOL_FORMATS["hermes"], forced=True).parse(text)[1]) == [("add", {"a": 1, "b": 2})]
+    assert ToolCallParser(TOOL_FORMATS["hermes"], forced=True).parse(text)[0] == ""
+    assert ToolCallParser(TOOL_FORMATS["hermes"]).parse(text)[0].startswith("\n<tool_call>")

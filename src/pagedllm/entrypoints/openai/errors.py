@@ -1,4 +1,5 @@
-"""Errors in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}."""
+"""Errors in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}; on Anthropic's
+/v1/messages in its shape: {"type": "error", "error": {"type", "message"}}."""
 
 from __future__ import annotations
 
@@ -27,28 +28,40 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
                       "param": param, "code": code}}
 
 
-def error_response(error: APIError) -> JSONResponse:
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                    413: "request_too_large", 503: "overloaded_error"}
+ANTHROPIC_PATH = "/v1/messages"
+
+
+def anthropic_error_body(status: int, message: str) -> dict:
+    kind = _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def error_response(error: APIError, request: Request | None = None) -> JSONResponse:
+    if request is not None and request.url.path.startswith(ANTHROPIC_PATH):
+        return JSONResponse(anthropic_error_body(error.status, error.message), status_code=error.status)
     return JSONResponse(error_body(error.status, error.message, error.param, error.code), status_code=error.status)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(where) or None
         message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request body")
-        return error_response(APIError(400, message, param))
+        return error_response(APIError(400, message, param), request)
 
     @app.exception_handler(HTTPException)
-    async def _http(_: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(APIError(exc.status_code, str(exc.detail)))
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(APIError(exc.status_code, str(exc.detail)), request)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error while serving a request")
-        return error_response(APIError(500, "internal server error; see the server log"))
+        return error_response(APIError(500, "internal server error; see the server log"), request)

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLMEngine.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream as server-sent events ending
-in `data: [DONE]`), POST /v1/embeddings, GET /v1/models, POST /tokenize, POST /detokenize, GET /health,
-GET /metrics.
+in `data: [DONE]`), POST /v1/responses (OpenAI's Responses) and POST /v1/messages (Anthropic's
+Messages), both adapters over chat that stream named events, POST /v1/embeddings, GET /v1/models,
+POST /tokenize, POST /detokenize, GET /health, GET /metrics.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ from ...engine.llm_engine import LLMEngine
 from ...engine.outputs import RequestOutput
 from ...errors import PagedLLMError
 from ...sampling_params import SamplingParams, StructuredOutputParams
-from .errors import APIError, error_body, error_response, install_error_handlers
+from .errors import APIError, anthropic_error_body, error_body, error_response, install_error_handlers
+from .messages_api import MessageBuilder, MessagesRequest
 from .metrics import ServerMetrics
 from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                        EmbeddingRequest, SamplingFields, TokenizeRequest)
 from .reasoning import REASONING_FORMATS, ReasoningSplitter, detect_format
+from .responses_api import ResponseBuilder, ResponsesRequest
 from .responses import (ChoiceText, Echo, chat_chunk, chat_response, completion_chunk, completion_response,
                         embedding_response, usage)
 from .tool_calls import TOOL_FORMATS, detect_tool_format
@@ -53,6 +56,12 @@ class ServerConfig:
     pooling: str = "last"  # how /v1/embeddings reduces a prompt's hidden states: "last" token or "mean"
     reasoning_parser: str = "auto"  # "auto" (from the chat template), "none", or a REASONING_FORMATS name
     tool_call_parser: str = "auto"  # "auto" (from the chat template) or a TOOL_FORMATS name
+
+
+@dataclass(frozen=True)
+class ChatStream:
+    prompt_tokens: int
+    chunks: AsyncIterator[dict]  # chat.completion.chunk bodies
 
 
 @dataclass
@@ -198,8 +207,9 @@ class OpenAIServer:
         token_id = self.tokenizer.special_token_id(text)
         return json.dumps(text) if token_id is None else f"<[{token_id}]>"
 
-    async def chat(self, body: ChatCompletionRequest, request: Request) -> dict | AsyncIterator[dict]:
-        """A chat completion: the response body, or (streaming) an iterator over its chunks."""
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> dict | ChatStream:
+        """A chat completion: the response body, or (streaming) its chunks. /v1/responses and /v1/messages
+        are adapters over this."""
         self.check_model(body.model)
         self.check_generates()
         tools = self.tool_plan(body)
@@ -216,7 +226,7 @@ class OpenAIServer:
             return ChoiceText(self.splitter(prompt), tools.parser())
 
         if body.stream:
-            return _chat_stream(self, body, request_id, created, prompt, gen, choice_text)
+            return ChatStream(len(prompt.ids), _chat_stream(self, body, request_id, created, prompt, gen, choice_text))
         output = await _unless_gone(request, _final(gen))
         return chat_response(request_id, created, self.config.served_model_name, output, len(prompt.ids),
                              logprobs, self.tokenizer, choice_text)
@@ -358,7 +368,24 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         result = await server.chat(body, request)
-        return _sse(result) if body.stream else result
+        return _sse(result.chunks) if body.stream else result
+
+    @app.post("/v1/responses", dependencies=auth)
+    async def responses(body: ResponsesRequest, request: Request):
+        result = await server.chat(body.as_chat(), request)
+        builder = ResponseBuilder(body, config.served_model_name)
+        if not body.stream:
+            return builder.whole(result)
+        return _event_stream(builder.events(result.chunks), lambda e: {
+            "type": "error", "code": e.code or str(e.status), "message": e.message, "param": e.param})
+
+    @app.post("/v1/messages", dependencies=auth)
+    async def messages(body: MessagesRequest, request: Request):
+        result = await server.chat(body.as_chat(), request)
+        if not body.stream:
+            return MessageBuilder(config.served_model_name).whole(result)
+        builder = MessageBuilder(config.served_model_name, result.prompt_tokens)
+        return _event_stream(builder.events(result.chunks), lambda e: anthropic_error_body(e.status, e.message))
 
     return app
 
@@ -367,8 +394,10 @@ def _auth_dependency(api_key: str | None):
     async def check(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        bearer = request.headers.get("authorization", "")
+        key = request.headers.get("x-api-key")  # Anthropic's clients send the key this way
+        if not (secrets.compare_digest(bearer.encode(), f"Bearer {api_key}".encode())
+                or (key is not None and secrets.compare_digest(key.encode(), api_key.encode()))):
             raise APIError(401, "Incorrect or missing API key.", code="invalid_api_key")
     return check
 
@@ -404,6 +433,18 @@ def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
             error = _api_error(exc)
             yield f"data: {json.dumps(error_body(error.status, error.message, error.param, error.code))}\n\n"
         yield "data: [DONE]\n\n"
+    return StreamingResponse(lines(), media_type="text/event-stream")
+
+
+def _event_stream(events: AsyncIterator[dict], error_event: Callable[[APIError], dict]) -> StreamingResponse:
+    """Server-sent events named after their type (the Responses and Anthropic streams); no [DONE]."""
+    async def lines() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"event: {event['type']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n"
+        except (APIError, PagedLLMError) as exc:
+            error = error_event(_api_error(exc))
+            yield f"event: error\ndata: {json.dumps(error)}\n\n"
     return StreamingResponse(lines(), media_type="text/event-stream")
 
 

@@ -269,10 +269,11 @@ def _loads(text: str) -> Any:
 class ToolCallParser:
     """Text in, (content, calls) out: all at once with `parse`, or delta by delta with `feed` then
     `finish`. Content flows until the format's marker; text that may begin one is held back. A
-    section that does not parse as calls is given back as content at the end."""
+    section that does not parse as calls is given back as content at the end, unless the output was
+    `forced` to be calls: then it can only be a call cut short by max_tokens, and is dropped."""
 
-    def __init__(self, fmt: ToolFormat):
-        self.fmt = fmt
+    def __init__(self, fmt: ToolFormat, forced: bool = False):
+        self.fmt, self.forced = fmt, forced
         self.pending = ""  # content not yet given out
         self.section: str | None = None  # the calls' text, once the marker was seen
         self.searching = True
@@ -314,6 +315,6 @@ class ToolCallParser:
             return content, []
         calls = self.fmt.parse(self.section)
         if calls is None:
-            return content + self.section, []
+            return (content if self.forced else content + self.section), []
         self.calls += calls
         return content, calls

@@ -68,7 +68,7 @@ class ToolPlan:
         return self.fmt.grammar(chosen, self.parallel and self.choice == "required", literal)
 
     def parser(self) -> ToolCallParser | None:
-        return ToolCallParser(self.fmt) if self.parses else None
+        return ToolCallParser(self.fmt, self.forced) if self.parses else None
 
     def template_input(self, messages: list[ChatMessage], reads_tools: bool) -> tuple[list[dict], dict[str, Any]]:
         """The messages and variables for the chat template. With `none`, the model is not told of tools."""
