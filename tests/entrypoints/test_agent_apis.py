@@ -1,6 +1,7 @@
-"""Tool calling through the clients agents use — `openai` and LangChain's ChatOpenAI — against a live
-server on 127.0.0.1 serving the default model (whose template has no tool support: the server writes
-the tools out for it). Tiny models do not call tools on their own, so correctness is checked with
+"""What agents speak, through their own clients against a live server on 127.0.0.1 serving the default
+model: tool calling with `openai` and LangChain's ChatOpenAI (the model's template has no tool support:
+the server writes the tools out for it), OpenAI's Responses API, and Anthropic's Messages API with the
+`anthropic` client. Tiny models do not call tools on their own, so correctness is checked with
 `required` and named choices, which a grammar enforces."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import openai
 import pytest
 
 from live_server import LiveServer
+from pagedllm.entrypoints.openai.protocol import ChatMessage
 
 KEY, MODEL = "sk-test", "smollm"
 WEATHER = {"type": "function", "function": {
@@ -93,16 +95,10 @@ def test_tool_results_reach_the_model(client, server):
         {"role": "tool", "tool_call_id": "call_7", "content": "18 C and sunny"}]
     out = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=24, temperature=0)
     assert out.choices[0].message.content
-    ids = server.app.state.server.chat_prompt(
-        [openai_message(m) for m in history], tools=None).ids
+    ids = server.app.state.server.chat_prompt([ChatMessage.model_validate(m) for m in history]).ids
     text = server.engine.tokenizer.decode(ids, skip_special_tokens=False)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<tool_response>\n18 C and sunny\n</tool_response>" in text
-
-
-def openai_message(message: dict):
-    from pagedllm.entrypoints.openai.protocol import ChatMessage
-    return ChatMessage.model_validate(message)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -255,3 +251,20 @@ def test_messages_errors_in_anthropic_shape(claude, server):
     with pytest.raises(sdk.AuthenticationError):
         sdk.Anthropic(base_url=server.url, api_key="wrong", max_retries=0).messages.create(
             model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "Hi"}])
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/v1/responses", {"model": MODEL, "input": "Hi", "max_output_tokens": 4}),
+    ("/v1/messages", {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}),
+])
+def test_new_routes_keep_the_auth_body_and_limit_rules(server, route, body):
+    import httpx
+    with httpx.Client(base_url=server.url) as http:
+        assert http.post(route, json=body).status_code == 401
+        assert http.post(route, json=body, headers={"x-api-key": KEY}).status_code == 200
+        keyed = {"Authorization": f"Bearer {KEY}", "content-type": "application/json"}
+        assert http.post(route, content=b"x" * (2**20 + 1), headers=keyed).status_code == 413
+        too_many = {**body, "max_output_tokens": 257} if "input" in body else {**body, "max_tokens": 257}
+        refused = http.post(route, json=too_many, headers=keyed)
+        assert refused.status_code == 400 and "at most 256" in refused.text
+        assert http.post(route, json={**body, "model": "other"}, headers=keyed).status_code == 404
