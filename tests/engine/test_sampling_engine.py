@@ -123,6 +123,15 @@ def test_eos_is_masked_until_min_tokens(llm):
     assert len(longer.token_ids) >= len(short.token_ids) + 3
 
 
+def test_a_stop_tokens_text_is_not_output(llm):
+    """Even with special tokens spelled out (tool parsers need that), the token that ends the text is not in it."""
+    chat = [{"role": "user", "content": "Say OK."}]
+    plain = llm.chat(chat, SamplingParams(max_tokens=40, temperature=0))[0].outputs[0]
+    spelled = llm.chat(chat, SamplingParams(max_tokens=40, temperature=0, skip_special_tokens=False))[0].outputs[0]
+    assert spelled.finish_reason == "stop" and spelled.token_ids == plain.token_ids
+    assert spelled.text == plain.text and "<|im_end|>" not in spelled.text
+
+
 def test_timeout_finishes_with_its_own_reason(llm):
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True, timeout=0.3))[0]
     assert out.finish_reason == "timeout" and 0 < len(out.token_ids) < 500

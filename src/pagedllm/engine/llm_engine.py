@@ -406,11 +406,13 @@ class LLMEngine:
             if completion.logprobs is not None:
                 completion.logprobs.append(self._position_logprobs(logprob_row, group.params.logprobs))
         status, stop_id = finish_status_for_token(request, token, self.tokenizer.stop_token_ids, self.max_model_len)
+        # A stop token's own text is not output, even where special tokens are spelled out (as vLLM).
+        stop_token = status is RequestStatus.FINISHED_STOPPED
         if completion.grammar is not None:
             completion.grammar.consume_token(token)
             if status is None and completion.grammar.is_stopped():  # the grammar is complete
                 status = RequestStatus.FINISHED_STOPPED
-        self._emit(completion, completion.matcher.feed(completion.detokenizer.add(token)))
+        self._emit(completion, completion.matcher.feed("" if stop_token else completion.detokenizer.add(token)))
         if completion.matcher.stopped_by is not None:
             status, stop_id = RequestStatus.FINISHED_STOPPED, completion.matcher.stopped_by
         if status is not None:
