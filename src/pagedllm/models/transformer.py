@@ -12,7 +12,7 @@ through block tables.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -86,6 +86,7 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoE(cfg, plan, f"{prefix}.mlp") if cfg.is_moe_layer(layer) else MLP(cfg, plan, f"{prefix}.mlp")
         self.rope_index = 1 if cfg.uses_local_rope(layer) else 0  # which of the model's rotations
         self.fused: FusedDecodeLayer | None = None  # set once the weights are in, where the layer qualifies
+        self.index = layer
 
     def forward(self, x, cos, sin, kv_cache, meta):
         """The module path (Transformer.forward sends few-row steps to `fused` where it is set)."""
@@ -98,6 +99,8 @@ class DecoderLayer(nn.Module):
 
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# Probes' view of the forward pass: (layer index, its input, its output) hidden states.
+LayerObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
 class Transformer(nn.Module):
@@ -141,8 +144,9 @@ class Transformer(nn.Module):
         return padded_inv_freq(inv_freq_of(cfg.rope_dims, theta, scaling), cfg.head_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        """Hidden states [tokens, hidden] for a flat batch of tokens from many sequences."""
+                meta: AttentionMetadata, observe: LayerObserver | None = None) -> torch.Tensor:
+        """Hidden states [tokens, hidden] for a flat batch of tokens from many sequences. `observe`
+        (probes) is called with each layer's index, input and output hidden states."""
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)  # quantised tables dequantise to float32
         if self.config.embedding_scale != 1.0:
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
@@ -154,10 +158,13 @@ class Transformer(nn.Module):
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = ropes[layer.rope_index]
             fused = layer.fused  # called directly: at ~60 µs a layer, nn.Module's call costs show
+            before = x
             if fused is not None and fused.applies_to(x):
                 x = fused(x, cos, sin, kv_cache, meta)
             else:
                 x = layer(x, cos, sin, kv_cache, meta)
+            if observe is not None:
+                observe(layer.index, before, x)
         return self.norm(x)
 
     def _global_rope(self, positions: torch.Tensor, meta: AttentionMetadata,
