@@ -61,3 +61,16 @@ def test_chosen_layers_and_their_errors(tiny_models):
         inspect_model(model, [5, 6], layers=[99])
     with pytest.raises(ValueError, match="empty"):
         inspect_model(model, [])
+
+
+def test_llm_inspect_on_the_default_model_leaves_generation_alone():
+    from pagedllm import LLM, SamplingParams
+
+    llm = LLM(kv_cache_memory=16 * 2**20)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    before = llm.generate("The capital of France is", params)[0].token_ids
+    probed = llm.inspect("The capital of France is", top_k=3)
+    assert len(probed.layers) == llm.engine.model.config.num_hidden_layers
+    last = probed.layers[-1].top_k[-1]
+    assert last[0][0] == before[0]  # the last layer's lens is the model's own next-token choice
+    assert llm.generate("The capital of France is", params)[0].token_ids == before

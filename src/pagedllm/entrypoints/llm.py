@@ -11,6 +11,7 @@ from ..engine.llm_engine import Prompt
 from ..engine.outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
+from ..tools.inspect import Inspection, inspect_model
 
 
 class LLM:
@@ -44,6 +45,11 @@ class LLM:
             conversations = [conversations]
         tokenizer = self.get_tokenizer()
         return self.generate([{"prompt_token_ids": tokenizer.encode_chat(c)} for c in conversations], params)
+
+    def inspect(self, prompt: str | list[int], layers: list[int] | None = None, top_k: int = 10) -> Inspection:
+        """Probe the model layer by layer on `prompt` (see tools/inspect.py); the engine's cache is untouched."""
+        ids = self.get_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return inspect_model(self.engine.model, ids, layers, top_k, self.engine.kv_spec.block_size)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
