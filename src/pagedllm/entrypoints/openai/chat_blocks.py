@@ -4,6 +4,7 @@ adapter subclasses ChatBlocks with its own event shapes and gets the same blocks
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -36,7 +37,7 @@ async def chunk_parts(chunks: AsyncIterator[dict]) -> AsyncIterator[tuple[str, A
                 yield "finish", (choice["finish_reason"], choice.get("stop_reason"))
 
 
-class ChatBlocks:
+class ChatBlocks(ABC):
     """Blocks opened and closed in order as parts arrive; subclasses say what each step emits and
     keep what the final object needs."""
 
@@ -58,20 +59,30 @@ class ChatBlocks:
             events += self.extend(kind, value)
         return events
 
+    def feed_message(self, message: dict) -> None:
+        """A whole chat message, block by block (its events are not needed)."""
+        for kind, value in message_parts(message):
+            self.feed(kind, value)
+        self.close()
+
     def close(self) -> list[dict]:
         if self.kind is None:
             return []
         kind, self.kind = self.kind, None
         return self.stop(kind)
 
+    @abstractmethod
     def start(self, kind: str) -> list[dict]:
-        raise NotImplementedError
+        """The events of this step."""
 
+    @abstractmethod
     def extend(self, kind: str, text: str) -> list[dict]:
-        raise NotImplementedError
+        """The events of this step."""
 
+    @abstractmethod
     def stop(self, kind: str) -> list[dict]:
-        raise NotImplementedError
+        """The events of this step."""
 
+    @abstractmethod
     def call(self, call: dict) -> list[dict]:
-        raise NotImplementedError
+        """The events of this step."""

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .chat_blocks import ChatBlocks, chunk_parts, message_parts
+from .chat_blocks import ChatBlocks, chunk_parts
 from .errors import APIError
 from .protocol import TOOL_NAME, ChatCompletionRequest
 
@@ -193,8 +193,7 @@ class MessageBuilder(ChatBlocks):
 
     def whole(self, chat: dict) -> dict:
         choice = chat["choices"][0]
-        for kind, value in message_parts(choice["message"]):
-            self.feed(kind, value)
+        self.feed_message(choice["message"])
         self.finished(choice["finish_reason"], choice.get("stop_reason"))
         self.usage = {"input_tokens": chat["usage"]["prompt_tokens"],
                       "output_tokens": chat["usage"]["completion_tokens"]}

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .chat_blocks import ChatBlocks, chunk_parts, message_parts
+from .chat_blocks import ChatBlocks, chunk_parts
 from .errors import APIError
 from .protocol import TOOL_NAME, ChatCompletionRequest
 
@@ -208,9 +208,7 @@ class ResponseBuilder(ChatBlocks):
 
     def whole(self, chat: dict) -> dict:
         choice = chat["choices"][0]
-        for kind, value in message_parts(choice["message"]):
-            self.feed(kind, value)
-        self.close()
+        self.feed_message(choice["message"])
         self.finish, self.usage = choice["finish_reason"], chat["usage"]
         return self.response("completed")
 
@@ -230,7 +228,7 @@ class ResponseBuilder(ChatBlocks):
 
 
 def _empty(item: dict) -> dict:
-    """An item as announced, before its text."""
+    """A copy of the item as announced: its text grows before the events of one feed go out."""
     return {**item, "content": [{**part, "text": ""} for part in item["content"]]}
 
 

@@ -82,6 +82,9 @@ class OpenAIServer:
         self.tool_format = (detect_tool_format(template) if config.tool_call_parser == "auto"
                             else TOOL_FORMATS[config.tool_call_parser])
         self.template_reads_tools = template_reads_tools(template)
+        # A marker that is a control token (Mistral's [TOOL_CALLS]): decoding must spell it out for the
+        # parser, and grammars match it by id.
+        self.tool_marker_id = self.tokenizer.special_token_id(self.tool_format.start)
 
     # -- checks -------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -192,8 +195,8 @@ class OpenAIServer:
         params = self.sampling_params(body, max_tokens, logprobs)
         if not tools.parses:
             return params
-        if self.tokenizer.special_token_id(self.tool_format.start) is not None:
-            params = dataclasses.replace(params, skip_special_tokens=False)  # the parser must see the marker
+        if self.tool_marker_id is not None:
+            params = dataclasses.replace(params, skip_special_tokens=False)
         if not tools.forced:
             return params
         if params.structured_output is not None:

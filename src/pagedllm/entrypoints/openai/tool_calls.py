@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,9 +89,9 @@ def decode_json_sequence(text: str, separator: str) -> list[Any] | None:
         if at == len(text):
             return values or None
         if values:
-            if not text.startswith(separator.strip(), at):
+            if not text.startswith(separator, at):
                 return None
-            at += len(separator.strip())
+            at += len(separator)
             while at < len(text) and text[at].isspace():
                 at += 1
         try:
@@ -100,7 +101,7 @@ def decode_json_sequence(text: str, separator: str) -> list[Any] | None:
         values.append(value)
 
 
-class ToolFormat:
+class ToolFormat(ABC):
     """One family's way of writing calls. `start` opens the calls; `parse` reads the text from there on."""
 
     name = ""
@@ -117,9 +118,9 @@ class ToolFormat:
         at = text.find(self.start)
         return (at, 0) if at >= 0 else (-1, marker_prefix_length(text, self.start))
 
+    @abstractmethod
     def parse(self, section: str) -> list[ToolCall] | None:
         """The calls in `section` (which starts with the marker); None if it is not calls."""
-        raise NotImplementedError
 
     def take_complete(self, section: str) -> tuple[list[ToolCall], str]:
         """Calls already complete at the front of a growing section, and the rest (streaming)."""
@@ -149,9 +150,9 @@ class ToolFormat:
         schema = options[0] if len(options) == 1 else {"anyOf": options}
         return {**schema, "x-guidance": JSON_STYLE}
 
+    @abstractmethod
     def render(self, calls: list[dict]) -> str:
         """Calls (OpenAI's message shape) as this format writes them: history for templates without tools."""
-        raise NotImplementedError
 
 
 class HermesFormat(ToolFormat):
