@@ -102,8 +102,14 @@ def build_attention_mask(group: AttentionGroup, sliding_window: int | None) -> t
 
 def causal_mask(group: AttentionGroup, sliding_window: int | None) -> torch.Tensor:
     """The mask build_attention_mask describes, always built."""
-    key_pos = torch.arange(group.max_context_len, device=group.positions_padded.device)
-    query_pos = group.positions_padded[:, :, None]
+    return window_mask(group.positions_padded, group.max_context_len, sliding_window)
+
+
+def window_mask(query_pos: torch.Tensor, context_len: int, sliding_window: int | None) -> torch.Tensor:
+    """[seqs, 1, len, context_len] boolean: each query (positions [seqs, len]) sees the keys at or before
+    it, within the window."""
+    key_pos = torch.arange(context_len, device=query_pos.device)
+    query_pos = query_pos[:, :, None]
     mask = key_pos[None, None, :] <= query_pos
     if sliding_window is not None:
         mask &= key_pos[None, None, :] > query_pos - sliding_window
@@ -128,21 +134,27 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def _explicit_scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                               layer: LayerAttention, query_pos: torch.Tensor) -> torch.Tensor:
-    """Attention with explicit scores: soft-capped (cap · tanh(s / cap), Gemma 2) and/or with ALiBi's
-    slope · (key position − query position) added, then the mask and a float32 softmax.
-    q [seqs, heads, len, dim]; k, v [seqs, kv_heads, ctx, dim]; query_pos [seqs, len]."""
-    group = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, layer: LayerAttention,
+                      query_pos: torch.Tensor) -> torch.Tensor:
+    """Softmax attention weights in float32, from explicit scores: soft-capped (cap · tanh(s / cap),
+    Gemma 2) and/or with ALiBi's slope · (key position − query position) added, then the mask.
+    q [seqs, heads, len, dim]; k [seqs, kv_heads, ctx, dim]; mask [seqs, 1, len, ctx]; query_pos [seqs, len].
+    Returns [seqs, heads, len, ctx]."""
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * layer.scale
     if layer.softcap is not None:
         scores = torch.tanh(scores / layer.softcap) * layer.softcap
     if layer.alibi is not None:
         distance = torch.arange(k.shape[2], device=q.device)[None, None, :] - query_pos[:, :, None]
         scores = scores + layer.alibi[None, :, None, None] * distance[:, None].to(scores.dtype)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
+    return scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32)
+
+
+def _explicit_scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                               layer: LayerAttention, query_pos: torch.Tensor) -> torch.Tensor:
+    """Attention through attention_weights (for what SDPA cannot express); v [seqs, kv_heads, ctx, dim]."""
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
+    return torch.matmul(attention_weights(q, k, mask, layer, query_pos).to(q.dtype), v)
 
 
 # Query rows per chunk of the bfloat16 causal path (64-256 measured alike; all 512 at once 1.5x slower).

@@ -14,6 +14,7 @@ import queue
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..errors import PagedLLMError
 from ..sampling_params import SamplingParams
@@ -21,6 +22,7 @@ from .llm_engine import LLMEngine, Prompt
 from .outputs import EngineStats, RequestOutput
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFullError(PagedLLMError):
@@ -89,6 +91,19 @@ class AsyncLLMEngine:
 
     def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort(request_id))
+
+    async def call(self, work: Callable[[LLMEngine], T]) -> T:
+        """Run `work(engine)` on the engine thread between two steps (probes on the serving model)."""
+        done: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+        def command() -> None:
+            try:
+                done.set_result(work(self.engine))
+            except Exception as exc:  # the caller's error, raised where it awaits
+                done.set_exception(exc)
+
+        self._submit(command)
+        return await asyncio.wrap_future(done)
 
     # -- the engine thread --------------------------------------------------------------------
     def _submit(self, command: Callable[[], None]) -> None:

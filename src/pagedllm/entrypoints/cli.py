@@ -1,4 +1,4 @@
-"""`pagedllm generate | chat | serve | infer | memory`: thin front ends over LLMEngine."""
+"""`pagedllm generate | chat | serve | infer | inspect | memory`: thin front ends over LLMEngine."""
 
 from __future__ import annotations
 
@@ -138,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     _add_engine_args(infer)
     _add_sampling_args(infer, max_tokens=256)
+    probe = sub.add_parser("inspect", help="look inside the model layer by layer on a prompt (probes)")
+    probe.add_argument("words", nargs="+", metavar="[MODEL] PROMPT", help="the model (optional) and the prompt")
+    probe.add_argument("--layers", default=None, help="layers to probe, e.g. 0,3,5-7 (default: all)")
+    probe.add_argument("--top-k", type=int, default=5, help="logit-lens tokens per layer (default 5)")
+    probe.add_argument("--attention", action="append", default=[], metavar="L:H:i:j",
+                       help="attention weights of layer L, head H, query token i, key token j (* or left out: all; "
+                            "negative tokens count from the end); repeat for more")
+    probe.add_argument("--diff", default=None, metavar="REFERENCE",
+                       help="numerics diff per layer against transformers (the same Hugging Face folder), float "
+                            "(this model's float path) or another checkpoint's path")
+    probe.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user message")
+    probe.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    probe.add_argument("--plot", default=None, metavar="DIR", help="write PNGs: layer curves, attention heatmaps")
+    _add_engine_args(probe)
+    probe.set_defaults(kv_cache_memory=16 * 2**20, quantization="auto")  # the probe keeps its own small cache
     mem = sub.add_parser("memory", help="parameters, weight bytes and KV-cache bytes of a model")
     mem.add_argument("model", nargs="?", default=None)
     mem.add_argument("--budget", type=parse_bytes, default="4GiB", help="KV budget to fit tokens in (default 4GiB)")
@@ -252,6 +267,40 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from ..tools.inspect import compare_layers, inspect_model, load_reference
+    from ..tools.probe_report import format_comparison, format_inspection, parse_layers, write_plots
+
+    if len(args.words) > 2:
+        raise PagedLLMError(f"expected [MODEL] PROMPT, got {len(args.words)} words (quote the prompt)")
+    if len(args.words) == 2:
+        args.model = args.words[0]
+    layers = parse_layers(args.layers) if args.layers else None
+    engine = _engine(args)
+    prompt = args.words[-1]
+    tokenizer = engine.tokenizer
+    ids = tokenizer.encode_chat([{"role": "user", "content": prompt}]) if args.chat else tokenizer.encode(prompt)
+    block = engine.kv_spec.block_size
+    inspection = inspect_model(engine.model, ids, layers, args.top_k, block, args.attention)
+    diff = None
+    if args.diff:
+        diff = compare_layers(engine.model, load_reference(engine.source, args.diff, args.device), ids, block)
+    decode = lambda token: tokenizer.decode([token], skip_special_tokens=False)  # noqa: E731
+    if args.json:
+        body = inspection.as_json()
+        if diff is not None:
+            body["diff"] = diff.as_json()
+        print(json.dumps(body))
+    else:
+        print(format_inspection(inspection, decode))
+        if diff is not None:
+            print("\n" + format_comparison(diff, args.diff))
+    if args.plot:
+        for path in write_plots(inspection, decode, Path(args.plot), diff):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -306,7 +355,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "infer": cmd_infer, "memory": cmd_memory}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "infer": cmd_infer, "inspect": cmd_inspect,
+            "memory": cmd_memory}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from ..engine.llm_engine import Prompt
 from ..engine.outputs import RequestOutput
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
-from ..tools.inspect import Inspection, inspect_model
+from ..tools.inspect import AttentionQuery, Comparison, Inspection, compare_layers, inspect_model, load_reference
 
 
 class LLM:
@@ -46,10 +46,20 @@ class LLM:
         tokenizer = self.get_tokenizer()
         return self.generate([{"prompt_token_ids": tokenizer.encode_chat(c)} for c in conversations], params)
 
-    def inspect(self, prompt: str | list[int], layers: list[int] | None = None, top_k: int = 10) -> Inspection:
-        """Probe the model layer by layer on `prompt` (see tools/inspect.py); the engine's cache is untouched."""
-        ids = self.get_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return inspect_model(self.engine.model, ids, layers, top_k, self.engine.kv_spec.block_size)
+    def inspect(self, prompt: str | list[int], layers: list[int] | None = None, top_k: int = 10,
+                attention: list[AttentionQuery | str | tuple] | None = None) -> Inspection:
+        """Probe the model layer by layer on `prompt` (see tools/inspect.py); `attention`: which weights to
+        read, as AttentionQuery or 'L:H:i:j' strings. The engine's cache and requests are untouched."""
+        return inspect_model(self.engine.model, self._ids(prompt), layers, top_k, self.engine.kv_spec.block_size,
+                             attention)
+
+    def compare(self, prompt: str | list[int], reference: str = "transformers") -> Comparison:
+        """The numerics diff, layer by layer, against `reference`: transformers, float, or another checkpoint."""
+        ref = load_reference(self.engine.source, reference, str(self.engine.model.norm.weight.device))
+        return compare_layers(self.engine.model, ref, self._ids(prompt), self.engine.kv_spec.block_size)
+
+    def _ids(self, prompt: str | list[int]) -> list[int]:
+        return self.get_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

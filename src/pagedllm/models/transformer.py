@@ -21,6 +21,7 @@ from ..config import ModelConfig
 from ..distributed import attention_heads, max_kv_heads, span
 from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weight
 from ..attention import AttentionMetadata, LayerAttention, alibi_slopes, attention
+from ..attention.backend import attention_weights, window_mask
 from ..layers.mlp import MLP
 from ..layers.moe import SparseMoE
 from ..layers.norm import LayerNorm, RMSNorm
@@ -72,6 +73,19 @@ class Attention(nn.Module):
         out = attention(q, k, v, kv_cache, meta, self.layer_attention(), matmul_dtype)
         return self.o_proj(out.reshape(-1, self.q_size))
 
+    def probabilities(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Probes: the attention weights [heads, tokens, tokens] (float32) of one sequence whose tokens
+        from position 0 are all in `x` (the normed layer input), computed apart from the KV cache."""
+        q, k, _ = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
+        positions = torch.arange(len(x), device=x.device)[None]
+        mask = window_mask(positions, len(x), self.sliding_window)
+        return attention_weights(q.transpose(0, 1)[None], k.transpose(0, 1)[None], mask, self.layer_attention(),
+                                 positions)[0]
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str, layer: int):
@@ -99,7 +113,8 @@ class DecoderLayer(nn.Module):
 
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-# Probes' view of the forward pass: (layer index, its input, its output) hidden states.
+# Probes' view of the forward pass: (layer index, its input, its output) hidden states. The output is
+# the next layer's input, which a fused layer updates in place: an observer copies what it keeps.
 LayerObserver = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 
@@ -152,13 +167,11 @@ class Transformer(nn.Module):
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
         if self.embed_layernorm is not None:
             x = self.embed_layernorm(x)
-        ropes = [self._global_rope(positions, meta, x.dtype)]
-        if self.config.local_rope_theta is not None:
-            ropes.append(rope_cos_sin(positions, self.local_inv_freq, x.dtype))
+        ropes = self.rotations(positions, meta, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = ropes[layer.rope_index]
             fused = layer.fused  # called directly: at ~60 µs a layer, nn.Module's call costs show
-            before = x
+            before = x if observe is None else x.clone()  # the fused layer updates x in place
             if fused is not None and fused.applies_to(x):
                 x = fused(x, cos, sin, kv_cache, meta)
             else:
@@ -166,6 +179,14 @@ class Transformer(nn.Module):
             if observe is not None:
                 observe(layer.index, before, x)
         return self.norm(x)
+
+    def rotations(self, positions: torch.Tensor, meta: AttentionMetadata,
+                  dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cos, sin) of the tokens for each of the model's rotations (a layer's `rope_index` picks one)."""
+        ropes = [self._global_rope(positions, meta, dtype)]
+        if self.config.local_rope_theta is not None:
+            ropes.append(rope_cos_sin(positions, self.local_inv_freq, dtype))
+        return ropes
 
     def _global_rope(self, positions: torch.Tensor, meta: AttentionMetadata,
                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

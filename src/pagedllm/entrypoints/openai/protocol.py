@@ -47,6 +47,17 @@ class ResponseFormat(BaseModel):
         return StructuredOutputParams(json=self.json_schema.json_schema)
 
 
+class ProbeRequest(BaseModel):
+    """pagedllm's probes (tools/inspect.py) on a prompt: the layers to read (None: all), the logit lens's
+    top-K, and attention weights as 'L:H:i:j' strings (* or left out: all)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    layers: list[int] | None = Field(None, max_length=1024)
+    top_k: int = Field(5, ge=1, le=100)
+    attention: list[str] = Field(default_factory=list, max_length=64)
+
+
 class SamplingFields(BaseModel):
     """What completions and chat completions share."""
 
@@ -76,6 +87,7 @@ class SamplingFields(BaseModel):
     length_penalty: float = 1.0
     user: str | None = None
     structured_outputs: dict[str, Any] | None = None  # vLLM's: exactly one of json, json_object, regex, choice, grammar
+    probes: ProbeRequest | None = None  # pagedllm's: probes on the prompt, returned beside the choices
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         def given(name: str, default: Any) -> Any:
@@ -233,3 +245,11 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1)
     user: str | None = None
+
+
+class InspectRequest(ProbeRequest):
+    """POST /v1/inspect: probes on a prompt (text or token ids) or on chat messages, nothing generated."""
+
+    model: str | None = None
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)

@@ -31,8 +31,9 @@ from ...sampling_params import SamplingParams, StructuredOutputParams
 from .errors import APIError, anthropic_error_body, error_body, error_response, install_error_handlers
 from .messages_api import MessageBuilder, MessagesRequest
 from .metrics import ServerMetrics
+from ...tools.inspect import ProbeError, inspect_model
 from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
-                       EmbeddingRequest, SamplingFields, TokenizeRequest)
+                       EmbeddingRequest, InspectRequest, ProbeRequest, SamplingFields, TokenizeRequest)
 from .reasoning import REASONING_FORMATS, ReasoningSplitter, detect_format
 from .responses_api import ResponseBuilder, ResponsesRequest
 from .responses import (ChoiceText, Echo, chat_chunk, chat_response, completion_chunk, completion_response,
@@ -135,6 +136,22 @@ class OpenAIServer:
             raise _api_error(exc) from None
         return started
 
+    async def probe(self, ids: list[int], probes: ProbeRequest) -> dict:
+        """Probes on a prompt, taken on the engine thread between two steps on a KV cache of their own:
+        the requests being served and their tokens are untouched."""
+        def work(engine: LLMEngine) -> dict:
+            return inspect_model(engine.model, ids, probes.layers, probes.top_k, engine.kv_spec.block_size,
+                                 probes.attention).as_json()
+
+        try:
+            result = await self.async_engine.call(work)
+        except ProbeError as exc:
+            raise APIError(400, str(exc), "probes") from None
+        except PagedLLMError as exc:
+            raise _api_error(exc) from None
+        result["tokens"] = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        return result
+
     def completion_prompts(self, body: CompletionRequest) -> list[_Prompt]:
         if body.suffix is not None:
             return self.checked([self.fill_in_the_middle(p, body.suffix) for p in _one_or_many(body.prompt)],
@@ -223,16 +240,19 @@ class OpenAIServer:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.chat_params(body, max_tokens, logprobs, tools)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        probed = None if body.probes is None else await self.probe(prompt.ids, body.probes)
         (gen,) = await self.start([request_id], [prompt], [params])
 
         def choice_text() -> ChoiceText:
             return ChoiceText(self.splitter(prompt), tools.parser())
 
         if body.stream:
-            return ChatStream(len(prompt.ids), _chat_stream(self, body, request_id, created, prompt, gen, choice_text))
+            chunks = _chat_stream(self, body, request_id, created, prompt, gen, choice_text)
+            return ChatStream(len(prompt.ids), chunks if probed is None else _then_probes(chunks, probed))
         output = await _unless_gone(request, _final(gen))
-        return chat_response(request_id, created, self.config.served_model_name, output, len(prompt.ids),
-                             logprobs, self.tokenizer, choice_text)
+        response = chat_response(request_id, created, self.config.served_model_name, output, len(prompt.ids),
+                                 logprobs, self.tokenizer, choice_text)
+        return response if probed is None else {**response, "probes": probed}
 
     def splitter(self, prompt: _Prompt) -> ReasoningSplitter | None:
         return None if self.reasoning is None else ReasoningSplitter(self.reasoning, prompt.text or "")
@@ -361,12 +381,31 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
             params = [dataclasses.replace(p, prompt_logprobs=body.logprobs) for p in params]
         echo = [Echo(server.prompt_text(p), body.max_tokens == 0) for p in prompts] if body.echo else None
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        # One probe result per prompt, in their order.
+        probed = None if body.probes is None else [await server.probe(p.ids, body.probes) for p in prompts]
         gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts, params)
         if body.stream:
-            return _sse(_completion_stream(server, body, request_id, created, prompts, gens, echo))
+            chunks = _completion_stream(server, body, request_id, created, prompts, gens, echo)
+            return _sse(chunks if probed is None else _then_probes(chunks, probed))
         outputs = await _unless_gone(request, asyncio.gather(*(_final(g) for g in gens)))
-        return completion_response(request_id, created, config.served_model_name, outputs, body.n, body.logprobs,
-                                   server.tokenizer, body.return_token_ids, echo)
+        response = completion_response(request_id, created, config.served_model_name, outputs, body.n, body.logprobs,
+                                       server.tokenizer, body.return_token_ids, echo)
+        return response if probed is None else {**response, "probes": probed}
+
+    @app.post("/v1/inspect", dependencies=auth)
+    async def inspect(body: InspectRequest) -> dict:
+        """Probes on the serving model, without stopping it: the response of `pagedllm inspect --json`."""
+        server.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+        if body.messages is not None:
+            prompt = server.chat_prompt(body.messages)
+        else:
+            (prompt,) = server.prompts(body.prompt, "prompt")
+        if len(prompt.ids) > engine.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the prompt "
+                                f"has {len(prompt.ids)}.", "prompt", "context_length_exceeded")
+        return {"object": "inspection", "model": config.served_model_name, **await server.probe(prompt.ids, body)}
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -478,6 +517,15 @@ async def _merge(gens: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tupl
     finally:
         for task in tasks:
             task.cancel()
+
+
+async def _then_probes(chunks: AsyncIterator[dict], probed: dict | list[dict]) -> AsyncIterator[dict]:
+    """A stream's chunks, then one more with no choices that carries the probes."""
+    last = None
+    async for last in chunks:
+        yield last
+    if last is not None:
+        yield {key: last[key] for key in ("id", "object", "created", "model")} | {"choices": [], "probes": probed}
 
 
 async def _completion_stream(server: OpenAIServer, body: CompletionRequest, request_id: str, created: int,
