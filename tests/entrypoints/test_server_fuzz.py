@@ -38,12 +38,16 @@ def _served(case):
         if case.path == "/v1/responses":
             case.body.update(input="river stone", max_output_tokens=4)
             case.body.pop("previous_response_id", None)
+        if case.path == "/v1/inspect":
+            case.body["prompt"] = "river stone"
+            case.body.pop("messages", None)
         if case.path == "/v1/messages":
             case.body.update(messages=[{"role": "user", "content": "river stone"}], max_tokens=4)
     return case
 
 
-GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages")
+GENERATION_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+                     "/v1/inspect")
 
 
 def test_no_input_gets_a_server_error(fuzzed_server):
