@@ -174,3 +174,26 @@ def test_alibi_changes_the_result(baichuan_models):
     for layer in model.layers:
         layer.self_attn.alibi = torch.zeros_like(layer.self_attn.alibi)
     assert (prefill_logits(model, ids) - with_alibi).abs().max().item() > 1e-3
+
+
+def test_converts_to_llama_by_unfusing_w_pack_and_folding_the_norm_head(baichuan_models, tmp_path):
+    """pagedllm convert --to llama: transformers' LlamaForCausalLM gives the published model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from pagedllm.tools.export import ConvertPlan, convert
+
+    folder, _, weights, layers, alibi = baichuan_models("baichuan2-7b")
+    convert(ModelSource("hf", folder), tmp_path / "llama", ConvertPlan(to="llama"))
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    ids = torch.randint(3, VOCAB, (24,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        logits = llama(torch.tensor([ids])).logits[0]
+    assert (logits - reference_logits(weights, ids, layers, alibi)).abs().max().item() < 1e-4
+
+
+def test_alibi_model_is_refused_as_llama(baichuan_models, tmp_path):
+    from pagedllm.tools.export import ConversionError, ConvertPlan, convert
+
+    folder, *_ = baichuan_models("baichuan2-13b")
+    with pytest.raises(ConversionError, match="ALiBi position biases"):
+        convert(ModelSource("hf", folder), tmp_path / "llama", ConvertPlan(to="llama"))

@@ -1,4 +1,4 @@
-"""`pagedllm generate | chat | serve | infer | inspect | memory`: thin front ends over LLMEngine."""
+"""`pagedllm generate | chat | serve | infer | inspect | convert | memory`: thin front ends over LLMEngine."""
 
 from __future__ import annotations
 
@@ -153,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--plot", default=None, metavar="DIR", help="write PNGs: layer curves, attention heatmaps")
     _add_engine_args(probe)
     probe.set_defaults(kv_cache_memory=16 * 2**20, quantization="auto")  # the probe keeps its own small cache
+    conv = sub.add_parser("convert", help="write a model as another family's checkpoint, a GGUF file, or shards")
+    conv.add_argument("source", metavar="SRC", help="a .gguf file, a Hugging Face folder or a shard set")
+    conv.add_argument("--to", default=None, metavar="FAMILY",
+                      help="the family to write (llama, mistral, qwen2, qwen3; default: the source's)")
+    conv.add_argument("--out", required=True, metavar="DIR|FILE.gguf",
+                      help="a folder (Hugging Face checkpoint) or a .gguf file")
+    conv.add_argument("--quantize", default=None, metavar="TYPE",
+                      help="the GGUF weight type: f32 (default), f16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, "
+                           "q4_k_m, q5_k_m")
+    conv.add_argument("--tp", type=int, default=1, help="split into this many tensor-parallel shards")
+    conv.add_argument("--pp", type=int, default=1, help="split into this many pipeline stages")
+    conv.add_argument("--merge", action="store_true", help="merge a shard set back into one checkpoint")
     mem = sub.add_parser("memory", help="parameters, weight bytes and KV-cache bytes of a model")
     mem.add_argument("model", nargs="?", default=None)
     mem.add_argument("--budget", type=parse_bytes, default="4GiB", help="KV budget to fit tokens in (default 4GiB)")
@@ -301,6 +313,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ..models.loaders import resolve_model
+    from ..tools.export import ConvertPlan, convert
+
+    plan = ConvertPlan(args.to, args.quantize, args.tp, args.pp, args.merge)
+    print(convert(resolve_model(args.source), Path(args.out), plan))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -355,7 +376,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "infer": cmd_infer, "inspect": cmd_inspect,
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "serve": cmd_serve, "infer": cmd_infer, "inspect": cmd_inspect, "convert": cmd_convert,
             "memory": cmd_memory}
 
 

@@ -17,6 +17,7 @@ from ...config import ModelConfig, RopeScaling
 from ...layers.rotary import yarn_mscale
 from ...errors import PagedLLMError
 from ..registry import FamilySpec, family_for_hf
+from .shard_set import is_shard_set, shard_set_weights
 
 
 class HFModelError(PagedLLMError, ValueError):
@@ -226,6 +227,9 @@ def canonical_hf_name(name: str, family: FamilySpec) -> str:
 
 def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors under canonical names (fused ones stay whole: loaders.split_fused)."""
+    if is_shard_set(folder):  # written by `pagedllm convert --tp/--pp`, canonical names
+        yield from shard_set_weights(folder)
+        return
     cfg = _standard_keys(read_json(folder / "config.json"))
     family = family_for_hf(cfg.get("architectures"))
     for path in safetensors_files(folder):
