@@ -78,7 +78,7 @@ def test_llama_qwen2_llama_round_trip_is_bit_exact(tiny_models, tmp_path):
     ("gemma2", ["norms around each sub-layer", "embeddings scaled by √hidden", "soft-capped logits", "(1 + w) norms"]),
     ("bloom", ["ALiBi position biases (LlamaForCausalLM has rotary positions only)", "LayerNorm", "MLP biases"]),
     ("mixtral", ["routed experts"]),
-    ("glm", ["rotary on part of each head"]),
+    ("glm", ["rotary on part of each head", "interleaved rotary pairs"]),
     ("qwen3", ["per-head q/k norms"]),
 ])
 def test_refusals_name_every_reason(tiny_models, tmp_path, family, reasons):

@@ -5,7 +5,7 @@ GGUF file in any packed format, or split into tensor- and pipeline-parallel shar
 
 A family is a set of parts (models/registry.py), so whether a conversion is exact is a question
 about parts: every part of the source must be one the target's architecture has, or one that folds
-away exactly (a normalised head, an all-zero bias, interleaved rotary rows). Anything else is
+away exactly (a normalised head, an all-zero bias). Anything else is
 refused with the reasons, all of them.
 """
 
@@ -23,7 +23,6 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import PagedLLMError
-from ..layers.rotary import rotate_half_order
 from ..models.loaders import ModelSource, read_model_config, split_fused
 from ..models.loaders.gguf_file import open_gguf
 from ..models.loaders.gguf_loader import gguf_weights
@@ -100,6 +99,7 @@ def refusals(config: ModelConfig, target: Target, windows: str) -> list[str]:
         (config.attention_scale is not None and not math.isclose(config.scale, config.head_dim ** -0.5),
          "a query scale other than 1/√head_dim"),
         (config.rope_dims < config.head_dim, "rotary on part of each head"),
+        (config.rope_interleaved, "interleaved rotary pairs"),
         (config.local_rope_theta is not None, "a second rope base for windowed layers"),
         (_window_matters(config) and windows == "none",
          f"a sliding window of {config.sliding_window} tokens ({arch} attends to the whole context; "
@@ -116,8 +116,6 @@ def retarget(config: ModelConfig, weights: Weights, target: Target, windows: str
     weights = dict(weights)
     if config.normalized_head:  # Baichuan 2's NormHead, folded: the rows at unit length
         weights["lm_head.weight"] = torch.nn.functional.normalize(weights["lm_head.weight"])
-    if config.rope_interleaved and not reasons:
-        weights = _half_rotary_rows(config, weights)
     bias, bias_reasons = _biases(config, weights, target)
     if reasons or bias_reasons:
         raise ConversionError(f"a {config.family} model cannot be written as {target.architecture}: it has "
@@ -125,17 +123,8 @@ def retarget(config: ModelConfig, weights: Weights, target: Target, windows: str
     window = config.sliding_window if _window_matters(config) else None
     new = dataclasses.replace(
         config, family=target.family, attention_bias=bias, o_proj_bias=bias and target.o_bias, normalized_head=False,
-        rope_interleaved=False, sliding_window=window, sliding_layers=config.sliding_layers if window else None)
+        sliding_window=window, sliding_layers=config.sliding_layers if window else None)
     return new, weights
-
-
-def _half_rotary_rows(config: ModelConfig, weights: Weights) -> Weights:
-    """Interleaved rotary pairs (GLM) reordered to the rotate-half layout every target runs."""
-    order = torch.tensor(rotate_half_order(config.head_dim, config.rope_dims, True))
-    for name in [n for n in weights if ".q_proj." in n or ".k_proj." in n]:
-        rows = torch.arange(weights[name].shape[0]).view(-1, config.head_dim)[:, order].reshape(-1)
-        weights[name] = weights[name][rows]
-    return weights
 
 
 _QKV = ("q_proj", "k_proj", "v_proj")

@@ -164,6 +164,17 @@ class OpenAIServer:
                    for p in _one_or_many(given)]
         return self.checked(prompts, param)
 
+    def one_prompt(self, prompt: str | list[int] | None, messages: list[ChatMessage] | None,
+                   add_special_tokens: bool = True) -> _Prompt:
+        """The prompt of a body that takes exactly one of `prompt` (text or token ids) and chat `messages`."""
+        if (prompt is None) == (messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", "prompt")
+        if messages is not None:
+            return self.chat_prompt(messages)
+        if isinstance(prompt, str):
+            return _Prompt(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), prompt)
+        return self.checked([_Prompt(list(prompt), None)], "prompt")[0]
+
     def checked(self, prompts: list[_Prompt], param: str) -> list[_Prompt]:
         vocab = self.engine.model.config.vocab_size
         if not prompts or any(not p.ids for p in prompts):
@@ -331,12 +342,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: TokenizeRequest) -> dict:
         server.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt and messages", "prompt")
-        if body.messages is not None:
-            ids = server.chat_prompt(body.messages).ids
-        else:
-            ids = server.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = server.one_prompt(body.prompt, body.messages, body.add_special_tokens).ids
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize", dependencies=auth)
@@ -396,12 +402,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     async def inspect(body: InspectRequest) -> dict:
         """Probes on the serving model, without stopping it: the response of `pagedllm inspect --json`."""
         server.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt and messages", "prompt")
-        if body.messages is not None:
-            prompt = server.chat_prompt(body.messages)
-        else:
-            (prompt,) = server.prompts(body.prompt, "prompt")
+        prompt = server.one_prompt(body.prompt, body.messages)
         if len(prompt.ids) > engine.max_model_len:
             raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the prompt "
                                 f"has {len(prompt.ids)}.", "prompt", "context_length_exceeded")
