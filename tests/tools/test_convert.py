@@ -177,3 +177,35 @@ def test_cli_errors_are_one_line(tiny_models, tmp_path, capsys, argv, message):
     assert main(["convert", str(tiny_models["llama"].hf_dir), "--out", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_a_shard_set_runs_under_tensor_parallelism(tiny_models, tmp_path):
+    """Two ranks, each taking its slice of the merged set (its own shard's pieces), generate as one process."""
+    shards = tmp_path / "shards"
+    convert(ModelSource("hf", tiny_models["llama"].hf_dir), shards, ConvertPlan(tp=2))
+    llm = LLM(str(shards), kv_cache_memory=4 * 2**20, tensor_parallel_size=2)
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0)
+        tokens = llm.generate({"prompt_token_ids": IDS[:10]}, params)[0].token_ids
+    finally:
+        llm.engine.runner.shutdown()
+    assert tokens == _greedy(str(tiny_models["llama"].hf_dir))
+
+
+def test_mistral_without_a_window_becomes_plain_llama(tmp_path, default_gguf):
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from conftest import _save_tokenizer
+
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=None)
+    mistral = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    mistral.save_pretrained(tmp_path / "mistral")
+    _save_tokenizer(tmp_path / "mistral", default_gguf)
+    ids = [5, 17, 99, 3, 250, 7, 64, 640, 11, 12]
+    convert(ModelSource("hf", tmp_path / "mistral"), tmp_path / "llama", ConvertPlan(to="llama"))
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", attn_implementation="eager").eval()
+    assert type(llama).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        assert torch.allclose(llama(torch.tensor([ids])).logits, mistral(torch.tensor([ids])).logits, atol=1e-5)
