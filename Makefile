@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= In two sentences, what is a paged KV cache?
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: setup run chat test clean
 
@@ -23,8 +24,13 @@ run: setup
 chat: setup
 	$(VENV)/bin/pagedllm chat --message "$(PROMPT)"
 
-test: setup
+test: setup $(CHROMIUM)
 	$(PY) -m pytest -q
+
+# The web page's end-to-end tests drive Debian's Chromium (Playwright cannot download a browser here).
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "install Chromium at $(CHROMIUM) for the web page tests"; exit 1; }
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

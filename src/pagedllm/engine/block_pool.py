@@ -41,6 +41,10 @@ class BlockPool:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
+    def states(self) -> str:
+        """One letter a block, by id: `u` in use, `c` free but holding a cached prefix, `f` free."""
+        return "".join("u" if b.ref_count else "c" if b.block_hash is not None else "f" for b in self.blocks)
+
     def lookup(self, block_hash: int, token_ids: tuple[int, ...]) -> KVBlock | None:
         block = self._cached.get(block_hash)
         return block if block is not None and block.token_ids == token_ids else None

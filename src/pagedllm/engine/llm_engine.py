@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import heapq
 import time
 from collections import deque
@@ -513,6 +515,20 @@ class LLMEngine:
                            self.kv_cache.stats.hit_rate, self._totals[0], self._totals[1],
                            self._recent_rate(1), self._recent_rate(2),
                            self.scheduler.num_draft_tokens, self.scheduler.num_accepted_drafts)
+
+    def snapshot(self) -> dict:
+        """The engine at this moment, for the web page's engine panel: its stats, each open request and the
+        state of every KV block (BlockPool.states)."""
+        def request(r: Request) -> dict:
+            return {"id": r.request_id, "status": r.status.value, "prompt_tokens": len(r.prompt_token_ids),
+                    "output_tokens": len(r.output_token_ids), "cached_tokens": r.num_cached_tokens,
+                    "computed_tokens": r.num_computed_tokens, "preemptions": r.num_preemptions,
+                    "blocks": len(self.kv_cache.block_table(r))}
+
+        return {"stats": dataclasses.asdict(self.stats()), "block_size": self.kv_cache.block_size,
+                "blocks": self.kv_cache.pool.states(),
+                "running": [request(r) for r in self.scheduler.running],
+                "waiting": [request(r) for r in self.scheduler.waiting]}
 
     def _recent_rate(self, column: int) -> float:
         """Tokens per second over the window: the tokens of every step after the first, over the span."""

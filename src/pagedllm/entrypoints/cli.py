@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pooling", choices=["last", "mean"], default="last",
                        help="how /v1/embeddings reduces a prompt's final hidden states (default: the last token's, "
                             "as decoder embedding models such as Qwen3-Embedding are trained); always L2-normalised")
+    serve.add_argument("--no-ui", dest="ui", action="store_false", help="no web page at / (the API only)")
     serve.add_argument("--max-body-bytes", type=parse_bytes, default="1MiB", help="request body bound (default 1MiB)")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     _add_engine_args(serve)
@@ -356,7 +357,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or Path(engine.source.path).stem
     config = ServerConfig(name, args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
                           args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit, args.task, args.pooling,
-                          args.reasoning_parser, args.tool_call_parser)
+                          args.reasoning_parser, args.tool_call_parser, args.ui)
     app = build_app(engine, config, on_ready=lambda: print(_examples(args.host, args.port, config), flush=True))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -367,7 +368,8 @@ def _examples(host: str, port: int, config) -> str:
     auth = f' -H "Authorization: Bearer {config.api_key}"' if config.api_key else ""
     body = json.dumps({"model": config.served_model_name, "messages": [{"role": "user", "content": "Hello!"}],
                        "max_tokens": 64})
-    return (f"pagedllm is serving {config.served_model_name} at {base}\n\n"
+    page = f"open http://{host}:{port}/ in a browser to chat, watch the engine and look inside the model\n\n"
+    return (f"pagedllm is serving {config.served_model_name} at {base}\n\n" + (page if config.ui else "") +
             f"curl {base}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n\n"
             f"python -c \"from openai import OpenAI; c = OpenAI(base_url='{base}', api_key='{config.api_key or 'none'}'); "
             f"print(c.chat.completions.create(model='{config.served_model_name}', max_tokens=64, "

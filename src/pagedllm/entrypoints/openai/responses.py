@@ -28,8 +28,9 @@ def _token_text(tokenizer: Tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _top(entry: PositionLogprobs, top_n: int) -> list:
-    return sorted(entry.values(), key=lambda lp: lp.rank)[:top_n]
+def _top(entry: PositionLogprobs, top_n: int) -> list[int]:
+    """The ids of the entry's `top_n` most likely tokens, best first."""
+    return sorted(entry, key=lambda token_id: entry[token_id].rank)[:top_n]
 
 
 def completion_logprobs(c: CompletionOutput, top_n: int, tokenizer: Tokenizer, delta: bool = False) -> dict:
@@ -42,7 +43,7 @@ def completion_logprobs(c: CompletionOutput, top_n: int, tokenizer: Tokenizer, d
         at += len(token)
     return {"tokens": tokens,
             "token_logprobs": [entry[t].logprob for t, entry in zip(ids, entries)],
-            "top_logprobs": [{lp.decoded_token: lp.logprob for lp in _top(entry, top_n)} for entry in entries],
+            "top_logprobs": [{entry[t].decoded_token: entry[t].logprob for t in _top(entry, top_n)} for entry in entries],
             "text_offset": offsets}
 
 
@@ -53,13 +54,14 @@ def chat_logprobs(c: CompletionOutput, top_n: int, tokenizer: Tokenizer, delta: 
 
 
 def logprob_content(ids: list[int], entries: list[PositionLogprobs | None], top_n: int) -> list[dict | None]:
-    """Per position (None where there is no entry, as for the first prompt token) the chat shape's item."""
-    def item(text: str, logprob: float) -> dict:
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    """Per position (None where there is no entry, as for the first prompt token) the chat shape's item,
+    with pagedllm's `token_id` beside OpenAI's fields (what the web page forks from)."""
+    def item(token_id: int, entry: PositionLogprobs) -> dict:
+        text = entry[token_id].decoded_token
+        return {"token": text, "logprob": entry[token_id].logprob, "bytes": list(text.encode()), "token_id": token_id}
 
     return [None if entry is None else
-            {**item(entry[t].decoded_token, entry[t].logprob),
-             "top_logprobs": [item(lp.decoded_token, lp.logprob) for lp in _top(entry, top_n)]}
+            {**item(t, entry), "top_logprobs": [item(top, entry) for top in _top(entry, top_n)]}
             for t, entry in zip(ids, entries)]
 
 
@@ -85,7 +87,7 @@ def prompt_logprobs(output: RequestOutput, top_n: int, tokenizer: Tokenizer) -> 
     offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
     return {"tokens": tokens,
             "token_logprobs": [None if e is None else e[t].logprob for t, e in zip(output.prompt_token_ids, entries)],
-            "top_logprobs": [None if e is None else {lp.decoded_token: lp.logprob for lp in _top(e, top_n)}
+            "top_logprobs": [None if e is None else {e[t].decoded_token: e[t].logprob for t in _top(e, top_n)}
                              for e in entries],
             "text_offset": offsets}
 
@@ -118,6 +120,8 @@ def completion_response(request_id: str, created: int, model: str, outputs: list
             choices.append(completion_choice(i * n + c.index, c, top_logprobs, tokenizer,
                                              echo=(output, echo[i]) if echo else None)
                            | ({"token_ids": c.token_ids} if token_ids else {}))
+            if token_ids:
+                _add_top_token_ids(choices[-1], c, top_logprobs, delta=False)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     return {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices,
             "usage": usage(prompt_tokens, completion_tokens)}
@@ -130,8 +134,17 @@ def completion_chunk(request_id: str, created: int, model: str, index: int, c: C
     choice = completion_choice(index, c, top_logprobs, tokenizer, delta=True, echo=echo)
     if token_ids:
         choice["token_ids"] = c.delta_token_ids
+        _add_top_token_ids(choice, c, top_logprobs, delta=True)
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
             "choices": [choice], "usage": None}
+
+
+def _add_top_token_ids(choice: dict, c: CompletionOutput, top_n: int | None, delta: bool) -> None:
+    """With return_token_ids, the ids of each position's top_logprobs, in their order (pagedllm's extension:
+    the legacy shape keys alternatives by text, which cannot tell two tokens of one spelling apart)."""
+    if choice.get("logprobs") is not None and top_n is not None:
+        _, entries = _positions(c, delta)
+        choice["logprobs"]["top_token_ids"] = [_top(entry, top_n) for entry in entries]
 
 
 class ChoiceText:

@@ -17,10 +17,12 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ...engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
@@ -43,6 +45,7 @@ from .tool_prompt import ToolPlan, template_reads_tools
 
 
 T = TypeVar("T")
+UI_DIR = Path(__file__).resolve().parent.parent / "ui"  # the web page: static files, no build step
 DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
@@ -57,6 +60,7 @@ class ServerConfig:
     pooling: str = "last"  # how /v1/embeddings reduces a prompt's hidden states: "last" token or "mean"
     reasoning_parser: str = "auto"  # "auto" (from the chat template), "none", or a REASONING_FORMATS name
     tool_call_parser: str = "auto"  # "auto" (from the chat template) or a TOOL_FORMATS name
+    ui: bool = True  # the web page at / (entrypoints/ui)
 
 
 @dataclass(frozen=True)
@@ -149,7 +153,9 @@ class OpenAIServer:
             raise APIError(400, str(exc), "probes") from None
         except PagedLLMError as exc:
             raise _api_error(exc) from None
-        result["tokens"] = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        text = lambda t: self.tokenizer.decode([t], skip_special_tokens=False)  # noqa: E731
+        result["tokens"] = [text(t) for t in ids]
+        result["vocab"] = {str(t): text(t) for layer in result["layers"] for t, _ in layer["top_k"]}  # lens tokens
         return result
 
     def completion_prompts(self, body: CompletionRequest) -> list[_Prompt]:
@@ -333,6 +339,23 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     async def metrics() -> Response:
         return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    if config.ui:
+        app.mount("/ui", StaticFiles(directory=UI_DIR), name="ui")
+
+        @app.get("/", include_in_schema=False)
+        async def page() -> FileResponse:
+            return FileResponse(UI_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/engine", dependencies=auth)
+    async def engine_state() -> dict:
+        """pagedllm's: the engine at this moment (requests, KV blocks, rates), for the web page's engine panel."""
+        try:
+            state = await server.async_engine.call(lambda e: e.snapshot())
+        except PagedLLMError as exc:
+            raise _api_error(exc) from None
+        return {"object": "engine", "model": config.served_model_name, "max_model_len": engine.max_model_len,
+                "aborted": server.async_engine.num_aborted, **state}
+
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
         card = {"id": config.served_model_name, "object": "model", "created": int(time.time()),
@@ -406,7 +429,9 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         if len(prompt.ids) > engine.max_model_len:
             raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the prompt "
                                 f"has {len(prompt.ids)}.", "prompt", "context_length_exceeded")
-        return {"object": "inspection", "model": config.served_model_name, **await server.probe(prompt.ids, body)}
+        shape = engine.model.config
+        return {"object": "inspection", "model": config.served_model_name, "num_layers": shape.num_hidden_layers,
+                "num_heads": shape.num_attention_heads, **await server.probe(prompt.ids, body)}
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):

@@ -1,0 +1,164 @@
+"""The web page at / in headless Chromium (Debian's, driven by Playwright), against a live server on
+127.0.0.1 serving the default model: chat, token alternatives and forks, the engine panel during a
+generation, the probes view, and the API key on and off. Screenshots go to test-artifacts/ui/."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from live_server import LiveServer
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "ui"
+# Chromium's own background connections are refused on this closed network: turn them off.
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+KEY = "sk-page"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    assert os.path.exists(CHROMIUM), "Debian's chromium is missing: `make test` installs it"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with LiveServer(served_model_name="smollm", max_model_len=1024, max_tokens_limit=256) as live:
+        yield live
+
+
+def _page(browser, url: str, width: int = 1280):
+    page = browser.new_page(viewport={"width": width, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.errors = errors
+    return page
+
+
+def _generations(page) -> int:
+    return int(page.evaluate("document.body.dataset.generations || 0"))
+
+
+def _wait_generated(page, before: int, timeout: int = 60_000) -> None:
+    page.wait_for_function(f"Number(document.body.dataset.generations || 0) > {before}", timeout=timeout)
+
+
+def _send(page, text: str, max_tokens: int = 24) -> None:
+    page.fill("#max_tokens", str(max_tokens))
+    page.fill("#temperature", "0")
+    before = _generations(page)
+    page.fill("#input", text)
+    page.keyboard.press("Enter")
+    _wait_generated(page, before)
+
+
+def test_chat_streams_an_answer(browser, server):
+    page = _page(browser, server.url)
+    assert page.text_content("#model-name") == "smollm" or page.wait_for_selector("text=smollm")
+    page.fill("#system", "Be brief.")
+    _send(page, "What is the capital of France?")
+    answer = page.locator(".message.assistant .body").last
+    assert len(answer.inner_text().strip()) > 0
+    page.screenshot(path=ARTIFACTS / "chat.png")
+    assert page.locator(".message.user").count() == 1 and not page.errors
+
+
+def test_token_alternatives_fork_a_branch(browser, server):
+    page = _page(browser, server.url)
+    page.click("#new-chat")
+    _send(page, "Name a colour.", max_tokens=12)
+    page.locator(".message.assistant .show-tokens").last.click()
+    tokens = page.locator(".message.assistant .tok")
+    assert tokens.count() > 1
+    tokens.nth(0).click()
+    alternatives = page.locator("#token-popover button.alt")
+    assert page.is_visible("#token-popover") and alternatives.count() == 5
+    chosen = alternatives.nth(1).locator("span").first.inner_text()
+    page.screenshot(path=ARTIFACTS / "alternatives.png")
+    before = _generations(page)
+    alternatives.nth(1).click()
+    page.wait_for_selector("text=2/2")
+    _wait_generated(page, before)
+    first = page.locator(".message.assistant .tok").first.inner_text()
+    assert first == __import__("json").loads(chosen)  # the fork starts with the chosen alternative
+    page.screenshot(path=ARTIFACTS / "fork.png")
+    assert not page.errors
+
+
+def test_engine_panel_follows_a_generation(browser, server):
+    page = _page(browser, server.url)
+    page.fill("#max_tokens", "96")  # the sampling panel, before the engine panel takes its place
+    page.fill("#temperature", "0")
+    page.click("[data-panel=engine]")
+    page.wait_for_selector("#block-map i")
+    before = int(page.text_content('[data-stat="tokens generated"]'))
+    page.fill("#input", "Write a long story about a dragon.")
+    generated = _generations(page)
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('[data-stat=running]').textContent === '1'", timeout=30_000)
+    assert page.locator("#block-map i.u").count() > 0  # the request's blocks, in use
+    page.screenshot(path=ARTIFACTS / "engine.png")
+    _wait_generated(page, generated, timeout=90_000)
+    page.wait_for_function("document.querySelector('[data-stat=running]').textContent === '0'", timeout=10_000)
+    assert int(page.text_content('[data-stat="tokens generated"]')) > before
+    assert not page.errors
+
+
+def test_inside_shows_the_probes(browser, server):
+    page = _page(browser, server.url)
+    page.click("#new-chat")
+    _send(page, "Hello!", max_tokens=8)
+    page.locator(".message.assistant button", has_text="Inside").last.click()
+    page.wait_for_selector("table.lens tbody tr", timeout=60_000)
+    assert page.locator("table.lens tbody tr").count() == 30
+    assert page.locator("svg.cosine polyline").count() == 1 and page.locator(".heatmap span").count() > 0
+    page.screenshot(path=ARTIFACTS / "inside.png")
+    assert not page.errors
+
+
+def test_phone_width_and_conversations_kept(browser, server):
+    page = _page(browser, server.url, width=390)
+    page.click("#new-chat")
+    _send(page, "Hi", max_tokens=6)
+    page.screenshot(path=ARTIFACTS / "phone.png", full_page=True)
+    titles = page.locator("#conversation-list li").all_inner_texts()
+    page.reload()
+    assert page.locator("#conversation-list li").all_inner_texts() == titles  # kept in the browser
+    assert not page.errors
+
+
+def test_api_key_is_asked_for_and_kept_out_of_urls(browser):
+    with LiveServer(served_model_name="smollm", api_key=KEY, max_model_len=512) as keyed:
+        page = _page(browser, keyed.url)
+        page.wait_for_selector("#key-dialog[open]")
+        page.screenshot(path=ARTIFACTS / "key.png")
+        page.fill("#key-input", KEY)
+        page.click("#key-form button")
+        page.wait_for_selector("text=smollm")
+        urls: list[str] = []
+        page.on("request", lambda r: urls.append(r.url))
+        _send(page, "Hi", max_tokens=4)
+        assert urls and not any(KEY in u for u in urls)
+        assert page.evaluate("localStorage.getItem('pagedllm.key')") is None
+        assert KEY not in page.evaluate("JSON.stringify(localStorage)")
+
+
+def test_no_ui_leaves_the_api_only():
+    import httpx
+
+    with LiveServer(served_model_name="smollm", ui=False, max_model_len=512) as bare:
+        assert httpx.get(bare.url + "/").status_code == 404
+        assert httpx.get(bare.url + "/v1/models").status_code == 200
