@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from pagedllm.models.loaders.gguf_file import GGUFFile
 from pagedllm.models.loaders.hf_loader import hf_weights
 from pagedllm.tokenizer import load_tokenizer
 from pagedllm.tools.convert import write_gguf
+from pagedllm.tools.export import write_tokenizer_files
 
 TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, initializer_range=0.1)
@@ -92,11 +92,9 @@ def default_tokenizer_metadata(default_gguf) -> dict:
 
 
 def _save_tokenizer(folder: Path, default_gguf: Path) -> None:
-    tok = load_tokenizer(ModelSource("gguf", default_gguf))
-    tok.backend.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": tok.id_to_token(tok.bos_token_id), "eos_token": tok.id_to_token(tok.eos_token_id),
-              "chat_template": tok.chat_template}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    """The default model's tokenizer as Hugging Face files (tokenizer.json, tokenizer_config.json)."""
+    source = ModelSource("gguf", default_gguf)
+    write_tokenizer_files(source, load_tokenizer(source), folder)
 
 
 @pytest.fixture(scope="session")

@@ -220,8 +220,8 @@ def write_tokenizer_files(source: ModelSource, tokenizer: Tokenizer, folder: Pat
                 shutil.copyfile(source.path / name, folder / name)
         return
     tokenizer.backend.save(str(folder / "tokenizer.json"))
-    config = {"bos_token": tokenizer.id_to_token(tokenizer.bos_token_id) if tokenizer.bos_token_id is not None else None,
-              "eos_token": tokenizer.id_to_token(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else None,
+    spelled = lambda token_id: None if token_id is None else tokenizer.id_to_token(token_id)  # noqa: E731
+    config = {"bos_token": spelled(tokenizer.bos_token_id), "eos_token": spelled(tokenizer.eos_token_id),
               "chat_template": tokenizer.chat_template}
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
 
