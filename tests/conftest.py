@@ -118,3 +118,12 @@ def tiny_models(tmp_path_factory, default_gguf, default_tokenizer_metadata) -> d
         write_gguf(gguf_path, ours, hf_weights(folder), default_tokenizer_metadata)
         models[family] = TinyModel(family, folder, gguf_path, hf)
     return models
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_job_board(tmp_path_factory):
+    """Batch jobs run by the tests publish their progress to a board of their own, not the user's."""
+    import os
+
+    os.environ["PAGEDLLM_JOBS_DIR"] = str(tmp_path_factory.mktemp("jobs"))
+    yield

@@ -16,6 +16,7 @@ import pytest
 
 from pagedllm import SamplingParams, infer
 from pagedllm.entrypoints.batch import BatchError
+from pagedllm.entrypoints.batch.board import KEEP_S, JobBoard, JobState
 from pagedllm.entrypoints.batch.journal import JournalError, OutputJournal
 from pagedllm.entrypoints.batch.rows import RowError, load_row, parse_row
 
@@ -114,10 +115,15 @@ def test_malformed_rows_become_error_records(tiny, tmp_path):
            '[1, 2, 3]',
            '{"id": true, "prompt": "x"}']
     data = _write_rows(tmp_path / "data.jsonl", good, ("",) + tuple(bad))
+    board = JobBoard(tmp_path / "board")
     summary = infer(tiny, data, tmp_path / "out.jsonl", 1, sampling_params=GREEDY, engine_options=ENGINE,
-                    progress=False)
+                    progress=False, board=board)
     records = _by_line(_records(tmp_path / "out.jsonl"))
     assert summary.rows == 12 and summary.written == 12 and summary.errors == 9
+    [job] = board.jobs()
+    assert (job["state"], job["input"], job["output"], job["rows"], job["done"], job["errors"], job["workers"]) == \
+        ("finished", "data.jsonl", "out.jsonl", 12, 12, 9, 1)
+    assert job["completion_tokens"] == summary.completion_tokens and job["tokens_per_s"] > 0
     assert set(records) == {1, 2, 3} | set(range(5, 14))  # line 4 is blank: not a row
     assert records[2]["id"] == 2 and records[2]["metadata"] == {"k": [1, 2]} and records[2]["text"] is not None
     assert len(records[3]["choices"]) == 2
@@ -262,16 +268,38 @@ def test_ctrl_c_stops_cleanly_and_the_job_resumes(tiny, tmp_path):
     out = tmp_path / "out.jsonl"
     args = _cli(tiny, "-i", str(data), "-o", str(out), "--workers", "2", "--rows-in-flight", "2", "--no-progress",
                 "--kv-cache-memory", "16MiB")
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    board = JobBoard(tmp_path / "board")
+    env = {**os.environ, "PAGEDLLM_JOBS_DIR": str(board.folder)}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
     while len(_complete_records(out)) < 5 and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "run the same command to resume" in stderr, stderr
     assert "Traceback" not in stderr, stderr
-    finished = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    [stopped] = board.jobs()
+    assert stopped["state"] == "stopped" and stopped["done"] == len(_complete_records(out)) and stopped["rows"] == 60
+    finished = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert finished.returncode == 0, finished.stderr
     assert set(_by_line(_records(out))) == set(range(1, 61))
+    assert sorted(job["state"] for job in board.jobs()) == ["finished", "stopped"]
+
+
+def test_the_job_board_skips_bad_files_and_clears_old_jobs(tmp_path):
+    board = JobBoard(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    running = JobState(int(dead.stdout), "in.jsonl", "out.jsonl", 2, rows=10, done=3, state="running")
+    board.publish(running)
+    board.publish(JobState(os.getpid(), "a.jsonl", "b.jsonl", 1, rows=5, done=1, state="running", started_at=1.0))
+    (tmp_path / "7.json").write_text('{"pid": 7, "state": "running"}')  # not a job's state
+    (tmp_path / "8.json").write_text("not json")
+    (tmp_path / "9.json").write_bytes(b"\xff\xfe")
+    states = {job["pid"]: job["state"] for job in board.jobs()}
+    assert states == {running.pid: "stopped", os.getpid(): "running"}  # its process is gone: resumable
+    old = tmp_path / f"{running.pid}.json"
+    record = json.loads(old.read_text())
+    old.write_text(json.dumps({**record, "state": "finished", "updated_at": time.time() - KEEP_S - 1}))
+    assert [job["pid"] for job in board.jobs()] == [os.getpid()] and not old.exists()
 
 
 def test_replicas_get_their_own_cores_and_devices_in_turn(monkeypatch):

@@ -294,3 +294,18 @@ def test_reasoning_kept_apart_from_the_answer():
         assert bad.value.body["param"] == "structured_outputs"
         with pytest.raises(openai.BadRequestError, match="structured output"):  # a Lark grammar that is not one
             client.chat.completions.create(**{**ask, "extra_body": {"structured_outputs": {"grammar": "x"}}})
+
+
+def test_engine_state_shows_the_batch_job_board(server):
+    import os
+
+    from pagedllm.entrypoints.batch.board import JobBoard, JobState
+
+    JobBoard().publish(JobState(os.getpid(), "rows.jsonl", "answers.jsonl", 2, rows=100, done=40, state="running",
+                                rows_per_s=2.5, started_at=time.time()))
+    assert httpx.get(f"{server.url}/v1/engine").status_code == 401
+    state = httpx.get(f"{server.url}/v1/engine", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert state["object"] == "engine" and set(state["blocks"]) <= set("ucf") and isinstance(state["running"], list)
+    [job] = [j for j in state["batch_jobs"] if j["pid"] == os.getpid()]
+    assert (job["input"], job["output"], job["state"], job["done"], job["rows"]) == \
+        ("rows.jsonl", "answers.jsonl", "running", 40, 100)

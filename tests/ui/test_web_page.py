@@ -4,9 +4,12 @@ generation, the probes view, and the API key on and off. Screenshots go to test-
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,8 +37,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def server():
-    with LiveServer(served_model_name="smollm", max_model_len=1024, max_tokens_limit=256) as live:
+def jobs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ui-jobs")
+
+
+@pytest.fixture(scope="module")
+def server(jobs_dir):
+    with LiveServer(served_model_name="smollm", max_model_len=1024, max_tokens_limit=256, jobs_dir=str(jobs_dir)) as live:
         yield live
 
 
@@ -74,6 +82,106 @@ def test_chat_streams_an_answer(browser, server):
     assert len(answer.inner_text().strip()) > 0
     page.screenshot(path=ARTIFACTS / "chat.png")
     assert page.locator(".message.user").count() == 1 and not page.errors
+
+
+def test_stop_regenerate_and_edit_keep_branches(browser, server):
+    page = _page(browser, server.url)
+    page.click("#new-chat")
+    page.fill("#max_tokens", "200")
+    page.fill("#temperature", "0")
+    before = _generations(page)
+    page.fill("#input", "Write a very long story about a lighthouse keeper.")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('.message.assistant .body').textContent.length > 20",
+                           timeout=60_000)
+    page.click("#stop")
+    _wait_generated(page, before)
+    stopped = page.locator(".message.assistant .body").last.inner_text()
+    assert 0 < len(stopped) and page.is_enabled("#send")
+    page.fill("#max_tokens", "8")
+    before = _generations(page)
+    page.locator(".message.assistant button", has_text="Regenerate").click()
+    page.wait_for_selector(".message.assistant >> text=2/2")
+    _wait_generated(page, before)
+    # Edit the question inline: a new branch, answered again; the old one stays a click away.
+    page.locator(".message.user button.edit").click()
+    page.fill(".message.user textarea.edit-text", "Say hello.")
+    before = _generations(page)
+    page.keyboard.press("Control+Enter")
+    _wait_generated(page, before)
+    assert page.locator(".message.user .body").inner_text().strip() == "Say hello."
+    page.locator(".message.user button[aria-label='previous branch']").click()
+    assert "lighthouse" in page.locator(".message.user .body").inner_text()
+    assert page.locator(".message.assistant >> text=2/2").count() == 1  # the regenerated answers are still there
+    # Edit an answer: kept as written, beside the model's; Escape cancels an edit.
+    page.locator(".message.assistant button.edit").click()
+    page.fill(".message.assistant textarea.edit-text", "An answer **I wrote**.")
+    page.locator(".message.assistant button.save").click()
+    assert page.locator(".message.assistant .body strong").inner_text() == "I wrote"
+    assert page.locator(".message.assistant >> text=3/3").count() == 1
+    page.locator(".message.assistant button.edit").click()
+    page.keyboard.press("Escape")
+    assert page.locator("textarea.edit-text").count() == 0
+    page.screenshot(path=ARTIFACTS / "branches.png")
+    assert not page.errors
+
+
+def test_keyboard_only_chat_and_alternatives(browser, server):
+    page = _page(browser, server.url)
+    page.click("#new-chat")
+    page.fill("#max_tokens", "8")
+    page.fill("#temperature", "0")
+    page.focus("#input")
+    before = _generations(page)
+    page.keyboard.type("Name a fruit.")
+    page.keyboard.press("Enter")
+    _wait_generated(page, before)
+    page.locator(".message.assistant .show-tokens").focus()
+    page.keyboard.press("Enter")  # a button: Enter presses it
+    page.locator(".message.assistant .tok").first.focus()
+    page.keyboard.press("Enter")
+    assert page.is_visible("#token-popover")
+    assert page.evaluate("document.activeElement.classList.contains('alt')")  # focus moved into the popover
+    page.keyboard.press("Escape")
+    assert not page.is_visible("#token-popover")
+    tabs = page.locator("[role=tab]")
+    tabs.nth(1).focus()
+    page.keyboard.press("Enter")
+    assert tabs.nth(1).get_attribute("aria-selected") == "true" and page.is_visible("#panel-engine")
+    assert not page.errors
+
+
+def test_dark_mode(browser, server):
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, color_scheme="dark")
+    page.goto(server.url)
+    page.click("#new-chat")
+    _send(page, "Write a Python function that adds two numbers.", max_tokens=48)
+    background = page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background == "rgb(21, 23, 27)"  # --bg of the dark palette
+    page.screenshot(path=ARTIFACTS / "dark.png")
+    page.close()
+
+
+def test_import_refuses_a_malformed_file(browser, server, tmp_path):
+    page = _page(browser, server.url)
+    page.click("#new-chat")
+    titles = page.locator("#conversation-list li").all_inner_texts()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "title": "loop", "roots": [], "leaf": "a",
+                                "nodes": {"a": {"id": "a", "parent": "a", "role": "user", "content": "", "children": []}}}]))
+    page.set_input_files("#import", str(bad))
+    page.wait_for_selector("#notice >> text=Not imported")
+    assert page.locator("#conversation-list li").all_inner_texts() == titles
+    exported = tmp_path / "good.json"
+    with page.expect_download() as download:
+        page.click("#export")
+    download.value.save_as(exported)
+    page.evaluate("localStorage.clear()")
+    page.reload()
+    page.set_input_files("#import", str(exported))
+    page.wait_for_selector("#notice >> text=Imported")
+    assert page.locator("#conversation-list li").all_inner_texts() == titles
+    assert not page.errors
 
 
 def test_token_alternatives_fork_a_branch(browser, server):
@@ -115,6 +223,27 @@ def test_engine_panel_follows_a_generation(browser, server):
     page.wait_for_function("document.querySelector('[data-stat=running]').textContent === '0'", timeout=10_000)
     assert int(page.text_content('[data-stat="tokens generated"]')) > before
     assert not page.errors
+
+
+def test_engine_panel_shows_a_batch_job(browser, server, jobs_dir, tmp_path):
+    page = _page(browser, server.url)
+    page.click("[data-panel=engine]")
+    page.wait_for_selector("#batch-jobs li.muted")  # none yet
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Count to {i}:"}) + "\n" for i in range(24)))
+    job = subprocess.Popen([sys.executable, "-m", "pagedllm.entrypoints.cli", "infer", "-i", str(data), "-o",
+                            str(tmp_path / "out.jsonl"), "--max-tokens", "12", "--rows-in-flight", "2", "--no-progress"],
+                           env={**os.environ, "PAGEDLLM_JOBS_DIR": str(jobs_dir)}, stderr=subprocess.PIPE, text=True)
+    try:
+        page.wait_for_selector("#batch-jobs li[data-job-state=running]", timeout=60_000)
+        page.wait_for_function("Number(document.querySelector('#batch-jobs li').dataset.jobDone) > 0", timeout=60_000)
+        page.screenshot(path=ARTIFACTS / "batch.png")
+        assert job.wait(timeout=120) == 0, job.stderr.read()
+    finally:
+        job.kill()
+    page.wait_for_selector("#batch-jobs li[data-job-state=finished][data-job-done='24']", timeout=10_000)
+    assert page.locator("#batch-jobs progress").get_attribute("value") == "24"
+    assert "rows.jsonl" in page.text_content("#batch-jobs") and not page.errors
 
 
 def test_inside_shows_the_probes(browser, server):

@@ -20,6 +20,7 @@ from typing import Any
 from ...config import EngineConfig, build_engine_config
 from ...sampling_params import SamplingParams
 from .backends import Backend, BatchError, LocalBackend, RayBackend
+from .board import JobBoard, JobState
 from .journal import JournalError, OutputJournal
 from .rows import BatchTask, RowError, error_record, load_row, parse_row, row_id
 from .worker import ReplicaPlacement
@@ -65,12 +66,13 @@ def infer(model_path: str | None, data_path: str | Path, output_path: str | Path
           devices: Sequence[str] | None = None, threads_per_worker: int | None = None, backend: str = "local",
           ray_address: str | None = None, sampling_params: SamplingParams | None = None,
           engine_options: dict[str, Any] | None = None, rows_in_flight: int | None = None,
-          progress: bool = True) -> BatchSummary:
+          progress: bool = True, board: JobBoard | None = None) -> BatchSummary:
     """Answer every row of `data_path` into `output_path` with `num_workers` replicas of the model.
 
     Run it again after any interruption to finish the job; a finished job is left as it is.
     `sampling_params` are the defaults rows may override (greedy, 256 tokens when not given);
     `engine_options` are build_engine_config's (kv_cache_memory, max_num_seqs, dtype, ...).
+    The job's progress goes to `board` (the default JobBoard when not given) for servers' engine panels.
     """
     started = time.monotonic()
     if rows_in_flight is not None and (not isinstance(rows_in_flight, int) or rows_in_flight < 1):
@@ -87,7 +89,7 @@ def infer(model_path: str | None, data_path: str | Path, output_path: str | Path
     journal = _open_journal(output_path)
     try:
         job = _Job(config, data_path, journal, sampling_params or DEFAULT_PARAMS,
-                   rows_in_flight or 2 * config.scheduler.max_num_seqs)
+                   rows_in_flight or 2 * config.scheduler.max_num_seqs, board or JobBoard(), len(placements))
         return job.run(lambda: _backend(backend, config, placements, ray_address), started, progress)
     finally:
         journal.close()
@@ -127,26 +129,52 @@ def _backend(name: str, config: EngineConfig, placements: list[ReplicaPlacement]
 
 
 class _Job:
+    PUBLISH_EVERY_S = 0.5
+
     def __init__(self, config: EngineConfig, data_path: Path, journal: OutputJournal, defaults: SamplingParams,
-                 rows_in_flight: int):
+                 rows_in_flight: int, board: JobBoard, workers: int):
         self.data_path, self.journal, self.defaults = data_path, journal, defaults
         self.rows_in_flight = rows_in_flight
         # One read of the input before any work: it counts the rows and checks the output belongs to this input.
         self.summary = BatchSummary(rows=sum(1 for _ in self._scan()), already_done=len(journal.done))
         self._bar = None
         self._feed_start = time.monotonic()
+        self.board, self._published = board, 0.0
+        self.state = JobState(os.getpid(), data_path.name, journal.path.name, workers, self.summary.rows,
+                              self.summary.already_done, started_at=time.time())
 
     def run(self, make_backend, started: float, progress: bool) -> BatchSummary:
         if self.summary.already_done < self.summary.rows:
+            self.board.publish(self.state)
             backend = make_backend()
             try:
                 backend.start()
                 self.summary.startup_s = time.monotonic() - started
+                self._publish("running")
                 self._feed(backend, progress)
+            except BaseException as exc:
+                stopped = isinstance(exc, KeyboardInterrupt)
+                self._publish("stopped" if stopped else "failed", "" if stopped else str(exc) or type(exc).__name__)
+                raise
             finally:
                 backend.close()
+            self._publish("finished")
         self.summary.wall_time_s = time.monotonic() - started
         return self.summary
+
+    def _publish(self, state: str | None = None, message: str = "") -> None:
+        """The job's state on the board: at every change of state, and at most every PUBLISH_EVERY_S in between."""
+        now = time.monotonic()
+        if state is None and now - self._published < self.PUBLISH_EVERY_S:
+            return
+        self._published = now
+        summary, elapsed = self.summary, max(now - self._feed_start, 1e-9)
+        job = self.state
+        job.state, job.message = state or job.state, message
+        job.done, job.errors = summary.already_done + summary.written, summary.errors
+        job.completion_tokens = summary.completion_tokens
+        job.rows_per_s, job.tokens_per_s = summary.written / elapsed, summary.completion_tokens / elapsed
+        self.board.publish(job)
 
     def _feed(self, backend: Backend, progress: bool) -> None:
         from tqdm import tqdm
@@ -196,6 +224,7 @@ class _Job:
         rate = summary.completion_tokens / max(time.monotonic() - self._feed_start, 1e-9)
         self._bar.set_postfix_str(f"{rate:.1f} tok/s, {summary.errors} errors", refresh=False)
         self._bar.update(len(records))
+        self._publish()
 
     def _pending(self) -> Iterator[BatchTask | dict]:
         """Rows the output does not record yet: a BatchTask, or an error record for a malformed row."""

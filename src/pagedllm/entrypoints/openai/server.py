@@ -34,6 +34,7 @@ from .errors import APIError, anthropic_error_body, error_body, error_response, 
 from .messages_api import MessageBuilder, MessagesRequest
 from .metrics import ServerMetrics
 from ...tools.inspect import ProbeError, inspect_model
+from ..batch.board import JobBoard
 from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                        EmbeddingRequest, InspectRequest, ProbeRequest, SamplingFields, TokenizeRequest)
 from .reasoning import REASONING_FORMATS, ReasoningSplitter, detect_format
@@ -61,6 +62,7 @@ class ServerConfig:
     reasoning_parser: str = "auto"  # "auto" (from the chat template), "none", or a REASONING_FORMATS name
     tool_call_parser: str = "auto"  # "auto" (from the chat template) or a TOOL_FORMATS name
     ui: bool = True  # the web page at / (entrypoints/ui)
+    jobs_dir: str | None = None  # the batch jobs' board (entrypoints/batch/board.py) shown by /v1/engine
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
     auth = [Depends(_auth_dependency(config.api_key))]
+    jobs = JobBoard(config.jobs_dir)
 
     @app.get("/health")
     async def health() -> Response:
@@ -354,7 +357,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         except PagedLLMError as exc:
             raise _api_error(exc) from None
         return {"object": "engine", "model": config.served_model_name, "max_model_len": engine.max_model_len,
-                "aborted": server.async_engine.num_aborted, **state}
+                "aborted": server.async_engine.num_aborted, "batch_jobs": jobs.jobs(), **state}
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:

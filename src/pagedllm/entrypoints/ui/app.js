@@ -63,11 +63,22 @@ async function* sse(response) {
 }
 
 // -- conversations: a tree of messages per conversation, kept in the browser ------------------------
-let conversations = JSON.parse(localStorage.getItem(STORE) || "[]");
+let conversations = loadConversations();
 let current = null;
 let controller = null;
 const uid = () => Math.random().toString(36).slice(2, 10);
 const save = () => localStorage.setItem(STORE, JSON.stringify(conversations));
+
+function loadConversations() {
+  try {
+    const kept = JSON.parse(localStorage.getItem(STORE) || "[]");
+    kept.forEach(checkConversation);
+    return kept;
+  } catch (error) {  // a store this page cannot read is set aside, not lost
+    localStorage.setItem(`${STORE}.unreadable`, localStorage.getItem(STORE));
+    return [];
+  }
+}
 
 function newConversation() {
   current = { id: uid(), title: "New chat", system: $("#system").value, nodes: {}, roots: [], leaf: null };
@@ -117,7 +128,11 @@ function tokenView(node) {
                     tok.text);
     span.style.background = `hsla(${Math.round(120 * p)}, 80%, 45%, ${0.15 + 0.35 * (1 - p)})`;
     span.addEventListener("click", () => showAlternatives(node, i, span));
-    span.addEventListener("keydown", (e) => { if (e.key === "Enter") showAlternatives(node, i, span); });
+    span.addEventListener("keydown", (e) => {
+      if (e.key !== "Enter" && e.key !== " ") return;
+      e.preventDefault();  // else the key's activation lands on the popover's first button and forks at once
+      showAlternatives(node, i, span);
+    });
     box.append(span);
   });
   return box;
@@ -137,7 +152,7 @@ function messageView(conv, node) {
       ` ${at + 1}/${siblings.length} `,
       el("button", { "aria-label": "next branch", disabled: at === siblings.length - 1, onclick: () => switchTo(1) }, "›"))
       : null,
-    node.role === "user" ? el("button", { onclick: () => editMessage(conv, node) }, "Edit") : null,
+    el("button", { class: "edit", onclick: () => editMessage(conv, node) }, "Edit"),
     node.role === "assistant" ? el("button", { onclick: () => regenerate(conv, node) }, "Regenerate") : null,
     node.role === "assistant" && node.tokens ? el("button", { class: "show-tokens", "aria-pressed": !!node.showTokens,
       onclick: () => { node.showTokens = !node.showTokens; render(); } }, "Tokens") : null,
@@ -226,19 +241,41 @@ async function send(text) {
   await generate(current, answer);
 }
 
+const busy = () => !$("#stop").disabled;  // one generation at a time: Stop it first
+
 async function regenerate(conv, node) {
+  if (busy()) return;
   const answer = addNode(conv, node.parent, "assistant", "");
   render();
   await generate(conv, answer);
 }
 
-async function editMessage(conv, node) {
-  const text = prompt("Edit the message (a new branch keeps the old one):", node.content);
-  if (text === null || text === node.content) return;
-  addNode(conv, node.parent, "user", text);
-  const answer = addNode(conv, conv.leaf, "assistant", "");
-  render();
-  await generate(conv, answer);
+// Editing keeps the original: the edit is a new branch beside it. An edited question is answered again; an
+// edited answer is kept as written (what the model is then asked next continues from it).
+function editMessage(conv, node) {
+  const box = document.querySelector(`.message[data-id="${node.id}"]`);
+  const area = el("textarea", { class: "edit-text", rows: Math.min(12, node.content.split("\n").length + 1),
+                                "aria-label": `edit the ${node.role} message` });
+  area.value = node.content;
+  const done = async () => {
+    if (busy()) return;
+    const text = area.value;
+    if (text === node.content) return render();
+    const edited = addNode(conv, node.parent, node.role, text);
+    if (node.role !== "user") { save(); return render(); }
+    const answer = addNode(conv, edited.id, "assistant", "");
+    render();
+    await generate(conv, answer);
+  };
+  area.addEventListener("keydown", (e) => {
+    if (e.key === "Escape") { e.stopPropagation(); render(); }
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) { e.preventDefault(); done(); }
+  });
+  const label = node.role === "user" ? "Save and send" : "Save";
+  box.querySelector(".body").replaceWith(el("div", { class: "body editing" }, area,
+    el("div", { class: "edit-actions" }, el("button", { class: "save", onclick: done }, label),
+      el("button", { onclick: render }, "Cancel"), el("span", { class: "muted" }, " Ctrl+Enter saves, Escape cancels"))));
+  area.focus();
 }
 
 // -- tokens: alternatives and forks -----------------------------------------------------------------
@@ -258,6 +295,7 @@ function showAlternatives(node, index, anchor) {
 document.addEventListener("keydown", (e) => { if (e.key === "Escape") $("#token-popover").hidden = true; });
 
 async function fork(node, index, alt) {
+  if (busy()) return;
   const conv = current;
   const branch = addNode(conv, node.parent, "assistant", "");
   branch.showTokens = true;
@@ -296,15 +334,47 @@ function drawEngine(state) {
   $("#block-map").replaceChildren(...[...state.blocks].map((b, i) => el("i", { class: b, title: `block ${i}` })));
   $("#requests tbody").replaceChildren(...state.running.concat(state.waiting).map((r) => el("tr", {},
     ...[r.id.slice(0, 14), r.status, r.prompt_tokens, r.cached_tokens, r.output_tokens, r.blocks].map((v) => el("td", {}, String(v))))));
+  drawJobs(state.batch_jobs || []);
   rates.push(s.generation_tok_s);
   if (rates.length > 150) rates.shift();
-  const canvas = $("#rate-chart"), ctx = canvas.getContext("2d");
-  const top = Math.max(1, ...rates);
+  drawRates();
+}
+
+// Generation tokens/s over the last minute (a point per poll), scaled to the peak it shows.
+function drawRates() {
+  const canvas = $("#rate-chart"), ctx = canvas.getContext("2d"), style = getComputedStyle(document.body);
+  const top = Math.max(1, ...rates), h = canvas.height - 14;
   ctx.clearRect(0, 0, canvas.width, canvas.height);
-  ctx.strokeStyle = getComputedStyle(document.body).getPropertyValue("--accent");
+  ctx.fillStyle = style.getPropertyValue("--muted");
+  ctx.font = "10px system-ui, sans-serif";
+  ctx.fillText(`generation tok/s: now ${rates.at(-1).toFixed(1)}, peak ${top.toFixed(1)}`, 0, 10);
+  ctx.strokeStyle = style.getPropertyValue("--line");
   ctx.beginPath();
-  rates.forEach((r, i) => ctx.lineTo((i / 149) * canvas.width, canvas.height - (r / top) * (canvas.height - 4)));
+  ctx.moveTo(0, canvas.height - 0.5);
+  ctx.lineTo(canvas.width, canvas.height - 0.5);
   ctx.stroke();
+  ctx.strokeStyle = style.getPropertyValue("--accent");
+  ctx.lineWidth = 1.5;
+  ctx.beginPath();
+  rates.forEach((r, i) => ctx.lineTo((i / 149) * canvas.width, canvas.height - 1 - (r / top) * (h - 2)));
+  ctx.stroke();
+}
+
+const NO_JOBS = $("#batch-jobs").firstElementChild;
+
+function drawJobs(jobs) {
+  if (!jobs.length) return $("#batch-jobs").replaceChildren(NO_JOBS);
+  const duration = (s) => (s < 90 ? `${Math.round(s)} s` : s < 5400 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`);
+  $("#batch-jobs").replaceChildren(...jobs.map((j) => {
+    const left = j.rows - j.done;
+    const eta = j.state === "running" && j.rows_per_s > 0 && left > 0 ? `, ${duration(Math.ceil(left / j.rows_per_s))} left` : "";
+    return el("li", { "data-job-state": j.state, "data-job-done": j.done },
+      el("div", {}, el("b", {}, j.input), ` → ${j.output} `, el("span", { class: `job-state ${j.state}` }, j.state)),
+      el("progress", { max: Math.max(1, j.rows), value: j.done, "aria-label": `${j.input}: ${j.done} of ${j.rows} rows` }),
+      el("div", { class: "muted" }, `${j.done} / ${j.rows} rows (${j.errors} errors), ${j.workers} worker${j.workers > 1 ? "s" : ""}, ` +
+        `${j.rows_per_s.toFixed(2)} rows/s, ${j.tokens_per_s.toFixed(1)} tok/s${eta}`),
+      j.message ? el("div", { class: "job-message" }, j.message) : null);
+  }));
 }
 
 // -- inside: the workshop's probes on the conversation up to a message ------------------------------
@@ -375,7 +445,7 @@ document.querySelectorAll("[role=tab]").forEach((t) => t.addEventListener("click
 $("#composer").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("#input").value.trim();
-  if (!text || !$("#stop").disabled) return;
+  if (!text || busy()) return;
   $("#input").value = "";
   send(text);
 });
@@ -390,12 +460,45 @@ $("#export").addEventListener("click", () => {
   el("a", { href: URL.createObjectURL(blob), download: "pagedllm-conversations.json" }).click();
 });
 $("#import").addEventListener("change", async (e) => {
-  const imported = JSON.parse(await e.target.files[0].text());
+  const file = e.target.files[0];
+  e.target.value = "";  // the same file may be chosen again
+  let imported;
+  try {
+    imported = JSON.parse(await file.text());
+    if (!Array.isArray(imported)) throw new Error("the file holds no list of conversations");
+    imported.forEach(checkConversation);
+  } catch (error) {
+    $("#notice").textContent = `Not imported: ${error.message}`;
+    return;
+  }
   conversations = imported.concat(conversations.filter((c) => !imported.some((i) => i.id === c.id)));
-  current = conversations[0];
+  current = conversations[0] || null;
+  $("#notice").textContent = `Imported ${imported.length} conversation${imported.length === 1 ? "" : "s"}.`;
   save();
   render();
 });
+
+// An imported file is untrusted: every conversation must be a well-formed tree of messages (its text is
+// rendered through DOMPurify like any other).
+function checkConversation(c, i) {
+  const fail = (why) => { throw new Error(`conversation ${i + 1}: ${why}`); };
+  if (!c || typeof c !== "object" || typeof c.id !== "string" || typeof c.title !== "string") fail("no id or title");
+  if (!c.nodes || typeof c.nodes !== "object" || !Array.isArray(c.roots)) fail("no message tree");
+  for (const [id, n] of Object.entries(c.nodes)) {
+    if (!n || n.id !== id || !["user", "assistant"].includes(n.role) || typeof n.content !== "string") fail(`message ${id} is malformed`);
+    if (!Array.isArray(n.children) || n.children.some((k) => !c.nodes[k] || c.nodes[k].parent !== id)) fail(`message ${id} has unknown children`);
+    if (n.parent !== null && !c.nodes[n.parent]) fail(`message ${id} has an unknown parent`);
+    const tokenOk = (t) => t && typeof t.text === "string" && typeof t.logprob === "number" && Array.isArray(t.top);
+    if (n.tokens !== null && n.tokens !== undefined && !(Array.isArray(n.tokens) && n.tokens.every(tokenOk))) {
+      fail(`message ${id} has malformed tokens`);
+    }
+    let steps = 0;  // up to a root, without a cycle
+    for (let up = n; up.parent !== null; up = c.nodes[up.parent]) if (++steps > Object.keys(c.nodes).length) fail("the messages form a cycle");
+    if (steps === 0 && !c.roots.includes(id)) fail(`message ${id} has no parent and is not a root`);
+  }
+  if (c.roots.some((r) => !c.nodes[r]) || (c.leaf !== null && !c.nodes[c.leaf])) fail("unknown root or leaf message");
+  if (c.system !== undefined && typeof c.system !== "string") fail("the system prompt is not text");
+}
 
 (async function start() {
   const saved = JSON.parse(localStorage.getItem(SETTINGS) || "{}");
