@@ -64,6 +64,12 @@ def _wait_generated(page, before: int, timeout: int = 60_000) -> None:
     page.wait_for_function(f"Number(document.body.dataset.generations || 0) > {before}", timeout=timeout)
 
 
+def _prompt_tokens_computed(server) -> int:
+    import httpx
+
+    return httpx.get(server.url + "/v1/engine").json()["stats"]["prompt_tokens_total"]
+
+
 def _send(page, text: str, max_tokens: int = 24) -> None:
     page.fill("#max_tokens", str(max_tokens))
     page.fill("#temperature", "0")
@@ -191,17 +197,21 @@ def test_token_alternatives_fork_a_branch(browser, server):
     page.locator(".message.assistant .show-tokens").last.click()
     tokens = page.locator(".message.assistant .tok")
     assert tokens.count() > 1
-    tokens.nth(0).click()
+    at = tokens.count() - 2
+    kept = [tokens.nth(i).inner_text() for i in range(at)]
+    tokens.nth(at).click()
     alternatives = page.locator("#token-popover button.alt")
     assert page.is_visible("#token-popover") and alternatives.count() == 5
-    chosen = alternatives.nth(1).locator("span").first.inner_text()
+    chosen = json.loads(alternatives.nth(1).locator("span").first.inner_text())
     page.screenshot(path=ARTIFACTS / "alternatives.png")
-    before = _generations(page)
+    before, computed = _generations(page), _prompt_tokens_computed(server)
     alternatives.nth(1).click()
     page.wait_for_selector("text=2/2")
     _wait_generated(page, before)
-    first = page.locator(".message.assistant .tok").first.inner_text()
-    assert first == __import__("json").loads(chosen)  # the fork starts with the chosen alternative
+    forked = page.locator(".message.assistant .tok")
+    assert [forked.nth(i).inner_text() for i in range(at + 1)] == kept + [chosen]  # the prefix, then the choice
+    # The conversation and the kept tokens come from the prefix cache: at most a block is computed again.
+    assert _prompt_tokens_computed(server) - computed <= server.engine.kv_spec.block_size
     page.screenshot(path=ARTIFACTS / "fork.png")
     assert not page.errors
 
@@ -263,6 +273,7 @@ def test_phone_width_and_conversations_kept(browser, server):
     page.click("#new-chat")
     _send(page, "Hi", max_tokens=6)
     page.screenshot(path=ARTIFACTS / "phone.png", full_page=True)
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # nothing wider than the phone
     titles = page.locator("#conversation-list li").all_inner_texts()
     page.reload()
     assert page.locator("#conversation-list li").all_inner_texts() == titles  # kept in the browser
