@@ -257,6 +257,23 @@ class SpeculativeConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (pagedllm.lora): those loaded at start, and the limits on all of them."""
+
+    modules: tuple[tuple[str, str], ...] = ()  # (name, path) of each adapter loaded at start
+    max_loras: int = 4  # adapters loaded at once, so also the most that one batch step mixes
+    max_lora_rank: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if len(self.modules) > self.max_loras:
+            raise ConfigError(f"{len(self.modules)} LoRA modules given, more than max_loras ({self.max_loras})")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None  # None: the default model (SmolLM2-135M-Instruct, Q4_1 GGUF)
     device: str = "cpu"
@@ -272,6 +289,7 @@ class EngineConfig:
     # The device of each rank (empty: rank r on cuda:r for "cuda", else `device` for all).
     tensor_parallel_devices: tuple[str, ...] = ()
     enforce_eager: bool = False  # on a GPU, run decode steps eagerly instead of replaying CUDA graphs
+    lora: LoRAConfig | None = None  # None: no LoRA adapters (the fused decode path stays on)
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
@@ -290,11 +308,16 @@ def build_engine_config(model: str | None = None, *, device: str = "cpu", dtype:
                         enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int = 0,
                         attention_backend: str = "auto", quantization: str = "auto", kv_cache_dtype: str = "auto",
                         speculative_config: SpeculativeConfig | dict | None = None,
-                        tensor_parallel_size: int = 1, enforce_eager: bool = False) -> EngineConfig:
-    """The engine options every front end takes (LLM, infer, the CLI), as one frozen EngineConfig."""
+                        tensor_parallel_size: int = 1, enforce_eager: bool = False, enable_lora: bool = False,
+                        lora_modules: dict[str, str] | None = None, max_loras: int = LoRAConfig.max_loras,
+                        max_lora_rank: int = LoRAConfig.max_lora_rank) -> EngineConfig:
+    """The engine options every front end takes (LLM, infer, the CLI), as one frozen EngineConfig.
+    LoRA is on with `enable_lora` or any `lora_modules` (name → adapter path)."""
+    lora = (LoRAConfig(tuple((lora_modules or {}).items()), max_loras, max_lora_rank)
+            if enable_lora or lora_modules else None)
     return EngineConfig(
         model=model, device=device, dtype=dtype, seed=seed, attention_backend=attention_backend,
-        quantization=quantization, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
+        quantization=quantization, tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, lora=lora,
         speculative=SpeculativeConfig(**speculative_config) if isinstance(speculative_config, dict)
         else speculative_config,
         cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,

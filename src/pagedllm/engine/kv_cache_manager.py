@@ -8,6 +8,11 @@ from .block_pool import BlockPool, KVBlock, chain_hash
 from .request import Request
 
 
+def _root_hash(request: Request) -> int | None:
+    """What a request's first block chains from: under a LoRA adapter the same tokens hold other K/V."""
+    return hash(("lora", request.lora_id)) if request.lora_id else None
+
+
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
@@ -45,7 +50,7 @@ class KVCacheManager:
         if not self.pool.enable_caching or request.sampling_params.needs_every_prompt_row:
             return [], 0  # prompt logprobs and pooling read every prompt position: nothing can be skipped
         hits: list[KVBlock] = []
-        parent, ids = None, request.all_token_ids
+        parent, ids = _root_hash(request), request.all_token_ids
         for index in range((len(ids) - 1) // self.block_size):
             tokens = self._block_tokens(ids, index)
             parent = chain_hash(parent, tokens)
@@ -107,7 +112,7 @@ class KVCacheManager:
         ids = request.all_token_ids
         for index in range(len(hashes), num_tokens // self.block_size):
             tokens = self._block_tokens(ids, index)
-            hashes.append(chain_hash(hashes[-1] if hashes else None, tokens))
+            hashes.append(chain_hash(hashes[-1] if hashes else _root_hash(request), tokens))
             self.pool.cache(blocks[index], hashes[-1], tokens)
 
     def _block_tokens(self, ids: list[int], index: int) -> tuple[int, ...]:

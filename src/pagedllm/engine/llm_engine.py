@@ -16,6 +16,7 @@ from ..config import EngineConfig, SpeculativeConfig
 from ..errors import PagedLLMError
 from ..attention import KV_Q8_0, Q8_0_VALUES
 from ..distributed import check_split
+from ..lora import LoadedAdapter, LoRAError, LoRARegistry
 from ..models.loaders import ModelSource, load_model, read_model_config, resolve_model
 from ..sampling.structured_output import GrammarCompiler
 from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs
@@ -78,6 +79,7 @@ class LLMEngine:
             workers = start_workers(config.tensor_parallel_size, port, _tensor_parallel_worker, config, self.source)
             tp = join_group(0, config.tensor_parallel_size, port, config.device)
         self.model = load_model(self.source, self.device, dtype, config.quantization, tp)
+        self.loras = self._lora_registry()  # before the runner: adapters turn CUDA graphs off
         self.tokenizer: Tokenizer = load_tokenizer(self.source)
         model_len = self.model.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_len, model_len)
@@ -102,6 +104,15 @@ class LLMEngine:
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
 
+    def _lora_registry(self) -> LoRARegistry | None:
+        if self.config.lora is None:
+            return None
+        model_config, family = read_model_config(self.source)
+        registry = LoRARegistry(self.model, model_config, family, self.config.lora)
+        for name, path in self.config.lora.modules:
+            registry.load(name, path)
+        return registry
+
     def _graph_config(self) -> GraphConfig | None:
         """CUDA graphs for decode steps on a GPU, unless --enforce-eager."""
         if self.device.type != "cuda" or self.config.enforce_eager:
@@ -120,10 +131,13 @@ class LLMEngine:
                              self.config.attention_backend)
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+                    lora: str | None = None) -> None:
+        """`lora`: the name of a loaded LoRA adapter to generate with (None: the base model)."""
         params = params or SamplingParams()
         if request_id in self._groups:
             raise RequestError(f"request id {request_id!r} is already in use")
+        lora_id = self.lora_adapter(lora).id if lora is not None else 0
         text, ids = self._prompt_ids(prompt)
         self._check_admissible(ids, params)
         grammar = self.grammars.matcher(params.structured_output) if params.structured_output else None
@@ -132,7 +146,8 @@ class LLMEngine:
                              arrival + params.timeout if params.timeout is not None else None,
                              self.tokenizer.stop_token_ids | frozenset(params.stop_token_ids), prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         group.pooled = Pooled(params.pooling, len(ids)) if params.pooling else None
-        request = self._new_completion(group, Request(self._sequence_id(), ids, params, arrival_time=arrival), grammar)
+        request = self._new_completion(group, Request(self._sequence_id(), ids, params, arrival_time=arrival,
+                                                      lora_id=lora_id), grammar)
         if params.search is not None:
             self._start_search(group, request)
         self._groups[request_id] = group
@@ -205,6 +220,30 @@ class LLMEngine:
             raise RequestError(f"prompt + max_tokens ({total} tokens) exceed the whole KV cache "
                                f"({self.kv_spec.num_tokens} tokens); raise --kv-cache-memory")
 
+
+    # -- LoRA adapters -----------------------------------------------------------------------
+    def lora_adapter(self, name: str) -> LoadedAdapter:
+        if self.loras is None:
+            raise RequestError(f"LoRA adapter {name!r} asked for, but LoRA is off: start with --enable-lora "
+                               "or --lora-modules")
+        try:
+            return self.loras.get(name)
+        except LoRAError as exc:
+            raise RequestError(str(exc)) from None
+
+    def load_lora(self, name: str, path: str) -> LoadedAdapter:
+        """Load an adapter at run time (the engine must have been started with LoRA on)."""
+        if self.loras is None:
+            raise LoRAError("LoRA is off: start the engine with --enable-lora (or --lora-modules)")
+        return self.loras.load(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Unload an adapter no request uses any more."""
+        adapter = self.lora_adapter(name)
+        users = sum(1 for group, completion in self._completions.values() if completion.request.lora_id == adapter.id)
+        if users:
+            raise LoRAError(f"LoRA adapter {name!r} is in use by {users} running or waiting sequence(s)")
+        self.loras.remove(name)
 
     def abort(self, request_id: str) -> None:
         """Stop a request at once and free its blocks; no output is produced for it."""
@@ -337,7 +376,7 @@ class LLMEngine:
         child = Request(self._sequence_id(), parent.prompt_token_ids, parent.sampling_params,
                         arrival_time=parent.arrival_time, output_token_ids=list(parent.output_token_ids),
                         num_computed_tokens=parent.num_computed_tokens, first_token_time=parent.first_token_time,
-                        gang=parent.gang)
+                        gang=parent.gang, lora_id=parent.lora_id)
         grammar = self._completions[parent.request_id][1].grammar
         self._new_completion(group, child, grammar.deep_copy() if grammar is not None else None)
         self.kv_cache.fork(parent, child)

@@ -14,6 +14,7 @@ import torch
 from ..config import ModelConfig
 from ..attention import AttentionMetadata, StepLayout, kv_bytes_per_token, kv_row_elements, select_backend
 from ..attention.metadata import long_tensor
+from ..lora.layers import lora_segments
 from ..models.transformer import Transformer
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState
 from .cuda_graphs import DecodeGraphs, GraphConfig
@@ -69,6 +70,7 @@ class StepBatch:
     hidden_spans: list[tuple[int, int, int]] = field(default_factory=list)
     hidden_rows: torch.Tensor | None = None
     padded: bool = False  # a decode step padded to a graph bucket (engine/cuda_graphs.py)
+    lora_segments: list = field(default_factory=list)  # the step's rows by LoRA adapter (lora/layers.py)
 
 
 @dataclass
@@ -152,9 +154,11 @@ class ModelRunner:
         hidden_spans = [(i, int(starts[i]), int(counts[i])) for i, s in enumerate(scheduled)
                         if s.request.sampling_params.penalty_alpha > 0 or s.request.sampling_params.pooling]
         hidden_rows = [row for i, _, n in hidden_spans for row in range(query_start[i], query_start[i] + n)]
+        segments = lora_segments([s.request.lora_id for s in scheduled], query_start, self.device)
         return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta,
                          self._long_tensor(sample_rows + extra_rows), len(sample_rows), sample_spans, prompt_rows,
-                         hidden_spans, self._long_tensor(hidden_rows) if hidden_rows else None, bucket is not None)
+                         hidden_spans, self._long_tensor(hidden_rows) if hidden_rows else None, bucket is not None,
+                         segments)
 
     @staticmethod
     def _prompt_logprob_rows(scheduled: list[ScheduledRequest], starts: np.ndarray, counts: np.ndarray,
@@ -177,7 +181,15 @@ class ModelRunner:
     def execute(self, batch: StepBatch) -> StepResult:
         """Logits (float32) for `logits_rows` only: the lm_head is too costly for the rest."""
         run = self.graphs.run if batch.padded else self._forward
-        hidden = run(batch.input_ids, batch.positions, batch.meta)
+        context = self.model.lora_context
+        if context is None:
+            hidden = run(batch.input_ids, batch.positions, batch.meta)
+        else:
+            context.segments = batch.lora_segments
+            try:
+                hidden = run(batch.input_ids, batch.positions, batch.meta)
+            finally:
+                context.segments = []  # probes and drafts between steps see the base model
         wanted = hidden[batch.hidden_rows] if batch.hidden_rows is not None else None
         return StepResult(self.model.compute_logits(hidden[batch.logits_rows]), wanted)
 

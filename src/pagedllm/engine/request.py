@@ -41,6 +41,7 @@ class Request:
     finish_time: float | None = None
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify at the next step
     gang: str | None = None  # the search this sequence belongs to: its sequences advance together
+    lora_id: int = 0  # the LoRA adapter it generates with (engine.loras), 0 for none
 
     @property
     def num_tokens(self) -> int:

@@ -16,7 +16,8 @@ from ..tools.inspect import AttentionQuery, Comparison, Inspection, compare_laye
 
 class LLM:
     def __init__(self, model: str | None = None, **options: Any):
-        """`options` are build_engine_config's: device, dtype, kv_cache_memory, block_size, max_num_seqs, ..."""
+        """`options` are build_engine_config's: device, dtype, kv_cache_memory, block_size, max_num_seqs,
+        enable_lora, lora_modules ({name: path}), max_loras, max_lora_rank, ..."""
         config = build_engine_config(model, **options)
         self.engine = create_engine(config)
         self._next_id = 0
@@ -25,19 +26,32 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """One finished output per prompt, in the order given."""
+                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 lora: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """One finished output per prompt, in the order given. `lora`: a loaded adapter's name for every
+        prompt, or one name (or None: the base model) per prompt; all of them run in the same batch."""
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(params_list)} sampling params for {len(prompts)} prompts")
+        loras = [lora] * len(prompts) if lora is None or isinstance(lora, str) else list(lora)
+        if len(loras) != len(prompts):
+            raise ValueError(f"{len(loras)} LoRA adapters for {len(prompts)} prompts")
         ids = []
-        for prompt, p in zip(prompts, params_list):
+        for prompt, p, adapter in zip(prompts, params_list, loras):
             ids.append(str(self._next_id))
-            self.engine.add_request(ids[-1], prompt, p)
+            self.engine.add_request(ids[-1], prompt, p, lora=adapter)
             self._next_id += 1
         return self._run(ids)
+
+    def load_lora(self, name: str, path: str) -> None:
+        """Load a LoRA adapter (a PEFT folder or a llama.cpp GGUF LoRA) for generate(lora=name); the LLM
+        must have been made with enable_lora=True or lora_modules."""
+        self.engine.load_lora(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self.engine.unload_lora(name)
 
     def chat(self, conversations: list[dict[str, Any]] | list[list[dict[str, Any]]],
              params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:

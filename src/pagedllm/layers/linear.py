@@ -200,6 +200,7 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.checkpoint_names: tuple[str, ...] = ()  # the checkpoint tensors (less .weight) of each shard
         self.reduce = True  # a row-parallel layer sums the ranks' partial products (False: its caller does)
+        self.lora = None  # LoRA adapters' updates of this layer (lora/layers.py: LoRALayer), where any apply
 
     def shard_offset(self, shard: int) -> int:
         return sum(self.shard_sizes[:shard])
@@ -237,6 +238,8 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.method.apply(self, x)
+        if self.lora is not None:
+            out = self.lora(x, out)
         if self.parallel == "row":
             if self.reduce:
                 out = self.tp.all_reduce(out)  # each rank's partial product over its input columns

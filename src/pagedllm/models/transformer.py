@@ -142,6 +142,7 @@ class Transformer(nn.Module):
         self.planned_kv_heads = max_kv_heads(cfg.num_attention_heads, cfg.num_key_value_heads,
                                              self.tp.size if self.tp else 1)
         self.head_scale: torch.Tensor | None = None  # per-row scale of the logits (normalized_head), set at load
+        self.lora_context = None  # set where LoRA adapters may apply (lora/layers.py: ModelAdapters)
         self.register_buffer("inv_freq", self._frequencies(rope_inv_freq, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
         if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
@@ -168,11 +169,12 @@ class Transformer(nn.Module):
         if self.embed_layernorm is not None:
             x = self.embed_layernorm(x)
         ropes = self.rotations(positions, meta, x.dtype)
+        adapted = self.lora_context is not None and self.lora_context.active  # the fused layer has no LoRA
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = ropes[layer.rope_index]
             fused = layer.fused  # called directly: at ~60 µs a layer, nn.Module's call costs show
             before = x if observe is None else x.clone()  # the fused layer updates x in place
-            if fused is not None and fused.applies_to(x):
+            if fused is not None and not adapted and fused.applies_to(x):
                 x = fused(x, cos, sin, kv_cache, meta)
             else:
                 x = layer(x, cos, sin, kv_cache, meta)
@@ -266,10 +268,12 @@ class Transformer(nn.Module):
     @property
     def capturable(self) -> bool:
         """Whether a forward pass decides nothing on the host from the step's data, so that it can be
-        captured in a CUDA graph: routed experts sort tokens by expert, LongRoPE picks frequencies from
-        context lengths, and tensor-parallel all-reduces are not captured (yet; gloo's are no CUDA kernels)."""
+        captured in a CUDA graph: routed experts sort tokens by expert, LoRA adapters gather rows by
+        adapter, LongRoPE picks frequencies from context lengths, and tensor-parallel all-reduces are
+        not captured (yet; gloo's are no CUDA kernels)."""
         scaling = self.config.rope_scaling
-        return (self.tp is None and not any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
+        return (self.tp is None and self.lora_context is None
+                and not any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
                 and (scaling is None or scaling.kind != "longrope"))
 
     @property

@@ -170,10 +170,17 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu",
         config, family = hf_model_config(source.path)
         plan = LinearPlan(frozenset(), QUANTIZE_AT_LOAD.get(quantization), str(device), tp)
         weights = hf_weights(source.path)
+    model = Transformer.create(config, device, dtype, plan)
+    model.load_weights(model_rows(weights, config, family))
+    return model.eval()
+
+
+def model_rows(weights: Iterable[tuple[str, Weight]], config: ModelConfig,
+               family: FamilySpec) -> Iterator[tuple[str, Weight]]:
+    """Canonically named tensors as the model holds them: fused ones split, q/k rows in the rotate-half
+    order. Every step moves whole output rows, so it also places a LoRA adapter's B (lora/adapter.py)."""
     if family.fused_checkpoint:
         weights = split_fused(weights, config)
     if config.position_encoding == "rope" and (config.rope_interleaved or config.rope_dims < config.head_dim):
         weights = rotate_half_rows(weights, config)
-    model = Transformer.create(config, device, dtype, plan)
-    model.load_weights(weights)
-    return model.eval()
+    return iter(weights)

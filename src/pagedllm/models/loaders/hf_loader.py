@@ -238,12 +238,12 @@ def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 for name in f.keys():
                     tensor, name = f.get_tensor(name), canonical_hf_name(name, family)
                     if family.hf_qkv_per_head and ".qkv_proj." in name:
-                        tensor = _qkv_by_kind(tensor, cfg["num_attention_heads"])
+                        tensor = qkv_by_kind(tensor, cfg["num_attention_heads"])
                     yield name, tensor
         except (OSError, RuntimeError, ValueError) as exc:  # safetensors reports bad headers as these
             raise HFModelError(f"{path}: cannot read safetensors ({exc})") from None
 
 
-def _qkv_by_kind(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+def qkv_by_kind(tensor: torch.Tensor, heads: int) -> torch.Tensor:
     """BLOOM's fused rows, head by head [heads, 3, head_dim], as all q, all k, all v rows."""
     return tensor.reshape(heads, 3, -1, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)

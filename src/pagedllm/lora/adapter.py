@@ -1,0 +1,204 @@
+"""LoRA adapters read from disk: a PEFT folder (`adapter_config.json` + `adapter_model.safetensors`) or
+a llama.cpp GGUF LoRA file, as low-rank updates of the model's linear layers.
+
+An adapter adds `scale · B·A` to a layer's W (A: [rank, in], B: [out, rank]). Here each update is
+keyed by the canonical name of the checkpoint tensor it changes (`model.layers.0.self_attn.q_proj`),
+with the scale folded into B and B's rows in the order the model holds W's: B goes through the same
+renames, splits (Phi-3's fused q/k/v) and row orders (llama.cpp's q/k permutation, interleaved or
+partial rotary) as the weights it updates, which all move whole output rows.
+
+Adapter files are untrusted: anything pagedllm cannot apply exactly (DoRA, LoRA biases, fully trained
+modules_to_save, embedding LoRA, fan-in/fan-out layouts) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from ..config import ModelConfig
+from ..errors import PagedLLMError
+from ..models.loaders import model_rows
+from ..models.loaders.gguf_file import GGUFError, open_gguf
+from ..models.loaders.gguf_loader import canonical_name, unpermute_rows
+from ..models.loaders.hf_loader import HFModelError, canonical_hf_name, qkv_by_kind, read_json
+from ..models.registry import FamilySpec
+
+_PEFT_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[\w-]+)?\.weight$")
+_GGUF_KEY = re.compile(r"^(?P<base>.+\.weight)\.lora_(?P<which>[ab])$")
+
+
+class LoRAError(PagedLLMError, ValueError):
+    """An adapter that cannot be applied to this model; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class LoRAUpdate:
+    """One layer's update: W + B·A, the scale already in B."""
+
+    a: torch.Tensor  # [rank, in_features]
+    b: torch.Tensor  # [out_features, rank]
+
+
+@dataclass
+class LoRAAdapter:
+    name: str
+    path: Path
+    rank: int  # the largest over its layers
+    updates: dict[str, LoRAUpdate]  # canonical checkpoint tensor (less .weight) → its update
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(u.a.numel() + u.b.numel() for u in self.updates.values())
+
+
+def load_adapter(name: str, path: str | os.PathLike, config: ModelConfig, family: FamilySpec) -> LoRAAdapter:
+    """A PEFT adapter folder or a llama.cpp GGUF LoRA file, for a model of `config` and `family`."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        modules, rank = _peft_modules(path)
+        rows = _hf_rows
+    elif path.is_file():
+        modules, rank = _gguf_modules(path, family)
+        rows = _gguf_rows
+    else:
+        raise LoRAError(f"LoRA adapter {str(path)!r}: no such folder or file")
+    updates = {}
+    for module, (a, b, scale) in modules.items():
+        for canonical, b_rows in rows(module, b, config, family):
+            updates[canonical] = LoRAUpdate(a.float().contiguous(), (b_rows.float() * scale).contiguous())
+    if not updates:
+        raise LoRAError(f"LoRA adapter {path}: it holds no LoRA weights")
+    return LoRAAdapter(name, path, rank, updates)
+
+
+# -- PEFT ---------------------------------------------------------------------------------------------
+def _peft_modules(folder: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], int]:
+    """{module (the base model's name): (A, B, scale)} and the largest rank."""
+    try:
+        cfg = read_json(folder / "adapter_config.json")
+    except HFModelError as exc:
+        raise LoRAError(f"LoRA adapter: {exc}") from None
+    _check_peft_config(folder, cfg)
+    pairs = _peft_pairs(folder)
+    modules, rank = {}, 0
+    for module, (a, b) in pairs.items():
+        r = a.shape[0]
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+            raise LoRAError(f"{folder}: lora_alpha must be a positive number, got {alpha!r}")
+        scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        modules[module], rank = (a, b, scale), max(rank, r)
+    return modules, rank
+
+
+def _check_peft_config(folder: Path, cfg: dict) -> None:
+    refusals = {
+        "peft_type": (cfg.get("peft_type", "LORA") != "LORA", f"a {cfg.get('peft_type')} adapter, not LoRA"),
+        "use_dora": (bool(cfg.get("use_dora")), "DoRA adapters are not supported"),
+        "bias": (cfg.get("bias", "none") != "none", "LoRA biases (bias != 'none') are not supported"),
+        "modules_to_save": (bool(cfg.get("modules_to_save")),
+                            f"fully trained modules ({cfg.get('modules_to_save')}) are not supported: merge the "
+                            "adapter into a checkpoint instead"),
+        "fan_in_fan_out": (bool(cfg.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D) layouts are not supported"),
+    }
+    for key, (refused, why) in refusals.items():
+        if refused:
+            raise LoRAError(f"LoRA adapter {folder}: {why}")
+
+
+def _peft_pairs(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    path = folder / "adapter_model.safetensors"
+    if not path.is_file():
+        raise LoRAError(f"LoRA adapter {folder}: no adapter_model.safetensors (pickled .bin adapters are not loaded)")
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            for key in f.keys():
+                if "lora_embedding" in key or "lora_magnitude" in key:
+                    raise LoRAError(f"{path}: {key!r}: embedding LoRA and DoRA magnitudes are not supported")
+                match = _PEFT_KEY.match(key)
+                if match is None:
+                    raise LoRAError(f"{path}: unexpected tensor {key!r} (not a lora_A / lora_B weight)")
+                found.setdefault(match["module"], {})[match["which"]] = f.get_tensor(key)
+    except (OSError, RuntimeError, ValueError) as exc:
+        if isinstance(exc, LoRAError):
+            raise
+        raise LoRAError(f"{path}: cannot read safetensors ({exc})") from None
+    return {module: _pair(path, module, parts.get("A"), parts.get("B")) for module, parts in found.items()}
+
+
+def _pair(path: Path, module: str, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if a is None or b is None:
+        raise LoRAError(f"{path}: {module} has lora_{'A' if a is None else 'B'} missing")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.is_floating_point() \
+            or not b.is_floating_point():
+        raise LoRAError(f"{path}: {module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not a rank-r pair")
+    return a, b
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rank/alpha_pattern: the first key whose regex ends the module's name."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def _hf_rows(module: str, b: torch.Tensor, config: ModelConfig, family: FamilySpec) -> Iterator[tuple[str, torch.Tensor]]:
+    name = canonical_hf_name(f"{module}.weight", family)
+    if family.hf_qkv_per_head and ".qkv_proj." in name:
+        b = qkv_by_kind(b, config.num_attention_heads)
+    return _model_rows(name, b, config, family)
+
+
+# -- llama.cpp GGUF LoRA ------------------------------------------------------------------------------
+def _gguf_modules(path: Path, family: FamilySpec) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, float]], int]:
+    try:
+        f = open_gguf(path)
+    except GGUFError as exc:
+        raise LoRAError(f"LoRA adapter: {exc}") from None
+    if f.get("general.type") != "adapter" or f.get("adapter.type") != "lora":
+        raise LoRAError(f"{path}: not a LoRA adapter (general.type {f.get('general.type')!r}, "
+                        f"adapter.type {f.get('adapter.type')!r})")
+    arch = f.get("general.architecture")
+    if arch is not None and arch not in family.gguf_architectures:
+        raise LoRAError(f"{path}: a LoRA adapter for {arch!r} models, not for this {family.name} model")
+    from ..layers.dequant import dequantize
+
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for info in f.tensors.values():
+        match = _GGUF_KEY.match(info.name)
+        if match is None:
+            raise LoRAError(f"{path}: unexpected tensor {info.name!r} (not a .lora_a / .lora_b)")
+        found.setdefault(match["base"], {})[match["which"].upper()] = dequantize(
+            f.tensor_bytes(info), info.ggml_type, info.shape)
+    alpha = f.get("adapter.lora.alpha")
+    modules, rank = {}, 0
+    for base, parts in found.items():
+        a, b = _pair(path, base, parts.get("A"), parts.get("B"))
+        r = a.shape[0]
+        if alpha is not None and (not isinstance(alpha, (int, float)) or alpha <= 0):
+            raise LoRAError(f"{path}: adapter.lora.alpha must be a positive number, got {alpha!r}")
+        modules[base], rank = (a, b, (alpha / r) if alpha else 1.0), max(rank, r)  # llama.cpp: no alpha → scale 1
+    return modules, rank
+
+
+def _gguf_rows(base: str, b: torch.Tensor, config: ModelConfig, family: FamilySpec) -> Iterator[tuple[str, torch.Tensor]]:
+    name = canonical_name(base, family)
+    if family.gguf_qk_permuted and (".q_proj." in name or ".k_proj." in name):
+        b = unpermute_rows(b, config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads)
+    return _model_rows(name, b, config, family)
+
+
+def _model_rows(name: str, b: torch.Tensor, config: ModelConfig,
+                family: FamilySpec) -> Iterator[tuple[str, torch.Tensor]]:
+    for canonical, rows in model_rows([(name, b)], config, family):
+        yield canonical.removesuffix(".weight"), rows
