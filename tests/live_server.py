@@ -8,7 +8,7 @@ import time
 
 import uvicorn
 
-from pagedllm.config import CacheConfig, EngineConfig, SchedulerConfig
+from pagedllm.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.entrypoints.openai.server import ServerConfig, build_app
 
@@ -22,11 +22,11 @@ def free_port() -> int:
 class LiveServer:
     def __init__(self, model: str | None = None, *, served_model_name: str = "test-model", api_key: str | None = None,
                  kv_cache_memory: int = 128 * 2**20, max_num_seqs: int = 64, max_model_len: int | None = None,
-                 block_size: int = 16, quantization: str = "auto", **server_options):
+                 block_size: int = 16, quantization: str = "auto", lora: LoRAConfig | None = None, **server_options):
         self.engine = LLMEngine(EngineConfig(
             model=model, quantization=quantization, cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory),
             scheduler=SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=max_num_seqs,
-                                      max_model_len=max_model_len)))
+                                      max_model_len=max_model_len), lora=lora))
         self.config = ServerConfig(served_model_name, api_key, **server_options)
         self.app = build_app(self.engine, self.config)
         self.port = free_port()

@@ -201,3 +201,17 @@ def test_llama_cpp_gguf_lora_gives_peft_logits(tiny_models, tmp_path):
     write_gguf_lora(tmp_path / "a", tmp_path / "qwen.gguf", tiny, alpha=12, arch="qwen2")
     with pytest.raises(LoRAError, match="for 'qwen2' models"):
         llm.load_lora("wrong", str(tmp_path / "qwen.gguf"))
+
+
+def test_an_adapter_in_use_is_not_unloaded(tiny_models, tmp_path):
+    tiny = tiny_models["llama"]
+    make_peft_adapter(tiny, tmp_path / "a", seed=1)
+    llm = _llm(tiny.hf_dir, lora_modules={"a": str(tmp_path / "a")})
+    llm.engine.add_request("r", {"prompt_token_ids": _prompt(8, 11)}, SamplingParams(max_tokens=4), lora="a")
+    llm.engine.step()
+    with pytest.raises(LoRAError, match="in use by 1"):
+        llm.unload_lora("a")
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    llm.unload_lora("a")
+    assert llm.engine.loras.adapters == {}

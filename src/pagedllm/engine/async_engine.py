@@ -62,18 +62,20 @@ class AsyncLLMEngine:
         self._wake.set()
         self._thread.join(timeout=30)
 
-    async def add(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+    async def add(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                  lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Admit a request (errors are raised here) and return the iterator of its outputs. Leaving
         that iterator early (a client that went away) aborts the request and frees its blocks; a
         caller that never iterates it must call abort()."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         admitted: concurrent.futures.Future[None] = concurrent.futures.Future()
-        self._submit(lambda: self._add(request_id, prompt, params, stream, admitted))
+        self._submit(lambda: self._add(request_id, prompt, params, lora, stream, admitted))
         await asyncio.wrap_future(admitted)
         return self._outputs(request_id, stream)
 
-    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        async for output in await self.add(request_id, prompt, params):
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
+                       lora: str | None = None) -> AsyncIterator[RequestOutput]:
+        async for output in await self.add(request_id, prompt, params, lora):
             yield output
 
     async def _outputs(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
@@ -141,14 +143,14 @@ class AsyncLLMEngine:
         if ran:
             self.stats = self.engine.stats()
 
-    def _add(self, request_id: str, prompt: Prompt, params: SamplingParams, stream: _Stream,
+    def _add(self, request_id: str, prompt: Prompt, params: SamplingParams, lora: str | None, stream: _Stream,
              admitted: concurrent.futures.Future) -> None:
         if len(self.engine.scheduler.waiting) >= self.max_waiting_requests:
             admitted.set_exception(QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} "
                                                   f"requests); try again later"))
             return
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, lora=lora)
         except (PagedLLMError, ValueError) as exc:
             admitted.set_exception(exc)
             return

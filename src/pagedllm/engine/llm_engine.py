@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import heapq
@@ -230,6 +231,19 @@ class LLMEngine:
             return self.loras.get(name)
         except LoRAError as exc:
             raise RequestError(str(exc)) from None
+
+    @contextlib.contextmanager
+    def adapted(self, lora: str | None):
+        """Forward passes outside steps (probes) through adapter `lora`, for the length of the block."""
+        if lora is None:
+            yield
+            return
+        context = self.model.lora_context
+        context.segments = [(self.lora_adapter(lora).id, None)]
+        try:
+            yield
+        finally:
+            context.segments = []
 
     def load_lora(self, name: str, path: str) -> LoadedAdapter:
         """Load an adapter at run time (the engine must have been started with LoRA on)."""
@@ -558,8 +572,11 @@ class LLMEngine:
     def snapshot(self) -> dict:
         """The engine at this moment, for the web page's engine panel: its stats, each open request and the
         state of every KV block (BlockPool.states)."""
+        adapters = {a.id: a.name for a in self.loras.adapters.values()} if self.loras is not None else {}
+
         def request(r: Request) -> dict:
-            return {"id": r.request_id, "status": r.status.value, "prompt_tokens": len(r.prompt_token_ids),
+            return {"id": r.request_id, "lora": adapters.get(r.lora_id), "status": r.status.value,
+                    "prompt_tokens": len(r.prompt_token_ids),
                     "output_tokens": len(r.output_token_ids), "cached_tokens": r.num_cached_tokens,
                     "computed_tokens": r.num_computed_tokens, "preemptions": r.num_preemptions,
                     "blocks": len(self.kv_cache.block_table(r))}

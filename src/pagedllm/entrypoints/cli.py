@@ -63,6 +63,13 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative-model", default=None,
                    help="a smaller model with the same vocabulary that drafts tokens (implies draft_model)")
     p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--enable-lora", action="store_true",
+                   help="serve LoRA adapters (implied by --lora-modules); decode then skips the fused C++ layer")
+    p.add_argument("--lora-modules", nargs="+", default=[], metavar="NAME=PATH",
+                   help="LoRA adapters to load at start: a PEFT folder or a llama.cpp GGUF LoRA, each under a name "
+                        "that requests pick as their model")
+    p.add_argument("--max-loras", type=int, default=4, help="LoRA adapters loaded at once (default 4)")
+    p.add_argument("--max-lora-rank", type=int, default=64, help="the largest LoRA rank accepted (default 64)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -116,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how /v1/embeddings reduces a prompt's final hidden states (default: the last token's, "
                             "as decoder embedding models such as Qwen3-Embedding are trained); always L2-normalised")
     serve.add_argument("--no-ui", dest="ui", action="store_false", help="no web page at / (the API only)")
+    serve.add_argument("--allow-runtime-lora-updates", action="store_true",
+                       help="let API clients load and unload LoRA adapters from this machine's files "
+                            "(POST /v1/load_lora_adapter, /v1/unload_lora_adapter); off by default")
     serve.add_argument("--max-body-bytes", type=parse_bytes, default="1MiB", help="request body bound (default 1MiB)")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     _add_engine_args(serve)
@@ -197,7 +207,21 @@ def _engine_options(args: argparse.Namespace) -> dict:
                 kv_cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
+                tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
+                enable_lora=args.enable_lora, lora_modules=_lora_modules(args.lora_modules), max_loras=args.max_loras,
+                max_lora_rank=args.max_lora_rank)
+
+
+def _lora_modules(specs: list[str]) -> dict[str, str]:
+    modules = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise PagedLLMError(f"--lora-modules takes NAME=PATH, got {spec!r}")
+        if name in modules:
+            raise PagedLLMError(f"--lora-modules names {name!r} twice")
+        modules[name] = path
+    return modules
 
 
 def _engine_config(args: argparse.Namespace):
@@ -357,7 +381,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or Path(engine.source.path).stem
     config = ServerConfig(name, args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
                           args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit, args.task, args.pooling,
-                          args.reasoning_parser, args.tool_call_parser, args.ui)
+                          args.reasoning_parser, args.tool_call_parser, args.ui,
+                          allow_runtime_lora_updates=args.allow_runtime_lora_updates)
     app = build_app(engine, config, on_ready=lambda: print(_examples(args.host, args.port, config), flush=True))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

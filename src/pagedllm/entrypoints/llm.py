@@ -61,11 +61,13 @@ class LLM:
         return self.generate([{"prompt_token_ids": tokenizer.encode_chat(c)} for c in conversations], params)
 
     def inspect(self, prompt: str | list[int], layers: list[int] | None = None, top_k: int = 10,
-                attention: list[AttentionQuery | str | tuple] | None = None) -> Inspection:
-        """Probe the model layer by layer on `prompt` (see tools/inspect.py); `attention`: which weights to
-        read, as AttentionQuery or 'L:H:i:j' strings. The engine's cache and requests are untouched."""
-        return inspect_model(self.engine.model, self._ids(prompt), layers, top_k, self.engine.kv_spec.block_size,
-                             attention)
+                attention: list[AttentionQuery | str | tuple] | None = None, lora: str | None = None) -> Inspection:
+        """Probe the model (through LoRA adapter `lora` where given) layer by layer on `prompt` (see
+        tools/inspect.py); `attention`: which weights to read, as AttentionQuery or 'L:H:i:j' strings. The
+        engine's cache and requests are untouched."""
+        with self.engine.adapted(lora):
+            return inspect_model(self.engine.model, self._ids(prompt), layers, top_k, self.engine.kv_spec.block_size,
+                                 attention)
 
     def compare(self, prompt: str | list[int], reference: str = "transformers") -> Comparison:
         """The numerics diff, layer by layer, against `reference`: transformers, float, or another checkpoint."""

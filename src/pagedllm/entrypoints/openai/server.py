@@ -36,7 +36,8 @@ from .metrics import ServerMetrics
 from ...tools.inspect import ProbeError, inspect_model
 from ..batch.board import JobBoard
 from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
-                       EmbeddingRequest, InspectRequest, ProbeRequest, SamplingFields, TokenizeRequest)
+                       EmbeddingRequest, InspectRequest, LoadLoRARequest, ProbeRequest, SamplingFields, TokenizeRequest,
+                       UnloadLoRARequest)
 from .reasoning import REASONING_FORMATS, ReasoningSplitter, detect_format
 from .responses_api import ResponseBuilder, ResponsesRequest
 from .responses import (ChoiceText, Echo, chat_chunk, chat_response, completion_chunk, completion_response,
@@ -63,6 +64,7 @@ class ServerConfig:
     tool_call_parser: str = "auto"  # "auto" (from the chat template) or a TOOL_FORMATS name
     ui: bool = True  # the web page at / (entrypoints/ui)
     jobs_dir: str | None = None  # the batch jobs' board (entrypoints/batch/board.py) shown by /v1/engine
+    allow_runtime_lora_updates: bool = False  # clients may load adapters from this machine's files
 
 
 @dataclass(frozen=True)
@@ -94,9 +96,21 @@ class OpenAIServer:
         self.tool_marker_id = self.tokenizer.special_token_id(self.tool_format.start)
 
     # -- checks -------------------------------------------------------------------------------
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.config.served_model_name:
-            raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+    def check_model(self, name: str | None) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model); 404 for any other name."""
+        if name is None or name == self.config.served_model_name:
+            return None
+        if self.engine.loras is not None and name in self.engine.loras.adapters:
+            return name
+        raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+    def check_lora_updates(self) -> None:
+        if not self.config.allow_runtime_lora_updates or self.engine.loras is None:
+            raise APIError(403, "loading LoRA adapters at run time is off: start the server with --enable-lora "
+                                "--allow-runtime-lora-updates", code="lora_updates_disabled")
+
+    def model_name(self, lora: str | None) -> str:
+        return lora or self.config.served_model_name
 
     def check_generates(self) -> None:
         if self.config.task == "embed":
@@ -129,25 +143,26 @@ class OpenAIServer:
             raise APIError(400, message, message.split(" ", 1)[0]) from None
 
     # -- generation ---------------------------------------------------------------------------
-    async def start(self, request_ids: list[str], prompts: list[_Prompt],
-                    params: list[SamplingParams]) -> list[AsyncIterator[RequestOutput]]:
+    async def start(self, request_ids: list[str], prompts: list[_Prompt], params: list[SamplingParams],
+                    lora: str | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Admit every prompt (or none: the ones admitted before a refusal are aborted)."""
         started = []
         try:
             for request_id, prompt, p in zip(request_ids, prompts, params):
-                started.append(await self.async_engine.add(request_id, {"prompt_token_ids": prompt.ids}, p))
+                started.append(await self.async_engine.add(request_id, {"prompt_token_ids": prompt.ids}, p, lora))
         except BaseException as exc:
             for request_id in request_ids[:len(started)]:
                 self.async_engine.abort(request_id)
             raise _api_error(exc) from None
         return started
 
-    async def probe(self, ids: list[int], probes: ProbeRequest) -> dict:
-        """Probes on a prompt, taken on the engine thread between two steps on a KV cache of their own:
-        the requests being served and their tokens are untouched."""
+    async def probe(self, ids: list[int], probes: ProbeRequest, lora: str | None = None) -> dict:
+        """Probes on a prompt (through a LoRA adapter where named), taken on the engine thread between two
+        steps on a KV cache of their own: the requests being served and their tokens are untouched."""
         def work(engine: LLMEngine) -> dict:
-            return inspect_model(engine.model, ids, probes.layers, probes.top_k, engine.kv_spec.block_size,
-                                 probes.attention).as_json()
+            with engine.adapted(lora):
+                return inspect_model(engine.model, ids, probes.layers, probes.top_k, engine.kv_spec.block_size,
+                                     probes.attention).as_json()
 
         try:
             result = await self.async_engine.call(work)
@@ -249,7 +264,7 @@ class OpenAIServer:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> dict | ChatStream:
         """A chat completion: the response body, or (streaming) its chunks. /v1/responses and /v1/messages
         are adapters over this."""
-        self.check_model(body.model)
+        lora = self.check_model(body.model)
         self.check_generates()
         tools = self.tool_plan(body)
         prompt = self.chat_prompt(body.messages, body.add_generation_prompt, body, tools)
@@ -259,8 +274,8 @@ class OpenAIServer:
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self.chat_params(body, max_tokens, logprobs, tools)
         request_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        probed = None if body.probes is None else await self.probe(prompt.ids, body.probes)
-        (gen,) = await self.start([request_id], [prompt], [params])
+        probed = None if body.probes is None else await self.probe(prompt.ids, body.probes, lora)
+        (gen,) = await self.start([request_id], [prompt], [params], lora)
 
         def choice_text() -> ChoiceText:
             return ChoiceText(self.splitter(prompt), tools.parser())
@@ -269,7 +284,7 @@ class OpenAIServer:
             chunks = _chat_stream(self, body, request_id, created, prompt, gen, choice_text)
             return ChatStream(len(prompt.ids), chunks if probed is None else _then_probes(chunks, probed))
         output = await _unless_gone(request, _final(gen))
-        response = chat_response(request_id, created, self.config.served_model_name, output, len(prompt.ids),
+        response = chat_response(request_id, created, self.model_name(lora), output, len(prompt.ids),
                                  logprobs, self.tokenizer, choice_text)
         return response if probed is None else {**response, "probes": probed}
 
@@ -361,9 +376,36 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
-        card = {"id": config.served_model_name, "object": "model", "created": int(time.time()),
-                "owned_by": "pagedllm", "max_model_len": engine.max_model_len}
-        return {"object": "list", "data": [card]}
+        created = int(time.time())
+        card = {"id": config.served_model_name, "object": "model", "created": created, "owned_by": "pagedllm",
+                "max_model_len": engine.max_model_len}
+        adapters = list(engine.loras.adapters.values()) if engine.loras is not None else []
+        return {"object": "list", "data": [card] + [
+            {**card, "id": a.name, "parent": config.served_model_name, "lora_rank": a.rank} for a in adapters]}
+
+    @app.post("/v1/load_lora_adapter", dependencies=auth)
+    async def load_lora_adapter(body: LoadLoRARequest) -> dict:
+        """vLLM's: load an adapter from this machine's files, under a name requests then give as `model`."""
+        server.check_lora_updates()
+        if body.lora_name == config.served_model_name:
+            raise APIError(400, "lora_name must differ from the served model's name", "lora_name")
+        try:
+            adapter = await asyncio.to_thread(engine.loras.read, body.lora_name, body.lora_path)  # file reads: off the loop
+            await server.async_engine.call(lambda e: e.loras.add(adapter))
+        except PagedLLMError as exc:
+            raise APIError(400, str(exc), "lora_path") from None
+        return {"object": "lora_adapter", "id": body.lora_name, "status": "loaded", "lora_rank": adapter.rank}
+
+    @app.post("/v1/unload_lora_adapter", dependencies=auth)
+    async def unload_lora_adapter(body: UnloadLoRARequest) -> dict:
+        server.check_lora_updates()
+        if body.lora_name not in engine.loras.adapters:
+            raise APIError(404, f"no LoRA adapter named {body.lora_name!r} is loaded", "lora_name", "model_not_found")
+        try:
+            await server.async_engine.call(lambda e: e.unload_lora(body.lora_name))
+        except PagedLLMError as exc:
+            raise APIError(409, str(exc), "lora_name") from None
+        return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
 
     @app.post("/tokenize", dependencies=auth)
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -381,7 +423,7 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
 
     @app.post("/v1/embeddings", dependencies=auth)
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
-        server.check_model(body.model)
+        lora = server.check_model(body.model)
         hidden = engine.model.config.hidden_size
         if body.dimensions is not None and body.dimensions != hidden:
             raise APIError(400, f"dimensions: this model's embeddings have {hidden} dimensions (it was not trained "
@@ -394,13 +436,13 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         params = SamplingParams(max_tokens=1, temperature=0, pooling=config.pooling)
         request_id = f"embd-{uuid.uuid4().hex}"
         gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts,
-                                  [params] * len(prompts))
+                                  [params] * len(prompts), lora)
         outputs = await _unless_gone(request, asyncio.gather(*(_final(g) for g in gens)))
-        return embedding_response(config.served_model_name, outputs, body.encoding_format)
+        return embedding_response(server.model_name(lora), outputs, body.encoding_format)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
-        server.check_model(body.model)
+        lora = server.check_model(body.model)
         server.check_generates()
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens must be at least 1 (0 only with echo, to score the prompt)", "max_tokens")
@@ -414,27 +456,27 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         echo = [Echo(server.prompt_text(p), body.max_tokens == 0) for p in prompts] if body.echo else None
         request_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         # One probe result per prompt, in their order.
-        probed = None if body.probes is None else [await server.probe(p.ids, body.probes) for p in prompts]
-        gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts, params)
+        probed = None if body.probes is None else [await server.probe(p.ids, body.probes, lora) for p in prompts]
+        gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts, params, lora)
         if body.stream:
             chunks = _completion_stream(server, body, request_id, created, prompts, gens, echo)
             return _sse(chunks if probed is None else _then_probes(chunks, probed))
         outputs = await _unless_gone(request, asyncio.gather(*(_final(g) for g in gens)))
-        response = completion_response(request_id, created, config.served_model_name, outputs, body.n, body.logprobs,
+        response = completion_response(request_id, created, server.model_name(lora), outputs, body.n, body.logprobs,
                                        server.tokenizer, body.return_token_ids, echo)
         return response if probed is None else {**response, "probes": probed}
 
     @app.post("/v1/inspect", dependencies=auth)
     async def inspect(body: InspectRequest) -> dict:
         """Probes on the serving model, without stopping it: the response of `pagedllm inspect --json`."""
-        server.check_model(body.model)
+        lora = server.check_model(body.model)
         prompt = server.one_prompt(body.prompt, body.messages)
         if len(prompt.ids) > engine.max_model_len:
             raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the prompt "
                                 f"has {len(prompt.ids)}.", "prompt", "context_length_exceeded")
         shape = engine.model.config
-        return {"object": "inspection", "model": config.served_model_name, "num_layers": shape.num_hidden_layers,
-                "num_heads": shape.num_attention_heads, **await server.probe(prompt.ids, body)}
+        return {"object": "inspection", "model": server.model_name(lora), "num_layers": shape.num_hidden_layers,
+                "num_heads": shape.num_attention_heads, **await server.probe(prompt.ids, body, lora)}
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -561,7 +603,7 @@ async def _completion_stream(server: OpenAIServer, body: CompletionRequest, requ
                              prompts: list[_Prompt], gens: list[AsyncIterator[RequestOutput]],
                              echo: list[Echo] | None) -> AsyncIterator[dict]:
     """With echo, each choice's first chunk carries the prompt (and its logprobs) in front of its text."""
-    model, generated = server.config.served_model_name, {}
+    model, generated = body.model or server.config.served_model_name, {}  # checked: the base or an adapter
     async for index, output in _merge(gens):
         for c in output.outputs:
             if c.delta_text or c.finish_reason or c.delta_token_ids:
@@ -581,7 +623,7 @@ async def _chat_stream(server: OpenAIServer, body: ChatCompletionRequest, reques
                        choice_text: Callable[[], ChoiceText]) -> AsyncIterator[dict]:
     """Each choice's deltas go through its own ChoiceText: reasoning, content and tool calls apart,
     text that may be a marker held back until the next delta (or the end)."""
-    model, generated = server.config.served_model_name, {}
+    model, generated = body.model or server.config.served_model_name, {}  # checked: the base or an adapter
     top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
     texts = {index: choice_text() for index in range(body.n)}
     for index in range(body.n):
