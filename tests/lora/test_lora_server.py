@@ -80,3 +80,25 @@ def test_runtime_updates_are_off_unless_allowed(tiny_models, adapters):
         refused = httpx.post(f"{live.url}/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": str(adapters / "a")})
         assert refused.status_code == 403 and "--allow-runtime-lora-updates" in refused.json()["error"]["message"]
         assert [m["id"] for m in httpx.get(f"{live.url}/v1/models").json()["data"]] == [BASE]
+
+
+def test_batch_rows_pick_adapters(tiny_models, adapters, tmp_path):
+    import json
+
+    from pagedllm import LLM, SamplingParams, infer
+
+    tiny = tiny_models["llama"]
+    rows = [{"prompt": _prompt(10, i), "max_tokens": 6, "lora": lora} for i, lora in enumerate(["a", None, "b", "a"])]
+    rows.append({"prompt": [5, 6], "lora": "nope"})
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows))
+    modules = {"a": str(adapters / "a"), "b": str(adapters / "b")}
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    infer(str(tiny.hf_dir), data, tmp_path / "out.jsonl", 1, sampling_params=greedy, progress=False,
+          engine_options={"kv_cache_memory": 4 * 2**20, "lora_modules": modules})
+    records = {r["line"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    llm = LLM(str(tiny.hf_dir), kv_cache_memory=4 * 2**20, lora_modules=modules)
+    for line, row in enumerate(rows[:4], start=1):
+        expected = llm.generate({"prompt_token_ids": row["prompt"]}, greedy, lora=row["lora"])[0].text
+        assert records[line]["text"] == expected
+    assert "no LoRA adapter named 'nope'" in records[5]["error"]

@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--tp", type=int, default=1, help="split into this many tensor-parallel shards")
     conv.add_argument("--pp", type=int, default=1, help="split into this many pipeline stages")
     conv.add_argument("--merge", action="store_true", help="merge a shard set back into one checkpoint")
+    conv.add_argument("--merge-lora", default=None, metavar="ADAPTER",
+                      help="bake a LoRA adapter (PEFT folder or llama.cpp GGUF LoRA) into the weights, in float32 "
+                           "(then quantised by --quantize where given)")
     mem = sub.add_parser("memory", help="parameters, weight bytes and KV-cache bytes of a model")
     mem.add_argument("model", nargs="?", default=None)
     mem.add_argument("--budget", type=parse_bytes, default="4GiB", help="KV budget to fit tokens in (default 4GiB)")
@@ -360,7 +363,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from ..models.loaders import resolve_model
     from ..tools.export import ConvertPlan, convert
 
-    plan = ConvertPlan(args.to, args.quantize, args.tp, args.pp, args.merge)
+    plan = ConvertPlan(args.to, args.quantize, args.tp, args.pp, args.merge, args.merge_lora)
     print(convert(resolve_model(args.source), Path(args.out), plan))
     return 0
 

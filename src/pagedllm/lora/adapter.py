@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from ..config import ModelConfig
 from ..errors import PagedLLMError
-from ..models.loaders import model_rows
+from ..models.loaders import model_rows, split_fused
 from ..models.loaders.gguf_file import GGUFError, open_gguf
 from ..models.loaders.gguf_loader import canonical_name, unpermute_rows
 from ..models.loaders.hf_loader import HFModelError, canonical_hf_name, qkv_by_kind, read_json
@@ -59,8 +59,11 @@ class LoRAAdapter:
         return sum(u.a.numel() + u.b.numel() for u in self.updates.values())
 
 
-def load_adapter(name: str, path: str | os.PathLike, config: ModelConfig, family: FamilySpec) -> LoRAAdapter:
-    """A PEFT adapter folder or a llama.cpp GGUF LoRA file, for a model of `config` and `family`."""
+def load_adapter(name: str, path: str | os.PathLike, config: ModelConfig, family: FamilySpec,
+                 model_order: bool = True) -> LoRAAdapter:
+    """A PEFT adapter folder or a llama.cpp GGUF LoRA file, for a model of `config` and `family`. B's rows
+    come in the model's order, or with `model_order` False in the canonical checkpoint's (fused tensors
+    split, rotary rows as the checkpoint has them: tools/export.canonical_weights)."""
     path = Path(path).expanduser()
     if path.is_dir():
         modules, rank = _peft_modules(path)
@@ -72,7 +75,7 @@ def load_adapter(name: str, path: str | os.PathLike, config: ModelConfig, family
         raise LoRAError(f"LoRA adapter {str(path)!r}: no such folder or file")
     updates = {}
     for module, (a, b, scale) in modules.items():
-        for canonical, b_rows in rows(module, b, config, family):
+        for canonical, b_rows in rows(module, b, config, family, model_order):
             updates[canonical] = LoRAUpdate(a.float().contiguous(), (b_rows.float() * scale).contiguous())
     if not updates:
         raise LoRAError(f"LoRA adapter {path}: it holds no LoRA weights")
@@ -152,11 +155,12 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def _hf_rows(module: str, b: torch.Tensor, config: ModelConfig, family: FamilySpec) -> Iterator[tuple[str, torch.Tensor]]:
+def _hf_rows(module: str, b: torch.Tensor, config: ModelConfig, family: FamilySpec,
+             model_order: bool) -> Iterator[tuple[str, torch.Tensor]]:
     name = canonical_hf_name(f"{module}.weight", family)
     if family.hf_qkv_per_head and ".qkv_proj." in name:
         b = qkv_by_kind(b, config.num_attention_heads)
-    return _model_rows(name, b, config, family)
+    return _placed_rows(name, b, config, family, model_order)
 
 
 # -- llama.cpp GGUF LoRA ------------------------------------------------------------------------------
@@ -191,14 +195,19 @@ def _gguf_modules(path: Path, family: FamilySpec) -> tuple[dict[str, tuple[torch
     return modules, rank
 
 
-def _gguf_rows(base: str, b: torch.Tensor, config: ModelConfig, family: FamilySpec) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_rows(base: str, b: torch.Tensor, config: ModelConfig, family: FamilySpec,
+               model_order: bool) -> Iterator[tuple[str, torch.Tensor]]:
     name = canonical_name(base, family)
     if family.gguf_qk_permuted and (".q_proj." in name or ".k_proj." in name):
         b = unpermute_rows(b, config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads)
-    return _model_rows(name, b, config, family)
+    return _placed_rows(name, b, config, family, model_order)
 
 
-def _model_rows(name: str, b: torch.Tensor, config: ModelConfig,
-                family: FamilySpec) -> Iterator[tuple[str, torch.Tensor]]:
-    for canonical, rows in model_rows([(name, b)], config, family):
+def _placed_rows(name: str, b: torch.Tensor, config: ModelConfig, family: FamilySpec,
+                 model_order: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    if model_order:
+        placed = model_rows([(name, b)], config, family)
+    else:
+        placed = split_fused([(name, b)], config) if family.fused_checkpoint else [(name, b)]
+    for canonical, rows in placed:
         yield canonical.removesuffix(".weight"), rows

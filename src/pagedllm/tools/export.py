@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import PagedLLMError
+from ..lora.adapter import LoRAAdapter, load_adapter
 from ..models.loaders import ModelSource, read_model_config, split_fused
 from ..models.loaders.gguf_file import open_gguf
 from ..models.loaders.gguf_loader import gguf_weights
@@ -273,16 +274,19 @@ class ConvertPlan:
     tp: int = 1
     pp: int = 1
     merge: bool = False
+    merge_lora: str | None = None  # a LoRA adapter (PEFT folder or GGUF LoRA) baked into the weights
 
 
 def convert(source: ModelSource, out: Path, plan: ConvertPlan) -> str:
     """Write the converted model at `out`; returns a line saying what was written."""
     gguf = out.suffix == ".gguf"
     _check_plan(plan, gguf, source)
-    source_config, _ = read_model_config(source)
+    source_config, family = read_model_config(source)
     to = plan.to or source_config.family
     # A GGUF file of the source's own family keeps fused tensors as llama.cpp stores them (Phi-3's qkv).
     config, weights = canonical_weights(source, split=not gguf or to != source_config.family)
+    if plan.merge_lora is not None:
+        merge_lora(weights, load_adapter("merged", plan.merge_lora, config, family, model_order=False), config)
     tokenizer = load_tokenizer(source)
     if gguf:
         if to != config.family:
@@ -302,6 +306,35 @@ def convert(source: ModelSource, out: Path, plan: ConvertPlan) -> str:
     (out / "pagedllm_shards.json").unlink(missing_ok=True)
     save_file(weights, str(out / "model.safetensors"))
     return f"wrote {out} ({target.architecture})"
+
+
+def merge_lora(weights: Weights, adapter: LoRAAdapter, config: ModelConfig) -> None:
+    """W += B·A for every layer the adapter updates (B in the checkpoint's row order), in place; a layer
+    the checkpoint keeps fused (Phi-3's qkv_proj) takes each part's update on its rows."""
+    for name, update in adapter.updates.items():
+        delta = update.b @ update.a
+        target, offset, size = _merge_target(weights, f"{name}.weight", config)
+        rows = weights[target].narrow(0, offset, size)
+        if rows.shape != delta.shape:
+            raise ConversionError(f"--merge-lora: {name} is {tuple(delta.shape)} in the adapter, "
+                                  f"{tuple(rows.shape)} in the model: an adapter of another model?")
+        rows += delta
+
+
+def _merge_target(weights: Weights, name: str, config: ModelConfig) -> tuple[str, int, int]:
+    """The tensor holding canonical tensor `name`, the row it starts at and its rows."""
+    if name in weights:
+        return name, 0, weights[name].shape[0]
+    module, part, leaf = name.rsplit(".", 2)
+    q, kv, inter = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim,
+                    config.intermediate_size)
+    sizes = {"q_proj": q, "k_proj": kv, "v_proj": kv, "gate_proj": inter, "up_proj": inter}
+    for fused, offsets in (("qkv_proj", {"q_proj": 0, "k_proj": q, "v_proj": q + kv}),
+                           ("gate_up_proj", {"gate_proj": 0, "up_proj": inter})):
+        if part in offsets and f"{module}.{fused}.{leaf}" in weights:
+            return f"{module}.{fused}.{leaf}", offsets[part], sizes[part]
+    raise ConversionError(f"--merge-lora: the adapter updates {name.removesuffix('.weight')}, which the model "
+                          "does not have: an adapter of another model?")
 
 
 def _target(family: str) -> Target:

@@ -1,8 +1,8 @@
 """Input rows of a batch job (one JSON object per line) and the records written for them.
 
 A row: `id` (optional; the 1-based line number when absent), either `prompt` (text or token ids)
-or chat `messages`, and optional sampling settings under their OpenAI / vLLM names, which
-override the job's defaults. `metadata` (any JSON) is copied to the output record untouched.
+or chat `messages`, optional sampling settings under their OpenAI / vLLM names, which
+override the job's defaults, and `lora`: the name of an adapter the job loaded (--lora-modules). `metadata` (any JSON) is copied to the output record untouched.
 Any other key is an error: a typo in a million-row job should fail loudly, not be ignored.
 
 Every non-blank input line gets exactly one output record, keyed by its line number:
@@ -31,7 +31,7 @@ SAMPLING_KEYS = frozenset({
     "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "ignore_eos",
     "skip_special_tokens", "use_beam_search", "length_penalty", "early_stopping", "num_beam_groups",
     "diversity_penalty", "penalty_alpha", "logprobs", "prompt_logprobs"})
-OTHER_KEYS = frozenset({"id", "prompt", "messages", "metadata", "response_format"})
+OTHER_KEYS = frozenset({"id", "prompt", "messages", "metadata", "response_format", "lora"})
 _MESSAGES = TypeAdapter(list[ChatMessage])
 _RESPONSE_FORMAT = TypeAdapter(ResponseFormat)
 
@@ -50,6 +50,7 @@ class BatchTask:
     messages: list[dict[str, str]] | None
     params: SamplingParams
     metadata: Any = None
+    lora: str | None = None  # a LoRA adapter's name
 
 
 def row_id(row: Any, line: int) -> Any:
@@ -78,7 +79,10 @@ def parse_row(row: Any, line: int, defaults: SamplingParams) -> BatchTask:
     if "id" in row and not _usable_id(row["id"]):
         raise RowError("id must be a string or an integer")
     prompt, messages = _prompt(row)
-    return BatchTask(line, row_id(row, line), prompt, messages, _params(row, defaults), row.get("metadata"))
+    lora = row.get("lora")
+    if lora is not None and not isinstance(lora, str):
+        raise RowError("lora must be the name of a LoRA adapter (a string)")
+    return BatchTask(line, row_id(row, line), prompt, messages, _params(row, defaults), row.get("metadata"), lora)
 
 
 def _prompt(row: dict) -> tuple[str | list[int] | None, list[dict[str, str]] | None]:

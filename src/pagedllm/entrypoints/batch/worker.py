@@ -53,7 +53,7 @@ class ReplicaWorker:
         for task in tasks:
             request_id = str(task.line)
             try:
-                self.engine.add_request(request_id, self._prompt(task), task.params)
+                self.engine.add_request(request_id, self._prompt(task), task.params, lora=task.lora)
             except (PagedLLMError, ValueError, TypeError) as exc:
                 refused.append(error_record(task.line, task.id, str(exc)))
             else:
