@@ -54,14 +54,9 @@ def step_logits(llm: LLM, prompts: list[tuple[list[int], str | None]]) -> list[t
         tables.append(list(range(first, first + blocks)))
         first += blocks
     batch = runner.prepare(scheduled, tables)
-    context = engine.model.lora_context
-    context.segments = batch.lora_segments
-    try:
-        with torch.inference_mode():
-            logits = engine.model.compute_logits(engine.model(batch.input_ids, batch.positions, runner.kv_caches,
-                                                              batch.meta))
-    finally:
-        context.segments = []
+    with engine.model.lora_context.applied(batch.lora_segments), torch.inference_mode():
+        logits = engine.model.compute_logits(engine.model(batch.input_ids, batch.positions, runner.kv_caches,
+                                                          batch.meta))
     return list(logits.split([len(ids) for ids, _ in prompts]))
 
 

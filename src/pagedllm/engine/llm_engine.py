@@ -238,12 +238,8 @@ class LLMEngine:
         if lora is None:
             yield
             return
-        context = self.model.lora_context
-        context.segments = [(self.lora_adapter(lora).id, None)]
-        try:
+        with self.model.lora_context.applied([(self.lora_adapter(lora).id, None)]):
             yield
-        finally:
-            context.segments = []
 
     def load_lora(self, name: str, path: str) -> LoadedAdapter:
         """Load an adapter at run time (the engine must have been started with LoRA on)."""
@@ -254,7 +250,7 @@ class LLMEngine:
     def unload_lora(self, name: str) -> None:
         """Unload an adapter no request uses any more."""
         adapter = self.lora_adapter(name)
-        users = sum(1 for group, completion in self._completions.values() if completion.request.lora_id == adapter.id)
+        users = sum(1 for _, completion in self._completions.values() if completion.request.lora_id == adapter.id)
         if users:
             raise LoRAError(f"LoRA adapter {name!r} is in use by {users} running or waiting sequence(s)")
         self.loras.remove(name)

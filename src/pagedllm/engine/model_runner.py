@@ -154,7 +154,8 @@ class ModelRunner:
         hidden_spans = [(i, int(starts[i]), int(counts[i])) for i, s in enumerate(scheduled)
                         if s.request.sampling_params.penalty_alpha > 0 or s.request.sampling_params.pooling]
         hidden_rows = [row for i, _, n in hidden_spans for row in range(query_start[i], query_start[i] + n)]
-        segments = lora_segments([s.request.lora_id for s in scheduled], query_start, self.device)
+        segments = (lora_segments([s.request.lora_id for s in scheduled], query_start, self.device)
+                    if self.model.lora_context is not None else [])
         return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta,
                          self._long_tensor(sample_rows + extra_rows), len(sample_rows), sample_spans, prompt_rows,
                          hidden_spans, self._long_tensor(hidden_rows) if hidden_rows else None, bucket is not None,
@@ -185,11 +186,8 @@ class ModelRunner:
         if context is None:
             hidden = run(batch.input_ids, batch.positions, batch.meta)
         else:
-            context.segments = batch.lora_segments
-            try:
+            with context.applied(batch.lora_segments):  # probes and drafts between steps see the base model
                 hidden = run(batch.input_ids, batch.positions, batch.meta)
-            finally:
-                context.segments = []  # probes and drafts between steps see the base model
         wanted = hidden[batch.hidden_rows] if batch.hidden_rows is not None else None
         return StepResult(self.model.compute_logits(hidden[batch.logits_rows]), wanted)
 

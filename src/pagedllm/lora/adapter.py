@@ -185,12 +185,12 @@ def _gguf_modules(path: Path, family: FamilySpec) -> tuple[dict[str, tuple[torch
         found.setdefault(match["base"], {})[match["which"].upper()] = dequantize(
             f.tensor_bytes(info), info.ggml_type, info.shape)
     alpha = f.get("adapter.lora.alpha")
+    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0):
+        raise LoRAError(f"{path}: adapter.lora.alpha must be a positive number, got {alpha!r}")
     modules, rank = {}, 0
     for base, parts in found.items():
         a, b = _pair(path, base, parts.get("A"), parts.get("B"))
         r = a.shape[0]
-        if alpha is not None and (not isinstance(alpha, (int, float)) or alpha <= 0):
-            raise LoRAError(f"{path}: adapter.lora.alpha must be a positive number, got {alpha!r}")
         modules[base], rank = (a, b, (alpha / r) if alpha else 1.0), max(rank, r)  # llama.cpp: no alpha → scale 1
     return modules, rank
 

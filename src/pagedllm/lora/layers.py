@@ -13,6 +13,7 @@ Routed experts are not targets (their products see rows sorted by expert, not th
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,15 @@ class LoRAContext:
     @property
     def active(self) -> bool:
         return bool(self.segments)
+
+    @contextlib.contextmanager
+    def applied(self, segments: list[tuple[int, torch.Tensor | None]]):
+        """The segments for the forward passes of the block; none after it (the next caller sees the base)."""
+        self.segments = segments
+        try:
+            yield
+        finally:
+            self.segments = []
 
 
 def lora_segments(adapter_ids: list[int], query_start, device: torch.device) -> list[tuple[int, torch.Tensor | None]]:

@@ -145,7 +145,7 @@ class _Job:
 
     def run(self, make_backend, started: float, progress: bool) -> BatchSummary:
         if self.summary.already_done < self.summary.rows:
-            self.board.publish(self.state)
+            self._publish("starting")
             backend = make_backend()
             try:
                 backend.start()
