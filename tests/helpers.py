@@ -53,3 +53,21 @@ def assert_same_or_near_tie(llm, prompts: list[str], expected: list[list[int]], 
         assert k is not None, (prompt, "one output is a prefix of the other", want, have)
         logits = prefill_logits(llm.engine.model, tokenizer.encode(prompt) + want[:k])[-1]
         assert abs(logits[want[k]] - logits[have[k]]) < NEAR_TIE, (prompt, k)
+
+
+def step_logits(llm, prompts: list[tuple[list[int], str | None]]) -> list[torch.Tensor]:
+    """Every position's logits of several prompts run as one batch step, each with its adapter (or none)."""
+    engine = llm.engine
+    runner, bs = engine.runner, engine.kv_spec.block_size
+    scheduled, tables, first = [], [], 0
+    for i, (ids, lora) in enumerate(prompts):
+        lora_id = engine.lora_adapter(lora).id if lora else 0
+        scheduled.append(ScheduledRequest(Request(str(i), ids, SamplingParams(), lora_id=lora_id), len(ids)))
+        blocks = -(-len(ids) // bs)
+        tables.append(list(range(first, first + blocks)))
+        first += blocks
+    batch = runner.prepare(scheduled, tables)
+    with engine.model.lora_context.applied(batch.lora_segments), torch.inference_mode():
+        logits = engine.model.compute_logits(engine.model(batch.input_ids, batch.positions, runner.kv_caches,
+                                                          batch.meta))
+    return list(logits.split([len(ids) for ids, _ in prompts]))

@@ -13,6 +13,8 @@ from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import ScheduledRequest
 from pagedllm.lora import LoRAError
 
+from helpers import step_logits
+
 DENSE = ["llama", "qwen2", "mistral", "qwen3", "phi3", "glm", "glm4", "bloom", "gemma2"]
 
 
@@ -40,24 +42,6 @@ def make_peft_adapter(tiny, folder, seed: int, rank: int = 4, alpha: int = 8, ta
 def peft_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0]
-
-
-def step_logits(llm: LLM, prompts: list[tuple[list[int], str | None]]) -> list[torch.Tensor]:
-    """Every position's logits of several prompts run as one batch step, each with its adapter (or none)."""
-    engine = llm.engine
-    runner, bs = engine.runner, engine.kv_spec.block_size
-    scheduled, tables, first = [], [], 0
-    for i, (ids, lora) in enumerate(prompts):
-        lora_id = engine.lora_adapter(lora).id if lora else 0
-        scheduled.append(ScheduledRequest(Request(str(i), ids, SamplingParams(), lora_id=lora_id), len(ids)))
-        blocks = -(-len(ids) // bs)
-        tables.append(list(range(first, first + blocks)))
-        first += blocks
-    batch = runner.prepare(scheduled, tables)
-    with engine.model.lora_context.applied(batch.lora_segments), torch.inference_mode():
-        logits = engine.model.compute_logits(engine.model(batch.input_ids, batch.positions, runner.kv_caches,
-                                                          batch.meta))
-    return list(logits.split([len(ids) for ids, _ in prompts]))
 
 
 def _llm(source, **options) -> LLM:

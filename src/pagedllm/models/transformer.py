@@ -12,7 +12,7 @@ through block tables.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -265,6 +265,24 @@ class Transformer(nn.Module):
         if self.config.normalized_head:  # Baichuan 2's NormHead: x · W_iᵀ / ‖W_i‖, whatever W's storage
             self.head_scale = 1 / self._head.method.row_norms(self._head).clamp_min(1e-12)
 
+    def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(canonical checkpoint tensor, its values now) for every float tensor load_weights placed: rows
+        in the model's order, fused checkpoint tensors as their parts, a Gemma norm's 1 + w given back as
+        w — what a trained model writes out (training/export.py). Dense (float) layers only."""
+        linears = {name: m for name, m in self.named_modules() if isinstance(m, Linear)}
+        norms = {name: m for name, m in self.named_modules() if isinstance(m, RMSNorm)}
+        for module, layer in linears.items():
+            names = layer.checkpoint_names or (_canonical(module),)
+            for shard, checkpoint in enumerate(names):
+                offset, size = layer.shard_offset(shard), layer.shard_sizes[shard]
+                yield f"{checkpoint}.weight", layer.weight.narrow(0, offset, size)
+                if layer.bias is not None:
+                    yield f"{checkpoint}.bias", layer.bias.narrow(0, offset, size)
+        for name, param in self.named_parameters():
+            if not _owned_by_linear(name, linears):
+                norm = norms.get(name.rpartition(".")[0])
+                yield _canonical(name), param - norm.offset if norm is not None and norm.offset else param
+
     @property
     def capturable(self) -> bool:
         """Whether a forward pass decides nothing on the host from the step's data, so that it can be
@@ -295,6 +313,11 @@ class Transformer(nn.Module):
             module, shard = shards[checkpoint]
             return f"{module}.{leaf}", shard
         return name.removeprefix("model."), None
+
+
+def _canonical(path: str) -> str:
+    """The canonical checkpoint name of a module or parameter load_weights placed by its path (_locate)."""
+    return path if path.startswith("lm_head") else f"model.{path}"
 
 
 def _owned_by_linear(param_name: str, linears: dict[str, Linear]) -> bool:

@@ -287,6 +287,14 @@ def convert(source: ModelSource, out: Path, plan: ConvertPlan) -> str:
     config, weights = canonical_weights(source, split=not gguf or to != source_config.family)
     if plan.merge_lora is not None:
         merge_lora(weights, load_adapter("merged", plan.merge_lora, config, family, model_order=False), config)
+    return write_model(source, config, weights, out, plan)
+
+
+def write_model(source: ModelSource, config: ModelConfig, weights: Weights, out: Path, plan: ConvertPlan) -> str:
+    """Write canonical float32 `weights` of a model read from `source` (its tokenizer goes along) at `out`:
+    a .gguf file (fused tensors as the family's checkpoints keep them) or a Hugging Face folder."""
+    gguf = out.suffix == ".gguf"
+    to = plan.to or config.family
     tokenizer = load_tokenizer(source)
     if gguf:
         if to != config.family:
@@ -313,7 +321,7 @@ def merge_lora(weights: Weights, adapter: LoRAAdapter, config: ModelConfig) -> N
     the checkpoint keeps fused (Phi-3's qkv_proj) takes each part's update on its rows."""
     for name, update in adapter.updates.items():
         delta = update.b @ update.a
-        target, offset, size = _merge_target(weights, f"{name}.weight", config)
+        target, offset, size = tensor_rows(weights, f"{name}.weight", config)
         rows = weights[target].narrow(0, offset, size)
         if rows.shape != delta.shape:
             raise ConversionError(f"--merge-lora: {name} is {tuple(delta.shape)} in the adapter, "
@@ -321,7 +329,7 @@ def merge_lora(weights: Weights, adapter: LoRAAdapter, config: ModelConfig) -> N
         rows += delta
 
 
-def _merge_target(weights: Weights, name: str, config: ModelConfig) -> tuple[str, int, int]:
+def tensor_rows(weights: Weights, name: str, config: ModelConfig) -> tuple[str, int, int]:
     """The tensor holding canonical tensor `name`, the row it starts at and its rows."""
     if name in weights:
         return name, 0, weights[name].shape[0]
@@ -333,8 +341,8 @@ def _merge_target(weights: Weights, name: str, config: ModelConfig) -> tuple[str
                            ("gate_up_proj", {"gate_proj": 0, "up_proj": inter})):
         if part in offsets and f"{module}.{fused}.{leaf}" in weights:
             return f"{module}.{fused}.{leaf}", offsets[part], sizes[part]
-    raise ConversionError(f"--merge-lora: the adapter updates {name.removesuffix('.weight')}, which the model "
-                          "does not have: an adapter of another model?")
+    raise ConversionError(f"{name.removesuffix('.weight')}: the model has no such tensor (an adapter or weights "
+                          "of another model?)")
 
 
 def _target(family: str) -> Target:
