@@ -53,6 +53,8 @@ def transformers_side(trainer, folder: Path, steps: int) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from pagedllm.training.data import padded_batch
+
     base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)
@@ -60,13 +62,7 @@ def transformers_side(trainer, folder: Path, steps: int) -> float:
 
     def step(i):
         batch = [examples[r] for r in trainer.plan.step_rows(i)]
-        longest = max(len(e.ids) for e in batch)
-        ids = torch.zeros(len(batch), longest, dtype=torch.long)
-        mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-        for row, e in enumerate(batch):
-            ids[row, :len(e.ids)] = torch.tensor(e.ids)
-            mask[row, :len(e.ids)] = 1
-            labels[row, :len(e.ids)] = torch.where(torch.tensor(e.answer), torch.tensor(e.ids), -100)
+        ids, mask, labels = padded_batch(batch)
         optimizer.zero_grad(set_to_none=True)
         model(ids, attention_mask=mask, labels=labels).loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)

@@ -3,14 +3,11 @@ and the base model, and on a GGUF base whose q/k rows llama.cpp permuted."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.engine.request import Request
-from pagedllm.engine.scheduler import ScheduledRequest
 from pagedllm.lora import LoRAError
 
 from helpers import step_logits

@@ -108,6 +108,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     refused = _cli("--data", bad, "--out", tmp_path / "run")
     assert refused.returncode == 2 and "bad.jsonl:1: not JSON" in refused.stderr
     assert "Traceback" not in refused.stderr
+    assert not (tmp_path / "run" / "run.json").exists()  # a refused file does not claim the run folder
     assert _cli("--plot", tmp_path / "nowhere").returncode == 2
     flags = _cli("--data", bad, "--out", tmp_path / "run2", "--batch-size", "0")
     assert flags.returncode == 2 and "--batch-size" in flags.stderr

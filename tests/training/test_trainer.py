@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -16,9 +15,9 @@ import pytest
 import torch
 
 from pagedllm import LLM, SamplingParams
-from pagedllm.errors import PagedLLMError
 from pagedllm.models.loaders import load_model, resolve_model
 from pagedllm.training import TrainConfig, Trainer
+from pagedllm.training.data import padded_batch
 from pagedllm.training.lora import checkpoint_order
 from pagedllm.training.trainer import answer_losses
 
@@ -49,13 +48,7 @@ def config(tmp_path, model, **options) -> TrainConfig:
 
 def hf_loss_and_grads(hf_model, examples):
     """transformers' loss on the same rows (padded, answer tokens labelled) and its gradients."""
-    longest = max(len(e.ids) for e in examples)
-    ids = torch.zeros(len(examples), longest, dtype=torch.long)
-    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
-    for i, e in enumerate(examples):
-        ids[i, :len(e.ids)] = torch.tensor(e.ids)
-        mask[i, :len(e.ids)] = 1
-        labels[i, :len(e.ids)] = torch.where(torch.tensor(e.answer), torch.tensor(e.ids), -100)
+    ids, mask, labels = padded_batch(examples)
     hf_model.zero_grad()
     with torch.enable_grad():
         loss = hf_model(ids, attention_mask=mask, labels=labels).loss

@@ -163,3 +163,17 @@ class BatchPlan:
     @staticmethod
     def micro_batches(rows: list[int], batch_size: int) -> list[list[int]]:
         return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def padded_batch(examples: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rows as transformers' trainers take them: ids padded on the right, the attention mask, and the
+    labels (-100 outside the answers) — for comparing with a transformers model on the same rows."""
+    longest = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for row, e in enumerate(examples):
+        tokens = torch.tensor(e.ids)
+        ids[row, :len(e.ids)], mask[row, :len(e.ids)] = tokens, 1
+        labels[row, :len(e.ids)] = torch.where(torch.tensor(e.answer), tokens, -100)
+    return ids, mask, labels
+

@@ -139,12 +139,13 @@ def answer_losses(model, examples: list[Example], backend: SequenceBackend,
     ids = torch.tensor([t for e in examples for t in e.ids], device=device)
     positions = torch.cat([torch.arange(n) for n in lengths]).to(device)
     hidden = model(ids, positions, [None] * len(model.layers), backend.metadata(lengths, device))
-    starts = torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
-    targets = [start + i for start, e in zip(starts, examples) for i in range(1, len(e.ids)) if e.answer[i]]
-    owner = [k for k, e in enumerate(examples) for i in range(1, len(e.ids)) if e.answer[i]]
-    targets_t = torch.tensor(targets, device=device)
-    logits = model.compute_logits(hidden[targets_t - 1])  # the token before each answer token predicts it
-    return F.cross_entropy(logits.float(), ids[targets_t], reduction="none"), torch.tensor(owner)
+    # Answer tokens after each row's first: the token before each one predicts it.
+    answer = torch.tensor([a for e in examples for a in e.answer]) & (positions.cpu() > 0)
+    targets = answer.nonzero()[:, 0]
+    owner = torch.repeat_interleave(torch.arange(len(examples)), torch.tensor(lengths))[targets]
+    targets = targets.to(device)
+    logits = model.compute_logits(hidden[targets - 1])
+    return F.cross_entropy(logits.float(), ids[targets], reduction="none"), owner
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -343,9 +344,9 @@ def prepare_run(config: TrainConfig) -> Path:
 
 def train(config: TrainConfig) -> None:
     """Run `config` in this process, or in `nproc` processes (torch.distributed: gloo on the CPU, NCCL on GPUs)."""
-    prepare_run(config)
     source = resolve_model(config.model)
     read_dataset(config.data, load_tokenizer(source), config.max_length)  # a bad row stops the run here, once
+    prepare_run(config)
     if config.nproc == 1:
         Trainer(config).run()
         return
