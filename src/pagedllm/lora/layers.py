@@ -59,7 +59,8 @@ def lora_segments(adapter_ids: list[int], query_start, device: torch.device) -> 
 
 
 class LoRALayer:
-    """The adapters of one Linear: per adapter id, (A of its shards stacked [R, in], B block-diagonal [out, R])."""
+    """The adapters of one Linear: per adapter id, (Aᵀ of its shards stacked [in, R], Bᵀ block-diagonal [R, out]),
+    kept transposed and contiguous so that a step's update is one mm and one in-place addmm."""
 
     def __init__(self, layer: Linear, context: LoRAContext):
         self.layer, self.context = layer, context
@@ -76,7 +77,7 @@ class LoRALayer:
             a[col:col + r] = update.a
             b[start:start + layer.shard_sizes[shard], col:col + r] = update.b
             col += r
-        self.updates[adapter_id] = (a, b)
+        self.updates[adapter_id] = (a.T.contiguous(), b.T.contiguous())
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """`out` (x·Wᵀ, fresh from the layer's method) with each segment's update added in place."""
@@ -87,13 +88,15 @@ class LoRALayer:
             update = self.updates.get(adapter_id)
             if update is None:
                 continue
-            a, b = update
+            a_t, b_t = update
             xs = rows_x if rows is None else rows_x.index_select(0, rows)
-            delta = ((xs.to(a.dtype) @ a.T) @ b.T).to(out.dtype)
-            if rows is None:
-                rows_out += delta
+            low = torch.mm(xs.to(a_t.dtype), a_t)
+            if rows is None and rows_out.dtype == b_t.dtype:
+                rows_out.addmm_(low, b_t)  # the whole step on one adapter (decode of one stream): two calls
+            elif rows is None:
+                rows_out += torch.mm(low, b_t).to(out.dtype)
             else:
-                rows_out.index_add_(0, rows, delta)
+                rows_out.index_add_(0, rows, torch.mm(low, b_t).to(out.dtype))
         return out
 
 
