@@ -43,7 +43,7 @@ def pagedllm_side(data: str, out: Path, steps: int, batch_size: int):
     trainer = Trainer(TrainConfig(data, str(out), max_steps=steps + 2, batch_size=batch_size, save_every=0))
 
     def step(_):
-        trainer._train_step()  # the loop's own step, without the run's logging and saving
+        trainer.train_step()  # the loop's own step, without the run's logging and saving
         trainer.step += 1
 
     return trainer, timed_steps(step, steps)

@@ -28,9 +28,9 @@ def trained_weights(model, source: ModelSource, split: bool) -> dict[str, torch.
     return weights
 
 
-def write_trained_model(model, source: ModelSource, folder: Path) -> str:
-    """Write the model into run `folder` (`model/` or `model.gguf`); returns what convert would print."""
+def write_trained_model(model, source: ModelSource, folder: Path) -> tuple[Path, str]:
+    """Write the model into run `folder`: where it went (`model/` or `model.gguf`) and what convert would print."""
     config, _ = read_model_config(source)
     out = folder / "model" if config.family in HF_TARGETS else folder / "model.gguf"
     weights = trained_weights(model, source, split=out.suffix != ".gguf")
-    return write_model(source, config, weights, out, ConvertPlan())
+    return out, write_model(source, config, weights, out, ConvertPlan())

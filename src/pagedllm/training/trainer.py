@@ -161,14 +161,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 class Trainer:
     """One rank of a run."""
 
-    def __init__(self, config: TrainConfig, rank: int = 0, world: int = 1):
+    def __init__(self, config: TrainConfig, rank: int = 0, world: int = 1, dataset: Dataset | None = None):
+        """`dataset`: the rows already read (train() checks them before a run starts), else read here."""
         self.config, self.rank, self.world = config, rank, world
         self.folder = Path(config.out).expanduser()
         self.device = torch.device(f"cuda:{rank}" if config.device == "cuda" and world > 1 else config.device)
         torch.manual_seed(config.seed)
         self.source = resolve_model(config.model)
         self.model_config, self.family = read_model_config(self.source)
-        self.dataset: Dataset = read_dataset(config.data, load_tokenizer(self.source), config.max_length)
+        self.dataset = dataset or read_dataset(config.data, load_tokenizer(self.source), config.max_length)
         self.model, self.params, self.adapter = self._trainable_model()
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.plan = BatchPlan(len(self.dataset.examples), config.global_batch, config.seed)
@@ -204,7 +205,7 @@ class Trainer:
         log = RunLog(self.folder, self.step if self.config.resume else None) if self.rank == 0 else None
         try:
             while self.step < self.total_steps:
-                self._train_step()
+                self.train_step()
                 self.step += 1
                 at_end = self.step == self.total_steps
                 saving = at_end or (self.config.save_every and self.step % self.config.save_every == 0)
@@ -218,7 +219,8 @@ class Trainer:
             if log is not None:
                 log.close()
 
-    def _train_step(self) -> None:
+    def train_step(self) -> None:
+        """One optimizer step over the rows of step `self.step` (the caller advances it)."""
         cfg, examples = self.config, self.dataset.examples
         rows = self.plan.step_rows(self.step)
         step_tokens = sum(examples[r].answer_tokens for r in rows)  # over every rank: the loss's denominator
@@ -309,8 +311,8 @@ class Trainer:
             return
         from .export import write_trained_model
 
-        line = write_trained_model(self.model, self.source, self.folder)
-        print(f"{line}; serve it with: pagedllm serve {line.split()[1]}", file=sys.stderr, flush=True)
+        out, line = write_trained_model(self.model, self.source, self.folder)
+        print(f"{line}; serve it with: pagedllm serve {out}", file=sys.stderr, flush=True)
 
 
 def completed_checkpoints(folder: Path) -> list[Path]:
@@ -344,11 +346,11 @@ def prepare_run(config: TrainConfig) -> Path:
 
 def train(config: TrainConfig) -> None:
     """Run `config` in this process, or in `nproc` processes (torch.distributed: gloo on the CPU, NCCL on GPUs)."""
-    source = resolve_model(config.model)
-    read_dataset(config.data, load_tokenizer(source), config.max_length)  # a bad row stops the run here, once
+    # A bad row stops the run here, before the run folder is claimed or any process starts.
+    dataset = read_dataset(config.data, load_tokenizer(resolve_model(config.model)), config.max_length)
     prepare_run(config)
     if config.nproc == 1:
-        Trainer(config).run()
+        Trainer(config, dataset=dataset).run()
         return
     if config.device == "cuda" and torch.cuda.device_count() < config.nproc:
         raise PagedLLMError(f"--nproc {config.nproc} on cuda needs as many GPUs, this machine has "
