@@ -369,6 +369,7 @@ def _rank_main(rank: int, config: TrainConfig, port: int) -> None:
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=config.nproc)
     try:
         Trainer(config, rank, config.nproc).run()
+        dist.barrier()  # leave together, once rank 0 has written the result: gloo aborts a group torn down early
     except PagedLLMError as exc:
         print(f"pagedllm: error (rank {rank}): {exc}", file=sys.stderr)
         sys.exit(2)
