@@ -271,12 +271,16 @@ void matmul_dequant(const at::Tensor& x, const std::vector<at::Tensor>& ws, cons
               "out must be [M, N]");
   TORCH_CHECK(tile_rows > 0, "tile_rows must be positive");
   const at::ScalarType dtype = x.scalar_type();
-  at::Tensor buffer = at::empty({tile_rows, k}, x.options());
+  // A part's tiles are made equal (to 16 rows): a short last tile runs the GEMM at half its rate.
+  const int64_t buffer_rows = tile_rows + 15;
+  at::Tensor buffer = at::empty({buffer_rows, k}, x.options());
   const bool widen = dtype == at::kBFloat16 && out.scalar_type() == at::kFloat && out.stride(1) == 1;
-  at::Tensor product = at::empty({x.size(0) * tile_rows}, x.options());  // [M, rows] per tile, contiguous
+  at::Tensor product = at::empty({x.size(0) * buffer_rows}, x.options());  // [M, rows] per tile, contiguous
   for (const Part& p : parts) {
-    for (int64_t r0 = 0; r0 < p.rows; r0 += tile_rows) {
-      const int64_t rows = std::min(tile_rows, p.rows - r0);
+    const int64_t tiles = (p.rows + tile_rows - 1) / tile_rows;
+    const int64_t even_rows = ((p.rows + tiles - 1) / tiles + 15) / 16 * 16;
+    for (int64_t r0 = 0; r0 < p.rows; r0 += even_rows) {
+      const int64_t rows = std::min(even_rows, p.rows - r0);
       at::Tensor tile = buffer.narrow(0, 0, rows);
       const uint8_t* src = p.data + r0 * p.row_bytes;
       if (dtype == at::kFloat) dequantize_rows(src, p.row_bytes, p.type, k, tile.data_ptr<float>(), rows, isa);
