@@ -166,16 +166,21 @@ def _causal_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """Causal attention from position 0 — q [seqs, heads, len, dim], k and v [seqs, kv_heads, len, dim] —
     with both products in `dtype` GEMMs; the softmax reads the `dtype` scores and sums in float32
     (torch's reduced-precision softmax), so the scores are never widened in memory. A chunk of
-    queries reads only the keys up to its last row. Returns [seqs, heads, len, dim] in `dtype`."""
+    queries reads only the keys up to its last row, and the queries of a key/value head's group are
+    stacked into one matrix, so the keys are not copied once per query head. Returns [seqs, heads,
+    len, dim] in `dtype`."""
     seqs, heads, length, dim = q.shape
     kv_heads = k.shape[1]
-    q = (q * scale).to(dtype).unflatten(1, (kv_heads, heads // kv_heads))  # [seqs, kv_heads, group, len, dim]
-    k, v = k.to(dtype).unsqueeze(2), v.to(dtype).unsqueeze(2)
-    out = torch.empty_like(q)
-    future = torch.ones(_CAUSAL_CHUNK, _CAUSAL_CHUNK, dtype=torch.bool, device=q.device).triu_(1)
+    group = heads // kv_heads
+    q = (q * scale).to(dtype).unflatten(1, (kv_heads, group))  # [seqs, kv_heads, group, len, dim]
+    k, v = k.to(dtype).flatten(0, 1), v.to(dtype).flatten(0, 1)  # [seqs · kv_heads, len, dim]
+    out = q.new_empty(seqs * kv_heads, group, length, dim)
+    # −inf above the diagonal, added to a chunk's own keys (5x faster than a broadcast masked_fill_ here).
+    future = torch.full((_CAUSAL_CHUNK, _CAUSAL_CHUNK), float("-inf"), dtype=dtype, device=q.device).triu_(1)
     for start in range(0, length, _CAUSAL_CHUNK):
         end = min(length, start + _CAUSAL_CHUNK)
-        scores = torch.matmul(q[..., start:end, :], k[..., :end, :].transpose(-1, -2))
-        scores[..., start:].masked_fill_(future[: end - start, : end - start], float("-inf"))  # earlier keys: all seen
-        out[..., start:end, :] = torch.matmul(scores.softmax(-1), v[..., :end, :])
-    return out.flatten(1, 2)
+        rows = end - start
+        scores = torch.bmm(q[..., start:end, :].reshape(-1, group * rows, dim), k[:, :end].transpose(1, 2))
+        scores.view(-1, group, rows, end)[..., start:].add_(future[:rows, :rows])
+        out[:, :, start:end] = torch.bmm(scores.softmax(-1), v[:, :end]).view(-1, group, rows, dim)
+    return out.view(seqs, heads, length, dim)
