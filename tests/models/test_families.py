@@ -7,6 +7,9 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.kernels import quant_kernels_available
+from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
+from pagedllm.engine.request import Request
+from pagedllm.engine.scheduler import ScheduledRequest
 from pagedllm.layers.linear import Linear, PackedMethod
 from pagedllm.models.loaders import ModelSource, load_model, read_model_config
 from pagedllm.models.loaders.hf_loader import hf_weights
@@ -49,6 +52,26 @@ def test_32_greedy_tokens_match_transformers(tiny_models, family, loader):
         ref = tiny.hf_model.generate(torch.tensor([ids]), max_new_tokens=32, min_new_tokens=32, do_sample=False)
     assert out.token_ids == ref[0, len(ids):].tolist()
     assert out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@torch.inference_mode()
+def test_output_rows_prune_the_last_layer_to_the_same_states(tiny_models, family):
+    """Asked for a few rows (a step's sampled ones), the forward pass returns exactly those rows of the
+    full pass, and writes the same K/V for every token."""
+    model = load_model(_source(tiny_models[family], "hf"))
+    prompts = [_prompt(11, seed=2), _prompt(7, seed=3)]
+    spec = plan_kv_cache(model.config, 4, 2**20, torch.float32)
+    runners = [ModelRunner(model, spec, "cpu", torch.float32) for _ in range(2)]
+    scheduled = [ScheduledRequest(Request(str(i), ids, SamplingParams()), len(ids)) for i, ids in enumerate(prompts)]
+    tables = [list(range(0, 3)), list(range(3, 5))]
+    full_batch, pruned_batch = (runner.prepare(scheduled, tables) for runner in runners)
+    rows = torch.tensor([17, 10, 3])  # any rows, in any order
+    full = model(full_batch.input_ids, full_batch.positions, runners[0].kv_caches, full_batch.meta)
+    pruned = model(pruned_batch.input_ids, pruned_batch.positions, runners[1].kv_caches, pruned_batch.meta,
+                   output_rows=rows)
+    torch.testing.assert_close(pruned, full[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(runners[1].kv_pool, runners[0].kv_pool, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not quant_kernels_available(), reason="needs a C++ compiler for the CPU kernels")

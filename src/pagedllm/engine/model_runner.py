@@ -118,8 +118,9 @@ class ModelRunner:
         if self.graphs is not None and graphs.capture:
             self.graphs.capture_all()
 
-    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.model(input_ids, positions, self.kv_caches, meta)
+    def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata,
+                 output_rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.model(input_ids, positions, self.kv_caches, meta, output_rows=output_rows)
 
     def _decode_bucket(self, counts: np.ndarray) -> int | None:
         """The graph bucket of a step of single tokens, None for any other step."""
@@ -181,13 +182,19 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> StepResult:
         """Logits (float32) for `logits_rows` only: the lm_head is too costly for the rest."""
-        run = self.graphs.run if batch.padded else self._forward
+        # Only the logits rows' hidden states are wanted, unless some request keeps all of its own.
+        only_logits = (not batch.padded and batch.hidden_rows is None
+                       and 0 < len(batch.logits_rows) < len(batch.input_ids))
+        run = self.graphs.run if batch.padded else functools.partial(
+            self._forward, output_rows=batch.logits_rows if only_logits else None)
         context = self.model.lora_context
         if context is None:
             hidden = run(batch.input_ids, batch.positions, batch.meta)
         else:
             with context.applied(batch.lora_segments):  # probes and drafts between steps see the base model
                 hidden = run(batch.input_ids, batch.positions, batch.meta)
+        if only_logits:
+            return StepResult(self.model.compute_logits(hidden), None)
         wanted = hidden[batch.hidden_rows] if batch.hidden_rows is not None else None
         return StepResult(self.model.compute_logits(hidden[batch.logits_rows]), wanted)
 

@@ -61,7 +61,8 @@ class Attention(nn.Module):
         return LayerAttention(self.scale, self.sliding_window, self.softcap, self.alibi)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Every token's K/V goes to the cache; the output is computed for `rows` only, where given."""
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
@@ -70,8 +71,8 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Products in bfloat16 GEMMs (packed weights, many rows) take attention's products with them.
         matmul_dtype = self.qkv_proj.method.activation_dtype(x)
-        out = attention(q, k, v, kv_cache, meta, self.layer_attention(), matmul_dtype)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        out = attention(q, k, v, kv_cache, meta, self.layer_attention(), matmul_dtype).reshape(-1, self.q_size)
+        return self.o_proj(out if rows is None else out[rows])
 
     def probabilities(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Probes: the attention weights [heads, tokens, tokens] (float32) of one sequence whose tokens
@@ -102,9 +103,11 @@ class DecoderLayer(nn.Module):
         self.fused: FusedDecodeLayer | None = None  # set once the weights are in, where the layer qualifies
         self.index = layer
 
-    def forward(self, x, cos, sin, kv_cache, meta):
-        """The module path (Transformer.forward sends few-row steps to `fused` where it is set)."""
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+    def forward(self, x, cos, sin, kv_cache, meta, rows=None):
+        """The module path (Transformer.forward sends few-row steps to `fused` where it is set). With
+        `rows`, the output holds those rows only (every token's K/V is still written)."""
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, rows)
+        x = x if rows is None else x[rows]
         if self.pre_feedforward_layernorm is None:
             x = x + attn
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -160,9 +163,14 @@ class Transformer(nn.Module):
         return padded_inv_freq(inv_freq_of(cfg.rope_dims, theta, scaling), cfg.head_dim)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                meta: AttentionMetadata, observe: LayerObserver | None = None) -> torch.Tensor:
+                meta: AttentionMetadata, observe: LayerObserver | None = None,
+                output_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states [tokens, hidden] for a flat batch of tokens from many sequences. `observe`
-        (probes) is called with each layer's index, input and output hidden states."""
+        (probes) is called with each layer's index, input and output hidden states.
+
+        `output_rows`: the only rows wanted (a step's sampled ones), returned in that order. The last
+        layer then runs its attention output, o-proj and MLP on those rows alone, as llama.cpp does
+        (1/num_layers of a prefill's products). Not with `observe` or LoRA adapters in the step."""
         x = self.embed_tokens(input_ids).to(self.norm.weight.dtype)  # quantised tables dequantise to float32
         if self.config.embedding_scale != 1.0:
             x = x * torch.tensor(self.config.embedding_scale, dtype=x.dtype)
@@ -170,17 +178,21 @@ class Transformer(nn.Module):
             x = self.embed_layernorm(x)
         ropes = self.rotations(positions, meta, x.dtype)
         adapted = self.lora_context is not None and self.lora_context.active  # the fused layer has no LoRA
+        prune_last = output_rows is not None and observe is None and not adapted  # adapters' segments are all rows
+        last = self.layers[-1]
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = ropes[layer.rope_index]
             fused = layer.fused  # called directly: at ~60 µs a layer, nn.Module's call costs show
             before = x if observe is None else x.clone()  # the fused layer updates x in place
             if fused is not None and not adapted and fused.applies_to(x):
                 x = fused(x, cos, sin, kv_cache, meta)
+            elif prune_last and layer is last:
+                x, output_rows = layer(x, cos, sin, kv_cache, meta, output_rows), None
             else:
                 x = layer(x, cos, sin, kv_cache, meta)
             if observe is not None:
                 observe(layer.index, before, x)
-        return self.norm(x)
+        return self.norm(x if output_rows is None else x[output_rows])
 
     def rotations(self, positions: torch.Tensor, meta: AttentionMetadata,
                   dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
