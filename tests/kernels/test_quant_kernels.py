@@ -136,3 +136,17 @@ def test_silu_and_mul_in_bfloat16_rounds_once(isa):
     gate, up = gate_up.float().chunk(2, dim=-1)
     exact = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(out.float(), exact, rtol=2**-8, atol=1e-6)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("rows,cols", [(5, 5), (7, 43), (16, 200)])
+def test_causal_softmax_matches_masked_softmax(isa, rows, cols):
+    """The prefill attention's softmax: queries at the last `rows` of `cols` positions see the keys up to
+    their own; float32 math, one rounding to bfloat16, 0 past the visible keys."""
+    scores = (torch.randn(3, rows, cols, generator=torch.Generator().manual_seed(rows)) * 6).bfloat16()
+    visible = torch.arange(cols)[None, :] <= torch.arange(cols - rows, cols)[:, None]
+    exact = scores.float().masked_fill(~visible, float("-inf")).softmax(-1)
+    ours = scores.clone()
+    torch.ops.pagedllm_quant.causal_softmax_(ours, available_isas().index(isa))
+    torch.testing.assert_close(ours.float(), exact, rtol=2**-8, atol=1e-6)
+    assert (ours[:, ~visible] == 0).all()

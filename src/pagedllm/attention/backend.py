@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from .kv_cache import cached_values, write_kv
 from .metadata import AttentionGroup, AttentionMetadata, LayerAttention, StepLayout
 
@@ -157,6 +158,20 @@ def _explicit_scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return torch.matmul(attention_weights(q, k, mask, layer, query_pos).to(q.dtype), v)
 
 
+def _causal_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Scores [B, R, C] of queries at the last R of C positions → causal softmax weights (row r sees
+    its first C − R + r + 1 keys), in place where it can be: bfloat16 on the CPU takes one C++ pass
+    over the visible keys (float32 math); anything else, a −inf bias and torch's softmax."""
+    rows, cols = scores.shape[-2:]
+    if scores.dtype == torch.bfloat16 and scores.device.type == "cpu" and not scores.requires_grad \
+            and kernels.quant_kernels_available():
+        torch.ops.pagedllm_quant.causal_softmax_(scores, kernels.best_isa_id())
+        return scores
+    future = torch.full((rows, rows), float("-inf"), dtype=scores.dtype, device=scores.device).triu_(1)
+    scores[..., cols - rows:].add_(future)
+    return scores.softmax(-1)
+
+
 # Query rows per chunk of the bfloat16 causal path (64-256 measured alike; all 512 at once 1.5x slower).
 _CAUSAL_CHUNK = 128
 
@@ -165,7 +180,7 @@ def _causal_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               dtype: torch.dtype) -> torch.Tensor:
     """Causal attention from position 0 — q [seqs, heads, len, dim], k and v [seqs, kv_heads, len, dim] —
     with both products in `dtype` GEMMs; the softmax reads the `dtype` scores and sums in float32
-    (torch's reduced-precision softmax), so the scores are never widened in memory. A chunk of
+    (_causal_softmax), so the scores are never widened in memory. A chunk of
     queries reads only the keys up to its last row, and the queries of a key/value head's group are
     stacked into one matrix, so the keys are not copied once per query head. Returns [seqs, heads,
     len, dim] in `dtype`."""
@@ -175,12 +190,10 @@ def _causal_attention_chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q = (q * scale).to(dtype).unflatten(1, (kv_heads, group))  # [seqs, kv_heads, group, len, dim]
     k, v = k.to(dtype).flatten(0, 1), v.to(dtype).flatten(0, 1)  # [seqs · kv_heads, len, dim]
     out = q.new_empty(seqs * kv_heads, group, length, dim)
-    # −inf above the diagonal, added to a chunk's own keys (5x faster than a broadcast masked_fill_ here).
-    future = torch.full((_CAUSAL_CHUNK, _CAUSAL_CHUNK), float("-inf"), dtype=dtype, device=q.device).triu_(1)
     for start in range(0, length, _CAUSAL_CHUNK):
         end = min(length, start + _CAUSAL_CHUNK)
         rows = end - start
         scores = torch.bmm(q[..., start:end, :].reshape(-1, group * rows, dim), k[:, :end].transpose(1, 2))
-        scores.view(-1, group, rows, end)[..., start:].add_(future[:rows, :rows])
-        out[:, :, start:end] = torch.bmm(scores.softmax(-1), v[:, :end]).view(-1, group, rows, dim)
+        weights = _causal_softmax(scores.view(-1, rows, end))
+        out[:, :, start:end] = torch.bmm(weights.view(-1, group * rows, end), v[:, :end]).view(-1, group, rows, dim)
     return out.view(seqs, heads, length, dim)

@@ -96,5 +96,10 @@ def best_isa() -> str:
     return wanted
 
 
+def best_isa_id() -> int:
+    """best_isa() as the number the packed-weight ops take."""
+    return ISA_NAMES.index(best_isa())
+
+
 def available_isas() -> tuple[str, ...]:
     return ISA_NAMES[: torch.ops.pagedllm_quant.best_isa() + 1]

@@ -969,12 +969,60 @@ inline void silu_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, int
   }
   for (; i < n; ++i) out[i] = static_cast<float>(gate[i]) / (1.f + std::exp(-static_cast<float>(gate[i]))) * static_cast<float>(up[i]);
 }
+
+// A bfloat16 row of attention scores → its softmax over the first `visible` entries (float32 math,
+// one rounding), 0 after them. `tmp` holds `visible` floats.
+inline void softmax_row(c10::BFloat16* row, int64_t visible, int64_t cols, float* tmp) {
+  const auto widen8 = [](const c10::BFloat16* p) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  };
+  int64_t i = 0;
+  float peak = -INFINITY, sum = 0.f;
+#if defined(PAGEDLLM_VNNI)
+  __m512 peak16 = _mm512_set1_ps(-INFINITY);
+  for (; i + 16 <= visible; i += 16) peak16 = _mm512_max_ps(peak16, widen16(row + i));
+  peak = _mm512_reduce_max_ps(peak16);
+#endif
+  for (; i < visible; ++i) peak = std::max(peak, static_cast<float>(row[i]));
+  i = 0;
+#if defined(PAGEDLLM_VNNI)
+  __m512 sum16 = _mm512_setzero_ps();
+  for (; i + 16 <= visible; i += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(widen16(row + i), _mm512_set1_ps(peak)));
+    _mm512_storeu_ps(tmp + i, e);
+    sum16 = _mm512_add_ps(sum16, e);
+  }
+  sum = _mm512_reduce_add_ps(sum16);
+#endif
+  __m256 sum8 = _mm256_setzero_ps();
+  for (; i + 8 <= visible; i += 8) {
+    const __m256 e = exp8(_mm256_sub_ps(widen8(row + i), _mm256_set1_ps(peak)));
+    _mm256_storeu_ps(tmp + i, e);
+    sum8 = _mm256_add_ps(sum8, e);
+  }
+  sum += hsum(sum8);
+  for (; i < visible; ++i) sum += tmp[i] = std::exp(static_cast<float>(row[i]) - peak);
+  const float inv = 1.f / sum;
+  i = 0;
+  for (; i + 8 <= visible; i += 8) store8(row + i, _mm256_mul_ps(_mm256_loadu_ps(tmp + i), _mm256_set1_ps(inv)));
+  for (; i < visible; ++i) row[i] = tmp[i] * inv;
+  std::memset(static_cast<void*>(row + visible), 0, (cols - visible) * sizeof(c10::BFloat16));
+}
 #else
 inline void silu_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, int64_t n, c10::BFloat16* out) {
   for (int64_t i = 0; i < n; ++i) {
     const float g = gate[i];
     out[i] = g / (1.f + std::exp(-g)) * static_cast<float>(up[i]);
   }
+}
+
+inline void softmax_row(c10::BFloat16* row, int64_t visible, int64_t cols, float* tmp) {
+  float peak = -INFINITY, sum = 0.f;
+  for (int64_t i = 0; i < visible; ++i) peak = std::max(peak, static_cast<float>(row[i]));
+  for (int64_t i = 0; i < visible; ++i) sum += tmp[i] = std::exp(static_cast<float>(row[i]) - peak);
+  for (int64_t i = 0; i < visible; ++i) row[i] = tmp[i] / sum;
+  std::memset(static_cast<void*>(row + visible), 0, (cols - visible) * sizeof(c10::BFloat16));
 }
 
 template <int kType, typename Out>

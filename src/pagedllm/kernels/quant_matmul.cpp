@@ -181,6 +181,22 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up, int64_t isa) {
   return out;
 }
 
+// scores [B, R, C] bfloat16, C ≥ R, in place → the causal softmax of each row: row r of a matrix sees
+// its first C − R + r + 1 keys (the queries are the last R of C positions), the rest become 0. One
+// pass in float32 over the visible keys only; the chunked prefill attention's mask and softmax.
+void causal_softmax_(at::Tensor& scores, int64_t isa) {
+  check_isa(isa);
+  TORCH_CHECK(scores.dim() == 3 && scores.scalar_type() == at::kBFloat16 && scores.is_contiguous() &&
+              scores.size(2) >= scores.size(1), "scores must be contiguous [B, R, C ≥ R] bfloat16");
+  const int64_t rows = scores.size(1), cols = scores.size(2);
+  c10::BFloat16* data = scores.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, scores.size(0) * rows, 16, [&](int64_t r0, int64_t r1) {
+    std::vector<float> tmp(cols);
+    for (int64_t r = r0; r < r1; ++r)
+      PAGEDLLM_BY_ISA(isa, softmax_row(data + r * cols, cols - rows + r % rows + 1, cols, tmp.data()));
+  });
+}
+
 void check_out(const at::Tensor& out, int64_t m, int64_t n) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.dim() == 2 && out.stride(1) == 1 && out.size(0) == m &&
               out.size(1) == n, "out must be [M, N] float32 with unit column stride");
@@ -311,6 +327,7 @@ TORCH_LIBRARY(pagedllm_quant, m) {
   m.def("matmul_q15(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int isa) -> ()", matmul_q15);
   m.def("dequantize(Tensor w, int type, int k, ScalarType dtype, int isa) -> Tensor", dequantize);
   m.def("silu_and_mul(Tensor gate_up, int isa) -> Tensor", silu_and_mul);
+  m.def("causal_softmax_(Tensor(a!) scores, int isa) -> ()", causal_softmax_);
   m.def("matmul_dequant(Tensor x, Tensor[] ws, int[] types, int k, Tensor(a!) out, int tile_rows, int isa) -> ()",
         matmul_dequant);
 }

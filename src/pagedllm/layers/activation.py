@@ -18,7 +18,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gate_up.dtype == torch.bfloat16 and gate_up.device.type == "cpu" and not gate_up.requires_grad \
             and kernels.quant_kernels_available():
         rows = gate_up.reshape(-1, gate_up.shape[-1]).contiguous()
-        isa = kernels.ISA_NAMES.index(kernels.best_isa())
+        isa = kernels.best_isa_id()
         return torch.ops.pagedllm_quant.silu_and_mul(rows, isa).view(*gate_up.shape[:-1], -1)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up

@@ -327,7 +327,7 @@ def packed_method(device: str, in_features: int, quantize_to: GGMLQuantizationTy
         _warn_dense_once(device, in_features)
         return DenseMethod()
     return PackedMethod(quantize_to=quantize_to, gemm_dtype=_gemm_dtype(),
-                        isa=kernels.ISA_NAMES.index(kernels.best_isa()), int8_activations=not output_head)
+                        isa=kernels.best_isa_id(), int8_activations=not output_head)
 
 
 _warned: set[tuple[str, int]] = set()
