@@ -22,7 +22,9 @@ def test_generate_streams_greedy_text():
 
 
 def test_chat_session_answers_each_line():
-    result = _run("chat", "--max-tokens", "24", stdin="What is the capital of France?\nAnd of Italy?\n/exit\n")
+    # "What is the capital of France?" starts "The" or "L'Étoile" by 0.08 of a logit even in float32:
+    # a near-tie that bf16 rounding in the prefill decides. This one keeps a margin of 0.8 or more up to "Paris".
+    result = _run("chat", "--max-tokens", "24", stdin="Name the capital city of France.\nAnd of Italy?\n/exit\n")
     assert result.returncode == 0, result.stderr
     header, first, second, _ = result.stdout.split("> ")
     assert "Paris" in first and second.strip()
