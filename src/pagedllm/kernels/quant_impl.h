@@ -922,8 +922,7 @@ void dequantize_row(const uint8_t* w, int64_t blocks, Out* out) {
 }
 
 #if defined(PAGEDLLM_VNNI)
-// e^x, 16 lanes: exp8's polynomial and range (finite, so that silu's refined reciprocal of 1 + e^-g
-// never meets inf · 0), the power of two applied by scalef.
+// e^x, 16 lanes: exp8's polynomial and range, the power of two applied by scalef.
 inline __m512 exp16(__m512 x) {
   x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -951,11 +950,8 @@ inline void silu_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, int
   int64_t i = 0;
 #if defined(PAGEDLLM_VNNI)
   for (; i + 16 <= n; i += 16) {
-    // g / (1 + e^-g) with the reciprocal's estimate refined once (Newton): no divide on the port.
     const __m512 g = widen16(gate + i), d = _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)));
-    __m512 inv = _mm512_rcp14_ps(d);
-    inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.f)));
-    store16(out + i, _mm512_mul_ps(_mm512_mul_ps(g, inv), widen16(up + i)));
+    store16(out + i, _mm512_mul_ps(_mm512_div_ps(g, d), widen16(up + i)));
   }
 #endif
   const auto widen8 = [](const c10::BFloat16* p) {
