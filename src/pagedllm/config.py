@@ -289,7 +289,7 @@ class EngineConfig:
     # The device of each rank (empty: rank r on cuda:r for "cuda", else `device` for all).
     tensor_parallel_devices: tuple[str, ...] = ()
     enforce_eager: bool = False  # on a GPU, run decode steps eagerly instead of replaying CUDA graphs
-    lora: LoRAConfig | None = None  # None: no LoRA adapters (the fused decode path stays on)
+    lora: LoRAConfig | None = None  # None: no LoRA adapters
 
     def __post_init__(self) -> None:
         if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:

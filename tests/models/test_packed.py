@@ -14,6 +14,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,8 @@ from pagedllm.engine.request import Request
 from pagedllm.engine.scheduler import ScheduledRequest
 from pagedllm.attention import KV_Q8_0, cached_values
 from pagedllm.layers.rotary import rope_cos_sin
+from pagedllm.lora.adapter import LoRAAdapter, LoRAUpdate
+from pagedllm.lora.layers import ModelAdapters, lora_targets
 from pagedllm import LLM, SamplingParams
 from pagedllm.kernels import ISA_NAMES, available_isas, quant_kernels_available
 from pagedllm.layers.linear import Linear, PackedMethod, WeightLoadError
@@ -113,6 +116,45 @@ def test_fused_decode_layer_equals_the_module_path(write, family, rows, kv_dtype
     step = written[1].abs().max().item() / 127 if kv_dtype == KV_Q8_0 else 0  # a k a hair apart may round apart
     torch.testing.assert_close(written[0], written[1], rtol=1e-5, atol=1e-5 + step)
     assert layer.fused.applies_to(x)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("targets", ["all", "some"])
+def test_fused_decode_layer_with_one_lora_adapter_equals_the_module_path(write, backend, targets):
+    """A step whose rows all use one adapter keeps the fused layer, which adds the adapter's updates
+    to its products; a step mixing adapters takes the module path."""
+    model = load_model(write("qwen2", "q4_k_m"))
+    adapters = ModelAdapters(model)
+    gen = torch.Generator().manual_seed(4)
+    names = [n for n in lora_targets(model) if n.startswith("model.layers.1.")]
+    if targets == "some":
+        names = [n for n in names if n.endswith(("k_proj", "o_proj", "up_proj"))]
+    updates = {}
+    for name in names:
+        linear, shard = lora_targets(model)[name]
+        updates[name] = LoRAUpdate(torch.randn(4, linear.in_features, generator=gen) * 0.2,
+                                   torch.randn(linear.shard_sizes[shard], 4, generator=gen) * 0.2)
+    adapters.add(7, LoRAAdapter("a", Path("a"), 4, updates))
+    spec = plan_kv_cache(model.config, 4, 2**20, torch.float32)
+    runners = [ModelRunner(model, spec, "cpu", torch.float32, backend) for _ in range(3)]
+    requests = [ScheduledRequest(Request(f"r{i}", [5 + i] * (i + 2), SamplingParams()), 1) for i in range(2)]
+    for i, r in enumerate(requests):
+        r.request.num_computed_tokens = i + 1
+    batch = runners[0].prepare(requests, [[2 * i, 2 * i + 1] for i in range(2)])
+    x = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 3
+    cos, sin = rope_cos_sin(batch.positions, model.inv_freq, x.dtype)
+    layer = model.layers[1]
+    with torch.inference_mode(), adapters.context.applied([(7, None)]):
+        lora = layer.fused.lora_updates(adapters.context.segments)
+        plain = layer(x.clone(), cos, sin, runners[1].kv_caches[1], batch.meta)
+        base = layer.fused(x.clone(), cos, sin, runners[2].kv_caches[1], batch.meta)
+        assert (plain - base).abs().max() > 0.05 * plain.abs().max()  # the adapter does change the layer
+        for isa in available_isas():  # the adapter's products are each instruction set's own loops
+            layer.fused.isa = ISA_NAMES.index(isa)
+            fused = layer.fused(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta, lora)
+            torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item(), msg=isa)
+            torch.testing.assert_close(runners[0].kv_pool, runners[1].kv_pool, rtol=1e-5, atol=1e-5, msg=isa)
+    assert layer.fused.lora_updates([(7, torch.tensor([0])), (8, torch.tensor([1]))]) is None
 
 
 @pytest.mark.parametrize("isa", available_isas() if quant_kernels_available() else ())

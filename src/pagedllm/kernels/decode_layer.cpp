@@ -5,6 +5,10 @@
 //                         k, v → cache slots
 //   attention_output_mlp: x += attn·W_o; x += down(silu(gate) · up)(rmsnorm(x))
 //
+// `lora` (empty, or Aᵀ and Bᵀ of one adapter for q/k/v, o, gate/up and down in that order, each pair
+// empty where the adapter has none) adds a step's single LoRA adapter to the four products, from
+// the same float32 inputs the module path gives it.
+//
 // Attention itself stays with the attention backend, between the two; when that backend is the C++
 // decode kernel (one query per sequence), decode_layer makes all three one call. The linear products are
 // quant_matmul.cpp's integer kernels; the rest (norms, rope, SiLU, cache writes) is a few
@@ -99,6 +103,19 @@ at::Tensor quantised_rows(const float* x, int64_t m, int64_t k, int64_t stride, 
   return xq;
 }
 
+// out [M, N] += (in [M, K] · Aᵀ) · Bᵀ for the adapter pair `which` of `lora`, if there is one (both
+// with unit column stride; in's and out's rows may be strided views).
+void add_lora(const std::vector<at::Tensor>& lora, int which, const at::Tensor& in, at::Tensor& out, int64_t isa) {
+  if (lora.empty() || lora.at(2 * which).numel() == 0) return;
+  const at::Tensor &a_t = lora.at(2 * which), &b_t = lora.at(2 * which + 1);
+  TORCH_CHECK(a_t.scalar_type() == at::kFloat && b_t.scalar_type() == at::kFloat && a_t.dim() == 2 && b_t.dim() == 2 &&
+              a_t.is_contiguous() && b_t.is_contiguous() && a_t.size(0) == in.size(1) && a_t.size(1) == b_t.size(0) &&
+              b_t.size(1) == out.size(1) && in.stride(1) == 1 && out.stride(1) == 1,
+              "LoRA update ", which, " does not fit its layer");
+  lora_rows(in.data_ptr<float>(), in.stride(0), in.size(0), in.size(1), a_t.data_ptr<float>(), a_t.size(1),
+            b_t.data_ptr<float>(), b_t.size(1), out.data_ptr<float>(), out.stride(0), isa);
+}
+
 void check_rows(const at::Tensor& t, int64_t m, int64_t n, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.numel() == m * n, name,
               " must be contiguous float32 with ", n, " values per row");
@@ -110,8 +127,9 @@ at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, d
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_norm,
                            const std::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
                            int64_t num_heads, int64_t num_kv_heads, at::Tensor& kv_cache, const at::Tensor& slots,
-                           int64_t isa) {
+                           const std::vector<at::Tensor>& lora, int64_t isa) {
   check_isa(isa);
+  TORCH_CHECK(lora.empty() || lora.size() == 8, "lora must hold Aᵀ and Bᵀ for q/k/v, o, gate/up and down");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, hidden] float32");
   const int64_t m = x.size(0), hidden = x.size(1);
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 && kv_cache.size(3) == num_kv_heads,
@@ -142,6 +160,7 @@ at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, d
     check_rows(*bias, 1, width, "bias");
     qkv.add_(*bias);
   }
+  add_lora(lora, 0, normed, qkv, isa);
   TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm come together");
   if (q_norm) {  // Qwen3 / Gemma 3: each head of q and k normalised before the rotation
     check_rows(*q_norm, 1, dim, "q_norm");
@@ -165,8 +184,9 @@ void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vect
                           const std::vector<int64_t>& o_types, const at::Tensor& norm_weight, double eps,
                           const std::vector<at::Tensor>& gate_up_ws, const std::vector<int64_t>& gate_up_types,
                           const std::vector<at::Tensor>& down_ws, const std::vector<int64_t>& down_types,
-                          int64_t isa) {
+                          const std::vector<at::Tensor>& lora, int64_t isa) {
   check_isa(isa);
+  TORCH_CHECK(lora.empty() || lora.size() == 8, "lora must hold Aᵀ and Bᵀ for q/k/v, o, gate/up and down");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, hidden] float32");
   const int64_t m = x.size(0), hidden = x.size(1);
   TORCH_CHECK(attn.numel() % m == 0, "attn must have M rows");
@@ -182,6 +202,7 @@ void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vect
 
   at::Tensor xq = quantised_rows(attn.data_ptr<float>(), m, attn_width, attn_width, isa);
   matmul_parts(xq.data_ptr<uint8_t>(), m, o, attn_width, xp, hidden, false, true, isa);
+  add_lora(lora, 1, attn.view({m, attn_width}), x, isa);
 
   at::Tensor normed = at::empty({m, hidden}, x.options());
   rms_norm_rows(xp, m, hidden, norm_weight.data_ptr<float>(), static_cast<float>(eps), normed.data_ptr<float>());
@@ -189,9 +210,12 @@ void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vect
   at::Tensor gu = at::empty({m, 2 * inter}, x.options());
   float* g = gu.data_ptr<float>();
   matmul_parts(xq.data_ptr<uint8_t>(), m, gate_up, hidden, g, 2 * inter, false, false, isa);
+  add_lora(lora, 2, normed, gu, isa);
   silu_mul_rows(g, m, inter, isa);  // into the gate half
   xq = quantised_rows(g, m, inter, 2 * inter, isa);
   matmul_parts(xq.data_ptr<uint8_t>(), m, down, inter, xp, hidden, false, true, isa);
+  at::Tensor silu_out = gu.narrow(1, 0, inter);
+  add_lora(lora, 3, silu_out, x, isa);
 }
 
 // The whole layer for a step of one query per sequence: attention_input, the paged decode kernel
@@ -207,16 +231,16 @@ void decode_layer(at::Tensor& x, const at::Tensor& input_norm, double input_eps,
                   const std::vector<int64_t>& down_types, const at::Tensor& cos, const at::Tensor& sin,
                   int64_t num_heads, int64_t num_kv_heads, at::Tensor& kv_cache, const at::Tensor& slots,
                   const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t sliding_window,
-                  double softcap, const std::optional<at::Tensor>& alibi, int64_t isa) {
+                  double softcap, const std::optional<at::Tensor>& alibi, const std::vector<at::Tensor>& lora, int64_t isa) {
   static const auto attend = c10::Dispatcher::singleton()
       .findSchemaOrThrow("pagedllm::paged_decode_attention", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
                         double, const std::optional<at::Tensor>&)>();
   const at::Tensor q = attention_input(x, input_norm, input_eps, qkv_ws, qkv_types, bias, q_norm, k_norm, cos, sin,
-                                       num_heads, num_kv_heads, kv_cache, slots, isa);
+                                       num_heads, num_kv_heads, kv_cache, slots, lora, isa);
   const at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, scale, sliding_window, softcap, alibi);
   attention_output_mlp(x, out.contiguous(), o_ws, o_types, post_norm, post_eps, gate_up_ws, gate_up_types, down_ws,
-                       down_types, isa);
+                       down_types, lora, isa);
 }
 
 }  // namespace
@@ -226,12 +250,14 @@ TORCH_LIBRARY_FRAGMENT(pagedllm_quant, m) {
   m.def("decode_layer(Tensor(a!) x, Tensor input_norm, float input_eps, Tensor post_norm, float post_eps, Tensor[] qkv_ws, int[] qkv_types, "
         "Tensor? bias, Tensor? q_norm, Tensor? k_norm, Tensor[] o_ws, int[] o_types, Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, "
         "int[] down_types, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(b!) kv_cache, Tensor slots, "
-        "Tensor block_tables, Tensor context_lens, float scale, int sliding_window, float softcap, Tensor? alibi, int isa) -> ()",
+        "Tensor block_tables, Tensor context_lens, float scale, int sliding_window, float softcap, Tensor? alibi, Tensor[] lora, "
+        "int isa) -> ()",
         pagedllm_quant::decode_layer);
   m.def("attention_input(Tensor x, Tensor norm_weight, float eps, Tensor[] ws, int[] types, Tensor? bias, "
-        "Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(a!) kv_cache, Tensor slots, int isa) -> Tensor",
+        "Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(a!) kv_cache, Tensor slots, "
+        "Tensor[] lora, int isa) -> Tensor",
         pagedllm_quant::attention_input);
   m.def("attention_output_mlp(Tensor(a!) x, Tensor attn, Tensor[] o_ws, int[] o_types, Tensor norm_weight, float eps, "
-        "Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, int[] down_types, int isa) -> ()",
+        "Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, int[] down_types, Tensor[] lora, int isa) -> ()",
         pagedllm_quant::attention_output_mlp);
 }

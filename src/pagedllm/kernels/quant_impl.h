@@ -1101,6 +1101,26 @@ void matmul_rows(const uint8_t* w, int64_t row_bytes, const typename Act::Block*
   }
 }
 
+// A LoRA update's two products for one row, as plain loops that the compiler vectorises for each
+// instruction set's copy of this file: low[R] = x[K] · a_t[K, R], then out[N] += low · b_t[R, N] (b_t's
+// rows `b_stride` apart, so that a caller can hand over a range of its columns).
+inline void lora_low(const float* x, int64_t k, const float* a_t, int64_t r, float* low) {
+  std::fill(low, low + r, 0.f);
+  for (int64_t i = 0; i < k; ++i) {
+    const float xi = x[i];
+    const float* a = a_t + i * r;
+    for (int64_t j = 0; j < r; ++j) low[j] += xi * a[j];
+  }
+}
+
+inline void lora_add(const float* low, int64_t r, const float* b_t, int64_t b_stride, int64_t n, float* out) {
+  for (int64_t j = 0; j < r; ++j) {
+    const float lj = low[j];
+    const float* b = b_t + j * b_stride;
+    for (int64_t c = 0; c < n; ++c) out[c] += lj * b[c];
+  }
+}
+
 // Entry points for quant_matmul.cpp, which picks the namespace (instruction set) at run time.
 inline void quantize_rows(const float* x, int64_t m, int64_t k, int64_t x_stride, uint8_t* out, bool wide) {
   for (int64_t r = 0; r < m; ++r) {

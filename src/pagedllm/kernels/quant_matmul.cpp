@@ -149,6 +149,16 @@ void silu_mul_rows(float* gate_up, int64_t m, int64_t n, int64_t isa) {
   for (int64_t r = 0; r < m; ++r, gate_up += 2 * n) PAGEDLLM_BY_ISA(isa, silu_mul_row(gate_up, gate_up + n, n));
 }
 
+void lora_rows(const float* x, int64_t x_stride, int64_t m, int64_t k, const float* a_t, int64_t r, const float* b_t,
+               int64_t n, float* out, int64_t out_stride, int64_t isa) {
+  std::vector<float> low(m * r);
+  for (int64_t row = 0; row < m; ++row) PAGEDLLM_BY_ISA(isa, lora_low(x + row * x_stride, k, a_t, r, low.data() + row * r));
+  at::parallel_for(0, n, 1024, [&](int64_t c0, int64_t c1) {
+    for (int64_t row = 0; row < m; ++row)
+      PAGEDLLM_BY_ISA(isa, lora_add(low.data() + row * r, r, b_t + c0, n, c1 - c0, out + row * out_stride + c0));
+  });
+}
+
 void matmul_parts(const uint8_t* xq, int64_t m, const std::vector<Part>& parts, int64_t k, float* out,
                   int64_t out_stride, bool wide, bool accumulate, int64_t isa) {
   // Enough rows per task that a thread's share is worth waking it for.

@@ -122,7 +122,7 @@ class ModelAdapters:
         self.targets = lora_targets(model)
         self.device = model.norm.weight.device
         self._layers: dict[int, list[LoRALayer]] = {}
-        model.lora_context = self.context  # the model skips its fused decode layers while a segment is active
+        model.lora_context = self.context  # fused decode layers take one-adapter steps, mixed ones the module path
 
     def add(self, adapter_id: int, adapter: LoRAAdapter) -> None:
         by_layer: dict[int, tuple[Linear, dict[int, LoRAUpdate]]] = {}

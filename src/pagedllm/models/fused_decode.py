@@ -9,11 +9,14 @@ activations — so a layer takes it only when its parts are the ones the kernels
 (RMSNorm, optional per-head q/k RMSNorm, packed int8-activation linears, no bias on o/down,
 SwiGLU, rotate-half rope — the identity where a model has no rotary positions —, soft-capping and
 ALiBi in the attention kernel; no sandwich norms);
-any other layer keeps the module path.
+any other layer keeps the module path. A step whose rows all use one LoRA adapter keeps the fused
+path too: the C++ layer adds that adapter's updates to its four products (lora/layers.py holds them);
+a step mixing adapters (or adapters and the base) takes the module path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +24,9 @@ import torch
 from ..attention import AttentionMetadata, LayerAttention
 from ..layers.linear import INT8_MAX_ROWS, Linear, PackedMethod
 from ..layers.norm import RMSNorm
+
+
+_NONE = torch.empty(0)  # a projection the step's adapter does not update
 
 
 @dataclass
@@ -68,9 +74,25 @@ class FusedDecodeLayer:
     def applies_to(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.float32 and x.shape[0] <= self.max_rows
 
+    def lora_updates(self, segments: list[tuple[int, torch.Tensor | None]]) -> list[torch.Tensor] | None:
+        """The C++ layer's `lora` argument for a step's adapter segments: [] for none, Aᵀ and Bᵀ for
+        q/k/v, o, gate/up and down (empty tensors where the adapter leaves one alone) when one adapter
+        has every row, None when the step mixes adapters (the module path handles that)."""
+        if not segments:
+            return []
+        if len(segments) > 1 or segments[0][1] is not None:
+            return None
+        adapter_id = segments[0][0]
+        updates = []
+        for linear in (self.qkv, self.o, self.gate_up, self.down):
+            update = linear.lora.updates.get(adapter_id) if linear.lora is not None else None
+            updates += update if update is not None else (_NONE, _NONE)
+        return updates
+
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
-        """The layer's output for x [tokens, hidden]; x's storage is updated in place and returned."""
+                 meta: AttentionMetadata, lora: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        """The layer's output for x [tokens, hidden]; x's storage is updated in place and returned.
+        `lora`: lora_updates' list ([] without adapters)."""
         ops, rows, a = torch.ops.pagedllm_quant, x.shape[0], self.attention
         x = x.contiguous()
         group = meta.groups[0] if len(meta.groups) == 1 else None
@@ -80,14 +102,14 @@ class FusedDecodeLayer:
                              self.o.part_data, self.o.part_types, self.gate_up.part_data, self.gate_up.part_types,
                              self.down.part_data, self.down.part_types, cos.reshape(rows, -1), sin.reshape(rows, -1), self.num_heads,
                              self.num_kv_heads, kv_cache, meta.slot_mapping, group.block_tables, group.context_lens,
-                             a.scale, a.sliding_window or 0, a.softcap or 0.0, a.alibi, self.isa)
+                             a.scale, a.sliding_window or 0, a.softcap or 0.0, a.alibi, lora, self.isa)
             return x
         q = ops.attention_input(x, self.input_norm.weight, self.input_norm.eps, self.qkv.part_data,
                                 self.qkv.part_types, self.qkv.bias, self.q_norm, self.k_norm, cos.reshape(rows, -1),
                                 sin.reshape(rows, -1), self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping,
-                                self.isa)
+                                lora, self.isa)
         out = meta.backend.attend(q, kv_cache, meta, a)
         ops.attention_output_mlp(x, out.contiguous(), self.o.part_data, self.o.part_types, self.post_norm.weight,
                                  self.post_norm.eps, self.gate_up.part_data, self.gate_up.part_types,
-                                 self.down.part_data, self.down.part_types, self.isa)
+                                 self.down.part_data, self.down.part_types, lora, self.isa)
         return x

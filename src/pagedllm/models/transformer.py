@@ -177,15 +177,16 @@ class Transformer(nn.Module):
         if self.embed_layernorm is not None:
             x = self.embed_layernorm(x)
         ropes = self.rotations(positions, meta, x.dtype)
-        adapted = self.lora_context is not None and self.lora_context.active  # the fused layer has no LoRA
-        prune_last = output_rows is not None and observe is None and not adapted  # adapters' segments are all rows
+        segments = self.lora_context.segments if self.lora_context is not None else []
+        prune_last = output_rows is not None and observe is None and not segments  # adapters' segments are all rows
         last = self.layers[-1]
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = ropes[layer.rope_index]
             fused = layer.fused  # called directly: at ~60 µs a layer, nn.Module's call costs show
             before = x if observe is None else x.clone()  # the fused layer updates x in place
-            if fused is not None and not adapted and fused.applies_to(x):
-                x = fused(x, cos, sin, kv_cache, meta)
+            lora = fused.lora_updates(segments) if fused is not None else None
+            if lora is not None and fused.applies_to(x):
+                x = fused(x, cos, sin, kv_cache, meta, lora)
             elif prune_last and layer is last:
                 x, output_rows = layer(x, cos, sin, kv_cache, meta, output_rows), None
             else:
