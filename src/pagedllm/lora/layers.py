@@ -8,6 +8,9 @@ segment, (x_rows·Aᵀ)·Bᵀ to its output rows: a loop over the adapters in th
 all its tokens — never over requests. A fused layer (q/k/v, gate/up) keeps one product per adapter:
 its shards' A stacked, their B block-diagonal.
 
+A decode step whose rows all use one adapter stays on the fused C++ decode layer
+(models/fused_decode.py), which adds the same Aᵀ, Bᵀ products inside the layer.
+
 Routed experts are not targets (their products see rows sorted by expert, not the step's rows).
 """
 
