@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from llamacpp_peer import cpu_model, ensure_llamacpp  # noqa: E402
+from vs_llamacpp import LLAMACPP_DECODE_ONCE  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "pagedllm-bench"
 DECODE_LEN, REPEATS = 128, 3
@@ -48,15 +49,7 @@ _LLAMACPP = """
 from llama_cpp import Llama
 options = {"lora_path": LORA} if LORA else {}
 llm = Llama(MODEL, n_threads=THREADS, n_threads_batch=THREADS, n_ctx=512, verbose=False, **options)
-def decode_once(ids):
-    llm.reset()
-    llm.eval(ids)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    t = time.perf_counter()
-    for _ in range(DECODE_LEN):
-        llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return time.perf_counter() - t
+""" + LLAMACPP_DECODE_ONCE + """
 decode_once(prompt())
 decode = min(decode_once(prompt()) for _ in range(REPEATS))
 """

@@ -56,6 +56,19 @@ prefill = min(run(p, 1) for p in prompts(REPEATS))
 decode = min(run(p[:4], DECODE_LEN + 1) - run(p[:4], 1) for p in prompts(REPEATS))
 """
 
+# Greedy decode of DECODE_LEN tokens after `ids` through llama-cpp-python's eval loop (also benchmarks/lora_decode.py).
+LLAMACPP_DECODE_ONCE = """
+def decode_once(ids):
+    llm.reset()
+    llm.eval(ids)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t = time.perf_counter()
+    for _ in range(DECODE_LEN):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return time.perf_counter() - t
+"""
+
 _LLAMACPP = """
 from llama_cpp import Llama
 start = time.perf_counter()
@@ -67,15 +80,7 @@ def prefill_once(ids):
     t = time.perf_counter()
     llm.eval(ids)
     return time.perf_counter() - t
-def decode_once(ids):
-    llm.reset()
-    llm.eval(ids)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    t = time.perf_counter()
-    for _ in range(DECODE_LEN):
-        llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return time.perf_counter() - t
+""" + LLAMACPP_DECODE_ONCE + """
 prefill_once(prompts(1)[0][:64])
 prefill = min(prefill_once(p) for p in prompts(REPEATS))
 decode = min(decode_once(p[:4]) for p in prompts(REPEATS))

@@ -88,6 +88,17 @@ def test_packed_logits_match_the_float_path(write, family, weight_type):
         assert_packed_logits_close(prefill_logits(packed, ids[:length]), prefill_logits(dense, ids[:length]))
 
 
+def _decode_step(model, runner: ModelRunner, rows: int):
+    """A step of `rows` decodes at positions 1, 2, 3… (two blocks each) and a random layer input for it:
+    (batch, x, cos, sin)."""
+    requests = [ScheduledRequest(Request(f"r{i}", [5 + i] * (i + 2), SamplingParams()), 1) for i in range(rows)]
+    for i, r in enumerate(requests):
+        r.request.num_computed_tokens = i + 1
+    batch = runner.prepare(requests, [[2 * i, 2 * i + 1] for i in range(rows)])
+    x = torch.randn(rows, model.config.hidden_size, generator=torch.Generator().manual_seed(rows)) * 3
+    return (batch, x, *rope_cos_sin(batch.positions, model.inv_freq, x.dtype))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "glm"])
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, KV_Q8_0])
@@ -100,13 +111,7 @@ def test_fused_decode_layer_equals_the_module_path(write, family, rows, kv_dtype
     assert all(layer.fused is not None for layer in model.layers)
     spec = plan_kv_cache(model.config, 4, 2**20, kv_dtype)
     runners = [ModelRunner(model, spec, "cpu", torch.float32, backend, kv_dtype=kv_dtype) for _ in range(2)]
-    requests = [ScheduledRequest(Request(f"r{i}", [5 + i] * (i + 2), SamplingParams()), 1) for i in range(rows)]
-    for i, r in enumerate(requests):
-        r.request.num_computed_tokens = i + 1  # decodes at positions 1, 2, 3
-    tables = [[2 * i, 2 * i + 1] for i in range(rows)]
-    batch = runners[0].prepare(requests, tables)
-    x = torch.randn(rows, model.config.hidden_size, generator=torch.Generator().manual_seed(rows)) * 3
-    cos, sin = rope_cos_sin(batch.positions, model.inv_freq, x.dtype)
+    batch, x, cos, sin = _decode_step(model, runners[0], rows)
     layer = model.layers[1]
     with torch.inference_mode():
         fused = layer.fused(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta)
@@ -137,12 +142,7 @@ def test_fused_decode_layer_with_one_lora_adapter_equals_the_module_path(write, 
     adapters.add(7, LoRAAdapter("a", Path("a"), 4, updates))
     spec = plan_kv_cache(model.config, 4, 2**20, torch.float32)
     runners = [ModelRunner(model, spec, "cpu", torch.float32, backend) for _ in range(3)]
-    requests = [ScheduledRequest(Request(f"r{i}", [5 + i] * (i + 2), SamplingParams()), 1) for i in range(2)]
-    for i, r in enumerate(requests):
-        r.request.num_computed_tokens = i + 1
-    batch = runners[0].prepare(requests, [[2 * i, 2 * i + 1] for i in range(2)])
-    x = torch.randn(2, model.config.hidden_size, generator=torch.Generator().manual_seed(2)) * 3
-    cos, sin = rope_cos_sin(batch.positions, model.inv_freq, x.dtype)
+    batch, x, cos, sin = _decode_step(model, runners[0], 2)
     layer = model.layers[1]
     with torch.inference_mode(), adapters.context.applied([(7, None)]):
         lora = layer.fused.lora_updates(adapters.context.segments)
@@ -164,12 +164,7 @@ def test_fused_decode_layer_on_every_instruction_set(write, isa):
     model = load_model(write("glm", "q4_k_m"))
     spec = plan_kv_cache(model.config, 4, 2**20, torch.float32)
     runners = [ModelRunner(model, spec, "cpu", torch.float32) for _ in range(2)]
-    requests = [ScheduledRequest(Request(f"r{i}", [5 + i] * (i + 2), SamplingParams()), 1) for i in range(3)]
-    for i, r in enumerate(requests):
-        r.request.num_computed_tokens = i + 1
-    batch = runners[0].prepare(requests, [[2 * i, 2 * i + 1] for i in range(3)])
-    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(3)) * 3
-    cos, sin = rope_cos_sin(batch.positions, model.inv_freq, x.dtype)
+    batch, x, cos, sin = _decode_step(model, runners[0], 3)
     layer = model.layers[1]
     layer.fused.isa = ISA_NAMES.index(isa)
     with torch.inference_mode():
