@@ -123,38 +123,44 @@ def test_fused_decode_layer_equals_the_module_path(write, family, rows, kv_dtype
     assert layer.fused.applies_to(x)
 
 
+def _random_adapter(model, layer: int, seed: int, suffixes: tuple[str, ...] | None = None) -> LoRAAdapter:
+    """Rank-4 random updates of layer `layer`'s projections (those ending in `suffixes`, or all)."""
+    gen = torch.Generator().manual_seed(seed)
+    targets = lora_targets(model)
+    updates = {}
+    for name, (linear, shard) in targets.items():
+        if name.startswith(f"model.layers.{layer}.") and (suffixes is None or name.endswith(suffixes)):
+            updates[name] = LoRAUpdate(torch.randn(4, linear.in_features, generator=gen) * 0.2,
+                                       torch.randn(linear.shard_sizes[shard], 4, generator=gen) * 0.2)
+    return LoRAAdapter(f"a{seed}", Path(f"a{seed}"), 4, updates)
+
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
-@pytest.mark.parametrize("targets", ["all", "some"])
-def test_fused_decode_layer_with_one_lora_adapter_equals_the_module_path(write, backend, targets):
-    """A step whose rows all use one adapter keeps the fused layer, which adds the adapter's updates
-    to its products; a step mixing adapters takes the module path."""
+@pytest.mark.parametrize("segments", ["one adapter", "two adapters and the base"])
+def test_fused_decode_layer_with_lora_adapters_equals_the_module_path(write, backend, segments):
+    """Steps with LoRA adapters keep the fused layer, which adds each adapter's updates to its rows of
+    the four products: the module path's output and K/V, on every instruction set."""
     model = load_model(write("qwen2", "q4_k_m"))
     adapters = ModelAdapters(model)
-    gen = torch.Generator().manual_seed(4)
-    names = [n for n in lora_targets(model) if n.startswith("model.layers.1.")]
-    if targets == "some":
-        names = [n for n in names if n.endswith(("k_proj", "o_proj", "up_proj"))]
-    updates = {}
-    for name in names:
-        linear, shard = lora_targets(model)[name]
-        updates[name] = LoRAUpdate(torch.randn(4, linear.in_features, generator=gen) * 0.2,
-                                   torch.randn(linear.shard_sizes[shard], 4, generator=gen) * 0.2)
-    adapters.add(7, LoRAAdapter("a", Path("a"), 4, updates))
+    adapters.add(7, _random_adapter(model, 1, seed=4))
+    adapters.add(8, _random_adapter(model, 1, seed=5, suffixes=("k_proj", "o_proj", "up_proj")))
+    rows = 1 if segments == "one adapter" else 3
+    step = [(7, None)] if rows == 1 else [(8, torch.tensor([2])), (7, torch.tensor([0]))]  # row 1: the base
     spec = plan_kv_cache(model.config, 4, 2**20, torch.float32)
     runners = [ModelRunner(model, spec, "cpu", torch.float32, backend) for _ in range(3)]
-    batch, x, cos, sin = _decode_step(model, runners[0], 2)
+    batch, x, cos, sin = _decode_step(model, runners[0], rows)
     layer = model.layers[1]
-    with torch.inference_mode(), adapters.context.applied([(7, None)]):
+    with torch.inference_mode(), adapters.context.applied(step):
         lora = layer.fused.lora_updates(adapters.context.segments)
         plain = layer(x.clone(), cos, sin, runners[1].kv_caches[1], batch.meta)
         base = layer.fused(x.clone(), cos, sin, runners[2].kv_caches[1], batch.meta)
-        assert (plain - base).abs().max() > 0.05 * plain.abs().max()  # the adapter does change the layer
-        for isa in available_isas():  # the adapter's products are each instruction set's own loops
+        changed = (plain - base).abs().amax(-1) > 0.05 * plain.abs().max()  # per row: its adapter does change it
+        assert changed.tolist() == ([True] if rows == 1 else [True, False, True])
+        for isa in available_isas():  # the adapters' products are each instruction set's own loops
             layer.fused.isa = ISA_NAMES.index(isa)
             fused = layer.fused(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta, lora)
             torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item(), msg=isa)
             torch.testing.assert_close(runners[0].kv_pool, runners[1].kv_pool, rtol=1e-5, atol=1e-5, msg=isa)
-    assert layer.fused.lora_updates([(7, torch.tensor([0])), (8, torch.tensor([1]))]) is None
 
 
 @pytest.mark.parametrize("isa", available_isas() if quant_kernels_available() else ())

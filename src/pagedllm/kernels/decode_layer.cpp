@@ -5,14 +5,9 @@
 //                         k, v → cache slots
 //   attention_output_mlp: x += attn·W_o; x += down(silu(gate) · up)(rmsnorm(x))
 //
-// `lora` (empty, or Aᵀ and Bᵀ of one adapter for q/k/v, o, gate/up and down in that order, each pair
-// empty where the adapter has none) adds a step's single LoRA adapter to the four products, from
-// the same float32 inputs the module path gives it.
-//
-// Attention itself stays with the attention backend, between the two; when that backend is the C++
-// decode kernel (one query per sequence), decode_layer makes all three one call. The linear products are
-// quant_matmul.cpp's integer kernels; the rest (norms, rope, SiLU, cache writes) is a few
-// thousand floats per row, done here in plain loops without a pass through the dispatcher.
+// `lora` adds LoRA adapters to the four products, from the same float32 inputs the module path gives
+// them: per adapter in the step, 9 tensors — its rows (int64; empty: every row), then Aᵀ and Bᵀ for
+// q/k/v, o, gate/up and down (each pair empty where the adapter leaves that product alone).
 
 #include "quant_kernels.h"
 
@@ -103,17 +98,33 @@ at::Tensor quantised_rows(const float* x, int64_t m, int64_t k, int64_t stride, 
   return xq;
 }
 
-// out [M, N] += (in [M, K] · Aᵀ) · Bᵀ for the adapter pair `which` of `lora`, if there is one (both
-// with unit column stride; in's and out's rows may be strided views).
+constexpr size_t kLoRATensors = 9;  // per adapter: rows, then Aᵀ, Bᵀ for q/k/v, o, gate/up, down
+
+void check_lora(const std::vector<at::Tensor>& lora, int64_t m) {
+  TORCH_CHECK(lora.size() % kLoRATensors == 0, "lora must hold 9 tensors per adapter: rows, then Aᵀ and Bᵀ for "
+              "q/k/v, o, gate/up and down");
+  for (size_t s = 0; s < lora.size(); s += kLoRATensors) {
+    const at::Tensor& rows = lora[s];
+    TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1 && rows.is_contiguous(), "LoRA rows must be int64");
+    const int64_t* r = rows.data_ptr<int64_t>();
+    for (int64_t i = 0; i < rows.numel(); ++i) TORCH_CHECK(r[i] >= 0 && r[i] < m, "LoRA row ", r[i], " is outside the step");
+  }
+}
+
+// out [M, N] += (in [M, K] · Aᵀ) · Bᵀ on each adapter's rows, for product `which` (0 q/k/v … 3 down), where
+// that adapter updates it (in's and out's rows may be strided views; unit column stride).
 void add_lora(const std::vector<at::Tensor>& lora, int which, const at::Tensor& in, at::Tensor& out, int64_t isa) {
-  if (lora.empty() || lora.at(2 * which).numel() == 0) return;
-  const at::Tensor &a_t = lora.at(2 * which), &b_t = lora.at(2 * which + 1);
-  TORCH_CHECK(a_t.scalar_type() == at::kFloat && b_t.scalar_type() == at::kFloat && a_t.dim() == 2 && b_t.dim() == 2 &&
-              a_t.is_contiguous() && b_t.is_contiguous() && a_t.size(0) == in.size(1) && a_t.size(1) == b_t.size(0) &&
-              b_t.size(1) == out.size(1) && in.stride(1) == 1 && out.stride(1) == 1,
-              "LoRA update ", which, " does not fit its layer");
-  lora_rows(in.data_ptr<float>(), in.stride(0), in.size(0), in.size(1), a_t.data_ptr<float>(), a_t.size(1),
-            b_t.data_ptr<float>(), b_t.size(1), out.data_ptr<float>(), out.stride(0), isa);
+  for (size_t s = 0; s < lora.size(); s += kLoRATensors) {
+    const at::Tensor &rows = lora[s], &a_t = lora[s + 1 + 2 * which], &b_t = lora[s + 2 + 2 * which];
+    if (a_t.numel() == 0) continue;
+    TORCH_CHECK(a_t.scalar_type() == at::kFloat && b_t.scalar_type() == at::kFloat && a_t.dim() == 2 && b_t.dim() == 2 &&
+                a_t.is_contiguous() && b_t.is_contiguous() && a_t.size(0) == in.size(1) && a_t.size(1) == b_t.size(0) &&
+                b_t.size(1) == out.size(1) && in.stride(1) == 1 && out.stride(1) == 1,
+                "LoRA update ", which, " does not fit its layer");
+    lora_rows(in.data_ptr<float>(), in.stride(0), in.size(0), rows.numel() ? rows.data_ptr<int64_t>() : nullptr,
+              rows.numel(), in.size(1), a_t.data_ptr<float>(), a_t.size(1), b_t.data_ptr<float>(), b_t.size(1),
+              out.data_ptr<float>(), out.stride(0), isa);
+  }
 }
 
 void check_rows(const at::Tensor& t, int64_t m, int64_t n, const char* name) {
@@ -129,7 +140,6 @@ at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, d
                            int64_t num_heads, int64_t num_kv_heads, at::Tensor& kv_cache, const at::Tensor& slots,
                            const std::vector<at::Tensor>& lora, int64_t isa) {
   check_isa(isa);
-  TORCH_CHECK(lora.empty() || lora.size() == 8, "lora must hold Aᵀ and Bᵀ for q/k/v, o, gate/up and down");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, hidden] float32");
   const int64_t m = x.size(0), hidden = x.size(1);
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 && kv_cache.size(3) == num_kv_heads,
@@ -145,6 +155,7 @@ at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, d
   check_rows(sin, m, dim, "sin");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == m, "slots must be [M] int64");
   const int64_t cache_slots = kv_cache.numel() / (2 * cache_row_elements(kv_cache, kv_size));
+  check_lora(lora, m);
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t r = 0; r < m; ++r) TORCH_CHECK(slot[r] >= 0 && slot[r] < cache_slots, "slot ", slot[r], " is outside the cache");
 
@@ -186,10 +197,10 @@ void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vect
                           const std::vector<at::Tensor>& down_ws, const std::vector<int64_t>& down_types,
                           const std::vector<at::Tensor>& lora, int64_t isa) {
   check_isa(isa);
-  TORCH_CHECK(lora.empty() || lora.size() == 8, "lora must hold Aᵀ and Bᵀ for q/k/v, o, gate/up and down");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, hidden] float32");
   const int64_t m = x.size(0), hidden = x.size(1);
   TORCH_CHECK(attn.numel() % m == 0, "attn must have M rows");
+  check_lora(lora, m);
   const int64_t attn_width = attn.numel() / m;
   check_rows(attn, m, attn_width, "attn");
   check_rows(norm_weight, 1, hidden, "norm_weight");

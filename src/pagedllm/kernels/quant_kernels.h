@@ -26,10 +26,11 @@ void quantize_activations(const float* x, int64_t m, int64_t k, int64_t x_stride
 // gate_up [M, 2·n] → its first n columns = silu(gate) · up (vectorised, with a polynomial exp).
 void silu_mul_rows(float* gate_up, int64_t m, int64_t n, int64_t isa);
 
-// out[M, N] (row stride out_stride) += (x[M, K] · a_t[K, R]) · b_t[R, N] (float32): a LoRA adapter's
-// update of a few rows; torch's GEMMs cost more to call than these products take.
-void lora_rows(const float* x, int64_t x_stride, int64_t m, int64_t k, const float* a_t, int64_t r, const float* b_t,
-               int64_t n, float* out, int64_t out_stride, int64_t isa);
+// out[row] (rows out_stride apart) += (x[row] · a_t[K, R]) · b_t[R, N] (float32) for the `count` rows
+// listed in `rows`, or for rows 0..m-1 where `rows` is null: a LoRA adapter's update of a few rows;
+// torch's GEMMs cost more to call than these products take.
+void lora_rows(const float* x, int64_t x_stride, int64_t m, const int64_t* rows, int64_t count, int64_t k,
+               const float* a_t, int64_t r, const float* b_t, int64_t n, float* out, int64_t out_stride, int64_t isa);
 
 // out[M, N] (row stride out_stride) = x · Wᵀ, or += with `accumulate`; x quantised as above.
 void matmul_parts(const uint8_t* xq, int64_t m, const std::vector<Part>& parts, int64_t k, float* out,

@@ -149,13 +149,15 @@ void silu_mul_rows(float* gate_up, int64_t m, int64_t n, int64_t isa) {
   for (int64_t r = 0; r < m; ++r, gate_up += 2 * n) PAGEDLLM_BY_ISA(isa, silu_mul_row(gate_up, gate_up + n, n));
 }
 
-void lora_rows(const float* x, int64_t x_stride, int64_t m, int64_t k, const float* a_t, int64_t r, const float* b_t,
-               int64_t n, float* out, int64_t out_stride, int64_t isa) {
-  std::vector<float> low(m * r);
-  for (int64_t row = 0; row < m; ++row) PAGEDLLM_BY_ISA(isa, lora_low(x + row * x_stride, k, a_t, r, low.data() + row * r));
+void lora_rows(const float* x, int64_t x_stride, int64_t m, const int64_t* rows, int64_t count, int64_t k,
+               const float* a_t, int64_t r, const float* b_t, int64_t n, float* out, int64_t out_stride, int64_t isa) {
+  if (rows == nullptr) count = m;
+  const auto row_of = [&](int64_t i) { return rows == nullptr ? i : rows[i]; };
+  std::vector<float> low(count * r);
+  for (int64_t i = 0; i < count; ++i) PAGEDLLM_BY_ISA(isa, lora_low(x + row_of(i) * x_stride, k, a_t, r, low.data() + i * r));
   at::parallel_for(0, n, 1024, [&](int64_t c0, int64_t c1) {
-    for (int64_t row = 0; row < m; ++row)
-      PAGEDLLM_BY_ISA(isa, lora_add(low.data() + row * r, r, b_t + c0, n, c1 - c0, out + row * out_stride + c0));
+    for (int64_t i = 0; i < count; ++i)
+      PAGEDLLM_BY_ISA(isa, lora_add(low.data() + i * r, r, b_t + c0, n, c1 - c0, out + row_of(i) * out_stride + c0));
   });
 }
 

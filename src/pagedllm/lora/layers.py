@@ -8,8 +8,8 @@ segment, (x_rows·Aᵀ)·Bᵀ to its output rows: a loop over the adapters in th
 all its tokens — never over requests. A fused layer (q/k/v, gate/up) keeps one product per adapter:
 its shards' A stacked, their B block-diagonal.
 
-A decode step whose rows all use one adapter stays on the fused C++ decode layer
-(models/fused_decode.py), which adds the same Aᵀ, Bᵀ products inside the layer.
+Decode steps stay on the fused C++ decode layer (models/fused_decode.py), which adds the same Aᵀ, Bᵀ
+products per adapter segment inside the layer.
 
 Routed experts are not targets (their products see rows sorted by expert, not the step's rows).
 """
@@ -125,7 +125,7 @@ class ModelAdapters:
         self.targets = lora_targets(model)
         self.device = model.norm.weight.device
         self._layers: dict[int, list[LoRALayer]] = {}
-        model.lora_context = self.context  # fused decode layers take one-adapter steps, mixed ones the module path
+        model.lora_context = self.context  # the layers (fused decode ones too) read the step's segments here
 
     def add(self, adapter_id: int, adapter: LoRAAdapter) -> None:
         by_layer: dict[int, tuple[Linear, dict[int, LoRAUpdate]]] = {}

@@ -9,9 +9,8 @@ activations — so a layer takes it only when its parts are the ones the kernels
 (RMSNorm, optional per-head q/k RMSNorm, packed int8-activation linears, no bias on o/down,
 SwiGLU, rotate-half rope — the identity where a model has no rotary positions —, soft-capping and
 ALiBi in the attention kernel; no sandwich norms);
-any other layer keeps the module path. A step whose rows all use one LoRA adapter keeps the fused
-path too: the C++ layer adds that adapter's updates to its four products (lora/layers.py holds them);
-a step mixing adapters (or adapters and the base) takes the module path.
+any other layer keeps the module path. Steps with LoRA adapters keep the fused path too: the C++
+layer adds each adapter's updates to its rows of the four products (lora/layers.py holds them).
 """
 
 from __future__ import annotations
@@ -26,7 +25,8 @@ from ..layers.linear import INT8_MAX_ROWS, Linear, PackedMethod
 from ..layers.norm import RMSNorm
 
 
-_NONE = torch.empty(0)  # a projection the step's adapter does not update
+_NONE = torch.empty(0)  # a projection an adapter does not update
+_NO_ROWS = torch.empty(0, dtype=torch.long)  # an adapter that has every row of the step
 
 
 @dataclass
@@ -74,19 +74,16 @@ class FusedDecodeLayer:
     def applies_to(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.float32 and x.shape[0] <= self.max_rows
 
-    def lora_updates(self, segments: list[tuple[int, torch.Tensor | None]]) -> list[torch.Tensor] | None:
-        """The C++ layer's `lora` argument for a step's adapter segments: [] for none, Aᵀ and Bᵀ for
-        q/k/v, o, gate/up and down (empty tensors where the adapter leaves one alone) when one adapter
-        has every row, None when the step mixes adapters (the module path handles that)."""
-        if not segments:
-            return []
-        if len(segments) > 1 or segments[0][1] is not None:
-            return None
-        adapter_id = segments[0][0]
+    def lora_updates(self, segments: list[tuple[int, torch.Tensor | None]]) -> list[torch.Tensor]:
+        """The C++ layer's `lora` argument for a step's adapter segments (lora/layers.py: LoRAContext):
+        per adapter, its rows (empty: every row), then Aᵀ and Bᵀ for q/k/v, o, gate/up and down (empty
+        where the adapter leaves that product alone). [] without adapters."""
         updates = []
-        for linear in (self.qkv, self.o, self.gate_up, self.down):
-            update = linear.lora.updates.get(adapter_id) if linear.lora is not None else None
-            updates += update if update is not None else (_NONE, _NONE)
+        for adapter_id, rows in segments:
+            updates.append(_NO_ROWS if rows is None else rows)
+            for linear in (self.qkv, self.o, self.gate_up, self.down):
+                update = linear.lora.updates.get(adapter_id) if linear.lora is not None else None
+                updates += update if update is not None else (_NONE, _NONE)
         return updates
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
