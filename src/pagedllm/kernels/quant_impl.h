@@ -921,6 +921,12 @@ void dequantize_row(const uint8_t* w, int64_t blocks, Out* out) {
   }
 }
 
+// bfloat16 → float32 is a 16-bit shift: 8 values, and (AVX-512) 16.
+inline __m256 widen8(const c10::BFloat16* p) {
+  const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+}
+
 #if defined(PAGEDLLM_VNNI)
 // e^x, 16 lanes: exp8's arithmetic, the power of two applied by scalef.
 inline __m512 exp16(__m512 x) {
@@ -948,10 +954,6 @@ inline void silu_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, int
     store16(out + i, _mm512_mul_ps(_mm512_div_ps(g, d), widen16(up + i)));
   }
 #endif
-  const auto widen8 = [](const c10::BFloat16* p) {
-    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-  };
   for (; i + 8 <= n; i += 8) {
     const __m256 g = widen8(gate + i);
     const __m256 sig = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
@@ -963,10 +965,6 @@ inline void silu_mul_row(const c10::BFloat16* gate, const c10::BFloat16* up, int
 // A bfloat16 row of attention scores → its softmax over the first `visible` entries (float32 math,
 // one rounding), 0 after them. `tmp` holds `visible` floats.
 inline void softmax_row(c10::BFloat16* row, int64_t visible, int64_t cols, float* tmp) {
-  const auto widen8 = [](const c10::BFloat16* p) {
-    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
-  };
   int64_t i = 0;
   float peak = -INFINITY, sum = 0.f;
 #if defined(PAGEDLLM_VNNI)
