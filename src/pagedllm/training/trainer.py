@@ -375,6 +375,11 @@ def _rank_main(rank: int, config: TrainConfig, port: int) -> None:
         sys.exit(2)
     finally:
         dist.destroy_process_group()
+    # Everything is written and closed: leave without the interpreter's teardown, where gloo's threads
+    # still aborted a finished rank now and then ("terminate called without an active exception", -6).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
