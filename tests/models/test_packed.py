@@ -11,6 +11,7 @@ rounding.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import textwrap
@@ -33,6 +34,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.kernels import ISA_NAMES, available_isas, quant_kernels_available
 from pagedllm.layers.linear import Linear, PackedMethod, WeightLoadError
 from pagedllm.layers.quant import PackedWeight, random_blocks
+from pagedllm.models.fused_decode import FusedDecodeLayer
 from pagedllm.models.loaders import ModelSource, load_model, read_model_config
 from pagedllm.models.loaders.hf_loader import hf_weights
 from pagedllm.tools.convert import write_gguf
@@ -161,6 +163,41 @@ def test_fused_decode_layer_with_lora_adapters_equals_the_module_path(write, bac
             fused = layer.fused(x.clone(), cos, sin, runners[0].kv_caches[1], batch.meta, lora)
             torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4 * plain.abs().max().item(), msg=isa)
             torch.testing.assert_close(runners[0].kv_pool, runners[1].kv_pool, rtol=1e-5, atol=1e-5, msg=isa)
+
+
+@pytest.mark.parametrize("adapters", [False, True])
+def test_fused_model_runs_every_layer_in_one_call(write, adapters, monkeypatch):
+    """A step of one query per sequence runs the whole stack in one C++ call (FusedDecodeModel): the
+    same hidden states and K/V as the fused layers called one by one and, to float rounding, as the
+    module path. With adapters: one on layer 0, another on layer 1 and a base row, so each layer's
+    slice of the step's LoRA list is its own."""
+    model = load_model(write("qwen2", "q4_k_m"))
+    assert model.fused_model is not None
+    context, step = contextlib.nullcontext, []
+    if adapters:
+        lora = ModelAdapters(model)
+        lora.add(7, _random_adapter(model, 0, seed=4))
+        lora.add(8, _random_adapter(model, 1, seed=5))
+        context, step = lora.context.applied, [(8, torch.tensor([2])), (7, torch.tensor([0]))]
+    spec = plan_kv_cache(model.config, 4, 2**20, torch.float32)
+    runners = [ModelRunner(model, spec, "cpu", torch.float32) for _ in range(3)]
+    batch, *_ = _decode_step(model, runners[0], 3)
+    assert model.fused_model.applies_to(torch.zeros(3, model.config.hidden_size), batch.meta)
+
+    def run(runner: ModelRunner) -> torch.Tensor:
+        with torch.inference_mode(), context(step):
+            return model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
+
+    with monkeypatch.context() as patch:  # the one call, not the layers one by one
+        patch.setattr(FusedDecodeLayer, "__call__", lambda *a: pytest.fail("a layer was called on its own"))
+        whole = run(runners[0])
+    model.fused_model = None
+    layer_by_layer = run(runners[1])
+    model.drop_fused_decode()
+    module = run(runners[2])
+    assert torch.equal(whole, layer_by_layer) and torch.equal(runners[0].kv_pool, runners[1].kv_pool)
+    torch.testing.assert_close(whole, module, rtol=1e-4, atol=1e-4 * module.abs().max().item())
+    torch.testing.assert_close(runners[0].kv_pool, runners[2].kv_pool, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("isa", available_isas() if quant_kernels_available() else ())

@@ -5,6 +5,10 @@
 //                         k, v → cache slots
 //   attention_output_mlp: x += attn·W_o; x += down(silu(gate) · up)(rmsnorm(x))
 //
+// A model's layers live in one DecodeLayers object (weights checked once, at load); a step of one
+// query per sequence runs a layer whole (`decode`, the attention kernel in between) or every layer
+// of the model (`decode_all`).
+//
 // `lora` adds LoRA adapters to the four products, from the same float32 inputs the module path gives
 // them: per adapter in the step, 9 tensors — its rows (int64; empty: every row), then Aᵀ and Bᵀ for
 // q/k/v, o, gate/up and down (each pair empty where the adapter leaves that product alone).
@@ -15,6 +19,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -132,25 +137,42 @@ void check_rows(const at::Tensor& t, int64_t m, int64_t n, const char* name) {
               " must be contiguous float32 with ", n, " values per row");
 }
 
+// One decoder layer's weights and constants, checked once when the model is loaded: each step then
+// checks only its own tensors. The packed weights stay where the loader put them (the parts point
+// into `weights`, which keeps them alive).
+struct LayerWeights {
+  at::Tensor input_norm, post_norm;
+  double input_eps, post_eps;
+  std::vector<at::Tensor> weights;
+  std::vector<Part> qkv, o, gate_up, down;
+  std::optional<at::Tensor> bias, q_norm, k_norm, alibi;
+  int64_t hidden, inter, num_heads, num_kv_heads, head_dim, rope_index;
+  double scale, softcap;
+  int64_t sliding_window;
+
+  int64_t q_size() const { return num_heads * head_dim; }
+  int64_t kv_size() const { return num_kv_heads * head_dim; }
+};
+
+std::vector<Part> held_parts(LayerWeights& l, const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types,
+                             int64_t k) {
+  std::vector<Part> parts = parts_of(ws, types, k);
+  l.weights.insert(l.weights.end(), ws.begin(), ws.end());
+  return parts;
+}
+
 // x [M, hidden] → q [M, heads, dim]; k and v written to kv_cache at `slots` [M].
-at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, double eps,
-                           const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types,
-                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_norm,
-                           const std::optional<at::Tensor>& k_norm, const at::Tensor& cos, const at::Tensor& sin,
-                           int64_t num_heads, int64_t num_kv_heads, at::Tensor& kv_cache, const at::Tensor& slots,
-                           const std::vector<at::Tensor>& lora, int64_t isa) {
+at::Tensor attention_input(const LayerWeights& l, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                           at::Tensor& kv_cache, const at::Tensor& slots, const std::vector<at::Tensor>& lora,
+                           int64_t isa) {
   check_isa(isa);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, hidden] float32");
-  const int64_t m = x.size(0), hidden = x.size(1);
-  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 && kv_cache.size(3) == num_kv_heads,
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == l.hidden,
+              "x must be contiguous [M, ", l.hidden, "] float32");
+  const int64_t m = x.size(0), dim = l.head_dim, q_size = l.q_size(), kv_size = l.kv_size();
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 && kv_cache.size(3) == l.num_kv_heads,
               "kv_cache must be a contiguous [2, blocks, block_size, kv_heads, row] pool");
-  const int64_t dim = cos.size(-1), q_size = num_heads * dim, kv_size = num_kv_heads * dim;
   TORCH_CHECK(kv_cache.size(4) == cache_row_elements(kv_cache, dim) && (kv_cache.scalar_type() != at::kByte || dim % 32 == 0),
               "kv_cache rows do not hold head_dim ", dim, " values");
-  const std::vector<Part> parts = parts_of(ws, types, hidden);
-  TORCH_CHECK(rows_of(parts) == q_size + 2 * kv_size, "q/k/v weights have ", rows_of(parts), " rows, heads need ",
-              q_size + 2 * kv_size);
-  check_rows(norm_weight, 1, hidden, "norm_weight");
   check_rows(cos, m, dim, "cos");
   check_rows(sin, m, dim, "sin");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() && slots.numel() == m, "slots must be [M] int64");
@@ -159,116 +181,172 @@ at::Tensor attention_input(const at::Tensor& x, const at::Tensor& norm_weight, d
   const int64_t* slot = slots.data_ptr<int64_t>();
   for (int64_t r = 0; r < m; ++r) TORCH_CHECK(slot[r] >= 0 && slot[r] < cache_slots, "slot ", slot[r], " is outside the cache");
 
-  at::Tensor normed = at::empty({m, hidden}, x.options());
-  rms_norm_rows(x.data_ptr<float>(), m, hidden, norm_weight.data_ptr<float>(), static_cast<float>(eps),
+  at::Tensor normed = at::empty({m, l.hidden}, x.options());
+  rms_norm_rows(x.data_ptr<float>(), m, l.hidden, l.input_norm.data_ptr<float>(), static_cast<float>(l.input_eps),
                 normed.data_ptr<float>());
-  const at::Tensor xq = quantised_rows(normed.data_ptr<float>(), m, hidden, hidden, isa);
+  const at::Tensor xq = quantised_rows(normed.data_ptr<float>(), m, l.hidden, l.hidden, isa);
   const int64_t width = q_size + 2 * kv_size;
   at::Tensor qkv = at::empty({m, width}, x.options());
   float* out = qkv.data_ptr<float>();
-  matmul_parts(xq.data_ptr<uint8_t>(), m, parts, hidden, out, width, false, false, isa);
-  if (bias) {
-    check_rows(*bias, 1, width, "bias");
-    qkv.add_(*bias);
-  }
+  matmul_parts(xq.data_ptr<uint8_t>(), m, l.qkv, l.hidden, out, width, false, false, isa);
+  if (l.bias) qkv.add_(*l.bias);
   add_lora(lora, 0, normed, qkv, isa);
-  TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm come together");
-  if (q_norm) {  // Qwen3 / Gemma 3: each head of q and k normalised before the rotation
-    check_rows(*q_norm, 1, dim, "q_norm");
-    check_rows(*k_norm, 1, dim, "k_norm");
+  if (l.q_norm) {  // Qwen3 / Gemma 3: each head of q and k normalised before the rotation
+    const float eps = static_cast<float>(l.input_eps);
     for (int64_t r = 0; r < m; ++r) {
       float* row = out + r * width;
-      rms_norm_rows(row, num_heads, dim, q_norm->data_ptr<float>(), static_cast<float>(eps), row);
-      rms_norm_rows(row + q_size, num_kv_heads, dim, k_norm->data_ptr<float>(), static_cast<float>(eps), row + q_size);
+      rms_norm_rows(row, l.num_heads, dim, l.q_norm->data_ptr<float>(), eps, row);
+      rms_norm_rows(row + q_size, l.num_kv_heads, dim, l.k_norm->data_ptr<float>(), eps, row + q_size);
     }
   }
   for (int64_t r = 0; r < m; ++r) {
     const float *c = cos.data_ptr<float>() + r * dim, *s = sin.data_ptr<float>() + r * dim;
-    rope_row(out + r * width, num_heads + num_kv_heads, dim, c, s);  // q and k heads are adjacent
+    rope_row(out + r * width, l.num_heads + l.num_kv_heads, dim, c, s);  // q and k heads are adjacent
   }
   write_kv(out, m, width, q_size, kv_size, kv_cache, slot);
-  return qkv.narrow(1, 0, q_size).view({m, num_heads, dim});
+  return qkv.narrow(1, 0, q_size).view({m, l.num_heads, dim});
 }
 
 // x [M, hidden] += attn·W_oᵀ, then += the SwiGLU MLP of rmsnorm(x). attn: [M, heads·dim].
-void attention_output_mlp(at::Tensor& x, const at::Tensor& attn, const std::vector<at::Tensor>& o_ws,
-                          const std::vector<int64_t>& o_types, const at::Tensor& norm_weight, double eps,
-                          const std::vector<at::Tensor>& gate_up_ws, const std::vector<int64_t>& gate_up_types,
-                          const std::vector<at::Tensor>& down_ws, const std::vector<int64_t>& down_types,
+void attention_output_mlp(const LayerWeights& l, at::Tensor& x, const at::Tensor& attn,
                           const std::vector<at::Tensor>& lora, int64_t isa) {
   check_isa(isa);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous [M, hidden] float32");
-  const int64_t m = x.size(0), hidden = x.size(1);
-  TORCH_CHECK(attn.numel() % m == 0, "attn must have M rows");
-  check_lora(lora, m);
-  const int64_t attn_width = attn.numel() / m;
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == l.hidden,
+              "x must be contiguous [M, ", l.hidden, "] float32");
+  const int64_t m = x.size(0), hidden = l.hidden, inter = l.inter, attn_width = l.q_size();
   check_rows(attn, m, attn_width, "attn");
-  check_rows(norm_weight, 1, hidden, "norm_weight");
-  const std::vector<Part> o = parts_of(o_ws, o_types, attn_width), gate_up = parts_of(gate_up_ws, gate_up_types, hidden);
-  const int64_t inter = rows_of(gate_up) / 2;
-  const std::vector<Part> down = parts_of(down_ws, down_types, inter);
-  TORCH_CHECK(rows_of(o) == hidden && rows_of(down) == hidden && rows_of(gate_up) == 2 * inter,
-              "o, gate/up and down weights do not fit the hidden size");
+  check_lora(lora, m);
   float* xp = x.data_ptr<float>();
 
   at::Tensor xq = quantised_rows(attn.data_ptr<float>(), m, attn_width, attn_width, isa);
-  matmul_parts(xq.data_ptr<uint8_t>(), m, o, attn_width, xp, hidden, false, true, isa);
+  matmul_parts(xq.data_ptr<uint8_t>(), m, l.o, attn_width, xp, hidden, false, true, isa);
   add_lora(lora, 1, attn.view({m, attn_width}), x, isa);
 
   at::Tensor normed = at::empty({m, hidden}, x.options());
-  rms_norm_rows(xp, m, hidden, norm_weight.data_ptr<float>(), static_cast<float>(eps), normed.data_ptr<float>());
+  rms_norm_rows(xp, m, hidden, l.post_norm.data_ptr<float>(), static_cast<float>(l.post_eps), normed.data_ptr<float>());
   xq = quantised_rows(normed.data_ptr<float>(), m, hidden, hidden, isa);
   at::Tensor gu = at::empty({m, 2 * inter}, x.options());
   float* g = gu.data_ptr<float>();
-  matmul_parts(xq.data_ptr<uint8_t>(), m, gate_up, hidden, g, 2 * inter, false, false, isa);
+  matmul_parts(xq.data_ptr<uint8_t>(), m, l.gate_up, hidden, g, 2 * inter, false, false, isa);
   add_lora(lora, 2, normed, gu, isa);
   silu_mul_rows(g, m, inter, isa);  // into the gate half
   xq = quantised_rows(g, m, inter, 2 * inter, isa);
-  matmul_parts(xq.data_ptr<uint8_t>(), m, down, inter, xp, hidden, false, true, isa);
+  matmul_parts(xq.data_ptr<uint8_t>(), m, l.down, inter, xp, hidden, false, true, isa);
   at::Tensor silu_out = gu.narrow(1, 0, inter);
   add_lora(lora, 3, silu_out, x, isa);
 }
 
 // The whole layer for a step of one query per sequence: attention_input, the paged decode kernel
 // (pagedllm::paged_decode_attention, from the attention build, through the dispatcher) and
-// attention_output_mlp in one call. At ~60-90 µs a small model's layer, issuing three calls and
-// the attention backend's Python from the model cost ~10 µs more.
-void decode_layer(at::Tensor& x, const at::Tensor& input_norm, double input_eps, const at::Tensor& post_norm, double post_eps,
-                  const std::vector<at::Tensor>& qkv_ws, const std::vector<int64_t>& qkv_types,
-                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_norm,
-                  const std::optional<at::Tensor>& k_norm, const std::vector<at::Tensor>& o_ws,
-                  const std::vector<int64_t>& o_types, const std::vector<at::Tensor>& gate_up_ws,
-                  const std::vector<int64_t>& gate_up_types, const std::vector<at::Tensor>& down_ws,
-                  const std::vector<int64_t>& down_types, const at::Tensor& cos, const at::Tensor& sin,
-                  int64_t num_heads, int64_t num_kv_heads, at::Tensor& kv_cache, const at::Tensor& slots,
-                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale, int64_t sliding_window,
-                  double softcap, const std::optional<at::Tensor>& alibi, const std::vector<at::Tensor>& lora, int64_t isa) {
+// attention_output_mlp.
+void decode(const LayerWeights& l, at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
+            const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& context_lens,
+            const std::vector<at::Tensor>& lora, int64_t isa) {
   static const auto attend = c10::Dispatcher::singleton()
       .findSchemaOrThrow("pagedllm::paged_decode_attention", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
                         double, const std::optional<at::Tensor>&)>();
-  const at::Tensor q = attention_input(x, input_norm, input_eps, qkv_ws, qkv_types, bias, q_norm, k_norm, cos, sin,
-                                       num_heads, num_kv_heads, kv_cache, slots, lora, isa);
-  const at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, scale, sliding_window, softcap, alibi);
-  attention_output_mlp(x, out.contiguous(), o_ws, o_types, post_norm, post_eps, gate_up_ws, gate_up_types, down_ws,
-                       down_types, lora, isa);
+  const at::Tensor q = attention_input(l, x, cos, sin, kv_cache, slots, lora, isa);
+  const at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, l.scale, l.sliding_window, l.softcap, l.alibi);
+  attention_output_mlp(l, x, out.contiguous(), lora, isa);
 }
+
+// A model's fused decoder layers (models/fused_decode.py), built once after loading. A step calls
+// one layer's halves or whole, or, where every layer of the model is here, `decode_all` runs them
+// all in one call: at ~60 µs a small model's layer, issuing 30 calls from Python cost ~15 µs each.
+struct DecodeLayers : torch::CustomClassHolder {
+  std::vector<LayerWeights> layers;
+
+  int64_t add(const at::Tensor& input_norm, double input_eps, const at::Tensor& post_norm, double post_eps,
+              const std::vector<at::Tensor>& qkv_ws, const std::vector<int64_t>& qkv_types,
+              const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& q_norm,
+              const std::optional<at::Tensor>& k_norm, const std::vector<at::Tensor>& o_ws,
+              const std::vector<int64_t>& o_types, const std::vector<at::Tensor>& gate_up_ws,
+              const std::vector<int64_t>& gate_up_types, const std::vector<at::Tensor>& down_ws,
+              const std::vector<int64_t>& down_types, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+              double scale, int64_t sliding_window, double softcap, const std::optional<at::Tensor>& alibi,
+              int64_t rope_index) {
+    LayerWeights l;
+    l.hidden = input_norm.numel();
+    check_rows(input_norm, 1, l.hidden, "input_norm");
+    check_rows(post_norm, 1, l.hidden, "post_norm");
+    l.input_norm = input_norm, l.post_norm = post_norm, l.input_eps = input_eps, l.post_eps = post_eps;
+    l.num_heads = num_heads, l.num_kv_heads = num_kv_heads, l.head_dim = head_dim, l.rope_index = rope_index;
+    l.scale = scale, l.sliding_window = sliding_window, l.softcap = softcap;
+    TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0 && head_dim % 2 == 0, "bad head shapes");
+    const int64_t width = l.q_size() + 2 * l.kv_size();
+    l.qkv = held_parts(l, qkv_ws, qkv_types, l.hidden);
+    TORCH_CHECK(rows_of(l.qkv) == width, "q/k/v weights have ", rows_of(l.qkv), " rows, heads need ", width);
+    l.o = held_parts(l, o_ws, o_types, l.q_size());
+    l.gate_up = held_parts(l, gate_up_ws, gate_up_types, l.hidden);
+    l.inter = rows_of(l.gate_up) / 2;
+    l.down = held_parts(l, down_ws, down_types, l.inter);
+    TORCH_CHECK(rows_of(l.o) == l.hidden && rows_of(l.down) == l.hidden && rows_of(l.gate_up) == 2 * l.inter,
+                "o, gate/up and down weights do not fit the hidden size");
+    if (bias) check_rows(*bias, 1, width, "bias");
+    TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm come together");
+    if (q_norm) {
+      check_rows(*q_norm, 1, head_dim, "q_norm");
+      check_rows(*k_norm, 1, head_dim, "k_norm");
+    }
+    TORCH_CHECK(!alibi || (alibi->scalar_type() == at::kFloat && alibi->numel() == num_heads),
+                "alibi must hold one float32 slope per query head");
+    l.bias = bias, l.q_norm = q_norm, l.k_norm = k_norm, l.alibi = alibi;
+    layers.push_back(std::move(l));
+    return static_cast<int64_t>(layers.size()) - 1;
+  }
+
+  const LayerWeights& layer(int64_t index) const {
+    TORCH_CHECK(index >= 0 && index < static_cast<int64_t>(layers.size()), "no fused layer ", index);
+    return layers[index];
+  }
+
+  at::Tensor attention_input(int64_t index, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                             at::Tensor kv_cache, const at::Tensor& slots, const std::vector<at::Tensor>& lora,
+                             int64_t isa) {
+    return pagedllm_quant::attention_input(layer(index), x, cos, sin, kv_cache, slots, lora, isa);
+  }
+
+  void attention_output_mlp(int64_t index, at::Tensor x, const at::Tensor& attn, const std::vector<at::Tensor>& lora,
+                            int64_t isa) {
+    pagedllm_quant::attention_output_mlp(layer(index), x, attn, lora, isa);
+  }
+
+  void decode(int64_t index, at::Tensor x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor kv_cache,
+              const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& context_lens,
+              const std::vector<at::Tensor>& lora, int64_t isa) {
+    pagedllm_quant::decode(layer(index), x, cos, sin, kv_cache, slots, block_tables, context_lens, lora, isa);
+  }
+
+  // Every layer in order; cos/sin per rotation of the model (a layer's rope_index picks one), one
+  // KV pool per layer, `lora` the layers' lists one after the other (each the same length).
+  void decode_all(at::Tensor x, const std::vector<at::Tensor>& cos, const std::vector<at::Tensor>& sin,
+                  std::vector<at::Tensor> kv_caches, const at::Tensor& slots, const at::Tensor& block_tables,
+                  const at::Tensor& context_lens, const std::vector<at::Tensor>& lora, int64_t isa) {
+    const size_t n = layers.size();
+    TORCH_CHECK(kv_caches.size() == n && lora.size() % std::max<size_t>(n, 1) == 0 && cos.size() == sin.size(),
+                "decode_all needs one KV pool and one LoRA list per layer");
+    const size_t per_layer = n ? lora.size() / n : 0;
+    for (size_t i = 0; i < n; ++i) {
+      const LayerWeights& l = layers[i];
+      TORCH_CHECK(l.rope_index >= 0 && l.rope_index < static_cast<int64_t>(cos.size()), "no rotation ", l.rope_index);
+      const std::vector<at::Tensor> layer_lora(lora.begin() + i * per_layer, lora.begin() + (i + 1) * per_layer);
+      pagedllm_quant::decode(l, x, cos[l.rope_index], sin[l.rope_index], kv_caches[i], slots, block_tables,
+                             context_lens, layer_lora, isa);
+    }
+  }
+};
 
 }  // namespace
 }  // namespace pagedllm_quant
 
 TORCH_LIBRARY_FRAGMENT(pagedllm_quant, m) {
-  m.def("decode_layer(Tensor(a!) x, Tensor input_norm, float input_eps, Tensor post_norm, float post_eps, Tensor[] qkv_ws, int[] qkv_types, "
-        "Tensor? bias, Tensor? q_norm, Tensor? k_norm, Tensor[] o_ws, int[] o_types, Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, "
-        "int[] down_types, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(b!) kv_cache, Tensor slots, "
-        "Tensor block_tables, Tensor context_lens, float scale, int sliding_window, float softcap, Tensor? alibi, Tensor[] lora, "
-        "int isa) -> ()",
-        pagedllm_quant::decode_layer);
-  m.def("attention_input(Tensor x, Tensor norm_weight, float eps, Tensor[] ws, int[] types, Tensor? bias, "
-        "Tensor? q_norm, Tensor? k_norm, Tensor cos, Tensor sin, int num_heads, int num_kv_heads, Tensor(a!) kv_cache, Tensor slots, "
-        "Tensor[] lora, int isa) -> Tensor",
-        pagedllm_quant::attention_input);
-  m.def("attention_output_mlp(Tensor(a!) x, Tensor attn, Tensor[] o_ws, int[] o_types, Tensor norm_weight, float eps, "
-        "Tensor[] gate_up_ws, int[] gate_up_types, Tensor[] down_ws, int[] down_types, Tensor[] lora, int isa) -> ()",
-        pagedllm_quant::attention_output_mlp);
+  using pagedllm_quant::DecodeLayers;
+  m.class_<DecodeLayers>("DecodeLayers")
+      .def(torch::init<>())
+      .def("add", &DecodeLayers::add)
+      .def("attention_input", &DecodeLayers::attention_input)
+      .def("attention_output_mlp", &DecodeLayers::attention_output_mlp)
+      .def("decode", &DecodeLayers::decode)
+      .def("decode_all", &DecodeLayers::decode_all);
 }

@@ -1,6 +1,7 @@
 """The few-row (decode) path of a decoder layer whose linear layers are packed: two C++ calls
 around the attention backend (pagedllm/kernels/decode_layer.cpp) instead of ~20 torch ops, or one
-call with the C++ decode kernel inside when the step is one query per sequence.
+call with the C++ decode kernel inside when the step is one query per sequence — and, where every
+layer of the model is fused, one call for all the layers of such a step (FusedDecodeModel).
 
 At batch 1 the model reads each weight once; the small ops between the products (norms, rope,
 cache writes, SiLU, residual adds) and the Python that issues them cost more than that read.
@@ -29,47 +30,60 @@ _NONE = torch.empty(0)  # a projection an adapter does not update
 _NO_ROWS = torch.empty(0, dtype=torch.long)  # an adapter that has every row of the step
 
 
+def new_decode_layers() -> torch.ScriptObject:
+    """An empty C++ holder for a model's fused layers (kernels/decode_layer.cpp: DecodeLayers)."""
+    return torch.classes.pagedllm_quant.DecodeLayers()
+
+
 @dataclass
 class FusedDecodeLayer:
-    input_norm: RMSNorm
-    qkv: Linear
+    """One layer's handle into the model's C++ DecodeLayers, which holds its weights, checked once."""
+    layers: torch.ScriptObject
+    index: int
+    qkv: Linear  # the linears, for their LoRA updates
     o: Linear
-    post_norm: RMSNorm
     gate_up: Linear
     down: Linear
-    q_norm: torch.Tensor | None  # per-head RMSNorm weights of q and k (Qwen3), or None
-    k_norm: torch.Tensor | None
-    num_heads: int
-    num_kv_heads: int
-    attention: LayerAttention
+    attention: LayerAttention  # for the attention backend, where a step is not one query per sequence
     isa: int
 
     max_rows = INT8_MAX_ROWS  # beyond, the module path's dequantise-and-GEMM products are faster
 
-    @classmethod
-    def build(cls, layer: torch.nn.Module) -> "FusedDecodeLayer | None":
-        """The fused path for `layer` (a DecoderLayer, weights loaded), or None where it does not apply."""
+    @staticmethod
+    def qualifies(layer: torch.nn.Module) -> bool:
+        """Whether `layer` (a DecoderLayer, weights loaded) is made of the parts the C++ layer has."""
         attn, mlp = layer.self_attn, layer.mlp
         if not hasattr(mlp, "gate_up_proj"):
-            return None  # routed experts (layers/moe.py)
+            return False  # routed experts (layers/moe.py)
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(isinstance(m.method, PackedMethod) and m.method.int8_activations for m in linears):
-            return None
+            return False
         if layer.pre_feedforward_layernorm is not None or mlp.hidden_act != "silu":
-            return None  # parts the C++ layer does not have
+            return False  # parts the C++ layer does not have
         if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
-            return None
+            return False
         if attn.q_norm is not None:
             norms += (attn.q_norm, attn.k_norm)
         if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 for n in norms):
-            return None
-        if attn.qkv_proj.bias is not None and attn.qkv_proj.bias.dtype != torch.float32:
-            return None
+            return False
+        return attn.qkv_proj.bias is None or attn.qkv_proj.bias.dtype == torch.float32
+
+    @classmethod
+    def build(cls, layer: torch.nn.Module, layers: torch.ScriptObject) -> "FusedDecodeLayer":
+        """The fused path for a layer that qualifies, its weights added to `layers`."""
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         qk_norms = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
-        return cls(layer.input_layernorm, attn.qkv_proj, attn.o_proj, layer.post_attention_layernorm,
-                   mlp.gate_up_proj, mlp.down_proj, *qk_norms, attn.num_heads, attn.num_kv_heads,
-                   attn.layer_attention(), attn.qkv_proj.method.isa)
+        a = attn.layer_attention()
+        index = layers.add(
+            layer.input_layernorm.weight, layer.input_layernorm.eps, layer.post_attention_layernorm.weight,
+            layer.post_attention_layernorm.eps, attn.qkv_proj.part_data, attn.qkv_proj.part_types, attn.qkv_proj.bias,
+            *qk_norms, attn.o_proj.part_data, attn.o_proj.part_types, mlp.gate_up_proj.part_data,
+            mlp.gate_up_proj.part_types, mlp.down_proj.part_data, mlp.down_proj.part_types, attn.num_heads,
+            attn.num_kv_heads, attn.head_dim, a.scale, a.sliding_window or 0, a.softcap or 0.0, a.alibi,
+            layer.rope_index)
+        return cls(layers, index, *linears, a, attn.qkv_proj.method.isa)
 
     def applies_to(self, x: torch.Tensor) -> bool:
         return x.dtype == torch.float32 and x.shape[0] <= self.max_rows
@@ -90,23 +104,36 @@ class FusedDecodeLayer:
                  meta: AttentionMetadata, lora: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         """The layer's output for x [tokens, hidden]; x's storage is updated in place and returned.
         `lora`: lora_updates' list ([] without adapters)."""
-        ops, rows, a = torch.ops.pagedllm_quant, x.shape[0], self.attention
-        x = x.contiguous()
+        rows, layers, i = x.shape[0], self.layers, self.index
+        x, cos, sin, lora = x.contiguous(), cos.reshape(rows, -1), sin.reshape(rows, -1), list(lora)
         group = meta.groups[0] if len(meta.groups) == 1 else None
         if group is not None and group.use_decode_kernel:  # one query per sequence: the whole layer in one call
-            ops.decode_layer(x, self.input_norm.weight, self.input_norm.eps, self.post_norm.weight, self.post_norm.eps,
-                             self.qkv.part_data, self.qkv.part_types, self.qkv.bias, self.q_norm, self.k_norm,
-                             self.o.part_data, self.o.part_types, self.gate_up.part_data, self.gate_up.part_types,
-                             self.down.part_data, self.down.part_types, cos.reshape(rows, -1), sin.reshape(rows, -1), self.num_heads,
-                             self.num_kv_heads, kv_cache, meta.slot_mapping, group.block_tables, group.context_lens,
-                             a.scale, a.sliding_window or 0, a.softcap or 0.0, a.alibi, lora, self.isa)
+            layers.decode(i, x, cos, sin, kv_cache, meta.slot_mapping, group.block_tables, group.context_lens, lora,
+                          self.isa)
             return x
-        q = ops.attention_input(x, self.input_norm.weight, self.input_norm.eps, self.qkv.part_data,
-                                self.qkv.part_types, self.qkv.bias, self.q_norm, self.k_norm, cos.reshape(rows, -1),
-                                sin.reshape(rows, -1), self.num_heads, self.num_kv_heads, kv_cache, meta.slot_mapping,
-                                lora, self.isa)
-        out = meta.backend.attend(q, kv_cache, meta, a)
-        ops.attention_output_mlp(x, out.contiguous(), self.o.part_data, self.o.part_types, self.post_norm.weight,
-                                 self.post_norm.eps, self.gate_up.part_data, self.gate_up.part_types,
-                                 self.down.part_data, self.down.part_types, lora, self.isa)
+        q = layers.attention_input(i, x, cos, sin, kv_cache, meta.slot_mapping, lora, self.isa)
+        out = meta.backend.attend(q, kv_cache, meta, self.attention)
+        layers.attention_output_mlp(i, x, out.contiguous(), lora, self.isa)
+        return x
+
+
+@dataclass
+class FusedDecodeModel:
+    """Every layer of a model fused: a step of one query per sequence runs them all in one C++ call."""
+    layers: torch.ScriptObject
+    fused: list[FusedDecodeLayer]
+
+    def applies_to(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        return (self.fused[0].applies_to(x) and len(meta.groups) == 1 and meta.groups[0].use_decode_kernel)
+
+    def __call__(self, x: torch.Tensor, ropes: list[tuple[torch.Tensor, torch.Tensor]], kv_caches: list[torch.Tensor],
+                 meta: AttentionMetadata, segments: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
+        """The last layer's output for x [tokens, hidden] (updated in place); `ropes`: (cos, sin) per
+        rotation of the model; `segments`: the step's LoRA adapter segments."""
+        rows, group = x.shape[0], meta.groups[0]
+        lora = [t for layer in self.fused for t in layer.lora_updates(segments)] if segments else []
+        x = x.contiguous()
+        self.layers.decode_all(x, [cos.reshape(rows, -1) for cos, _ in ropes], [sin.reshape(rows, -1) for _, sin in ropes],
+                               kv_caches, meta.slot_mapping, group.block_tables, group.context_lens, lora,
+                               self.fused[0].isa)
         return x

@@ -26,7 +26,7 @@ from ..layers.mlp import MLP
 from ..layers.moe import SparseMoE
 from ..layers.norm import LayerNorm, RMSNorm
 from ..layers.rotary import apply_rope, padded_inv_freq, rope_cos_sin, rope_inv_freq, rope_long_inv_freq
-from .fused_decode import FusedDecodeLayer
+from .fused_decode import FusedDecodeLayer, FusedDecodeModel, new_decode_layers
 
 
 def _norm(cfg: ModelConfig, size: int | None = None) -> RMSNorm | LayerNorm:
@@ -146,6 +146,7 @@ class Transformer(nn.Module):
                                              self.tp.size if self.tp else 1)
         self.head_scale: torch.Tensor | None = None  # per-row scale of the logits (normalized_head), set at load
         self.lora_context = None  # set where LoRA adapters may apply (lora/layers.py: ModelAdapters)
+        self.fused_model: FusedDecodeModel | None = None  # set once the weights are in, where every layer is fused
         self.register_buffer("inv_freq", self._frequencies(rope_inv_freq, cfg.rope_theta, cfg.rope_scaling),
                              persistent=False)
         if cfg.rope_scaling is not None and cfg.rope_scaling.kind == "longrope":
@@ -180,6 +181,9 @@ class Transformer(nn.Module):
         segments = self.lora_context.segments if self.lora_context is not None else []
         prune_last = output_rows is not None and observe is None and not segments  # adapters' segments are all rows
         last = self.layers[-1]
+        if self.fused_model is not None and observe is None and self.fused_model.applies_to(x, meta):
+            x = self.fused_model(x, ropes, kv_caches, meta, segments)
+            return self.norm(x if output_rows is None else x[output_rows])
         for layer, kv_cache in zip(self.layers, kv_caches):
             cos, sin = ropes[layer.rope_index]
             fused = layer.fused  # called directly: at ~60 µs a layer, nn.Module's call costs show
@@ -272,10 +276,27 @@ class Transformer(nn.Module):
             raise WeightLoadError(f"missing tensor(s) for {', '.join(m.split('#')[0] for m in missing[:5])}")
         for layer in linears.values():
             layer.method.finish(layer)
-        for layer in self.layers:  # the fused C++ layer sums no partial products across ranks
-            layer.fused = FusedDecodeLayer.build(layer) if self.tp is None else None
+        self._build_fused_decode()
         if self.config.normalized_head:  # Baichuan 2's NormHead: x · W_iᵀ / ‖W_i‖, whatever W's storage
             self.head_scale = 1 / self._head.method.row_norms(self._head).clamp_min(1e-12)
+
+    def _build_fused_decode(self) -> None:
+        """The fused C++ decode path of each layer that qualifies, and of the whole model where all do.
+        Not under tensor parallelism: the C++ layer sums no partial products across ranks."""
+        layers = None
+        for layer in self.layers:
+            layer.fused = None
+            if self.tp is None and FusedDecodeLayer.qualifies(layer):
+                layers = layers if layers is not None else new_decode_layers()
+                layer.fused = FusedDecodeLayer.build(layer, layers)
+        fused = [layer.fused for layer in self.layers]
+        self.fused_model = FusedDecodeModel(layers, fused) if layers is not None and all(fused) else None
+
+    def drop_fused_decode(self) -> None:
+        """Every layer back on the module path (training: the C++ layers have no backward pass)."""
+        for layer in self.layers:
+            layer.fused = None
+        self.fused_model = None
 
     def checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(canonical checkpoint tensor, its values now) for every float tensor load_weights placed: rows

@@ -186,8 +186,7 @@ class Trainer:
         # A frozen base trained through LoRA in bfloat16 is kept in it; trained weights stay float32 (master copies).
         dtype = torch.bfloat16 if cfg.mode == "lora" and cfg.precision == "bf16" else torch.float32
         model = load_model(self.source, self.device, dtype, quantization="none")
-        for layer in model.layers:
-            layer.fused = None  # the fused C++ decode layer has no backward pass
+        model.drop_fused_decode()  # the fused C++ decode layers have no backward pass
         model.requires_grad_(False)
         if cfg.mode == "lora":
             adapter = TrainableAdapter(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets).to(self.device)
