@@ -50,6 +50,22 @@ def test_decode_kernel_matches_torch(head_dim, heads, kv_heads, window, kv_dtype
                                atol=1e-5, rtol=1e-5)
 
 
+def reference_scores_decode(q, kv_cache, tables, lens, window, softcap=None, slopes=None):
+    """Explicit scores (soft-capped, ALiBi-biased where asked), masked softmax, weighted values."""
+    heads, kv_heads, head_dim = q.shape[1], kv_cache.shape[3], q.shape[2]
+    keys = kv_cache[0][tables].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)  # [seqs, ctx, heads, dim]
+    values = kv_cache[1][tables].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)
+    scores = torch.einsum("shd,sthd->sht", q, keys) * head_dim**-0.5
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    pos = torch.arange(keys.shape[1])
+    if slopes is not None:
+        scores = scores + slopes[None, :, None] * (pos[None, None, :] - (lens[:, None, None] - 1))
+    visible = (pos[None] < lens[:, None]) & ((pos[None] >= lens[:, None] - window) if window else True)
+    weights = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    return torch.einsum("sht,sthd->shd", weights, values)
+
+
 @needs_kernel
 @pytest.mark.parametrize("head_dim", [64, 256])
 @pytest.mark.parametrize("softcap", [None, 2.0])
@@ -65,17 +81,33 @@ def test_decode_kernel_softcap_and_alibi(head_dim, softcap, alibi, window):
     q = torch.randn(seqs, heads, head_dim, generator=gen) * 2
     slopes = alibi_slopes(heads) if alibi else None
     out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window, softcap, slopes)
-    keys = kv_cache[0][tables].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)  # [seqs, ctx, heads, dim]
-    values = kv_cache[1][tables].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)
-    scores = torch.einsum("shd,sthd->sht", q, keys) * head_dim**-0.5
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    pos = torch.arange(keys.shape[1])
-    if alibi:
-        scores = scores + slopes[None, :, None] * (pos[None, None, :] - (lens[:, None, None] - 1))
-    visible = (pos[None] < lens[:, None]) & ((pos[None] >= lens[:, None] - window) if window else True)
-    weights = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
-    torch.testing.assert_close(out, torch.einsum("sht,sthd->shd", weights, values), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, reference_scores_decode(q, kv_cache, tables, lens, window, softcap, slopes),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("seqs,heads,kv_heads", [(1, 9, 3), (1, 4, 1), (3, 6, 1)])
+@pytest.mark.parametrize("window", [None, 70])
+@pytest.mark.parametrize("mods", [False, True])
+def test_decode_kernel_splits_few_long_sequences_over_the_threads(seqs, heads, kv_heads, window, mods):
+    """Fewer (sequence, kv head) pairs than split evenly over the threads: each pair's keys are split
+    into shares whose softmax partials are merged (contexts of 33 to 300 keys; with soft-capping and
+    ALiBi, whose distances must stay each key's own)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(seqs * 10 + heads)
+        block_size, num_blocks, max_blocks, head_dim = 16, 64, 19, 64
+        kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+        tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(seqs)])
+        lens = torch.tensor([300, 33, 129][:seqs])
+        q = torch.randn(seqs, heads, head_dim, generator=gen) * 2
+        softcap, slopes = (2.0, alibi_slopes(heads)) if mods else (None, None)
+        out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window, softcap, slopes)
+        torch.testing.assert_close(out, reference_scores_decode(q, kv_cache, tables, lens, window, softcap, slopes),
+                                   atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_kernel

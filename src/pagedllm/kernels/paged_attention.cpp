@@ -1,8 +1,9 @@
 // Decode attention that reads K/V in place through block tables (CPU).
 //
-// One query token per sequence. Work is split over (sequence, kv head) pairs with torch's own
-// thread pool; each pair scores its group of query heads against every cached key, takes the
-// softmax and sums the values, without gathering or padding the cache first.
+// One query token per sequence. Work is split over (sequence, kv head) pairs, and over shares of a
+// pair's keys where pairs are few, with torch's own thread pool; each task scores its group of
+// query heads against its cached keys, takes the exponentials and sums the values, without gathering
+// or padding the cache first; shares' partial softmaxes are merged after.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -97,47 +98,63 @@ inline void modify_scores(float* row, int64_t n, int64_t first, int64_t last, fl
   }
 }
 
-// One (sequence, kv head): `group` query heads of kDim floats against tokens [first, last).
-// Pass 1 scores every key (each key loaded once for the whole group), then a softmax per head,
-// then pass 2 sums the values with each head's accumulator held in registers.
+// A task's softmax partials for `group` query heads over keys [begin, end) of a sequence whose
+// query is its token last − 1: per head, kDim + 2 floats: the values summed with weights
+// exp(logit − peak) (unnormalised), the peak logit, and Σ exp(logit − peak). Pass 1 scores the keys (each loaded once for the whole group),
+// then the exponentials, then pass 2 sums the values per head in registers.
+// offsets[t − begin]: where key t's row starts in `keys` and `values` (paged through the block table).
 template <typename T, int64_t kDim>
-void attend_one(const float* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
-                const int64_t* __restrict__ blocks, int64_t first, int64_t last, int64_t block_size,
-                int64_t token_stride, int64_t group, ScoreMods mods, float* __restrict__ scores,
-                float* __restrict__ out) {
-  const float scale = mods.scale;
+void attend_keys(const float* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
+                 const int64_t* __restrict__ offsets, int64_t begin, int64_t end, int64_t last, int64_t group,
+                 ScoreMods mods, float* __restrict__ scores, float* __restrict__ partials) {
   constexpr int64_t kLanes = kDim / 8;
-  const int64_t n = last - first;
-  for (int64_t t = first; t < last; ++t) {
-    const T* key = keys + (blocks[t / block_size] * block_size + t % block_size) * token_stride;
+  const int64_t n = end - begin;
+  const auto row_of = [&](const T* base, int64_t t) { return base + offsets[t - begin]; };
+  for (int64_t t = begin; t < end; ++t) {
     Float8 k[kLanes];
-    load_row<kDim>(key, k);
+    load_row<kDim>(row_of(keys, t), k);
     for (int64_t g = 0; g < group; ++g) {
       Float8 acc = load8(query + g * kDim) * k[0];
       for (int64_t i = 1; i < kLanes; ++i) acc += load8(query + g * kDim + 8 * i) * k[i];
-      scores[g * n + (t - first)] = sum8(acc) * scale;
+      scores[g * n + (t - begin)] = sum8(acc) * mods.scale;
     }
   }
   for (int64_t g = 0; g < group; ++g) {
     float* row = scores + g * n;
-    modify_scores(row, n, first, last, mods.slopes ? mods.slopes[g] : 0.f, mods.softcap);
+    modify_scores(row, n, begin, last, mods.slopes ? mods.slopes[g] : 0.f, mods.softcap);
     const float peak = *std::max_element(row, row + n);
     float total = 0.f;
     for (int64_t i = 0; i < n; ++i) total += (row[i] = std::exp(row[i] - peak));
-    const float inv = 1.f / total;
-    for (int64_t i = 0; i < n; ++i) row[i] *= inv;
+    partials[g * (kDim + 2) + kDim] = peak, partials[g * (kDim + 2) + kDim + 1] = total;
   }
   for (int64_t g = 0; g < group; ++g) {
     Float8 acc[kLanes] = {};
     const float* p = scores + g * n;
-    for (int64_t t = first; t < last; ++t) {
-      const T* value = values + (blocks[t / block_size] * block_size + t % block_size) * token_stride;
+    for (int64_t t = begin; t < end; ++t) {
       Float8 v[kLanes];
-      load_row<kDim>(value, v);
-      for (int64_t i = 0; i < kLanes; ++i) acc[i] += p[t - first] * v[i];
+      load_row<kDim>(row_of(values, t), v);
+      for (int64_t i = 0; i < kLanes; ++i) acc[i] += p[t - begin] * v[i];
     }
-    __builtin_memcpy(out + g * kDim, acc, sizeof acc);
+    __builtin_memcpy(partials + g * (kDim + 2), acc, sizeof acc);
   }
+}
+
+// out[head_dim] = the softmax-weighted values of one query head from its tasks' partials (each
+// partial `stride` floats apart: dim sums, then peak and total), the peaks brought to a common one.
+void merge_partials(const float* partials, int64_t count, int64_t stride, int64_t dim, float* out) {
+  float peak = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < count; ++c) peak = std::max(peak, partials[c * stride + dim]);
+  float total = 0.f;
+  std::fill(out, out + dim, 0.f);
+  for (int64_t c = 0; c < count; ++c) {
+    const float* part = partials + c * stride;
+    if (part[dim + 1] == 0.f) continue;  // a share with no keys
+    const float weight = std::exp(part[dim] - peak);
+    total += weight * part[dim + 1];
+    for (int64_t i = 0; i < dim; ++i) out[i] += weight * part[i];
+  }
+  const float inv = 1.f / total;
+  for (int64_t i = 0; i < dim; ++i) out[i] *= inv;
 }
 
 template <typename T>
@@ -154,23 +171,56 @@ void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   float* out_all = out.data_ptr<float>();
-  const auto attend = head_dim == 64 ? attend_one<T, 64> : head_dim == 128 ? attend_one<T, 128>
-                    : head_dim == 96 ? attend_one<T, 96> : head_dim == 80 ? attend_one<T, 80>
-                    : head_dim == 256 ? attend_one<T, 256> : head_dim == 32 ? attend_one<T, 32> : attend_one<T, 16>;
-  at::parallel_for(0, seqs * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+  const auto attend = head_dim == 64 ? attend_keys<T, 64> : head_dim == 128 ? attend_keys<T, 128>
+                    : head_dim == 96 ? attend_keys<T, 96> : head_dim == 80 ? attend_keys<T, 80>
+                    : head_dim == 256 ? attend_keys<T, 256> : head_dim == 32 ? attend_keys<T, 32> : attend_keys<T, 16>;
+  const auto window = [&](int64_t seq) {
+    const int64_t last = lens[seq];
+    return std::pair<int64_t, int64_t>(sliding_window > 0 ? std::max<int64_t>(0, last - sliding_window) : 0, last);
+  };
+  // Where the (sequence, kv head) pairs do not split evenly over the threads and are few (one sequence
+  // of SmolLM2 has 3: on 2 threads one would take 2), each pair's keys are split into one share per
+  // thread, of at least 32 keys (flash-decoding's split), whose softmax partials are merged after.
+  int64_t longest = 0;
+  for (int64_t seq = 0; seq < seqs; ++seq) longest = std::max(longest, window(seq).second - window(seq).first);
+  const int64_t pairs = seqs * kv_heads, threads = at::get_num_threads();
+  const bool uneven = pairs % threads != 0 && pairs < 8 * threads;
+  const int64_t shares = uneven ? std::max<int64_t>(1, std::min(threads, longest / 32)) : 1;
+  const int64_t stride = head_dim + 2;  // a partial: the head's summed values, its peak, its total
+  std::vector<float> partials(shares > 1 ? pairs * shares * group * stride : 0);
+  at::parallel_for(0, pairs * shares, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores, one(group * stride);
+    std::vector<int64_t> offsets;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t seq = task / kv_heads, kv_head = task % kv_heads;
-      const int64_t last = lens[seq];
-      const int64_t first = sliding_window > 0 ? std::max<int64_t>(0, last - sliding_window) : 0;
-      scores.resize(group * (last - first));
+      const int64_t pair = task / shares, share = task % shares, seq = pair / kv_heads, kv_head = pair % kv_heads;
+      const auto [first, last] = window(seq);
+      const int64_t per_share = (last - first + shares - 1) / shares;
+      const int64_t key_begin = std::min(last, first + share * per_share), key_end = std::min(last, key_begin + per_share);
+      float* part = shares > 1 ? partials.data() + task * group * stride : one.data();
+      scores.resize(group * (key_end - key_begin));
       const int64_t head = (seq * heads + kv_head * group) * head_dim;
       const ScoreMods mods{static_cast<float>(scale), static_cast<float>(softcap),
                            slopes ? slopes + kv_head * group : nullptr};
-      attend(q_all + head, keys + kv_head * row, values + kv_head * row, tables + seq * max_blocks,
-             first, last, block_size, token_stride, group, mods, scores.data(), out_all + head);
+      offsets.resize(key_end - key_begin);
+      const int64_t* blocks = tables + seq * max_blocks;
+      for (int64_t t = key_begin; t < key_end; ++t)  // one division a key, not one a key and head
+        offsets[t - key_begin] = (blocks[t / block_size] * block_size + t % block_size) * token_stride;
+      if (key_end > key_begin)
+        attend(q_all + head, keys + kv_head * row, values + kv_head * row, offsets.data(), key_begin, key_end, last,
+               group, mods, scores.data(), part);
+      else
+        for (int64_t g = 0; g < group; ++g) part[g * stride + head_dim + 1] = 0.f;  // a share with no keys
+      if (shares == 1)
+        for (int64_t g = 0; g < group; ++g) merge_partials(part + g * stride, 1, stride, head_dim, out_all + head + g * head_dim);
     }
   });
+  if (shares == 1) return;
+  for (int64_t pair = 0; pair < pairs; ++pair) {
+    const int64_t seq = pair / kv_heads, kv_head = pair % kv_heads;
+    for (int64_t g = 0; g < group; ++g)
+      merge_partials(partials.data() + (pair * shares * group + g) * stride, shares, group * stride, head_dim,
+                     out_all + (seq * heads + kv_head * group + g) * head_dim);
+  }
 }
 
 // Keep in step with KERNEL_HEAD_DIMS in __init__.py.
