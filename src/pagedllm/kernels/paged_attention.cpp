@@ -100,13 +100,14 @@ inline void modify_scores(float* row, int64_t n, int64_t first, int64_t last, fl
 
 // A task's softmax partials for `group` query heads over keys [begin, end) of a sequence whose
 // query is its token last − 1: per head, kDim + 2 floats: the values summed with weights
-// exp(logit − peak) (unnormalised), the peak logit, and Σ exp(logit − peak). Pass 1 scores the keys (each loaded once for the whole group),
+// exp(logit − peak) (unnormalised), the peak logit, and Σ exp(logit − peak) — or, `whole` (the task
+// has all of the keys), the weights already divided by that sum and 1. Pass 1 scores the keys (each loaded once for the whole group),
 // then the exponentials, then pass 2 sums the values per head in registers.
 // offsets[t − begin]: where key t's row starts in `keys` and `values` (paged through the block table).
 template <typename T, int64_t kDim>
 void attend_keys(const float* __restrict__ query, const T* __restrict__ keys, const T* __restrict__ values,
                  const int64_t* __restrict__ offsets, int64_t begin, int64_t end, int64_t last, int64_t group,
-                 ScoreMods mods, float* __restrict__ scores, float* __restrict__ partials) {
+                 ScoreMods mods, bool whole, float* __restrict__ scores, float* __restrict__ partials) {
   constexpr int64_t kLanes = kDim / 8;
   const int64_t n = end - begin;
   const auto row_of = [&](const T* base, int64_t t) { return base + offsets[t - begin]; };
@@ -125,6 +126,11 @@ void attend_keys(const float* __restrict__ query, const T* __restrict__ keys, co
     const float peak = *std::max_element(row, row + n);
     float total = 0.f;
     for (int64_t i = 0; i < n; ++i) total += (row[i] = std::exp(row[i] - peak));
+    if (whole) {  // the weights normalised before the values are summed, as a single pass computes them
+      const float inv = 1.f / total;
+      for (int64_t i = 0; i < n; ++i) row[i] *= inv;
+      total = 1.f;
+    }
     partials[g * (kDim + 2) + kDim] = peak, partials[g * (kDim + 2) + kDim + 1] = total;
   }
   for (int64_t g = 0; g < group; ++g) {
@@ -207,7 +213,7 @@ void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const
         offsets[t - key_begin] = (blocks[t / block_size] * block_size + t % block_size) * token_stride;
       if (key_end > key_begin)
         attend(q_all + head, keys + kv_head * row, values + kv_head * row, offsets.data(), key_begin, key_end, last,
-               group, mods, scores.data(), part);
+               group, mods, shares == 1, scores.data(), part);
       else
         for (int64_t g = 0; g < group; ++g) part[g * stride + head_dim + 1] = 0.f;  // a share with no keys
       if (shares == 1)
