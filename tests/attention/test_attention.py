@@ -91,8 +91,8 @@ def test_decode_kernel_softcap_and_alibi(head_dim, softcap, alibi, window):
 @pytest.mark.parametrize("mods", [False, True])
 def test_decode_kernel_splits_few_long_sequences_over_the_threads(seqs, heads, kv_heads, window, mods):
     """Fewer (sequence, kv head) pairs than split evenly over the threads: each pair's keys are split
-    into shares whose softmax partials are merged (contexts of 33 to 300 keys; with soft-capping and
-    ALiBi, whose distances must stay each key's own)."""
+    into shares whose softmax partials are merged (contexts of 1 to 300 keys — one key leaves a share
+    empty; with soft-capping and ALiBi, whose distances must stay each key's own)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -100,12 +100,33 @@ def test_decode_kernel_splits_few_long_sequences_over_the_threads(seqs, heads, k
         block_size, num_blocks, max_blocks, head_dim = 16, 64, 19, 64
         kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
         tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(seqs)])
-        lens = torch.tensor([300, 33, 129][:seqs])
+        lens = torch.tensor([300, 1, 129][:seqs]) if seqs > 1 else torch.tensor([300])  # 1 key: a share with none
         q = torch.randn(seqs, heads, head_dim, generator=gen) * 2
         softcap, slopes = (2.0, alibi_slopes(heads)) if mods else (None, None)
         out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window, softcap, slopes)
         torch.testing.assert_close(out, reference_scores_decode(q, kv_cache, tables, lens, window, softcap, slopes),
                                    atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_decode_kernel_merges_only_shares_that_hold_keys():
+    """A one-key sequence next to long ones leaves one of its shares empty; its only logit far below 0
+    (−200) must still weigh 1, not underflow against an empty share's unset peak."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(3)
+        kv_cache = torch.randn(2, 64, 16, 1, 64, generator=gen)
+        tables = torch.stack([torch.randperm(64, generator=gen)[:19] for _ in range(3)])
+        lens = torch.tensor([300, 1, 129])
+        q = torch.randn(3, 4, 64, generator=gen)
+        key = kv_cache[0, tables[1, 0], 0, 0]
+        q[1] = key * (-200 / (key @ key * 64**-0.5))  # every head's one logit: −200
+        out = paged_decode_attention(q, kv_cache, tables, lens, 64**-0.5, None)
+        torch.testing.assert_close(out[1], kv_cache[1, tables[1, 0], 0, 0].expand(4, 64), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, reference_scores_decode(q, kv_cache, tables, lens, None), atol=1e-5, rtol=1e-5)
     finally:
         torch.set_num_threads(threads)
 

@@ -149,7 +149,8 @@ void attend_keys(const float* __restrict__ query, const T* __restrict__ keys, co
 // partial `stride` floats apart: dim sums, then peak and total), the peaks brought to a common one.
 void merge_partials(const float* partials, int64_t count, int64_t stride, int64_t dim, float* out) {
   float peak = -std::numeric_limits<float>::infinity();
-  for (int64_t c = 0; c < count; ++c) peak = std::max(peak, partials[c * stride + dim]);
+  for (int64_t c = 0; c < count; ++c)
+    if (partials[c * stride + dim + 1] != 0.f) peak = std::max(peak, partials[c * stride + dim]);  // shares with keys
   float total = 0.f;
   std::fill(out, out + dim, 0.f);
   for (int64_t c = 0; c < count; ++c) {
