@@ -195,17 +195,14 @@ inline void quantize_row(const float* x, int64_t k, Block* out) {
 
 inline void store(float* out, float v, bool accumulate) { *out = accumulate ? *out + v : v; }
 
+// Blocks from one activation row to the next: a whole number of groups of four (activation_row_bytes).
+inline int64_t activation_stride(int64_t k) { return (k / 32 + 3) / 4 * 4; }
+
 // Weights stream from memory once per step, and the hardware prefetcher alone kept the decode
 // products at ~18 GB/s where this machine reads ~50 GB/s per thread: ask for the lines at least
 // 16 KiB ahead (2.7x on a 30 MB head against none; 16 KiB beat 8 by ~2% of a Qwen-sized step and
 // 32 by ~1% in interleaved A/Bs, with the tile-sized lead below).
 constexpr int kPrefetchBytes = 16384;
-
-#if defined(PAGEDLLM_VNNI)
-constexpr bool kLanesPerRow = true;  // dot_four_rows: a weight row per 128-bit lane of a 512-bit register
-#else
-constexpr bool kLanesPerRow = false;
-#endif
 
 template <int kBlockBytes>
 inline void prefetch_ahead(const uint8_t* block, int64_t lead = kPrefetchBytes) {
@@ -320,13 +317,14 @@ struct SmallBlock {
   static constexpr bool kHasOffset = kHasMin || kOffset != 0.f;
 };
 
-// Four rows' block headers (rows row_bytes apart): each row's scale d, and its offset per unit of Σx.
-template <int kType>
+// Four rows' block headers (rows row_bytes apart): each row's scale d, and its offset per unit of Σx;
+// zero past the first kValid rows.
+template <int kType, int kValid = 4>
 inline void four_row_headers(const uint8_t* w, int64_t row_bytes, __m128& d, __m128& offset) {
   using B = SmallBlock<kType>;
   // The first two fp16 of each row's block: {d, m} (or d and two bytes that are not used).
-  const __m128i heads = _mm_setr_epi32(load_u32(w), load_u32(w + row_bytes), load_u32(w + 2 * row_bytes),
-                                       load_u32(w + 3 * row_bytes));
+  const auto head = [&](int i) { return i < kValid ? static_cast<int>(load_u32(w + i * row_bytes)) : 0; };
+  const __m128i heads = _mm_setr_epi32(head(0), head(1), head(2), head(3));
   const __m256 dm = _mm256_cvtph_ps(heads);  // d0 m0 d1 m1 d2 m2 d3 m3
   d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
   if constexpr (B::kHasMin) offset = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(1, 3, 5, 7, 0, 0, 0, 0)));
@@ -512,224 +510,276 @@ struct Activations {
   }
 };
 
-// Dot products of kW weight rows with kA activation rows. Each weight sub-block is unpacked once
-// for all kA activation rows; several weight rows keep independent accumulators in flight, so
-// one activation row (decode) is not bound by the latency of a single accumulation chain.
 #if defined(PAGEDLLM_VNNI)
-// Activation rows against four weight rows of a 32-weight-block format, with each weight row in
-// its own 128-bit lane of a 512-bit register: one nibble split per block, then per activation row
-// two dot instructions and one scale for all four weight rows — about half the instructions per
-// block of the one-row-at-a-time path, which kept decode compute-bound below the memory's
-// bandwidth (one activation row) and batched steps at ~200 GFLOP/s (several).
-template <int kType>
-inline __m512i lanes_of_rows(const uint8_t* w, int64_t row_bytes, int offset) {  // 16 bytes of each of 4 rows
-  __m512i v = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + offset)));
-  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + row_bytes + offset)), 1);
-  v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * row_bytes + offset)), 2);
-  return _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * row_bytes + offset)), 3);
+// One weight row at a time, four consecutive 32-weight sub-blocks of it in the four 128-bit lanes
+// of a 512-bit register: each thread then reads its rows as one forward stream, which the hardware
+// prefetchers follow. (Four rows side by side, one per lane, read as four interleaved short streams:
+// on AMD Zen 4 ~11 GB/s a thread from memory against ~25 for one stream, with or without software
+// prefetch.) The activations are stored to match, four blocks to a group (ActivationGroup).
+
+// Activation blocks b..b+3 of a row: their elements 0..15 side by side in 64 bytes, then their
+// elements 16..31, so that one load meets a weight register's four sub-blocks lane by lane.
+// kParts = 2 holds 15-bit values (the head) as 128·part 0 + part 1.
+template <int kParts>
+struct ActivationGroup {
+  int8_t q[kParts][2][64];  // [part][half][16·block + element]
+  float d[4];
+  float dsum[2][4];  // [half][block]: d·Σq over that half
+  float unused[4];  // four blocks' room in the other layout: rows sit activation_row_bytes apart either way
+};
+using Q8Group = ActivationGroup<1>;
+using Q15Group = ActivationGroup<2>;
+static_assert(sizeof(Q8Group) == 4 * sizeof(Q8Block) && sizeof(Q15Group) == 4 * sizeof(Q15Block), "ActivationGroup layout");
+
+inline int64_t groups_of(int64_t k) { return (k / 32 + 3) / 4; }
+
+// One quantised block into its slot of a group.
+inline void place(const Q8Block& b, int slot, Q8Group& g) {
+  std::memcpy(g.q[0][0] + 16 * slot, b.q, 16);
+  std::memcpy(g.q[0][1] + 16 * slot, b.q + 16, 16);
+  g.d[slot] = b.d[0], g.dsum[0][slot] = b.dsum[0], g.dsum[1][slot] = b.dsum[1];
+}
+inline void place(const Q15Block& b, int slot, Q15Group& g) {
+  for (int half = 0; half < 2; ++half) {
+    std::memcpy(g.q[0][half] + 16 * slot, b.hi + 16 * half, 16);
+    std::memcpy(g.q[1][half] + 16 * slot, b.lo + 16 * half, 16);
+  }
+  g.d[slot] = b.d[0], g.dsum[0][slot] = b.dsum[0], g.dsum[1][slot] = b.dsum[1];
 }
 
-// out[0..3] (+)= the sums of acc's four 128-bit lanes (one weight row each), plus offsets.
-inline void store_lanes(__m512 acc, __m128 offsets, float* out, bool accumulate) {
-  const __m128 l0 = _mm512_extractf32x4_ps(acc, 0), l1 = _mm512_extractf32x4_ps(acc, 1);
-  const __m128 l2 = _mm512_extractf32x4_ps(acc, 2), l3 = _mm512_extractf32x4_ps(acc, 3);
-  const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(l0, l1), _mm_hadd_ps(l2, l3)), offsets);
-  for (int i = 0; i < 4; ++i) store(out + i, sums[i], accumulate);
+// A row of k floats → its groups; a last group with fewer than four blocks is zero after them.
+template <typename Block, typename Group>
+inline void quantize_row_groups(const float* x, int64_t k, Group* out) {
+  std::memset(static_cast<void*>(out), 0, groups_of(k) * sizeof(Group));
+  for (int64_t b = 0; b < k / 32; ++b) {
+    Block block;
+    quantize_row(x + 32 * b, 32, &block);
+    place(block, b % 4, out[b / 4]);
+  }
 }
 
-inline __m512i broadcast16(const int8_t* p) { return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+// 16 bytes at `offset` of each of four blocks `stride` apart, a 128-bit lane each; zero past the first kValid.
+template <int kValid = 4>
+inline __m512i lanes_of_blocks(const uint8_t* w, int64_t stride, int offset) {
+  __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + offset)));
+  if constexpr (kValid > 1) v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + stride + offset)), 1);
+  if constexpr (kValid > 2) v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * stride + offset)), 2);
+  if constexpr (kValid > 3) v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * stride + offset)), 3);
+  return v;
+}
 
-// Four rows' byte products with 16 activation bytes x, each row in its 128-bit lane: acc + q·x per
-// four-byte group, with x negated where `negative` marks a Q8_0 weight below zero (q is then |w|).
+inline __m512 spread4(__m128 v) {  // {a, b, c, d} → a in lanes 0-3, b in 4-7, c in 8-11, d in 12-15
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), _mm512_castps128_ps512(v));
+}
+inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+
+// acc + q·x per four-byte group for 64 activation bytes x; for Q8_0 (kSigned) q is |w| and x takes
+// w's sign where `negative` marks it.
 template <bool kSigned>
-inline __m512i dots16(__m512i acc, __m512i q, const int8_t* x, __mmask64 negative) {
-  __m512i v = broadcast16(x);
+inline __m512i dots64(__m512i acc, __m512i q, const int8_t* x, __mmask64 negative) {
+  __m512i v = _mm512_loadu_si512(x);
   if constexpr (kSigned) v = _mm512_mask_sub_epi8(v, negative, _mm512_setzero_si512(), v);
   return _mm512_dpbusd_epi32(acc, q, v);
 }
 
-// The four rows' products with activation elements 16e..16e+15 (q holds those weights), or, with
-// e = -1, with the whole block (q0: elements 0..15, q1: 16..31).
-template <bool kSigned = false>
-inline __m512i dots4(__m512i q0, __m512i q1, const Q8Block* x, __mmask64 neg0 = 0, __mmask64 neg1 = 0) {
-  return dots16<kSigned>(dots16<kSigned>(_mm512_setzero_si512(), q0, x->q, neg0), q1, x->q + 16, neg1);
-}
-template <bool kSigned = false>
-inline __m512i dots4(__m512i q0, __m512i q1, const Q15Block* x, __mmask64 neg0 = 0, __mmask64 neg1 = 0) {
-  const __m512i high = dots16<kSigned>(dots16<kSigned>(_mm512_setzero_si512(), q0, x->hi, neg0), q1, x->hi + 16, neg1);
-  return dots16<kSigned>(dots16<kSigned>(_mm512_slli_epi32(high, 7), q0, x->lo, neg0), q1, x->lo + 16, neg1);
-}
-inline __m512i half_dots4(__m512i q, const Q8Block* x, int e) { return dots16<false>(_mm512_setzero_si512(), q, x->q + 16 * e, 0); }
-inline __m512i half_dots4(__m512i q, const Q15Block* x, int e) {
-  const __m512i high = dots16<false>(_mm512_setzero_si512(), q, x->hi + 16 * e, 0);
-  return dots16<false>(_mm512_slli_epi32(high, 7), q, x->lo + 16 * e, 0);
+// A weight register's products with one half (0: elements 0..15, 1: 16..31) of a group.
+template <bool kSigned = false, int kParts>
+inline __m512i half_dots(__m512i q, const ActivationGroup<kParts>* x, int half, __mmask64 negative = 0) {
+  __m512i dots = dots64<kSigned>(_mm512_setzero_si512(), q, x->q[0][half], negative);
+  if constexpr (kParts == 2) dots = dots64<kSigned>(_mm512_slli_epi32(dots, 7), q, x->q[1][half], negative);
+  return dots;
 }
 
-// kA activation rows (x_stride blocks apart; outputs out_stride apart) share each unpacked block.
-template <int kType, int kA, typename Block>
-void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks, float* out,
-                   int64_t out_stride, bool accumulate, int64_t lead) {
+// Both halves: lo holds the weights of elements 0..15, hi of 16..31.
+template <bool kSigned = false, int kParts>
+inline __m512i group_dots(__m512i lo, __m512i hi, const ActivationGroup<kParts>* x, __mmask64 neg_lo = 0,
+                          __mmask64 neg_hi = 0) {
+  __m512i dots = dots64<kSigned>(dots64<kSigned>(_mm512_setzero_si512(), lo, x->q[0][0], neg_lo), hi, x->q[0][1], neg_hi);
+  if constexpr (kParts == 2)
+    dots = dots64<kSigned>(dots64<kSigned>(_mm512_slli_epi32(dots, 7), lo, x->q[1][0], neg_lo), hi, x->q[1][1], neg_hi);
+  return dots;
+}
+
+inline __m128 dsum_both(const float (*dsum)[4]) { return _mm_add_ps(load4(dsum[0]), load4(dsum[1])); }
+
+// out[r] (+)= the sum of acc[r]'s lanes plus offsets[r]'s, for kA activation rows.
+template <int kA>
+inline void store_rows(const __m512* acc, const __m128* offsets, float* out, int64_t out_stride, bool accumulate) {
+  for (int r = 0; r < kA; ++r)
+    store(out + r * out_stride, _mm512_reduce_add_ps(_mm512_add_ps(acc[r], _mm512_castps128_ps512(offsets[r]))) , accumulate);
+}
+
+// Four consecutive blocks of a 32-weight format (only the first kValid of them at the end of a row)
+// against kA activation rows' groups x (x_stride groups apart).
+template <int kType, int kA, int kParts, int kValid = 4>
+inline void small_group(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, __m512* acc,
+                        __m128* offsets) {
   using B = SmallBlock<kType>;
   constexpr int kBytes = B::kBytes;
   const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  __m512i lo, hi;
+  if constexpr (kType == kQ8_0) {
+    lo = lanes_of_blocks<kValid>(w, kBytes, 2);
+    hi = lanes_of_blocks<kValid>(w, kBytes, 18);
+  } else {
+    const __m512i v = lanes_of_blocks<kValid>(w, kBytes, B::kNibbles);
+    lo = _mm512_and_si512(v, low4);
+    hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    if constexpr (kType == kQ5_0 || kType == kQ5_1) {  // bit e of each block's qh: element e's fifth bit
+      constexpr int kHigh = kType == kQ5_0 ? 2 : 4;
+      uint64_t mask_lo = 0, mask_hi = 0;
+      for (int i = 0; i < kValid; ++i) {
+        const uint64_t qh = load_u32(w + i * kBytes + kHigh);
+        mask_lo |= (qh & 0xFFFF) << (16 * i);
+        mask_hi |= (qh >> 16) << (16 * i);
+      }
+      lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(mask_lo, _mm512_set1_epi8(0x10)));
+      hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(mask_hi, _mm512_set1_epi8(0x10)));
+    }
+  }
+  __mmask64 negative_lo = 0, negative_hi = 0;
+  if constexpr (kType == kQ8_0) {  // signed weights: |w| against x with w's sign
+    negative_lo = _mm512_movepi8_mask(lo), negative_hi = _mm512_movepi8_mask(hi);
+    lo = _mm512_abs_epi8(lo), hi = _mm512_abs_epi8(hi);
+  }
+  __m128 d, offset;
+  four_row_headers<kType, kValid>(w, kBytes, d, offset);
+  for (int r = 0; r < kA; ++r) {
+    const ActivationGroup<kParts>* xr = x + r * x_stride;
+    const __m512i dots = group_dots<kType == kQ8_0>(lo, hi, xr, negative_lo, negative_hi);
+    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), spread4(_mm_mul_ps(d, load4(xr->d))), acc[r]);
+    if constexpr (B::kHasOffset) offsets[r] = _mm_fmadd_ps(offset, dsum_both(xr->dsum), offsets[r]);
+  }
+}
+
+// One weight row of a 32-weight format against kA activation rows.
+template <int kType, int kA, int kParts>
+void dot_row(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
+             int64_t out_stride, bool accumulate) {
+  constexpr int kBytes = Format<kType>::kBytes;
   __m512 acc[kA];
   __m128 offsets[kA];
   for (int r = 0; r < kA; ++r) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b, w += kBytes, ++x) {
-    for (int i = 0; i < 4; ++i) prefetch_ahead<kBytes>(w + i * row_bytes, lead);
-    __m512i lo, hi;
-    if constexpr (kType == kQ8_0) {
-      lo = lanes_of_rows<kType>(w, row_bytes, 2);
-      hi = lanes_of_rows<kType>(w, row_bytes, 18);
-    } else {
-      const __m512i v = lanes_of_rows<kType>(w, row_bytes, B::kNibbles);
-      lo = _mm512_and_si512(v, low4);
-      hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-      if constexpr (kType == kQ5_0 || kType == kQ5_1) {  // bit e of each row's qh: element e's fifth bit
-        constexpr int kHigh = kType == kQ5_0 ? 2 : 4;
-        uint64_t mask_lo = 0, mask_hi = 0;
-        for (int i = 0; i < 4; ++i) {
-          const uint64_t qh = load_u32(w + i * row_bytes + kHigh);
-          mask_lo |= (qh & 0xFFFF) << (16 * i);
-          mask_hi |= (qh >> 16) << (16 * i);
-        }
-        lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi8(mask_lo, _mm512_set1_epi8(0x10)));
-        hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi8(mask_hi, _mm512_set1_epi8(0x10)));
-      }
-    }
-    __mmask64 negative_lo = 0, negative_hi = 0;
-    if constexpr (kType == kQ8_0) {  // signed weights: |w| against x with w's sign
-      negative_lo = _mm512_movepi8_mask(lo), negative_hi = _mm512_movepi8_mask(hi);
-      lo = _mm512_abs_epi8(lo), hi = _mm512_abs_epi8(hi);
-    }
-    __m128 d, offset;
-    four_row_headers<kType>(w, row_bytes, d, offset);
-    for (int r = 0; r < kA; ++r) {
-      const Block* xr = x + r * x_stride;
-      const __m512i dots = dots4<kType == kQ8_0>(lo, hi, xr, negative_lo, negative_hi);
-      const __m128 scale = _mm_mul_ps(d, _mm_set1_ps(xr->d[0]));
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc[r]);
-      if constexpr (B::kHasOffset) offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(xr->dsum[0] + xr->dsum[1]), offsets[r]);
-    }
+  int64_t b = 0;
+  for (; b + 4 <= blocks; b += 4, w += 4 * kBytes, ++x) small_group<kType, kA>(w, x, x_stride, acc, offsets);
+  switch (blocks - b) {  // the last one to three blocks: the lanes after them stay zero
+    case 3: small_group<kType, kA, kParts, 3>(w, x, x_stride, acc, offsets); break;
+    case 2: small_group<kType, kA, kParts, 2>(w, x, x_stride, acc, offsets); break;
+    case 1: small_group<kType, kA, kParts, 1>(w, x, x_stride, acc, offsets); break;
   }
-  for (int r = 0; r < kA; ++r) store_lanes(acc[r], offsets[r], out + r * out_stride, accumulate);
+  store_rows<kA>(acc, offsets, out, out_stride, accumulate);
 }
 
-// Four rows of eight → eight columns of four.
-inline void transpose_4x8(const __m256* rows, __m128* columns) {
-  const __m256 t0 = _mm256_unpacklo_ps(rows[0], rows[1]), t1 = _mm256_unpackhi_ps(rows[0], rows[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(rows[2], rows[3]), t3 = _mm256_unpackhi_ps(rows[2], rows[3]);
-  const __m256 c04 = _mm256_shuffle_ps(t0, t2, 0x44), c15 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 c26 = _mm256_shuffle_ps(t1, t3, 0x44), c37 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  columns[0] = _mm256_castps256_ps128(c04), columns[4] = _mm256_extractf128_ps(c04, 1);
-  columns[1] = _mm256_castps256_ps128(c15), columns[5] = _mm256_extractf128_ps(c15, 1);
-  columns[2] = _mm256_castps256_ps128(c26), columns[6] = _mm256_extractf128_ps(c26, 1);
-  columns[3] = _mm256_castps256_ps128(c37), columns[7] = _mm256_extractf128_ps(c37, 1);
+// 16 bytes at a in lanes 0 and 1, 16 bytes at b in lanes 2 and 3.
+inline __m512i pairs_of(const uint8_t* a, const uint8_t* b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(load16(a))),
+                            _mm256_broadcastsi128_si256(load16(b)), 1);
+}
+// 16-bit shift counts, one per 128-bit lane.
+inline __m512i lane_counts(int16_t c0, int16_t c1, int16_t c2, int16_t c3) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set_m128i(_mm_set1_epi16(c1), _mm_set1_epi16(c0))),
+                            _mm256_set_m128i(_mm_set1_epi16(c3), _mm_set1_epi16(c2)), 1);
 }
 
-// The same for Q4_K / Q5_K super-blocks: each 32-byte run of nibbles holds sub-blocks 2p (low) and
-// 2p + 1 (high); each row's eight scales are unpacked at once and transposed to four rows per sub-block.
-template <int kType, int kA, typename Block>
-void dot_four_rows_k(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks, float* out,
-                     int64_t out_stride, bool accumulate, int64_t lead) {
+// One weight row of Q4_K / Q5_K against kA activation rows. A super-block's sub-blocks 4h..4h+3 are
+// one group: nibble runs 2h and 2h + 1 hold sub-blocks 4h, 4h+1 (low, high nibbles) and 4h+2, 4h+3.
+template <int kType, int kA, int kParts>
+void dot_row_k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
+               int64_t out_stride, bool accumulate) {
   constexpr int kBytes = Format<kType>::kBytes, kQs = kType == kQ4_K ? 16 : 48;
-  const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1);
-  const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1), nibble = lane_counts(0, 4, 0, 4);
   __m512 acc[kA];
   __m128 offsets[kA];
   for (int r = 0; r < kA; ++r) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b, w += kBytes, x += 8) {
-    __m256 scales[4], mins[4];
-    for (int i = 0; i < 4; ++i) {
-      prefetch_ahead<kBytes>(w + i * row_bytes, lead);
-      k_scales(w + i * row_bytes, scales[i], mins[i]);
-    }
-    __m128 scale_of[8], offset_of[8];  // sub-block j: the four rows' scales (offsets) in one vector
-    transpose_4x8(scales, scale_of);
-    transpose_4x8(mins, offset_of);
-    __m512i high[2];
-    if constexpr (kType == kQ5_K) high[0] = lanes_of_rows<kType>(w, row_bytes, 16), high[1] = lanes_of_rows<kType>(w, row_bytes, 32);
-    for (int pair = 0; pair < 4; ++pair) {
-      const __m512i v[2] = {lanes_of_rows<kType>(w, row_bytes, kQs + 32 * pair),
-                            lanes_of_rows<kType>(w, row_bytes, kQs + 32 * pair + 16)};
-      for (int half = 0; half < 2; ++half) {  // sub-block j = 2·pair + half
-        const int j = 2 * pair + half;
-        __m512i q[2];
-        for (int e = 0; e < 2; ++e) {  // elements 0..15, 16..31
-          q[e] = _mm512_and_si512(half ? _mm512_srli_epi16(v[e], 4) : v[e], low4);
-          if constexpr (kType == kQ5_K)
-            q[e] = _mm512_or_si512(q[e], _mm512_slli_epi16(_mm512_and_si512(_mm512_srli_epi16(high[e], j), one), 4));
-        }
-        for (int r = 0; r < kA; ++r) {
-          const Block* xj = x + r * x_stride + j;
-          const __m512i dots = dots4(q[0], q[1], xj);
-          const __m128 scale = _mm_mul_ps(scale_of[j], _mm_set1_ps(xj->d[0]));
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(scale)), acc[r]);
-          offsets[r] = _mm_fmadd_ps(offset_of[j], _mm_set1_ps(xj->dsum[0] + xj->dsum[1]), offsets[r]);
-        }
+  for (int64_t b = 0; b < blocks; ++b, w += kBytes) {
+    __m256 scales, mins;
+    k_scales(w, scales, mins);
+    for (int h = 0; h < 2; ++h, ++x) {
+      const uint8_t* qs = w + kQs + 64 * h;
+      __m512i lo = _mm512_and_si512(_mm512_srlv_epi16(pairs_of(qs, qs + 32), nibble), low4);
+      __m512i hi = _mm512_and_si512(_mm512_srlv_epi16(pairs_of(qs + 16, qs + 48), nibble), low4);
+      if constexpr (kType == kQ5_K) {  // bit j of qh[e]: element e's fifth bit in sub-block j
+        const __m512i bit = lane_counts(4 * h, 4 * h + 1, 4 * h + 2, 4 * h + 3);
+        const auto fifth = [&](const uint8_t* qh) {
+          return _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i32x4(load16(qh)), bit), one), 4);
+        };
+        lo = _mm512_or_si512(lo, fifth(w + 16));
+        hi = _mm512_or_si512(hi, fifth(w + 32));
+      }
+      const __m128 s = h ? _mm256_extractf128_ps(scales, 1) : _mm256_castps256_ps128(scales);
+      const __m128 m = h ? _mm256_extractf128_ps(mins, 1) : _mm256_castps256_ps128(mins);
+      for (int r = 0; r < kA; ++r) {
+        const ActivationGroup<kParts>* xr = x + r * x_stride;
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(group_dots(lo, hi, xr)), spread4(_mm_mul_ps(s, load4(xr->d))), acc[r]);
+        offsets[r] = _mm_fmadd_ps(m, dsum_both(xr->dsum), offsets[r]);
       }
     }
   }
-  for (int r = 0; r < kA; ++r) store_lanes(acc[r], offsets[r], out + r * out_stride, accumulate);
+  store_rows<kA>(acc, offsets, out, out_stride, accumulate);
 }
 
-// And for Q6_K: sub-block j = 4n + k takes nibble k/2 of ql's run k%2 in half n and bits 2k of qh's
-// run n; each half of 16 elements has its own scale, so the two dots are weighed apart.
-template <int kA, typename Block>
-void dot_four_rows_q6k(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks,
-                       float* out, int64_t out_stride, bool accumulate, int64_t lead) {
+// One weight row of Q6_K against kA activation rows. Half n of a super-block (sub-blocks 4n..4n+3)
+// is one group: sub-block 4n + i takes nibble i/2 of ql's run i%2 and bits 2i of qh; each half of 16
+// elements has its own scale, so the two halves' products are weighed apart.
+template <int kA, int kParts>
+void dot_row_q6k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
+                 int64_t out_stride, bool accumulate) {
   constexpr int kBytes = Format<kQ6_K>::kBytes;
   const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3);
-  const __m512i row_of_lane = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i nibble = lane_counts(0, 0, 4, 4), crumb = lane_counts(0, 2, 4, 6);
   __m512 acc[kA];
   __m128 offsets[kA];
   for (int r = 0; r < kA; ++r) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b, w += kBytes, x += 8) {
-    __m256 scales[2][4];  // [scale index / 8][row]: d·sc
-    for (int i = 0; i < 4; ++i) {
-      const uint8_t* block = w + i * row_bytes;
-      prefetch_ahead<kBytes>(block, lead);
-      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(block + 192));
-      const __m256 d = _mm256_broadcastss_ps(fp16_pair(block + 208));
-      scales[0][i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc)));
-      scales[1][i] = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8))));
-    }
-    __m128 scale_of[16];  // scale index t: the four rows' d·sc[t]
-    transpose_4x8(scales[0], scale_of);
-    transpose_4x8(scales[1], scale_of + 8);
-    for (int n = 0; n < 2; ++n) {
-      const __m512i qh[2] = {lanes_of_rows<kQ6_K>(w, row_bytes, 128 + 32 * n),
-                             lanes_of_rows<kQ6_K>(w, row_bytes, 128 + 32 * n + 16)};
-      __m512i ql[2][2];  // [run k % 2][elements 0..15, 16..31]
-      for (int run = 0; run < 2; ++run)
-        for (int e = 0; e < 2; ++e) ql[run][e] = lanes_of_rows<kQ6_K>(w, row_bytes, 64 * n + 32 * run + 16 * e);
-      for (int k = 0; k < 4; ++k) {
-        const int j = 4 * n + k;
-        __m512i q[2];
+  for (int64_t b = 0; b < blocks; ++b, w += kBytes) {
+    // d·sc for the 16 scales; scale 2j + e weighs half e of sub-block j.
+    const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(fp16(w + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(w + 192))));
+    for (int n = 0; n < 2; ++n, ++x) {
+      const uint8_t *ql = w + 64 * n, *qh = w + 128 + 32 * n;
+      const auto unpack = [&](int e) {  // elements 16e..16e+15 of the four sub-blocks
+        const __m256i runs = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(ql + 32 + 16 * e),
+                                                 reinterpret_cast<const __m128i*>(ql + 16 * e));
+        const __m512i low = _mm512_and_si512(_mm512_srlv_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(runs), runs, 1), nibble), low4);
+        const __m512i two = _mm512_and_si512(_mm512_srlv_epi16(_mm512_broadcast_i32x4(load16(qh + 16 * e)), crumb), low2);
+        return _mm512_or_si512(low, _mm512_slli_epi16(two, 4));
+      };
+      const __m512i q[2] = {unpack(0), unpack(1)};
+      const __m512i first = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+      const __m512i pick[2] = {_mm512_add_epi32(first, _mm512_set1_epi32(8 * n)), _mm512_add_epi32(first, _mm512_set1_epi32(8 * n + 1))};
+      const __m512 scale[2] = {_mm512_permutexvar_ps(pick[0], sc), _mm512_permutexvar_ps(pick[1], sc)};
+      // The offset −32·d·sc per half and sub-block, as four-float vectors.
+      const __m512i four = _mm512_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0);
+      __m128 offset[2];
+      for (int e = 0; e < 2; ++e)
+        offset[e] = _mm_mul_ps(_mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_add_epi32(four, _mm512_set1_epi32(8 * n + e)), sc)),
+                               _mm_set1_ps(-32.f));
+      for (int r = 0; r < kA; ++r) {
+        const ActivationGroup<kParts>* xr = x + r * x_stride;
+        const __m512 xd = spread4(load4(xr->d));
         for (int e = 0; e < 2; ++e) {
-          const __m512i nibble = _mm512_and_si512(k < 2 ? ql[k % 2][e] : _mm512_srli_epi16(ql[k % 2][e], 4), low4);
-          const __m512i two = _mm512_and_si512(_mm512_srli_epi16(qh[e], 2 * k), low2);
-          q[e] = _mm512_or_si512(nibble, _mm512_slli_epi16(two, 4));
-        }
-        const __m128 sa = scale_of[2 * j], sb = scale_of[2 * j + 1];
-        for (int r = 0; r < kA; ++r) {
-          const Block* xj = x + r * x_stride + j;
-          const __m128 da = _mm_mul_ps(sa, _mm_set1_ps(xj->d[0])), db = _mm_mul_ps(sb, _mm_set1_ps(xj->d[1]));
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half_dots4(q[0], xj, 0)),
-                                   _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(da)), acc[r]);
-          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half_dots4(q[1], xj, 1)),
-                                   _mm512_permutexvar_ps(row_of_lane, _mm512_castps128_ps512(db)), acc[r]);
-          const __m128 offset = _mm_fmadd_ps(sa, _mm_set1_ps(xj->dsum[0]), _mm_mul_ps(sb, _mm_set1_ps(xj->dsum[1])));
-          offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(-32.f), offsets[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(half_dots(q[e], xr, e)), _mm512_mul_ps(scale[e], xd), acc[r]);
+          offsets[r] = _mm_fmadd_ps(offset[e], load4(xr->dsum[e]), offsets[r]);
         }
       }
     }
   }
-  for (int r = 0; r < kA; ++r) store_lanes(acc[r], offsets[r], out + r * out_stride, accumulate);
+  store_rows<kA>(acc, offsets, out, out_stride, accumulate);
+}
+
+template <int kType, int kA, int kParts>
+inline void weight_row(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t k, float* out,
+                       int64_t out_stride, bool accumulate) {
+  const int64_t blocks = k / (32 * Format<kType>::kSub);
+  if constexpr (kType == kQ4_K || kType == kQ5_K) dot_row_k<kType, kA>(w, x, x_stride, blocks, out, out_stride, accumulate);
+  else if constexpr (kType == kQ6_K) dot_row_q6k<kA>(w, x, x_stride, blocks, out, out_stride, accumulate);
+  else dot_row<kType, kA>(w, x, x_stride, blocks, out, out_stride, accumulate);
 }
 #endif
 
+// Dot products of kW weight rows with kA activation rows (the AVX2 and portable paths). Each weight
+// sub-block is unpacked once for all kA activation rows; several weight rows keep independent
+// accumulators in flight, so one activation row (decode) is not bound by the latency of a single
+// accumulation chain.
 #if !defined(PAGEDLLM_VNNI)
 // AVX2 without VNNI: two weight rows per 256-bit register (one per 128-bit lane), as the VNNI path
 // puts four in 512 bits: one nibble split per two rows, and the activation's 16-byte halves
@@ -830,20 +880,10 @@ template <int kType, typename Act, int kW, int kA>
 void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a, int64_t a_stride, int64_t blocks,
               float* out, int64_t out_stride, bool accumulate, int64_t lead) {
   using F = Format<kType>;
-  if constexpr (kW == 4 && F::kSub == 1) {  // both SIMD paths have a four-weight-row form
+  if constexpr (kW == 4 && F::kSub == 1) {  // the 32-weight formats have a four-weight-row form
     dot_four_rows<kType, kA>(w, row_bytes, a, a_stride, blocks, out, out_stride, accumulate, lead);
     return;
   }
-#if defined(PAGEDLLM_VNNI)
-  if constexpr (kW == 4 && (kType == kQ4_K || kType == kQ5_K)) {
-    dot_four_rows_k<kType, kA>(w, row_bytes, a, a_stride, blocks, out, out_stride, accumulate, lead);
-    return;
-  }
-  if constexpr (kW == 4 && kType == kQ6_K) {
-    dot_four_rows_q6k<kA>(w, row_bytes, a, a_stride, blocks, out, out_stride, accumulate, lead);
-    return;
-  }
-#endif
   __m256 acc[kW][kA];
   __m128 offsets[kW][kA];  // lanes 2 and 3: Σ offset·d·Σq per half
   for (int i = 0; i < kW; ++i)
@@ -1057,14 +1097,40 @@ void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a,
 }
 #endif
 
+#if defined(PAGEDLLM_VNNI)
+// out[m, n] (+)= Σ_k x[m, k]·W[n, k] for rows [n0, n1) of W; x already quantised, in groups. Each weight
+// row is read once for up to four activation rows; more take further passes over a chunk of rows
+// while it is in cache.
+template <int kType, int kParts>
+void matmul_rows(const uint8_t* w, int64_t row_bytes, const ActivationGroup<kParts>* x, int64_t m_rows, int64_t k,
+                 float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
+  const int64_t x_stride = groups_of(k);
+  constexpr int64_t kChunk = 16;
+  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
+    const int64_t c1 = std::min(n1, c0 + kChunk);
+    for (int64_t m = 0; m < m_rows; m += 4) {
+      const ActivationGroup<kParts>* xm = x + m * x_stride;
+      float* om = out + m * out_stride;
+      for (int64_t n = c0; n < c1; ++n) {
+        const uint8_t* wn = w + n * row_bytes;
+        switch (std::min<int64_t>(4, m_rows - m)) {
+          case 4: weight_row<kType, 4>(wn, xm, x_stride, k, om + n, out_stride, accumulate); break;
+          case 3: weight_row<kType, 3>(wn, xm, x_stride, k, om + n, out_stride, accumulate); break;
+          case 2: weight_row<kType, 2>(wn, xm, x_stride, k, om + n, out_stride, accumulate); break;
+          case 1: weight_row<kType, 1>(wn, xm, x_stride, k, om + n, out_stride, accumulate); break;
+        }
+      }
+    }
+  }
+}
+#else
 // out[m, n] (+)= Σ_k x[m, k]·W[n, k] for rows [n0, n1) of W; x already quantised. Four activation
 // rows at a time share each unpacked weight sub-block; with fewer, four weight rows go together.
 template <int kType, typename Act, int kA>
 void matmul_tiles(const uint8_t* w, int64_t row_bytes, const typename Act::Block* x, int64_t x_stride, int64_t blocks,
                   float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
-  // Four weight rows at a time, except four activation rows on the 256-bit path (4 × 4 accumulators
-  // would spill); the VNNI lanes path keeps one register per activation row and takes four of each.
-  constexpr bool kFourWeightRows = kA < 4 || kLanesPerRow;
+  // Four weight rows at a time, except with four activation rows (4 × 4 accumulators would spill).
+  constexpr bool kFourWeightRows = kA < 4;
   const int64_t lead = prefetch_lead(row_bytes, kFourWeightRows ? 4 : 1);
   int64_t n = n0;
   if constexpr (kFourWeightRows) {
@@ -1078,7 +1144,7 @@ void matmul_tiles(const uint8_t* w, int64_t row_bytes, const typename Act::Block
 template <int kType, typename Act>
 void matmul_rows(const uint8_t* w, int64_t row_bytes, const typename Act::Block* x, int64_t m_rows, int64_t k,
                  float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
-  const int64_t blocks = k / (32 * Format<kType>::kSub), x_stride = k / 32;
+  const int64_t blocks = k / (32 * Format<kType>::kSub), x_stride = activation_stride(k);
   // The in-loop prefetch looks a lead ahead; the first window of this thread's rows is asked for here.
   const int64_t first_window = std::min<int64_t>(prefetch_lead(row_bytes, 4), (n1 - n0) * row_bytes);
   for (int64_t offset = 0; offset < first_window; offset += 64) __builtin_prefetch(w + n0 * row_bytes + offset);
@@ -1098,6 +1164,7 @@ void matmul_rows(const uint8_t* w, int64_t row_bytes, const typename Act::Block*
     }
   }
 }
+#endif
 
 // A LoRA update's two products for one row, as plain loops that the compiler vectorises for each
 // instruction set's copy of this file: low[R] = x[K] · a_t[K, R], then out[N] += low · b_t[R, N] (b_t's
@@ -1120,10 +1187,27 @@ inline void lora_add(const float* low, int64_t r, const float* b_t, int64_t b_st
 }
 
 // Entry points for quant_matmul.cpp, which picks the namespace (instruction set) at run time.
+#if defined(PAGEDLLM_VNNI)
 inline void quantize_rows(const float* x, int64_t m, int64_t k, int64_t x_stride, uint8_t* out, bool wide) {
   for (int64_t r = 0; r < m; ++r) {
-    if (wide) quantize_row(x + r * x_stride, k, reinterpret_cast<Q15Block*>(out) + r * (k / 32));
-    else quantize_row(x + r * x_stride, k, reinterpret_cast<Q8Block*>(out) + r * (k / 32));
+    if (wide) quantize_row_groups<Q15Block>(x + r * x_stride, k, reinterpret_cast<Q15Group*>(out) + r * groups_of(k));
+    else quantize_row_groups<Q8Block>(x + r * x_stride, k, reinterpret_cast<Q8Group*>(out) + r * groups_of(k));
+  }
+}
+
+template <int kType>
+void matmul_quantised(const uint8_t* w, int64_t row_bytes, const uint8_t* x, bool wide, int64_t m, int64_t k,
+                      float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
+  if (wide)
+    matmul_rows<kType>(w, row_bytes, reinterpret_cast<const Q15Group*>(x), m, k, out, out_stride, n0, n1, accumulate);
+  else
+    matmul_rows<kType>(w, row_bytes, reinterpret_cast<const Q8Group*>(x), m, k, out, out_stride, n0, n1, accumulate);
+}
+#else
+inline void quantize_rows(const float* x, int64_t m, int64_t k, int64_t x_stride, uint8_t* out, bool wide) {
+  for (int64_t r = 0; r < m; ++r) {
+    if (wide) quantize_row(x + r * x_stride, k, reinterpret_cast<Q15Block*>(out) + r * activation_stride(k));
+    else quantize_row(x + r * x_stride, k, reinterpret_cast<Q8Block*>(out) + r * activation_stride(k));
   }
 }
 
@@ -1137,3 +1221,4 @@ void matmul_quantised(const uint8_t* w, int64_t row_bytes, const uint8_t* x, boo
     matmul_rows<kType, Activations<Q8Block>>(w, row_bytes, reinterpret_cast<const Q8Block*>(x), m, k, out, out_stride, n0,
                                         n1, accumulate);
 }
+#endif

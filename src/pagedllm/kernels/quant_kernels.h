@@ -18,8 +18,9 @@ void check_isa(int64_t isa);
 std::vector<Part> parts_of(const std::vector<at::Tensor>& ws, const std::vector<int64_t>& types, int64_t k);
 inline int64_t rows_of(const std::vector<Part>& parts) { return parts.back().first_row + parts.back().rows; }
 
-// Activations are quantised to blocks of 32: int8 (48 bytes a block) or, `wide`, 15-bit as two int8 halves (80).
-inline int64_t activation_row_bytes(int64_t k, bool wide) { return k / 32 * (wide ? 80 : 48); }
+// Activations are quantised to blocks of 32: int8 (48 bytes a block) or, `wide`, 15-bit as two int8 halves (80);
+// the AVX-512 path keeps them in groups of four blocks (the last one padded), which take no more room.
+inline int64_t activation_row_bytes(int64_t k, bool wide) { return (k / 32 + 3) / 4 * 4 * (wide ? 80 : 48); }
 void quantize_activations(const float* x, int64_t m, int64_t k, int64_t x_stride, uint8_t* out, bool wide,
                           int64_t isa);
 
