@@ -1,7 +1,8 @@
 // The body of the quantised kernels, included once per instruction set by quant_matmul.cpp
 // inside its own namespace and `#pragma GCC target`, so one build carries every path and the
-// caller picks one at run time. The SIMD paths share their code and differ in `dot32`; the
-// portable one is plain loops.
+// caller picks one at run time. The SIMD paths share their structure (one weight row at a time,
+// activations in groups of four blocks) with 512-bit (VNNI) or 256-bit registers; the portable one
+// is plain loops.
 //
 // Every GGML block format is read as 32-weight sub-blocks: 32 unsigned integers q and, per half
 // of 16, a scale and an offset, so that weight = scale·q + offset. Activations are quantised to
@@ -198,24 +199,15 @@ inline void store(float* out, float v, bool accumulate) { *out = accumulate ? *o
 // Blocks from one activation row to the next: a whole number of groups of four (activation_row_bytes).
 inline int64_t activation_stride(int64_t k) { return (k / 32 + 3) / 4 * 4; }
 
-// Weights stream from memory once per step, and the hardware prefetcher alone kept the decode
-// products at ~18 GB/s where this machine reads ~50 GB/s per thread: ask for the lines at least
-// 16 KiB ahead (2.7x on a 30 MB head against none; 16 KiB beat 8 by ~2% of a Qwen-sized step and
-// 32 by ~1% in interleaved A/Bs, with the tile-sized lead below).
+// Dequantising a row ahead of a GEMM asks for its blocks 16 KiB ahead. (Measured for the decode
+// products when they read four rows side by side: 2.7x on a 30 MB head against no prefetch; they now
+// read one row at a time, which the hardware prefetchers follow alone.)
 constexpr int kPrefetchBytes = 16384;
 
 template <int kBlockBytes>
 inline void prefetch_ahead(const uint8_t* block, int64_t lead = kPrefetchBytes) {
   for (int offset = 0; offset < kBlockBytes; offset += 64)
     __builtin_prefetch(block + lead + offset);
-}
-
-// How far ahead to prefetch while `rows` weight rows are read side by side: the same block that
-// many tiles later, at least kPrefetchBytes on. (A fixed lead from each row lands inside the tile
-// itself once rows are long — Q6_K's down projection ran at ~28 GB/s that way, ~50 with this.)
-inline int64_t prefetch_lead(int64_t row_bytes, int rows) {
-  const int64_t tile = rows * row_bytes;
-  return (kPrefetchBytes + tile - 1) / tile * tile;
 }
 
 #if defined(PAGEDLLM_SIMD)
@@ -283,16 +275,6 @@ inline void silu_mul_row(float* gate, const float* up, int64_t n) {
 
 
 #if defined(PAGEDLLM_SIMD)
-// Σ over 4-element groups of u·s: int32 lane i holds elements 4i..4i+3, so lanes 0–3 are the
-// first half of the sub-block and 4–7 the second.
-inline __m256i dot32(__m256i u, __m256i s) {
-#if defined(PAGEDLLM_VNNI)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
-#else
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
-#endif
-}
-
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -468,54 +450,12 @@ inline void block_coefs<kQ6_K>(const uint8_t* b, __m128* out) {
   }
 }
 
-// The integer dot products of one weight sub-block (32 unsigned bytes u; for Q8_0 |w|, with w's
-// sign moved onto x) with one activation block, per int32 lane of four elements: lanes 0–3 hold
-// the first half, 4–7 the second. A Q15Block is two byte products, 128·(u·hi) + u·lo.
-template <int kType>
-inline __m256i signed_like(__m256i x, __m256i sign) {
-  if constexpr (kType == kQ8_0) return _mm256_sign_epi8(x, sign);
-  else return x;
-}
-template <int kType>
-inline __m256i block_dot(__m256i u, __m256i sign, const Q8Block* x) {
-  return dot32(u, signed_like<kType>(load32(x->q), sign));
-}
-template <int kType>
-inline __m256i block_dot(__m256i u, __m256i sign, const Q15Block* x) {
-  const __m256i high = _mm256_slli_epi32(dot32(u, signed_like<kType>(load32(x->hi), sign)), 7);
-  return _mm256_add_epi32(high, dot32(u, signed_like<kType>(load32(x->lo), sign)));
-}
-
-// How a weight sub-block meets activation blocks of type B: `prepare` turns the 32 weight
-// integers into the form the products need (once per sub-block, shared by every activation
-// row), `accumulate` adds the scaled integer products to acc.
-template <typename B>
-struct Activations {
-  using Block = B;
-  struct Weights {
-    __m256i u, sign;
-  };
-  template <int kType>
-  static Weights prepare(__m256i q) {
-    if constexpr (kType == kQ8_0) return {_mm256_sign_epi8(q, q), q};  // |w|; w's sign moves to x
-    else return {q, q};
-  }
-  // scaled = coef · {d, d, dsum₀, dsum₁}: lanes 0 and 1 weigh the halves.
-  template <int kType>
-  static void accumulate(const Weights& w, const Block* x, __m128 scaled, __m256& acc) {
-    const __m256i p = block_dot<kType>(w.u, w.sign, x);
-    const __m256 scale = kType == kQ6_K ? _mm256_permutevar8x32_ps(_mm256_castps128_ps256(scaled), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1))
-                                        : _mm256_broadcastss_ps(scaled);
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), scale, acc);
-  }
-};
-
-#if defined(PAGEDLLM_VNNI)
-// One weight row at a time, four consecutive 32-weight sub-blocks of it in the four 128-bit lanes
-// of a 512-bit register: each thread then reads its rows as one forward stream, which the hardware
-// prefetchers follow. (Four rows side by side, one per lane, read as four interleaved short streams:
-// on AMD Zen 4 ~11 GB/s a thread from memory against ~25 for one stream, with or without software
-// prefetch.) The activations are stored to match, four blocks to a group (ActivationGroup).
+// The SIMD products read one weight row at a time, four consecutive 32-weight sub-blocks of it
+// together (the four 128-bit lanes of a 512-bit register, or two 256-bit registers): each thread then
+// reads its rows as one forward stream, which the hardware prefetchers follow. (Four rows side by
+// side, one per lane, read as four interleaved short streams: on AMD Zen 4 ~11 GB/s a thread from
+// memory against ~25 for one stream, with or without software prefetch.) The activations are stored
+// to match, four blocks to a group.
 
 // Activation blocks b..b+3 of a row: their elements 0..15 side by side in 64 bytes, then their
 // elements 16..31, so that one load meets a weight register's four sub-blocks lane by lane.
@@ -558,6 +498,11 @@ inline void quantize_row_groups(const float* x, int64_t k, Group* out) {
   }
 }
 
+inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
+inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline __m128 dsum_both(const float (*dsum)[4]) { return _mm_add_ps(load4(dsum[0]), load4(dsum[1])); }
+
+#if defined(PAGEDLLM_VNNI)
 // 16 bytes at `offset` of each of four blocks `stride` apart, a 128-bit lane each; zero past the first kValid.
 template <int kValid = 4>
 inline __m512i lanes_of_blocks(const uint8_t* w, int64_t stride, int offset) {
@@ -571,8 +516,6 @@ inline __m512i lanes_of_blocks(const uint8_t* w, int64_t stride, int offset) {
 inline __m512 spread4(__m128 v) {  // {a, b, c, d} → a in lanes 0-3, b in 4-7, c in 8-11, d in 12-15
   return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), _mm512_castps128_ps512(v));
 }
-inline __m128 load4(const float* p) { return _mm_loadu_ps(p); }
-inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
 
 // acc + q·x per four-byte group for 64 activation bytes x; for Q8_0 (kSigned) q is |w| and x takes
 // w's sign where `negative` marks it.
@@ -600,8 +543,6 @@ inline __m512i group_dots(__m512i lo, __m512i hi, const ActivationGroup<kParts>*
     dots = dots64<kSigned>(dots64<kSigned>(_mm512_slli_epi32(dots, 7), lo, x->q[1][0], neg_lo), hi, x->q[1][1], neg_hi);
   return dots;
 }
-
-inline __m128 dsum_both(const float (*dsum)[4]) { return _mm_add_ps(load4(dsum[0]), load4(dsum[1])); }
 
 // out[r] (+)= the sum of acc[r]'s lanes plus offsets[r]'s, for kA activation rows.
 template <int kA>
@@ -766,6 +707,213 @@ void dot_row_q6k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_s
   store_rows<kA>(acc, offsets, out, out_stride, accumulate);
 }
 
+#endif
+
+#if !defined(PAGEDLLM_VNNI)
+// The same with 256-bit registers (AVX2 without VNNI): a group's four sub-blocks of a weight row in
+// two registers, two consecutive sub-blocks each (one per 128-bit lane), against the group's
+// activations 32 bytes at a time.
+
+// 16 bytes at `offset` of kN (0, 1 or 2) consecutive blocks `stride` apart, one per 128-bit lane; zero after them.
+template <int kN>
+inline __m256i pair_of_blocks(const uint8_t* w, int64_t stride, int offset) {
+  if constexpr (kN == 2) return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(w + stride + offset),
+                                                    reinterpret_cast<const __m128i*>(w + offset));
+  else if constexpr (kN == 1) return _mm256_zextsi128_si256(load16(w + offset));
+  else return _mm256_setzero_si256();
+}
+
+// Σ u·x per four bytes (int32), u unsigned and x signed: |u| ≤ 128 and |x| ≤ 127 keep each pair of
+// products within int16.
+inline __m256i dot_bytes(__m256i u, __m256i x) {
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, x), _mm256_set1_epi16(1));
+}
+
+// A register of two sub-blocks (pair p of the group) against their activations' half `half`; for Q8_0
+// (kSigned) q is |w| and the activations take w's sign.
+template <bool kSigned = false, int kParts>
+inline __m256i pair_dots(__m256i q, const ActivationGroup<kParts>* x, int half, int pair, __m256i sign = __m256i()) {
+  const auto part = [&](int p) {
+    __m256i v = load32(x->q[p][half] + 32 * pair);
+    if constexpr (kSigned) v = _mm256_sign_epi8(v, sign);
+    return dot_bytes(q, v);
+  };
+  __m256i dots = part(0);
+  if constexpr (kParts == 2) dots = _mm256_add_epi32(_mm256_slli_epi32(dots, 7), part(1));
+  return dots;
+}
+
+// {a, b, c, d} → {a ×4, b ×4} (pair 0) or {c ×4, d ×4} (pair 1).
+inline __m256 spread_pair(__m128 v, int pair) {
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v), _mm256_add_epi32(_mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                                                                             _mm256_set1_epi32(2 * pair)));
+}
+// Eight floats v: {v[i] ×4, v[j] ×4}.
+inline __m256 pick2(__m256 v, int i, int j) {
+  return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(i, i, i, i, j, j, j, j));
+}
+
+template <int kA>
+inline void store_rows(const __m256* acc, const __m128* offsets, float* out, int64_t out_stride, bool accumulate) {
+  for (int r = 0; r < kA; ++r)
+    store(out + r * out_stride, hsum(_mm256_add_ps(acc[r], _mm256_castps128_ps256(offsets[r]))), accumulate);
+}
+
+// Four consecutive blocks of a 32-weight format (only the first kValid of them at the end of a row)
+// against kA activation rows' groups x (x_stride groups apart).
+template <int kType, int kA, int kParts, int kValid = 4>
+inline void small_group(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, __m256* acc,
+                        __m128* offsets) {
+  using B = SmallBlock<kType>;
+  constexpr int kBytes = B::kBytes;
+  constexpr int kPairs = (kValid + 1) / 2;
+  __m256i lo[2], hi[2];
+  const auto load_pair = [&]<int kN>(int p) {
+    const uint8_t* wp = w + 2 * p * kBytes;
+    if constexpr (kType == kQ8_0) {
+      lo[p] = pair_of_blocks<kN>(wp, kBytes, 2);
+      hi[p] = pair_of_blocks<kN>(wp, kBytes, 18);
+    } else {
+      const __m256i v = pair_of_blocks<kN>(wp, kBytes, B::kNibbles);
+      lo[p] = low4(v);
+      hi[p] = low4(_mm256_srli_epi16(v, 4));
+      if constexpr (kType == kQ5_0 || kType == kQ5_1) {  // each block's fifth bits: 0..15 in lane 0, 16..31 in lane 1
+        constexpr int kHigh = kType == kQ5_0 ? 2 : 4;
+        const __m256i a = fifth_bits(wp + kHigh), b = kN == 2 ? fifth_bits(wp + kBytes + kHigh) : _mm256_setzero_si256();
+        lo[p] = _mm256_or_si256(lo[p], _mm256_permute2x128_si256(a, b, 0x20));
+        hi[p] = _mm256_or_si256(hi[p], _mm256_permute2x128_si256(a, b, 0x31));
+      }
+    }
+  };
+  load_pair.template operator()<(kValid >= 2 ? 2 : 1)>(0);
+  if constexpr (kPairs == 2) load_pair.template operator()<kValid - 2>(1);
+  __m256i sign_lo[2], sign_hi[2];
+  for (int p = 0; p < kPairs; ++p) {
+    sign_lo[p] = lo[p], sign_hi[p] = hi[p];
+    if constexpr (kType == kQ8_0) lo[p] = _mm256_sign_epi8(lo[p], lo[p]), hi[p] = _mm256_sign_epi8(hi[p], hi[p]);
+  }
+  __m128 d, offset;
+  four_row_headers<kType, kValid>(w, kBytes, d, offset);
+  for (int r = 0; r < kA; ++r) {
+    const ActivationGroup<kParts>* xr = x + r * x_stride;
+    const __m128 scale = _mm_mul_ps(d, load4(xr->d));
+    for (int p = 0; p < kPairs; ++p) {
+      const __m256i dots = _mm256_add_epi32(pair_dots<kType == kQ8_0>(lo[p], xr, 0, p, sign_lo[p]),
+                                            pair_dots<kType == kQ8_0>(hi[p], xr, 1, p, sign_hi[p]));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), spread_pair(scale, p), acc[r]);
+    }
+    if constexpr (B::kHasOffset) offsets[r] = _mm_fmadd_ps(offset, dsum_both(xr->dsum), offsets[r]);
+  }
+}
+
+// One weight row of a 32-weight format against kA activation rows.
+template <int kType, int kA, int kParts>
+void dot_row(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
+             int64_t out_stride, bool accumulate) {
+  constexpr int kBytes = Format<kType>::kBytes;
+  __m256 acc[kA];
+  __m128 offsets[kA];
+  for (int r = 0; r < kA; ++r) acc[r] = _mm256_setzero_ps(), offsets[r] = _mm_setzero_ps();
+  int64_t b = 0;
+  for (; b + 4 <= blocks; b += 4, w += 4 * kBytes, ++x) small_group<kType, kA>(w, x, x_stride, acc, offsets);
+  switch (blocks - b) {  // the last one to three blocks
+    case 3: small_group<kType, kA, kParts, 3>(w, x, x_stride, acc, offsets); break;
+    case 2: small_group<kType, kA, kParts, 2>(w, x, x_stride, acc, offsets); break;
+    case 1: small_group<kType, kA, kParts, 1>(w, x, x_stride, acc, offsets); break;
+  }
+  store_rows<kA>(acc, offsets, out, out_stride, accumulate);
+}
+
+// One weight row of Q4_K / Q5_K against kA activation rows, as the 512-bit kernel: sub-blocks 4h..4h+3
+// of a super-block are one group; pair p of it is nibble run 2h + p, low nibbles then high.
+template <int kType, int kA, int kParts>
+void dot_row_k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
+               int64_t out_stride, bool accumulate) {
+  constexpr int kBytes = Format<kType>::kBytes, kQs = kType == kQ4_K ? 16 : 48;
+  __m256 acc[kA];
+  __m128 offsets[kA];
+  for (int r = 0; r < kA; ++r) acc[r] = _mm256_setzero_ps(), offsets[r] = _mm_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, w += kBytes) {
+    __m256 scales, mins;
+    k_scales(w, scales, mins);
+    for (int h = 0; h < 2; ++h, ++x) {
+      __m256i q[2][2];  // [pair][half]
+      for (int p = 0; p < 2; ++p) {
+        const int j = 4 * h + 2 * p;  // the pair's first sub-block
+        for (int e = 0; e < 2; ++e) {
+          const __m256i v = _mm256_broadcastsi128_si256(load16(w + kQs + 32 * (2 * h + p) + 16 * e));
+          q[p][e] = _mm256_blend_epi32(low4(v), low4(_mm256_srli_epi16(v, 4)), 0xF0);
+          if constexpr (kType == kQ5_K) {  // bit j of qh[e]: element e's fifth bit in sub-block j
+            const __m256i qh = _mm256_broadcastsi128_si256(load16(w + 16 + 16 * e));
+            const __m256i bit = _mm256_and_si256(_mm256_srlv_epi32(qh, _mm256_setr_epi32(j, j, j, j, j + 1, j + 1, j + 1, j + 1)),
+                                                 _mm256_set1_epi8(1));
+            q[p][e] = _mm256_or_si256(q[p][e], _mm256_slli_epi16(bit, 4));
+          }
+        }
+      }
+      const __m128 m = h ? _mm256_extractf128_ps(mins, 1) : _mm256_castps256_ps128(mins);
+      for (int r = 0; r < kA; ++r) {
+        const ActivationGroup<kParts>* xr = x + r * x_stride;
+        const __m128 xd = load4(xr->d);
+        for (int p = 0; p < 2; ++p) {
+          const int j = 4 * h + 2 * p;
+          const __m256i dots = _mm256_add_epi32(pair_dots(q[p][0], xr, 0, p), pair_dots(q[p][1], xr, 1, p));
+          acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(pick2(scales, j, j + 1), spread_pair(xd, p)), acc[r]);
+        }
+        offsets[r] = _mm_fmadd_ps(m, dsum_both(xr->dsum), offsets[r]);
+      }
+    }
+  }
+  store_rows<kA>(acc, offsets, out, out_stride, accumulate);
+}
+
+// One weight row of Q6_K against kA activation rows: half n of a super-block is one group; its pair 0
+// is ql's runs 0 and 1 low nibbles with qh bits 0-1 and 2-3, pair 1 the high nibbles with bits 4-5, 6-7.
+template <int kA, int kParts>
+void dot_row_q6k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
+                 int64_t out_stride, bool accumulate) {
+  constexpr int kBytes = Format<kQ6_K>::kBytes;
+  __m256 acc[kA];
+  __m128 offsets[kA];
+  for (int r = 0; r < kA; ++r) acc[r] = _mm256_setzero_ps(), offsets[r] = _mm_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b, w += kBytes) {
+    const __m128i sc_bytes = load16(w + 192);
+    const __m256 d = _mm256_set1_ps(fp16(w + 208));
+    for (int n = 0; n < 2; ++n, ++x) {
+      // d·sc of this half's eight scales: scale 2i + e weighs half e of its sub-block 4n + i.
+      const __m256 sc = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(n ? _mm_srli_si128(sc_bytes, 8) : sc_bytes)));
+      const uint8_t *ql = w + 64 * n, *qh = w + 128 + 32 * n;
+      __m256i q[2][2];  // [pair][half]
+      for (int e = 0; e < 2; ++e) {
+        const __m256i runs = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(ql + 32 + 16 * e),
+                                                 reinterpret_cast<const __m128i*>(ql + 16 * e));
+        const __m256i bits = _mm256_broadcastsi128_si256(load16(qh + 16 * e));
+        for (int p = 0; p < 2; ++p) {
+          const __m256i two = _mm256_and_si256(_mm256_srlv_epi32(bits, _mm256_setr_epi32(4 * p, 4 * p, 4 * p, 4 * p, 4 * p + 2,
+                                                                                        4 * p + 2, 4 * p + 2, 4 * p + 2)),
+                                               _mm256_set1_epi8(3));
+          q[p][e] = _mm256_or_si256(low4(p ? _mm256_srli_epi16(runs, 4) : runs), _mm256_slli_epi16(two, 4));
+        }
+      }
+      __m128 offset[2];  // −32·d·sc per half e, for the four sub-blocks
+      for (int e = 0; e < 2; ++e)
+        offset[e] = _mm_mul_ps(_mm256_castps256_ps128(_mm256_permutevar8x32_ps(sc, _mm256_setr_epi32(e, 2 + e, 4 + e, 6 + e, 0, 0, 0, 0))),
+                               _mm_set1_ps(-32.f));
+      for (int r = 0; r < kA; ++r) {
+        const ActivationGroup<kParts>* xr = x + r * x_stride;
+        const __m128 xd = load4(xr->d);
+        for (int p = 0; p < 2; ++p)
+          for (int e = 0; e < 2; ++e)
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pair_dots(q[p][e], xr, e, p)),
+                                     _mm256_mul_ps(pick2(sc, 4 * p + e, 4 * p + 2 + e), spread_pair(xd, p)), acc[r]);
+        for (int e = 0; e < 2; ++e) offsets[r] = _mm_fmadd_ps(offset[e], load4(xr->dsum[e]), offsets[r]);
+      }
+    }
+  }
+  store_rows<kA>(acc, offsets, out, out_stride, accumulate);
+}
+#endif
+
 template <int kType, int kA, int kParts>
 inline void weight_row(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t k, float* out,
                        int64_t out_stride, bool accumulate) {
@@ -773,145 +921,6 @@ inline void weight_row(const uint8_t* w, const ActivationGroup<kParts>* x, int64
   if constexpr (kType == kQ4_K || kType == kQ5_K) dot_row_k<kType, kA>(w, x, x_stride, blocks, out, out_stride, accumulate);
   else if constexpr (kType == kQ6_K) dot_row_q6k<kA>(w, x, x_stride, blocks, out, out_stride, accumulate);
   else dot_row<kType, kA>(w, x, x_stride, blocks, out, out_stride, accumulate);
-}
-#endif
-
-// Dot products of kW weight rows with kA activation rows (the AVX2 and portable paths). Each weight
-// sub-block is unpacked once for all kA activation rows; several weight rows keep independent
-// accumulators in flight, so one activation row (decode) is not bound by the latency of a single
-// accumulation chain.
-#if !defined(PAGEDLLM_VNNI)
-// AVX2 without VNNI: two weight rows per 256-bit register (one per 128-bit lane), as the VNNI path
-// puts four in 512 bits: one nibble split per two rows, and the activation's 16-byte halves
-// broadcast to both lanes. Weights are unsigned (Q8_0: |w|, with w's sign moved onto x).
-inline __m256i rows_pair(const uint8_t* w, int64_t row_bytes, int offset) {  // 16 bytes of two rows
-  return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(w + row_bytes + offset),
-                             reinterpret_cast<const __m128i*>(w + offset));
-}
-inline __m256i broadcast_half(const int8_t* p) {
-  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-// Σ u·x over four-byte groups (int32), u against x's bytes 0..15 (lo) and 16..31 (hi), x negated
-// where sign < 0 when kSigned. Each pair of products stays within int16: |u| ≤ 128, |x| ≤ 127.
-template <bool kSigned>
-inline __m256i pair_dots(__m256i lo, __m256i hi, const int8_t* x, __m256i sign_lo, __m256i sign_hi) {
-  __m256i a = broadcast_half(x), b = broadcast_half(x + 16);
-  if constexpr (kSigned) a = _mm256_sign_epi8(a, sign_lo), b = _mm256_sign_epi8(b, sign_hi);
-  const __m256i ones = _mm256_set1_epi16(1);
-  return _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, a), ones),
-                          _mm256_madd_epi16(_mm256_maddubs_epi16(hi, b), ones));
-}
-template <bool kSigned>
-inline __m256i pair_dots(__m256i lo, __m256i hi, const Q8Block* x, __m256i sign_lo, __m256i sign_hi) {
-  return pair_dots<kSigned>(lo, hi, x->q, sign_lo, sign_hi);
-}
-template <bool kSigned>
-inline __m256i pair_dots(__m256i lo, __m256i hi, const Q15Block* x, __m256i sign_lo, __m256i sign_hi) {
-  const __m256i high = _mm256_slli_epi32(pair_dots<kSigned>(lo, hi, x->hi, sign_lo, sign_hi), 7);
-  return _mm256_add_epi32(high, pair_dots<kSigned>(lo, hi, x->lo, sign_lo, sign_hi));
-}
-
-// A Q5 block's fifth bits for two rows, as 0x10 bytes: elements 0..15 (lo) and 16..31 (hi) of each
-// row, one lane per row.
-inline void fifth_bits_pair(const uint8_t* w, int64_t row_bytes, int offset, __m256i& lo, __m256i& hi) {
-  const __m256i a = fifth_bits(w + offset), b = fifth_bits(w + row_bytes + offset);
-  lo = _mm256_permute2x128_si256(a, b, 0x20);
-  hi = _mm256_permute2x128_si256(a, b, 0x31);
-}
-
-// kA activation rows (x_stride blocks apart) against four weight rows of a 32-weight-block format.
-template <int kType, int kA, typename Block>
-void dot_four_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t x_stride, int64_t blocks, float* out,
-                   int64_t out_stride, bool accumulate, int64_t lead) {
-  using B = SmallBlock<kType>;
-  constexpr int kBytes = B::kBytes;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  __m256 acc[2][kA];  // [row pair][activation row]
-  __m128 offsets[kA];
-  for (int r = 0; r < kA; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps(), offsets[r] = _mm_setzero_ps();
-  for (int64_t b = 0; b < blocks; ++b, w += kBytes, ++x) {
-    for (int i = 0; i < 4; ++i) prefetch_ahead<kBytes>(w + i * row_bytes, lead);
-    __m256i lo[2], hi[2];
-    for (int pair = 0; pair < 2; ++pair) {
-      const uint8_t* wp = w + 2 * pair * row_bytes;
-      if constexpr (kType == kQ8_0) {
-        lo[pair] = rows_pair(wp, row_bytes, 2);
-        hi[pair] = rows_pair(wp, row_bytes, 18);
-      } else {
-        const __m256i v = rows_pair(wp, row_bytes, B::kNibbles);
-        lo[pair] = _mm256_and_si256(v, low4);
-        hi[pair] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        if constexpr (kType == kQ5_0 || kType == kQ5_1) {
-          __m256i fifth_lo, fifth_hi;
-          fifth_bits_pair(wp, row_bytes, kType == kQ5_0 ? 2 : 4, fifth_lo, fifth_hi);
-          lo[pair] = _mm256_or_si256(lo[pair], fifth_lo);
-          hi[pair] = _mm256_or_si256(hi[pair], fifth_hi);
-        }
-      }
-    }
-    __m256i sign_lo[2] = {lo[0], lo[1]}, sign_hi[2] = {hi[0], hi[1]};
-    if constexpr (kType == kQ8_0)
-      for (int pair = 0; pair < 2; ++pair) lo[pair] = _mm256_sign_epi8(lo[pair], lo[pair]), hi[pair] = _mm256_sign_epi8(hi[pair], hi[pair]);
-    __m128 d, offset;
-    four_row_headers<kType>(w, row_bytes, d, offset);
-    const __m256 d4 = _mm256_castps128_ps256(d);  // rows 0 and 1, then 2 and 3: each scale over its lane
-    const __m256 d_pairs[2] = {_mm256_permutevar8x32_ps(d4, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)),
-                               _mm256_permutevar8x32_ps(d4, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3))};
-    for (int r = 0; r < kA; ++r) {
-      const Block* xr = x + r * x_stride;
-      const __m256 xd = _mm256_set1_ps(xr->d[0]);
-      for (int pair = 0; pair < 2; ++pair) {
-        const __m256i dots = pair_dots<kType == kQ8_0>(lo[pair], hi[pair], xr, sign_lo[pair], sign_hi[pair]);
-        acc[pair][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots), _mm256_mul_ps(d_pairs[pair], xd), acc[pair][r]);
-      }
-      if constexpr (B::kHasOffset) offsets[r] = _mm_fmadd_ps(offset, _mm_set1_ps(xr->dsum[0] + xr->dsum[1]), offsets[r]);
-    }
-  }
-  for (int r = 0; r < kA; ++r) {
-    const __m128 a0 = _mm256_castps256_ps128(acc[0][r]), a1 = _mm256_extractf128_ps(acc[0][r], 1);
-    const __m128 b0 = _mm256_castps256_ps128(acc[1][r]), b1 = _mm256_extractf128_ps(acc[1][r], 1);
-    const __m128 sums = _mm_add_ps(_mm_hadd_ps(_mm_hadd_ps(a0, a1), _mm_hadd_ps(b0, b1)), offsets[r]);
-    for (int i = 0; i < 4; ++i) store(out + r * out_stride + i, sums[i], accumulate);
-  }
-}
-#endif
-
-template <int kType, typename Act, int kW, int kA>
-void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a, int64_t a_stride, int64_t blocks,
-              float* out, int64_t out_stride, bool accumulate, int64_t lead) {
-  using F = Format<kType>;
-  if constexpr (kW == 4 && F::kSub == 1) {  // the 32-weight formats have a four-weight-row form
-    dot_four_rows<kType, kA>(w, row_bytes, a, a_stride, blocks, out, out_stride, accumulate, lead);
-    return;
-  }
-  __m256 acc[kW][kA];
-  __m128 offsets[kW][kA];  // lanes 2 and 3: Σ offset·d·Σq per half
-  for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kA; ++r) acc[i][r] = _mm256_setzero_ps(), offsets[i][r] = _mm_setzero_ps();
-  __m128 coefs[kW][F::kSub];
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int i = 0; i < kW; ++i) {
-      const uint8_t* block = w + i * row_bytes + b * F::kBytes;
-      prefetch_ahead<F::kBytes>(block, lead);
-      block_coefs<kType>(block, coefs[i]);
-    }
-    for (int j = 0; j < F::kSub; ++j) {
-      const auto* x = a + b * F::kSub + j;
-      for (int i = 0; i < kW; ++i) {
-        const uint8_t* block = w + i * row_bytes + b * F::kBytes;
-        const auto prepared = Act::template prepare<kType>(simd_q<kType>(block, j));
-        const __m128 c = coefs[i][j];
-        for (int r = 0; r < kA; ++r) {
-          const __m128 scaled = _mm_mul_ps(c, _mm_loadu_ps(x[r * a_stride].d));
-          Act::template accumulate<kType>(prepared, x + r * a_stride, scaled, acc[i][r]);
-          if constexpr (kType != kQ8_0) offsets[i][r] = _mm_add_ps(offsets[i][r], scaled);
-        }
-      }
-    }
-  }
-  for (int i = 0; i < kW; ++i)
-    for (int r = 0; r < kA; ++r)
-      store(out + r * out_stride + i, hsum(acc[i][r]) + offsets[i][r][2] + offsets[i][r][3], accumulate);
 }
 
 inline void store8(float* out, __m256 v) { _mm256_storeu_ps(out, v); }
@@ -1066,38 +1075,9 @@ void dequantize_row(const uint8_t* w, int64_t blocks, Out* out) {
   }
 }
 
-template <typename B>
-struct Activations {
-  using Block = B;
-};
-
-template <int kType, typename Act, int kW, int kA>
-void dot_tile(const uint8_t* w, int64_t row_bytes, const typename Act::Block* a, int64_t a_stride, int64_t blocks,
-              float* out, int64_t out_stride, bool accumulate, int64_t lead) {
-  using F = Format<kType>;
-  uint8_t q[32];
-  Coef c;
-  for (int i = 0; i < kW; ++i) {
-    float total[kA] = {};
-    for (int64_t b = 0; b < blocks; ++b) {
-      for (int j = 0; j < F::kSub; ++j) {
-        F::decode(w + i * row_bytes + b * F::kBytes, j, q, c);
-        for (int r = 0; r < kA; ++r) {
-          const auto* x = a + r * a_stride + b * F::kSub + j;
-          for (int h = 0; h < 2; ++h) {
-            int32_t s = 0;
-            for (int e = 16 * h; e < 16 * h + 16; ++e) s += q[e] * x->value(e);
-            total[r] += c.scale[h] * x->d[h] * s + c.offset[h] * x->dsum[h];
-          }
-        }
-      }
-    }
-    for (int r = 0; r < kA; ++r) store(out + r * out_stride + i, total[r], accumulate);
-  }
-}
 #endif
 
-#if defined(PAGEDLLM_VNNI)
+#if defined(PAGEDLLM_SIMD)
 // out[m, n] (+)= Σ_k x[m, k]·W[n, k] for rows [n0, n1) of W; x already quantised, in groups. Each weight
 // row is read once for up to four activation rows; more take further passes over a chunk of rows
 // while it is in cache.
@@ -1124,43 +1104,30 @@ void matmul_rows(const uint8_t* w, int64_t row_bytes, const ActivationGroup<kPar
   }
 }
 #else
-// out[m, n] (+)= Σ_k x[m, k]·W[n, k] for rows [n0, n1) of W; x already quantised. Four activation
-// rows at a time share each unpacked weight sub-block; with fewer, four weight rows go together.
-template <int kType, typename Act, int kA>
-void matmul_tiles(const uint8_t* w, int64_t row_bytes, const typename Act::Block* x, int64_t x_stride, int64_t blocks,
-                  float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
-  // Four weight rows at a time, except with four activation rows (4 × 4 accumulators would spill).
-  constexpr bool kFourWeightRows = kA < 4;
-  const int64_t lead = prefetch_lead(row_bytes, kFourWeightRows ? 4 : 1);
-  int64_t n = n0;
-  if constexpr (kFourWeightRows) {
-    for (; n + 4 <= n1; n += 4)
-      dot_tile<kType, Act, 4, kA>(w + n * row_bytes, row_bytes, x, x_stride, blocks, out + n, out_stride, accumulate, lead);
-  }
-  for (; n < n1; ++n)
-    dot_tile<kType, Act, 1, kA>(w + n * row_bytes, row_bytes, x, x_stride, blocks, out + n, out_stride, accumulate, lead);
-}
-
-template <int kType, typename Act>
-void matmul_rows(const uint8_t* w, int64_t row_bytes, const typename Act::Block* x, int64_t m_rows, int64_t k,
-                 float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
-  const int64_t blocks = k / (32 * Format<kType>::kSub), x_stride = activation_stride(k);
-  // The in-loop prefetch looks a lead ahead; the first window of this thread's rows is asked for here.
-  const int64_t first_window = std::min<int64_t>(prefetch_lead(row_bytes, 4), (n1 - n0) * row_bytes);
-  for (int64_t offset = 0; offset < first_window; offset += 64) __builtin_prefetch(w + n0 * row_bytes + offset);
-  // Chunks of weight rows, each used by every activation row while it is in cache: W is read once.
-  constexpr int64_t kChunk = 16;
-  for (int64_t c0 = n0; c0 < n1; c0 += kChunk) {
-    const int64_t c1 = std::min(n1, c0 + kChunk);
-    int64_t m = 0;
-    for (; m + 4 <= m_rows; m += 4)
-      matmul_tiles<kType, Act, 4>(w, row_bytes, x + m * x_stride, x_stride, blocks, out + m * out_stride, out_stride, c0, c1, accumulate);
-    const auto* xm = x + m * x_stride;
-    float* om = out + m * out_stride;
-    switch (m_rows - m) {
-      case 3: matmul_tiles<kType, Act, 3>(w, row_bytes, xm, x_stride, blocks, om, out_stride, c0, c1, accumulate); break;
-      case 2: matmul_tiles<kType, Act, 2>(w, row_bytes, xm, x_stride, blocks, om, out_stride, c0, c1, accumulate); break;
-      case 1: matmul_tiles<kType, Act, 1>(w, row_bytes, xm, x_stride, blocks, om, out_stride, c0, c1, accumulate); break;
+// The portable path, plain loops: each weight sub-block decoded, then dotted with each activation row.
+template <int kType, typename Block>
+void matmul_rows(const uint8_t* w, int64_t row_bytes, const Block* x, int64_t m_rows, int64_t k, float* out,
+                 int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
+  using F = Format<kType>;
+  const int64_t blocks = k / (32 * F::kSub), x_stride = activation_stride(k);
+  uint8_t q[32];
+  Coef c;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t r = 0; r < m_rows; ++r) {
+      const Block* xr = x + r * x_stride;
+      float total = 0.f;
+      for (int64_t b = 0; b < blocks; ++b) {
+        for (int j = 0; j < F::kSub; ++j) {
+          F::decode(w + n * row_bytes + b * F::kBytes, j, q, c);
+          const Block& xb = xr[b * F::kSub + j];
+          for (int h = 0; h < 2; ++h) {
+            int32_t s = 0;
+            for (int e = 16 * h; e < 16 * h + 16; ++e) s += q[e] * xb.value(e);
+            total += c.scale[h] * xb.d[h] * s + c.offset[h] * xb.dsum[h];
+          }
+        }
+      }
+      store(out + r * out_stride + n, total, accumulate);
     }
   }
 }
@@ -1187,7 +1154,7 @@ inline void lora_add(const float* low, int64_t r, const float* b_t, int64_t b_st
 }
 
 // Entry points for quant_matmul.cpp, which picks the namespace (instruction set) at run time.
-#if defined(PAGEDLLM_VNNI)
+#if defined(PAGEDLLM_SIMD)
 inline void quantize_rows(const float* x, int64_t m, int64_t k, int64_t x_stride, uint8_t* out, bool wide) {
   for (int64_t r = 0; r < m; ++r) {
     if (wide) quantize_row_groups<Q15Block>(x + r * x_stride, k, reinterpret_cast<Q15Group*>(out) + r * groups_of(k));
@@ -1215,10 +1182,8 @@ template <int kType>
 void matmul_quantised(const uint8_t* w, int64_t row_bytes, const uint8_t* x, bool wide, int64_t m, int64_t k,
                       float* out, int64_t out_stride, int64_t n0, int64_t n1, bool accumulate) {
   if (wide)
-    matmul_rows<kType, Activations<Q15Block>>(w, row_bytes, reinterpret_cast<const Q15Block*>(x), m, k, out, out_stride, n0,
-                                         n1, accumulate);
+    matmul_rows<kType>(w, row_bytes, reinterpret_cast<const Q15Block*>(x), m, k, out, out_stride, n0, n1, accumulate);
   else
-    matmul_rows<kType, Activations<Q8Block>>(w, row_bytes, reinterpret_cast<const Q8Block*>(x), m, k, out, out_stride, n0,
-                                        n1, accumulate);
+    matmul_rows<kType>(w, row_bytes, reinterpret_cast<const Q8Block*>(x), m, k, out, out_stride, n0, n1, accumulate);
 }
 #endif
