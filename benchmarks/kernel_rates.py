@@ -1,6 +1,6 @@
 """The packed-weight kernels on their own: one product per format and shape, hot in cache.
 
-    .venv/bin/python benchmarks/kernels.py [--rows 1,4] [--threads 2]
+    .venv/bin/python benchmarks/kernel_rates.py [--rows 1,4] [--threads 2]
 
 Shapes are SmolLM2's (q/k/v, o, gate/up, down, head) and Qwen2.5-0.5B's MLP; random blocks of each
 format. Prints the CPU, then one line per (format, shape, activation rows): the median time and the
