@@ -503,6 +503,9 @@ inline __m128i load16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cas
 inline __m128 dsum_both(const float (*dsum)[4]) { return _mm_add_ps(load4(dsum[0]), load4(dsum[1])); }
 
 #if defined(PAGEDLLM_VNNI)
+using Acc = __m512;  // an activation row's running sums in a row product
+inline Acc zero_acc() { return _mm512_setzero_ps(); }
+
 // 16 bytes at `offset` of each of four blocks `stride` apart, a 128-bit lane each; zero past the first kValid.
 template <int kValid = 4>
 inline __m512i lanes_of_blocks(const uint8_t* w, int64_t stride, int offset) {
@@ -594,24 +597,6 @@ inline void small_group(const uint8_t* w, const ActivationGroup<kParts>* x, int6
   }
 }
 
-// One weight row of a 32-weight format against kA activation rows.
-template <int kType, int kA, int kParts>
-void dot_row(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
-             int64_t out_stride, bool accumulate) {
-  constexpr int kBytes = Format<kType>::kBytes;
-  __m512 acc[kA];
-  __m128 offsets[kA];
-  for (int r = 0; r < kA; ++r) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm_setzero_ps();
-  int64_t b = 0;
-  for (; b + 4 <= blocks; b += 4, w += 4 * kBytes, ++x) small_group<kType, kA>(w, x, x_stride, acc, offsets);
-  switch (blocks - b) {  // the last one to three blocks: the lanes after them stay zero
-    case 3: small_group<kType, kA, kParts, 3>(w, x, x_stride, acc, offsets); break;
-    case 2: small_group<kType, kA, kParts, 2>(w, x, x_stride, acc, offsets); break;
-    case 1: small_group<kType, kA, kParts, 1>(w, x, x_stride, acc, offsets); break;
-  }
-  store_rows<kA>(acc, offsets, out, out_stride, accumulate);
-}
-
 // 16 bytes at a in lanes 0 and 1, 16 bytes at b in lanes 2 and 3.
 inline __m512i pairs_of(const uint8_t* a, const uint8_t* b) {
   return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_broadcastsi128_si256(load16(a))),
@@ -630,9 +615,9 @@ void dot_row_k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_str
                int64_t out_stride, bool accumulate) {
   constexpr int kBytes = Format<kType>::kBytes, kQs = kType == kQ4_K ? 16 : 48;
   const __m512i low4 = _mm512_set1_epi8(0x0F), one = _mm512_set1_epi8(1), nibble = lane_counts(0, 4, 0, 4);
-  __m512 acc[kA];
+  Acc acc[kA];
   __m128 offsets[kA];
-  for (int r = 0; r < kA; ++r) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm_setzero_ps();
+  for (int r = 0; r < kA; ++r) acc[r] = zero_acc(), offsets[r] = _mm_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b, w += kBytes) {
     __m256 scales, mins;
     k_scales(w, scales, mins);
@@ -669,9 +654,9 @@ void dot_row_q6k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_s
   constexpr int kBytes = Format<kQ6_K>::kBytes;
   const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(3);
   const __m512i nibble = lane_counts(0, 0, 4, 4), crumb = lane_counts(0, 2, 4, 6);
-  __m512 acc[kA];
+  Acc acc[kA];
   __m128 offsets[kA];
-  for (int r = 0; r < kA; ++r) acc[r] = _mm512_setzero_ps(), offsets[r] = _mm_setzero_ps();
+  for (int r = 0; r < kA; ++r) acc[r] = zero_acc(), offsets[r] = _mm_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b, w += kBytes) {
     // d·sc for the 16 scales; scale 2j + e weighs half e of sub-block j.
     const __m512 sc = _mm512_mul_ps(_mm512_set1_ps(fp16(w + 208)), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(load16(w + 192))));
@@ -713,6 +698,9 @@ void dot_row_q6k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_s
 // The same with 256-bit registers (AVX2 without VNNI): a group's four sub-blocks of a weight row in
 // two registers, two consecutive sub-blocks each (one per 128-bit lane), against the group's
 // activations 32 bytes at a time.
+
+using Acc = __m256;
+inline Acc zero_acc() { return _mm256_setzero_ps(); }
 
 // 16 bytes at `offset` of kN (0, 1 or 2) consecutive blocks `stride` apart, one per 128-bit lane; zero after them.
 template <int kN>
@@ -806,33 +794,15 @@ inline void small_group(const uint8_t* w, const ActivationGroup<kParts>* x, int6
   }
 }
 
-// One weight row of a 32-weight format against kA activation rows.
-template <int kType, int kA, int kParts>
-void dot_row(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
-             int64_t out_stride, bool accumulate) {
-  constexpr int kBytes = Format<kType>::kBytes;
-  __m256 acc[kA];
-  __m128 offsets[kA];
-  for (int r = 0; r < kA; ++r) acc[r] = _mm256_setzero_ps(), offsets[r] = _mm_setzero_ps();
-  int64_t b = 0;
-  for (; b + 4 <= blocks; b += 4, w += 4 * kBytes, ++x) small_group<kType, kA>(w, x, x_stride, acc, offsets);
-  switch (blocks - b) {  // the last one to three blocks
-    case 3: small_group<kType, kA, kParts, 3>(w, x, x_stride, acc, offsets); break;
-    case 2: small_group<kType, kA, kParts, 2>(w, x, x_stride, acc, offsets); break;
-    case 1: small_group<kType, kA, kParts, 1>(w, x, x_stride, acc, offsets); break;
-  }
-  store_rows<kA>(acc, offsets, out, out_stride, accumulate);
-}
-
 // One weight row of Q4_K / Q5_K against kA activation rows, as the 512-bit kernel: sub-blocks 4h..4h+3
 // of a super-block are one group; pair p of it is nibble run 2h + p, low nibbles then high.
 template <int kType, int kA, int kParts>
 void dot_row_k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
                int64_t out_stride, bool accumulate) {
   constexpr int kBytes = Format<kType>::kBytes, kQs = kType == kQ4_K ? 16 : 48;
-  __m256 acc[kA];
+  Acc acc[kA];
   __m128 offsets[kA];
-  for (int r = 0; r < kA; ++r) acc[r] = _mm256_setzero_ps(), offsets[r] = _mm_setzero_ps();
+  for (int r = 0; r < kA; ++r) acc[r] = zero_acc(), offsets[r] = _mm_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b, w += kBytes) {
     __m256 scales, mins;
     k_scales(w, scales, mins);
@@ -873,9 +843,9 @@ template <int kA, int kParts>
 void dot_row_q6k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
                  int64_t out_stride, bool accumulate) {
   constexpr int kBytes = Format<kQ6_K>::kBytes;
-  __m256 acc[kA];
+  Acc acc[kA];
   __m128 offsets[kA];
-  for (int r = 0; r < kA; ++r) acc[r] = _mm256_setzero_ps(), offsets[r] = _mm_setzero_ps();
+  for (int r = 0; r < kA; ++r) acc[r] = zero_acc(), offsets[r] = _mm_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b, w += kBytes) {
     const __m128i sc_bytes = load16(w + 192);
     const __m256 d = _mm256_set1_ps(fp16(w + 208));
@@ -913,6 +883,25 @@ void dot_row_q6k(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_s
   store_rows<kA>(acc, offsets, out, out_stride, accumulate);
 }
 #endif
+
+// One weight row of a 32-weight format against kA activation rows: whole groups of four blocks, then
+// the last one to three (the lanes after them stay zero).
+template <int kType, int kA, int kParts>
+void dot_row(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t blocks, float* out,
+             int64_t out_stride, bool accumulate) {
+  constexpr int kBytes = Format<kType>::kBytes;
+  Acc acc[kA];
+  __m128 offsets[kA];
+  for (int r = 0; r < kA; ++r) acc[r] = zero_acc(), offsets[r] = _mm_setzero_ps();
+  int64_t b = 0;
+  for (; b + 4 <= blocks; b += 4, w += 4 * kBytes, ++x) small_group<kType, kA>(w, x, x_stride, acc, offsets);
+  switch (blocks - b) {
+    case 3: small_group<kType, kA, kParts, 3>(w, x, x_stride, acc, offsets); break;
+    case 2: small_group<kType, kA, kParts, 2>(w, x, x_stride, acc, offsets); break;
+    case 1: small_group<kType, kA, kParts, 1>(w, x, x_stride, acc, offsets); break;
+  }
+  store_rows<kA>(acc, offsets, out, out_stride, accumulate);
+}
 
 template <int kType, int kA, int kParts>
 inline void weight_row(const uint8_t* w, const ActivationGroup<kParts>* x, int64_t x_stride, int64_t k, float* out,
