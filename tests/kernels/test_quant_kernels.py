@@ -5,6 +5,9 @@ Every format, every instruction-set path this CPU runs, several row counts and o
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+
 import numpy as np
 import pytest
 import torch
@@ -170,3 +173,33 @@ def test_causal_softmax_matches_masked_softmax(isa, rows, cols):
     torch.ops.pagedllm_quant.causal_softmax_(ours, available_isas().index(isa))
     torch.testing.assert_close(ours.float(), exact, rtol=2**-8, atol=1e-6)
     assert (ours[:, ~visible] == 0).all()
+
+
+def _against_a_guard_page(raw: np.ndarray) -> tuple[torch.Tensor, mmap.mmap]:
+    """raw's bytes ending exactly where a no-access page begins: a kernel that reads past them faults."""
+    pages = -(-raw.nbytes // mmap.PAGESIZE) + 1
+    buf = mmap.mmap(-1, pages * mmap.PAGESIZE)
+    libc = ctypes.CDLL(None, use_errno=True)
+    guard = ctypes.addressof(ctypes.c_char.from_buffer(buf)) + (pages - 1) * mmap.PAGESIZE
+    assert libc.mprotect(ctypes.c_void_p(guard), mmap.PAGESIZE, 0) == 0
+    view = np.frombuffer(buf, dtype=np.uint8, count=raw.nbytes, offset=(pages - 1) * mmap.PAGESIZE - raw.nbytes)
+    view[:] = raw
+    return torch.from_numpy(view), buf
+
+
+@pytest.mark.parametrize("qtype", PACKED_TYPES, ids=lambda q: q.name)
+def test_no_kernel_reads_past_the_last_block(qtype):
+    """A packed tensor can end where a mapping ends (the last tensor of a GGUF file): products, 15-bit
+    products and dequantisation read nothing after its last block, on every path, with a partial last
+    group of blocks (three 32-weight blocks) too."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    n, k = 5, 3 * block if block == 32 else 256
+    data, buf = _against_a_guard_page(random_blocks(qtype, n, k, np.random.default_rng(0)))
+    w, ops = data.reshape(n, -1), torch.ops.pagedllm_quant
+    for isa_id in range(len(ISAS)):
+        for m in (1, 5):
+            x, out = torch.randn(m, k), torch.empty(m, n)
+            ops.matmul_q8(ops.quantize_q8(x, isa_id), [w], [int(qtype)], k, out, isa_id)
+            ops.matmul_q15(x, [w], [int(qtype)], k, out, isa_id)
+        ops.dequantize(w, int(qtype), k, torch.float32, isa_id)
+    del data, w

@@ -437,7 +437,7 @@ inline void block_coefs<kQ5_K>(const uint8_t* b, __m128* out) { block_coefs<kQ4_
 template <>
 inline void block_coefs<kQ6_K>(const uint8_t* b, __m128* out) {
   const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));  // 16 int8 scales, two per sub-block
-  const __m256 d = _mm256_broadcastss_ps(fp16_pair(b + 208));
+  const __m256 d = _mm256_set1_ps(fp16(b + 208));  // the block's last two bytes: fp16_pair would read past them
   for (int half = 0; half < 2; ++half) {
     const __m256 s = _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8 * half))));
     const __m256 o = _mm256_mul_ps(s, _mm256_set1_ps(-32.f));
