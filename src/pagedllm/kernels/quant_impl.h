@@ -288,7 +288,7 @@ inline uint32_t load_u32(const uint8_t* p) {
   return v;
 }
 
-// A 32-weight-block format as the four-weight-row kernels read it: bytes, where the nibbles start,
+// A 32-weight-block format as the row kernels read it: bytes, where the nibbles start,
 // and how its offset follows from the block header (a stored minimum m, or a fixed multiple of d).
 template <int kType>
 struct SmallBlock {
@@ -299,13 +299,13 @@ struct SmallBlock {
   static constexpr bool kHasOffset = kHasMin || kOffset != 0.f;
 };
 
-// Four rows' block headers (rows row_bytes apart): each row's scale d, and its offset per unit of Σx;
-// zero past the first kValid rows.
+// The headers of four blocks `stride` apart (a row's consecutive blocks): each one's scale d, and its
+// offset per unit of Σx; zero past the first kValid.
 template <int kType, int kValid = 4>
-inline void four_row_headers(const uint8_t* w, int64_t row_bytes, __m128& d, __m128& offset) {
+inline void four_headers(const uint8_t* w, int64_t stride, __m128& d, __m128& offset) {
   using B = SmallBlock<kType>;
-  // The first two fp16 of each row's block: {d, m} (or d and two bytes that are not used).
-  const auto head = [&](int i) { return i < kValid ? static_cast<int>(load_u32(w + i * row_bytes)) : 0; };
+  // The first two fp16 of each block: {d, m} (or d and two bytes that are not used).
+  const auto head = [&](int i) { return i < kValid ? static_cast<int>(load_u32(w + i * stride)) : 0; };
   const __m128i heads = _mm_setr_epi32(head(0), head(1), head(2), head(3));
   const __m256 dm = _mm256_cvtph_ps(heads);  // d0 m0 d1 m1 d2 m2 d3 m3
   d = _mm256_castps256_ps128(_mm256_permutevar8x32_ps(dm, _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0)));
@@ -509,10 +509,10 @@ inline Acc zero_acc() { return _mm512_setzero_ps(); }
 // 16 bytes at `offset` of each of four blocks `stride` apart, a 128-bit lane each; zero past the first kValid.
 template <int kValid = 4>
 inline __m512i lanes_of_blocks(const uint8_t* w, int64_t stride, int offset) {
-  __m512i v = _mm512_zextsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + offset)));
-  if constexpr (kValid > 1) v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + stride + offset)), 1);
-  if constexpr (kValid > 2) v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 2 * stride + offset)), 2);
-  if constexpr (kValid > 3) v = _mm512_inserti32x4(v, _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 3 * stride + offset)), 3);
+  __m512i v = _mm512_zextsi128_si512(load16(w + offset));
+  if constexpr (kValid > 1) v = _mm512_inserti32x4(v, load16(w + stride + offset), 1);
+  if constexpr (kValid > 2) v = _mm512_inserti32x4(v, load16(w + 2 * stride + offset), 2);
+  if constexpr (kValid > 3) v = _mm512_inserti32x4(v, load16(w + 3 * stride + offset), 3);
   return v;
 }
 
@@ -588,7 +588,7 @@ inline void small_group(const uint8_t* w, const ActivationGroup<kParts>* x, int6
     lo = _mm512_abs_epi8(lo), hi = _mm512_abs_epi8(hi);
   }
   __m128 d, offset;
-  four_row_headers<kType, kValid>(w, kBytes, d, offset);
+  four_headers<kType, kValid>(w, kBytes, d, offset);
   for (int r = 0; r < kA; ++r) {
     const ActivationGroup<kParts>* xr = x + r * x_stride;
     const __m512i dots = group_dots<kType == kQ8_0>(lo, hi, xr, negative_lo, negative_hi);
@@ -781,7 +781,7 @@ inline void small_group(const uint8_t* w, const ActivationGroup<kParts>* x, int6
     if constexpr (kType == kQ8_0) lo[p] = _mm256_sign_epi8(lo[p], lo[p]), hi[p] = _mm256_sign_epi8(hi[p], hi[p]);
   }
   __m128 d, offset;
-  four_row_headers<kType, kValid>(w, kBytes, d, offset);
+  four_headers<kType, kValid>(w, kBytes, d, offset);
   for (int r = 0; r < kA; ++r) {
     const ActivationGroup<kParts>* xr = x + r * x_stride;
     const __m128 scale = _mm_mul_ps(d, load4(xr->d));
