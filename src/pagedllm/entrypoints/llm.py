@@ -9,6 +9,7 @@ from ..config import build_engine_config
 from . import create_engine
 from ..engine.llm_engine import Prompt
 from ..engine.outputs import RequestOutput
+from ..kernels.openmp import kernels_in_this_thread
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from ..tools.inspect import AttentionQuery, Comparison, Inspection, compare_layers, inspect_model, load_reference
@@ -19,7 +20,8 @@ class LLM:
         """`options` are build_engine_config's: device, dtype, kv_cache_memory, block_size, max_num_seqs,
         enable_lora, lora_modules ({name: path}), max_loras, max_lora_rank, ..."""
         config = build_engine_config(model, **options)
-        self.engine = create_engine(config)
+        with kernels_in_this_thread():  # loading runs kernels; generate() may come from another thread
+            self.engine = create_engine(config)
         self._next_id = 0
 
     def get_tokenizer(self) -> Tokenizer:
@@ -65,22 +67,24 @@ class LLM:
         """Probe the model (through LoRA adapter `lora` where given) layer by layer on `prompt` (see
         tools/inspect.py); `attention`: which weights to read, as AttentionQuery or 'L:H:i:j' strings. The
         engine's cache and requests are untouched."""
-        with self.engine.adapted(lora):
+        with kernels_in_this_thread(), self.engine.adapted(lora):
             return inspect_model(self.engine.model, self._ids(prompt), layers, top_k, self.engine.kv_spec.block_size,
                                  attention)
 
     def compare(self, prompt: str | list[int], reference: str = "transformers") -> Comparison:
         """The numerics diff, layer by layer, against `reference`: transformers, float, or another checkpoint."""
         ref = load_reference(self.engine.source, reference, str(self.engine.model.norm.weight.device))
-        return compare_layers(self.engine.model, ref, self._ids(prompt), self.engine.kv_spec.block_size)
+        with kernels_in_this_thread():
+            return compare_layers(self.engine.model, ref, self._ids(prompt), self.engine.kv_spec.block_size)
 
     def _ids(self, prompt: str | list[int]) -> list[int]:
         return self.get_tokenizer().encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def _run(self, ids: list[str]) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for output in self.engine.step():
-                if output.finished:
-                    finished[output.request_id] = output
+        with kernels_in_this_thread():  # whichever thread calls next runs at full speed (kernels/openmp.py)
+            while self.engine.has_unfinished():
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
         return [finished[i] for i in ids]
