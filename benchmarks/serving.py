@@ -1,14 +1,19 @@
-"""Serving benchmark: `pagedllm serve` and llama.cpp's `llama-server` under Poisson arrivals.
+"""Serving benchmark: `pagedllm serve` against llama.cpp's `llama-server`, and the same requests offline.
 
-    .venv/bin/python benchmarks/serving.py [--num-requests 32] [--rates 0.5,1,2,inf] [--max-tokens 64]
-                                           [--peer llamacpp|none] [--parallel 16]
+    .venv/bin/python benchmarks/serving.py [--concurrency 1,4,16,64] [--requests-per-client 2]
+                                           [--threads 2] [--peer llamacpp|none] [--long-stream 4000]
 
-Starts each server on the default model in turn (start-up time = command to the first /health
-200), then for each rate sends the same seeded chat workload with exponential inter-arrival gaps
-(inf: all at once), streaming, and reports TTFT, TPOT and end-to-end latency percentiles and
-output tokens/s. One JSON line per server and rate, then one line of ratios per rate. The peer is
-llama-server from benchmarks/llamacpp_peer.py (built once for this CPU), with `--parallel` slots
-sharing a context of `--parallel` × 1024 tokens and the same thread count.
+Each server runs on the default model (same GGUF file, same thread count; llama-server with `-np` =
+the largest concurrency and a context of 1,024 tokens a slot). Cases, each server in turn:
+- one stream: one chat completion of 256 tokens, streamed; its decode rate (tokens after the first
+  over the time after the first);
+- a realistic workload at each concurrency C: C clients, each sending its next streamed chat
+  completion when the last one ends (prompts of 100-1,600 characters, 16-160 tokens, seeded, greedy,
+  `ignore_eos` so both engines produce the same counts); output tok/s, TTFT and TPOT percentiles;
+- (pagedllm only, `--long-stream N`) one stream of N tokens: the time of its first and last 100 tokens.
+Then the same requests through `LLM.generate` in a fresh process (all at once, and the one stream),
+and the ratios. The physical limit printed beside: the weights' bytes over the machine's measured
+read bandwidth, i.e. the one-stream decode rate no engine can pass.
 """
 
 from __future__ import annotations
@@ -20,31 +25,44 @@ import random
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).parent))
+from llamacpp_peer import cpu_model  # noqa: E402
+
 TOPICS = ["the history of Rome", "how a bicycle works", "why the sky is blue", "the water cycle", "volcanoes",
           "how bread rises", "the rules of chess", "photosynthesis", "the moon landing", "how vaccines work"]
+FILLER = ("Please keep the answer focused and concrete, with an example where it helps. I am preparing notes "
+          "for a class and want to get the details right. ")
+ONE_STREAM_TOKENS = 256
 
 
-def workload(n: int, max_tokens: int, seed: int) -> list[dict]:
+def workload(n: int, seed: int) -> list[dict]:
+    """n chat requests: prompts of 100-1,600 characters, 16-160 output tokens."""
     rng = random.Random(seed)
-    return [{"model": "bench", "messages": [{"role": "user", "content": f"Explain {rng.choice(TOPICS)} "
-                                             f"{'in detail' if rng.random() < 0.5 else 'briefly'}."}],
-             "max_tokens": rng.randint(max_tokens // 2, max_tokens), "temperature": 0, "stream": True,
-             "stream_options": {"include_usage": True}} for _ in range(n)]
+    bodies = []
+    for _ in range(n):
+        text = f"Explain {rng.choice(TOPICS)}. " + FILLER * 20
+        bodies.append(chat_body(text[:rng.randint(100, 1600)], rng.randint(16, 160)))
+    return bodies
+
+
+def chat_body(content: str, max_tokens: int) -> dict:
+    return {"model": "bench", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
 
 
 def pagedllm_command(port: int, threads: int, parallel: int) -> list[str]:
     exe = Path(sys.executable).with_name("pagedllm")  # torch takes its thread count from OMP_NUM_THREADS
     return ["env", f"OMP_NUM_THREADS={threads}", str(exe), "serve", "--port", str(port), "--served-model-name", "bench",
-            "--kv-cache-memory", "512MiB"]
+            "--kv-cache-memory", "512MiB", "--max-tokens-limit", "8192"]
 
 
 def llamacpp_command(port: int, threads: int, parallel: int) -> list[str]:
-    sys.path.insert(0, str(Path(__file__).parent))
     from llamacpp_peer import ensure_llamacpp
     from pagedllm.models.loaders import default_model_path
 
@@ -67,8 +85,8 @@ def start_server(command: list[str], port: int) -> tuple[subprocess.Popen, float
         time.sleep(0.05)
 
 
-async def one(http: httpx.AsyncClient, body: dict, delay: float) -> dict:
-    await asyncio.sleep(delay)
+async def one(http: httpx.AsyncClient, body: dict) -> dict:
+    """One streamed chat completion: when each content delta arrived, and the token count."""
     sent = time.perf_counter()
     token_times, tokens = [], 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
@@ -84,7 +102,7 @@ async def one(http: httpx.AsyncClient, body: dict, delay: float) -> dict:
     tokens = tokens or len(token_times)  # a server that sends no usage: one token per content delta
     ttft = token_times[0] - sent if token_times else done - sent
     tpot = (token_times[-1] - token_times[0]) / (tokens - 1) if tokens > 1 and token_times else 0.0
-    return {"ttft": ttft, "tpot": tpot, "latency": done - sent, "tokens": tokens}
+    return {"ttft": ttft, "tpot": tpot, "latency": done - sent, "tokens": tokens, "times": token_times}
 
 
 def percentiles(values: list[float]) -> dict:
@@ -93,20 +111,35 @@ def percentiles(values: list[float]) -> dict:
     return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
 
 
-async def run_rate(url: str, bodies: list[dict], rate: float, seed: int) -> dict:
-    rng, at, delays = random.Random(seed), 0.0, []
-    for _ in bodies:
-        delays.append(at)
-        at += rng.expovariate(rate) if rate != float("inf") else 0.0
+async def run_concurrency(url: str, bodies: list[dict], clients: int) -> dict:
+    """`clients` closed-loop clients share `bodies` in order: each sends the next when its last ends."""
+    queue = list(reversed(bodies))
+    results = []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while queue:
+            results.append(await one(http, queue.pop()))
+
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=256)) as http:
         start = time.perf_counter()
-        results = await asyncio.gather(*(one(http, b, d) for b, d in zip(bodies, delays)))
+        await asyncio.gather(*(client(http) for _ in range(clients)))
         elapsed = time.perf_counter() - start
     tokens = sum(r["tokens"] for r in results)
-    return {"rate_req_s": rate if rate != float("inf") else "inf", "num_requests": len(bodies), "elapsed_s": elapsed, "output_tokens": tokens,
-            "output_tok_s": tokens / elapsed, "requests_s": len(bodies) / elapsed,
-            "ttft_s": percentiles([r["ttft"] for r in results]), "tpot_s": percentiles([r["tpot"] for r in results]),
-            "latency_s": percentiles([r["latency"] for r in results])}
+    return {"concurrency": clients, "num_requests": len(bodies), "elapsed_s": elapsed, "output_tokens": tokens,
+            "output_tok_s": tokens / elapsed, "ttft_s": percentiles([r["ttft"] for r in results]),
+            "tpot_s": percentiles([r["tpot"] for r in results])}
+
+
+async def one_stream(url: str, tokens: int) -> dict:
+    body = chat_body("Tell me a long story about a dragon and a lighthouse.", tokens)
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        result = await one(http, body)
+    times = result["times"]
+    report = {"tokens": result["tokens"], "ttft_s": result["ttft"],
+              "decode_tok_s": (len(times) - 1) / (times[-1] - times[0])}
+    if len(times) >= 300:  # a long stream: does a token late in it cost more than an early one?
+        report["first_100_s"], report["last_100_s"] = times[100] - times[0], times[-1] - times[-101]
+    return report
 
 
 def free_port() -> int:
@@ -115,43 +148,108 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def measure(server: str, command_for, args: argparse.Namespace) -> list[dict]:
-    """Start one server, run every rate against it, stop it: one report per rate."""
+def measure(server: str, command_for, args: argparse.Namespace, levels: list[int]) -> dict:
+    """Start one server, run every case against it, stop it."""
     port = free_port()
-    process, startup = start_server(command_for(port, args.threads, args.parallel), port)
-    print(json.dumps({"benchmark": "serving", "server": server, "startup_s": startup}), flush=True)
-    reports = []
+    process, startup = start_server(command_for(port, args.threads, max(levels)), port)
+    url = f"http://127.0.0.1:{port}"
+    report = {"benchmark": "serving", "server": server, "startup_s": startup, "levels": []}
     try:
-        url = f"http://127.0.0.1:{port}"
-        asyncio.run(run_rate(url, workload(2, 8, args.seed + 1), float("inf"), 0))  # warm-up (kernel build)
-        for rate in (float(r) for r in args.rates.split(",")):
-            report = {"server": server, **asyncio.run(run_rate(url, workload(args.num_requests, args.max_tokens,
-                                                                              args.seed), rate, args.seed))}
-            print(json.dumps(report), flush=True)
-            reports.append(report)
+        asyncio.run(run_concurrency(url, workload(2, args.seed + 1), 2))  # warm-up
+        report["one_stream"] = asyncio.run(one_stream(url, ONE_STREAM_TOKENS))
+        for clients in levels:
+            bodies = workload(clients * args.requests_per_client, args.seed)
+            report["levels"].append(asyncio.run(run_concurrency(url, bodies, clients)))
+        if args.long_stream and server == "pagedllm":
+            report["long_stream"] = asyncio.run(one_stream(url, args.long_stream))
     finally:
         process.terminate()
         process.wait(timeout=30)
-    return reports
+    print(json.dumps(report), flush=True)
+    return report
+
+
+_OFFLINE = """
+import json, time
+import torch
+torch.set_num_threads(THREADS)
+from pagedllm import LLM, SamplingParams
+llm = LLM(kv_cache_memory=512 * 2**20)
+tok = llm.get_tokenizer()
+def ids(body): return {"prompt_token_ids": tok.encode_chat(body["messages"])}
+def params(body): return SamplingParams(max_tokens=body["max_tokens"], temperature=0, ignore_eos=True)
+def timed(bodies):
+    start = time.perf_counter()
+    outs = llm.generate([ids(b) for b in bodies], [params(b) for b in bodies])
+    return time.perf_counter() - start, sum(len(o.token_ids) for o in outs)
+timed(WARMUP)
+one = ONE
+first, _ = timed([dict(one, max_tokens=1)])
+whole, _ = timed([one])
+result = {"one_stream_decode_tok_s": (one["max_tokens"] - 1) / (whole - first), "levels": []}
+for clients, bodies in LEVELS:
+    elapsed, tokens = timed(bodies)
+    result["levels"].append({"concurrency": clients, "output_tok_s": tokens / elapsed})
+print("RESULT " + json.dumps(result))
+"""
+
+
+def offline(args: argparse.Namespace, levels: list[int]) -> dict:
+    """The same requests through LLM.generate in a fresh process: all of a level's requests at once."""
+    one = chat_body("Tell me a long story about a dragon and a lighthouse.", ONE_STREAM_TOKENS)
+    script = (_OFFLINE.replace("THREADS", str(args.threads)).replace("WARMUP", repr(workload(2, args.seed + 1)))
+              .replace("ONE", repr(one))
+              .replace("LEVELS", repr([(c, workload(c * args.requests_per_client, args.seed)) for c in levels])))
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=True)
+    result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    print(json.dumps({"benchmark": "serving", "server": "LLM.generate (offline)", **result}), flush=True)
+    return result
+
+
+def decode_limit_tok_s() -> dict:
+    """The one-stream decode ceiling: the default model's bytes read once a token over this machine's read
+    bandwidth (a torch sum over 1 GiB, best of 5)."""
+    import torch
+
+    from pagedllm.models.loaders import default_model_path
+
+    data = torch.ones(2**28, dtype=torch.float32)
+    best = min(_timed(data.sum) for _ in range(5))
+    bandwidth = data.numel() * 4 / best
+    weights = default_model_path().stat().st_size
+    return {"read_bandwidth_gb_s": bandwidth / 1e9, "weight_bytes": weights, "decode_limit_tok_s": bandwidth / weights}
+
+
+def _timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--rates", default="0.5,1,2,inf", help="request rates (req/s), comma-separated")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", default="1,4,16,64", help="concurrent clients, comma-separated")
+    parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--peer", choices=["llamacpp", "none"], default="llamacpp")
-    parser.add_argument("--parallel", type=int, default=16, help="llama-server's slots (-np)")
+    parser.add_argument("--long-stream", type=int, default=0, help="also one stream of this many tokens (pagedllm)")
     args = parser.parse_args()
-    ours = measure("pagedllm", pagedllm_command, args)
-    if args.peer == "none":
-        return
-    peer = measure("llama-server", llamacpp_command, args)
-    for mine, theirs in zip(ours, peer):
-        print(json.dumps({"rate_req_s": mine["rate_req_s"], "output_tok_s_ratio": mine["output_tok_s"] / theirs["output_tok_s"],
-                          "ttft_p50_ratio": mine["ttft_s"]["p50"] / theirs["ttft_s"]["p50"]}), flush=True)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    print(json.dumps({"benchmark": "serving", "cpu": cpu_model(), **decode_limit_tok_s()}), flush=True)
+    ours = measure("pagedllm", pagedllm_command, args, levels)
+    local = offline(args, levels)
+    summary = {"one_stream_vs_offline": ours["one_stream"]["decode_tok_s"] / local["one_stream_decode_tok_s"],
+               "levels_vs_offline": {m["concurrency"]: m["output_tok_s"] / o["output_tok_s"]
+                                     for m, o in zip(ours["levels"], local["levels"])}}
+    if args.peer == "llamacpp":
+        peer = measure("llama-server", llamacpp_command, args, levels)
+        summary["one_stream_vs_llama_server"] = ours["one_stream"]["decode_tok_s"] / peer["one_stream"]["decode_tok_s"]
+        summary["levels_vs_llama_server"] = {m["concurrency"]: m["output_tok_s"] / p["output_tok_s"]
+                                             for m, p in zip(ours["levels"], peer["levels"])}
+        summary["ttft_p50_vs_llama_server"] = {m["concurrency"]: m["ttft_s"]["p50"] / p["ttft_s"]["p50"]
+                                               for m, p in zip(ours["levels"], peer["levels"])}
+    print(json.dumps({"benchmark": "serving", "ratios": summary}), flush=True)
 
 
 if __name__ == "__main__":

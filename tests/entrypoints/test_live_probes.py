@@ -37,17 +37,17 @@ def test_inspect_route_is_the_probe_api(server):
             "attention": ["29:0:-1"]}
     result = _post(server, "/v1/inspect", body).json()
     assert result["object"] == "inspection" and result["model"] == MODEL
-    ids = server.engine.tokenizer.encode("The capital of France is")
+    ids = server.tokenizer.encode("The capital of France is")
     assert result["token_ids"] == ids and "".join(result["tokens"]) == "The capital of France is"
-    expected = inspect_model(server.engine.model, ids, [0, 29], 3, attention=["29:0:-1"]).as_json()
+    expected = inspect_model(server.reference.model, ids, [0, 29], 3, attention=["29:0:-1"]).as_json()
     assert [layer["layer"] for layer in result["layers"]] == [0, 29]
     for got, want in zip(result["layers"], expected["layers"]):
         assert got["top_k"] == want["top_k"] and got["cos_distance"] == pytest.approx(want["cos_distance"])
     assert result["attention"][0]["queries"] == [len(ids) - 1]
     assert sum(result["attention"][0]["weights"][0][0]) == pytest.approx(1, abs=1e-5)
     chat = _post(server, "/v1/inspect", {"messages": MESSAGES, "top_k": 2}).json()
-    assert chat["token_ids"] == server.engine.tokenizer.encode_chat(MESSAGES)
-    assert len(chat["layers"]) == server.engine.model.config.num_hidden_layers
+    assert chat["token_ids"] == server.tokenizer.encode_chat(MESSAGES)
+    assert len(chat["layers"]) == server.reference.model.config.num_hidden_layers
 
 
 def _chat(client, probes: dict | None, max_tokens: int | None = 24, **options):
@@ -96,9 +96,9 @@ def test_completions_carry_one_probe_result_per_prompt(server):
     plain = _post(server, "/v1/completions", body).json()
     probed = _post(server, "/v1/completions", {**body, "probes": {"layers": [29], "top_k": 1}}).json()
     assert [c["text"] for c in plain["choices"]] == [c["text"] for c in probed["choices"]]
-    assert [p["token_ids"] for p in probed["probes"]] == [server.engine.tokenizer.encode(t) for t in body["prompt"]]
+    assert [p["token_ids"] for p in probed["probes"]] == [server.tokenizer.encode(t) for t in body["prompt"]]
     # The last layer's lens at the prompt's end is the model's own first greedy token.
-    firsts = [server.engine.tokenizer.encode(c["text"])[0] for c in probed["choices"]]
+    firsts = [server.tokenizer.encode(c["text"])[0] for c in probed["choices"]]
     assert [p["layers"][0]["top_k"][0][0] for p in probed["probes"]] == firsts
 
 

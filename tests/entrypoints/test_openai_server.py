@@ -146,7 +146,7 @@ def test_tokenize_models_health_metrics(server, client):
 
 
 def test_non_streaming_client_that_leaves_aborts_its_request(server):
-    async_engine = server.app.state.server.async_engine
+    async_engine = server.app.state.server.client
     before = async_engine.num_aborted
     body = {"model": MODEL, "prompt": "Count slowly:", "max_tokens": 250, "ignore_eos": True, "temperature": 0}
     with pytest.raises(httpx.ReadTimeout):
@@ -155,9 +155,7 @@ def test_non_streaming_client_that_leaves_aborts_its_request(server):
     while async_engine.num_aborted == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert async_engine.num_aborted == before + 1
-    while server.engine.has_unfinished() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.engine.kv_cache.num_free_blocks == server.engine.kv_cache.num_blocks
+    assert server.idle()
 
 
 def test_full_queue_answers_503(tiny_models):
@@ -247,10 +245,10 @@ def test_embeddings(server, client):
     assert batch.usage.prompt_tokens == batch.usage.total_tokens > 10
     alone = client.embeddings.create(model=MODEL, input=texts[0], encoding_format="float").data[0].embedding
     assert float(np.dot(alone, vectors[0])) > 0.999
-    ids = server.engine.tokenizer.encode(texts[2])
+    ids = server.tokenizer.encode(texts[2])
     by_ids = client.embeddings.create(model=MODEL, input=ids, encoding_format="float").data[0].embedding
     assert float(np.dot(by_ids, vectors[2])) > 0.999
-    reference = torch.nn.functional.normalize(prefill_hidden(server.engine.model, ids)[-1], dim=0).numpy()
+    reference = torch.nn.functional.normalize(prefill_hidden(server.reference.model, ids)[-1], dim=0).numpy()
     assert float(np.dot(reference, vectors[2])) > 0.99
     with pytest.raises(openai.BadRequestError) as dims:
         client.embeddings.create(model=MODEL, input="hi", dimensions=64)

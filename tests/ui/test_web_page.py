@@ -211,7 +211,7 @@ def test_token_alternatives_fork_a_branch(browser, server):
     forked = page.locator(".message.assistant .tok")
     assert [forked.nth(i).inner_text() for i in range(at + 1)] == kept + [chosen]  # the prefix, then the choice
     # The conversation and the kept tokens come from the prefix cache: at most a block is computed again.
-    assert _prompt_tokens_computed(server) - computed <= server.engine.kv_spec.block_size
+    assert _prompt_tokens_computed(server) - computed <= server.info.block_size
     page.screenshot(path=ARTIFACTS / "fork.png")
     assert not page.errors
 

@@ -9,7 +9,7 @@ import heapq
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -17,6 +17,7 @@ from ..config import EngineConfig, SpeculativeConfig
 from ..errors import PagedLLMError
 from ..attention import KV_Q8_0, Q8_0_VALUES
 from ..distributed import check_split
+from ..kernels.openmp import release_thread_pool
 from ..lora import LoadedAdapter, LoRAError, LoRARegistry
 from ..models.loaders import ModelSource, load_model, read_model_config, resolve_model
 from ..sampling.structured_output import GrammarCompiler
@@ -27,7 +28,10 @@ from .cuda_graphs import GraphConfig
 from .kv_cache_manager import KVCacheManager, blocks_needed
 from .parallel import ParallelRunner, exit_with_parent, free_port, join_group, serve_steps, start_workers
 from .model_runner import ModelRunner, StepBatch, plan_kv_cache
-from .outputs import EngineStats, Logprob, PositionLogprobs, RequestOutput
+from .deltas import PositionEntries, RequestDelta
+from .output_assembler import OutputAssembler
+from .prompt import Prompt, RequestError, prompt_ids
+from .outputs import EngineStats, RequestOutput
 from .request import Request, RequestStatus
 from .scheduler import ScheduledRequest, Scheduler
 from .search import ContrastiveSearch, make_search
@@ -37,17 +41,7 @@ from .stop_strings import StopStringMatcher
 THROUGHPUT_WINDOW_S = 10.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-Prompt = str | list[int] | dict[str, Any]
 LogprobRow = list[tuple[int, float, int]]  # (chosen id, logprob, rank), then the top-N as (id, logprob, rank)
-
-
-class RequestError(PagedLLMError, ValueError):
-    """A request the engine refuses at admission (too long, bad ids, duplicate id); `param`: the request
-    field at fault, where one is."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
 
 
 class Proposer(Protocol):
@@ -99,11 +93,13 @@ class LLMEngine:
         self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
+        self._assembled = OutputAssembler()  # step()'s whole outputs, for callers in this process
         self.proposer = self._proposer(config.speculative, make_proposer, dtype)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         self._next_seq = 0
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
+        release_thread_pool()  # loading ran kernels here; steps may be driven from another thread
 
     def _lora_registry(self) -> LoRARegistry | None:
         if self.config.lora is None:
@@ -139,7 +135,7 @@ class LLMEngine:
         if request_id in self._groups:
             raise RequestError(f"request id {request_id!r} is already in use")
         lora_id = self.lora_adapter(lora).id if lora is not None else 0
-        text, ids = self._prompt_ids(prompt)
+        text, ids = prompt_ids(prompt, self.tokenizer)
         self._check_admissible(ids, params)
         grammar = self.grammars.matcher(params.structured_output) if params.structured_output else None
         arrival = time.monotonic()
@@ -152,6 +148,7 @@ class LLMEngine:
         if params.search is not None:
             self._start_search(group, request)
         self._groups[request_id] = group
+        self._assembled.add(request_id, ids, text)
         if group.deadline is not None:
             heapq.heappush(self._deadlines, (group.deadline, request_id))
         self.scheduler.add_request(request)
@@ -188,19 +185,10 @@ class LLMEngine:
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
         generator = group.generators[index] if index < len(group.generators) else None  # searches fork freely
         completion = Completion(index, request, detokenizer, StopStringMatcher(params.stop), generator,
-                                logprobs=[] if params.logprobs is not None else None, grammar=grammar)
+                                delta_logprobs=[] if params.logprobs is not None else None, grammar=grammar)
         group.completions.append(completion)
         self._completions[request.request_id] = (group, completion)
         return request
-
-    def _prompt_ids(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            prompt = prompt["prompt_token_ids"]
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return None, list(prompt)
-        raise RequestError("a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}")
 
     def _check_admissible(self, ids: list[int], params: SamplingParams) -> None:
         vocab = self.model.config.vocab_size
@@ -258,6 +246,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request at once and free its blocks; no output is produced for it."""
         group = self._groups.pop(request_id, None)
+        self._assembled.forget(request_id)
         if group is not None:
             for completion in group.completions:
                 self._finish(completion, RequestStatus.FINISHED_ABORTED)
@@ -267,7 +256,11 @@ class LLMEngine:
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One forward pass over everything scheduled; outputs of requests that advanced."""
+        """One forward pass over everything scheduled; the outputs (whole so far) of requests that advanced."""
+        return self._assembled.apply_all(self.step_deltas())
+
+    def step_deltas(self) -> list[RequestDelta]:
+        """One forward pass over everything scheduled; what each request that advanced gained."""
         touched = self._expire_deadlines()
         out = self.scheduler.schedule()
         if out.scheduled:
@@ -288,7 +281,7 @@ class LLMEngine:
             generated += self._advance_searches(searching, logits, hidden_of, touched)
             self._propose_drafts([item for item, _ in plain])
             self._count(prompt_tokens, generated)
-        return self._outputs(touched)
+        return self._deltas(touched)
 
     def _split_sampling(self, scheduled: list[ScheduledRequest], batch: StepBatch
                         ) -> tuple[list[tuple[ScheduledRequest, int]], list[tuple[ScheduledRequest, int]]]:
@@ -454,8 +447,8 @@ class LLMEngine:
         completion.delta_token_ids.append(token)
         if logprob_row is not None:
             completion.cumulative_logprob += logprob_row[0][1]
-            if completion.logprobs is not None:
-                completion.logprobs.append(self._position_logprobs(logprob_row, group.params.logprobs))
+            if completion.delta_logprobs is not None:
+                completion.delta_logprobs.append(self._position_logprobs(logprob_row, group.params.logprobs))
         status, stop_id = finish_status_for_token(request, token, self.tokenizer.stop_token_ids, self.max_model_len)
         # A stop token's own text is not output, even where special tokens are spelled out (as vLLM).
         stop_token = status is RequestStatus.FINISHED_STOPPED
@@ -503,14 +496,14 @@ class LLMEngine:
             expired[request_id] = group
         return expired
 
-    def _outputs(self, touched: dict[str, RequestGroup]) -> list[RequestOutput]:
-        outputs = []
+    def _deltas(self, touched: dict[str, RequestGroup]) -> list[RequestDelta]:
+        deltas = []
         for request_id, group in touched.items():
             if group.finished:
                 del self._groups[request_id]
             if group.streams or group.finished:
-                outputs.append(group.output())
-        return outputs
+                deltas.append(group.take_delta())
+        return deltas
 
     # -- logprobs ---------------------------------------------------------------------------
     @staticmethod
@@ -524,10 +517,9 @@ class LLMEngine:
                 row += [(t, lp, rank) for rank, (t, lp) in enumerate(zip(ids, values), start=1)]
         return rows
 
-    def _position_logprobs(self, row: LogprobRow, top_n: int) -> PositionLogprobs:
-        """The chosen token and the top-N, by id (the chosen one's own entry wins if it is in both)."""
-        return {t: Logprob(lp, rank, self.tokenizer.decode([t], skip_special_tokens=False))
-                for t, lp, rank in reversed(row[:1 + top_n])}
+    def _position_logprobs(self, row: LogprobRow, top_n: int) -> PositionEntries:
+        """The chosen token, then the top-N, each with its text."""
+        return [(t, lp, rank, self.tokenizer.decode([t], skip_special_tokens=False)) for t, lp, rank in row[:1 + top_n]]
 
     def _record_prompt_logprobs(self, scheduled: list[ScheduledRequest], batch: StepBatch,
                                 logits: torch.Tensor) -> None:

@@ -48,6 +48,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     delta_text: str = ""  # the text completed by this step (for streaming)
     delta_token_ids: list[int] = field(default_factory=list)
+    delta_logprobs: list[PositionLogprobs] | None = None  # the logprobs of delta_token_ids, when asked for
 
     @property
     def finished(self) -> bool:

@@ -15,7 +15,7 @@ import torch
 
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer
-from .outputs import CompletionOutput, PositionLogprobs, RequestMetrics, RequestOutput
+from .deltas import CompletionDelta, PositionEntries, RequestDelta
 from .request import Request, RequestStatus
 from .search import Hypothesis, SearchStrategy
 from .stop_strings import StopStringMatcher
@@ -31,7 +31,7 @@ class Completion:
     text: str = ""  # emitted so far: stop strings excluded, text that could start one held back
     delta_text: str = ""  # emitted since the last output
     delta_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[PositionLogprobs] | None = None
+    delta_logprobs: list[PositionEntries] | None = None  # [] when the request asks for logprobs
     cumulative_logprob: float = 0.0
     stop_reason: str | int | None = None
     grammar: Any = None  # an llguidance matcher when the request asks for structured output
@@ -40,16 +40,13 @@ class Completion:
     def finished(self) -> bool:
         return self.request.status.finished
 
-    def take_output(self, index: int | None = None, with_logprobs: bool = False) -> CompletionOutput:
-        """This completion as it stands; the deltas start afresh after."""
-        out = CompletionOutput(
-            index=self.index if index is None else index, text=self.text,
-            token_ids=list(self.request.output_token_ids),
-            cumulative_logprob=self.cumulative_logprob if with_logprobs else None,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
-            finish_reason=self.request.finish_reason, stop_reason=self.stop_reason,
-            delta_text=self.delta_text, delta_token_ids=self.delta_token_ids)
+    def take_delta(self, index: int | None = None, with_logprobs: bool = False) -> CompletionDelta:
+        """What this completion gained since the last output; the deltas start afresh after."""
+        out = CompletionDelta(
+            self.index if index is None else index, self.delta_token_ids, self.delta_text, self.delta_logprobs,
+            self.cumulative_logprob if with_logprobs else None, self.request.finish_reason, self.stop_reason)
         self.delta_text, self.delta_token_ids = "", []
+        self.delta_logprobs = [] if self.delta_logprobs is not None else None
         return out
 
 
@@ -72,9 +69,10 @@ class Pooled:
         self.total = chunk if self.total is None else self.total + chunk
         self.last, self.rows = hidden[-1].float(), self.rows + hidden.shape[0]
 
-    def embedding(self) -> torch.Tensor:
+    def embedding(self) -> bytes:
+        """The pooled vector, L2-normalised, as float32 bytes."""
         pooled = self.last if self.kind == "last" else self.total / self.rows
-        return torch.nn.functional.normalize(pooled, dim=0).cpu()
+        return torch.nn.functional.normalize(pooled, dim=0).cpu().numpy().tobytes()
 
 
 @dataclass
@@ -87,7 +85,8 @@ class RequestGroup:
     deadline: float | None
     stop_ids: frozenset[int]  # EOS ids and the request's stop_token_ids
     completions: list[Completion] = field(default_factory=list)
-    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    prompt_logprobs: list[PositionEntries | None] | None = None
+    prompt_logprobs_sent: bool = False
     closed: bool = False  # no more sequences will be forked (the deadline passed before they were)
     # Beam or contrastive search: its live sequences are `completions`; its results come from it.
     search: SearchStrategy | None = None
@@ -108,32 +107,38 @@ class RequestGroup:
         for a search (its sequences are only candidates until it ends)."""
         return self.search is None and self.params.num_sequences == self.params.n
 
-    def output(self) -> RequestOutput:
+    def take_delta(self) -> RequestDelta:
+        """What is new since the last output: every completion's delta, the prompt's logprobs once."""
         if self.search is not None:
-            outputs = [self._search_output(i, h) for i, h in enumerate(self.search.results(self.params.n))]
+            completions = [self._search_delta(i, h) for i, h in enumerate(self.search.results(self.params.n))]
         else:
-            outputs = self._completion_outputs()
+            completions = self._completion_deltas()
         first = self.completions[0].request
         finish_time = max(c.request.finish_time for c in self.completions) if self.finished else None
-        metrics = RequestMetrics(first.arrival_time, first.first_token_time, finish_time,
-                                 sum(c.request.num_preemptions for c in self.completions))
+        metrics = (first.arrival_time, first.first_token_time, finish_time,
+                   sum(c.request.num_preemptions for c in self.completions))
         embedding = self.pooled.embedding() if self.pooled is not None and self.finished else None
-        return RequestOutput(self.request_id, self.prompt_token_ids, outputs, self.finished, self.prompt,
-                             self.prompt_logprobs, metrics, embedding)
+        return RequestDelta(self.request_id, completions, self.finished, metrics, self._take_prompt_logprobs(),
+                            embedding)
 
-    def _search_output(self, index: int, found: Hypothesis) -> CompletionOutput:
+    def _take_prompt_logprobs(self) -> list[PositionEntries | None] | None:
+        """The prompt's logprobs with the first delta (the prompt is computed before any token is sampled)."""
+        if self.prompt_logprobs is None or self.prompt_logprobs_sent:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
+
+    def _search_delta(self, index: int, found: Hypothesis) -> CompletionDelta:
         """A search reports once, at its end: all of the text is new then."""
-        text = self.decode(found.token_ids)
-        return CompletionOutput(index, text, found.token_ids, found.cumulative_logprob,
-                                finish_reason=found.finish_reason, stop_reason=found.stop_reason, delta_text=text,
-                                delta_token_ids=list(found.token_ids))
+        return CompletionDelta(index, list(found.token_ids), self.decode(found.token_ids), None,
+                               found.cumulative_logprob, found.finish_reason, found.stop_reason)
 
-    def _completion_outputs(self) -> list[CompletionOutput]:
+    def _completion_deltas(self) -> list[CompletionDelta]:
         chosen = self.completions
         if not self.streams and self.finished:
             chosen = sorted(chosen, key=lambda c: c.cumulative_logprob, reverse=True)[:self.params.n]
         reports = self.params.logprobs is not None or not self.streams
-        return [c.take_output(i if not self.streams else None, reports) for i, c in enumerate(chosen)]
+        return [c.take_delta(i if not self.streams else None, reports) for i, c in enumerate(chosen)]
 
 
 def finish_status_for_token(request: Request, token: int, eos_ids: frozenset[int],

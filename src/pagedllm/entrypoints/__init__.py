@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
+    from ..engine.core_client import AsyncEngineClient
     from ..engine.llm_engine import LLMEngine
 
 
@@ -16,3 +17,13 @@ def create_engine(config: EngineConfig) -> LLMEngine:
     from ..spec_decode import make_proposer
 
     return LLMEngine(config, make_proposer=make_proposer)
+
+
+def create_engine_client(config: EngineConfig, max_waiting_requests: int = 256,
+                         data_parallel_size: int = 1) -> AsyncEngineClient:
+    """`data_parallel_size` engine cores for `config`, each in a process of its own, and the client the
+    server talks to them through."""
+    from ..engine.core_client import AsyncEngineClient
+    from ..spec_decode import make_proposer
+
+    return AsyncEngineClient(config, max_waiting_requests, make_proposer, data_parallel_size=data_parallel_size)

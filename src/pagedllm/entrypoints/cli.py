@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None, help="the model name clients use (default: file name)")
     serve.add_argument("--max-waiting-requests", type=int, default=256, help="queue bound; beyond it: 503")
     serve.add_argument("--max-tokens-limit", type=int, default=4096, help="the most tokens a request may ask for")
+    serve.add_argument("--data-parallel-size", type=int, default=1,
+                       help="engine cores, each with the whole model and its own share of the CPUs; a request goes "
+                            "to the core that most likely caches its prompt's beginning, else the least busy")
     serve.add_argument("--reasoning-parser", choices=["auto", "none", *REASONING_FORMATS], default="auto",
                        help="keep a reasoning model's thinking apart as reasoning_content (auto, the default: when "
                             "the chat template mentions <think> and </think>; none: never)")
@@ -437,16 +440,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise PagedLLMError(f"--port must be in [0, 65535], got {args.port}")
     for flag, value in (("--max-waiting-requests", args.max_waiting_requests),
-                        ("--max-tokens-limit", args.max_tokens_limit)):
+                        ("--max-tokens-limit", args.max_tokens_limit), ("--data-parallel-size", args.data_parallel_size)):
         if value < 1:
             raise PagedLLMError(f"{flag} must be at least 1, got {value}")
-    engine = _engine(args)
-    name = args.served_model_name or Path(engine.source.path).stem
+    from . import create_engine_client
+
+    client = create_engine_client(_engine_config(args), args.max_waiting_requests, args.data_parallel_size)
+    name = args.served_model_name or Path(client.info.model_path).stem
     config = ServerConfig(name, args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
                           args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit, args.task, args.pooling,
                           args.reasoning_parser, args.tool_call_parser, args.ui,
                           allow_runtime_lora_updates=args.allow_runtime_lora_updates)
-    app = build_app(engine, config, on_ready=lambda: print(_examples(args.host, args.port, config), flush=True))
+    app = build_app(client, config, on_ready=lambda: print(_examples(args.host, args.port, config), flush=True))
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 

@@ -20,8 +20,7 @@ class LLM:
         """`options` are build_engine_config's: device, dtype, kv_cache_memory, block_size, max_num_seqs,
         enable_lora, lora_modules ({name: path}), max_loras, max_lora_rank, ..."""
         config = build_engine_config(model, **options)
-        with kernels_in_this_thread():  # loading runs kernels; generate() may come from another thread
-            self.engine = create_engine(config)
+        self.engine = create_engine(config)
         self._next_id = 0
 
     def get_tokenizer(self) -> Tokenizer:

@@ -20,7 +20,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 def _positions(c: CompletionOutput, delta: bool) -> tuple[list[int], list[PositionLogprobs]]:
     """Token ids and their logprob entries: all of them, or those new in this output."""
     ids = c.delta_token_ids if delta else c.token_ids
-    entries = (c.logprobs or [])[len(c.token_ids) - len(ids):] if delta else (c.logprobs or [])
+    entries = (c.delta_logprobs if delta else c.logprobs) or []
     return ids, entries
 
 
@@ -77,7 +77,8 @@ class Echo:
         if not self.prompt_only:
             return c
         return replace(c, text="", token_ids=[], delta_text="", delta_token_ids=[], cumulative_logprob=None,
-                       logprobs=None if c.logprobs is None else [], finish_reason="length", stop_reason=None)
+                       logprobs=None if c.logprobs is None else [], delta_logprobs=None if c.logprobs is None else [],
+                       finish_reason="length", stop_reason=None)
 
 
 def prompt_logprobs(output: RequestOutput, top_n: int, tokenizer: Tokenizer) -> dict:

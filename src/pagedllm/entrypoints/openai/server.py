@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncLLMEngine.
+"""The OpenAI-compatible HTTP server: FastAPI routes over one AsyncEngineClient (the engine core runs in its own process).
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both stream as server-sent events ending
 in `data: [DONE]`), POST /v1/responses (OpenAI's Responses) and POST /v1/messages (Anthropic's
@@ -25,15 +25,15 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError
-from ...engine.llm_engine import LLMEngine
+from ...engine.core import QueueFullError
+from ...engine.core_client import AsyncEngineClient, EngineDeadError
 from ...engine.outputs import RequestOutput
 from ...errors import PagedLLMError
 from ...sampling_params import SamplingParams, StructuredOutputParams
 from .errors import APIError, anthropic_error_body, error_body, error_response, install_error_handlers
 from .messages_api import MessageBuilder, MessagesRequest
 from .metrics import ServerMetrics
-from ...tools.inspect import ProbeError, inspect_model
+from ...tools.inspect import ProbeError
 from ..batch.board import JobBoard
 from .protocol import (COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest,
                        EmbeddingRequest, InspectRequest, LoadLoRARequest, ProbeRequest, SamplingFields, TokenizeRequest,
@@ -80,11 +80,11 @@ class _Prompt:
 
 
 class OpenAIServer:
-    def __init__(self, engine: LLMEngine, config: ServerConfig):
-        self.engine, self.config = engine, config
-        self.tokenizer = engine.tokenizer
-        self.metrics = ServerMetrics(lambda: self.async_engine.stats)
-        self.async_engine = AsyncLLMEngine(engine, config.max_waiting_requests, self.metrics.observe_finished)
+    def __init__(self, client: AsyncEngineClient, config: ServerConfig):
+        self.client, self.config = client, config
+        self.tokenizer = client.tokenizer
+        self.metrics = ServerMetrics(lambda: self.client.stats)
+        client.on_finished = self.metrics.observe_finished
         template = self.tokenizer.chat_template
         self.reasoning = (detect_format(template) if config.reasoning_parser == "auto"
                           else REASONING_FORMATS.get(config.reasoning_parser))
@@ -100,12 +100,12 @@ class OpenAIServer:
         """The LoRA adapter a request's `model` names (None: the base model); 404 for any other name."""
         if name is None or name == self.config.served_model_name:
             return None
-        if self.engine.loras is not None and name in self.engine.loras.adapters:
+        if name in self.client.adapters:
             return name
         raise APIError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
 
     def check_lora_updates(self) -> None:
-        if not self.config.allow_runtime_lora_updates or self.engine.loras is None:
+        if not self.config.allow_runtime_lora_updates or not self.client.info.lora_enabled:
             raise APIError(403, "loading LoRA adapters at run time is off: start the server with --enable-lora "
                                 "--allow-runtime-lora-updates", code="lora_updates_disabled")
 
@@ -122,7 +122,7 @@ class OpenAIServer:
         """The token budget of a request; an explicit one that does not fit the context is refused. Without
         one: `default` (OpenAI's 16 for completions; none for chat), within the limit and what the context
         leaves."""
-        context = self.engine.max_model_len
+        context = self.client.info.max_model_len
         if asked is None:
             asked = max(1, min(default or context, self.config.max_tokens_limit, context - prompt_len))
         if asked > self.config.max_tokens_limit:
@@ -149,23 +149,18 @@ class OpenAIServer:
         started = []
         try:
             for request_id, prompt, p in zip(request_ids, prompts, params):
-                started.append(await self.async_engine.add(request_id, {"prompt_token_ids": prompt.ids}, p, lora))
+                started.append(await self.client.add(request_id, {"prompt_token_ids": prompt.ids}, p, lora))
         except BaseException as exc:
             for request_id in request_ids[:len(started)]:
-                self.async_engine.abort(request_id)
+                self.client.abort(request_id)
             raise _api_error(exc) from None
         return started
 
     async def probe(self, ids: list[int], probes: ProbeRequest, lora: str | None = None) -> dict:
-        """Probes on a prompt (through a LoRA adapter where named), taken on the engine thread between two
+        """Probes on a prompt (through a LoRA adapter where named), taken in the engine core between two
         steps on a KV cache of their own: the requests being served and their tokens are untouched."""
-        def work(engine: LLMEngine) -> dict:
-            with engine.adapted(lora):
-                return inspect_model(engine.model, ids, probes.layers, probes.top_k, engine.kv_spec.block_size,
-                                     probes.attention).as_json()
-
         try:
-            result = await self.async_engine.call(work)
+            result = await self.client.call("probe", ids, probes.layers, probes.top_k, probes.attention, lora)
         except ProbeError as exc:
             raise APIError(400, str(exc), "probes") from None
         except PagedLLMError as exc:
@@ -199,7 +194,7 @@ class OpenAIServer:
         return self.checked([_Prompt(list(prompt), None)], "prompt")[0]
 
     def checked(self, prompts: list[_Prompt], param: str) -> list[_Prompt]:
-        vocab = self.engine.model.config.vocab_size
+        vocab = self.client.info.vocab_size
         if not prompts or any(not p.ids for p in prompts):
             raise APIError(400, f"{param} must not be empty", param)
         if any(t < 0 or t >= vocab for p in prompts for t in p.ids):
@@ -329,16 +324,16 @@ async def _final(outputs: AsyncIterator[RequestOutput]) -> RequestOutput:
     return last
 
 
-def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI:
-    server = OpenAIServer(engine, config)
+def build_app(client: AsyncEngineClient, config: ServerConfig, on_ready=None) -> FastAPI:
+    server = OpenAIServer(client, config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        server.async_engine.start()
+        await client.start()
         if on_ready is not None:
             on_ready()
         yield
-        server.async_engine.shutdown()
+        await client.shutdown()
 
     app = FastAPI(title="pagedllm", lifespan=lifespan)
     app.state.server = server
@@ -349,8 +344,8 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
 
     @app.get("/health")
     async def health() -> Response:
-        if server.async_engine.dead is not None:
-            return error_response(APIError(503, "the engine stopped; see the server log"))
+        if client.dead is not None:
+            return error_response(APIError(503, f"{client.dead}; see the server log"))
         return Response(status_code=200)
 
     @app.get("/metrics")
@@ -368,20 +363,20 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     async def engine_state() -> dict:
         """pagedllm's: the engine at this moment (requests, KV blocks, rates), for the web page's engine panel."""
         try:
-            state = await server.async_engine.call(lambda e: e.snapshot())
+            state = await client.call("snapshot")
         except PagedLLMError as exc:
             raise _api_error(exc) from None
-        return {"object": "engine", "model": config.served_model_name, "max_model_len": engine.max_model_len,
-                "aborted": server.async_engine.num_aborted, "batch_jobs": jobs.jobs(), **state}
+        return {"object": "engine", "model": config.served_model_name, "max_model_len": client.info.max_model_len,
+                "aborted": client.num_aborted, "batch_jobs": jobs.jobs(), **state}
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
         created = int(time.time())
         card = {"id": config.served_model_name, "object": "model", "created": created, "owned_by": "pagedllm",
-                "max_model_len": engine.max_model_len}
-        adapters = list(engine.loras.adapters.values()) if engine.loras is not None else []
+                "max_model_len": client.info.max_model_len}
         return {"object": "list", "data": [card] + [
-            {**card, "id": a.name, "parent": config.served_model_name, "lora_rank": a.rank} for a in adapters]}
+            {**card, "id": name, "parent": config.served_model_name, "lora_rank": rank}
+            for name, rank in client.adapters.items()]}
 
     @app.post("/v1/load_lora_adapter", dependencies=auth)
     async def load_lora_adapter(body: LoadLoRARequest) -> dict:
@@ -390,19 +385,18 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         if body.lora_name == config.served_model_name:
             raise APIError(400, "lora_name must differ from the served model's name", "lora_name")
         try:
-            adapter = await asyncio.to_thread(engine.loras.read, body.lora_name, body.lora_path)  # file reads: off the loop
-            await server.async_engine.call(lambda e: e.loras.add(adapter))
+            rank = await client.call("load_lora", body.lora_name, body.lora_path)
         except PagedLLMError as exc:
             raise APIError(400, str(exc), "lora_path") from None
-        return {"object": "lora_adapter", "id": body.lora_name, "status": "loaded", "lora_rank": adapter.rank}
+        return {"object": "lora_adapter", "id": body.lora_name, "status": "loaded", "lora_rank": rank}
 
     @app.post("/v1/unload_lora_adapter", dependencies=auth)
     async def unload_lora_adapter(body: UnloadLoRARequest) -> dict:
         server.check_lora_updates()
-        if body.lora_name not in engine.loras.adapters:
+        if body.lora_name not in client.adapters:
             raise APIError(404, f"no LoRA adapter named {body.lora_name!r} is loaded", "lora_name", "model_not_found")
         try:
-            await server.async_engine.call(lambda e: e.unload_lora(body.lora_name))
+            await client.call("unload_lora", body.lora_name)
         except PagedLLMError as exc:
             raise APIError(409, str(exc), "lora_name") from None
         return {"object": "lora_adapter", "id": body.lora_name, "status": "unloaded"}
@@ -411,12 +405,12 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     async def tokenize(body: TokenizeRequest) -> dict:
         server.check_model(body.model)
         ids = server.one_prompt(body.prompt, body.messages, body.add_special_tokens).ids
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": client.info.max_model_len}
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(body: DetokenizeRequest) -> dict:
         server.check_model(body.model)
-        vocab = engine.model.config.vocab_size
+        vocab = client.info.vocab_size
         if any(t < 0 or t >= vocab for t in body.tokens):
             raise APIError(400, f"tokens must be in [0, {vocab})", "tokens")
         return {"prompt": server.tokenizer.decode(body.tokens, skip_special_tokens=False)}
@@ -424,14 +418,14 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
     @app.post("/v1/embeddings", dependencies=auth)
     async def embeddings(body: EmbeddingRequest, request: Request) -> dict:
         lora = server.check_model(body.model)
-        hidden = engine.model.config.hidden_size
+        hidden = client.info.hidden_size
         if body.dimensions is not None and body.dimensions != hidden:
             raise APIError(400, f"dimensions: this model's embeddings have {hidden} dimensions (it was not trained "
                                 f"to be truncated)", "dimensions")
         prompts = server.prompts(body.input, "input")
         for p in prompts:
-            if len(p.ids) >= engine.max_model_len:
-                raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; an "
+            if len(p.ids) >= client.info.max_model_len:
+                raise APIError(400, f"This model's maximum context length is {client.info.max_model_len} tokens; an "
                                     f"input has {len(p.ids)}.", "input", "context_length_exceeded")
         params = SamplingParams(max_tokens=1, temperature=0, pooling=config.pooling)
         request_id = f"embd-{uuid.uuid4().hex}"
@@ -471,12 +465,11 @@ def build_app(engine: LLMEngine, config: ServerConfig, on_ready=None) -> FastAPI
         """Probes on the serving model, without stopping it: the response of `pagedllm inspect --json`."""
         lora = server.check_model(body.model)
         prompt = server.one_prompt(body.prompt, body.messages)
-        if len(prompt.ids) > engine.max_model_len:
-            raise APIError(400, f"This model's maximum context length is {engine.max_model_len} tokens; the prompt "
+        if len(prompt.ids) > client.info.max_model_len:
+            raise APIError(400, f"This model's maximum context length is {client.info.max_model_len} tokens; the prompt "
                                 f"has {len(prompt.ids)}.", "prompt", "context_length_exceeded")
-        shape = engine.model.config
-        return {"object": "inspection", "model": server.model_name(lora), "num_layers": shape.num_hidden_layers,
-                "num_heads": shape.num_attention_heads, **await server.probe(prompt.ids, body, lora)}
+        return {"object": "inspection", "model": server.model_name(lora), "num_layers": client.info.num_layers,
+                "num_heads": client.info.num_heads, **await server.probe(prompt.ids, body, lora)}
 
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
