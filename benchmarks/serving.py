@@ -120,7 +120,9 @@ async def run_concurrency(url: str, bodies: list[dict], clients: int) -> dict:
         while queue:
             results.append(await one(http, queue.pop()))
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=256)) as http:
+    # A connection per request: llama-server closes idle keep-alive connections, which a pool would reuse.
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(clients)))
         elapsed = time.perf_counter() - start
@@ -190,6 +192,14 @@ result = {"one_stream_decode_tok_s": (one["max_tokens"] - 1) / (whole - first), 
 for clients, bodies in LEVELS:
     elapsed, tokens = timed(bodies)
     result["levels"].append({"concurrency": clients, "output_tok_s": tokens / elapsed})
+if LONG:  # the same long stream, step by step: how much later tokens cost here (attention over more keys)
+    engine = llm.engine
+    engine.add_request("long", ids(one), SamplingParams(max_tokens=LONG, temperature=0, ignore_eos=True))
+    times = []
+    while engine.has_unfinished():
+        engine.step()
+        times.append(time.perf_counter())
+    result["long_stream"] = {"first_100_s": times[101] - times[1], "last_100_s": times[-1] - times[-101]}
 print("RESULT " + json.dumps(result))
 """
 
@@ -198,9 +208,11 @@ def offline(args: argparse.Namespace, levels: list[int]) -> dict:
     """The same requests through LLM.generate in a fresh process: all of a level's requests at once."""
     one = chat_body("Tell me a long story about a dragon and a lighthouse.", ONE_STREAM_TOKENS)
     script = (_OFFLINE.replace("THREADS", str(args.threads)).replace("WARMUP", repr(workload(2, args.seed + 1)))
+              .replace("LONG", str(args.long_stream))
               .replace("ONE", repr(one))
               .replace("LEVELS", repr([(c, workload(c * args.requests_per_client, args.seed)) for c in levels])))
-    out = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-"], input=textwrap.dedent(script), capture_output=True, text=True,
+                         check=True)
     result = json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT "))[7:])
     print(json.dumps({"benchmark": "serving", "server": "LLM.generate (offline)", **result}), flush=True)
     return result
@@ -242,6 +254,10 @@ def main() -> None:
     summary = {"one_stream_vs_offline": ours["one_stream"]["decode_tok_s"] / local["one_stream_decode_tok_s"],
                "levels_vs_offline": {m["concurrency"]: m["output_tok_s"] / o["output_tok_s"]
                                      for m, o in zip(ours["levels"], local["levels"])}}
+    if "long_stream" in ours and "long_stream" in local:  # growth over a long stream, served and offline
+        summary["long_stream_last_vs_first_100"] = {
+            where: r["long_stream"]["last_100_s"] / r["long_stream"]["first_100_s"]
+            for where, r in (("served", ours), ("offline", local))}
     if args.peer == "llamacpp":
         peer = measure("llama-server", llamacpp_command, args, levels)
         summary["one_stream_vs_llama_server"] = ours["one_stream"]["decode_tok_s"] / peer["one_stream"]["decode_tok_s"]
