@@ -10,6 +10,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from ...engine.core import QueueFullError
+from ...engine.core_client import EngineDeadError
+from ...errors import PagedLLMError
+
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
@@ -65,3 +69,14 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error while serving a request")
         return error_response(APIError(500, "internal server error; see the server log"), request)
+
+
+def api_error(exc: BaseException) -> BaseException:
+    """The HTTP error for an engine-side one: 503 for a full queue, 500 for a stopped core, 400 for a refusal."""
+    if isinstance(exc, QueueFullError):
+        return APIError(503, str(exc), code="server_overloaded")
+    if isinstance(exc, EngineDeadError):
+        return APIError(500, str(exc))
+    if isinstance(exc, (PagedLLMError, ValueError)):
+        return APIError(400, str(exc), getattr(exc, "param", None))
+    return exc
