@@ -31,7 +31,7 @@ def test_chat_session_answers_each_line():
 
 
 def test_chat_sends_the_whole_history(monkeypatch):
-    from pagedllm.entrypoints import cli
+    from pagedllm.entrypoints.cli import generate as cli
     from pagedllm.sampling_params import SamplingParams
 
     llm_prompts = []
