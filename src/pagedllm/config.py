@@ -223,6 +223,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")  # pagedllm.attention.BA
 # none: everything float; int8 / int4: Hugging Face float weights quantised at load (Q8_0 / Q4_1).
 QUANTIZATION_CHOICES = ("auto", "none", "int8", "int4")
 SPECULATIVE_METHODS = ("ngram", "draft_model")
+DTYPES = ("float32", "bfloat16", "float16")  # the model's compute dtype (LLMEngine maps each to torch's)
 
 
 @dataclass(frozen=True)

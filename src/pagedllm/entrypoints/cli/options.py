@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from ...config import ATTENTION_BACKENDS
+from ...config import ATTENTION_BACKENDS, DTYPES, KV_CACHE_DTYPES, QUANTIZATION_CHOICES, SPECULATIVE_METHODS
 from ...errors import PagedLLMError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?B?)\s*$", re.IGNORECASE)
@@ -28,9 +28,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default=None,
                    help="a .gguf file, a Hugging Face folder or repo id (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--kv-cache-memory", type=parse_bytes, default="512MiB", help="KV pool budget (default 512MiB)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16", "q8_0"], default="auto",
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
                    help="KV pool element type (auto, the default: the model's dtype); 16-bit halves the pool per "
                         "token, q8_0 (8-bit blocks, as llama.cpp's) nearly quarters it")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
@@ -44,13 +44,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="split the model over this many processes (gloo on the CPU, NCCL on GPUs: rank r on cuda:r)")
     p.add_argument("--enforce-eager", action="store_true",
                    help="on a GPU, run every step eagerly (default: decode steps replay CUDA graphs captured at start)")
-    p.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
                    help="auto (default): the best that runs here (cpu: the C++ decode kernel, on the CPU when it "
                         "builds); torch: plain torch ops on any device")
-    p.add_argument("--quantization", choices=["auto", "none", "int8", "int4"], default="auto",
+    p.add_argument("--quantization", choices=QUANTIZATION_CHOICES, default="auto",
                    help="auto (default): GGUF weights run in their packed formats, Hugging Face weights in float; "
                         "none: all float; int8 / int4: quantise Hugging Face weights at load (Q8_0 / Q4_1 blocks)")
-    p.add_argument("--speculative-method", choices=["ngram", "draft_model"], default=None,
+    p.add_argument("--speculative-method", choices=SPECULATIVE_METHODS, default=None,
                    help="draft tokens for greedy requests, checked in one pass (ngram: prompt lookup; "
                         "draft_model: --speculative-model guesses)")
     p.add_argument("--speculative-model", default=None,
