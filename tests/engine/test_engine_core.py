@@ -128,3 +128,18 @@ def test_data_parallel_routes_a_shared_prefix_to_the_core_that_has_it(tiny_gguf)
     assert routed == 0
     assert hits[0] > 0 and hits[1] == 0
     assert len(os.sched_getaffinity(0)) < 2 or (cpus[0] and cpus[1] and not set(cpus[0]) & set(cpus[1]))
+
+
+def test_values_the_wire_cannot_carry_are_refused_and_the_server_keeps_serving(tiny_gguf):
+    """msgpack carries 64-bit integers: a body's larger ones (which pydantic lets through as Python ints) must be a
+    400 naming the problem, not a 500, and the core must stay up."""
+    with LiveServer(tiny_gguf, served_model_name="tiny", max_model_len=256) as server:
+        huge = {"model": "tiny", "prompt": "hi", "layers": [-(2**63) - 1]}
+        probed = httpx.post(f"{server.url}/v1/inspect", json=huge, timeout=30)
+        assert probed.status_code == 400 and "Traceback" not in probed.text
+        sampled = httpx.post(f"{server.url}/v1/completions", timeout=30,
+                             json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "seed": 2**64})
+        assert 400 <= sampled.status_code < 500 and "error" in sampled.json()
+        fine = httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2},
+                          timeout=30)
+        assert fine.status_code == 200 and httpx.get(f"{server.url}/health").status_code == 200

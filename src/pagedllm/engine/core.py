@@ -180,7 +180,8 @@ def run_engine_core(config, input_address: str, output_address: str, ready, make
         os.sched_setaffinity(0, cpus)
         torch.set_num_threads(len(cpus))
     try:
-        core = EngineCore(LLMEngine(config, make_proposer=make_proposer), max_waiting_requests)
+        core = EngineCore(LLMEngine(config, make_proposer=make_proposer, whole_outputs=False),
+                          max_waiting_requests)
     except Exception as exc:  # a bad model file or flag: the client reports it and does not retry
         ready.send_bytes(msgspec.msgpack.encode(error_info(exc)))
         return

@@ -57,8 +57,10 @@ ProposerFactory = Callable[[SpeculativeConfig, int, torch.device, torch.dtype, i
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None,
-                 make_proposer: ProposerFactory | None = None):
-        """`make_proposer` is needed when the config asks for speculative decoding (entrypoints pass it)."""
+                 make_proposer: ProposerFactory | None = None, whole_outputs: bool = True):
+        """`make_proposer` is needed when the config asks for speculative decoding (entrypoints pass it).
+        `whole_outputs` False: only step_deltas() is called (an engine core, whose client assembles), so no
+        request's prompt is kept here for step()."""
         if config.dtype not in _DTYPES:
             raise PagedLLMError(f"dtype must be one of {', '.join(_DTYPES)}, got {config.dtype!r}")
         self.config = config
@@ -93,7 +95,7 @@ class LLMEngine:
         self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
-        self._assembled = OutputAssembler()  # step()'s whole outputs, for callers in this process
+        self._assembled = OutputAssembler() if whole_outputs else None  # step()'s outputs, in this process
         self.proposer = self._proposer(config.speculative, make_proposer, dtype)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         self._next_seq = 0
@@ -148,7 +150,8 @@ class LLMEngine:
         if params.search is not None:
             self._start_search(group, request)
         self._groups[request_id] = group
-        self._assembled.add(request_id, ids, text)
+        if self._assembled is not None:
+            self._assembled.add(request_id, ids, text)
         if group.deadline is not None:
             heapq.heappush(self._deadlines, (group.deadline, request_id))
         self.scheduler.add_request(request)
@@ -246,7 +249,8 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request at once and free its blocks; no output is produced for it."""
         group = self._groups.pop(request_id, None)
-        self._assembled.forget(request_id)
+        if self._assembled is not None:
+            self._assembled.forget(request_id)
         if group is not None:
             for completion in group.completions:
                 self._finish(completion, RequestStatus.FINISHED_ABORTED)
@@ -257,6 +261,8 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One forward pass over everything scheduled; the outputs (whole so far) of requests that advanced."""
+        if self._assembled is None:
+            raise PagedLLMError("this engine was made with whole_outputs=False: call step_deltas()")
         return self._assembled.apply_all(self.step_deltas())
 
     def step_deltas(self) -> list[RequestDelta]:
