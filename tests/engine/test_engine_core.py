@@ -4,6 +4,7 @@ client — every open request fails at once and a fresh core serves the next one
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -44,12 +45,39 @@ def test_only_deltas_cross_the_process_boundary(tiny_gguf):
         return received, output
 
     received, output = asyncio.run(run())
-    ids = [t for delta in received for c in delta.completions for t in c.token_ids]
+    ids = [t for delta in received for s in delta.sequences for t in s.token_ids]
     assert ids == output.token_ids and len(ids) == LONG
-    assert "".join(c.text for delta in received for c in delta.completions) == output.text
-    assert sum(len(c.logprobs) for delta in received for c in delta.completions) == LONG == len(output.outputs[0].logprobs)
+    assert sum(len(s.logprobs) for delta in received for s in delta.sequences) == LONG == len(output.outputs[0].logprobs)
+    assert output.text and "text" not in msgspec.structs.asdict(received[0].sequences[0])  # text is made client-side
     sizes = [len(msgspec.msgpack.encode(delta)) for delta in received]
     assert max(sizes[-50:]) <= max(sizes[1:51]) + 16  # the last steps' messages are no larger than the first's
+
+
+def test_a_stop_string_found_by_the_client_stops_the_core(tiny_gguf):
+    """The client finds stop strings in the text it makes; the core is told at once and stops computing."""
+    async def run():
+        client = create_engine_client(EngineConfig(model=tiny_gguf, cache=CacheConfig(kv_cache_memory_bytes=2**24)))
+        await client.start()
+        try:
+            greedy = SamplingParams(max_tokens=60, temperature=0, ignore_eos=True, skip_special_tokens=False)
+            async for plain in client.generate("plain", [1, 2, 3, 4], greedy):
+                pass
+            stop = plain.text[len(plain.text) // 3:len(plain.text) // 3 + 3]
+            before = client.stats.generation_tokens_total
+            async for output in client.generate("stopped", [1, 2, 3, 4], dataclasses.replace(greedy, stop=(stop,))):
+                pass
+            deadline = time.monotonic() + 5
+            while (client.stats.num_running or client.stats.generation_tokens_total == before) \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return plain, stop, output, client.stats.generation_tokens_total - before, client.stats.num_running
+        finally:
+            await client.shutdown()
+
+    plain, stop, output, generated, running = asyncio.run(run())
+    assert output.text == plain.text[:plain.text.index(stop)] and output.outputs[0].stop_reason == stop
+    assert output.finished and running == 0
+    assert len(output.token_ids) <= generated <= len(output.token_ids) + 4 < len(plain.token_ids)
 
 
 def _wait_health(url: str, status: int, timeout: float) -> float:

@@ -105,6 +105,18 @@ def test_stop_string_cuts_the_text_and_is_never_streamed(llm):
     assert final.finish_reason == "stop" and final.outputs[0].stop_reason == stop
 
 
+def test_a_stop_string_in_every_sequence_ends_the_request_in_the_engine(llm):
+    """Stop strings are found by the output processor: the first sequence's is passed to the engine as a
+    stopped sequence while the second goes on, the second's ends the request; nothing is left running."""
+    plain = llm.generate(PROMPTS[4], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    stop = plain.text[len(plain.text) // 2:len(plain.text) // 2 + 4]
+    out = llm.generate(PROMPTS[4], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop], n=2))[0]
+    for completion in out.outputs:
+        assert completion.text == plain.text[:plain.text.index(stop)] and completion.stop_reason == stop
+        assert len(completion.token_ids) < len(plain.token_ids)  # no token past the one that completed the stop
+    assert not llm.engine.has_unfinished() and llm.engine.stats().num_running == 0
+
+
 def test_stop_token_id_and_min_tokens(llm):
     plain = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
     stopped = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[plain[3]]))[0]

@@ -1,8 +1,8 @@
 """EngineCore: scheduler, model runner and KV cache stepping in the main thread of a process of its own.
 
 It takes requests as token ids with their parameters and sends back, each step, per request only what
-is new (engine/deltas.py). Front ends reach it through an AsyncEngineClient (engine/core_client.py),
-which owns tokenisation and puts the deltas together. Its loop (`serve`), in order:
+is new, as token ids (engine/deltas.py). Front ends reach it through an AsyncEngineClient
+(engine/core_client.py), which owns tokenisation and turns the deltas into text (engine/output_processor.py). Its loop (`serve`), in order:
 
 1. take every message waiting (admissions, aborts, utility calls), blocking only when there is no work;
 2. step once and send the step's deltas (and, at most every STATS_INTERVAL_S, the engine's stats).
@@ -25,7 +25,7 @@ import zmq
 
 from ..errors import PagedLLMError
 from .core_messages import (Abort, AddRequest, Call, ClientMessage, EngineInfo, ErrorInfo, Reply, Shutdown,
-                            StepOutputs)
+                            StepOutputs, StopSequence)
 from .deltas import RequestDelta
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,8 @@ class _Loop:
             self._reply(message.call_id, lambda: self.core.add(message))
         elif isinstance(message, Abort):
             self.core.abort(message.request_ids)
+        elif isinstance(message, StopSequence):
+            self.core.engine.stop_sequence(message.request_id, message.index)
         elif isinstance(message, Call):
             if message.method not in EngineCore.UTILITIES:
                 self._send(Reply(message.call_id, error=ErrorInfo("PagedLLMError", f"no utility {message.method!r}")))

@@ -2,8 +2,9 @@
 
 Every server route goes through it: `add` (admission, then the request's outputs as an async iterator),
 `abort`, `call` (probes, the engine snapshot, LoRA load and unload, run between two steps in a core),
-`stats`. It owns the tokenizer and puts each request's deltas together (engine/output_assembler.py) as
-the route reads them, so that work overlaps the cores' next steps.
+`stats`. It owns the tokenizer and turns each request's deltas into outputs (engine/output_processor.py:
+detokenisation, stop strings, logprob texts, best_of) as the route reads them, so that work overlaps the
+cores' next steps.
 
 Data parallel (`data_parallel_size` N): N cores, each with the whole model and its own KV cache (and its
 own CPUs on the CPU). A request goes to the core whose prefix cache most likely holds the longest
@@ -38,9 +39,10 @@ from ..models.loaders import resolve_model
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, load_tokenizer
 from .core import QueueFullError, run_engine_core
-from .core_messages import Abort, AddRequest, Call, CoreMessage, EngineInfo, ErrorInfo, Reply, Shutdown, StepOutputs
+from .core_messages import (Abort, AddRequest, Call, CoreMessage, EngineInfo, ErrorInfo, Reply, Shutdown,
+                            StepOutputs, StopSequence)
 from .deltas import RequestDelta
-from .output_assembler import OutputAssembler
+from .output_processor import OutputProcessor
 from .outputs import EngineStats, RequestOutput
 from .prefix_router import PrefixIndex, block_hashes
 from .prompt import RequestError, prompt_ids
@@ -176,7 +178,7 @@ class AsyncEngineClient:
         self._decoder = msgspec.msgpack.Decoder(CoreMessage)
         self._streams: dict[str, _Stream] = {}
         self._where: dict[str, _Core] = {}  # each open request's core
-        self._assembler = OutputAssembler()
+        self._processor = OutputProcessor(self.tokenizer, self._stop_sequence, self._finished_here)
         self._closing = False
         cpus = plan_cpus(data_parallel_size, config.device)
         processes = [self._start_process(c) for c in cpus]
@@ -270,7 +272,7 @@ class AsyncEngineClient:
             stream = self._streams.pop(request_id, None)
             if stream is not None:
                 stream.deltas.put_nowait(core.dead)
-            self._assembler.forget(request_id)
+            self._processor.forget(request_id)
             self._where.pop(request_id, None)
         core.open.clear()
         for future in core.calls.values():
@@ -323,12 +325,12 @@ class AsyncEngineClient:
         stream = _Stream()
         self._streams[request_id], self._where[request_id] = stream, core
         core.open.add(request_id)
-        self._assembler.add(request_id, ids, text)
+        self._processor.add(request_id, ids, text, params)
         try:
             await self._ask(core, lambda call_id: AddRequest(call_id, request_id, ids, params, lora))
         except BaseException:
             self._close_stream(request_id)
-            self._assembler.forget(request_id)
+            self._processor.forget(request_id)
             raise
         core.prefixes.record(hashes)
         return self._outputs(request_id, stream)
@@ -353,7 +355,9 @@ class AsyncEngineClient:
                 delta = await stream.deltas.get()
                 if isinstance(delta, BaseException):
                     raise delta
-                output = self._assembler.apply(delta)
+                output = self._processor.apply(delta)
+                if output is None:
+                    continue
                 finished = output.finished
                 if finished and self.on_finished is not None:
                     self.on_finished(output)
@@ -364,12 +368,24 @@ class AsyncEngineClient:
 
     def abort(self, request_id: str) -> None:
         """Stop a request at once; its core frees its blocks."""
-        self._assembler.forget(request_id)
+        self._processor.forget(request_id)
         core = self._where.get(request_id)
         if self._close_stream(request_id):
             self.num_aborted += 1
             if core.dead is None:
                 self._send(core, Abort([request_id]))
+
+    def _stop_sequence(self, request_id: str, index: int) -> None:
+        """A stop string ended one sequence of a request whose others go on: its core stops computing it."""
+        core = self._where.get(request_id)
+        if core is not None and core.dead is None:
+            self._send(core, StopSequence(request_id, index))
+
+    def _finished_here(self, request_id: str) -> None:
+        """Stop strings ended a request before its core did: the core forgets it."""
+        core = self._where.get(request_id)
+        if self._close_stream(request_id) and core.dead is None:
+            self._send(core, Abort([request_id]))
 
     def _close_stream(self, request_id: str) -> bool:
         core = self._where.pop(request_id, None)

@@ -1,6 +1,7 @@
 """The messages between an engine core's process and its client, as msgspec structs (msgpack on the wire).
 
-Client → core: AddRequest, Abort, Call (a named utility: probes, snapshot, LoRA), Shutdown.
+Client → core: AddRequest, Abort, StopSequence (a stop string found by the client), Call (a named utility:
+probes, snapshot, LoRA), Shutdown.
 Core → client: StepOutputs (each step's deltas, and the stats now and then), Reply (to an AddRequest or
 a Call). Nothing on the wire is pickled, so a core could listen on another host's TCP socket.
 """
@@ -42,6 +43,13 @@ class Abort(msgspec.Struct, tag=True, array_like=True):
     request_ids: list[str]
 
 
+class StopSequence(msgspec.Struct, tag=True, array_like=True):
+    """The client found a stop string in sequence `index` of a request whose other sequences go on."""
+
+    request_id: str
+    index: int
+
+
 class Call(msgspec.Struct, tag=True, array_like=True):
     call_id: int
     method: str  # one of EngineCore.UTILITIES
@@ -69,5 +77,5 @@ class Reply(msgspec.Struct, tag=True, array_like=True):
     error: ErrorInfo | None = None
 
 
-ClientMessage = Union[AddRequest, Abort, Call, Shutdown]
+ClientMessage = Union[AddRequest, Abort, StopSequence, Call, Shutdown]
 CoreMessage = Union[StepOutputs, Reply]

@@ -23,25 +23,22 @@ from ..models.loaders import ModelSource, load_model, read_model_config, resolve
 from ..sampling.structured_output import GrammarCompiler
 from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs
 from ..sampling_params import SamplingParams
-from ..tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
+from ..tokenizer import Tokenizer, load_tokenizer
 from .cuda_graphs import GraphConfig
 from .kv_cache_manager import KVCacheManager, blocks_needed
 from .parallel import ParallelRunner, exit_with_parent, free_port, join_group, serve_steps, start_workers
 from .model_runner import ModelRunner, StepBatch, plan_kv_cache
-from .deltas import PositionEntries, RequestDelta
-from .output_assembler import OutputAssembler
+from .deltas import LogprobRow, RequestDelta
+from .output_processor import OutputProcessor
 from .prompt import Prompt, RequestError, prompt_ids
 from .outputs import EngineStats, RequestOutput
 from .request import Request, RequestStatus
 from .scheduler import ScheduledRequest, Scheduler
 from .search import ContrastiveSearch, make_search
 from .sequence_group import Completion, Pooled, RequestGroup, finish_status_for_token
-from .stop_strings import StopStringMatcher
 
 THROUGHPUT_WINDOW_S = 10.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-LogprobRow = list[tuple[int, float, int]]  # (chosen id, logprob, rank), then the top-N as (id, logprob, rank)
 
 
 class Proposer(Protocol):
@@ -59,8 +56,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, source: ModelSource | None = None,
                  make_proposer: ProposerFactory | None = None, whole_outputs: bool = True):
         """`make_proposer` is needed when the config asks for speculative decoding (entrypoints pass it).
-        `whole_outputs` False: only step_deltas() is called (an engine core, whose client assembles), so no
-        request's prompt is kept here for step()."""
+        `whole_outputs` False: only step_deltas() is called (an engine core, whose client processes the
+        outputs), so no request's prompt or text is kept here for step()."""
         if config.dtype not in _DTYPES:
             raise PagedLLMError(f"dtype must be one of {', '.join(_DTYPES)}, got {config.dtype!r}")
         self.config = config
@@ -77,7 +74,6 @@ class LLMEngine:
             tp = join_group(0, config.tensor_parallel_size, port, config.device)
         self.model = load_model(self.source, self.device, dtype, config.quantization, tp)
         self.loras = self._lora_registry()  # before the runner: adapters turn CUDA graphs off
-        self.tokenizer: Tokenizer = load_tokenizer(self.source)
         model_len = self.model.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_len, model_len)
         kv_dtype = kv_pool_dtype(self.model, config.cache.kv_cache_dtype, dtype)
@@ -95,10 +91,13 @@ class LLMEngine:
         self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
         self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
-        self._assembled = OutputAssembler() if whole_outputs else None  # step()'s outputs, in this process
+        self.tokenizer: Tokenizer = load_tokenizer(self.source)
+        # step()'s outputs, in this process: a stop string found there stops its sequence before the next step
+        self._processor = OutputProcessor(self.tokenizer, self.stop_sequence, self.abort) if whole_outputs else None
         self.proposer = self._proposer(config.speculative, make_proposer, dtype)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         self._next_seq = 0
+        self._stopped: dict[str, RequestGroup] = {}  # sequences stopped between steps, reported by the next
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
         release_thread_pool()  # loading ran kernels here; steps may be driven from another thread
@@ -141,7 +140,7 @@ class LLMEngine:
         self._check_admissible(ids, params)
         grammar = self.grammars.matcher(params.structured_output) if params.structured_output else None
         arrival = time.monotonic()
-        group = RequestGroup(request_id, params, text, ids, self._generators(params),
+        group = RequestGroup(request_id, params, ids, self._generators(params),
                              arrival + params.timeout if params.timeout is not None else None,
                              self.tokenizer.stop_token_ids | frozenset(params.stop_token_ids), prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         group.pooled = Pooled(params.pooling, len(ids)) if params.pooling else None
@@ -150,8 +149,8 @@ class LLMEngine:
         if params.search is not None:
             self._start_search(group, request)
         self._groups[request_id] = group
-        if self._assembled is not None:
-            self._assembled.add(request_id, ids, text)
+        if self._processor is not None:
+            self._processor.add(request_id, ids, text, params)
         if group.deadline is not None:
             heapq.heappush(self._deadlines, (group.deadline, request_id))
         self.scheduler.add_request(request)
@@ -162,7 +161,6 @@ class LLMEngine:
         max_tokens = min(params.max_tokens, self.max_model_len - len(root.prompt_token_ids))
         group.search = make_search(root, params, eos, max_tokens)
         root.gang = group.request_id
-        group.decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
         live = params.top_k if params.penalty_alpha else params.num_sequences
         if live > self.config.scheduler.max_num_seqs:
             raise RequestError(f"{params.search} keeps {live} sequences, more than max_num_seqs "
@@ -184,11 +182,10 @@ class LLMEngine:
         return f"seq-{self._next_seq}"
 
     def _new_completion(self, group: RequestGroup, request: Request, grammar=None) -> Request:
-        index, params = len(group.completions), group.params
-        detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, params.skip_special_tokens)
+        index = len(group.completions)
         generator = group.generators[index] if index < len(group.generators) else None  # searches fork freely
-        completion = Completion(index, request, detokenizer, StopStringMatcher(params.stop), generator,
-                                delta_logprobs=[] if params.logprobs is not None else None, grammar=grammar)
+        completion = Completion(index, request, generator, delta_logprobs=[] if group.reports_logprobs else None,
+                                grammar=grammar)
         group.completions.append(completion)
         self._completions[request.request_id] = (group, completion)
         return request
@@ -249,11 +246,21 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         """Stop a request at once and free its blocks; no output is produced for it."""
         group = self._groups.pop(request_id, None)
-        if self._assembled is not None:
-            self._assembled.forget(request_id)
+        self._stopped.pop(request_id, None)
+        if self._processor is not None:
+            self._processor.forget(request_id)
         if group is not None:
             for completion in group.completions:
                 self._finish(completion, RequestStatus.FINISHED_ABORTED)
+
+    def stop_sequence(self, request_id: str, index: int) -> None:
+        """End sequence `index` of a request (its client found a stop string in its text) and free its blocks;
+        the request's next delta reports it."""
+        group = self._groups.get(request_id)
+        if group is None or group.search is not None or index >= len(group.completions):
+            return
+        self._finish(group.completions[index], RequestStatus.FINISHED_STOPPED)
+        self._stopped[request_id] = group
 
     def has_unfinished(self) -> bool:
         return bool(self._groups)
@@ -261,13 +268,15 @@ class LLMEngine:
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One forward pass over everything scheduled; the outputs (whole so far) of requests that advanced."""
-        if self._assembled is None:
+        if self._processor is None:
             raise PagedLLMError("this engine was made with whole_outputs=False: call step_deltas()")
-        return self._assembled.apply_all(self.step_deltas())
+        return self._processor.apply_all(self.step_deltas())
 
     def step_deltas(self) -> list[RequestDelta]:
         """One forward pass over everything scheduled; what each request that advanced gained."""
         touched = self._expire_deadlines()
+        touched.update(self._stopped)
+        self._stopped.clear()
         out = self.scheduler.schedule()
         if out.scheduled:
             self.runner.copy_blocks(self.kv_cache.take_pending_copies())
@@ -451,38 +460,22 @@ class LLMEngine:
         request.output_token_ids.append(token)
         request.first_token_time = request.first_token_time or time.monotonic()
         completion.delta_token_ids.append(token)
-        if logprob_row is not None:
-            completion.cumulative_logprob += logprob_row[0][1]
-            if completion.delta_logprobs is not None:
-                completion.delta_logprobs.append(self._position_logprobs(logprob_row, group.params.logprobs))
+        if completion.delta_logprobs is not None:
+            completion.delta_logprobs.append(logprob_row[:1 + (group.params.logprobs or 0)])
         status, stop_id = finish_status_for_token(request, token, self.tokenizer.stop_token_ids, self.max_model_len)
-        # A stop token's own text is not output, even where special tokens are spelled out (as vLLM).
-        stop_token = status is RequestStatus.FINISHED_STOPPED
+        completion.ends_with_stop_token = status is RequestStatus.FINISHED_STOPPED
         if completion.grammar is not None:
             completion.grammar.consume_token(token)
             if status is None and completion.grammar.is_stopped():  # the grammar is complete
                 status = RequestStatus.FINISHED_STOPPED
-        self._emit(completion, completion.matcher.feed("" if stop_token else completion.detokenizer.add(token)))
-        if completion.matcher.stopped_by is not None:
-            status, stop_id = RequestStatus.FINISHED_STOPPED, completion.matcher.stopped_by
         if status is not None:
             completion.stop_reason = stop_id
             self._finish(completion, status)
 
-    @staticmethod
-    def _emit(completion: Completion, text: str) -> None:
-        completion.text += text
-        completion.delta_text += text
-
     def _finish(self, completion: Completion, status: RequestStatus) -> None:
-        """End one sequence: release held-back text (unless a stop string ended it) and its blocks."""
+        """End one sequence and free its blocks."""
         if completion.finished:
             return
-        if completion.matcher.stopped_by is None:
-            tail = completion.matcher.feed(completion.detokenizer.flush())
-            self._emit(completion, tail + completion.matcher.flush())
-            if completion.matcher.stopped_by is not None:  # the flushed bytes completed a stop string
-                status, completion.stop_reason = RequestStatus.FINISHED_STOPPED, completion.matcher.stopped_by
         completion.request.finish_time = time.monotonic()
         self.scheduler.finish(completion.request, status)
         self._completions.pop(completion.request.request_id, None)
@@ -507,7 +500,7 @@ class LLMEngine:
         for request_id, group in touched.items():
             if group.finished:
                 del self._groups[request_id]
-            if group.streams or group.finished:
+            if group.search is None or group.finished:  # a search's sequences are candidates until its end
                 deltas.append(group.take_delta())
         return deltas
 
@@ -523,10 +516,6 @@ class LLMEngine:
                 row += [(t, lp, rank) for rank, (t, lp) in enumerate(zip(ids, values), start=1)]
         return rows
 
-    def _position_logprobs(self, row: LogprobRow, top_n: int) -> PositionEntries:
-        """The chosen token, then the top-N, each with its text."""
-        return [(t, lp, rank, self.tokenizer.decode([t], skip_special_tokens=False)) for t, lp, rank in row[:1 + top_n]]
-
     def _record_prompt_logprobs(self, scheduled: list[ScheduledRequest], batch: StepBatch,
                                 logits: torch.Tensor) -> None:
         offset = 0
@@ -539,7 +528,7 @@ class LLMEngine:
             targets = torch.tensor(request.prompt_token_ids[start + 1:start + 1 + count], device=logits.device)
             top_n = group.params.prompt_logprobs
             scored = self._logprob_rows(gather_logprobs(rows, targets, top_n))
-            group.prompt_logprobs += [self._position_logprobs(row, top_n) for row in scored]
+            group.prompt_logprobs += [row[:1 + top_n] for row in scored]
 
     # -- stats ------------------------------------------------------------------------------
     @staticmethod

@@ -2,50 +2,44 @@
 
 A request with n (or best_of) > 1 starts as one sequence; when its prompt is computed, the one
 row of logits is sampled once per sequence and the others are forked from it, sharing its KV
-blocks. Each sequence has its own detokenizer, stop-string matcher and seeded generator.
+blocks. Each sequence has its own seeded generator (and grammar matcher). Text, stop strings and
+the choice among best_of sequences are the client's (engine/output_processor.py): every sequence's
+new tokens go out each step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..sampling_params import SamplingParams
-from ..tokenizer import IncrementalDetokenizer
-from .deltas import CompletionDelta, PositionEntries, RequestDelta
+from .deltas import LogprobRow, RequestDelta, SequenceDelta
 from .request import Request, RequestStatus
 from .search import Hypothesis, SearchStrategy
-from .stop_strings import StopStringMatcher
 
 
 @dataclass
 class Completion:
     index: int
     request: Request  # what the scheduler and the KV cache see
-    detokenizer: IncrementalDetokenizer
-    matcher: StopStringMatcher
     generator: torch.Generator | None
-    text: str = ""  # emitted so far: stop strings excluded, text that could start one held back
-    delta_text: str = ""  # emitted since the last output
     delta_token_ids: list[int] = field(default_factory=list)
-    delta_logprobs: list[PositionEntries] | None = None  # [] when the request asks for logprobs
-    cumulative_logprob: float = 0.0
-    stop_reason: str | int | None = None
+    delta_logprobs: list[LogprobRow] | None = None  # [] when the request reports or ranks by logprobs
+    stop_reason: int | None = None
+    ends_with_stop_token: bool = False
     grammar: Any = None  # an llguidance matcher when the request asks for structured output
 
     @property
     def finished(self) -> bool:
         return self.request.status.finished
 
-    def take_delta(self, index: int | None = None, with_logprobs: bool = False) -> CompletionDelta:
-        """What this completion gained since the last output; the deltas start afresh after."""
-        out = CompletionDelta(
-            self.index if index is None else index, self.delta_token_ids, self.delta_text, self.delta_logprobs,
-            self.cumulative_logprob if with_logprobs else None, self.request.finish_reason, self.stop_reason)
-        self.delta_text, self.delta_token_ids = "", []
+    def take_delta(self) -> SequenceDelta:
+        """What this sequence gained since the last output; the deltas start afresh after."""
+        out = SequenceDelta(self.index, self.delta_token_ids, self.delta_logprobs, self.request.finish_reason,
+                            self.stop_reason, self.ends_with_stop_token)
+        self.delta_token_ids = []
         self.delta_logprobs = [] if self.delta_logprobs is not None else None
         return out
 
@@ -79,18 +73,16 @@ class Pooled:
 class RequestGroup:
     request_id: str
     params: SamplingParams
-    prompt: str | None
     prompt_token_ids: list[int]
     generators: list[torch.Generator | None]  # one per sequence, made at admission so seeds are fixed
     deadline: float | None
     stop_ids: frozenset[int]  # EOS ids and the request's stop_token_ids
     completions: list[Completion] = field(default_factory=list)
-    prompt_logprobs: list[PositionEntries | None] | None = None
+    prompt_logprobs: list[LogprobRow | None] | None = None
     prompt_logprobs_sent: bool = False
     closed: bool = False  # no more sequences will be forked (the deadline passed before they were)
     # Beam or contrastive search: its live sequences are `completions`; its results come from it.
     search: SearchStrategy | None = None
-    decode: Callable[[list[int]], str] | None = None  # token ids to text, for search results
     pooled: Pooled | None = None  # the prompt's hidden states so far, for a request with `pooling`
 
     @property
@@ -102,43 +94,37 @@ class RequestGroup:
         return complete and all(c.finished for c in self.completions)
 
     @property
-    def streams(self) -> bool:
-        """Whether outputs go out as tokens arrive: not when best_of picks among more than n, nor
-        for a search (its sequences are only candidates until it ends)."""
-        return self.search is None and self.params.num_sequences == self.params.n
+    def reports_logprobs(self) -> bool:
+        """Whether sampled tokens' logprob rows go out: asked for, or best_of ranks the sequences by them."""
+        return self.params.logprobs is not None or self.params.num_sequences > self.params.n
 
     def take_delta(self) -> RequestDelta:
-        """What is new since the last output: every completion's delta, the prompt's logprobs once."""
+        """What is new since the last output: every sequence's delta (a search's results once, at its end),
+        the prompt's logprobs once."""
         if self.search is not None:
-            completions = [self._search_delta(i, h) for i, h in enumerate(self.search.results(self.params.n))]
+            sequences = [_search_delta(i, h) for i, h in enumerate(self.search.results(self.params.n))]
         else:
-            completions = self._completion_deltas()
+            sequences = [c.take_delta() for c in self.completions]
         first = self.completions[0].request
         finish_time = max(c.request.finish_time for c in self.completions) if self.finished else None
         metrics = (first.arrival_time, first.first_token_time, finish_time,
                    sum(c.request.num_preemptions for c in self.completions))
         embedding = self.pooled.embedding() if self.pooled is not None and self.finished else None
-        return RequestDelta(self.request_id, completions, self.finished, metrics, self._take_prompt_logprobs(),
+        return RequestDelta(self.request_id, sequences, self.finished, metrics, self._take_prompt_logprobs(),
                             embedding)
 
-    def _take_prompt_logprobs(self) -> list[PositionEntries | None] | None:
+    def _take_prompt_logprobs(self) -> list[LogprobRow | None] | None:
         """The prompt's logprobs with the first delta (the prompt is computed before any token is sampled)."""
         if self.prompt_logprobs is None or self.prompt_logprobs_sent:
             return None
         self.prompt_logprobs_sent = True
         return self.prompt_logprobs
 
-    def _search_delta(self, index: int, found: Hypothesis) -> CompletionDelta:
-        """A search reports once, at its end: all of the text is new then."""
-        return CompletionDelta(index, list(found.token_ids), self.decode(found.token_ids), None,
-                               found.cumulative_logprob, found.finish_reason, found.stop_reason)
 
-    def _completion_deltas(self) -> list[CompletionDelta]:
-        chosen = self.completions
-        if not self.streams and self.finished:
-            chosen = sorted(chosen, key=lambda c: c.cumulative_logprob, reverse=True)[:self.params.n]
-        reports = self.params.logprobs is not None or not self.streams
-        return [c.take_delta(i if not self.streams else None, reports) for i, c in enumerate(chosen)]
+def _search_delta(index: int, found: Hypothesis) -> SequenceDelta:
+    """A search reports once, at its end: all of its tokens are new then."""
+    return SequenceDelta(index, list(found.token_ids), None, found.finish_reason, found.stop_reason,
+                         cumulative_logprob=found.cumulative_logprob)
 
 
 def finish_status_for_token(request: Request, token: int, eos_ids: frozenset[int],
