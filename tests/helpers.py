@@ -6,8 +6,8 @@ import torch
 
 from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
 from pagedllm.attention import kv_bytes_per_token
-from pagedllm.engine.request import Request
-from pagedllm.engine.scheduler import ScheduledRequest
+from pagedllm.engine.sequence import Sequence
+from pagedllm.engine.scheduler import ScheduledSequence
 from pagedllm.models.transformer import Transformer
 from pagedllm.sampling_params import SamplingParams
 
@@ -18,7 +18,7 @@ def prefill_hidden(model: Transformer, ids: list[int], block_size: int = 16) -> 
     spec = plan_kv_cache(model.config, block_size, kv_bytes_per_token(model.config, torch.float32) * (len(ids) + block_size),
                          torch.float32)
     runner = ModelRunner(model, spec, "cpu", torch.float32)
-    batch = runner.prepare([ScheduledRequest(Request("x", ids, SamplingParams()), len(ids))],
+    batch = runner.prepare([ScheduledSequence(Sequence("x", ids, SamplingParams()), len(ids))],
                            [list(range(spec.num_blocks))])
     return model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
 
@@ -62,7 +62,7 @@ def step_logits(llm, prompts: list[tuple[list[int], str | None]]) -> list[torch.
     scheduled, tables, first = [], [], 0
     for i, (ids, lora) in enumerate(prompts):
         lora_id = engine.lora_adapter(lora).id if lora else 0
-        scheduled.append(ScheduledRequest(Request(str(i), ids, SamplingParams(), lora_id=lora_id), len(ids)))
+        scheduled.append(ScheduledSequence(Sequence(str(i), ids, SamplingParams(), lora_id=lora_id), len(ids)))
         blocks = -(-len(ids) // bs)
         tables.append(list(range(first, first + blocks)))
         first += blocks

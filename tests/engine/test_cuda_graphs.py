@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 from pagedllm.attention.triton import triton_available
 from pagedllm.engine.cuda_graphs import GraphConfig, batch_buckets
 from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
-from pagedllm.engine.request import Request
-from pagedllm.engine.scheduler import ScheduledRequest
+from pagedllm.engine.sequence import Sequence
+from pagedllm.engine.scheduler import ScheduledSequence
 from pagedllm.models.loaders import ModelSource, load_model
 from pagedllm.sampling_params import SamplingParams
 
@@ -46,11 +46,11 @@ def model(tmp_path_factory):
 
 def _steps(runner: ModelRunner, prompts: list[list[int]], decodes: int) -> list[torch.Tensor]:
     """Prefill every prompt in one step, then `decodes` steps of one token each (token 7 + step)."""
-    requests = [Request(f"r{i}", list(p), SamplingParams()) for i, p in enumerate(prompts)]
+    requests = [Sequence(f"r{i}", list(p), SamplingParams()) for i, p in enumerate(prompts)]
     tables = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(len(prompts))]  # blocks of 4: 12 tokens each
     logits, padded = [], []
     for step in range(decodes + 1):
-        scheduled = [ScheduledRequest(r, r.num_tokens - r.num_computed_tokens) for r in requests]
+        scheduled = [ScheduledSequence(r, r.num_tokens - r.num_computed_tokens) for r in requests]
         batch = runner.prepare(scheduled, tables)
         padded.append(batch.padded)
         logits.append(runner.execute(batch).logits)

@@ -7,7 +7,7 @@ import torch
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.engine.llm_engine import RequestError
-from pagedllm.engine.request import Request
+from pagedllm.engine.sequence import Sequence
 from pagedllm.engine.kv_cache_manager import KVCacheManager
 from helpers import FLOAT
 
@@ -78,7 +78,7 @@ def test_kv_cache_manager_allocates_and_frees_exact_blocks():
     from pagedllm.sampling_params import SamplingParams as SP
 
     kv = KVCacheManager(num_blocks=4, block_size=4, enable_prefix_caching=False)
-    a, b = Request("a", [1] * 6, SP()), Request("b", [1] * 9, SP())
+    a, b = Sequence("a", [1] * 6, SP()), Sequence("b", [1] * 9, SP())
     assert kv.allocate_slots(a, 6) == [0, 1]
     assert kv.allocate_slots(b, 9) is None  # needs 3, only 2 left
     a.num_computed_tokens = 6

@@ -6,17 +6,17 @@ import pytest
 
 from pagedllm.engine import kv_cache_manager as kvm
 from pagedllm.engine.kv_cache_manager import KVCacheManager
-from pagedllm.engine.request import Request
+from pagedllm.engine.sequence import Sequence
 from pagedllm.sampling_params import SamplingParams
 
 BS = 4
 
 
-def _request(rid: str, ids: list[int]) -> Request:
-    return Request(rid, list(ids), SamplingParams())
+def _request(rid: str, ids: list[int]) -> Sequence:
+    return Sequence(rid, list(ids), SamplingParams())
 
 
-def _admit(kv: KVCacheManager, request: Request) -> list[int] | None:
+def _admit(kv: KVCacheManager, request: Sequence) -> list[int] | None:
     """What the scheduler does: look up the cached prefix, then allocate the rest."""
     cached, num_cached = kv.get_computed_blocks(request)
     new = kv.allocate_slots(request, request.num_tokens - num_cached, cached)
@@ -103,7 +103,7 @@ def test_hit_rate_counts_tokens():
 
 
 def test_token_ids_at_reads_across_prompt_output_and_drafts():
-    request = Request("r", [1, 2, 3], SamplingParams())
+    request = Sequence("r", [1, 2, 3], SamplingParams())
     request.output_token_ids += [4, 5]
     request.spec_token_ids = [6, 7]
     joined = [1, 2, 3, 4, 5, 6, 7]

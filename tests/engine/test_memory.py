@@ -41,5 +41,6 @@ def test_rss_is_flat_from_request_200_to_2000(tiny_models):
     rss = drive(llm.engine, 2000, {200, 2000}, in_flight=24, seed=0)
     assert rss[2000] <= rss[200] * 1.05, f"RSS grew from {rss[200] >> 20} MiB to {rss[2000] >> 20} MiB"
     engine = llm.engine
-    assert not engine.has_unfinished() and not engine._groups and not engine._completions
+    assert not engine.has_unfinished() and not engine._requests and not engine._live and not engine._stopped
+    assert not engine._processor._requests
     assert engine.stats().kv_blocks_free == engine.kv_spec.num_blocks

@@ -8,8 +8,8 @@ import torch
 from pagedllm import LLM, SamplingParams
 from pagedllm.kernels import quant_kernels_available
 from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
-from pagedllm.engine.request import Request
-from pagedllm.engine.scheduler import ScheduledRequest
+from pagedllm.engine.sequence import Sequence
+from pagedllm.engine.scheduler import ScheduledSequence
 from pagedllm.layers.linear import Linear, PackedMethod
 from pagedllm.models.loaders import ModelSource, load_model, read_model_config
 from pagedllm.models.loaders.hf_loader import hf_weights
@@ -63,7 +63,7 @@ def test_output_rows_prune_the_last_layer_to_the_same_states(tiny_models, family
     prompts = [_prompt(11, seed=2), _prompt(7, seed=3)]
     spec = plan_kv_cache(model.config, 4, 2**20, torch.float32)
     runners = [ModelRunner(model, spec, "cpu", torch.float32) for _ in range(2)]
-    scheduled = [ScheduledRequest(Request(str(i), ids, SamplingParams()), len(ids)) for i, ids in enumerate(prompts)]
+    scheduled = [ScheduledSequence(Sequence(str(i), ids, SamplingParams()), len(ids)) for i, ids in enumerate(prompts)]
     tables = [list(range(0, 3)), list(range(3, 5))]
     full_batch, pruned_batch = (runner.prepare(scheduled, tables) for runner in runners)
     rows = torch.tensor([17, 10, 3])  # any rows, in any order

@@ -24,8 +24,8 @@ from gguf import GGMLQuantizationType
 
 from helpers import assert_packed_logits_close, prefill_logits
 from pagedllm.engine.model_runner import ModelRunner, plan_kv_cache
-from pagedllm.engine.request import Request
-from pagedllm.engine.scheduler import ScheduledRequest
+from pagedllm.engine.sequence import Sequence
+from pagedllm.engine.scheduler import ScheduledSequence
 from pagedllm.attention import KV_Q8_0, cached_values
 from pagedllm.layers.rotary import rope_cos_sin
 from pagedllm.lora.adapter import LoRAAdapter, LoRAUpdate
@@ -93,9 +93,9 @@ def test_packed_logits_match_the_float_path(write, family, weight_type):
 def _decode_step(model, runner: ModelRunner, rows: int):
     """A step of `rows` decodes at positions 1, 2, 3… (two blocks each) and a random layer input for it:
     (batch, x, cos, sin)."""
-    requests = [ScheduledRequest(Request(f"r{i}", [5 + i] * (i + 2), SamplingParams()), 1) for i in range(rows)]
+    requests = [ScheduledSequence(Sequence(f"r{i}", [5 + i] * (i + 2), SamplingParams()), 1) for i in range(rows)]
     for i, r in enumerate(requests):
-        r.request.num_computed_tokens = i + 1
+        r.sequence.num_computed_tokens = i + 1
     batch = runner.prepare(requests, [[2 * i, 2 * i + 1] for i in range(rows)])
     x = torch.randn(rows, model.config.hidden_size, generator=torch.Generator().manual_seed(rows)) * 3
     return (batch, x, *rope_cos_sin(batch.positions, model.inv_freq, x.dtype))

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .block_pool import BlockPool, KVBlock, chain_hash
-from .request import Request
+from .sequence import Sequence
 
 
-def _root_hash(request: Request) -> int | None:
-    """What a request's first block chains from: under a LoRA adapter the same tokens hold other K/V."""
-    return hash(("lora", request.lora_id)) if request.lora_id else None
+def _root_hash(sequence: Sequence) -> int | None:
+    """What a sequence's first block chains from: under a LoRA adapter the same tokens hold other K/V."""
+    return hash(("lora", sequence.lora_id)) if sequence.lora_id else None
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:
@@ -33,7 +33,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVBlock]] = {}
-        self._hashes: dict[str, list[int]] = {}  # chained hashes of each request's full blocks
+        self._hashes: dict[str, list[int]] = {}  # chained hashes of each sequence's full blocks
         self._pending_copies: list[tuple[int, int]] = []  # (source, destination) block ids, copy on write
 
     @property
@@ -44,13 +44,13 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
-    def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
-        """The longest cached prefix of a new request, in whole blocks, leaving at least one
+    def get_computed_blocks(self, sequence: Sequence) -> tuple[list[KVBlock], int]:
+        """The longest cached prefix of a new sequence, in whole blocks, leaving at least one
         token to compute (the step must produce logits, and must not write a shared block)."""
-        if not self.pool.enable_caching or request.sampling_params.needs_every_prompt_row:
+        if not self.pool.enable_caching or sequence.sampling_params.needs_every_prompt_row:
             return [], 0  # prompt logprobs and pooling read every prompt position: nothing can be skipped
         hits: list[KVBlock] = []
-        parent, ids = _root_hash(request), request.all_token_ids
+        parent, ids = _root_hash(sequence), sequence.all_token_ids
         for index in range((len(ids) - 1) // self.block_size):
             tokens = self._block_tokens(ids, index)
             parent = chain_hash(parent, tokens)
@@ -58,20 +58,20 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.stats.queried_tokens += request.num_tokens
+        self.stats.queried_tokens += sequence.num_tokens
         self.stats.hit_tokens += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
-    def allocate_slots(self, request: Request, num_new_tokens: int,
+    def allocate_slots(self, sequence: Sequence, num_new_tokens: int,
                        computed_blocks: list[KVBlock] | None = None) -> list[int] | None:
-        """Make room for `num_new_tokens` more tokens of `request` (after any cached prefix
+        """Make room for `num_new_tokens` more tokens of `sequence` (after any cached prefix
         `computed_blocks`); returns the new block ids, or None if the pool is short."""
-        blocks = self._blocks.setdefault(request.request_id, [])
+        blocks = self._blocks.setdefault(sequence.seq_id, [])
         computed_blocks = computed_blocks or []
-        total = request.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
+        total = sequence.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         needed = blocks_needed(total, self.block_size) - len(blocks) - len(computed_blocks)
-        shared_tail = self._shared_partial_tail(request, blocks)
-        # Cached blocks sitting in the free queue are not free for this request's new blocks.
+        shared_tail = self._shared_partial_tail(sequence, blocks)
+        # Cached blocks sitting in the free queue are not free for this sequence's new blocks.
         reusable = sum(1 for b in computed_blocks if b.ref_count == 0)
         if needed + shared_tail > self.pool.num_free_blocks - reusable:
             return None
@@ -80,12 +80,12 @@ class KVCacheManager:
         self.pool.touch(computed_blocks)
         new = self.pool.allocate(max(0, needed)) or []
         blocks.extend(computed_blocks + new)
-        self._cache_full_blocks(request, min(total, request.num_tokens))  # drafts are not cached until accepted
+        self._cache_full_blocks(sequence, min(total, sequence.num_tokens))  # drafts are not cached until accepted
         return [b.block_id for b in new]
 
-    def _shared_partial_tail(self, request: Request, blocks: list[KVBlock]) -> bool:
-        """The next token lands in a partly filled block that a fork shares with this request."""
-        return bool(blocks) and request.num_computed_tokens % self.block_size != 0 and blocks[-1].ref_count > 1
+    def _shared_partial_tail(self, sequence: Sequence, blocks: list[KVBlock]) -> bool:
+        """The next token lands in a partly filled block that a fork shares with this sequence."""
+        return bool(blocks) and sequence.num_computed_tokens % self.block_size != 0 and blocks[-1].ref_count > 1
 
     def _copy_on_write(self, blocks: list[KVBlock]) -> None:
         shared = blocks[-1]
@@ -94,33 +94,33 @@ class KVCacheManager:
         blocks[-1] = copy
         self._pending_copies.append((shared.block_id, copy.block_id))
 
-    def fork(self, parent: Request, child: Request) -> None:
+    def fork(self, parent: Sequence, child: Sequence) -> None:
         """`child` continues from `parent`'s cached tokens: it shares every block (the partly
         filled last one is copied when either of them writes to it)."""
-        blocks = list(self._blocks.get(parent.request_id, []))
+        blocks = list(self._blocks.get(parent.seq_id, []))
         self.pool.touch(blocks)
-        self._blocks[child.request_id] = blocks
-        self._hashes[child.request_id] = list(self._hashes.get(parent.request_id, []))
+        self._blocks[child.seq_id] = blocks
+        self._hashes[child.seq_id] = list(self._hashes.get(parent.seq_id, []))
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Block copies the model runner must make before the next forward pass."""
         copies, self._pending_copies = self._pending_copies, []
         return copies
 
-    def _cache_full_blocks(self, request: Request, num_tokens: int) -> None:
-        blocks, hashes = self._blocks[request.request_id], self._hashes.setdefault(request.request_id, [])
-        ids = request.all_token_ids
+    def _cache_full_blocks(self, sequence: Sequence, num_tokens: int) -> None:
+        blocks, hashes = self._blocks[sequence.seq_id], self._hashes.setdefault(sequence.seq_id, [])
+        ids = sequence.all_token_ids
         for index in range(len(hashes), num_tokens // self.block_size):
             tokens = self._block_tokens(ids, index)
-            hashes.append(chain_hash(hashes[-1] if hashes else _root_hash(request), tokens))
+            hashes.append(chain_hash(hashes[-1] if hashes else _root_hash(sequence), tokens))
             self.pool.cache(blocks[index], hashes[-1], tokens)
 
     def _block_tokens(self, ids: list[int], index: int) -> tuple[int, ...]:
         return tuple(ids[index * self.block_size:(index + 1) * self.block_size])
 
-    def block_table(self, request: Request) -> list[int]:
-        return [b.block_id for b in self._blocks.get(request.request_id, [])]
+    def block_table(self, sequence: Sequence) -> list[int]:
+        return [b.block_id for b in self._blocks.get(sequence.seq_id, [])]
 
-    def free(self, request: Request) -> None:
-        self._hashes.pop(request.request_id, None)
-        self.pool.free(list(reversed(self._blocks.pop(request.request_id, []))))
+    def free(self, sequence: Sequence) -> None:
+        self._hashes.pop(sequence.seq_id, None)
+        self.pool.free(list(reversed(self._blocks.pop(sequence.seq_id, []))))

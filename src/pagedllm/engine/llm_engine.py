@@ -32,10 +32,10 @@ from .deltas import LogprobRow, RequestDelta
 from .output_processor import OutputProcessor
 from .prompt import Prompt, RequestError, prompt_ids
 from .outputs import EngineStats, RequestOutput
-from .request import Request, RequestStatus
-from .scheduler import ScheduledRequest, Scheduler
+from .sequence import Sequence, SequenceStatus
+from .scheduler import ScheduledSequence, Scheduler
 from .search import ContrastiveSearch, make_search
-from .sequence_group import Completion, Pooled, RequestGroup, finish_status_for_token
+from .request import Pooled, Request, finish_status_for_token
 
 THROUGHPUT_WINDOW_S = 10.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,7 +44,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class Proposer(Protocol):
     """Guesses the next tokens of greedy requests (pagedllm.spec_decode); the engine checks them."""
 
-    def propose_for(self, requests: list[Request], limits: list[int]) -> list[list[int]]: ...
+    def propose_for(self, sequences: list[Sequence], limits: list[int]) -> list[list[int]]: ...
 
 
 # Builds the proposer a SpeculativeConfig asks for, for a target of this vocabulary, device, dtype,
@@ -57,7 +57,7 @@ class LLMEngine:
                  make_proposer: ProposerFactory | None = None, whole_outputs: bool = True):
         """`make_proposer` is needed when the config asks for speculative decoding (entrypoints pass it).
         `whole_outputs` False: only step_deltas() is called (an engine core, whose client processes the
-        outputs), so no request's prompt or text is kept here for step()."""
+        outputs), so no sequence's prompt or text is kept here for step()."""
         if config.dtype not in _DTYPES:
             raise PagedLLMError(f"dtype must be one of {', '.join(_DTYPES)}, got {config.dtype!r}")
         self.config = config
@@ -88,8 +88,8 @@ class LLMEngine:
         runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype,
                              self._graph_config())
         self.runner = ParallelRunner(runner, workers, threads) if tp is not None else runner
-        self._groups: dict[str, RequestGroup] = {}  # by the caller's request id
-        self._completions: dict[str, tuple[RequestGroup, Completion]] = {}  # by internal sequence id
+        self._requests: dict[str, Request] = {}  # by the caller's request id
+        self._live: dict[str, tuple[Request, Sequence]] = {}  # each unfinished sequence and its request, by id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
         self.tokenizer: Tokenizer = load_tokenizer(self.source)
         # step()'s outputs, in this process: a stop string found there stops its sequence before the next step
@@ -97,7 +97,7 @@ class LLMEngine:
         self.proposer = self._proposer(config.speculative, make_proposer, dtype)
         self.grammars = GrammarCompiler(self.tokenizer, self.model.config.vocab_size)
         self._next_seq = 0
-        self._stopped: dict[str, RequestGroup] = {}  # sequences stopped between steps, reported by the next
+        self._stopped: dict[str, Request] = {}  # sequences stopped between steps, reported by the next
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
         release_thread_pool()  # loading ran kernels here; steps may be driven from another thread
@@ -133,39 +133,40 @@ class LLMEngine:
                     lora: str | None = None) -> None:
         """`lora`: the name of a loaded LoRA adapter to generate with (None: the base model)."""
         params = params or SamplingParams()
-        if request_id in self._groups:
+        if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         lora_id = self.lora_adapter(lora).id if lora is not None else 0
         text, ids = prompt_ids(prompt, self.tokenizer)
         self._check_admissible(ids, params)
         grammar = self.grammars.matcher(params.structured_output) if params.structured_output else None
         arrival = time.monotonic()
-        group = RequestGroup(request_id, params, ids, self._generators(params),
-                             arrival + params.timeout if params.timeout is not None else None,
-                             self.tokenizer.stop_token_ids | frozenset(params.stop_token_ids), prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
-        group.pooled = Pooled(params.pooling, len(ids)) if params.pooling else None
-        request = self._new_completion(group, Request(self._sequence_id(), ids, params, arrival_time=arrival,
-                                                      lora_id=lora_id), grammar)
+        request = Request(request_id, params, ids, self._generators(params),
+                          arrival + params.timeout if params.timeout is not None else None,
+                          self.tokenizer.stop_token_ids | frozenset(params.stop_token_ids),
+                          prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
+        request.pooled = Pooled(params.pooling, len(ids)) if params.pooling else None
+        sequence = Sequence(self._sequence_id(), ids, params, arrival_time=arrival, lora_id=lora_id, grammar=grammar)
+        self._add_sequence(request, sequence)
         if params.search is not None:
-            self._start_search(group, request)
-        self._groups[request_id] = group
+            self._start_search(request, sequence)
+        self._requests[request_id] = request
         if self._processor is not None:
             self._processor.add(request_id, ids, text, params)
-        if group.deadline is not None:
-            heapq.heappush(self._deadlines, (group.deadline, request_id))
-        self.scheduler.add_request(request)
+        if request.deadline is not None:
+            heapq.heappush(self._deadlines, (request.deadline, request_id))
+        self.scheduler.add_waiting(sequence)
 
-    def _start_search(self, group: RequestGroup, root: Request) -> None:
+    def _start_search(self, request: Request, root: Sequence) -> None:
         params = root.sampling_params
         eos = (frozenset() if params.ignore_eos else self.tokenizer.stop_token_ids) | frozenset(params.stop_token_ids)
         max_tokens = min(params.max_tokens, self.max_model_len - len(root.prompt_token_ids))
-        group.search = make_search(root, params, eos, max_tokens)
-        root.gang = group.request_id
+        request.search = make_search(root, params, eos, max_tokens)
+        root.gang = request.request_id
         live = params.top_k if params.penalty_alpha else params.num_sequences
         if live > self.config.scheduler.max_num_seqs:
             raise RequestError(f"{params.search} keeps {live} sequences, more than max_num_seqs "
                                f"({self.config.scheduler.max_num_seqs})")
-        needed = group.search.max_blocks(len(root.prompt_token_ids) + max_tokens, self.kv_spec.block_size)
+        needed = request.search.max_blocks(len(root.prompt_token_ids) + max_tokens, self.kv_spec.block_size)
         if needed > self.kv_spec.num_blocks:
             raise RequestError(f"{params.search} may hold {needed} KV blocks; the cache has "
                                f"{self.kv_spec.num_blocks}; raise --kv-cache-memory")
@@ -181,14 +182,13 @@ class LLMEngine:
         self._next_seq += 1
         return f"seq-{self._next_seq}"
 
-    def _new_completion(self, group: RequestGroup, request: Request, grammar=None) -> Request:
-        index = len(group.completions)
-        generator = group.generators[index] if index < len(group.generators) else None  # searches fork freely
-        completion = Completion(index, request, generator, delta_logprobs=[] if group.reports_logprobs else None,
-                                grammar=grammar)
-        group.completions.append(completion)
-        self._completions[request.request_id] = (group, completion)
-        return request
+    def _add_sequence(self, request: Request, sequence: Sequence) -> None:
+        """Make `sequence` the next sample of `request`: its index, generator and what it reports."""
+        sequence.index = index = len(request.sequences)
+        sequence.generator = request.generators[index] if index < len(request.generators) else None  # searches fork freely
+        sequence.delta_logprobs = [] if request.reports_logprobs else None
+        request.sequences.append(sequence)
+        self._live[sequence.seq_id] = (request, sequence)
 
     def _check_admissible(self, ids: list[int], params: SamplingParams) -> None:
         vocab = self.model.config.vocab_size
@@ -238,32 +238,32 @@ class LLMEngine:
     def unload_lora(self, name: str) -> None:
         """Unload an adapter no request uses any more."""
         adapter = self.lora_adapter(name)
-        users = sum(1 for _, completion in self._completions.values() if completion.request.lora_id == adapter.id)
+        users = sum(1 for q in (*self.scheduler.running, *self.scheduler.waiting) if q.lora_id == adapter.id)
         if users:
             raise LoRAError(f"LoRA adapter {name!r} is in use by {users} running or waiting sequence(s)")
         self.loras.remove(name)
 
     def abort(self, request_id: str) -> None:
         """Stop a request at once and free its blocks; no output is produced for it."""
-        group = self._groups.pop(request_id, None)
+        request = self._requests.pop(request_id, None)
         self._stopped.pop(request_id, None)
         if self._processor is not None:
             self._processor.forget(request_id)
-        if group is not None:
-            for completion in group.completions:
-                self._finish(completion, RequestStatus.FINISHED_ABORTED)
+        if request is not None:
+            for sequence in request.sequences:
+                self._finish(sequence, SequenceStatus.FINISHED_ABORTED)
 
     def stop_sequence(self, request_id: str, index: int) -> None:
         """End sequence `index` of a request (its client found a stop string in its text) and free its blocks;
         the request's next delta reports it."""
-        group = self._groups.get(request_id)
-        if group is None or group.search is not None or index >= len(group.completions):
+        request = self._requests.get(request_id)
+        if request is None or request.search is not None or index >= len(request.sequences):
             return
-        self._finish(group.completions[index], RequestStatus.FINISHED_STOPPED)
-        self._stopped[request_id] = group
+        self._finish(request.sequences[index], SequenceStatus.FINISHED_STOPPED)
+        self._stopped[request_id] = request
 
     def has_unfinished(self) -> bool:
-        return bool(self._groups)
+        return bool(self._requests)
 
     # -- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -280,7 +280,7 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.scheduled:
             self.runner.copy_blocks(self.kv_cache.take_pending_copies())
-            tables = [self.kv_cache.block_table(s.request) for s in out.scheduled]
+            tables = [self.kv_cache.block_table(s.sequence) for s in out.scheduled]
             batch = self.runner.prepare(out.scheduled, tables)
             result = self.runner.execute(batch)
             logits = result.logits
@@ -298,21 +298,21 @@ class LLMEngine:
             self._count(prompt_tokens, generated)
         return self._deltas(touched)
 
-    def _split_sampling(self, scheduled: list[ScheduledRequest], batch: StepBatch
-                        ) -> tuple[list[tuple[ScheduledRequest, int]], list[tuple[ScheduledRequest, int]]]:
+    def _split_sampling(self, scheduled: list[ScheduledSequence], batch: StepBatch
+                        ) -> tuple[list[tuple[ScheduledSequence, int]], list[tuple[ScheduledSequence, int]]]:
         """The requests that produce logits this step, with their first logits row: sampled ones,
         and sequences of a search."""
         plain, searching = [], []
         for item, span in zip(scheduled, batch.sample_spans):
             if span is not None:
-                group, _ = self._completions[item.request.request_id]
-                (plain if group.search is None else searching).append((item, span[0]))
+                request, _ = self._live[item.sequence.seq_id]
+                (plain if request.search is None else searching).append((item, span[0]))
         return plain, searching
 
-    def _sample(self, scheduled: list[tuple[ScheduledRequest, int]], logits: torch.Tensor
-                ) -> tuple[list[tuple[RequestGroup, int, list[int]]], list[int], list[LogprobRow] | None]:
-        """Sample every row: (group, sequence index, drafts before the row) per row, its token and
-        logprobs. A request forking into n sequences samples its one row n times; a request with k
+    def _sample(self, scheduled: list[tuple[ScheduledSequence, int]], logits: torch.Tensor
+                ) -> tuple[list[tuple[Request, int, list[int]]], list[int], list[LogprobRow] | None]:
+        """Sample every row: (request, sequence index, drafts before the row) per row, its token and
+        logprobs. A request forking into n sequences samples its one row n times; a sequence with k
         drafts samples k + 1 rows."""
         rows, sources = self._sampling_rows(scheduled)
         if not rows:
@@ -321,187 +321,185 @@ class LLMEngine:
         return rows, sampled.tokens.tolist(), self._logprob_rows(sampled)
 
     @staticmethod
-    def _rows_by_sequence(rows: list[tuple[RequestGroup, int, list[int]]]) -> tuple[dict[str, list[int]], list[int]]:
+    def _rows_by_sequence(rows: list[tuple[Request, int, list[int]]]) -> tuple[dict[str, list[int]], list[int]]:
         """Sampled rows per existing sequence id, and the rows of sequences still to fork (n > 1)."""
         rows_of: dict[str, list[int]] = {}
         fork_rows = []
-        for r, (group, index, _) in enumerate(rows):
-            if index < len(group.completions):
-                rows_of.setdefault(group.completions[index].request.request_id, []).append(r)
+        for r, (request, index, _) in enumerate(rows):
+            if index < len(request.sequences):
+                rows_of.setdefault(request.sequences[index].seq_id, []).append(r)
             else:
                 fork_rows.append(r)
         return rows_of, fork_rows
 
-    def _append_kept(self, rows: list[tuple[RequestGroup, int, list[int]]], rows_of: dict[str, list[int]],
+    def _append_kept(self, rows: list[tuple[Request, int, list[int]]], rows_of: dict[str, list[int]],
                      fork_rows: list[int], kept: dict[str, list[int]], tokens: list[int],
-                     logprobs: list[LogprobRow] | None, touched: dict[str, RequestGroup]) -> int:
+                     logprobs: list[LogprobRow] | None, touched: dict[str, Request]) -> int:
         """Fork the new sequences of n > 1 requests (copies of their parent before this token), then
         append each sequence's kept tokens until one of them ends it."""
         for r in fork_rows:
             child = self._fork(rows[r][0])
-            rows_of[child.request_id], kept[child.request_id] = [r], [tokens[r]]
+            rows_of[child.seq_id], kept[child.seq_id] = [r], [tokens[r]]
         appended = 0
-        for sequence_id, sequence_rows in rows_of.items():
-            group, completion = self._completions[sequence_id]
-            for token, r in zip(kept[sequence_id], sequence_rows):
-                if completion.finished:
+        for seq_id, sequence_rows in rows_of.items():
+            request, sequence = self._live[seq_id]
+            for token, r in zip(kept[seq_id], sequence_rows):
+                if sequence.finished:
                     break
-                self._append(group, completion, token, logprobs[r] if logprobs else None)
-                touched[group.request_id] = group
+                self._append(request, sequence, token, logprobs[r] if logprobs else None)
+                touched[request.request_id] = request
                 appended += 1
         return appended
 
-    def _sampling_rows(self, scheduled: list[tuple[ScheduledRequest, int]]
-                       ) -> tuple[list[tuple[RequestGroup, int, list[int]]], list[int]]:
-        """(group, sequence index, drafts before the row) per sampling row, and its logits row."""
+    def _sampling_rows(self, scheduled: list[tuple[ScheduledSequence, int]]
+                       ) -> tuple[list[tuple[Request, int, list[int]]], list[int]]:
+        """(request, sequence index, drafts before the row) per sampling row, and its logits row."""
         rows, sources = [], []
         for item, first in scheduled:
-            group, completion = self._completions[item.request.request_id]
-            if completion.index == 0 and len(group.completions) < group.params.num_sequences:
-                rows += [(group, i, []) for i in range(group.params.num_sequences)]
-                sources += [first] * group.params.num_sequences
+            request, sequence = self._live[item.sequence.seq_id]
+            if sequence.index == 0 and len(request.sequences) < request.params.num_sequences:
+                rows += [(request, i, []) for i in range(request.params.num_sequences)]
+                sources += [first] * request.params.num_sequences
             else:
-                drafts = list(item.request.spec_token_ids)
-                rows += [(group, completion.index, drafts[:j]) for j in range(len(drafts) + 1)]
+                drafts = list(sequence.spec_token_ids)
+                rows += [(request, sequence.index, drafts[:j]) for j in range(len(drafts) + 1)]
                 sources += range(first, first + len(drafts) + 1)
         return rows, sources
 
-    def _sequence_state(self, group: RequestGroup, index: int, drafts: list[int]) -> SequenceState:
-        source = group.completions[min(index, len(group.completions) - 1)]  # a fork starts as the first
+    def _sequence_state(self, request: Request, index: int, drafts: list[int]) -> SequenceState:
+        source = request.sequences[min(index, len(request.sequences) - 1)]  # a fork starts as the first
         allowed = self.grammars.allowed(source.grammar) if source.grammar is not None else None
-        return SequenceState(group.params, source.request.prompt_token_ids, source.request.output_token_ids + drafts,
-                             group.generators[index], group.stop_ids, allowed)
+        return SequenceState(request.params, source.prompt_token_ids, source.output_token_ids + drafts,
+                             request.generators[index], request.stop_ids, allowed)
 
-    def _propose_drafts(self, sampled: list[ScheduledRequest]) -> None:
+    def _propose_drafts(self, sampled: list[ScheduledSequence]) -> None:
         """Ask the proposer for the next drafts of the greedy requests that sampled this step."""
         if self.proposer is None:
             return
         wanting, limits = [], []
         for item in sampled:
-            request, params = item.request, item.request.sampling_params
-            if not request.status.finished and params.greedy and params.structured_output is None \
+            sequence, params = item.sequence, item.sequence.sampling_params
+            if not sequence.status.finished and params.greedy and params.structured_output is None \
                     and params.search is None:
-                wanting.append(request)
-                limits.append(min(params.max_tokens - len(request.output_token_ids),
-                                  self.max_model_len - request.num_tokens) - 1)
+                wanting.append(sequence)
+                limits.append(min(params.max_tokens - len(sequence.output_token_ids),
+                                  self.max_model_len - sequence.num_tokens) - 1)
         if wanting:
-            for request, drafts in zip(wanting, self.proposer.propose_for(wanting, limits)):
-                request.spec_token_ids = drafts
+            for sequence, drafts in zip(wanting, self.proposer.propose_for(wanting, limits)):
+                sequence.spec_token_ids = drafts
 
-    def _fork(self, group: RequestGroup, parent: Request | None = None) -> Request:
-        """A new sequence of `group` continuing from `parent` (the first sequence by default)."""
-        parent = parent or group.completions[0].request
-        child = Request(self._sequence_id(), parent.prompt_token_ids, parent.sampling_params,
-                        arrival_time=parent.arrival_time, output_token_ids=list(parent.output_token_ids),
-                        num_computed_tokens=parent.num_computed_tokens, first_token_time=parent.first_token_time,
-                        gang=parent.gang, lora_id=parent.lora_id)
-        grammar = self._completions[parent.request_id][1].grammar
-        self._new_completion(group, child, grammar.deep_copy() if grammar is not None else None)
+    def _fork(self, request: Request, parent: Sequence | None = None) -> Sequence:
+        """A new sequence of `request` continuing from `parent` (the first sequence by default)."""
+        parent = parent or request.sequences[0]
+        child = Sequence(self._sequence_id(), parent.prompt_token_ids, parent.sampling_params,
+                         arrival_time=parent.arrival_time, output_token_ids=list(parent.output_token_ids),
+                         num_computed_tokens=parent.num_computed_tokens, first_token_time=parent.first_token_time,
+                         gang=parent.gang, lora_id=parent.lora_id,
+                         grammar=parent.grammar.deep_copy() if parent.grammar is not None else None)
+        self._add_sequence(request, child)
         self.kv_cache.fork(parent, child)
         self.scheduler.add_running(child)
         return child
 
     # -- searches ---------------------------------------------------------------------------
-    def _take_hidden_states(self, scheduled: list[ScheduledRequest], batch: StepBatch,
+    def _take_hidden_states(self, scheduled: list[ScheduledSequence], batch: StepBatch,
                             hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Hand prompt hidden states to contrastive searches (they compare candidates with them) and to
-        pooling requests; return, per request id, the hidden state of its last computed token (its logits' token)."""
+        pooling requests; return, per sequence id, the hidden state of its last computed token (its logits' token)."""
         last, offset = {}, 0
         for index, start, count in batch.hidden_spans:
-            request_id = scheduled[index].request.request_id
-            group, _ = self._completions[request_id]
-            if isinstance(group.search, ContrastiveSearch):
-                group.search.record_context(start, hidden[offset:offset + count])
-            if group.pooled is not None:
-                group.pooled.add(start, hidden[offset:offset + count])
+            seq_id = scheduled[index].sequence.seq_id
+            request, _ = self._live[seq_id]
+            if isinstance(request.search, ContrastiveSearch):
+                request.search.record_context(start, hidden[offset:offset + count])
+            if request.pooled is not None:
+                request.pooled.add(start, hidden[offset:offset + count])
             offset += count
-            last[request_id] = hidden[offset - 1]
+            last[seq_id] = hidden[offset - 1]
         return last
 
-    def _advance_searches(self, items: list[tuple[ScheduledRequest, int]], logits: torch.Tensor,
-                          hidden_of: dict[str, torch.Tensor], touched: dict[str, RequestGroup]) -> int:
+    def _advance_searches(self, items: list[tuple[ScheduledSequence, int]], logits: torch.Tensor,
+                          hidden_of: dict[str, torch.Tensor], touched: dict[str, Request]) -> int:
         """Hand each search sequence's row to its search; advance the searches whose rows are all in."""
-        groups: dict[str, RequestGroup] = {}
+        requests: dict[str, Request] = {}
         for item, row in items:
-            group, _ = self._completions[item.request.request_id]
-            group.search.record(item.request, logits[row], hidden_of.get(item.request.request_id))
-            groups[group.request_id] = group
-        return sum(self._advance_search(group, touched) for group in groups.values() if group.search.ready())
+            request, _ = self._live[item.sequence.seq_id]
+            request.search.record(item.sequence, logits[row], hidden_of.get(item.sequence.seq_id))
+            requests[request.request_id] = request
+        return sum(self._advance_search(request, touched) for request in requests.values() if request.search.ready())
 
-    def _advance_search(self, group: RequestGroup, touched: dict[str, RequestGroup]) -> int:
+    def _advance_search(self, request: Request, touched: dict[str, Request]) -> int:
         """One search step: fork parents chosen more than once, append the chosen tokens, drop the
         sequences that do not continue."""
-        search, previous = group.search, group.search.live
+        search, previous = request.search, request.search.live
         continuations = search.select()
         children, used = [], set()
         for parent, _ in continuations:  # every fork before any append: forks copy the parent as it was
-            children.append(self._fork(group, parent) if parent.request_id in used else parent)
-            used.add(parent.request_id)
+            children.append(self._fork(request, parent) if parent.seq_id in used else parent)
+            used.add(parent.seq_id)
         for child, (_, token) in zip(children, continuations):
             child.output_token_ids.append(token)
             child.first_token_time = child.first_token_time or time.monotonic()
-        for request in previous:
-            if request.request_id not in used:
-                self._drop(group, request, keep=search.done)
+        for sequence in previous:
+            if sequence.seq_id not in used:
+                self._drop(request, sequence, keep=search.done)
         search.adopt(children)
         if search.done:
-            touched[group.request_id] = group
+            touched[request.request_id] = request
         return len(continuations)
 
-    def _drop(self, group: RequestGroup, request: Request, keep: bool) -> None:
-        """Free a search sequence that does not continue (kept in the group if the search ended)."""
-        completion = self._completions[request.request_id][1]
-        self._finish(completion, RequestStatus.FINISHED_STOPPED)
+    def _drop(self, request: Request, sequence: Sequence, keep: bool) -> None:
+        """Free a search sequence that does not continue (kept in the request if the search ended)."""
+        self._finish(sequence, SequenceStatus.FINISHED_STOPPED)
         if not keep:
-            group.completions.remove(completion)
+            request.sequences.remove(sequence)
 
-    def _append(self, group: RequestGroup, completion: Completion, token: int, logprob_row: LogprobRow | None) -> None:
-        request = completion.request
-        request.output_token_ids.append(token)
-        request.first_token_time = request.first_token_time or time.monotonic()
-        completion.delta_token_ids.append(token)
-        if completion.delta_logprobs is not None:
-            completion.delta_logprobs.append(logprob_row[:1 + (group.params.logprobs or 0)])
-        status, stop_id = finish_status_for_token(request, token, self.tokenizer.stop_token_ids, self.max_model_len)
-        completion.ends_with_stop_token = status is RequestStatus.FINISHED_STOPPED
-        if completion.grammar is not None:
-            completion.grammar.consume_token(token)
-            if status is None and completion.grammar.is_stopped():  # the grammar is complete
-                status = RequestStatus.FINISHED_STOPPED
+    def _append(self, request: Request, sequence: Sequence, token: int, logprob_row: LogprobRow | None) -> None:
+        sequence.output_token_ids.append(token)
+        sequence.first_token_time = sequence.first_token_time or time.monotonic()
+        sequence.delta_token_ids.append(token)
+        if sequence.delta_logprobs is not None:
+            sequence.delta_logprobs.append(logprob_row[:1 + (request.params.logprobs or 0)])
+        status, stop_id = finish_status_for_token(sequence, token, self.tokenizer.stop_token_ids, self.max_model_len)
+        sequence.ends_with_stop_token = status is SequenceStatus.FINISHED_STOPPED
+        if sequence.grammar is not None:
+            sequence.grammar.consume_token(token)
+            if status is None and sequence.grammar.is_stopped():  # the grammar is complete
+                status = SequenceStatus.FINISHED_STOPPED
         if status is not None:
-            completion.stop_reason = stop_id
-            self._finish(completion, status)
+            sequence.stop_reason = stop_id
+            self._finish(sequence, status)
 
-    def _finish(self, completion: Completion, status: RequestStatus) -> None:
+    def _finish(self, sequence: Sequence, status: SequenceStatus) -> None:
         """End one sequence and free its blocks."""
-        if completion.finished:
+        if sequence.finished:
             return
-        completion.request.finish_time = time.monotonic()
-        self.scheduler.finish(completion.request, status)
-        self._completions.pop(completion.request.request_id, None)
+        sequence.finish_time = time.monotonic()
+        self.scheduler.finish(sequence, status)
+        self._live.pop(sequence.seq_id, None)
 
-    def _expire_deadlines(self) -> dict[str, RequestGroup]:
+    def _expire_deadlines(self) -> dict[str, Request]:
         """Finish requests past their deadline (reason "timeout"); they are reported this step."""
-        expired: dict[str, RequestGroup] = {}
+        expired: dict[str, Request] = {}
         now = time.monotonic()
         while self._deadlines and self._deadlines[0][0] <= now:
             _, request_id = heapq.heappop(self._deadlines)
-            group = self._groups.get(request_id)
-            if group is None:
+            request = self._requests.get(request_id)
+            if request is None:
                 continue
-            for completion in group.completions:
-                self._finish(completion, RequestStatus.FINISHED_TIMEOUT)
-            group.closed = True
-            expired[request_id] = group
+            for sequence in request.sequences:
+                self._finish(sequence, SequenceStatus.FINISHED_TIMEOUT)
+            request.closed = True
+            expired[request_id] = request
         return expired
 
-    def _deltas(self, touched: dict[str, RequestGroup]) -> list[RequestDelta]:
+    def _deltas(self, touched: dict[str, Request]) -> list[RequestDelta]:
         deltas = []
-        for request_id, group in touched.items():
-            if group.finished:
-                del self._groups[request_id]
-            if group.search is None or group.finished:  # a search's sequences are candidates until its end
-                deltas.append(group.take_delta())
+        for request_id, request in touched.items():
+            if request.finished:
+                del self._requests[request_id]
+            if request.search is None or request.finished:  # a search's sequences are candidates until its end
+                deltas.append(request.take_delta())
         return deltas
 
     # -- logprobs ---------------------------------------------------------------------------
@@ -516,26 +514,26 @@ class LLMEngine:
                 row += [(t, lp, rank) for rank, (t, lp) in enumerate(zip(ids, values), start=1)]
         return rows
 
-    def _record_prompt_logprobs(self, scheduled: list[ScheduledRequest], batch: StepBatch,
+    def _record_prompt_logprobs(self, scheduled: list[ScheduledSequence], batch: StepBatch,
                                 logits: torch.Tensor) -> None:
         offset = 0
         for index, start, count in batch.prompt_rows:
-            request = scheduled[index].request
-            group, _ = self._completions[request.request_id]
+            sequence = scheduled[index].sequence
+            request, _ = self._live[sequence.seq_id]
             rows, offset = logits[offset:offset + count], offset + count
-            if group.prompt_logprobs is None or len(group.prompt_logprobs) != start + 1:
+            if request.prompt_logprobs is None or len(request.prompt_logprobs) != start + 1:
                 continue  # recomputed after a preemption: already recorded
-            targets = torch.tensor(request.prompt_token_ids[start + 1:start + 1 + count], device=logits.device)
-            top_n = group.params.prompt_logprobs
+            targets = torch.tensor(sequence.prompt_token_ids[start + 1:start + 1 + count], device=logits.device)
+            top_n = request.params.prompt_logprobs
             scored = self._logprob_rows(gather_logprobs(rows, targets, top_n))
-            group.prompt_logprobs += [row[:1 + top_n] for row in scored]
+            request.prompt_logprobs += [row[:1 + top_n] for row in scored]
 
     # -- stats ------------------------------------------------------------------------------
     @staticmethod
-    def _prompt_tokens(scheduled: list[ScheduledRequest]) -> int:
+    def _prompt_tokens(scheduled: list[ScheduledSequence]) -> int:
         """Prompt tokens computed this step (call before the scheduler records the step)."""
-        return sum(min(s.num_new_tokens, len(s.request.prompt_token_ids) - s.request.num_computed_tokens)
-                   for s in scheduled if s.request.num_computed_tokens < len(s.request.prompt_token_ids))
+        return sum(min(s.num_new_tokens, len(s.sequence.prompt_token_ids) - s.sequence.num_computed_tokens)
+                   for s in scheduled if s.sequence.num_computed_tokens < len(s.sequence.prompt_token_ids))
 
     def _count(self, prompt: int, generated: int) -> None:
         now = time.monotonic()
@@ -553,12 +551,12 @@ class LLMEngine:
                            self.scheduler.num_draft_tokens, self.scheduler.num_accepted_drafts)
 
     def snapshot(self) -> dict:
-        """The engine at this moment, for the web page's engine panel: its stats, each open request and the
+        """The engine at this moment, for the web page's engine panel: its stats, each open sequence and the
         state of every KV block (BlockPool.states)."""
         adapters = {a.id: a.name for a in self.loras.adapters.values()} if self.loras is not None else {}
 
-        def request(r: Request) -> dict:
-            return {"id": r.request_id, "lora": adapters.get(r.lora_id), "status": r.status.value,
+        def sequence(r: Sequence) -> dict:
+            return {"id": r.seq_id, "lora": adapters.get(r.lora_id), "status": r.status.value,
                     "prompt_tokens": len(r.prompt_token_ids),
                     "output_tokens": len(r.output_token_ids), "cached_tokens": r.num_cached_tokens,
                     "computed_tokens": r.num_computed_tokens, "preemptions": r.num_preemptions,
@@ -566,8 +564,8 @@ class LLMEngine:
 
         return {"stats": dataclasses.asdict(self.stats()), "block_size": self.kv_cache.block_size,
                 "blocks": self.kv_cache.pool.states(),
-                "running": [request(r) for r in self.scheduler.running],
-                "waiting": [request(r) for r in self.scheduler.waiting]}
+                "running": [sequence(r) for r in self.scheduler.running],
+                "waiting": [sequence(r) for r in self.scheduler.waiting]}
 
     def _recent_rate(self, column: int) -> float:
         """Tokens per second over the window: the tokens of every step after the first, over the span."""

@@ -18,7 +18,7 @@ from ..lora.layers import lora_segments
 from ..models.transformer import Transformer
 from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState
 from .cuda_graphs import DecodeGraphs, GraphConfig
-from .scheduler import ScheduledRequest
+from .scheduler import ScheduledSequence
 
 
 @dataclass(frozen=True)
@@ -61,11 +61,11 @@ class StepBatch:
     meta: AttentionMetadata
     logits_rows: torch.Tensor  # flat-token rows whose logits are computed: the sampled ones, then prompt_rows
     num_sampled: int
-    # Per scheduled request: (its first logits row, 1 + its drafts) when it samples this step, else None.
+    # Per scheduled sequence: (its first logits row, 1 + its drafts) when it samples this step, else None.
     sample_spans: list[tuple[int, int] | None]
-    # Per scheduled request that asked for prompt logprobs: (its index, first prompt position, count).
+    # Per scheduled sequence that asked for prompt logprobs: (its index, first prompt position, count).
     prompt_rows: list[tuple[int, int, int]]
-    # Per scheduled request whose final hidden states are wanted (contrastive search): (its index,
+    # Per scheduled sequence whose final hidden states are wanted (contrastive search): (its index,
     # first position, count); `hidden_rows` lists their flat-token rows in that order.
     hidden_spans: list[tuple[int, int, int]] = field(default_factory=list)
     hidden_rows: torch.Tensor | None = None
@@ -128,12 +128,12 @@ class ModelRunner:
             return None
         return self.graphs.config.bucket(len(counts))
 
-    def prepare(self, scheduled: list[ScheduledRequest], block_tables: list[list[int]]) -> StepBatch:
+    def prepare(self, scheduled: list[ScheduledSequence], block_tables: list[list[int]]) -> StepBatch:
         """Flatten the step's tokens; sequences with nothing to sample still write their K/V."""
         bs = self.spec.block_size
-        starts = np.asarray([s.request.num_computed_tokens for s in scheduled])
+        starts = np.asarray([s.sequence.num_computed_tokens for s in scheduled])
         counts = np.asarray([s.num_new_tokens for s in scheduled])
-        ids = [t for s, st, n in zip(scheduled, starts, counts) for t in s.request.token_ids_at(int(st), int(n))]
+        ids = [t for s, st, n in zip(scheduled, starts, counts) for t in s.sequence.token_ids_at(int(st), int(n))]
         table = np.zeros((len(scheduled), max(len(t) for t in block_tables)), dtype=np.int64)
         for row, blocks in enumerate(block_tables):
             table[row, :len(blocks)] = blocks
@@ -145,7 +145,7 @@ class ModelRunner:
             layout = StepLayout(starts, counts, table, bs, self.device)
         query_start, positions = layout.query_start, layout.positions
         meta = self.attention_backend.build_metadata(layout)
-        # A request with drafts is scored at the last real token and at every draft.
+        # A sequence with drafts is scored at the last real token and at every draft.
         sample_spans, sample_rows = [], []
         for i, s in enumerate(scheduled):
             count = 1 + s.num_spec_tokens if s.completes_prompt else 0
@@ -153,9 +153,9 @@ class ModelRunner:
             sample_rows += range(query_start[i + 1] - count, query_start[i + 1])
         prompt_rows, extra_rows = self._prompt_logprob_rows(scheduled, starts, counts, query_start)
         hidden_spans = [(i, int(starts[i]), int(counts[i])) for i, s in enumerate(scheduled)
-                        if s.request.sampling_params.penalty_alpha > 0 or s.request.sampling_params.pooling]
+                        if s.sequence.sampling_params.penalty_alpha > 0 or s.sequence.sampling_params.pooling]
         hidden_rows = [row for i, _, n in hidden_spans for row in range(query_start[i], query_start[i] + n)]
-        segments = (lora_segments([s.request.lora_id for s in scheduled], query_start, self.device)
+        segments = (lora_segments([s.sequence.lora_id for s in scheduled], query_start, self.device)
                     if self.model.lora_context is not None else [])
         return StepBatch(self._long_tensor(ids), self._long_tensor(positions), meta,
                          self._long_tensor(sample_rows + extra_rows), len(sample_rows), sample_spans, prompt_rows,
@@ -163,13 +163,13 @@ class ModelRunner:
                          segments)
 
     @staticmethod
-    def _prompt_logprob_rows(scheduled: list[ScheduledRequest], starts: np.ndarray, counts: np.ndarray,
+    def _prompt_logprob_rows(scheduled: list[ScheduledSequence], starts: np.ndarray, counts: np.ndarray,
                              query_start: np.ndarray) -> tuple[list[tuple[int, int, int]], list[int]]:
-        """Rows whose logits score the next prompt token, for requests that asked for prompt logprobs."""
+        """Rows whose logits score the next prompt token, for sequences that asked for prompt logprobs."""
         spans, rows = [], []
         for i, s in enumerate(scheduled):
-            prompt_len = len(s.request.prompt_token_ids)
-            if s.request.sampling_params.prompt_logprobs is None or starts[i] >= prompt_len - 1:
+            prompt_len = len(s.sequence.prompt_token_ids)
+            if s.sequence.sampling_params.prompt_logprobs is None or starts[i] >= prompt_len - 1:
                 continue
             count = min(int(counts[i]), prompt_len - 1 - int(starts[i]))
             spans.append((i, int(starts[i]), count))
@@ -182,7 +182,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: StepBatch) -> StepResult:
         """Logits (float32) for `logits_rows` only: the lm_head is too costly for the rest."""
-        # Only the logits rows' hidden states are wanted, unless some request keeps all of its own.
+        # Only the logits rows' hidden states are wanted, unless some sequence keeps all of its own.
         only_logits = (not batch.padded and batch.hidden_rows is None
                        and 0 < len(batch.logits_rows) < len(batch.input_ids))
         run = self.graphs.run if batch.padded else functools.partial(

@@ -1,70 +1,116 @@
-"""A request as the engine tracks it: prompt, output so far, and how much of it is in the cache."""
+"""A request (what a user sent) as the engine tracks it: its sequences (samples), which share the prompt.
+
+A request with n (or best_of) > 1 starts as one sequence; when its prompt is computed, the one
+row of logits is sampled once per sequence and the others are forked from it, sharing its KV
+blocks. Each sequence (engine/sequence.py) has its own seeded generator (and grammar matcher). Text, stop strings and
+the choice among best_of sequences are the client's (engine/output_processor.py): every sequence's
+new tokens go out each step.
+"""
 
 from __future__ import annotations
 
-import enum
-import time
 from dataclasses import dataclass, field
 
+import torch
+
 from ..sampling_params import SamplingParams
+from .deltas import LogprobRow, RequestDelta, SequenceDelta
+from .sequence import Sequence, SequenceStatus
+from .search import Hypothesis, SearchStrategy
 
 
-class RequestStatus(enum.Enum):
-    WAITING = "waiting"
-    RUNNING = "running"
-    PREEMPTED = "preempted"
-    FINISHED_STOPPED = "stop"
-    FINISHED_LENGTH = "length"
-    FINISHED_ABORTED = "abort"
-    FINISHED_TIMEOUT = "timeout"
+@dataclass
+class Pooled:
+    """A prompt's final hidden states reduced as they arrive, chunk by chunk: their sum and the last."""
 
-    @property
-    def finished(self) -> bool:
-        return self.name.startswith("FINISHED")
+    kind: str  # "last" or "mean"
+    prompt_len: int
+    rows: int = 0
+    total: torch.Tensor | None = None
+    last: torch.Tensor | None = None
+
+    def add(self, start: int, hidden: torch.Tensor) -> None:
+        """Rows for prompt positions start.. (a chunk seen before, recomputed after a preemption, is skipped)."""
+        hidden = hidden[:self.prompt_len - start]  # generated tokens' rows are not the prompt's
+        if start != self.rows or not len(hidden):
+            return
+        chunk = hidden.float().sum(0)
+        self.total = chunk if self.total is None else self.total + chunk
+        self.last, self.rows = hidden[-1].float(), self.rows + hidden.shape[0]
+
+    def embedding(self) -> bytes:
+        """The pooled vector, L2-normalised, as float32 bytes."""
+        pooled = self.last if self.kind == "last" else self.total / self.rows
+        return torch.nn.functional.normalize(pooled, dim=0).cpu().numpy().tobytes()
 
 
 @dataclass
 class Request:
-    """vLLM's rule: each step, `num_computed_tokens` catches up with `num_tokens` within a token
-    budget. There is no separate prefill or decode phase."""
-
     request_id: str
+    params: SamplingParams
     prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
-    output_token_ids: list[int] = field(default_factory=list)
-    status: RequestStatus = RequestStatus.WAITING
-    num_computed_tokens: int = 0
-    num_cached_tokens: int = 0  # of the prompt, found in the prefix cache at the last admission
-    num_preemptions: int = 0
-    first_token_time: float | None = None
-    finish_time: float | None = None
-    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify at the next step
-    gang: str | None = None  # the search this sequence belongs to: its sequences advance together
-    lora_id: int = 0  # the LoRA adapter it generates with (engine.loras), 0 for none
+    generators: list[torch.Generator | None]  # one per sequence, made at admission so seeds are fixed
+    deadline: float | None
+    stop_ids: frozenset[int]  # EOS ids and the request's stop_token_ids
+    sequences: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: list[LogprobRow | None] | None = None
+    prompt_logprobs_sent: bool = False
+    closed: bool = False  # no more sequences will be forked (the deadline passed before they were)
+    # Beam or contrastive search: its live sequences are `sequences`; its results come from it.
+    search: SearchStrategy | None = None
+    pooled: Pooled | None = None  # the prompt's hidden states so far, for a request with `pooling`
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+    def finished(self) -> bool:
+        if self.search is not None:
+            complete = self.search.done or self.closed
+        else:
+            complete = self.closed or len(self.sequences) == self.params.num_sequences
+        return complete and all(s.finished for s in self.sequences)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def reports_logprobs(self) -> bool:
+        """Whether sampled tokens' logprob rows go out: asked for, or best_of ranks the sequences by them."""
+        return self.params.logprobs is not None or self.params.num_sequences > self.params.n
 
-    def token_ids_at(self, start: int, count: int) -> list[int]:
-        """Tokens start..start+count-1 of prompt, output and drafts in a row, without joining the lists
-        (a step reads a few tokens of each running request; joining costs the whole context)."""
-        tokens: list[int] = []
-        for part in (self.prompt_token_ids, self.output_token_ids, self.spec_token_ids):
-            if len(tokens) == count:
-                break
-            if start < len(part):
-                tokens += part[start:start + count - len(tokens)]
-                start = 0
-            else:
-                start -= len(part)
-        return tokens
+    def take_delta(self) -> RequestDelta:
+        """What is new since the last output: every sequence's delta (a search's results once, at its end),
+        the prompt's logprobs once."""
+        if self.search is not None:
+            sequences = [_search_delta(i, h) for i, h in enumerate(self.search.results(self.params.n))]
+        else:
+            sequences = [s.take_delta() for s in self.sequences]
+        first = self.sequences[0]
+        finish_time = max(s.finish_time for s in self.sequences) if self.finished else None
+        metrics = (first.arrival_time, first.first_token_time, finish_time,
+                   sum(s.num_preemptions for s in self.sequences))
+        embedding = self.pooled.embedding() if self.pooled is not None and self.finished else None
+        return RequestDelta(self.request_id, sequences, self.finished, metrics, self._take_prompt_logprobs(),
+                            embedding)
 
-    @property
-    def finish_reason(self) -> str | None:
-        return self.status.value if self.status.finished else None
+    def _take_prompt_logprobs(self) -> list[LogprobRow | None] | None:
+        """The prompt's logprobs with the first delta (the prompt is computed before any token is sampled)."""
+        if self.prompt_logprobs is None or self.prompt_logprobs_sent:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.prompt_logprobs
+
+
+def _search_delta(index: int, found: Hypothesis) -> SequenceDelta:
+    """A search reports once, at its end: all of its tokens are new then."""
+    return SequenceDelta(index, list(found.token_ids), None, found.finish_reason, found.stop_reason,
+                         cumulative_logprob=found.cumulative_logprob)
+
+
+def finish_status_for_token(sequence: Sequence, token: int, eos_ids: frozenset[int],
+                            max_model_len: int) -> tuple[SequenceStatus | None, int | None]:
+    """The status a sampled token ends the sequence with (and the stop id that did it), if any."""
+    params = sequence.sampling_params
+    if len(sequence.output_token_ids) >= params.min_tokens:
+        if token in eos_ids and not params.ignore_eos:
+            return SequenceStatus.FINISHED_STOPPED, None
+        if token in params.stop_token_ids:
+            return SequenceStatus.FINISHED_STOPPED, token
+    if len(sequence.output_token_ids) >= params.max_tokens or sequence.num_tokens >= max_model_len:
+        return SequenceStatus.FINISHED_LENGTH, None
+    return None, None

@@ -1,11 +1,11 @@
 """Scheduler: fills one token budget per step with decode tokens and prefill chunks.
 
-Running requests are served first (oldest first); waiting ones are admitted while budget,
-sequence slots and KV blocks remain. When a running request cannot get a block, the newest
-running request is preempted: its blocks are freed and it is queued again to be recomputed.
-A running request with nothing to compute (a search sequence waiting for its siblings) is
+Running sequences are served first (oldest first); waiting ones are admitted while budget,
+sequence slots and KV blocks remain. When a running sequence cannot get a block, the newest
+running sequence is preempted: its blocks are freed and it is queued again to be recomputed.
+A running sequence with nothing to compute (a search sequence waiting for its siblings) is
 skipped. When nothing at all can run because such idle sequences hold the blocks the first
-waiting request needs, a whole other search ("gang") is preempted and queued behind the others:
+waiting sequence needs, a whole other search ("gang") is preempted and queued behind the others:
 each search fits the cache alone (checked at admission), so the first waiting one always gets in.
 """
 
@@ -16,26 +16,26 @@ from dataclasses import dataclass, field
 
 from ..config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
-from .request import Request, RequestStatus
+from .sequence import Sequence, SequenceStatus
 
 
 @dataclass
-class ScheduledRequest:
-    request: Request
+class ScheduledSequence:
+    sequence: Sequence
     num_new_tokens: int  # draft tokens included
     num_spec_tokens: int = 0  # the last num_spec_tokens of them are drafts, checked this step
 
     @property
     def completes_prompt(self) -> bool:
-        """After this step the request has caught up: its next token is sampled now."""
-        request = self.request
-        return request.num_computed_tokens + self.num_new_tokens - self.num_spec_tokens == request.num_tokens
+        """After this step the sequence has caught up: its next token is sampled now."""
+        sequence = self.sequence
+        return sequence.num_computed_tokens + self.num_new_tokens - self.num_spec_tokens == sequence.num_tokens
 
 
 @dataclass
 class SchedulerOutput:
-    scheduled: list[ScheduledRequest] = field(default_factory=list)
-    preempted: list[Request] = field(default_factory=list)
+    scheduled: list[ScheduledSequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -46,19 +46,19 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
         self.config = config
         self.kv_cache = kv_cache
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_draft_tokens = 0  # speculative decoding: drafts checked, and those the model agreed with
         self.num_accepted_drafts = 0
 
-    def add_request(self, request: Request) -> None:
-        self.waiting.append(request)
+    def add_waiting(self, sequence: Sequence) -> None:
+        self.waiting.append(sequence)
 
-    def add_running(self, request: Request) -> None:
-        """A fork of a running request: it joins the running set as it is (its KV is shared)."""
-        request.status = RequestStatus.RUNNING
-        self.running.append(request)
+    def add_running(self, sequence: Sequence) -> None:
+        """A fork of a running sequence: it joins the running set as it is (its KV is shared)."""
+        sequence.status = SequenceStatus.RUNNING
+        self.running.append(sequence)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -73,95 +73,95 @@ class Scheduler:
             self._schedule_waiting(out, budget)
         return out
 
-    def _yield_gang(self, keep: str | None) -> list[Request]:
+    def _yield_gang(self, keep: str | None) -> list[Sequence]:
         """Preempt the newest running search other than `keep`, all its sequences, to the back of the queue."""
         victim = next((r for r in reversed(self.running) if r.gang is not None and r.gang != keep), self.running[-1])
         gang = [r for r in self.running if r is victim or (victim.gang is not None and r.gang == victim.gang)]
-        for request in gang:
-            self.running.remove(request)
-            self._preempt(request)
-            self.waiting.remove(request)
-            self.waiting.append(request)
+        for sequence in gang:
+            self.running.remove(sequence)
+            self._preempt(sequence)
+            self.waiting.remove(sequence)
+            self.waiting.append(sequence)
         return gang
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
         index = 0
         while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            behind = request.num_tokens - request.num_computed_tokens
-            num_new = min(behind + len(request.spec_token_ids), budget)
+            sequence = self.running[index]
+            behind = sequence.num_tokens - sequence.num_computed_tokens
+            num_new = min(behind + len(sequence.spec_token_ids), budget)
             if num_new == 0:
                 index += 1
                 continue
-            if self.kv_cache.allocate_slots(request, num_new) is not None:
-                del request.spec_token_ids[max(0, num_new - behind):]  # drafts past the budget wait
-                out.scheduled.append(ScheduledRequest(request, num_new, len(request.spec_token_ids)))
+            if self.kv_cache.allocate_slots(sequence, num_new) is not None:
+                del sequence.spec_token_ids[max(0, num_new - behind):]  # drafts past the budget wait
+                out.scheduled.append(ScheduledSequence(sequence, num_new, len(sequence.spec_token_ids)))
                 budget -= num_new
                 index += 1
                 continue
-            victim = self.running.pop()  # the newest running request
+            victim = self.running.pop()  # the newest running sequence
             self._preempt(victim)
             out.preempted.append(victim)
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            cached_blocks, num_cached = self.kv_cache.get_computed_blocks(request)
-            remaining = request.num_tokens - num_cached
+            sequence = self.waiting[0]
+            cached_blocks, num_cached = self.kv_cache.get_computed_blocks(sequence)
+            remaining = sequence.num_tokens - num_cached
             if remaining > budget and not self.config.enable_chunked_prefill:
                 break
             num_new = min(remaining, budget)
-            if self.kv_cache.allocate_slots(request, num_new, cached_blocks) is None:
+            if self.kv_cache.allocate_slots(sequence, num_new, cached_blocks) is None:
                 break
             self.waiting.popleft()
-            request.status = RequestStatus.RUNNING
-            request.num_computed_tokens = num_cached
-            request.num_cached_tokens = num_cached
-            self.running.append(request)
-            out.scheduled.append(ScheduledRequest(request, num_new))
+            sequence.status = SequenceStatus.RUNNING
+            sequence.num_computed_tokens = num_cached
+            sequence.num_cached_tokens = num_cached
+            self.running.append(sequence)
+            out.scheduled.append(ScheduledSequence(sequence, num_new))
             budget -= num_new
 
-    def _preempt(self, request: Request) -> None:
-        self.kv_cache.free(request)
-        request.spec_token_ids.clear()
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
+    def _preempt(self, sequence: Sequence) -> None:
+        self.kv_cache.free(sequence)
+        sequence.spec_token_ids.clear()
+        sequence.status = SequenceStatus.PREEMPTED
+        sequence.num_computed_tokens = 0
+        sequence.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(request)
+        self.waiting.appendleft(sequence)
 
-    def update_from_output(self, scheduled: list[ScheduledRequest],
+    def update_from_output(self, scheduled: list[ScheduledSequence],
                            sampled: dict[str, list[int]]) -> dict[str, list[int]]:
-        """Record the step: the tokens each request computed, and which of its sampled tokens it keeps.
+        """Record the step: the tokens each sequence computed, and which of its sampled tokens it keeps.
 
-        `sampled` holds, per request that sampled, one token per scored row. A request with drafts
+        `sampled` holds, per sequence that sampled, one token per scored row. A sequence with drafts
         keeps the tokens up to the first one that differs from its draft (that one included: the
         model's own choice there); the K/V of the rejected drafts is written over later. Returns the
-        kept tokens per request; the engine appends them (it checks each for a stop)."""
+        kept tokens per sequence; the engine appends them (it checks each for a stop)."""
         kept: dict[str, list[int]] = {}
         for item in scheduled:
-            request = item.request
-            tokens = sampled.get(request.request_id, [])
+            sequence = item.sequence
+            tokens = sampled.get(sequence.seq_id, [])
             if item.num_spec_tokens:
-                agreed = _agreed_prefix(request.spec_token_ids, tokens)
+                agreed = _agreed_prefix(sequence.spec_token_ids, tokens)
                 tokens = tokens[:agreed + 1]
                 self.num_draft_tokens += item.num_spec_tokens
                 self.num_accepted_drafts += agreed
-                request.spec_token_ids = []
-                request.num_computed_tokens = request.num_tokens + len(tokens) - 1  # the last kept is not computed
+                sequence.spec_token_ids = []
+                sequence.num_computed_tokens = sequence.num_tokens + len(tokens) - 1  # the last kept is not computed
             else:
-                request.num_computed_tokens += item.num_new_tokens
-            kept[request.request_id] = tokens
+                sequence.num_computed_tokens += item.num_new_tokens
+            kept[sequence.seq_id] = tokens
         return kept
 
-    def finish(self, request: Request, status: RequestStatus) -> None:
-        request.status = status
-        self.kv_cache.free(request)
-        if request in self.running:
-            self.running.remove(request)
-        elif request in self.waiting:
-            self.waiting.remove(request)
+    def finish(self, sequence: Sequence, status: SequenceStatus) -> None:
+        sequence.status = status
+        self.kv_cache.free(sequence)
+        if sequence in self.running:
+            self.running.remove(sequence)
+        elif sequence in self.waiting:
+            self.waiting.remove(sequence)
 
 
 def _agreed_prefix(drafts: list[int], tokens: list[int]) -> int:

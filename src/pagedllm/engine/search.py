@@ -1,6 +1,6 @@
 """Search strategies that replace sampling: beam search (diverse groups included) and contrastive search.
 
-Both work over a request's *live sequences*: ordinary Requests that share KV blocks through forks
+Both work over a request's *live sequences*: ordinary Sequences that share KV blocks through forks
 (copy-on-write of the partly filled last block). Each engine step every live sequence computes
 one token and hands its logits row here (`record`). When all of them have (`ready`), the strategy
 `select`s continuations as (parent, token) pairs; the engine then forks a parent that continues
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from ..sampling_params import SamplingParams
-from .request import Request, RequestStatus
+from .sequence import Sequence, SequenceStatus
 
 NO_SCORE = -1.0e9  # what transformers gives an empty slot
 
@@ -38,7 +38,7 @@ class Hypothesis:
 
 @dataclass
 class _Beam:
-    request: Request
+    sequence: Sequence
     score: float  # the running score (diversity penalties included, as in transformers)
     logprob: float  # the model's log-probability of the generated tokens
 
@@ -55,23 +55,23 @@ class SearchStrategy(ABC):
 
     @property
     @abstractmethod
-    def live(self) -> list[Request]:
+    def live(self) -> list[Sequence]:
         """The sequences the search is advancing."""
 
-    def record(self, request: Request, logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        self.rows[request.request_id] = logits.float().clone()
+    def record(self, sequence: Sequence, logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        self.rows[sequence.seq_id] = logits.float().clone()
 
     def ready(self) -> bool:
         """Every live sequence is computed to its last token and has handed in its row."""
-        return all(r.request_id in self.rows and r.status == RequestStatus.RUNNING
+        return all(r.seq_id in self.rows and r.status == SequenceStatus.RUNNING
                    and r.num_computed_tokens == r.num_tokens for r in self.live)
 
     @abstractmethod
-    def select(self) -> list[tuple[Request, int]]:
+    def select(self) -> list[tuple[Sequence, int]]:
         """Continuations (parent, token) for the next step, in order; [] ends the search."""
 
     @abstractmethod
-    def adopt(self, children: list[Request]) -> None:
+    def adopt(self, children: list[Sequence]) -> None:
         """The sequences that carry select()'s continuations, in the same order."""
 
     @abstractmethod
@@ -82,10 +82,10 @@ class SearchStrategy(ABC):
     def max_blocks(self, total_tokens: int, block_size: int) -> int:
         """KV blocks the search may hold at once for sequences of `total_tokens`."""
 
-    def _masked(self, request: Request) -> torch.Tensor:
+    def _masked(self, sequence: Sequence) -> torch.Tensor:
         """The row, with stop tokens masked until min_tokens are generated."""
-        row = self.rows[request.request_id]
-        if len(request.output_token_ids) < self.params.min_tokens and self.eos_ids:
+        row = self.rows[sequence.seq_id]
+        if len(sequence.output_token_ids) < self.params.min_tokens and self.eos_ids:
             row[list(self.eos_ids)] = float("-inf")
         return row
 
@@ -105,7 +105,7 @@ class BeamSearch(SearchStrategy):
     width / groups beams whose scores lose diversity_penalty per use of a token by an earlier group
     in the same step). The n best finished hypotheses of all groups are returned."""
 
-    def __init__(self, root: Request, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int):
+    def __init__(self, root: Sequence, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int):
         super().__init__(params, eos_ids, max_tokens)
         groups = params.num_beam_groups
         self.group_size = params.num_sequences // groups
@@ -116,19 +116,19 @@ class BeamSearch(SearchStrategy):
         self._pending: list[tuple[int, float, float]] = []  # (group, score, logprob) per continuation
 
     @property
-    def live(self) -> list[Request]:
-        unique = {b.request.request_id: b.request for group in self.beams for b in group}
+    def live(self) -> list[Sequence]:
+        unique = {b.sequence.seq_id: b.sequence for group in self.beams for b in group}
         return list(unique.values())
 
-    def select(self) -> list[tuple[Request, int]]:
-        logprobs = {r.request_id: torch.log_softmax(self._masked(r), dim=-1) for r in self.live}
+    def select(self) -> list[tuple[Sequence, int]]:
+        logprobs = {r.seq_id: torch.log_softmax(self._masked(r), dim=-1) for r in self.live}
         continuations, self._pending, chosen = [], [], []
         for g, beams in enumerate(self.beams):
             if not beams:
                 continue
             running = self._step_group(g, self._candidates(beams, logprobs, chosen))
             for score, logprob, beam, token in running:
-                continuations.append((beam.request, token))
+                continuations.append((beam.sequence, token))
                 self._pending.append((g, score, logprob))
                 chosen.append(token)
             if not running:
@@ -137,7 +137,7 @@ class BeamSearch(SearchStrategy):
         self.done = not continuations
         return continuations
 
-    def adopt(self, children: list[Request]) -> None:
+    def adopt(self, children: list[Sequence]) -> None:
         self.beams = [[] for _ in self.beams]
         for child, (g, score, logprob) in zip(children, self._pending):
             self.beams[g].append(_Beam(child, score, logprob))
@@ -145,7 +145,7 @@ class BeamSearch(SearchStrategy):
     def _candidates(self, beams: list[_Beam], logprobs: dict[str, torch.Tensor],
                     chosen: list[int]) -> list[tuple[float, float, _Beam, int]]:
         """The best `keep` (score, logprob, parent, token) continuations of a group, best first."""
-        rows = torch.stack([logprobs[b.request.request_id] for b in beams])
+        rows = torch.stack([logprobs[b.sequence.seq_id] for b in beams])
         vocab = rows.shape[-1]
         penalised = rows
         if self.params.diversity_penalty and chosen:
@@ -161,7 +161,7 @@ class BeamSearch(SearchStrategy):
     def _step_group(self, g: int, candidates: list[tuple[float, float, _Beam, int]]):
         """Finish the top candidates that end, keep the best that go on; [] when the group is done."""
         size, penalty, early = self.group_size, self.params.length_penalty, self.params.early_stopping
-        length = len(candidates[0][2].request.output_token_ids) + 1  # all beams of a group are as long
+        length = len(candidates[0][2].sequence.output_token_ids) + 1  # all beams of a group are as long
         full_before = len(self.finished[g]) == size
         running, new = [], []
         for rank, (score, logprob, beam, token) in enumerate(candidates):
@@ -169,7 +169,7 @@ class BeamSearch(SearchStrategy):
                 if len(running) < size:
                     running.append((score, logprob, beam, token))
             elif rank < size and self.improvable[g] and not (early is True and full_before):
-                tokens = beam.request.output_token_ids + [token]
+                tokens = beam.sequence.output_token_ids + [token]
                 new.append(Hypothesis(tokens, score / length ** penalty, logprob, *self._finish_reason(tokens)))
         self.finished[g] = sorted(self.finished[g] + new, key=lambda h: h.score, reverse=True)[:size]
         best_length = self.max_tokens if early == "never" and penalty > 0 else length
@@ -184,7 +184,7 @@ class BeamSearch(SearchStrategy):
     def results(self, limit: int) -> list[Hypothesis]:
         found = [h for group in self.finished for h in group]
         if not self.done:  # cut short (timeout): the live beams count as they stand
-            found += [Hypothesis(list(b.request.output_token_ids), b.score / max(1, len(b.request.output_token_ids))
+            found += [Hypothesis(list(b.sequence.output_token_ids), b.score / max(1, len(b.sequence.output_token_ids))
                                  ** self.params.length_penalty, b.logprob, "timeout")
                       for group in self.beams for b in group]
         return sorted(found, key=lambda h: h.score, reverse=True)[:limit]
@@ -199,18 +199,18 @@ class ContrastiveSearch(SearchStrategy):
     best (1 - alpha) * probability - alpha * max cosine similarity between its hidden state and
     those of every token before it (prompt included)."""
 
-    def __init__(self, root: Request, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int):
+    def __init__(self, root: Sequence, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int):
         super().__init__(params, eos_ids, max_tokens)
         self.root = root
         self.context: list[torch.Tensor] = []  # final hidden states of the prompt and the chosen tokens
         self.hidden: dict[str, torch.Tensor] = {}  # this step's hidden state per candidate
-        self.candidates: list[tuple[Request, float]] = []  # live candidates and their probabilities
+        self.candidates: list[tuple[Sequence, float]] = []  # live candidates and their probabilities
         self.result: Hypothesis | None = None
         self._probs: list[float] = []
         self._logprob = 0.0
 
     @property
-    def live(self) -> list[Request]:
+    def live(self) -> list[Sequence]:
         return [c for c, _ in self.candidates] if self.candidates else [self.root]
 
     def record_context(self, start: int, hidden: torch.Tensor) -> None:
@@ -220,11 +220,11 @@ class ContrastiveSearch(SearchStrategy):
         if not self.candidates and 0 <= first < hidden.shape[0]:
             self.context += list(hidden[first:prompt_len - start].float())
 
-    def record(self, request: Request, logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
-        super().record(request, logits, hidden)
-        self.hidden[request.request_id] = hidden.float().clone()
+    def record(self, sequence: Sequence, logits: torch.Tensor, hidden: torch.Tensor | None) -> None:
+        super().record(sequence, logits, hidden)
+        self.hidden[sequence.seq_id] = hidden.float().clone()
 
-    def select(self) -> list[tuple[Request, int]]:
+    def select(self) -> list[tuple[Sequence, int]]:
         parent = self._best_candidate() if self.candidates else self.root
         if self.candidates and self._ends(parent.output_token_ids[-1], len(parent.output_token_ids)):
             tokens = list(parent.output_token_ids)
@@ -238,9 +238,9 @@ class ContrastiveSearch(SearchStrategy):
         self.hidden.clear()
         return [(parent, t) for t in top.indices.tolist()]
 
-    def _best_candidate(self) -> Request:
-        requests = [c for c, _ in self.candidates]
-        hidden = torch.stack([self.hidden[r.request_id] for r in requests])
+    def _best_candidate(self) -> Sequence:
+        sequences = [c for c, _ in self.candidates]
+        hidden = torch.stack([self.hidden[r.seq_id] for r in sequences])
         context = torch.stack(self.context)
         similarity = (hidden / hidden.norm(dim=-1, keepdim=True)) @ (context / context.norm(dim=-1, keepdim=True)).T
         probs = torch.tensor([p for _, p in self.candidates])
@@ -248,9 +248,9 @@ class ContrastiveSearch(SearchStrategy):
         best = int(((1 - alpha) * probs - alpha * similarity.max(dim=-1).values).argmax())
         self.context.append(hidden[best])
         self._logprob += float(torch.log(probs[best]))
-        return requests[best]
+        return sequences[best]
 
-    def adopt(self, children: list[Request]) -> None:
+    def adopt(self, children: list[Sequence]) -> None:
         self.candidates = list(zip(children, self._probs))
 
     def results(self, limit: int) -> list[Hypothesis]:
@@ -263,6 +263,6 @@ class ContrastiveSearch(SearchStrategy):
         return -(-total_tokens // block_size) + self.params.top_k
 
 
-def make_search(root: Request, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int) -> SearchStrategy:
+def make_search(root: Sequence, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int) -> SearchStrategy:
     strategy = BeamSearch if params.use_beam_search else ContrastiveSearch
     return strategy(root, params, eos_ids, max_tokens)

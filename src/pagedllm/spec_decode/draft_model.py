@@ -1,5 +1,5 @@
 """Draft-model speculation: a smaller model with the same vocabulary guesses the next tokens
-greedily, with its own paged KV cache, batched over every request that wants drafts."""
+greedily, with its own paged KV cache, batched over every sequence that wants drafts."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ import torch
 
 from ..engine.kv_cache_manager import KVCacheManager
 from ..engine.model_runner import ModelRunner, plan_kv_cache
-from ..engine.request import Request
-from ..engine.scheduler import ScheduledRequest
+from ..engine.sequence import Sequence
+from ..engine.scheduler import ScheduledSequence
 from ..errors import PagedLLMError
 from ..models.loaders import ModelSource, load_model
 from ..sampling_params import SamplingParams
 
 
 class DraftModelProposer:
-    """Each target request has a *mirror* here: the same tokens, and how many of them the draft's
+    """Each target sequence has a *mirror* here: the same tokens, and how many of them the draft's
     cache holds. A call brings every mirror up to date in one forward pass (only the tokens the
     target accepted since last time, plus the new one), then runs num_tokens - 1 one-token passes.
-    Mirrors of requests that stop asking are freed."""
+    Mirrors of sequences that stop asking are freed."""
 
     def __init__(self, source: ModelSource, num_tokens: int, vocab_size: int, device: torch.device,
                  dtype: torch.dtype, kv_cache_memory_bytes: int, block_size: int, attention_backend: str = "auto"):
@@ -32,26 +32,26 @@ class DraftModelProposer:
         self.kv_cache = KVCacheManager(spec.num_blocks, block_size, enable_prefix_caching=False)
         self.runner = ModelRunner(self.model, spec, device, dtype, attention_backend)
         self.num_tokens = num_tokens
-        self.mirrors: dict[str, Request] = {}
+        self.mirrors: dict[str, Sequence] = {}
 
-    def propose_for(self, requests: list[Request], limits: list[int]) -> list[list[int]]:
-        """Up to min(num_tokens, limit) greedy draft tokens per request."""
-        wanted = {r.request_id for r in requests}
-        for request_id in [i for i in self.mirrors if i not in wanted]:
-            self._forget(request_id)
-        counts = {r.request_id: min(self.num_tokens, limit) for r, limit in zip(requests, limits)}
-        mirrors = [self._sync(r) for r in requests if counts[r.request_id] > 0]
+    def propose_for(self, sequences: list[Sequence], limits: list[int]) -> list[list[int]]:
+        """Up to min(num_tokens, limit) greedy draft tokens per sequence."""
+        wanted = {r.seq_id for r in sequences}
+        for seq_id in [i for i in self.mirrors if i not in wanted]:
+            self._forget(seq_id)
+        counts = {r.seq_id: min(self.num_tokens, limit) for r, limit in zip(sequences, limits)}
+        mirrors = [self._sync(r) for r in sequences if counts[r.seq_id] > 0]
         for step in range(max(counts.values(), default=0)):
-            self._draft_one([m for m in mirrors if counts[m.request_id] > step and m.request_id in self.mirrors])
-        return [list(self.mirrors[r.request_id].output_token_ids) if r.request_id in self.mirrors else []
-                for r in requests]
+            self._draft_one([m for m in mirrors if counts[m.seq_id] > step and m.seq_id in self.mirrors])
+        return [list(self.mirrors[r.seq_id].output_token_ids) if r.seq_id in self.mirrors else []
+                for r in sequences]
 
-    def _sync(self, target: Request) -> Request:
+    def _sync(self, target: Sequence) -> Sequence:
         """The mirror of `target`, its cached prefix cut back to where it still agrees with the target."""
         tokens = target.all_token_ids
-        mirror = self.mirrors.get(target.request_id)
+        mirror = self.mirrors.get(target.seq_id)
         if mirror is None:
-            mirror = self.mirrors[target.request_id] = Request(target.request_id, tokens, SamplingParams())
+            mirror = self.mirrors[target.seq_id] = Sequence(target.seq_id, tokens, SamplingParams())
             return mirror
         old, keep = mirror.all_token_ids, min(mirror.num_computed_tokens, len(tokens) - 1)
         while keep > 0 and old[keep - 1] != tokens[keep - 1]:  # only the rejected drafts differ
@@ -60,21 +60,21 @@ class DraftModelProposer:
         return mirror
 
     @torch.inference_mode()
-    def _draft_one(self, mirrors: list[Request]) -> None:
+    def _draft_one(self, mirrors: list[Sequence]) -> None:
         scheduled = []
         for mirror in mirrors:
             num_new = mirror.num_tokens - mirror.num_computed_tokens
             if self.kv_cache.allocate_slots(mirror, num_new) is None:
-                self._forget(mirror.request_id)  # the draft's cache is full: this request goes without drafts
+                self._forget(mirror.seq_id)  # the draft's cache is full: this sequence goes without drafts
                 continue
-            scheduled.append(ScheduledRequest(mirror, num_new))
+            scheduled.append(ScheduledSequence(mirror, num_new))
         if not scheduled:
             return
-        batch = self.runner.prepare(scheduled, [self.kv_cache.block_table(s.request) for s in scheduled])
+        batch = self.runner.prepare(scheduled, [self.kv_cache.block_table(s.sequence) for s in scheduled])
         tokens = self.runner.execute(batch).logits.argmax(dim=-1).tolist()
         for item, token in zip(scheduled, tokens):
-            item.request.num_computed_tokens += item.num_new_tokens
-            item.request.output_token_ids.append(token)
+            item.sequence.num_computed_tokens += item.num_new_tokens
+            item.sequence.output_token_ids.append(token)
 
-    def _forget(self, request_id: str) -> None:
-        self.kv_cache.free(self.mirrors.pop(request_id))
+    def _forget(self, seq_id: str) -> None:
+        self.kv_cache.free(self.mirrors.pop(seq_id))

@@ -7,15 +7,15 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..engine.request import Request
+from ..engine.sequence import Sequence
 
 
 class NgramProposer:
     def __init__(self, num_tokens: int, max_ngram: int = 4, min_ngram: int = 1):
         self.num_tokens, self.max_ngram, self.min_ngram = num_tokens, max_ngram, min_ngram
 
-    def propose_for(self, requests: list[Request], limits: list[int]) -> list[list[int]]:
-        return [self.propose(r.all_token_ids, limit) for r, limit in zip(requests, limits)]
+    def propose_for(self, sequences: list[Sequence], limits: list[int]) -> list[list[int]]:
+        return [self.propose(r.all_token_ids, limit) for r, limit in zip(sequences, limits)]
 
     def propose(self, token_ids: list[int], limit: int) -> list[int]:
         """Up to min(num_tokens, limit) tokens that followed the latest earlier match of the

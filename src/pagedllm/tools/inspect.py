@@ -23,8 +23,8 @@ import torch
 
 from ..attention import kv_bytes_per_token
 from ..engine.model_runner import ModelRunner, plan_kv_cache
-from ..engine.request import Request
-from ..engine.scheduler import ScheduledRequest
+from ..engine.sequence import Sequence
+from ..engine.scheduler import ScheduledSequence
 from ..errors import PagedLLMError
 from ..models.loaders import ModelSource, load_model, resolve_model
 from ..models.transformer import LayerObserver, Transformer
@@ -146,8 +146,8 @@ def prefill_observed(model: Transformer, token_ids: list[int], observe: LayerObs
     dtype, device = model.norm.weight.dtype, model.norm.weight.device
     spec = plan_kv_cache(cfg, block_size, kv_bytes_per_token(cfg, dtype) * (len(token_ids) + block_size), dtype)
     runner = ModelRunner(model, spec, device, dtype)
-    request = Request("inspect", list(token_ids), SamplingParams(max_tokens=1))
-    batch = runner.prepare([ScheduledRequest(request, len(token_ids))], [list(range(spec.num_blocks))])
+    sequence = Sequence("inspect", list(token_ids), SamplingParams(max_tokens=1))
+    batch = runner.prepare([ScheduledSequence(sequence, len(token_ids))], [list(range(spec.num_blocks))])
     final = model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta, observe=observe)
     return final, model.rotations(batch.positions, batch.meta, dtype)
 
