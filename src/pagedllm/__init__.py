@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "LLMEngine", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob", "infer",
+__all__ = ["LLM", "SamplingParams", "PoolingParams", "LLMEngine", "EngineConfig", "RequestOutput", "CompletionOutput", "Logprob", "infer",
            "BatchSummary"]
 
 if TYPE_CHECKING:
@@ -14,9 +14,10 @@ if TYPE_CHECKING:
     from .entrypoints.llm import LLM
     from .engine.outputs import CompletionOutput, Logprob, RequestOutput
     from .entrypoints.batch import BatchSummary, infer
+    from .pooling_params import PoolingParams
     from .sampling_params import SamplingParams
 
-_LAZY = {"LLM": "entrypoints.llm", "SamplingParams": "sampling_params", "LLMEngine": "engine.llm_engine",
+_LAZY = {"LLM": "entrypoints.llm", "SamplingParams": "sampling_params", "PoolingParams": "pooling_params", "LLMEngine": "engine.llm_engine",
          "EngineConfig": "config", "RequestOutput": "engine.outputs", "CompletionOutput": "engine.outputs",
          "Logprob": "engine.outputs", "infer": "entrypoints.batch", "BatchSummary": "entrypoints.batch"}
 

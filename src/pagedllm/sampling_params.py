@@ -87,13 +87,6 @@ class SamplingParams:
     num_beam_groups: int = 1  # diverse beam search: the beams split into this many groups ...
     diversity_penalty: float = 0.0  # ... each penalised for tokens the groups before it chose this step
     penalty_alpha: float = 0.0  # > 0: contrastive search among top_k candidates (degeneration penalty weight)
-    # "last" or "mean": also return the prompt's final hidden states pooled and L2-normalised (an embedding).
-    pooling: str | None = None
-
-    @property
-    def needs_every_prompt_row(self) -> bool:
-        """Prompt logprobs and pooling read every prompt position: no cached prefix may be skipped."""
-        return self.prompt_logprobs is not None or self.pooling is not None
 
     def __post_init__(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
@@ -115,7 +108,6 @@ class SamplingParams:
         self._normalise_logit_bias()
         _check(self.seed is None or _is_int(self.seed), "seed", "an integer", self.seed)
         self._normalise_stops()
-        _check(self.pooling in (None, "last", "mean"), "pooling", "'last', 'mean' or None", self.pooling)
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name,

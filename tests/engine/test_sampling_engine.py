@@ -148,3 +148,19 @@ def test_timeout_finishes_with_its_own_reason(llm):
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=500, temperature=0, ignore_eos=True, timeout=0.3))[0]
     assert out.finish_reason == "timeout" and 0 < len(out.token_ids) < 500
     assert llm.engine.stats().kv_blocks_free == llm.engine.stats().kv_blocks_total
+
+
+def test_pooling_params_pool_the_prompt_and_sample_nothing(llm):
+    """PoolingParams are apart from sampling: the request ends when its prompt is computed, with its vector."""
+    from pagedllm import PoolingParams
+    from pagedllm.sampling_params import SamplingParamsError
+    from helpers import prefill_hidden
+
+    generated = llm.engine.stats().generation_tokens_total
+    last, mean = llm.embed([PROMPTS[1], PROMPTS[1]], [PoolingParams(), PoolingParams("mean", normalize=False)])
+    assert llm.engine.stats().generation_tokens_total == generated and last.outputs == [] and last.finished
+    hidden = prefill_hidden(llm.engine.model, last.prompt_token_ids).float()
+    assert torch.allclose(last.embedding, torch.nn.functional.normalize(hidden[-1], dim=0), atol=1e-3)
+    assert torch.allclose(mean.embedding, hidden.mean(0), atol=1e-3, rtol=1e-3)
+    with pytest.raises(SamplingParamsError, match="pooling"):
+        PoolingParams("max")

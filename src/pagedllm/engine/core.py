@@ -55,8 +55,8 @@ class EngineCore:
         """Admit a request or raise why not (the client turns the error into its answer)."""
         if len(self.engine.scheduler.waiting) >= self.max_waiting_requests:
             raise QueueFullError(f"the waiting queue is full ({self.max_waiting_requests} requests); try again later")
-        self.engine.add_request(message.request_id, {"prompt_token_ids": message.prompt_token_ids}, message.params,
-                                lora=message.lora)
+        self.engine.add_request(message.request_id, {"prompt_token_ids": message.prompt_token_ids},
+                                message.pooling or message.params, lora=message.lora)
 
     def abort(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -35,6 +35,7 @@ import zmq
 from ..config import EngineConfig
 from ..errors import PagedLLMError
 from ..lora import LoRAError
+from ..pooling_params import PoolingParams
 from ..models.loaders import resolve_model
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, load_tokenizer
@@ -93,6 +94,13 @@ def plan_cpus(cores: int, device: str) -> list[tuple[int, ...] | None]:
                                f"{len(available)}")
     share = len(available) // cores
     return [tuple(available[i * share:(i + 1) * share]) for i in range(cores)]
+
+
+def _add_request(call_id: int, request_id: str, ids: list[int], params: SamplingParams | PoolingParams,
+                 lora: str | None) -> AddRequest:
+    if isinstance(params, PoolingParams):
+        return AddRequest(call_id, request_id, ids, None, lora, params)
+    return AddRequest(call_id, request_id, ids, params, lora)
 
 
 @dataclass
@@ -313,7 +321,7 @@ class AsyncEngineClient:
             future.set_result(reply.result)
 
     # -- what front ends ask ----------------------------------------------------------------------
-    async def add(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
+    async def add(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | PoolingParams,
                   lora: str | None = None) -> AsyncIterator[RequestOutput]:
         """Admit a request on one core (errors are raised here) and return the iterator of its outputs.
         Leaving that iterator early (a client that went away) aborts the request and frees its blocks; a
@@ -327,7 +335,7 @@ class AsyncEngineClient:
         core.open.add(request_id)
         self._processor.add(request_id, ids, text, params)
         try:
-            await self._ask(core, lambda call_id: AddRequest(call_id, request_id, ids, params, lora))
+            await self._ask(core, lambda call_id: _add_request(call_id, request_id, ids, params, lora))
         except BaseException:
             self._close_stream(request_id)
             self._processor.forget(request_id)
@@ -343,7 +351,7 @@ class AsyncEngineClient:
         hashes = block_hashes(ids, self.info.block_size)
         return max(live, key=lambda core: (core.prefixes.match(hashes), -len(core.open), -core.index)), hashes
 
-    async def generate(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams,
+    async def generate(self, request_id: str, prompt: str | list[int] | dict, params: SamplingParams | PoolingParams,
                        lora: str | None = None) -> AsyncIterator[RequestOutput]:
         async for output in await self.add(request_id, prompt, params, lora):
             yield output

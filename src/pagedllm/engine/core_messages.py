@@ -12,6 +12,7 @@ from typing import Any, Union
 
 import msgspec
 
+from ..pooling_params import PoolingParams
 from ..sampling_params import SamplingParams
 from .deltas import RequestDelta
 from .outputs import EngineStats
@@ -35,8 +36,9 @@ class AddRequest(msgspec.Struct, tag=True, array_like=True):
     call_id: int
     request_id: str
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | None  # None for a pooling request
     lora: str | None = None
+    pooling: PoolingParams | None = None  # an embedding request (apart: msgspec unions hold one object type)
 
 
 class Abort(msgspec.Struct, tag=True, array_like=True):

@@ -47,7 +47,7 @@ class KVCacheManager:
     def get_computed_blocks(self, sequence: Sequence) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of a new sequence, in whole blocks, leaving at least one
         token to compute (the step must produce logits, and must not write a shared block)."""
-        if not self.pool.enable_caching or sequence.sampling_params.needs_every_prompt_row:
+        if not self.pool.enable_caching or sequence.needs_every_prompt_row:
             return [], 0  # prompt logprobs and pooling read every prompt position: nothing can be skipped
         hits: list[KVBlock] = []
         parent, ids = _root_hash(sequence), sequence.all_token_ids

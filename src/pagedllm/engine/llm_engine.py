@@ -22,6 +22,7 @@ from ..lora import LoadedAdapter, LoRAError, LoRARegistry
 from ..models.loaders import ModelSource, load_model, read_model_config, resolve_model
 from ..sampling.structured_output import GrammarCompiler
 from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs
+from ..pooling_params import PoolingParams
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, load_tokenizer
 from .cuda_graphs import GraphConfig
@@ -129,10 +130,13 @@ class LLMEngine:
                              self.config.attention_backend)
 
     # -- requests ---------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | None = None,
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | PoolingParams | None = None,
                     lora: str | None = None) -> None:
-        """`lora`: the name of a loaded LoRA adapter to generate with (None: the base model)."""
-        params = params or SamplingParams()
+        """`params`: how to generate, or how to pool the prompt into an embedding (PoolingParams: nothing is
+        sampled; the request finishes when its prompt is computed). `lora`: the name of a loaded LoRA adapter
+        (None: the base model)."""
+        pooling = params if isinstance(params, PoolingParams) else None
+        params = SamplingParams(max_tokens=1, temperature=0) if pooling is not None else params or SamplingParams()
         if request_id in self._requests:
             raise RequestError(f"request id {request_id!r} is already in use")
         lora_id = self.lora_adapter(lora).id if lora is not None else 0
@@ -144,14 +148,15 @@ class LLMEngine:
                           arrival + params.timeout if params.timeout is not None else None,
                           self.tokenizer.stop_token_ids | frozenset(params.stop_token_ids),
                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
-        request.pooled = Pooled(params.pooling, len(ids)) if params.pooling else None
-        sequence = Sequence(self._sequence_id(), ids, params, arrival_time=arrival, lora_id=lora_id, grammar=grammar)
+        request.pooled = Pooled(pooling.pooling, len(ids), pooling.normalize) if pooling is not None else None
+        sequence = Sequence(self._sequence_id(), ids, params, arrival_time=arrival, lora_id=lora_id, grammar=grammar,
+                            pools=pooling is not None)
         self._add_sequence(request, sequence)
         if params.search is not None:
             self._start_search(request, sequence)
         self._requests[request_id] = request
         if self._processor is not None:
-            self._processor.add(request_id, ids, text, params)
+            self._processor.add(request_id, ids, text, pooling or params)
         if request.deadline is not None:
             heapq.heappush(self._deadlines, (request.deadline, request_id))
         self.scheduler.add_waiting(sequence)
@@ -287,27 +292,35 @@ class LLMEngine:
             self._record_prompt_logprobs(out.scheduled, batch, logits[batch.num_sampled:])
             hidden_of = self._take_hidden_states(out.scheduled, batch, result.hidden)
             prompt_tokens = self._prompt_tokens(out.scheduled)
-            plain, searching = self._split_sampling(out.scheduled, batch)
+            plain, searching, pooled = self._split_sampling(out.scheduled, batch)
             rows, tokens, logprobs = self._sample(plain, logits[:batch.num_sampled])
             rows_of, fork_rows = self._rows_by_sequence(rows)
             kept = self.scheduler.update_from_output(
                 out.scheduled, {seq: [tokens[r] for r in seq_rows] for seq, seq_rows in rows_of.items()})
             generated = self._append_kept(rows, rows_of, fork_rows, kept, tokens, logprobs, touched)
+            self._finish_pooled(pooled, touched)
             generated += self._advance_searches(searching, logits, hidden_of, touched)
             self._propose_drafts([item for item, _ in plain])
             self._count(prompt_tokens, generated)
         return self._deltas(touched)
 
-    def _split_sampling(self, scheduled: list[ScheduledSequence], batch: StepBatch
-                        ) -> tuple[list[tuple[ScheduledSequence, int]], list[tuple[ScheduledSequence, int]]]:
-        """The requests that produce logits this step, with their first logits row: sampled ones,
-        and sequences of a search."""
-        plain, searching = [], []
+    def _split_sampling(self, scheduled: list[ScheduledSequence], batch: StepBatch) -> tuple[list, list, list]:
+        """The sequences that produce logits this step, each with its first logits row: sampled ones,
+        sequences of a search, and pooling requests' (their prompt is computed: nothing is sampled)."""
+        plain, searching, pooled = [], [], []
         for item, span in zip(scheduled, batch.sample_spans):
             if span is not None:
                 request, _ = self._live[item.sequence.seq_id]
-                (plain if request.search is None else searching).append((item, span[0]))
-        return plain, searching
+                kind = pooled if request.pooled is not None else plain if request.search is None else searching
+                kind.append((item, span[0]))
+        return plain, searching, pooled
+
+    def _finish_pooled(self, pooled: list[tuple[ScheduledSequence, int]], touched: dict[str, Request]) -> None:
+        """Pooling requests whose prompts are computed: their vectors are whole."""
+        for item, _ in pooled:
+            request, sequence = self._live[item.sequence.seq_id]
+            self._finish(sequence, SequenceStatus.FINISHED_STOPPED)
+            touched[request.request_id] = request
 
     def _sample(self, scheduled: list[tuple[ScheduledSequence, int]], logits: torch.Tensor
                 ) -> tuple[list[tuple[Request, int, list[int]]], list[int], list[LogprobRow] | None]:

@@ -153,7 +153,7 @@ class ModelRunner:
             sample_rows += range(query_start[i + 1] - count, query_start[i + 1])
         prompt_rows, extra_rows = self._prompt_logprob_rows(scheduled, starts, counts, query_start)
         hidden_spans = [(i, int(starts[i]), int(counts[i])) for i, s in enumerate(scheduled)
-                        if s.sequence.sampling_params.penalty_alpha > 0 or s.sequence.sampling_params.pooling]
+                        if s.sequence.sampling_params.penalty_alpha > 0 or s.sequence.pools]
         hidden_rows = [row for i, _, n in hidden_spans for row in range(query_start[i], query_start[i] + n)]
         segments = (lora_segments([s.sequence.lora_id for s in scheduled], query_start, self.device)
                     if self.model.lora_context is not None else [])

@@ -2,7 +2,8 @@
 
 The engine core sends token ids; everything textual happens here, in the front end's process, while the
 core computes its next step: incremental detokenisation, stop strings, the texts of logprob entries, the
-choice of the n best of best_of sequences and the decoding of a search's results.
+choice of the n best of best_of sequences and the decoding of a search's results. A pooling request
+(PoolingParams) has no sequences to show: its one output, once finished, carries the embedding.
 
 A stop string found here ends its sequence at once for the caller; the core is told through `stop_sequence`
 (or `abort` once no sequence of the request goes on), so it may have computed a token or two past it,
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from ..pooling_params import PoolingParams
 from ..sampling_params import SamplingParams
 from ..tokenizer import IncrementalDetokenizer, Tokenizer
 from .deltas import LogprobRow, RequestDelta, SequenceDelta
@@ -138,6 +140,20 @@ class _Request:
                              self.prompt_logprobs, metrics, _embedding(delta.embedding))
 
 
+@dataclass
+class _Pooling:
+    """An embedding request: nothing but its vector, at its end."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    prompt: str | None
+
+    def output(self, delta: RequestDelta) -> RequestOutput:
+        metrics = RequestMetrics(*delta.metrics) if delta.metrics is not None else None
+        return RequestOutput(self.request_id, self.prompt_token_ids, [], True, self.prompt, None, metrics,
+                             _embedding(delta.embedding))
+
+
 def _embedding(data: bytes | None):
     if data is None:
         return None
@@ -159,8 +175,12 @@ class OutputProcessor:
         self.stop_sequence, self.abort = stop_sequence, abort
         self._requests: dict[str, _Request] = {}
 
-    def add(self, request_id: str, prompt_token_ids: list[int], prompt: str | None, params: SamplingParams) -> None:
-        self._requests[request_id] = _Request(request_id, prompt_token_ids, prompt, params)
+    def add(self, request_id: str, prompt_token_ids: list[int], prompt: str | None,
+            params: SamplingParams | PoolingParams) -> None:
+        if isinstance(params, PoolingParams):
+            self._requests[request_id] = _Pooling(request_id, prompt_token_ids, prompt)
+        else:
+            self._requests[request_id] = _Request(request_id, prompt_token_ids, prompt, params)
 
     def forget(self, request_id: str) -> None:
         self._requests.pop(request_id, None)
@@ -169,8 +189,11 @@ class OutputProcessor:
         """The output for this delta: None for a request that reports only at its end (best_of > n, a
         search) and is not finished, or that has already finished here."""
         request = self._requests.get(delta.request_id)
-        if request is None:
+        if request is None or (isinstance(request, _Pooling) and not delta.finished):
             return None
+        if isinstance(request, _Pooling):
+            del self._requests[delta.request_id]
+            return request.output(delta)
         if delta.prompt_logprobs is not None:
             request.prompt_logprobs = [None if row is None else self.texts.position(row)
                                        for row in delta.prompt_logprobs]

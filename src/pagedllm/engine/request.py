@@ -25,6 +25,7 @@ class Pooled:
 
     kind: str  # "last" or "mean"
     prompt_len: int
+    normalize: bool = True
     rows: int = 0
     total: torch.Tensor | None = None
     last: torch.Tensor | None = None
@@ -39,9 +40,11 @@ class Pooled:
         self.last, self.rows = hidden[-1].float(), self.rows + hidden.shape[0]
 
     def embedding(self) -> bytes:
-        """The pooled vector, L2-normalised, as float32 bytes."""
+        """The pooled vector (L2-normalised unless asked not to) as float32 bytes."""
         pooled = self.last if self.kind == "last" else self.total / self.rows
-        return torch.nn.functional.normalize(pooled, dim=0).cpu().numpy().tobytes()
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=0)
+        return pooled.cpu().numpy().tobytes()
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Request:
     closed: bool = False  # no more sequences will be forked (the deadline passed before they were)
     # Beam or contrastive search: its live sequences are `sequences`; its results come from it.
     search: SearchStrategy | None = None
-    pooled: Pooled | None = None  # the prompt's hidden states so far, for a request with `pooling`
+    pooled: Pooled | None = None  # the prompt's hidden states so far, for a pooling (embedding) request
 
     @property
     def finished(self) -> bool:

@@ -48,6 +48,7 @@ class Sequence:
     spec_token_ids: list[int] = field(default_factory=list)  # draft tokens to verify at the next step
     gang: str | None = None  # the search this sequence belongs to: its sequences advance together
     lora_id: int = 0  # the LoRA adapter it generates with (engine.loras), 0 for none
+    pools: bool = False  # its request pools the prompt's final hidden states (an embedding); nothing is sampled
     index: int = 0  # which of its request's samples it is
     generator: torch.Generator | None = None  # a seeded request's, one per sample
     grammar: Any = None  # an llguidance matcher when the request asks for structured output
@@ -60,6 +61,11 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def needs_every_prompt_row(self) -> bool:
+        """Prompt logprobs and pooling read every prompt position: no cached prefix may be skipped."""
+        return self.sampling_params.prompt_logprobs is not None or self.pools
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -10,6 +10,7 @@ from . import create_engine
 from ..engine.llm_engine import Prompt
 from ..engine.outputs import RequestOutput
 from ..kernels.openmp import kernels_in_this_thread
+from ..pooling_params import PoolingParams
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer
 from ..tools.inspect import AttentionQuery, Comparison, Inspection, compare_layers, inspect_model, load_reference
@@ -27,7 +28,7 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 params: SamplingParams | PoolingParams | Sequence[SamplingParams | PoolingParams] | None = None,
                  lora: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
         """One finished output per prompt, in the order given. `lora`: a loaded adapter's name for every
         prompt, or one name (or None: the base model) per prompt; all of them run in the same batch."""
@@ -45,6 +46,12 @@ class LLM:
             self.engine.add_request(ids[-1], prompt, p, lora=adapter)
             self._next_id += 1
         return self._run(ids)
+
+    def embed(self, prompts: Prompt | Sequence[Prompt], params: PoolingParams | None = None,
+              lora: str | Sequence[str | None] | None = None) -> list[RequestOutput]:
+        """Each prompt's final hidden states pooled into one vector (`RequestOutput.embedding`, float32): the
+        last token's by default, or their mean (`PoolingParams("mean")`); nothing is generated."""
+        return self.generate(prompts, params or PoolingParams(), lora)
 
     def load_lora(self, name: str, path: str) -> None:
         """Load a LoRA adapter (a PEFT folder or a llama.cpp GGUF LoRA) for generate(lora=name); the LLM

@@ -9,7 +9,7 @@ import uuid
 
 from fastapi import APIRouter, Request
 
-from ...sampling_params import SamplingParams
+from ...pooling_params import PoolingParams
 from .errors import APIError
 from .protocol import COMPLETIONS_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from .responses import Echo, completion_response, embedding_response
@@ -41,7 +41,7 @@ def openai_routes(server: OpenAIServer, auth: list) -> APIRouter:
             if len(p.ids) >= client.info.max_model_len:
                 raise APIError(400, f"This model's maximum context length is {client.info.max_model_len} tokens; an "
                                     f"input has {len(p.ids)}.", "input", "context_length_exceeded")
-        params = SamplingParams(max_tokens=1, temperature=0, pooling=config.pooling)
+        params = PoolingParams(config.pooling)
         request_id = f"embd-{uuid.uuid4().hex}"
         gens = await server.start([f"{request_id}-{i}" for i in range(len(prompts))], prompts,
                                   [params] * len(prompts), lora)

@@ -17,6 +17,7 @@ from fastapi import Request
 from ...engine.core_client import AsyncEngineClient
 from ...engine.outputs import RequestOutput
 from ...errors import PagedLLMError
+from ...pooling_params import PoolingParams
 from ...sampling_params import SamplingParams, StructuredOutputParams
 from ...tools.inspect import ProbeError
 from .errors import APIError, api_error
@@ -124,7 +125,7 @@ class OpenAIServer:
             raise APIError(400, message, message.split(" ", 1)[0]) from None
 
     # -- generation ---------------------------------------------------------------------------
-    async def start(self, request_ids: list[str], prompts: list[Prompt], params: list[SamplingParams],
+    async def start(self, request_ids: list[str], prompts: list[Prompt], params: list[SamplingParams | PoolingParams],
                     lora: str | None = None) -> list[AsyncIterator[RequestOutput]]:
         """Admit every prompt (or none: the ones admitted before a refusal are aborted)."""
         started = []
