@@ -36,7 +36,7 @@ from .outputs import EngineStats, RequestOutput
 from .sequence import Sequence, SequenceStatus
 from .scheduler import ScheduledSequence, Scheduler
 from .search import ContrastiveSearch, make_search
-from .request import Pooled, Request, finish_status_for_token
+from .request import Pooled, Request
 
 THROUGHPUT_WINDOW_S = 10.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,6 +75,7 @@ class LLMEngine:
             tp = join_group(0, config.tensor_parallel_size, port, config.device)
         self.model = load_model(self.source, self.device, dtype, config.quantization, tp)
         self.loras = self._lora_registry()  # before the runner: adapters turn CUDA graphs off
+        self.tokenizer: Tokenizer = load_tokenizer(self.source)
         model_len = self.model.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_len, model_len)
         kv_dtype = kv_pool_dtype(self.model, config.cache.kv_cache_dtype, dtype)
@@ -85,14 +86,13 @@ class LLMEngine:
                                 f"({self.kv_spec.bytes_per_block} bytes)")
         self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size,
                                        config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.tokenizer.stop_token_ids, self.max_model_len)
         runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype,
                              self._graph_config())
         self.runner = ParallelRunner(runner, workers, threads) if tp is not None else runner
         self._requests: dict[str, Request] = {}  # by the caller's request id
         self._live: dict[str, tuple[Request, Sequence]] = {}  # each unfinished sequence and its request, by id
         self._deadlines: list[tuple[float, str]] = []  # heap of (deadline, request id)
-        self.tokenizer: Tokenizer = load_tokenizer(self.source)
         # step()'s outputs, in this process: a stop string found there stops its sequence before the next step
         self._processor = OutputProcessor(self.tokenizer, self.stop_sequence, self.abort) if whole_outputs else None
         self.proposer = self._proposer(config.speculative, make_proposer, dtype)
@@ -294,10 +294,10 @@ class LLMEngine:
             prompt_tokens = self._prompt_tokens(out.scheduled)
             plain, searching, pooled = self._split_sampling(out.scheduled, batch)
             rows, tokens, logprobs = self._sample(plain, logits[:batch.num_sampled])
-            rows_of, fork_rows = self._rows_by_sequence(rows)
-            kept = self.scheduler.update_from_output(
-                out.scheduled, {seq: [tokens[r] for r in seq_rows] for seq, seq_rows in rows_of.items()})
-            generated = self._append_kept(rows, rows_of, fork_rows, kept, tokens, logprobs, touched)
+            rows_of, forks = self._fork_samples(rows, plain)
+            appended = self.scheduler.update_from_output(
+                out.scheduled + forks, {seq: [tokens[r] for r in seq_rows] for seq, seq_rows in rows_of.items()})
+            generated = self._record_appended(appended, rows_of, logprobs, touched)
             self._finish_pooled(pooled, touched)
             generated += self._advance_searches(searching, logits, hidden_of, touched)
             self._propose_drafts([item for item, _ in plain])
@@ -333,36 +333,39 @@ class LLMEngine:
         sampled = self.runner.sample(logits, sources, [self._sequence_state(*row) for row in rows])
         return rows, sampled.tokens.tolist(), self._logprob_rows(sampled)
 
-    @staticmethod
-    def _rows_by_sequence(rows: list[tuple[Request, int, list[int]]]) -> tuple[dict[str, list[int]], list[int]]:
-        """Sampled rows per existing sequence id, and the rows of sequences still to fork (n > 1)."""
+    def _fork_samples(self, rows: list[tuple[Request, int, list[int]]], sampled: list[tuple[ScheduledSequence, int]]
+                      ) -> tuple[dict[str, list[int]], list[ScheduledSequence]]:
+        """Sampled rows per sequence id. A request's further samples (n > 1, at its first token) become
+        sequences forked from its first, computed as far as it is: they join this step's update."""
+        scheduled_as = {item.sequence.seq_id: item for item, _ in sampled}
         rows_of: dict[str, list[int]] = {}
-        fork_rows = []
+        forks = []
         for r, (request, index, _) in enumerate(rows):
             if index < len(request.sequences):
                 rows_of.setdefault(request.sequences[index].seq_id, []).append(r)
-            else:
-                fork_rows.append(r)
-        return rows_of, fork_rows
+                continue
+            child = self._fork(request)
+            rows_of[child.seq_id] = [r]
+            forks.append(ScheduledSequence(child, scheduled_as[request.sequences[0].seq_id].num_new_tokens))
+        return rows_of, forks
 
-    def _append_kept(self, rows: list[tuple[Request, int, list[int]]], rows_of: dict[str, list[int]],
-                     fork_rows: list[int], kept: dict[str, list[int]], tokens: list[int],
-                     logprobs: list[LogprobRow] | None, touched: dict[str, Request]) -> int:
-        """Fork the new sequences of n > 1 requests (copies of their parent before this token), then
-        append each sequence's kept tokens until one of them ends it."""
-        for r in fork_rows:
-            child = self._fork(rows[r][0])
-            rows_of[child.seq_id], kept[child.seq_id] = [r], [tokens[r]]
-        appended = 0
-        for seq_id, sequence_rows in rows_of.items():
+    def _record_appended(self, appended: dict[str, list[int]], rows_of: dict[str, list[int]],
+                         logprobs: list[LogprobRow] | None, touched: dict[str, Request]) -> int:
+        """Each sequence's appended tokens (and their logprob rows) into its next delta; finished ones leave."""
+        count = 0
+        for seq_id, tokens in appended.items():
+            if not tokens:
+                continue
             request, sequence = self._live[seq_id]
-            for token, r in zip(kept[seq_id], sequence_rows):
-                if sequence.finished:
-                    break
-                self._append(request, sequence, token, logprobs[r] if logprobs else None)
-                touched[request.request_id] = request
-                appended += 1
-        return appended
+            sequence.delta_token_ids += tokens
+            if sequence.delta_logprobs is not None:
+                width = 1 + (request.params.logprobs or 0)
+                sequence.delta_logprobs += [logprobs[r][:width] for r in rows_of[seq_id][:len(tokens)]]
+            if sequence.finished:
+                self._live.pop(seq_id)
+            touched[request.request_id] = request
+            count += len(tokens)
+        return count
 
     def _sampling_rows(self, scheduled: list[tuple[ScheduledSequence, int]]
                        ) -> tuple[list[tuple[Request, int, list[int]]], list[int]]:
@@ -402,7 +405,8 @@ class LLMEngine:
                 sequence.spec_token_ids = drafts
 
     def _fork(self, request: Request, parent: Sequence | None = None) -> Sequence:
-        """A new sequence of `request` continuing from `parent` (the first sequence by default)."""
+        """A new sequence of `request` continuing from `parent` (the first sequence by default), sharing its
+        blocks and computed as far as it is."""
         parent = parent or request.sequences[0]
         child = Sequence(self._sequence_id(), parent.prompt_token_ids, parent.sampling_params,
                          arrival_time=parent.arrival_time, output_token_ids=list(parent.output_token_ids),
@@ -467,27 +471,10 @@ class LLMEngine:
         if not keep:
             request.sequences.remove(sequence)
 
-    def _append(self, request: Request, sequence: Sequence, token: int, logprob_row: LogprobRow | None) -> None:
-        sequence.output_token_ids.append(token)
-        sequence.first_token_time = sequence.first_token_time or time.monotonic()
-        sequence.delta_token_ids.append(token)
-        if sequence.delta_logprobs is not None:
-            sequence.delta_logprobs.append(logprob_row[:1 + (request.params.logprobs or 0)])
-        status, stop_id = finish_status_for_token(sequence, token, self.tokenizer.stop_token_ids, self.max_model_len)
-        sequence.ends_with_stop_token = status is SequenceStatus.FINISHED_STOPPED
-        if sequence.grammar is not None:
-            sequence.grammar.consume_token(token)
-            if status is None and sequence.grammar.is_stopped():  # the grammar is complete
-                status = SequenceStatus.FINISHED_STOPPED
-        if status is not None:
-            sequence.stop_reason = stop_id
-            self._finish(sequence, status)
-
     def _finish(self, sequence: Sequence, status: SequenceStatus) -> None:
         """End one sequence and free its blocks."""
         if sequence.finished:
             return
-        sequence.finish_time = time.monotonic()
         self.scheduler.finish(sequence, status)
         self._live.pop(sequence.seq_id, None)
 

@@ -15,7 +15,7 @@ import torch
 
 from ..sampling_params import SamplingParams
 from .deltas import LogprobRow, RequestDelta, SequenceDelta
-from .sequence import Sequence, SequenceStatus
+from .sequence import Sequence
 from .search import Hypothesis, SearchStrategy
 
 
@@ -103,17 +103,3 @@ def _search_delta(index: int, found: Hypothesis) -> SequenceDelta:
     """A search reports once, at its end: all of its tokens are new then."""
     return SequenceDelta(index, list(found.token_ids), None, found.finish_reason, found.stop_reason,
                          cumulative_logprob=found.cumulative_logprob)
-
-
-def finish_status_for_token(sequence: Sequence, token: int, eos_ids: frozenset[int],
-                            max_model_len: int) -> tuple[SequenceStatus | None, int | None]:
-    """The status a sampled token ends the sequence with (and the stop id that did it), if any."""
-    params = sequence.sampling_params
-    if len(sequence.output_token_ids) >= params.min_tokens:
-        if token in eos_ids and not params.ignore_eos:
-            return SequenceStatus.FINISHED_STOPPED, None
-        if token in params.stop_token_ids:
-            return SequenceStatus.FINISHED_STOPPED, token
-    if len(sequence.output_token_ids) >= params.max_tokens or sequence.num_tokens >= max_model_len:
-        return SequenceStatus.FINISHED_LENGTH, None
-    return None, None

@@ -7,10 +7,15 @@ A running sequence with nothing to compute (a search sequence waiting for its si
 skipped. When nothing at all can run because such idle sequences hold the blocks the first
 waiting sequence needs, a whole other search ("gang") is preempted and queued behind the others:
 each search fits the cache alone (checked at admission), so the first waiting one always gets in.
+
+After the step, `update_from_output` applies the one stop rule to every sampled sequence: EOS or one of
+the request's stop_token_ids (once min_tokens are out), a structured-output grammar that is complete,
+max_tokens, the model's context. (Stop strings are text: the client finds them and stops the sequence.)
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -43,9 +48,12 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, eos_token_ids: frozenset[int],
+                 max_model_len: int):
         self.config = config
         self.kv_cache = kv_cache
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -133,13 +141,14 @@ class Scheduler:
 
     def update_from_output(self, scheduled: list[ScheduledSequence],
                            sampled: dict[str, list[int]]) -> dict[str, list[int]]:
-        """Record the step: the tokens each sequence computed, and which of its sampled tokens it keeps.
+        """Record the step: the tokens each sequence computed, then its sampled tokens appended until the
+        stop rule ends it.
 
         `sampled` holds, per sequence that sampled, one token per scored row. A sequence with drafts
         keeps the tokens up to the first one that differs from its draft (that one included: the
         model's own choice there); the K/V of the rejected drafts is written over later. Returns the
-        kept tokens per sequence; the engine appends them (it checks each for a stop)."""
-        kept: dict[str, list[int]] = {}
+        appended tokens per sequence (a finished sequence's last one ended it)."""
+        appended: dict[str, list[int]] = {}
         for item in scheduled:
             sequence = item.sequence
             tokens = sampled.get(sequence.seq_id, [])
@@ -152,11 +161,41 @@ class Scheduler:
                 sequence.num_computed_tokens = sequence.num_tokens + len(tokens) - 1  # the last kept is not computed
             else:
                 sequence.num_computed_tokens += item.num_new_tokens
-            kept[sequence.seq_id] = tokens
-        return kept
+            appended[sequence.seq_id] = self._append(sequence, tokens)
+        return appended
+
+    def _append(self, sequence: Sequence, tokens: list[int]) -> list[int]:
+        for count, token in enumerate(tokens, start=1):
+            sequence.output_token_ids.append(token)
+            sequence.first_token_time = sequence.first_token_time or time.monotonic()
+            status = self._stop_status(sequence, token)
+            if status is not None:
+                self.finish(sequence, status)
+                return tokens[:count]
+        return tokens
+
+    def _stop_status(self, sequence: Sequence, token: int) -> SequenceStatus | None:
+        """The one stop rule, for a token just appended; a stop token id is kept as the stop reason."""
+        params, status = sequence.sampling_params, None
+        if len(sequence.output_token_ids) >= params.min_tokens:
+            if token in self.eos_token_ids and not params.ignore_eos:
+                status = SequenceStatus.FINISHED_STOPPED
+            elif token in params.stop_token_ids:
+                status, sequence.stop_reason = SequenceStatus.FINISHED_STOPPED, token
+            sequence.ends_with_stop_token = status is not None
+        if status is None and (len(sequence.output_token_ids) >= params.max_tokens
+                               or sequence.num_tokens >= self.max_model_len):
+            status = SequenceStatus.FINISHED_LENGTH
+        if sequence.grammar is not None:
+            sequence.grammar.consume_token(token)
+            if status is None and sequence.grammar.is_stopped():  # the grammar is complete
+                status = SequenceStatus.FINISHED_STOPPED
+        return status
 
     def finish(self, sequence: Sequence, status: SequenceStatus) -> None:
+        """End a sequence (stopped, aborted, timed out ...) and free its blocks."""
         sequence.status = status
+        sequence.finish_time = time.monotonic()
         self.kv_cache.free(sequence)
         if sequence in self.running:
             self.running.remove(sequence)
