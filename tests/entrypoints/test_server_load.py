@@ -10,7 +10,6 @@ import time
 from types import SimpleNamespace
 
 import httpx
-import pytest
 
 from helpers import assert_same_or_near_tie
 from live_server import LiveServer
