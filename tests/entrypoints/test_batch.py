@@ -270,7 +270,9 @@ def test_ctrl_c_stops_cleanly_and_the_job_resumes(tiny, tmp_path):
                 "--kv-cache-memory", "16MiB")
     board = JobBoard(tmp_path / "board")
     env = {**os.environ, "PAGEDLLM_JOBS_DIR": str(board.folder)}
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT back to its default in the job: a test run started as a background job inherits it ignored.
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     while len(_complete_records(out)) < 5 and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
