@@ -193,6 +193,11 @@ class SamplingParams:
         return self.best_of or self.n
 
     @property
+    def reports_logprobs(self) -> bool:
+        """Whether sampled tokens' logprob rows go out: asked for, or best_of ranks the sequences by them."""
+        return self.logprobs is not None or self.num_sequences > self.n
+
+    @property
     def penalised(self) -> bool:
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 

@@ -21,14 +21,14 @@ from ..kernels.openmp import release_thread_pool
 from ..lora import LoadedAdapter, LoRAError, LoRARegistry
 from ..models.loaders import ModelSource, load_model, read_model_config, resolve_model
 from ..sampling.structured_output import GrammarCompiler
-from ..sampling.sampler import SamplerOutput, SequenceState, gather_logprobs
 from ..pooling_params import PoolingParams
 from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, load_tokenizer
 from .cuda_graphs import GraphConfig
 from .kv_cache_manager import KVCacheManager, blocks_needed
 from .parallel import ParallelRunner, exit_with_parent, free_port, join_group, serve_steps, start_workers
-from .model_runner import ModelRunner, StepBatch, plan_kv_cache
+from .model_runner import ModelRunner, plan_kv_cache
+from .runner_output import ModelRunnerOutput
 from .deltas import LogprobRow, RequestDelta
 from .output_processor import OutputProcessor
 from .prompt import Prompt, RequestError, prompt_ids
@@ -36,6 +36,7 @@ from .outputs import EngineStats, RequestOutput
 from .sequence import Sequence, SequenceStatus
 from .scheduler import ScheduledSequence, Scheduler
 from .search import ContrastiveSearch, make_search
+from .stop_rule import StopRule
 from .request import Pooled, Request
 
 THROUGHPUT_WINDOW_S = 10.0
@@ -86,7 +87,8 @@ class LLMEngine:
                                 f"({self.kv_spec.bytes_per_block} bytes)")
         self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size,
                                        config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.tokenizer.stop_token_ids, self.max_model_len)
+        self.stop_rule = StopRule(self.tokenizer.stop_token_ids, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.stop_rule)
         runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype,
                              self._graph_config())
         self.runner = ParallelRunner(runner, workers, threads) if tp is not None else runner
@@ -146,14 +148,15 @@ class LLMEngine:
         arrival = time.monotonic()
         request = Request(request_id, params, ids, self._generators(params),
                           arrival + params.timeout if params.timeout is not None else None,
-                          self.tokenizer.stop_token_ids | frozenset(params.stop_token_ids),
                           prompt_logprobs=[None] if params.prompt_logprobs is not None else None)
         request.pooled = Pooled(pooling.pooling, len(ids), pooling.normalize) if pooling is not None else None
         sequence = Sequence(self._sequence_id(), ids, params, arrival_time=arrival, lora_id=lora_id, grammar=grammar,
-                            pools=pooling is not None)
+                            pools=pooling is not None, stop_ids=self.stop_rule.stop_ids(params))
         self._add_sequence(request, sequence)
         if params.search is not None:
             self._start_search(request, sequence)
+        elif params.num_sequences > 1:
+            sequence.fan_out = request.generators
         self._requests[request_id] = request
         if self._processor is not None:
             self._processor.add(request_id, ids, text, pooling or params)
@@ -163,9 +166,8 @@ class LLMEngine:
 
     def _start_search(self, request: Request, root: Sequence) -> None:
         params = root.sampling_params
-        eos = (frozenset() if params.ignore_eos else self.tokenizer.stop_token_ids) | frozenset(params.stop_token_ids)
-        max_tokens = min(params.max_tokens, self.max_model_len - len(root.prompt_token_ids))
-        request.search = make_search(root, params, eos, max_tokens)
+        request.search = make_search(root, params, self.stop_rule)
+        max_tokens = request.search.max_tokens
         root.gang = request.request_id
         live = params.top_k if params.penalty_alpha else params.num_sequences
         if live > self.config.scheduler.max_num_seqs:
@@ -191,7 +193,7 @@ class LLMEngine:
         """Make `sequence` the next sample of `request`: its index, generator and what it reports."""
         sequence.index = index = len(request.sequences)
         sequence.generator = request.generators[index] if index < len(request.generators) else None  # searches fork freely
-        sequence.delta_logprobs = [] if request.reports_logprobs else None
+        sequence.delta_logprobs = [] if request.params.reports_logprobs else None
         request.sequences.append(sequence)
         self._live[sequence.seq_id] = (request, sequence)
 
@@ -286,71 +288,49 @@ class LLMEngine:
         if out.scheduled:
             self.runner.copy_blocks(self.kv_cache.take_pending_copies())
             tables = [self.kv_cache.block_table(s.sequence) for s in out.scheduled]
-            batch = self.runner.prepare(out.scheduled, tables)
-            result = self.runner.execute(batch)
-            logits = result.logits
-            self._record_prompt_logprobs(out.scheduled, batch, logits[batch.num_sampled:])
-            hidden_of = self._take_hidden_states(out.scheduled, batch, result.hidden)
             prompt_tokens = self._prompt_tokens(out.scheduled)
-            plain, searching, pooled = self._split_sampling(out.scheduled, batch)
-            rows, tokens, logprobs = self._sample(plain, logits[:batch.num_sampled])
-            rows_of, forks = self._fork_samples(rows, plain)
-            appended = self.scheduler.update_from_output(
-                out.scheduled + forks, {seq: [tokens[r] for r in seq_rows] for seq, seq_rows in rows_of.items()})
-            generated = self._record_appended(appended, rows_of, logprobs, touched)
-            self._finish_pooled(pooled, touched)
-            generated += self._advance_searches(searching, logits, hidden_of, touched)
-            self._propose_drafts([item for item, _ in plain])
+            result = self.runner.execute_model(out.scheduled, tables, self.grammars.allowed)
+            self._record_prompt_logprobs(result.prompt_logprobs)
+            self._record_hidden_states(result.hidden)
+            forks = self._fork_samples(out.scheduled, result)
+            appended = self.scheduler.update_from_output(out.scheduled + forks, result.sampled)
+            generated = self._record_appended(appended, result.logprobs, touched)
+            self._finish_pooled(out.scheduled, touched)
+            generated += self._advance_searches(result.search_rows, touched)
+            self._propose_drafts([item.sequence for item in out.scheduled if item.sequence.seq_id in result.sampled])
             self._count(prompt_tokens, generated)
         return self._deltas(touched)
 
-    def _split_sampling(self, scheduled: list[ScheduledSequence], batch: StepBatch) -> tuple[list, list, list]:
-        """The sequences that produce logits this step, each with its first logits row: sampled ones,
-        sequences of a search, and pooling requests' (their prompt is computed: nothing is sampled)."""
-        plain, searching, pooled = [], [], []
-        for item, span in zip(scheduled, batch.sample_spans):
-            if span is not None:
-                request, _ = self._live[item.sequence.seq_id]
-                kind = pooled if request.pooled is not None else plain if request.search is None else searching
-                kind.append((item, span[0]))
-        return plain, searching, pooled
-
-    def _finish_pooled(self, pooled: list[tuple[ScheduledSequence, int]], touched: dict[str, Request]) -> None:
+    def _finish_pooled(self, scheduled: list[ScheduledSequence], touched: dict[str, Request]) -> None:
         """Pooling requests whose prompts are computed: their vectors are whole."""
-        for item, _ in pooled:
-            request, sequence = self._live[item.sequence.seq_id]
-            self._finish(sequence, SequenceStatus.FINISHED_STOPPED)
-            touched[request.request_id] = request
+        for item in scheduled:
+            sequence = item.sequence
+            if sequence.pools and sequence.num_computed_tokens == sequence.num_tokens:
+                request, _ = self._live[sequence.seq_id]
+                self._finish(sequence, SequenceStatus.FINISHED_STOPPED)
+                touched[request.request_id] = request
 
-    def _sample(self, scheduled: list[tuple[ScheduledSequence, int]], logits: torch.Tensor
-                ) -> tuple[list[tuple[Request, int, list[int]]], list[int], list[LogprobRow] | None]:
-        """Sample every row: (request, sequence index, drafts before the row) per row, its token and
-        logprobs. A request forking into n sequences samples its one row n times; a sequence with k
-        drafts samples k + 1 rows."""
-        rows, sources = self._sampling_rows(scheduled)
-        if not rows:
-            return [], [], None
-        sampled = self.runner.sample(logits, sources, [self._sequence_state(*row) for row in rows])
-        return rows, sampled.tokens.tolist(), self._logprob_rows(sampled)
-
-    def _fork_samples(self, rows: list[tuple[Request, int, list[int]]], sampled: list[tuple[ScheduledSequence, int]]
-                      ) -> tuple[dict[str, list[int]], list[ScheduledSequence]]:
-        """Sampled rows per sequence id. A request's further samples (n > 1, at its first token) become
-        sequences forked from its first, computed as far as it is: they join this step's update."""
-        scheduled_as = {item.sequence.seq_id: item for item, _ in sampled}
-        rows_of: dict[str, list[int]] = {}
+    def _fork_samples(self, scheduled: list[ScheduledSequence], result: ModelRunnerOutput) -> list[ScheduledSequence]:
+        """A request's further samples (n > 1, at its first token) become sequences forked from its first,
+        computed as far as it is, each with its own token and logprob row: they join this step's update."""
         forks = []
-        for r, (request, index, _) in enumerate(rows):
-            if index < len(request.sequences):
-                rows_of.setdefault(request.sequences[index].seq_id, []).append(r)
+        for item in scheduled:
+            parent = item.sequence
+            if not parent.fan_out or parent.seq_id not in result.sampled:
                 continue
-            child = self._fork(request)
-            rows_of[child.seq_id] = [r]
-            forks.append(ScheduledSequence(child, scheduled_as[request.sequences[0].seq_id].num_new_tokens))
-        return rows_of, forks
+            parent.fan_out = []
+            request, _ = self._live[parent.seq_id]
+            tokens, rows = result.sampled[parent.seq_id], result.logprobs.get(parent.seq_id)
+            children = [parent] + [self._fork(request) for _ in tokens[1:]]
+            for i, child in enumerate(children):
+                result.sampled[child.seq_id] = [tokens[i]]
+                if rows is not None:
+                    result.logprobs[child.seq_id] = [rows[i]]
+            forks += [ScheduledSequence(child, item.num_new_tokens) for child in children[1:]]
+        return forks
 
-    def _record_appended(self, appended: dict[str, list[int]], rows_of: dict[str, list[int]],
-                         logprobs: list[LogprobRow] | None, touched: dict[str, Request]) -> int:
+    def _record_appended(self, appended: dict[str, list[int]], logprobs: dict[str, list[LogprobRow]],
+                         touched: dict[str, Request]) -> int:
         """Each sequence's appended tokens (and their logprob rows) into its next delta; finished ones leave."""
         count = 0
         for seq_id, tokens in appended.items():
@@ -359,42 +339,20 @@ class LLMEngine:
             request, sequence = self._live[seq_id]
             sequence.delta_token_ids += tokens
             if sequence.delta_logprobs is not None:
-                width = 1 + (request.params.logprobs or 0)
-                sequence.delta_logprobs += [logprobs[r][:width] for r in rows_of[seq_id][:len(tokens)]]
+                sequence.delta_logprobs += logprobs[seq_id][:len(tokens)]
             if sequence.finished:
                 self._live.pop(seq_id)
             touched[request.request_id] = request
             count += len(tokens)
         return count
 
-    def _sampling_rows(self, scheduled: list[tuple[ScheduledSequence, int]]
-                       ) -> tuple[list[tuple[Request, int, list[int]]], list[int]]:
-        """(request, sequence index, drafts before the row) per sampling row, and its logits row."""
-        rows, sources = [], []
-        for item, first in scheduled:
-            request, sequence = self._live[item.sequence.seq_id]
-            if sequence.index == 0 and len(request.sequences) < request.params.num_sequences:
-                rows += [(request, i, []) for i in range(request.params.num_sequences)]
-                sources += [first] * request.params.num_sequences
-            else:
-                drafts = list(sequence.spec_token_ids)
-                rows += [(request, sequence.index, drafts[:j]) for j in range(len(drafts) + 1)]
-                sources += range(first, first + len(drafts) + 1)
-        return rows, sources
-
-    def _sequence_state(self, request: Request, index: int, drafts: list[int]) -> SequenceState:
-        source = request.sequences[min(index, len(request.sequences) - 1)]  # a fork starts as the first
-        allowed = self.grammars.allowed(source.grammar) if source.grammar is not None else None
-        return SequenceState(request.params, source.prompt_token_ids, source.output_token_ids + drafts,
-                             request.generators[index], request.stop_ids, allowed)
-
-    def _propose_drafts(self, sampled: list[ScheduledSequence]) -> None:
+    def _propose_drafts(self, sampled: list[Sequence]) -> None:
         """Ask the proposer for the next drafts of the greedy requests that sampled this step."""
         if self.proposer is None:
             return
         wanting, limits = [], []
-        for item in sampled:
-            sequence, params = item.sequence, item.sequence.sampling_params
+        for sequence in sampled:
+            params = sequence.sampling_params
             if not sequence.status.finished and params.greedy and params.structured_output is None \
                     and params.search is None:
                 wanting.append(sequence)
@@ -411,7 +369,7 @@ class LLMEngine:
         child = Sequence(self._sequence_id(), parent.prompt_token_ids, parent.sampling_params,
                          arrival_time=parent.arrival_time, output_token_ids=list(parent.output_token_ids),
                          num_computed_tokens=parent.num_computed_tokens, first_token_time=parent.first_token_time,
-                         gang=parent.gang, lora_id=parent.lora_id,
+                         gang=parent.gang, lora_id=parent.lora_id, stop_ids=parent.stop_ids,
                          grammar=parent.grammar.deep_copy() if parent.grammar is not None else None)
         self._add_sequence(request, child)
         self.kv_cache.fork(parent, child)
@@ -419,29 +377,23 @@ class LLMEngine:
         return child
 
     # -- searches ---------------------------------------------------------------------------
-    def _take_hidden_states(self, scheduled: list[ScheduledSequence], batch: StepBatch,
-                            hidden: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def _record_hidden_states(self, hidden: dict[str, tuple[int, torch.Tensor]]) -> None:
         """Hand prompt hidden states to contrastive searches (they compare candidates with them) and to
-        pooling requests; return, per sequence id, the hidden state of its last computed token (its logits' token)."""
-        last, offset = {}, 0
-        for index, start, count in batch.hidden_spans:
-            seq_id = scheduled[index].sequence.seq_id
+        pooling requests."""
+        for seq_id, (start, states) in hidden.items():
             request, _ = self._live[seq_id]
             if isinstance(request.search, ContrastiveSearch):
-                request.search.record_context(start, hidden[offset:offset + count])
+                request.search.record_context(start, states)
             if request.pooled is not None:
-                request.pooled.add(start, hidden[offset:offset + count])
-            offset += count
-            last[seq_id] = hidden[offset - 1]
-        return last
+                request.pooled.add(start, states)
 
-    def _advance_searches(self, items: list[tuple[ScheduledSequence, int]], logits: torch.Tensor,
-                          hidden_of: dict[str, torch.Tensor], touched: dict[str, Request]) -> int:
+    def _advance_searches(self, rows: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
+                          touched: dict[str, Request]) -> int:
         """Hand each search sequence's row to its search; advance the searches whose rows are all in."""
         requests: dict[str, Request] = {}
-        for item, row in items:
-            request, _ = self._live[item.sequence.seq_id]
-            request.search.record(item.sequence, logits[row], hidden_of.get(item.sequence.seq_id))
+        for seq_id, (logits, hidden) in rows.items():
+            request, sequence = self._live[seq_id]
+            request.search.record(sequence, logits, hidden)
             requests[request.request_id] = request
         return sum(self._advance_search(request, touched) for request in requests.values() if request.search.ready())
 
@@ -503,30 +455,11 @@ class LLMEngine:
         return deltas
 
     # -- logprobs ---------------------------------------------------------------------------
-    @staticmethod
-    def _logprob_rows(sampled: SamplerOutput) -> list[LogprobRow] | None:
-        if sampled.logprobs is None:
-            return None
-        rows = [[(t, lp, r)] for t, lp, r in zip(sampled.tokens.tolist(), sampled.logprobs.tolist(),
-                                                   sampled.ranks.tolist())]
-        if sampled.top_ids is not None:
-            for row, ids, values in zip(rows, sampled.top_ids.tolist(), sampled.top_logprobs.tolist()):
-                row += [(t, lp, rank) for rank, (t, lp) in enumerate(zip(ids, values), start=1)]
-        return rows
-
-    def _record_prompt_logprobs(self, scheduled: list[ScheduledSequence], batch: StepBatch,
-                                logits: torch.Tensor) -> None:
-        offset = 0
-        for index, start, count in batch.prompt_rows:
-            sequence = scheduled[index].sequence
-            request, _ = self._live[sequence.seq_id]
-            rows, offset = logits[offset:offset + count], offset + count
-            if request.prompt_logprobs is None or len(request.prompt_logprobs) != start + 1:
-                continue  # recomputed after a preemption: already recorded
-            targets = torch.tensor(sequence.prompt_token_ids[start + 1:start + 1 + count], device=logits.device)
-            top_n = request.params.prompt_logprobs
-            scored = self._logprob_rows(gather_logprobs(rows, targets, top_n))
-            request.prompt_logprobs += [row[:1 + top_n] for row in scored]
+    def _record_prompt_logprobs(self, scored: dict[str, tuple[int, list[LogprobRow]]]) -> None:
+        for seq_id, (start, rows) in scored.items():
+            request, _ = self._live[seq_id]
+            if request.prompt_logprobs is not None and len(request.prompt_logprobs) == start + 1:
+                request.prompt_logprobs += rows  # else recomputed after a preemption: already recorded
 
     # -- stats ------------------------------------------------------------------------------
     @staticmethod

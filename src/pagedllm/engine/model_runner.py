@@ -1,4 +1,5 @@
-"""ModelRunner: owns the model and the KV tensors; turns a SchedulerOutput into one forward pass."""
+"""ModelRunner: owns the model and the KV tensors; turns a step's scheduled sequences into one forward pass
+and its per-sequence results (engine/runner_output.py)."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from ..attention import AttentionMetadata, StepLayout, kv_bytes_per_token, kv_ro
 from ..attention.metadata import long_tensor
 from ..lora.layers import lora_segments
 from ..models.transformer import Transformer
-from ..sampling.sampler import Sampler, SamplerOutput, SamplingMetadata, SequenceState
+from ..sampling.sampler import Sampler, SamplingMetadata
 from .cuda_graphs import DecodeGraphs, GraphConfig
+from .runner_output import (GrammarMask, ModelRunnerOutput, record_hidden, record_prompt_logprobs, record_sampled,
+                            record_search_rows, sampling_rows)
 from .scheduler import ScheduledSequence
 
 
@@ -198,12 +201,28 @@ class ModelRunner:
         wanted = hidden[batch.hidden_rows] if batch.hidden_rows is not None else None
         return StepResult(self.model.compute_logits(hidden[batch.logits_rows]), wanted)
 
-    def sample(self, logits: torch.Tensor, sources: list[int], rows: list[SequenceState]) -> SamplerOutput:
-        """One token per row in `rows`, drawn from logits row `sources[i]` (a row may be drawn from
-        several times: a request forking into n sequences)."""
-        if sources != list(range(logits.shape[0])):
-            logits = logits[torch.tensor(sources, device=logits.device)]
-        return self.sampler(logits, SamplingMetadata.build(rows, logits.shape[-1], self.device))
+    def execute_model(self, scheduled: list[ScheduledSequence], block_tables: list[list[int]],
+                      grammar_mask: GrammarMask) -> ModelRunnerOutput:
+        """One step: the forward pass over everything scheduled, then what each sequence got from it."""
+        batch = self.prepare(scheduled, block_tables)
+        return self.collect(scheduled, batch, self.execute(batch), grammar_mask)
+
+    @torch.inference_mode()
+    def collect(self, scheduled: list[ScheduledSequence], batch: StepBatch, result: StepResult,
+                grammar_mask: GrammarMask) -> ModelRunnerOutput:
+        """Sample every sampling row (a fan-out's one row once per sample, a row per draft) in one call,
+        and hand out the logprobs and hidden states asked for, by sequence id."""
+        out = ModelRunnerOutput()
+        logits = result.logits
+        owners, sources, states = sampling_rows(scheduled, batch.sample_spans, grammar_mask)
+        if owners:
+            rows = logits[torch.tensor(sources, device=logits.device)] if sources != list(range(len(logits))) else logits
+            sampled = self.sampler(rows, SamplingMetadata.build(states, logits.shape[-1], self.device))
+            record_sampled(out, scheduled, owners, sampled)
+        record_prompt_logprobs(out, scheduled, batch.prompt_rows, logits[batch.num_sampled:])
+        record_hidden(out, scheduled, batch.hidden_spans, result.hidden)
+        record_search_rows(out, scheduled, batch.sample_spans, logits)
+        return out
 
     @torch.inference_mode()
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:

@@ -21,6 +21,8 @@ import torch.distributed as dist
 
 from ..distributed import TensorParallel, init_group
 from .model_runner import ModelRunner, StepBatch, StepResult
+from .runner_output import GrammarMask, ModelRunnerOutput
+from .scheduler import ScheduledSequence
 
 
 def free_port() -> int:
@@ -43,8 +45,10 @@ class ParallelRunner:
         self.runner = runner
         self._finalizer = weakref.finalize(self, _stop_workers, workers, threads)
 
-    def prepare(self, *args, **kwargs) -> StepBatch:
-        return self.runner.prepare(*args, **kwargs)
+    def execute_model(self, scheduled: list[ScheduledSequence], block_tables: list[list[int]],
+                      grammar_mask: GrammarMask) -> ModelRunnerOutput:
+        batch = self.runner.prepare(scheduled, block_tables)
+        return self.runner.collect(scheduled, batch, self.execute(batch), grammar_mask)
 
     def execute(self, batch: StepBatch) -> StepResult:
         _send("execute", batch)
@@ -54,9 +58,6 @@ class ParallelRunner:
         if copies:
             _send("copy_blocks", copies)
         self.runner.copy_blocks(copies)
-
-    def sample(self, *args, **kwargs):
-        return self.runner.sample(*args, **kwargs)
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -1,8 +1,8 @@
 """A request (what a user sent) as the engine tracks it: its sequences (samples), which share the prompt.
 
-A request with n (or best_of) > 1 starts as one sequence; when its prompt is computed, the one
-row of logits is sampled once per sequence and the others are forked from it, sharing its KV
-blocks. Each sequence (engine/sequence.py) has its own seeded generator (and grammar matcher). Text, stop strings and
+A request with n (or best_of) > 1 starts as one sequence that "fans out": when its prompt is computed,
+the runner samples its one row of logits once per sample, and the engine forks the others from it,
+sharing its KV blocks. Each sequence (engine/sequence.py) has its own seeded generator (and grammar matcher). Text, stop strings and
 the choice among best_of sequences are the client's (engine/output_processor.py): every sequence's
 new tokens go out each step.
 """
@@ -54,7 +54,6 @@ class Request:
     prompt_token_ids: list[int]
     generators: list[torch.Generator | None]  # one per sequence, made at admission so seeds are fixed
     deadline: float | None
-    stop_ids: frozenset[int]  # EOS ids and the request's stop_token_ids
     sequences: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[LogprobRow | None] | None = None
     prompt_logprobs_sent: bool = False
@@ -70,11 +69,6 @@ class Request:
         else:
             complete = self.closed or len(self.sequences) == self.params.num_sequences
         return complete and all(s.finished for s in self.sequences)
-
-    @property
-    def reports_logprobs(self) -> bool:
-        """Whether sampled tokens' logprob rows go out: asked for, or best_of ranks the sequences by them."""
-        return self.params.logprobs is not None or self.params.num_sequences > self.params.n
 
     def take_delta(self) -> RequestDelta:
         """What is new since the last output: every sequence's delta (a search's results once, at its end),

@@ -8,9 +8,9 @@ skipped. When nothing at all can run because such idle sequences hold the blocks
 waiting sequence needs, a whole other search ("gang") is preempted and queued behind the others:
 each search fits the cache alone (checked at admission), so the first waiting one always gets in.
 
-After the step, `update_from_output` applies the one stop rule to every sampled sequence: EOS or one of
-the request's stop_token_ids (once min_tokens are out), a structured-output grammar that is complete,
-max_tokens, the model's context. (Stop strings are text: the client finds them and stops the sequence.)
+After the step, `update_from_output` appends each sequence's tokens from the runner's output and applies
+the one stop rule (engine/stop_rule.py: EOS or one of the request's stop_token_ids once min_tokens are out,
+max_tokens, the model's context), and ends a sequence whose structured-output grammar is complete.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from ..config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager
 from .sequence import Sequence, SequenceStatus
+from .stop_rule import StopRule
 
 
 @dataclass
@@ -48,12 +49,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, eos_token_ids: frozenset[int],
-                 max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager, stop_rule: StopRule):
         self.config = config
         self.kv_cache = kv_cache
-        self.eos_token_ids = eos_token_ids
-        self.max_model_len = max_model_len
+        self.stop_rule = stop_rule
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -175,17 +174,12 @@ class Scheduler:
         return tokens
 
     def _stop_status(self, sequence: Sequence, token: int) -> SequenceStatus | None:
-        """The one stop rule, for a token just appended; a stop token id is kept as the stop reason."""
-        params, status = sequence.sampling_params, None
-        if len(sequence.output_token_ids) >= params.min_tokens:
-            if token in self.eos_token_ids and not params.ignore_eos:
-                status = SequenceStatus.FINISHED_STOPPED
-            elif token in params.stop_token_ids:
-                status, sequence.stop_reason = SequenceStatus.FINISHED_STOPPED, token
-            sequence.ends_with_stop_token = status is not None
-        if status is None and (len(sequence.output_token_ids) >= params.max_tokens
-                               or sequence.num_tokens >= self.max_model_len):
-            status = SequenceStatus.FINISHED_LENGTH
+        """The stop rule for a token just appended, then the grammar's; a stop token id is kept as the reason."""
+        params = sequence.sampling_params
+        status = self.stop_rule.status(params, len(sequence.prompt_token_ids), len(sequence.output_token_ids), token)
+        sequence.ends_with_stop_token = status is SequenceStatus.FINISHED_STOPPED
+        if sequence.ends_with_stop_token:
+            sequence.stop_reason = self.stop_rule.stop_reason(params, token)
         if sequence.grammar is not None:
             sequence.grammar.consume_token(token)
             if status is None and sequence.grammar.is_stopped():  # the grammar is complete

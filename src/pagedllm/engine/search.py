@@ -21,6 +21,7 @@ import torch
 
 from ..sampling_params import SamplingParams
 from .sequence import Sequence, SequenceStatus
+from .stop_rule import StopRule
 
 NO_SCORE = -1.0e9  # what transformers gives an empty slot
 
@@ -46,10 +47,11 @@ class _Beam:
 class SearchStrategy(ABC):
     """What the engine sees of a search; subclasses hold the strategy's own state."""
 
-    def __init__(self, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int):
+    def __init__(self, params: SamplingParams, rule: StopRule, prompt_len: int):
         self.params = params
-        self.eos_ids = eos_ids  # EOS (unless ignore_eos) and the request's stop_token_ids
-        self.max_tokens = max_tokens  # max_tokens, or fewer where the context ends first
+        self.rule, self.prompt_len = rule, prompt_len  # the stop rule sampled sequences follow too
+        self.eos_ids = rule.stop_ids(params)  # EOS (unless ignore_eos) and the request's stop_token_ids
+        self.max_tokens = rule.max_output(params, prompt_len)
         self.rows: dict[str, torch.Tensor] = {}  # this step's logits row per live sequence
         self.done = False
 
@@ -90,14 +92,14 @@ class SearchStrategy(ABC):
         return row
 
     def _finish_reason(self, tokens: list[int]) -> tuple[str, int | None]:
-        if tokens and tokens[-1] in self.eos_ids and len(tokens) > self.params.min_tokens:
-            stop_id = tokens[-1] if tokens[-1] in self.params.stop_token_ids else None
-            return "stop", stop_id
+        status = self.rule.status(self.params, self.prompt_len, len(tokens), tokens[-1]) if tokens else None
+        if status is SequenceStatus.FINISHED_STOPPED:
+            return "stop", self.rule.stop_reason(self.params, tokens[-1])
         return "length", None
 
     def _ends(self, token: int, length: int) -> bool:
         """Whether a sequence of `length` generated tokens ending in `token` is finished."""
-        return (token in self.eos_ids and length > self.params.min_tokens) or length >= self.max_tokens
+        return self.rule.status(self.params, self.prompt_len, length, token) is not None
 
 
 class BeamSearch(SearchStrategy):
@@ -105,11 +107,11 @@ class BeamSearch(SearchStrategy):
     width / groups beams whose scores lose diversity_penalty per use of a token by an earlier group
     in the same step). The n best finished hypotheses of all groups are returned."""
 
-    def __init__(self, root: Sequence, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int):
-        super().__init__(params, eos_ids, max_tokens)
+    def __init__(self, root: Sequence, params: SamplingParams, rule: StopRule):
+        super().__init__(params, rule, len(root.prompt_token_ids))
         groups = params.num_beam_groups
         self.group_size = params.num_sequences // groups
-        self.keep = max(2, 1 + len(eos_ids)) * self.group_size  # candidates per step (transformers' rule)
+        self.keep = max(2, 1 + len(self.eos_ids)) * self.group_size  # candidates per step (transformers' rule)
         self.beams: list[list[_Beam]] = [[_Beam(root, 0.0, 0.0)] for _ in range(groups)]
         self.finished: list[list[Hypothesis]] = [[] for _ in range(groups)]
         self.improvable = [True] * groups  # transformers' early-stopping heuristic, per group
@@ -199,8 +201,8 @@ class ContrastiveSearch(SearchStrategy):
     best (1 - alpha) * probability - alpha * max cosine similarity between its hidden state and
     those of every token before it (prompt included)."""
 
-    def __init__(self, root: Sequence, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int):
-        super().__init__(params, eos_ids, max_tokens)
+    def __init__(self, root: Sequence, params: SamplingParams, rule: StopRule):
+        super().__init__(params, rule, len(root.prompt_token_ids))
         self.root = root
         self.context: list[torch.Tensor] = []  # final hidden states of the prompt and the chosen tokens
         self.hidden: dict[str, torch.Tensor] = {}  # this step's hidden state per candidate
@@ -263,6 +265,6 @@ class ContrastiveSearch(SearchStrategy):
         return -(-total_tokens // block_size) + self.params.top_k
 
 
-def make_search(root: Sequence, params: SamplingParams, eos_ids: frozenset[int], max_tokens: int) -> SearchStrategy:
+def make_search(root: Sequence, params: SamplingParams, rule: StopRule) -> SearchStrategy:
     strategy = BeamSearch if params.use_beam_search else ContrastiveSearch
-    return strategy(root, params, eos_ids, max_tokens)
+    return strategy(root, params, rule)

@@ -51,6 +51,9 @@ class Sequence:
     pools: bool = False  # its request pools the prompt's final hidden states (an embedding); nothing is sampled
     index: int = 0  # which of its request's samples it is
     generator: torch.Generator | None = None  # a seeded request's, one per sample
+    stop_ids: frozenset[int] = frozenset()  # the tokens that end it (engine/stop_rule.py): masked before min_tokens
+    # n > 1: its first token is drawn once per sample, with these generators; the others fork from it then.
+    fan_out: list[torch.Generator | None] = field(default_factory=list)
     grammar: Any = None  # an llguidance matcher when the request asks for structured output
     # Not sent to the client yet:
     delta_token_ids: list[int] = field(default_factory=list)
