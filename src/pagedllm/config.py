@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -129,6 +130,10 @@ class ModelConfig:
             raise ConfigError(f"model config: {self.num_experts} experts need 1 to {self.num_experts} experts per "
                               f"token (got {self.num_experts_per_tok}) and a positive expert size "
                               f"(got {self.moe_intermediate_size})")
+        for name in ("rms_norm_eps", "rope_theta"):  # NaN, 0 or infinite: every activation turns NaN
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise ConfigError(f"model config: {name} must be a positive finite number, got {value!r}")
         for name in ("attention_scale", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             if value is not None and not value > 0:

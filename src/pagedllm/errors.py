@@ -11,3 +11,11 @@ class ModelSourceError(PagedLLMError, ValueError):
 
 class ConfigError(PagedLLMError, ValueError):
     """A configuration value (from a model file or a flag) outside what pagedllm accepts."""
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """A value from outside in an error message, cut short: the message stays one short line whatever was sent."""
+    if isinstance(value, int) and abs(value) >= 10**limit:
+        return "a larger integer"  # (and repr of one over 4,300 digits raises)
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"

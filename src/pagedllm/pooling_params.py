@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import shown
 from .sampling_params import SamplingParamsError
 
 POOLING_KINDS = ("last", "mean")
@@ -21,6 +22,6 @@ class PoolingParams:
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLING_KINDS:
-            raise SamplingParamsError(f"pooling must be one of {', '.join(POOLING_KINDS)}, got {self.pooling!r}")
+            raise SamplingParamsError(f"pooling must be one of {', '.join(POOLING_KINDS)}, got {shown(self.pooling)}", "pooling")
         if not isinstance(self.normalize, bool):
-            raise SamplingParamsError(f"normalize must be a boolean, got {self.normalize!r}")
+            raise SamplingParamsError(f"normalize must be a boolean, got {shown(self.normalize)}", "normalize")

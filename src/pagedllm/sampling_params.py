@@ -13,13 +13,17 @@ search with `num_beam_groups` and `diversity_penalty`), and contrastive search (
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import PagedLLMError
+from .errors import PagedLLMError, shown
 
 MAX_LOGPROBS = 20  # top-N alternatives per position, as OpenAI allows
+MAX_COUNT = 2**31 - 1  # the largest n, best_of, max_tokens, top_k or token id taken (they become int32/64 tensors)
+GREEDY_BELOW = 1e-5  # a temperature this small samples greedily (vLLM's rule): dividing by it would overflow
+MIN_REPETITION_PENALTY = 0.01  # below it, dividing logits by the penalty overflows to inf (NaN probabilities)
 
 
 class StructuredOutputError(PagedLLMError, ValueError):
@@ -55,7 +59,11 @@ class StructuredOutputParams:
 
 
 class SamplingParamsError(PagedLLMError, ValueError):
-    """An invalid sampling parameter; the message names it."""
+    """An invalid sampling parameter; the message names it (and `param`, where one is known)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -89,24 +97,27 @@ class SamplingParams:
     penalty_alpha: float = 0.0  # > 0: contrastive search among top_k candidates (degeneration penalty weight)
 
     def __post_init__(self) -> None:
-        _check(_is_int(self.n) and self.n >= 1, "n", "an integer >= 1", self.n)
-        _check(self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n), "best_of",
-               f"an integer >= n ({self.n})", self.best_of)
-        _check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "an integer >= 1", self.max_tokens)
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_COUNT, "n", f"an integer in [1, {MAX_COUNT}]", self.n)
+        _check(self.best_of is None or (_is_int(self.best_of) and self.n <= self.best_of <= MAX_COUNT), "best_of",
+               f"an integer in [n ({self.n}), {MAX_COUNT}]", self.best_of)
+        _check(_is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_COUNT, "max_tokens",
+               f"an integer in [1, {MAX_COUNT}]", self.max_tokens)
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
                f"an integer in [0, max_tokens={self.max_tokens}]", self.min_tokens)
         _check(_is_number(self.temperature) and 0 <= self.temperature <= 100, "temperature", "a number in [0, 100]",
                self.temperature)
         _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "a number in (0, 1]", self.top_p)
-        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", "-1, 0 or a positive integer", self.top_k)
+        _check(_is_int(self.top_k) and -1 <= self.top_k <= MAX_COUNT, "top_k",
+               f"-1, 0 or a positive integer up to {MAX_COUNT}", self.top_k)
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "a number in [0, 1]", self.min_p)
-        _check(_is_number(self.repetition_penalty) and 0 < self.repetition_penalty <= 10, "repetition_penalty",
-               "a number in (0, 10]", self.repetition_penalty)
+        _check(_is_number(self.repetition_penalty) and MIN_REPETITION_PENALTY <= self.repetition_penalty <= 10,
+               "repetition_penalty", f"a number in [{MIN_REPETITION_PENALTY}, 10]", self.repetition_penalty)
         for name in ("presence_penalty", "frequency_penalty"):
             _check(_is_number(getattr(self, name)) and -2 <= getattr(self, name) <= 2, name, "a number in [-2, 2]",
                    getattr(self, name))
         self._normalise_logit_bias()
-        _check(self.seed is None or _is_int(self.seed), "seed", "an integer", self.seed)
+        _check(self.seed is None or (_is_int(self.seed) and -2**63 <= self.seed < 2**64), "seed",
+               "a 64-bit integer", self.seed)
         self._normalise_stops()
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
@@ -138,7 +149,7 @@ class SamplingParams:
                        getattr(self, name))
         if self.search is None:
             return
-        _check(self.temperature == 0, "temperature", f"0 with {self.search} (it is deterministic)",
+        _check(self.greedy, "temperature", f"0 with {self.search} (it is deterministic)",
                self.temperature)
         _check(not (self.use_beam_search and self.penalty_alpha), "penalty_alpha", "0 with beam search",
                self.penalty_alpha)
@@ -163,8 +174,9 @@ class SamplingParams:
         try:
             clean = {int(k): float(v) for k, v in bias.items()}  # JSON keys arrive as strings
         except (TypeError, ValueError):
-            raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
-        _check(all(k >= 0 for k in clean), "logit_bias", "keyed by non-negative token ids", bias)
+            raise SamplingParamsError(f"logit_bias must map token ids to numbers, got {shown(bias)}", "logit_bias") from None
+        _check(all(0 <= k <= MAX_COUNT for k in clean), "logit_bias", "keyed by token ids (non-negative integers)",
+               bias)
         _check(all(-100 <= v <= 100 for v in clean.values()), "logit_bias", "values in [-100, 100]", bias)
         object.__setattr__(self, "logit_bias", clean)
 
@@ -173,12 +185,13 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in stop), "stop", "non-empty strings", stop)
         object.__setattr__(self, "stop", stop)
         stop_ids = tuple(self.stop_token_ids or ())
-        _check(all(_is_int(i) and i >= 0 for i in stop_ids), "stop_token_ids", "non-negative integers", stop_ids)
+        _check(all(_is_int(i) and 0 <= i <= MAX_COUNT for i in stop_ids), "stop_token_ids",
+               "token ids (non-negative integers)", stop_ids)
         object.__setattr__(self, "stop_token_ids", stop_ids)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def search(self) -> str | None:
@@ -207,9 +220,12 @@ def _is_int(value: object) -> bool:
 
 
 def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    """A finite int or float (NaN and the infinities are not numbers any parameter takes)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _check(ok: bool, name: str, expected: str, value: object) -> None:
     if not ok:
-        raise SamplingParamsError(f"{name} must be {expected}, got {value!r}")
+        raise SamplingParamsError(f"{name} must be {expected}, got {shown(value)}", name)

@@ -6,6 +6,7 @@ the server writes the tools out for it), OpenAI's Responses API, and Anthropic's
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -96,7 +97,7 @@ def test_tool_results_reach_the_model(client, server):
         {"role": "tool", "tool_call_id": "call_7", "content": "18 C and sunny"}]
     out = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER], max_tokens=24, temperature=0)
     assert out.choices[0].message.content
-    ids = server.app.state.server.chat_prompt([ChatMessage.model_validate(m) for m in history]).ids
+    ids = asyncio.run(server.app.state.server.chat_prompt([ChatMessage.model_validate(m) for m in history])).ids
     text = server.tokenizer.decode(ids, skip_special_tokens=False)
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
     assert "<tool_response>\n18 C and sunny\n</tool_response>" in text
@@ -141,7 +142,8 @@ def test_langchain_bind_tools_and_a_two_step_agent_loop(server):
     assert not answer.tool_calls and answer.content
     # The second turn's prompt holds the call and its result. (What a 135M model then writes is its
     # own business: asserting its greedy wording would test bf16 rounding, not the agent loop.)
-    prompt = server.app.state.server.chat_prompt([ChatMessage.model_validate(m) for m in sent[-1]["messages"]]).ids
+    prompt = asyncio.run(server.app.state.server.chat_prompt(
+        [ChatMessage.model_validate(m) for m in sent[-1]["messages"]])).ids
     text = server.tokenizer.decode(prompt, skip_special_tokens=False)
     assert f"<tool_response>\n{add.invoke(call['args'])}\n</tool_response>" in text
     assert '"name": "add"' in text

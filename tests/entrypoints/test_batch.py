@@ -139,6 +139,21 @@ def test_malformed_rows_become_error_records(tiny, tmp_path):
     assert "id must be a string or an integer" in errors[13]
 
 
+def test_rows_that_killed_a_worker_become_error_records(tiny, tmp_path):
+    """top_k past int64 and a schema too deep for the grammar compiler killed the worker, and every rerun
+    died at the same row (issue 34); a lone surrogate could not be tokenised."""
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(1000)}
+    deep = {"type": "json_schema", "json_schema": {"name": "deep", "schema": {"$ref": "#/$defs/d0", "$defs": defs}}}
+    rows = [{"id": "k", "prompt": "x", "top_k": 2**63}, {"id": "g", "prompt": "x", "response_format": deep},
+            {"id": "s", "prompt": "river \udfff stone"}, {"id": "ok", "prompt": "river stone"}]
+    data = _write_rows(tmp_path / "data.jsonl", rows)
+    summary = infer(tiny, data, tmp_path / "out.jsonl", 1, sampling_params=GREEDY, engine_options=ENGINE,
+                    progress=False)
+    errors = {r["id"]: r.get("error") for r in _records(tmp_path / "out.jsonl")}
+    assert summary.written == 4 and summary.errors == 3, errors
+    assert "top_k" in errors["k"] and "deep" in errors["g"] and "surrogate" in errors["s"] and errors["ok"] is None
+
+
 def test_a_finished_job_run_again_does_nothing(tiny, one_worker_records, tmp_path):
     data, _ = one_worker_records
     out = tmp_path / "out.jsonl"

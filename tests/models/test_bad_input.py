@@ -66,7 +66,7 @@ def test_header_counts_claiming_terabytes(tmp_path, n_tensors, n_kv):
 def test_string_length_claiming_terabytes(tmp_path):
     bad = tmp_path / "s.gguf"
     bad.write_bytes(_header(0, 1) + struct.pack("<Q", 2**45) + b"key")
-    _expect_error(bad, "truncated")
+    _expect_error(bad, "a metadata key of 35184372088832 bytes")
 
 
 def test_array_count_claiming_terabytes(tmp_path):
@@ -171,3 +171,62 @@ def test_impossible_hyperparameters(tmp_path):
     bad.write_bytes(_header(1, len(kvs)) + b"".join(kvs) + info + bytes(32 + 64 * 4 * 4))
     with pytest.raises(PagedLLMError, match="head"):
         read_model_config(ModelSource("gguf", bad))
+
+
+def _llama_file(path, ints: dict, floats: dict | None = None, blocks: int = 1):
+    """A llama-shaped GGUF holding token_embd and `blocks` blocks' norms, with these metadata values."""
+    kvs = [_kv_string("general.architecture", "llama")]
+    kvs += [_string(f"llama.{k}") + struct.pack("<IQ", 10, v) for k, v in ints.items()]  # uint64
+    kvs += [_string(f"llama.{k}") + struct.pack("<If", 6, v) for k, v in (floats or {}).items()]  # float32
+    names = ["token_embd.weight"] + [f"blk.{i}.attn_norm.weight" for i in range(blocks)]
+    infos = _string(names[0]) + struct.pack("<IQQIQ", 2, 64, 4, 0, 0)
+    infos += b"".join(_string(n) + struct.pack("<IQIQ", 1, 64, 0, 64 * 4 * 4 + 256 * i) for i, n in enumerate(names[1:]))
+    path.write_bytes(_header(len(names), len(kvs)) + b"".join(kvs) + infos + bytes(32 + 64 * 4 * 4 + 256 * blocks))
+    return ModelSource("gguf", path)
+
+
+SHAPE = {"embedding_length": 64, "attention.head_count": 4, "feed_forward_length": 8, "block_count": 1}
+
+
+def test_block_count_past_the_file(tmp_path):
+    """2^32 - 1 blocks built ~9 GB of empty layers before any tensor was read."""
+    source = _llama_file(tmp_path / "blocks.gguf", {**SHAPE, "block_count": 2**32 - 1})
+    tracemalloc.start()
+    try:
+        with pytest.raises(PagedLLMError, match="block_count is 4294967295, but the file holds tensors of 1 block"):
+            read_model_config(source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20
+
+
+@pytest.mark.parametrize("key,value", [("rope.freq_base", float("nan")), ("rope.freq_base", 0.0),
+                                       ("rope.freq_base", float("inf")),
+                                       ("attention.layer_norm_rms_epsilon", float("nan")),
+                                       ("attention.layer_norm_rms_epsilon", -1.0)])
+def test_non_finite_or_impossible_floats(tmp_path, key, value):
+    source = _llama_file(tmp_path / "f.gguf", SHAPE, {key: value})
+    with pytest.raises(PagedLLMError, match="finite"):
+        read_model_config(source)
+
+
+def test_heads_that_do_not_divide_the_embedding_say_so(tmp_path):
+    source = _llama_file(tmp_path / "h.gguf", {**SHAPE, "attention.head_count": 7})
+    with pytest.raises(PagedLLMError, match="head_count 7 does not divide embedding_length 64"):
+        read_model_config(source)
+
+
+def test_dimensions_whose_product_wraps_int64(tmp_path):
+    """2^32 × 2^32 wrapped to 0 bytes in an int64 product, passed the size check, then asked for 1.4 TB."""
+    bad = tmp_path / "wrap.gguf"
+    info = _string("token_embd.weight") + struct.pack("<IQQQIQ", 3, 2**32, 2**32, 2**32, 0, 0)
+    bad.write_bytes(_header(1, 0) + info + bytes(64))
+    _expect_error(bad, "token_embd.weight")
+
+
+def test_a_tensor_name_of_a_million_bytes_is_not_echoed(tmp_path):
+    bad = tmp_path / "name.gguf"
+    bad.write_bytes(_header(1, 0) + struct.pack("<Q", 10**6) + b"n" * 10**6 + bytes(64))
+    message = _expect_error(bad, "tensor name of 1000000 bytes")
+    assert len(message) < 300

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pagedllm.models.loaders import ModelSource
 from pagedllm.tokenizer import IncrementalDetokenizer, load_tokenizer
-from pagedllm.tokenizer.chat_template import ChatTemplateError, render_chat
+from pagedllm.tokenizer.chat_template import RENDER_SECONDS, ChatTemplateError, render_chat
 from pagedllm.tokenizer.gguf_vocab import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, build_gguf_tokenizer
 from pagedllm.tokenizer.tokenizer import FIM_TOKEN_NAMES
 
@@ -49,6 +51,29 @@ def test_chat_template_matches_known_rendering(tokenizer):
 def test_chat_template_is_sandboxed(template):
     with pytest.raises(ChatTemplateError):
         render_chat(template, [{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("template,reason", [
+    ("{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}x", "longer than"),
+    ("{{ 'a' * 300000000 }}", "repetition"),
+    ("{{ [1] * 300000000 }}", "repetition"),
+    ("{{ 2 ** 100000000 }}", "power"),
+    ("{% for a in range(99999) %}{{ 'x' * 1000 }}{% endfor %}", "renders more than"),
+])
+def test_chat_template_renders_within_bounds(template, reason):
+    """Each of these blocked a server's event loop or drove `chat` to 20 GB (issue 34)."""
+    started = time.monotonic()
+    with pytest.raises(ChatTemplateError, match=reason):
+        render_chat(template, [{"role": "user", "content": "x"}])
+    assert time.monotonic() - started < RENDER_SECONDS + 2
+
+
+def test_a_render_cut_short_leaves_the_thread_clean():
+    with pytest.raises(ChatTemplateError):
+        render_chat("{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}",
+                    [{"role": "user", "content": "x"}])
+    time.sleep(0.1)  # nothing raised late: the deadline is disarmed
+    assert render_chat("{{ messages[0].content }}", [{"role": "user", "content": "x"}]) == "x"
 
 
 def test_chat_template_errors_are_clear():

@@ -203,9 +203,10 @@ class LLMEngine:
             raise RequestError("the prompt is empty")
         if any(t < 0 or t >= vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
-        outside = sorted(t for t in params.logit_bias if t >= vocab)
-        if outside:
-            raise RequestError(f"logit_bias token id {outside[0]} is outside the vocabulary [0, {vocab})", "logit_bias")
+        for name, chosen in (("logit_bias", params.logit_bias), ("stop_token_ids", params.stop_token_ids)):
+            outside = sorted(t for t in chosen if t >= vocab)
+            if outside:
+                raise RequestError(f"{name} token id {outside[0]} is outside the vocabulary [0, {vocab})", name)
         if len(ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(ids)} tokens; the model's context is {self.max_model_len}")
         if params.num_sequences > self.config.scheduler.max_num_seqs:
@@ -215,7 +216,6 @@ class LLMEngine:
         if blocks_needed(total, self.kv_spec.block_size) > self.kv_spec.num_blocks:
             raise RequestError(f"prompt + max_tokens ({total} tokens) exceed the whole KV cache "
                                f"({self.kv_spec.num_tokens} tokens); raise --kv-cache-memory")
-
 
     # -- LoRA adapters -----------------------------------------------------------------------
     def lora_adapter(self, name: str) -> LoadedAdapter:

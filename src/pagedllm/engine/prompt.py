@@ -22,6 +22,10 @@ class RequestError(PagedLLMError, ValueError):
 def prompt_ids(prompt: Prompt, tokenizer: Tokenizer) -> tuple[str | None, list[int]]:
     """The prompt's text (None for token ids) and its token ids."""
     if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")  # what the tokenizer needs (Python strings may hold lone UTF-16 surrogates)
+        except UnicodeEncodeError:
+            raise RequestError("the prompt holds a lone UTF-16 surrogate, which is not valid Unicode", "prompt") from None
         return prompt, tokenizer.encode(prompt)
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         prompt = prompt["prompt_token_ids"]

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ..config import ModelConfig
-from ..errors import PagedLLMError
+from ..errors import PagedLLMError, shown
 from ..models.loaders import model_rows, split_fused
 from ..models.loaders.gguf_file import GGUFError, open_gguf
 from ..models.loaders.gguf_loader import canonical_name, unpermute_rows
@@ -94,9 +94,9 @@ def _peft_modules(folder: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
     modules, rank = {}, 0
     for module, (a, b) in pairs.items():
         r = a.shape[0]
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-            raise LoRAError(f"{folder}: lora_alpha must be a positive number, got {alpha!r}")
+        alpha = _pattern_value(folder, cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+        if not _positive_number(alpha):
+            raise LoRAError(f"{folder}: lora_alpha must be a positive finite number, got {shown(alpha)}")
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         modules[module], rank = (a, b, scale), max(rank, r)
     return modules, rank
@@ -121,6 +121,7 @@ def _peft_pairs(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     path = folder / "adapter_model.safetensors"
     if not path.is_file():
         raise LoRAError(f"LoRA adapter {folder}: no adapter_model.safetensors (pickled .bin adapters are not loaded)")
+    _check_safetensors_header(path)
     found: dict[str, dict[str, torch.Tensor]] = {}
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
@@ -131,11 +132,25 @@ def _peft_pairs(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
                 if match is None:
                     raise LoRAError(f"{path}: unexpected tensor {key!r} (not a lora_A / lora_B weight)")
                 found.setdefault(match["module"], {})[match["which"]] = f.get_tensor(key)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
         if isinstance(exc, LoRAError):
             raise
-        raise LoRAError(f"{path}: cannot read safetensors ({exc})") from None
+        # The library's message may quote the header (any file's bytes): only its kind is shown.
+        raise LoRAError(f"{path}: not a readable safetensors file ({type(exc).__name__})") from None
     return {module: _pair(path, module, parts.get("A"), parts.get("B")) for module, parts in found.items()}
+
+
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own bound
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """The 8-byte header length must fit the file (a pickle renamed .safetensors, or a length of 2^62, fails
+    here, before the library maps anything)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    length = int.from_bytes(head, "little") if len(head) == 8 else None
+    if length is None or length > min(path.stat().st_size - 8, MAX_HEADER_BYTES):
+        raise LoRAError(f"{path}: not a safetensors file (its header length does not fit the file)")
 
 
 def _pair(path: Path, module: str, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,15 +159,60 @@ def _pair(path: Path, module: str, a: torch.Tensor | None, b: torch.Tensor | Non
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1] or not a.is_floating_point() \
             or not b.is_floating_point():
         raise LoRAError(f"{path}: {module}: A {tuple(a.shape)} and B {tuple(b.shape)} are not a rank-r pair")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise LoRAError(f"{path}: {module}: its weights hold NaN or infinite values")
     return a, b
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rank/alpha_pattern: the first key whose regex ends the module's name."""
+def _pattern_value(folder: Path, patterns, module: str, default):
+    """PEFT's rank/alpha_pattern: the first key whose regex ends the module's name. Keys are checked first:
+    one with nested repetition (`(a+)+`) can take exponential time on a module's name (ReDoS)."""
+    if not isinstance(patterns, dict):
+        raise LoRAError(f"{folder}: alpha_pattern must be an object of regular expressions to numbers")
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        if re.match(rf"(.*\.)?({_safe_pattern(folder, key)})$", module):
             return value
     return default
+
+
+MAX_PATTERN_CHARS = 256
+_REPEATS = {re._constants.MAX_REPEAT, re._constants.MIN_REPEAT, getattr(re._constants, "POSSESSIVE_REPEAT", None)}
+
+
+def _safe_pattern(folder: Path, key: str) -> str:
+    if len(key) > MAX_PATTERN_CHARS:
+        raise LoRAError(f"{folder}: an alpha_pattern key is longer than {MAX_PATTERN_CHARS} characters")
+    try:
+        parsed = re._parser.parse(key)
+    except (re.error, RecursionError, OverflowError):
+        raise LoRAError(f"{folder}: alpha_pattern key {shown(key)} is not a regular expression") from None
+    if _nested_repetition(parsed, inside_repeat=False):
+        raise LoRAError(f"{folder}: alpha_pattern key {shown(key)} repeats a repetition or an alternation, which "
+                        "can take exponential time to match")
+    return key
+
+
+def _nested_repetition(items, inside_repeat: bool) -> bool:
+    """Whether a parsed pattern has a repeat (or an alternation) inside a repeat of more than one."""
+    for op, arg in items:
+        if op in _REPEATS:
+            low, high, sub = arg
+            if inside_repeat or _nested_repetition(sub, inside_repeat or high > 1):
+                return True
+        elif op is re._constants.BRANCH:
+            if inside_repeat or any(_nested_repetition(branch, inside_repeat) for branch in arg[1]):
+                return True
+        elif op is re._constants.SUBPATTERN:
+            if _nested_repetition(arg[-1], inside_repeat):
+                return True
+        elif op in (re._constants.ASSERT, re._constants.ASSERT_NOT):
+            if _nested_repetition(arg[1], inside_repeat):
+                return True
+    return False
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _hf_rows(module: str, b: torch.Tensor, config: ModelConfig, family: FamilySpec,
@@ -185,8 +245,8 @@ def _gguf_modules(path: Path, family: FamilySpec) -> tuple[dict[str, tuple[torch
         found.setdefault(match["base"], {})[match["which"].upper()] = dequantize(
             f.tensor_bytes(info), info.ggml_type, info.shape)
     alpha = f.get("adapter.lora.alpha")
-    if alpha is not None and (not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0):
-        raise LoRAError(f"{path}: adapter.lora.alpha must be a positive number, got {alpha!r}")
+    if alpha is not None and not _positive_number(alpha):
+        raise LoRAError(f"{path}: adapter.lora.alpha must be a positive finite number, got {shown(alpha)}")
     modules, rank = {}, 0
     for base, parts in found.items():
         a, b = _pair(path, base, parts.get("A"), parts.get("B"))

@@ -59,7 +59,7 @@ class SamplingMetadata:
 
         wanted = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
-            temperature=col([p.temperature if p.temperature > 0 else 1.0 for p in params], torch.float32),
+            temperature=col([1.0 if p.greedy else p.temperature for p in params], torch.float32),
             top_k=col([p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64),
             top_p=col([p.top_p for p in params], torch.float32),
             min_p=col([p.min_p for p in params], torch.float32),

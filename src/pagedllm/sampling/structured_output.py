@@ -14,12 +14,16 @@ import torch
 
 from ..sampling_params import StructuredOutputError, StructuredOutputParams
 from ..tokenizer import Tokenizer
+from .grammar_bounds import check_grammar_bounds
+
+MAX_ERROR_CHARS = 300  # a compiler's message is cut here: one line, whatever the grammar was
 
 
 def grammar_for(params: StructuredOutputParams) -> str:
-    """The llguidance grammar that enforces `params`."""
+    """The llguidance grammar that enforces `params` (refused first if it nests past the bounds)."""
     from llguidance import LLMatcher
 
+    check_grammar_bounds(params)
     if params.regex is not None:
         return LLMatcher.grammar_from_regex(ascii_digits(params.regex))
     if params.choice is not None:
@@ -52,6 +56,14 @@ def ascii_digits(regex: str) -> str:
     return "".join(out)
 
 
+def compiler_error(text: str) -> str:
+    """llguidance's message on one line: its first line and the "error:" line that says what is wrong."""
+    lines = text.splitlines() or [""]
+    detail = next((line[len("error:"):].strip() for line in lines[1:] if line.startswith("error:")), "")
+    message = f"{lines[0].rstrip()} {detail}".strip()
+    return message if len(message) <= MAX_ERROR_CHARS else message[:MAX_ERROR_CHARS] + "…"
+
+
 class GrammarCompiler:
     """Builds matchers for one tokenizer. The llguidance tokenizer (~0.3 s) is built on the first
     structured request, so engines that never see one do not pay for it."""
@@ -68,7 +80,11 @@ class GrammarCompiler:
                                              eos_token=sorted(self._tokenizer.stop_token_ids))
         matcher = LLMatcher(self._ll_tokenizer, grammar_for(params), log_level=0)
         if matcher.is_error():
-            raise StructuredOutputError(f"structured output: {matcher.get_error().splitlines()[0]}")
+            raise StructuredOutputError(f"structured output: {compiler_error(matcher.get_error())}")
+        matcher.compute_logit_bias()  # the first mask now: a grammar that matches no text fails here
+        if matcher.is_error():
+            raise StructuredOutputError("structured output: the grammar matches no text (are there rules that "
+                                        "only refer to themselves, or a schema that is only a reference to itself?)")
         return matcher
 
     def allowed(self, matcher) -> torch.Tensor:

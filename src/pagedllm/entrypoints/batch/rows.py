@@ -21,9 +21,11 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from ...engine.outputs import CompletionOutput, RequestOutput
+from ...errors import shown
 from ...sampling_params import SamplingParams
 from ..openai.protocol import ChatMessage, ResponseFormat
 from ..openai.responses import logprob_content
+from ..text_input import LONE_SURROGATE, lone_surrogate_at
 
 # Row keys that become SamplingParams fields of the same name.
 SAMPLING_KEYS = frozenset({
@@ -73,9 +75,12 @@ def parse_row(row: Any, line: int, defaults: SamplingParams) -> BatchTask:
     """One decoded input row → a BatchTask; RowError names the problem."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
+    broken = lone_surrogate_at(row)
+    if broken is not None:
+        raise RowError(f"{broken}: {LONE_SURROGATE}")
     unknown = sorted(set(row) - SAMPLING_KEYS - OTHER_KEYS)
     if unknown:
-        raise RowError(f"unknown field {unknown[0]!r} (sampling settings use OpenAI / vLLM names)")
+        raise RowError(f"unknown field {shown(unknown[0])} (sampling settings use OpenAI / vLLM names)")
     if "id" in row and not _usable_id(row["id"]):
         raise RowError("id must be a string or an integer")
     prompt, messages = _prompt(row)

@@ -57,8 +57,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(where) or None
-        message = f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request body")
+        param = ".".join(where) or (first.get("ctx") or {}).get("field")
+        message = f"{param}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request body")
         return error_response(APIError(400, message, param), request)
 
     @app.exception_handler(HTTPException)

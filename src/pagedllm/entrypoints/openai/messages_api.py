@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .chat_blocks import ChatBlocks, chunk_parts
 from .errors import APIError
-from .protocol import TOOL_NAME, ChatCompletionRequest
+from .protocol import TOOL_NAME, ChatCompletionRequest, RequestBody
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 
@@ -70,7 +70,7 @@ class Thinking(BaseModel):
     type: Literal["enabled", "disabled", "adaptive"]
 
 
-class MessagesRequest(BaseModel):
+class MessagesRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: int = Field(ge=1)

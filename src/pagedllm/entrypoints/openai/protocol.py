@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from ...sampling_params import StructuredOutputParams
+from ..text_input import LONE_SURROGATE, lone_surrogate_at
 from ...sampling_params import SamplingParams
 
 STRUCTURED_OUTPUT_KEYS = {"json", "json_object", "regex", "choice", "grammar"}
@@ -20,6 +22,19 @@ STRUCTURED_OUTPUT_KEYS = {"json", "json_object", "regex", "choice", "grammar"}
 RESERVED_TEMPLATE_NAMES = {"messages", "add_generation_prompt", "bos_token", "eos_token"}
 MAX_N = 16  # completions per request
 COMPLETIONS_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+
+
+class RequestBody(BaseModel):
+    """A request's body: every route's model derives from it, so text that is not valid Unicode is refused
+    with a 400 that names the field before any other check reads it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        path = lone_surrogate_at(data)
+        if path is not None:
+            raise PydanticCustomError("lone_surrogate", "{field}: " + LONE_SURROGATE, {"field": path})
+        return data
 
 
 class StreamOptions(BaseModel):
@@ -47,7 +62,7 @@ class ResponseFormat(BaseModel):
         return StructuredOutputParams(json=self.json_schema.json_schema)
 
 
-class ProbeRequest(BaseModel):
+class ProbeRequest(RequestBody):
     """pagedllm's probes (tools/inspect.py) on a prompt: the layers to read (None: all), the logit lens's
     top-K, and attention weights as 'L:H:i:j' strings (* or left out: all)."""
 
@@ -58,7 +73,7 @@ class ProbeRequest(BaseModel):
     attention: list[str] = Field(default_factory=list, max_length=64)
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(RequestBody):
     """What completions and chat completions share."""
 
     model_config = ConfigDict(extra="ignore")
@@ -224,7 +239,7 @@ class ChatCompletionRequest(SamplingFields):
         return given
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     prompt: str | None = None
@@ -232,24 +247,24 @@ class TokenizeRequest(BaseModel):
     add_special_tokens: bool = True
 
 
-class LoadLoRARequest(BaseModel):
+class LoadLoRARequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
     lora_name: str = Field(min_length=1, max_length=256)
     lora_path: str = Field(min_length=1, max_length=4096)
 
 
-class UnloadLoRARequest(BaseModel):
+class UnloadLoRARequest(RequestBody):
     model_config = ConfigDict(extra="forbid")
     lora_name: str = Field(min_length=1, max_length=256)
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     tokens: list[int]
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .chat_blocks import ChatBlocks, chunk_parts
 from .errors import APIError
-from .protocol import TOOL_NAME, ChatCompletionRequest
+from .protocol import TOOL_NAME, ChatCompletionRequest, RequestBody
 
 
 class ResponsesTool(BaseModel):
@@ -68,7 +68,7 @@ class InputItem(BaseModel):
     output: str | list[InputPart] | None = None
 
 
-class ResponsesRequest(BaseModel):
+class ResponsesRequest(RequestBody):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     input: str | list[InputItem]

@@ -31,7 +31,7 @@ def pagedllm_routes(server: OpenAIServer, auth: list) -> APIRouter:
     async def inspect(body: InspectRequest) -> dict:
         """Probes on the serving model, without stopping it: the response of `pagedllm inspect --json`."""
         lora = server.check_model(body.model)
-        prompt = server.one_prompt(body.prompt, body.messages)
+        prompt = await server.one_prompt(body.prompt, body.messages)
         if len(prompt.ids) > client.info.max_model_len:
             raise APIError(400, f"This model's maximum context length is {client.info.max_model_len} tokens; the prompt "
                                 f"has {len(prompt.ids)}.", "prompt", "context_length_exceeded")
@@ -41,7 +41,7 @@ def pagedllm_routes(server: OpenAIServer, auth: list) -> APIRouter:
     @router.post("/tokenize", dependencies=auth)
     async def tokenize(body: TokenizeRequest) -> dict:
         server.check_model(body.model)
-        ids = server.one_prompt(body.prompt, body.messages, body.add_special_tokens).ids
+        ids = (await server.one_prompt(body.prompt, body.messages, body.add_special_tokens)).ids
         return {"tokens": ids, "count": len(ids), "max_model_len": client.info.max_model_len}
 
     @router.post("/detokenize", dependencies=auth)

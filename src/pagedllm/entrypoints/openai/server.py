@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -39,11 +40,13 @@ def build_app(client: AsyncEngineClient, config: ServerConfig, on_ready=None) ->
         yield
         await client.shutdown()
 
-    app = FastAPI(title="pagedllm", lifespan=lifespan)
+    # The schema and its pages answer behind the API key like every other route (added below).
+    app = FastAPI(title="pagedllm", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.server = server
     install_error_handlers(app)
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
     auth = [Depends(_auth_dependency(config.api_key))]
+    _schema_routes(app, auth)
 
     @app.get("/health")
     async def health() -> Response:
@@ -67,6 +70,21 @@ def build_app(client: AsyncEngineClient, config: ServerConfig, on_ready=None) ->
     return app
 
 
+def _schema_routes(app: FastAPI, auth: list) -> None:
+    """/openapi.json, /docs and /redoc, each needing the API key when there is one."""
+    @app.get("/openapi.json", include_in_schema=False, dependencies=auth)
+    async def schema() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=auth)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="pagedllm")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=auth)
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title="pagedllm")
+
+
 def _auth_dependency(api_key: str | None):
     async def check(request: Request) -> None:
         if api_key is None:
@@ -81,22 +99,59 @@ def _auth_dependency(api_key: str | None):
 
 class _BodyLimit:
     """Pure ASGI (a BaseHTTPMiddleware would hide client disconnects from the routes): POST bodies
-    need a Content-Length, at most `limit` bytes."""
+    need a Content-Length of at most `limit` bytes, and the bytes that actually arrive are counted too
+    (a chunked body may declare one length and send far more). The body is read here, within the
+    bound, and handed on; later receives (a client's disconnect) pass straight through."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("POST", "PUT", "PATCH"):
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            refusal = None
-            if not length.isdigit():
-                refusal = JSONResponse(error_body(411, "a Content-Length header is required"), status_code=411)
-            elif int(length) > self.limit:
-                refusal = JSONResponse(error_body(413, f"the request body is larger than {self.limit} bytes"),
-                                       status_code=413)
-            if refusal is not None:
-                await refusal(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        refusal = None
+        if not length.isdigit():
+            refusal = _refusal(411, "a Content-Length header is required")
+        elif int(length) > self.limit:
+            refusal = _refusal(413, f"the request body is larger than {self.limit} bytes")
+        else:
+            body = await self._read(receive)
+            if body is None:
+                refusal = _refusal(413, f"the request body is larger than {self.limit} bytes")
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, _replay(body, receive), send)
 
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, or None as soon as more than `limit` bytes have come."""
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break  # the client left: the route sees an empty body, then the disconnect
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                return None
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        return b"".join(chunks)
+
+
+def _refusal(status: int, message: str) -> JSONResponse:
+    return JSONResponse(error_body(status, message), status_code=status)
+
+
+def _replay(body: bytes, receive):
+    delivered = False
+
+    async def replayed():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replayed

@@ -164,13 +164,13 @@ class OpenAIServer:
                    for p in _one_or_many(given)]
         return self.checked(prompts, param)
 
-    def one_prompt(self, prompt: str | list[int] | None, messages: list[ChatMessage] | None,
-                   add_special_tokens: bool = True) -> Prompt:
+    async def one_prompt(self, prompt: str | list[int] | None, messages: list[ChatMessage] | None,
+                         add_special_tokens: bool = True) -> Prompt:
         """The prompt of a body that takes exactly one of `prompt` (text or token ids) and chat `messages`."""
         if (prompt is None) == (messages is None):
             raise APIError(400, "give exactly one of prompt and messages", "prompt")
         if messages is not None:
-            return self.chat_prompt(messages)
+            return await self.chat_prompt(messages)
         if isinstance(prompt, str):
             return Prompt(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens), prompt)
         return self.checked([Prompt(list(prompt), None)], "prompt")[0]
@@ -195,9 +195,10 @@ class OpenAIServer:
     def prompt_text(self, prompt: Prompt) -> str:
         return prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.ids, skip_special_tokens=False)
 
-    def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
-                    body: ChatCompletionRequest | None = None, tools: ToolPlan | None = None) -> Prompt:
-        """The rendered template (kept as the prompt's text: reasoning splitters look at its end) and its ids."""
+    async def chat_prompt(self, messages: list[ChatMessage], add_generation_prompt: bool = True,
+                          body: ChatCompletionRequest | None = None, tools: ToolPlan | None = None) -> Prompt:
+        """The rendered template (kept as the prompt's text: reasoning splitters look at its end) and its ids.
+        Rendered off the event loop (a template may take up to its time budget), as is the tokenisation."""
         try:
             variables = body.template_variables() if body is not None else {}
         except ValueError as exc:
@@ -205,10 +206,11 @@ class OpenAIServer:
         try:
             inputs, tool_variables = (tools or ToolPlan(self.tool_format)).template_input(
                 messages, self.template_reads_tools)
-            text = self.tokenizer.apply_chat_template(inputs, add_generation_prompt, **variables, **tool_variables)
+            text = await asyncio.to_thread(self.tokenizer.apply_chat_template, inputs, add_generation_prompt,
+                                           **variables, **tool_variables)
         except (PagedLLMError, ValueError) as exc:
             raise APIError(400, str(exc), "messages") from None
-        return Prompt(self.tokenizer.encode(text, add_special_tokens=False), text)
+        return Prompt(await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=False), text)
 
     def tool_plan(self, body: ChatCompletionRequest) -> ToolPlan:
         try:
@@ -244,7 +246,7 @@ class OpenAIServer:
         lora = self.check_model(body.model)
         self.check_generates()
         tools = self.tool_plan(body)
-        prompt = self.chat_prompt(body.messages, body.add_generation_prompt, body, tools)
+        prompt = await self.chat_prompt(body.messages, body.add_generation_prompt, body, tools)
         asked, param = ((body.max_completion_tokens, "max_completion_tokens") if body.max_completion_tokens
                         else (body.max_tokens, "max_tokens"))
         max_tokens = self.max_tokens(asked, len(prompt.ids), param, "messages")

@@ -9,8 +9,7 @@ constants (value types, quantisation block sizes) come from the `gguf` package.
 
 from __future__ import annotations
 
-from ...errors import PagedLLMError
-
+import math
 import mmap
 import os
 from dataclasses import dataclass
@@ -20,10 +19,14 @@ from typing import Any
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from ...errors import PagedLLMError, shown
+
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_ARRAY_NESTING = 8
+MAX_KEY_BYTES = 65535  # the GGUF spec's bound on a metadata key
+MAX_TENSOR_NAME_BYTES = 256  # ggml's own is 64 (GGML_MAX_NAME)
 
 _SCALAR_DTYPES: dict[GGUFValueType, np.dtype] = {
     GGUFValueType.UINT8: np.dtype("<u1"),
@@ -54,7 +57,7 @@ class TensorInfo:
 
     @property
     def n_elements(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
 
 class _Cursor:
@@ -76,8 +79,10 @@ class _Cursor:
     def uint(self, size: int, what: str) -> int:
         return int.from_bytes(self.take(size, what), "little")
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, max_bytes: int | None = None) -> str:
         length = self.uint(8, f"length of {what}")
+        if max_bytes is not None and length > max_bytes:
+            raise self.fail(f"a {what} of {length} bytes (at most {max_bytes})")
         return bytes(self.take(length, what)).decode("utf-8", errors="replace")
 
     def array(self, dtype: np.dtype, count: int, what: str) -> np.ndarray:
@@ -105,7 +110,7 @@ def _value_type(code: int, cursor: _Cursor, key: str) -> GGUFValueType:
     try:
         return GGUFValueType(code)
     except ValueError:
-        raise cursor.fail(f"metadata key {key!r} has unknown value type {code}") from None
+        raise cursor.fail(f"metadata key {key} has unknown value type {code}") from None
 
 
 def _read_value(cursor: _Cursor, vtype: GGUFValueType, key: str, depth: int = 0) -> Any:
@@ -130,9 +135,9 @@ def _read_value(cursor: _Cursor, vtype: GGUFValueType, key: str, depth: int = 0)
 
 def _tensor_nbytes(ggml_type: GGMLQuantizationType, shape: tuple[int, ...], name: str, path: str) -> int:
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-    n_elements = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    n_elements = math.prod(shape)  # Python's integers: a product past int64 must not wrap into a small size
     if shape and shape[-1] % block_size:
-        raise GGUFError(f"{path}: tensor {name!r} row of {shape[-1]} is not a multiple of block {block_size}")
+        raise GGUFError(f"{path}: tensor {shown(name)} row of {shape[-1]} is not a multiple of block {block_size}")
     return n_elements // block_size * type_size
 
 
@@ -153,9 +158,10 @@ class GGUFFile:
         self.version, n_tensors, n_kv = self._read_header(cursor)
         self.metadata: dict[str, Any] = {}
         for _ in range(n_kv):
-            key = cursor.string("metadata key")
-            vtype = _value_type(cursor.uint(4, f"value type of {key}"), cursor, key)
-            self.metadata[key] = _read_value(cursor, vtype, key)
+            key = cursor.string("metadata key", MAX_KEY_BYTES)
+            label = shown(key)  # how messages name it: cut short
+            vtype = _value_type(cursor.uint(4, f"value type of {label}"), cursor, label)
+            self.metadata[key] = _read_value(cursor, vtype, label)
         infos = [self._read_tensor_info(cursor) for _ in range(n_tensors)]
         alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
         if alignment <= 0 or alignment & (alignment - 1):
@@ -167,7 +173,7 @@ class GGUFFile:
             offset = data_start + rel_offset
             if offset + nbytes > size:
                 raise GGUFError(
-                    f"{self.path}: tensor {name!r} needs bytes {offset}..{offset + nbytes} "
+                    f"{self.path}: tensor {shown(name)} needs bytes {offset}..{offset + nbytes} "
                     f"but the file has {size}: truncated or corrupt"
                 )
             self.tensors[name] = TensorInfo(name, shape, ggml_type, offset, nbytes)
@@ -175,7 +181,7 @@ class GGUFFile:
     def _read_header(self, cursor: _Cursor) -> tuple[int, int, int]:
         magic = bytes(cursor.take(4, "magic"))
         if magic != GGUF_MAGIC:
-            raise GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected {GGUF_MAGIC!r})")
+            raise GGUFError(f"{self.path}: not a GGUF file (its magic bytes are not {GGUF_MAGIC!r})")
         version = cursor.uint(4, "version")
         if version not in (2, 3):
             hint = " (a big-endian file?)" if version > 0xFFFF else ""
@@ -187,19 +193,20 @@ class GGUFFile:
         return version, n_tensors, n_kv
 
     def _read_tensor_info(self, cursor: _Cursor) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
-        name = cursor.string("tensor name")
-        n_dims = cursor.uint(4, f"dimension count of {name}")
+        name = cursor.string("tensor name", MAX_TENSOR_NAME_BYTES)
+        label = shown(name)
+        n_dims = cursor.uint(4, f"dimension count of {label}")
         if n_dims > MAX_DIMS:
-            raise cursor.fail(f"tensor {name!r} has {n_dims} dimensions (at most {MAX_DIMS})")
-        dims = [cursor.uint(8, f"dimensions of {name}") for _ in range(n_dims)]
-        type_code = cursor.uint(4, f"type of {name}")
+            raise cursor.fail(f"tensor {shown(name)} has {n_dims} dimensions (at most {MAX_DIMS})")
+        dims = [cursor.uint(8, f"dimensions of {label}") for _ in range(n_dims)]
+        type_code = cursor.uint(4, f"type of {label}")
         try:
             ggml_type = GGMLQuantizationType(type_code)
         except ValueError:
-            raise cursor.fail(f"tensor {name!r} has unknown type {type_code}") from None
-        offset = cursor.uint(8, f"offset of {name}")
+            raise cursor.fail(f"tensor {shown(name)} has unknown type {type_code}") from None
+        offset = cursor.uint(8, f"offset of {label}")
         if any(d <= 0 or d > len(cursor.buf) * 8 for d in dims):
-            raise cursor.fail(f"tensor {name!r} has impossible dimensions {dims}")
+            raise cursor.fail(f"tensor {shown(name)} has impossible dimensions {dims}")
         return name, tuple(reversed(dims)), ggml_type, offset
 
     def tensor_bytes(self, info: TensorInfo) -> np.ndarray:
@@ -218,7 +225,7 @@ class GGUFFile:
 
     def require(self, key: str) -> Any:
         if key not in self.metadata:
-            raise GGUFError(f"{self.path}: required metadata key {key!r} is missing")
+            raise GGUFError(f"{self.path}: required metadata key {shown(key)} is missing")
         return self.metadata[key]
 
 

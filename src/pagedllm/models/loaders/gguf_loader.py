@@ -6,6 +6,7 @@ and nowhere else.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from ...layers.quant import PackedWeight
 from ..registry import FamilySpec, family_for_gguf
 from ...layers.dequant import dequantize
 from ...layers.rotary import yarn_mscale
+from ...errors import shown
 from .gguf_file import GGUFError, GGUFFile
 
 LAYER_RENAMES = {
@@ -100,8 +102,8 @@ def _int_key(f: GGUFFile, key: str, default: int | None = None) -> int:
 
 def _float_key(f: GGUFFile, key: str, default: float) -> float:
     value = f.get(key, default)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise GGUFError(f"{f.path}: metadata {key!r} should be a number, got {type(value).__name__}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise GGUFError(f"{f.path}: metadata {key!r} should be a finite number, got {shown(value)}")
     return float(f"{value:.7g}")  # stored as float32: 1e-5 reads back as 9.99999974e-06
 
 
@@ -181,6 +183,16 @@ def _experts(f: GGUFFile, arch: str, family: FamilySpec) -> dict:
                                    if f"blk.{i}.ffn_gate_inp.weight" not in f.tensors))
 
 
+def _block_count(f: GGUFFile, arch: str) -> int:
+    """block_count, checked against the blocks the file holds tensors of: a count is never trusted to size
+    anything (2^32 - 1 blocks built ~9 GB of empty layers before any tensor was read)."""
+    layers = _int_key(f, f"{arch}.block_count")
+    held = {name.split(".")[1] for name in f.tensors if name.startswith("blk.")}
+    if not 0 < layers <= len(held):
+        raise GGUFError(f"{f.path}: {arch}.block_count is {layers}, but the file holds tensors of {len(held)} blocks")
+    return layers
+
+
 def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     arch = f.require("general.architecture")
     family = family_for_gguf(arch, experts=bool(f.get(f"{arch}.expert_count", 0)))
@@ -188,6 +200,9 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     heads = _int_key(f, f"{arch}.attention.head_count")
     if heads <= 0:
         raise GGUFError(f"{f.path}: {arch}.attention.head_count must be positive, got {heads}")
+    if f"{arch}.attention.key_length" not in f.metadata and hidden % heads:
+        raise GGUFError(f"{f.path}: {arch}.attention.head_count {heads} does not divide embedding_length {hidden}, "
+                        "and no attention.key_length gives the head size")
     # Without an explicit key_length the head size is the embedding split evenly across heads.
     head_dim = _int_key(f, f"{arch}.attention.key_length", hidden // heads if hidden % heads == 0 else None)
     rope_dim = _int_key(f, f"{arch}.rope.dimension_count", head_dim)
@@ -195,7 +210,7 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         raise GGUFError(f"{f.path}: tensor 'token_embd.weight' is missing")
     vocab_size = f.tensors["token_embd.weight"].shape[0]
     window = _int_key(f, f"{arch}.attention.sliding_window", 0) or None
-    layers = _int_key(f, f"{arch}.block_count")
+    layers = _block_count(f, arch)
     sliding_layers = _sliding_layers(f, arch, family, layers) if window else None
     local_theta = _float_key(f, f"{arch}.rope.freq_base_swa", family.gguf_local_rope_theta or 0.0) or None
     config = ModelConfig(

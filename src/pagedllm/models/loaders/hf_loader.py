@@ -24,11 +24,26 @@ class HFModelError(PagedLLMError, ValueError):
     """A Hugging Face model folder that cannot be read."""
 
 
+MAX_JSON_BYTES = 32 * 2**20  # config files are kilobytes; the largest tokenizer_config.json seen is a few MB
+
+
 def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from a regular file of at most MAX_JSON_BYTES (a symlink to /dev/zero or a FIFO is
+    refused, not read forever), nested no deeper than the parser's stack allows."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if not path.is_file():
+            raise HFModelError(f"{path}: not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
+        if len(raw) > MAX_JSON_BYTES:
+            raise HFModelError(f"{path}: larger than {MAX_JSON_BYTES} bytes")
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HFModelError(f"{path}: not UTF-8 text") from None
+    except (OSError, json.JSONDecodeError) as exc:  # their messages name a position, never the contents
         raise HFModelError(f"{path}: cannot read JSON ({exc})") from None
+    except RecursionError:
+        raise HFModelError(f"{path}: JSON nested too deep") from None
     if not isinstance(data, dict):
         raise HFModelError(f"{path}: expected a JSON object")
     return data
