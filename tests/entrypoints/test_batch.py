@@ -154,6 +154,25 @@ def test_rows_that_killed_a_worker_become_error_records(tiny, tmp_path):
     assert "top_k" in errors["k"] and "deep" in errors["g"] and "surrogate" in errors["s"] and errors["ok"] is None
 
 
+@pytest.mark.parametrize("device", ["/dev/full", "/dev/zero"])
+def test_an_output_that_is_a_device_is_refused(tiny, tmp_path, device):
+    """/dev/zero read back forever (24 GB, then the OOM killer); /dev/full could record nothing."""
+    data = _write_rows(tmp_path / "data.jsonl", _rows(2))
+    with pytest.raises(BatchError, match="not a regular file"):
+        infer(tiny, data, device, 1, sampling_params=GREEDY, engine_options=ENGINE, progress=False)
+
+
+def test_rows_too_deep_or_too_long_in_digits_are_error_records(tiny, tmp_path):
+    data = _write_rows(tmp_path / "data.jsonl", [{"id": "ok", "prompt": "river stone"}],
+                       ('{"id": "deep", "prompt": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                        '{"id": "digits", "prompt": "x", "seed": ' + "9" * 5000 + "}"))
+    summary = infer(tiny, data, tmp_path / "out.jsonl", 1, sampling_params=GREEDY, engine_options=ENGINE,
+                    progress=False)
+    errors = {r["line"]: r.get("error") for r in _records(tmp_path / "out.jsonl")}
+    assert summary.written == 3 and summary.errors == 2
+    assert "nested too deep" in errors[2] and "too many digits" in errors[3]
+
+
 def test_a_finished_job_run_again_does_nothing(tiny, one_worker_records, tmp_path):
     data, _ = one_worker_records
     out = tmp_path / "out.jsonl"

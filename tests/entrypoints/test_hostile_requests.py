@@ -4,6 +4,7 @@ each answer is a 4xx that names the field, and afterwards the server still serve
 from __future__ import annotations
 
 import json
+import random
 import socket
 
 import httpx
@@ -156,3 +157,40 @@ def test_a_regex_error_says_what_is_wrong(http):
     assert answer.status_code == 400
     message = answer.json()["error"]["message"]
     assert "\n" not in message and not message.rstrip().endswith("regex parse error:"), message
+
+
+def test_invalid_json_is_named_as_such(http):
+    answer = http.post("/v1/chat/completions", content=b'{"messages": [1,, 2]}',
+                       headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400
+    error = answer.json()["error"]
+    assert error["message"].startswith("the request body is not valid JSON") and error["param"] is None, error
+
+
+HOSTILE_VALUES = [2**63, -2**63, 2**64 + 1, 10**400, 1e308, -1e308, 5e-324, -0.0, "NaN", "Infinity", "\udfff",
+                  "x" * 100_000, json.loads("[" * 500 + "]" * 500), {"$ref": "#"}, None, True, [], {}, -1, 0]
+HOSTILE_FIELDS = ["n", "best_of", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p",
+                  "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stop",
+                  "stop_token_ids", "logprobs", "top_logprobs", "prompt_logprobs", "response_format", "model",
+                  "structured_outputs", "max_completion_tokens", "timeout", "tools", "tool_choice", "user",
+                  "chat_template_kwargs", "probes", "stream_options", "ignore_eos", "skip_special_tokens"]
+ROUTES = {"/v1/chat/completions": _chat(), "/v1/completions": {"prompt": "river stone", "max_tokens": 4},
+          "/v1/messages": {"max_tokens": 4, "messages": [{"role": "user", "content": "river stone"}]},
+          "/v1/responses": {"input": "river stone", "max_output_tokens": 4},
+          "/v1/embeddings": {"input": "river stone"}, "/tokenize": {"prompt": "river stone"}}
+
+
+def test_hostile_fields_on_every_generation_route(server, http):
+    """The reproductions, grown: 120 seeded bodies, each with 1-3 fields set to hostile values, on every
+    generation route. No answer is a 5xx; afterwards the server serves and holds nothing."""
+    rng = random.Random(34)
+    for _ in range(120):
+        path = rng.choice(sorted(ROUTES))
+        body = dict(ROUTES[path])
+        for field in rng.sample(HOSTILE_FIELDS, rng.randint(1, 3)):
+            value = rng.choice(HOSTILE_VALUES)
+            body[field] = {str(2**63): value} if field == "logit_bias" and rng.random() < 0.5 else value
+        content = json.dumps(body).replace('"NaN"', "NaN").replace('"Infinity"', "Infinity").encode()
+        answer = http.post(path, content=content, headers={"Content-Type": "application/json"})
+        assert answer.status_code < 500, (path, body.keys(), answer.text[:300])
+    _still_serving(server, http)

@@ -180,3 +180,19 @@ def test_numerics_diff_refusals(tiny_models):
     wider = load_reference(ModelSource("hf", tiny_models["bloom"].hf_dir), "float")  # 96 wide, not 64
     with pytest.raises(ProbeError, match="the reference has 2 layers of width 96"):
         compare_layers(load_model(gguf), wider, [1, 2, 3])
+
+
+def test_probe_budgets_refuse_what_would_stall_the_server():
+    """Attention over 2,000 tokens came to a 471 MB response; the lens over 1,000 tokens stalled every other
+    client ~24 s (issue 34). The server's core checks these budgets before computing anything."""
+    from types import SimpleNamespace
+
+    from pagedllm.tools.inspect import ProbeError, check_probe_budget
+
+    smollm = SimpleNamespace(num_hidden_layers=30, num_attention_heads=9)
+    check_probe_budget(smollm, 300, None, ["29:*:*:*"])  # 9,000 lens cells, 810,000 weights
+    with pytest.raises(ProbeError, match="layer-positions"):
+        check_probe_budget(smollm, 1000, None, [])
+    check_probe_budget(smollm, 2000, [0, 1], ["0:3:-1:*"])  # a few layers and one query row: fine
+    with pytest.raises(ProbeError, match="attention weights"):
+        check_probe_budget(smollm, 2000, [0], ["0:*:*:*"])

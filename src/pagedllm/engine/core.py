@@ -75,8 +75,9 @@ class EngineCore:
     def probe(self, ids: list[int], layers: list[int] | None, top_k: int, attention: list[str],
               lora: str | None) -> dict:
         """Probes on a prompt on a KV cache of their own: the requests being served are untouched."""
-        from ..tools.inspect import inspect_model
+        from ..tools.inspect import check_probe_budget, inspect_model
 
+        check_probe_budget(self.engine.model.config, len(ids), layers, attention)
         with self.engine.adapted(lora):
             return inspect_model(self.engine.model, ids, layers, top_k, self.engine.kv_spec.block_size,
                                  attention).as_json()

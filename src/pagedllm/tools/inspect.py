@@ -164,6 +164,30 @@ def _attention_probe(model: Transformer, query: AttentionQuery, layer_input: tor
     return AttentionProbe(query.layer, heads, queries, keys, chosen.tolist())
 
 
+# What one probe request may cost the server (the core takes probes between two engine steps, so a big one
+# stalls every stream): layer × position cells of the logit lens (each a row of vocabulary logits), and
+# attention weights returned. 2,000 tokens' attention came to a 471 MB response; 1,000 tokens' lens
+# stalled every other client ~24 s (measured, SmolLM2-135M on 2 vCPU).
+MAX_LENS_CELLS = 16_384
+MAX_ATTENTION_WEIGHTS = 1_048_576
+
+
+def check_probe_budget(config, num_tokens: int, layers: list[int] | None,
+                       attention: list[AttentionQuery | str | tuple] | None) -> None:
+    """Refuse probes past the budgets above, before anything is computed."""
+    lens = num_tokens * (config.num_hidden_layers if layers is None else len(set(layers)))
+    if lens > MAX_LENS_CELLS:
+        raise ProbeError(f"probes: {num_tokens} tokens × {lens // max(num_tokens, 1)} layers is past the budget of "
+                         f"{MAX_LENS_CELLS} layer-positions; ask for fewer layers or a shorter prompt")
+    weights = 0
+    for query in (AttentionQuery.of(q) for q in attention or []):
+        heads = 1 if query.head is not None else config.num_attention_heads
+        weights += heads * (1 if query.query is not None else num_tokens) * (1 if query.key is not None else num_tokens)
+    if weights > MAX_ATTENTION_WEIGHTS:
+        raise ProbeError(f"probes: {weights} attention weights asked for, past the budget of {MAX_ATTENTION_WEIGHTS}; "
+                         "name a head or a query token")
+
+
 @torch.inference_mode()
 def inspect_model(model: Transformer, token_ids: list[int], layers: list[int] | None = None, top_k: int = 10,
                   block_size: int = 16, attention: list[AttentionQuery | str | tuple] | None = None) -> Inspection:

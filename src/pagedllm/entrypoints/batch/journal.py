@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,10 @@ class OutputJournal:
             self._file = open(self.path, "a+b")
         except OSError as exc:
             raise JournalError(f"cannot open the output {self.path}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):  # /dev/zero reads back forever
+            self._file.close()
+            raise JournalError(f"the output {self.path} is not a regular file (a device or a pipe cannot "
+                               "record the job's progress)")
         self._lock()
         self.done: dict[int, Any] = self._read_back()  # input line -> the id its record carries
 
@@ -81,8 +86,11 @@ class OutputJournal:
     def write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        self._file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
-        self._file.flush()
+        try:
+            self._file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
+            self._file.flush()
+        except OSError as exc:  # a full disk: the job stops; what reached the file stays done
+            raise JournalError(f"cannot write the output {self.path}: {exc.strerror}") from None
         for record in records:
             self.done[record["line"]] = record["id"]
         if time.monotonic() - self._last_sync >= self._fsync_interval:
@@ -95,6 +103,10 @@ class OutputJournal:
     def close(self) -> None:
         if self._file.closed:
             return
-        self._file.flush()
-        self._sync()
-        self._file.close()  # releases the lock
+        try:
+            self._file.flush()
+            self._sync()
+        except OSError:
+            pass  # a full disk, already reported by the write that met it: what is in the file stays done
+        finally:
+            self._file.close()  # releases the lock

@@ -69,6 +69,10 @@ def load_row(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise RowError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    except RecursionError:
+        raise RowError("not usable JSON: nested too deep") from None
+    except ValueError:  # an integer past Python's 4,300-digit conversion limit
+        raise RowError("not usable JSON: a number with too many digits") from None
 
 
 def parse_row(row: Any, line: int, defaults: SamplingParams) -> BatchTask:

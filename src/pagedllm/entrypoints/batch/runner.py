@@ -19,6 +19,7 @@ from typing import Any
 
 from ...config import EngineConfig, build_engine_config
 from ...sampling_params import SamplingParams
+from ...errors import shown
 from .backends import Backend, BatchError, LocalBackend, RayBackend
 from .board import JobBoard, JobState
 from .journal import JournalError, OutputJournal
@@ -214,7 +215,10 @@ class _Job:
     def _write(self, records: list[dict[str, Any]]) -> None:
         if not records:
             return
-        self.journal.write(records)
+        try:
+            self.journal.write(records)
+        except JournalError as exc:
+            raise BatchError(str(exc)) from None
         summary = self.summary
         summary.written += len(records)
         for record in records:
@@ -246,7 +250,7 @@ class _Job:
             self._check_recorded(line, id_)
             first = first_line_of.setdefault(id_, line)
             if first != line:
-                problem = f"duplicate id {id_!r} (first on line {first})"
+                problem = f"duplicate id {shown(id_)} (first on line {first})"
             yield line, row, id_, problem
         self._check_no_strays(lines)
 

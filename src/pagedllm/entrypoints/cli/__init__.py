@@ -5,6 +5,7 @@ flags."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)  # (serve's uvicorn takes SIGTERM over for its graceful shutdown)
     try:
         return COMMANDS[args.command](args)
     except PagedLLMError as exc:
@@ -34,3 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def _stop(signum: int, frame) -> None:
+    """SIGTERM stops a command the way Ctrl-C does: a batch job records where it stopped, workers are
+    closed, and the command exits within seconds."""
+    raise KeyboardInterrupt

@@ -12,6 +12,8 @@ from ..openai.reasoning import REASONING_FORMATS
 from ..openai.tool_calls import TOOL_FORMATS
 from .options import add_engine_args, engine_config, parse_bytes
 
+GRACEFUL_SHUTDOWN_S = 5  # seconds open streams get after SIGTERM
+
 
 def add_parsers(sub) -> None:
     serve = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
@@ -67,7 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                           args.reasoning_parser, args.tool_call_parser, args.ui,
                           allow_runtime_lora_updates=args.allow_runtime_lora_updates)
     app = build_app(client, config, on_ready=lambda: print(_examples(args.host, args.port, config), flush=True))
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # SIGTERM: open streams get GRACEFUL_SHUTDOWN_S to finish, then the server stops regardless.
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     return 0
 
 

@@ -56,6 +56,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":  # its loc is a character position, not a field
+            at = first.get("loc", ("body", "?"))[-1]
+            return error_response(APIError(400, f"the request body is not valid JSON (at character {at})"), request)
         where = [str(part) for part in first.get("loc", ()) if part != "body"]
         param = ".".join(where) or (first.get("ctx") or {}).get("field")
         message = f"{param}: {first.get('msg', 'invalid value')}" if where else first.get("msg", "invalid request body")
