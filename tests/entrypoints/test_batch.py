@@ -145,13 +145,15 @@ def test_rows_that_killed_a_worker_become_error_records(tiny, tmp_path):
     defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(1000)}
     deep = {"type": "json_schema", "json_schema": {"name": "deep", "schema": {"$ref": "#/$defs/d0", "$defs": defs}}}
     rows = [{"id": "k", "prompt": "x", "top_k": 2**63}, {"id": "g", "prompt": "x", "response_format": deep},
-            {"id": "s", "prompt": "river \udfff stone"}, {"id": "ok", "prompt": "river stone"}]
+            {"id": "s", "prompt": "river \udfff stone"}, {"id": "ok", "prompt": "river stone"},
+            {"id": "m", "prompt": "x", "max_tokens": 10**9}]  # refused as the server refuses it, not cut short
     data = _write_rows(tmp_path / "data.jsonl", rows)
     summary = infer(tiny, data, tmp_path / "out.jsonl", 1, sampling_params=GREEDY, engine_options=ENGINE,
                     progress=False)
     errors = {r["id"]: r.get("error") for r in _records(tmp_path / "out.jsonl")}
-    assert summary.written == 4 and summary.errors == 3, errors
+    assert summary.written == 5 and summary.errors == 4, errors
     assert "top_k" in errors["k"] and "deep" in errors["g"] and "surrogate" in errors["s"] and errors["ok"] is None
+    assert "context" in errors["m"]
 
 
 @pytest.mark.parametrize("device", ["/dev/full", "/dev/zero"])

@@ -230,3 +230,29 @@ def test_a_tensor_name_of_a_million_bytes_is_not_echoed(tmp_path):
     bad.write_bytes(_header(1, 0) + struct.pack("<Q", 10**6) + b"n" * 10**6 + bytes(64))
     message = _expect_error(bad, "tensor name of 1000000 bytes")
     assert len(message) < 300
+
+
+def test_mutated_headers_fail_cleanly(tiny_models, tmp_path):
+    """Generated hostile GGUF files: the tiny llama's header with 1-8 bytes overwritten, 300 seeded times.
+    Each is read as a model config or refused with a PagedLLMError naming the file: never another
+    exception, never a hang."""
+    import random
+    import time
+
+    original = tiny_models["llama"].gguf_path.read_bytes()
+    header_end = GGUFFile(tiny_models["llama"].gguf_path).tensors["token_embd.weight"].offset
+    rng = random.Random(34)
+    started, refused = time.monotonic(), 0
+    for i in range(300):
+        path = tmp_path / f"mutated-{i}.gguf"  # a path of its own: parsed files are cached by path and mtime
+        data = bytearray(original)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(header_end)] = rng.choice([0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)])
+        path.write_bytes(data)
+        try:
+            read_model_config(ModelSource("gguf", path))
+        except PagedLLMError as exc:
+            refused += 1
+            assert str(path) in str(exc) and len(str(exc)) < 1000, exc
+        path.unlink()
+    assert refused > 0 and time.monotonic() - started < 120

@@ -53,6 +53,7 @@ class BatchTask:
     params: SamplingParams
     metadata: Any = None
     lora: str | None = None  # a LoRA adapter's name
+    explicit_max_tokens: bool = False  # the row set max_tokens: past what the context leaves, it is refused
 
 
 def row_id(row: Any, line: int) -> Any:
@@ -91,7 +92,8 @@ def parse_row(row: Any, line: int, defaults: SamplingParams) -> BatchTask:
     lora = row.get("lora")
     if lora is not None and not isinstance(lora, str):
         raise RowError("lora must be the name of a LoRA adapter (a string)")
-    return BatchTask(line, row_id(row, line), prompt, messages, _params(row, defaults), row.get("metadata"), lora)
+    return BatchTask(line, row_id(row, line), prompt, messages, _params(row, defaults), row.get("metadata"), lora,
+                     "max_tokens" in row)
 
 
 def _prompt(row: dict) -> tuple[str | list[int] | None, list[dict[str, str]] | None]:

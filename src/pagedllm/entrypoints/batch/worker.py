@@ -53,12 +53,25 @@ class ReplicaWorker:
         for task in tasks:
             request_id = str(task.line)
             try:
-                self.engine.add_request(request_id, self._prompt(task), task.params, lora=task.lora)
+                prompt = self._prompt(task)
+                if task.explicit_max_tokens:
+                    self._check_max_tokens(prompt, task.params.max_tokens)
+                self.engine.add_request(request_id, prompt, task.params, lora=task.lora)
             except (PagedLLMError, ValueError, TypeError) as exc:
                 refused.append(error_record(task.line, task.id, str(exc)))
             else:
                 self._tasks[request_id] = task
         return refused
+
+    def _check_max_tokens(self, prompt, max_tokens: int) -> None:
+        """A row's own max_tokens past what the context leaves is refused, as the server refuses it (the
+        job's default is cut to the context instead)."""
+        ids = prompt["prompt_token_ids"] if isinstance(prompt, dict) else (
+            self.engine.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt)
+        left = self.engine.max_model_len - len(ids)
+        if max_tokens > left:
+            raise PagedLLMError(f"max_tokens {max_tokens} is more than the {left} tokens the model's context "
+                                f"({self.engine.max_model_len}) leaves after the prompt")
 
     def _prompt(self, task: BatchTask):
         if task.messages is None:
