@@ -59,6 +59,9 @@ def test_chat_template_is_sandboxed(template):
     ("{{ [1] * 300000000 }}", "repetition"),
     ("{{ 2 ** 100000000 }}", "power"),
     ("{% for a in range(99999) %}{{ 'x' * 1000 }}{% endfor %}", "renders more than"),
+    ("{{ 'x'.ljust(1000000000) }}", "count or width"),
+    ("{% set w = 1000000000 %}{{ 'x'|center(w) }}", "count or width"),
+    ("{% set w = 1000000000 %}{{ messages[0].content|indent(w) }}", "count or width"),
 ])
 def test_chat_template_renders_within_bounds(template, reason):
     """Each of these blocked a server's event loop or drove `chat` to 20 GB (issue 34)."""

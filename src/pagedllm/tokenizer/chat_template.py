@@ -3,12 +3,14 @@
 Templates come from model files (GGUF metadata or tokenizer_config.json) and are untrusted:
 the immutable sandbox blocks attribute tricks, and any error becomes a ChatTemplateError. A render is
 bounded too: RENDER_SECONDS of time (a loop of 99,999 × 99,999 is stopped), MAX_RENDER_CHARS of output,
-and no `*` or `**` that would build a value past that size (`'a' * 300000000` drove `chat` to 20 GB).
+no `*` or `**` that would build a value past that size (`'a' * 300000000` drove `chat` to 20 GB), and no
+method or filter given a count or width past it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import threading
 from datetime import datetime
@@ -35,9 +37,18 @@ class _RenderTimeout(BaseException):  # not Exception: nothing in jinja2 may swa
 
 
 class _BoundedSandbox(ImmutableSandboxedEnvironment):
-    """The sandbox, with `*` and `**` checked before they build a value too large to hold."""
+    """The sandbox, with `*` and `**` checked before they build a value too large to hold, and every method
+    and filter refused a count or width past the output bound (`'x'.ljust(10**9)`, `s|center(10**9)`)."""
 
     intercepted_binops = frozenset({"*", "**"})
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.filters = {name: _bounded_call(f) for name, f in self.filters.items()}
+
+    def call(self, __context, __obj, *args: Any, **kwargs: Any) -> Any:
+        _check_sizes(args, kwargs)
+        return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context, operator: str, left: Any, right: Any) -> Any:
         if operator == "*" and _repeat_size(left, right) > MAX_RENDER_CHARS:
@@ -46,6 +57,23 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
                 and abs(left) > 1 and right * max(abs(left), 2).bit_length() > MAX_POWER_BITS:
             raise ChatTemplateError(f"chat template: a power past {MAX_POWER_BITS} bits")
         return super().call_binop(context, operator, left, right)
+
+
+def _check_sizes(args: tuple, kwargs: dict) -> None:
+    if any(isinstance(v, int) and abs(v) > MAX_RENDER_CHARS for v in (*args, *kwargs.values())):
+        raise ChatTemplateError(f"chat template: a count or width past {MAX_RENDER_CHARS}")
+
+
+def _bounded_call(function):
+    """A filter whose integer arguments are checked first (jinja2 calls filters directly, not through the
+    sandbox's call); its name and its pass_context / pass_environment marks are kept."""
+    skip = 2 if getattr(function, "jinja_pass_arg", None) else 1  # the context / environment, the value filtered
+
+    @functools.wraps(function)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        _check_sizes(args[skip:], kwargs)
+        return function(*args, **kwargs)
+    return bounded
 
 
 def _repeat_size(left: Any, right: Any) -> int:
