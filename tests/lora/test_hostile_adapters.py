@@ -142,3 +142,28 @@ def test_errors_never_quote_a_file(llm, tmp_path):
     with pytest.raises(LoRAError) as refused:
         llm.load_lora("folder", str(folder))
     assert not _quotes(str(refused.value)), refused.value
+
+
+def test_mutated_adapters_fail_cleanly(llm, good, tmp_path):
+    """Generated hostile adapters: the good adapter's safetensors header and adapter_config.json with bytes
+    overwritten, 60 seeded times each. Each loads or is refused with a LoRAError: nothing else."""
+    import random
+
+    rng = random.Random(34)
+    weights, config = _weights(good).read_bytes(), (good / "adapter_config.json").read_bytes()
+    header_end = 8 + int.from_bytes(weights[:8], "little")
+    for i in range(120):
+        folder = _copy(good, tmp_path, f"m{i}")
+        target, data, end = ((_weights(folder), bytearray(weights), header_end) if i % 2 else
+                             (folder / "adapter_config.json", bytearray(config), len(config)))
+        for _ in range(rng.randint(1, 6)):
+            data[rng.randrange(end)] = rng.choice([0, 0x22, 0x5B, 0x7B, 0x7F, 0xFF, rng.randrange(256)])
+        target.write_bytes(data)
+        try:
+            llm.load_lora(f"m{i}", str(folder))
+        except LoRAError as exc:
+            assert len(str(exc)) < 1000, exc
+        else:
+            llm.unload_lora(f"m{i}")
+        shutil.rmtree(folder)
+    assert llm.generate(["river stone"], SamplingParams(max_tokens=2, temperature=0))[0].outputs[0].token_ids

@@ -104,11 +104,11 @@ def _peft_modules(folder: Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
 
 def _check_peft_config(folder: Path, cfg: dict) -> None:
     refusals = {
-        "peft_type": (cfg.get("peft_type", "LORA") != "LORA", f"a {cfg.get('peft_type')} adapter, not LoRA"),
+        "peft_type": (cfg.get("peft_type", "LORA") != "LORA", f"a {shown(cfg.get('peft_type'))} adapter, not LoRA"),
         "use_dora": (bool(cfg.get("use_dora")), "DoRA adapters are not supported"),
         "bias": (cfg.get("bias", "none") != "none", "LoRA biases (bias != 'none') are not supported"),
         "modules_to_save": (bool(cfg.get("modules_to_save")),
-                            f"fully trained modules ({cfg.get('modules_to_save')}) are not supported: merge the "
+                            f"fully trained modules ({shown(cfg.get('modules_to_save'))}) are not supported: merge the "
                             "adapter into a checkpoint instead"),
         "fan_in_fan_out": (bool(cfg.get("fan_in_fan_out")), "fan_in_fan_out (Conv1D) layouts are not supported"),
     }
@@ -127,10 +127,10 @@ def _peft_pairs(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         with safe_open(os.fspath(path), framework="pt") as f:
             for key in f.keys():
                 if "lora_embedding" in key or "lora_magnitude" in key:
-                    raise LoRAError(f"{path}: {key!r}: embedding LoRA and DoRA magnitudes are not supported")
+                    raise LoRAError(f"{path}: {shown(key)}: embedding LoRA and DoRA magnitudes are not supported")
                 match = _PEFT_KEY.match(key)
                 if match is None:
-                    raise LoRAError(f"{path}: unexpected tensor {key!r} (not a lora_A / lora_B weight)")
+                    raise LoRAError(f"{path}: unexpected tensor {shown(key)} (not a lora_A / lora_B weight)")
                 found.setdefault(match["module"], {})[match["which"]] = f.get_tensor(key)
     except (OSError, RuntimeError, ValueError, SafetensorError) as exc:
         if isinstance(exc, LoRAError):
@@ -230,18 +230,18 @@ def _gguf_modules(path: Path, family: FamilySpec) -> tuple[dict[str, tuple[torch
     except GGUFError as exc:
         raise LoRAError(f"LoRA adapter: {exc}") from None
     if f.get("general.type") != "adapter" or f.get("adapter.type") != "lora":
-        raise LoRAError(f"{path}: not a LoRA adapter (general.type {f.get('general.type')!r}, "
-                        f"adapter.type {f.get('adapter.type')!r})")
+        raise LoRAError(f"{path}: not a LoRA adapter (general.type {shown(f.get('general.type'))}, "
+                        f"adapter.type {shown(f.get('adapter.type'))})")
     arch = f.get("general.architecture")
     if arch is not None and arch not in family.gguf_architectures:
-        raise LoRAError(f"{path}: a LoRA adapter for {arch!r} models, not for this {family.name} model")
+        raise LoRAError(f"{path}: a LoRA adapter for {shown(arch)} models, not for this {family.name} model")
     from ..layers.dequant import dequantize
 
     found: dict[str, dict[str, torch.Tensor]] = {}
     for info in f.tensors.values():
         match = _GGUF_KEY.match(info.name)
         if match is None:
-            raise LoRAError(f"{path}: unexpected tensor {info.name!r} (not a .lora_a / .lora_b)")
+            raise LoRAError(f"{path}: unexpected tensor {shown(info.name)} (not a .lora_a / .lora_b)")
         found.setdefault(match["base"], {})[match["which"].upper()] = dequantize(
             f.tensor_bytes(info), info.ggml_type, info.shape)
     alpha = f.get("adapter.lora.alpha")

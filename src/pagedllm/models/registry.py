@@ -7,7 +7,7 @@ numbers of one model (sizes, eps, rope bases, caps) live in its ModelConfig.
 
 from __future__ import annotations
 
-from ..errors import PagedLLMError
+from ..errors import PagedLLMError, shown
 
 from dataclasses import dataclass
 
@@ -295,7 +295,7 @@ def family_for_gguf(architecture: str, experts: bool = False) -> FamilySpec:
     if candidates:
         return candidates[0]
     raise UnsupportedModelError(
-        f"unsupported GGUF architecture {architecture!r}; pagedllm supports: {_supported('gguf')}"
+        f"unsupported GGUF architecture {shown(architecture)}; pagedllm supports: {_supported('gguf')}"
     )
 
 

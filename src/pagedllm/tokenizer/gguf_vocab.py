@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from ..errors import PagedLLMError
+from ..errors import PagedLLMError, shown
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
@@ -55,7 +55,7 @@ def build_gguf_tokenizer(meta: dict[str, Any], path: str) -> Tokenizer:
     elif kind == "llama":
         tokenizer = _sentencepiece_bpe(meta, tokens, token_types, path)
     else:
-        raise GGUFTokenizerError(f"{path}: tokenizer model {kind!r} is not supported (pagedllm supports gpt2, llama)")
+        raise GGUFTokenizerError(f"{path}: tokenizer model {shown(kind)} is not supported (pagedllm supports gpt2, llama)")
     _add_special_tokens(tokenizer, tokens, token_types)
     return tokenizer
 
@@ -75,7 +75,7 @@ def _byte_level_bpe(meta: dict[str, Any], tokens: list[str], path: str) -> Token
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZER_REGEXES:
         raise GGUFTokenizerError(
-            f"{path}: pre-tokenizer {pre!r} is not supported; known: {', '.join(sorted(PRE_TOKENIZER_REGEXES))}")
+            f"{path}: pre-tokenizer {shown(pre)} is not supported; known: {', '.join(sorted(PRE_TOKENIZER_REGEXES))}")
     tokenizer = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=pairs, fuse_unk=False,
                                      ignore_merges=pre in IGNORE_MERGES))
     splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in PRE_TOKENIZER_REGEXES[pre]]

@@ -134,7 +134,7 @@ def _rope_scaling(f: GGUFFile, arch: str) -> RopeScaling | None:
                            beta_fast=_float_key(f, f"{arch}.rope.scaling.yarn_beta_fast", 32.0),
                            beta_slow=_float_key(f, f"{arch}.rope.scaling.yarn_beta_slow", 1.0),
                            attention_factor=_float_key(f, f"{arch}.rope.scaling.yarn_attn_factor", 1.0) * yarn_mscale(factor))
-    raise GGUFError(f"{f.path}: rope scaling {kind!r} is not supported (pagedllm supports linear, llama3, longrope "
+    raise GGUFError(f"{f.path}: rope scaling {shown(kind)} is not supported (pagedllm supports linear, llama3, longrope "
                     "and yarn)")
 
 
@@ -172,7 +172,7 @@ def _experts(f: GGUFFile, arch: str, family: FamilySpec) -> dict:
     if not experts:
         return {}
     if not family.moe:
-        raise GGUFError(f"{f.path}: architecture {arch!r} with experts is not supported")
+        raise GGUFError(f"{f.path}: architecture {shown(arch)} with experts is not supported")
     norm = f.get(f"{arch}.expert_weights_norm", family.norm_topk_prob)
     return dict(num_experts=experts, num_experts_per_tok=_int_key(f, f"{arch}.expert_used_count"),
                 moe_intermediate_size=_int_key(f, f"{arch}.expert_feed_forward_length",

@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from ...config import ModelConfig, RopeScaling
 from ...layers.rotary import yarn_mscale
-from ...errors import PagedLLMError
+from ...errors import PagedLLMError, shown
 from ..registry import FamilySpec, family_for_hf
 from .shard_set import is_shard_set, shard_set_weights
 
@@ -64,7 +64,7 @@ def _rope_scaling(params: dict[str, Any], max_positions: int = 0) -> RopeScaling
             kind="llama3", factor=float(params["factor"]),
             low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]),
             original_max_position_embeddings=int(params["original_max_position_embeddings"]))
-    raise HFModelError(f"rope scaling {kind!r} is not supported (pagedllm supports linear, llama3, longrope and yarn)")
+    raise HFModelError(f"rope scaling {shown(kind)} is not supported (pagedllm supports linear, llama3, longrope and yarn)")
 
 
 def _yarn(params: dict[str, Any], max_positions: int) -> RopeScaling:
@@ -145,7 +145,7 @@ def _activation(cfg: dict[str, Any], family: FamilySpec) -> str:
     if family.name == "gemma" and name == "gelu":
         name = "gelu_pytorch_tanh"  # transformers' rule: Gemma's legacy "gelu" means the tanh form
     if name not in _ACTIVATIONS:
-        raise HFModelError(f"activation {name!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+        raise HFModelError(f"activation {shown(name)} is not supported (supported: {', '.join(_ACTIVATIONS)})")
     return _ACTIVATIONS[name]
 
 
