@@ -8,7 +8,9 @@ import socket
 import threading
 import time
 
+import httpx
 import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
 
 from pagedllm.config import CacheConfig, EngineConfig, LoRAConfig, SchedulerConfig
 from pagedllm.engine.llm_engine import LLMEngine
@@ -54,6 +56,19 @@ class LiveServer:
         while time.monotonic() < deadline:
             stats = self.client.stats
             if not stats.num_running and not stats.num_waiting and stats.kv_blocks_free == stats.kv_blocks_total:
+                return True
+            time.sleep(0.05)
+        return False
+
+    def metrics_idle(self, timeout: float = 10.0) -> bool:
+        """What a user sees: /metrics shows no request running or waiting and the KV pool empty."""
+        headers = {"Authorization": f"Bearer {self.config.api_key}"} if self.config.api_key else {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = httpx.get(f"{self.url}/metrics", headers=headers, timeout=10).text
+            gauges = {m.name: m.samples[0].value for m in text_string_to_metric_families(text) if m.samples}
+            if gauges["pagedllm:num_requests_running"] == gauges["pagedllm:num_requests_waiting"] == 0 \
+                    and gauges["pagedllm:kv_cache_usage_perc"] == 0:
                 return True
             time.sleep(0.05)
         return False

@@ -117,6 +117,19 @@ def test_a_chunked_body_is_bounded_by_its_bytes(server):
     assert b" 413 " in status or b" 400 " in status, status  # h11 itself may refuse the conflicting headers
 
 
+def test_chunked_bodies_without_a_length_are_served_within_the_bound(http):
+    """Clients that stream their upload send no Content-Length: served, and cut off once past the limit."""
+    def chunks(body: bytes):
+        yield from (body[i:i + 1000] for i in range(0, len(body), 1000))
+
+    small = json.dumps({"prompt": "river stone"}).encode()
+    answer = http.post("/tokenize", content=chunks(small), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 200 and answer.json()["count"] > 0, answer.text
+    large = json.dumps({"prompt": "a" * (3 * 2**20)}).encode()
+    answer = http.post("/tokenize", content=chunks(large), headers={"Content-Type": "application/json"})
+    assert answer.status_code == 413, answer.text
+
+
 def test_schema_and_docs_need_the_key(server):
     for path in ("/openapi.json", "/docs", "/redoc"):
         assert httpx.get(f"{server.url}{path}").status_code == 401, path

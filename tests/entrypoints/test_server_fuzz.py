@@ -1,11 +1,17 @@
 """schemathesis against the server's own OpenAPI schema (a bounded number of cases per route),
-on the tiny random llama with a short context: no input may produce a 5xx or a traceback."""
+on the tiny random llama with a short context: no input may produce a 5xx or a traceback. A second suite
+makes the generated bodies hostile (issue 34): a field or the whole body replaced by a lone surrogate, a
+number past every range or not finite, nesting 100,000 deep, a long string, sent whole or chunked."""
 
 from __future__ import annotations
 
+import json
+
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from live_server import LiveServer
 
@@ -72,3 +78,78 @@ def test_no_input_gets_a_server_error(fuzzed_server):
     for route in GENERATION_ROUTES:  # the fuzzer got past validation into generation on every route
         assert 200 in statuses[(route, True)], (route, statuses[(route, True)])
     assert fuzzed_server.idle()
+    assert fuzzed_server.metrics_idle()
+
+
+HOSTILE_CASES_PER_ROUTE = 25
+# Written into the JSON text as they are: JSON that Python's json.dumps will not write (NaN, 100,000-deep
+# nesting) or that no client library sends (a lone surrogate escape).
+HOSTILE_JSON = ['"\\udfff"', '"a\\ud800b"', str(2**63), str(-2**63 - 1), "1" + "0" * 400, "1e999", "-1e999", "NaN",
+                "Infinity", "5e-324", "[" * 100_000 + "]" * 100_000, '{"a":' * 20_000 + "1" + "}" * 20_000,
+                '"' + "x" * 200_000 + '"', "[" + ",".join(["1"] * 50_000) + "]", "null", "true", "{}", "[]", "-1"]
+_MARK = "\u0001hostile\u0001"
+
+
+def _leaves(value, path=()):
+    """Every place in a JSON body a value sits: object fields and list items, at any depth."""
+    yield path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _leaves(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _leaves(item, (*path, index))
+
+
+def _with_mark(body, path):
+    if not path:
+        return _MARK
+    body = json.loads(json.dumps(body))
+    parent = body
+    for step in path[:-1]:
+        parent = parent[step]
+    parent[path[-1]] = _MARK
+    return body
+
+
+@st.composite
+def _hostile_bodies(draw, operation, served_model: bool):
+    """A generated body with one place (a field, an item, or the whole body) replaced by hostile JSON."""
+    case = draw(operation.as_strategy())
+    if served_model:
+        case = _served(case)
+    places = list(_leaves(case.body)) if isinstance(case.body, (dict, list)) else [()]
+    marked = _with_mark(case.body, draw(st.sampled_from(places)))
+    text = json.dumps(marked).replace(json.dumps(_MARK), draw(st.sampled_from(HOSTILE_JSON)))
+    return case.path, text.encode(), draw(st.booleans())
+
+
+def _chunks(content: bytes):
+    for start in range(0, len(content), 4096):
+        yield content[start:start + 4096]
+
+
+def test_hostile_bodies_get_no_server_error(fuzzed_server):
+    """Every route with a JSON body, its generated cases made hostile, sent whole or chunked (no
+    Content-Length): every answer is below 500 in the error shape; then the server serves a normal request
+    and /metrics shows nothing running and the KV pool empty."""
+    operations = [op for op in _operations(fuzzed_server.url) if op.method.upper() == "POST"]
+    assert {op.path for op in operations} >= {*GENERATION_ROUTES, "/tokenize"}
+    with httpx.Client(base_url=fuzzed_server.url, timeout=60) as http:
+        for operation, served_model in [(op, op.path in GENERATION_ROUTES) for op in operations]:
+
+            @given(sent=_hostile_bodies(operation, served_model))
+            @settings(max_examples=HOSTILE_CASES_PER_ROUTE, deadline=None, suppress_health_check=list(HealthCheck),
+                      derandomize=True, database=None)
+            def check(sent):
+                path, content, chunked = sent
+                answer = http.post(path, content=_chunks(content) if chunked else content,
+                                   headers={"Content-Type": "application/json"})
+                assert answer.status_code < 500, (path, content[:300], answer.text[:500])
+                if answer.status_code >= 400:
+                    assert "error" in answer.json() and "Traceback" not in answer.text
+
+            check()
+        answer = http.post("/v1/completions", json={"prompt": "river stone", "max_tokens": 2})
+        assert answer.status_code == 200, answer.text
+    assert fuzzed_server.metrics_idle()

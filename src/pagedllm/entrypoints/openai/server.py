@@ -98,10 +98,11 @@ def _auth_dependency(api_key: str | None):
 
 
 class _BodyLimit:
-    """Pure ASGI (a BaseHTTPMiddleware would hide client disconnects from the routes): POST bodies
-    need a Content-Length of at most `limit` bytes, and the bytes that actually arrive are counted too
-    (a chunked body may declare one length and send far more). The body is read here, within the
-    bound, and handed on; later receives (a client's disconnect) pass straight through."""
+    """Pure ASGI (a BaseHTTPMiddleware would hide client disconnects from the routes): a POST body is
+    refused at once when its Content-Length says more than `limit` bytes, and in any case as soon as
+    more than `limit` bytes have arrived (a chunked body has no length, or declares one and sends far
+    more). The body is read here, within the bound, and handed on; later receives (a client's
+    disconnect) pass straight through."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -112,9 +113,7 @@ class _BodyLimit:
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
         refusal = None
-        if not length.isdigit():
-            refusal = _refusal(411, "a Content-Length header is required")
-        elif int(length) > self.limit:
+        if length.isdigit() and int(length) > self.limit:
             refusal = _refusal(413, f"the request body is larger than {self.limit} bytes")
         else:
             body = await self._read(receive)
