@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pagedllm.models.loaders import ModelSource, load_model
+from pagedllm.tools import inspect as inspect_module
 from pagedllm.tools.inspect import inspect_model
 
 FAMILIES = ["llama", "qwen2", "gemma2", "phi3"]
@@ -36,8 +37,12 @@ def _reference(hf_model, ids: list[int], top_k: int) -> list[dict]:
     return layers
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_probes_equal_transformers_hidden_states(tiny_models, family):
+@pytest.mark.parametrize("family,sliced", [(f, False) for f in FAMILIES] + [("gemma2", True)])
+def test_probes_equal_transformers_hidden_states(tiny_models, family, sliced, monkeypatch):
+    """`sliced`: the prefill in chunks of 5 tokens and the lens 4 rows a slice, as the core runs them."""
+    if sliced:
+        monkeypatch.setattr(inspect_module, "PREFILL_SLICE_TOKENS", 5)
+        monkeypatch.setattr(inspect_module, "LENS_SLICE_ROWS", 4)
     tiny = tiny_models[family]
     ids = torch.randint(3, 49152, (12,), generator=torch.Generator().manual_seed(5)).tolist()
     ours = inspect_model(load_model(ModelSource("hf", tiny.hf_dir)), ids, top_k=5, block_size=4)
@@ -196,3 +201,14 @@ def test_probe_budgets_refuse_what_would_stall_the_server():
     check_probe_budget(smollm, 2000, [0, 1], ["0:3:-1:*"])  # a few layers and one query row: fine
     with pytest.raises(ProbeError, match="attention weights"):
         check_probe_budget(smollm, 2000, [0], ["0:*:*:*"])
+
+
+def test_attention_read_in_slices_equals_whole(tiny_models, monkeypatch):
+    """gemma2 (two rotations, local and global): the rotations of every chunk, joined, are the prompt's."""
+    model = load_model(ModelSource("hf", tiny_models["gemma2"].hf_dir))
+    ids = torch.randint(3, 1000, (11,), generator=torch.Generator().manual_seed(8)).tolist()
+    whole = inspect_model(model, ids, layers=[0], top_k=2, attention=["0:*:*:*", "1:1:-1:*"])
+    monkeypatch.setattr(inspect_module, "PREFILL_SLICE_TOKENS", 3)
+    sliced = inspect_model(model, ids, layers=[0], top_k=2, attention=["0:*:*:*", "1:1:-1:*"])
+    for a, b in zip(whole.attention, sliced.attention):
+        assert torch.allclose(torch.tensor(a.weights), torch.tensor(b.weights), atol=1e-5)

@@ -31,10 +31,27 @@ from .deltas import RequestDelta
 log = logging.getLogger(__name__)
 STATS_INTERVAL_S = 0.1
 IDLE_POLL_MS = 1000
+MAX_PROBE_JOBS = 4  # each holds its layers' hidden states until it answers
 
 
 class QueueFullError(PagedLLMError):
     """The waiting queue is at its bound; the request was not taken."""
+
+
+class ProbeJob:
+    """A probe request under way: its slices (tools/inspect.py), each run under the request's adapter."""
+
+    def __init__(self, slices, lora: str | None):
+        self.slices, self.lora = slices, lora
+
+    def advance(self, engine) -> dict | None:
+        """Run one slice; the probes' JSON once the last is done."""
+        with engine.adapted(self.lora):
+            try:
+                next(self.slices)
+            except StopIteration as done:
+                return done.value.as_json()
+        return None
 
 
 class EngineCore:
@@ -43,6 +60,7 @@ class EngineCore:
     def __init__(self, engine, max_waiting_requests: int = 256):
         self.engine = engine  # an LLMEngine
         self.max_waiting_requests = max_waiting_requests
+        self.probes: dict[int, ProbeJob] = {}  # by the call that asked, oldest first
 
     def info(self) -> EngineInfo:
         engine, shape = self.engine, self.engine.model.config
@@ -73,14 +91,17 @@ class EngineCore:
         return self.engine.snapshot()
 
     def probe(self, ids: list[int], layers: list[int] | None, top_k: int, attention: list[str],
-              lora: str | None) -> dict:
-        """Probes on a prompt on a KV cache of their own: the requests being served are untouched."""
-        from ..tools.inspect import check_probe_budget, inspect_model
+              lora: str | None) -> "ProbeJob":
+        """Probes on a prompt on a KV cache of their own (the requests being served are untouched), checked
+        now and run in slices between engine steps (ProbeJob.advance)."""
+        from ..tools.inspect import check_probe_budget, inspect_slices
 
+        if len(self.probes) >= MAX_PROBE_JOBS:
+            raise QueueFullError(f"{MAX_PROBE_JOBS} probes are already running; try again later")
         check_probe_budget(self.engine.model.config, len(ids), layers, attention)
-        with self.engine.adapted(lora):
-            return inspect_model(self.engine.model, ids, layers, top_k, self.engine.kv_spec.block_size,
-                                 attention).as_json()
+        with self.engine.adapted(lora):  # an unknown adapter is refused here
+            slices = inspect_slices(self.engine.model, ids, layers, top_k, self.engine.kv_spec.block_size, attention)
+        return ProbeJob(slices, lora)
 
     def load_lora(self, name: str, path: str) -> int:
         """Load an adapter from this machine's files; its rank."""
@@ -117,10 +138,25 @@ class _Loop:
 
     def serve(self) -> None:
         while self.running:
-            self._take_messages(block=not self.core.has_work())
+            self._take_messages(block=not (self.core.has_work() or self.core.probes))
             if self.running and self.core.has_work():
                 deltas = self.core.step()  # the last step of a busy spell always reports the idle engine
                 self._send(StepOutputs(deltas, self._stats_due(force=not self.core.has_work())))
+            if self.running and self.core.probes:
+                self._advance_probe()
+
+    def _advance_probe(self) -> None:
+        """One slice of the oldest probe between two steps: a long probe no longer stalls the streams."""
+        call_id, job = next(iter(self.core.probes.items()))
+        try:
+            result = job.advance(self.core.engine)
+        except Exception as exc:
+            del self.core.probes[call_id]
+            self._send(Reply(call_id, error=error_info(exc)))
+            return
+        if result is not None:
+            del self.core.probes[call_id]
+            self._send(Reply(call_id, result))
 
     def _take_messages(self, block: bool) -> None:
         if not self.inputs.poll(IDLE_POLL_MS if block else 0):
@@ -144,10 +180,18 @@ class _Loop:
         elif isinstance(message, Call):
             if message.method not in EngineCore.UTILITIES:
                 self._send(Reply(message.call_id, error=ErrorInfo("PagedLLMError", f"no utility {message.method!r}")))
+            elif message.method == "probe":  # checked now, answered when its last slice is done
+                self._start_probe(message)
             else:
                 self._reply(message.call_id, lambda: getattr(self.core, message.method)(*message.args))
         elif isinstance(message, Shutdown):
             self.running = False
+
+    def _start_probe(self, message: Call) -> None:
+        try:
+            self.core.probes[message.call_id] = self.core.probe(*message.args)
+        except Exception as exc:
+            self._send(Reply(message.call_id, error=error_info(exc)))
 
     def _reply(self, call_id: int, work: Callable[[], Any]) -> None:
         try:

@@ -16,8 +16,9 @@ quantised model drift?
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 
@@ -133,11 +134,31 @@ def _index(value: int | None, count: int, what: str) -> list[int]:
     return [value % count]
 
 
+# A probe runs in slices (the server's core takes one between two engine steps, so the streams it serves
+# go on): prefill chunks of this many tokens, as the scheduler's budget cuts a long prompt, and logit-lens
+# rows of this many positions (each a row of vocabulary logits, as costly as a token's output head).
+PREFILL_SLICE_TOKENS = 512
+LENS_SLICE_ROWS = 256
+
+T = TypeVar("T")
+Slices = Generator[None, None, T]
+
+
+def run_slices(slices: Slices[T]) -> T:
+    """Run a sliced computation to its end; its result."""
+    while True:
+        try:
+            next(slices)
+        except StopIteration as done:
+            return done.value
+
+
 @torch.inference_mode()
-def prefill_observed(model: Transformer, token_ids: list[int], observe: LayerObserver,
-                     block_size: int = 16) -> tuple[torch.Tensor, Rotations]:
-    """Run `token_ids` as one prefill on a private KV cache, showing each layer to `observe`; returns
-    the final hidden states [tokens, hidden] and the pass's rotations (Transformer.rotations)."""
+def prefill_slices(model: Transformer, token_ids: list[int], observe: LayerObserver,
+                   block_size: int = 16) -> Slices[tuple[torch.Tensor, Rotations]]:
+    """Run `token_ids` as a chunked prefill on a private KV cache, showing each layer to `observe` (once per
+    chunk), yielding between chunks; returns the final hidden states [tokens, hidden] and the rotations of
+    every token (Transformer.rotations)."""
     if not token_ids:
         raise ProbeError("the prompt is empty")
     if model.tp is not None:
@@ -147,9 +168,23 @@ def prefill_observed(model: Transformer, token_ids: list[int], observe: LayerObs
     spec = plan_kv_cache(cfg, block_size, kv_bytes_per_token(cfg, dtype) * (len(token_ids) + block_size), dtype)
     runner = ModelRunner(model, spec, device, dtype)
     sequence = Sequence("inspect", list(token_ids), SamplingParams(max_tokens=1))
-    batch = runner.prepare([ScheduledSequence(sequence, len(token_ids))], [list(range(spec.num_blocks))])
-    final = model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta, observe=observe)
-    return final, model.rotations(batch.positions, batch.meta, dtype)
+    finals, rotations, table = [], [], [list(range(spec.num_blocks))]
+    while sequence.num_computed_tokens < len(token_ids):
+        if finals:
+            yield
+        chunk = min(PREFILL_SLICE_TOKENS, len(token_ids) - sequence.num_computed_tokens)
+        batch = runner.prepare([ScheduledSequence(sequence, chunk)], table)
+        finals.append(model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta, observe=observe))
+        rotations.append(model.rotations(batch.positions, batch.meta, dtype))
+        sequence.num_computed_tokens += chunk
+    whole = [tuple(torch.cat(parts) for parts in zip(*per_rope)) for per_rope in zip(*rotations)]
+    return torch.cat(finals), whole
+
+
+def prefill_observed(model: Transformer, token_ids: list[int], observe: LayerObserver,
+                     block_size: int = 16) -> tuple[torch.Tensor, Rotations]:
+    """prefill_slices, run whole."""
+    return run_slices(prefill_slices(model, token_ids, observe, block_size))
 
 
 def _attention_probe(model: Transformer, query: AttentionQuery, layer_input: torch.Tensor,
@@ -188,36 +223,61 @@ def check_probe_budget(config, num_tokens: int, layers: list[int] | None,
                          "name a head or a query token")
 
 
-@torch.inference_mode()
-def inspect_model(model: Transformer, token_ids: list[int], layers: list[int] | None = None, top_k: int = 10,
-                  block_size: int = 16, attention: list[AttentionQuery | str | tuple] | None = None) -> Inspection:
-    """Probe `layers` (all by default) of `model` on `token_ids`; `attention`: weights to read."""
+def inspect_slices(model: Transformer, token_ids: list[int], layers: list[int] | None = None, top_k: int = 10,
+                   block_size: int = 16, attention: list[AttentionQuery | str | tuple] | None = None) -> Slices[Inspection]:
+    """Probe `layers` (all by default) of `model` on `token_ids`, in slices; `attention`: weights to read. The
+    arguments are checked at once (the error comes before any slice)."""
     count = model.config.num_hidden_layers
     chosen = _checked_layers(layers, count)
     queries = [AttentionQuery.of(q) for q in attention or []]
     _checked_layers([q.layer for q in queries], count)
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1:
         raise ProbeError(f"top_k must be a positive integer, got {top_k!r}")
+    return _inspection(model, list(token_ids), chosen, top_k, block_size, queries)
+
+
+@torch.inference_mode()
+def _inspection(model: Transformer, token_ids: list[int], chosen: list[int], top_k: int, block_size: int,
+                queries: list[AttentionQuery]) -> Slices[Inspection]:
     wanted = set(chosen) | {q.layer for q in queries}
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    seen: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def observe(index: int, before: torch.Tensor, after: torch.Tensor) -> None:
-        if index in wanted:
-            seen[index] = (before, after.clone())  # the next layer may update `after` in place
+        if index in wanted:  # the next layer may update `after` in place
+            seen.setdefault(index, []).append((before.clone(), after.clone()))
 
-    _, rotations = prefill_observed(model, token_ids, observe, block_size)
-    inspection = Inspection(list(token_ids))
-    dtype = model.norm.weight.dtype
+    _, rotations = yield from prefill_slices(model, token_ids, observe, block_size)
+    inputs = {index: torch.cat([before for before, _ in chunks]) for index, chunks in seen.items()}
+    inspection = Inspection(token_ids)
     for index in chosen:
-        before, after = (t.float() for t in seen[index])
-        lens = torch.log_softmax(model.compute_logits(model.norm(after.to(dtype))).float(), dim=-1)
-        values, ids = lens.topk(min(top_k, lens.shape[-1]), dim=-1)
-        inspection.layers.append(LayerProbe(
-            index, (1 - torch.nn.functional.cosine_similarity(before, after, dim=-1)).tolist(),
-            after.norm(dim=-1).tolist(),
-            [list(zip(row_ids.tolist(), row_values.tolist())) for row_ids, row_values in zip(ids, values)]))
-    inspection.attention = [_attention_probe(model, q, seen[q.layer][0], rotations) for q in queries]
+        after = torch.cat([after for _, after in seen.pop(index)])
+        probe = yield from _layer_probe(model, index, inputs[index].float(), after, top_k)
+        inspection.layers.append(probe)
+    for query in queries:
+        yield
+        inspection.attention.append(_attention_probe(model, query, inputs[query.layer], rotations))
     return inspection
+
+
+def _layer_probe(model: Transformer, index: int, before: torch.Tensor, after: torch.Tensor,
+                 top_k: int) -> Slices[LayerProbe]:
+    """A layer's readings, its logit lens LENS_SLICE_ROWS positions a slice."""
+    top: list[list[tuple[int, float]]] = []
+    for start in range(0, len(after), LENS_SLICE_ROWS):
+        yield
+        rows = model.norm(after[start:start + LENS_SLICE_ROWS])
+        lens = torch.log_softmax(model.compute_logits(rows).float(), dim=-1)
+        values, ids = lens.topk(min(top_k, lens.shape[-1]), dim=-1)
+        top += [list(zip(row_ids.tolist(), row_values.tolist())) for row_ids, row_values in zip(ids, values)]
+    after = after.float()
+    return LayerProbe(index, (1 - torch.nn.functional.cosine_similarity(before, after, dim=-1)).tolist(),
+                      after.norm(dim=-1).tolist(), top)
+
+
+def inspect_model(model: Transformer, token_ids: list[int], layers: list[int] | None = None, top_k: int = 10,
+                  block_size: int = 16, attention: list[AttentionQuery | str | tuple] | None = None) -> Inspection:
+    """inspect_slices, run whole."""
+    return run_slices(inspect_slices(model, token_ids, layers, top_k, block_size, attention))
 
 
 # -- the numerics diff ------------------------------------------------------------------------------
