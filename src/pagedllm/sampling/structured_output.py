@@ -15,6 +15,7 @@ import torch
 from ..sampling_params import StructuredOutputError, StructuredOutputParams
 from ..tokenizer import Tokenizer
 from .grammar_bounds import check_grammar_bounds
+from .grammar_sandbox import GrammarSandbox
 
 MAX_ERROR_CHARS = 300  # a compiler's message is cut here: one line, whatever the grammar was
 
@@ -71,14 +72,19 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int):
         self._tokenizer, self.vocab_size = tokenizer, vocab_size
         self._ll_tokenizer = None
+        self.sandbox: GrammarSandbox | None = None
 
     def matcher(self, params: StructuredOutputParams):
+        """A matcher for `params`, its grammar compiled first in the sandbox (a crash there refuses it)."""
         from llguidance import LLMatcher, LLTokenizer
 
         if self._ll_tokenizer is None:
-            self._ll_tokenizer = LLTokenizer(self._tokenizer.backend.to_str(),
-                                             eos_token=sorted(self._tokenizer.stop_token_ids))
-        matcher = LLMatcher(self._ll_tokenizer, grammar_for(params), log_level=0)
+            tokenizer_json, eos = self._tokenizer.backend.to_str(), sorted(self._tokenizer.stop_token_ids)
+            self._ll_tokenizer = LLTokenizer(tokenizer_json, eos_token=eos)
+            self.sandbox = GrammarSandbox(tokenizer_json, eos)
+        grammar = grammar_for(params)
+        self.sandbox.check(grammar)
+        matcher = LLMatcher(self._ll_tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise StructuredOutputError(f"structured output: {compiler_error(matcher.get_error())}")
         matcher.compute_logit_bias()  # the first mask now: a grammar that matches no text fails here
