@@ -102,3 +102,20 @@ def test_batch_rows_pick_adapters(tiny_models, adapters, tmp_path):
         expected = llm.generate({"prompt_token_ids": row["prompt"]}, greedy, lora=row["lora"])[0].text
         assert records[line]["text"] == expected
     assert "no LoRA adapter named 'nope'" in records[5]["error"]
+
+
+def test_a_lora_root_keeps_runtime_loads_inside_it(tiny_models, adapters, tmp_path):
+    """--lora-root: paths are relative to it; a path outside, existing or not, or a symlink inside that
+    points out, gets the same refusal before anything is read (no file's existence is told)."""
+    (adapters / "escape").symlink_to(tmp_path)
+    make_peft_adapter(tiny_models["llama"], tmp_path / "outside", seed=3)
+    with LiveServer(str(tiny_models["llama"].hf_dir), served_model_name=BASE, lora=LoRAConfig(max_loras=2),
+                    max_model_len=256, allow_runtime_lora_updates=True, lora_root=str(adapters)) as live:
+        load = lambda name, path: httpx.post(f"{live.url}/v1/load_lora_adapter",  # noqa: E731
+                                             json={"lora_name": name, "lora_path": path})
+        assert load("b", "b").status_code == 200
+        refusals = [load("x", path).json()["error"] for path in
+                    (str(tmp_path / "outside"), "../outside", "/etc/shadow", "/no/such/file", "escape/outside")]
+        assert {(e["message"], e["param"]) for e in refusals} == {
+            ("lora_path must be inside the server's --lora-root", "lora_path")}
+        assert load("a", str(adapters / "a")).status_code == 200  # an absolute path inside is fine

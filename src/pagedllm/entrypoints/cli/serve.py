@@ -43,6 +43,9 @@ def add_parsers(sub) -> None:
     serve.add_argument("--allow-runtime-lora-updates", action="store_true",
                        help="let API clients load and unload LoRA adapters from this machine's files "
                             "(POST /v1/load_lora_adapter, /v1/unload_lora_adapter); off by default")
+    serve.add_argument("--lora-root", metavar="DIR",
+                       help="with --allow-runtime-lora-updates: adapters load only from under DIR (lora_path is "
+                            "relative to it; a path that resolves outside is refused before anything is read)")
     serve.add_argument("--max-body-bytes", type=parse_bytes, default="1MiB", help="request body bound (default 1MiB)")
     serve.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     add_engine_args(serve)
@@ -67,7 +70,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(name, args.api_key or os.environ.get("PAGEDLLM_API_KEY") or None,
                           args.max_waiting_requests, args.max_body_bytes, args.max_tokens_limit, args.task, args.pooling,
                           args.reasoning_parser, args.tool_call_parser, args.ui,
-                          allow_runtime_lora_updates=args.allow_runtime_lora_updates)
+                          allow_runtime_lora_updates=args.allow_runtime_lora_updates, lora_root=args.lora_root)
     app = build_app(client, config, on_ready=lambda: print(_examples(args.host, args.port, config), flush=True))
     # SIGTERM: open streams get GRACEFUL_SHUTDOWN_S to finish, then the server stops regardless.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,

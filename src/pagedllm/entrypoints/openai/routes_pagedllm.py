@@ -59,7 +59,7 @@ def pagedllm_routes(server: OpenAIServer, auth: list) -> APIRouter:
         if body.lora_name == config.served_model_name:
             raise APIError(400, "lora_name must differ from the served model's name", "lora_name")
         try:
-            rank = await client.call("load_lora", body.lora_name, body.lora_path)
+            rank = await client.call("load_lora", body.lora_name, server.lora_path(body.lora_path))
         except PagedLLMError as exc:
             raise APIError(400, str(exc), "lora_path") from None
         return {"object": "lora_adapter", "id": body.lora_name, "status": "loaded", "lora_rank": rank}

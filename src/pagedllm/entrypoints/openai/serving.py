@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -47,6 +48,7 @@ class ServerConfig:
     ui: bool = True  # the web page at / (entrypoints/ui)
     jobs_dir: str | None = None  # the batch jobs' board (entrypoints/batch/board.py) shown by /v1/engine
     allow_runtime_lora_updates: bool = False  # clients may load adapters from this machine's files
+    lora_root: str | None = None  # ...only from under this folder (paths relative to it), when set
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,17 @@ class OpenAIServer:
         if not self.config.allow_runtime_lora_updates or not self.client.info.lora_enabled:
             raise APIError(403, "loading LoRA adapters at run time is off: start the server with --enable-lora "
                                 "--allow-runtime-lora-updates", code="lora_updates_disabled")
+
+    def lora_path(self, path: str) -> str:
+        """Where a run-time adapter is read from: with --lora-root, `path` taken relative to the root and
+        refused when it resolves (symlinks followed) outside it, before anything is read; without, as given."""
+        if self.config.lora_root is None:
+            return path
+        root = os.path.realpath(self.config.lora_root)
+        resolved = os.path.realpath(os.path.join(root, path))
+        if os.path.commonpath([root, resolved]) != root:
+            raise APIError(400, "lora_path must be inside the server's --lora-root", "lora_path")
+        return resolved
 
     def model_name(self, lora: str | None) -> str:
         return lora or self.config.served_model_name
