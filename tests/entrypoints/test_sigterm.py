@@ -77,3 +77,27 @@ def test_infer_stops_on_sigterm_and_says_where(tiny_models, tmp_path):
     assert time.monotonic() - started < STOP_WITHIN_S
     assert proc.returncode == 130 and "run the same command to resume" in stderr, stderr
     assert "Traceback" not in stderr, stderr
+
+
+def test_chat_stops_on_sigterm_at_the_prompt_and_mid_answer(tiny_models):
+    """`chat` waiting for a line, and `chat` streaming an answer: SIGTERM ends it within seconds, no traceback."""
+    for message in (None, "tell me a long story"):
+        args = [sys.executable, "-m", "pagedllm.entrypoints.cli", "chat", "--model", str(tiny_models["llama"].gguf_path),
+                "--kv-cache-memory", "16MiB", "--max-tokens", "1000", "--min-tokens", "1000"]
+        proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, bufsize=1, preexec_fn=_default_sigterm)
+        try:
+            ready = proc.stdout.readline()  # the banner: the engine is loaded
+            assert "pagedllm chat" in ready, ready + proc.stderr.read()
+            if message is not None:
+                proc.stdin.write(message + "\n")
+                proc.stdin.flush()
+                proc.stdout.read(20)  # the answer is streaming
+            started = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=STOP_WITHIN_S + 10)
+            assert time.monotonic() - started < STOP_WITHIN_S
+            assert proc.returncode == 130 and "Traceback" not in stderr, stderr
+        finally:
+            if proc.poll() is None:
+                proc.kill()
