@@ -37,7 +37,7 @@ def _still_serving(server, http) -> None:
     assert http.get("/health").status_code == 200
     answer = http.post("/v1/completions", json={"prompt": "river stone", "max_tokens": 2})
     assert answer.status_code == 200, answer.text
-    assert server.idle()
+    assert server.idle() and server.metrics_idle()
 
 
 def _refused(answer: httpx.Response, field: str) -> None:
