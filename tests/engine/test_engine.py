@@ -124,7 +124,7 @@ def test_stats_count_tokens_and_rates():
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_a_smaller_kv_cache_holds_more_tokens_and_keeps_the_answer(kv_dtype, pool_dtype, gain, backend):
     prompt, params = "The capital of France is", SamplingParams(max_tokens=6, temperature=0)
-    full = LLM(kv_cache_memory=4 * 2**20, attention_backend=backend)
+    full = LLM(kv_cache_memory=4 * 2**20, attention_backend=backend, kv_cache_dtype="float32")
     small = LLM(kv_cache_memory=4 * 2**20, attention_backend=backend, kv_cache_dtype=kv_dtype)
     assert small.engine.runner.kv_pool.dtype == pool_dtype
     assert small.engine.kv_spec.num_blocks >= gain * full.engine.kv_spec.num_blocks

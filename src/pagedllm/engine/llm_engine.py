@@ -17,6 +17,7 @@ from ..config import EngineConfig, SpeculativeConfig
 from ..errors import PagedLLMError
 from ..attention import KV_Q8_0, Q8_0_VALUES
 from ..distributed import check_split
+from ..kernels import cpu_multiplies_bfloat16
 from ..kernels.openmp import release_thread_pool
 from ..lora import LoadedAdapter, LoRAError, LoRARegistry
 from ..models.loaders import ModelSource, load_model, read_model_config, resolve_model
@@ -509,15 +510,25 @@ class LLMEngine:
 
 
 def kv_pool_dtype(model, name: str, dtype: torch.dtype) -> torch.dtype:
-    """The pool's element type: the model's (auto), a float type, or bytes of q8_0 rows."""
+    """The pool's element type: auto_kv_dtype's choice, a float type, or bytes of q8_0 rows."""
     if name == "auto":
-        return dtype
+        return auto_kv_dtype(model, dtype)
     if name != "q8_0":
         return _DTYPES[name]
     if model.config.head_dim % Q8_0_VALUES:
         raise PagedLLMError(f"--kv-cache-dtype q8_0 needs a head_dim divisible by {Q8_0_VALUES}; this model's "
                             f"is {model.config.head_dim}")
     return KV_Q8_0
+
+
+def auto_kv_dtype(model, dtype: torch.dtype) -> torch.dtype:
+    """`--kv-cache-dtype auto`: on the CPU with packed weights, 16 bits — bfloat16 where the CPU multiplies it
+    natively, float16 elsewhere (llama.cpp's default) — since a long decode step reads every cached byte and
+    the packed path is not batch-invariant anyway; float weights (`--quantization none`, the batch-invariant
+    reference) keep the model's dtype."""
+    if dtype == torch.float32 and model.norm.weight.device.type == "cpu" and model.packed_weights:
+        return torch.bfloat16 if cpu_multiplies_bfloat16() else torch.float16
+    return dtype
 
 
 def _tensor_parallel_worker(rank: int, size: int, port: int, config: EngineConfig, source: ModelSource) -> None:

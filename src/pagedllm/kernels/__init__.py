@@ -37,6 +37,16 @@ def _cpu_fingerprint() -> bytes:
 
 
 @functools.cache
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether the CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX): then bf16 GEMMs beat float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+@functools.cache
 def cpu_kernels_available() -> bool:
     """Build (or load the cached build of) the CPU kernels; False, with one warning, if that fails."""
     # -march=native code from another CPU can die of an illegal instruction: name the build by both.

@@ -9,7 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
@@ -56,18 +56,27 @@ inline void load_row(const T* row, Float8* out) {
   for (int64_t i = 0; i < kDim / 8; ++i) out[i] = load8(row + 8 * i);
 }
 
+// Eight int8 as floats (GCC turns a vector-extension conversion from int8 into scalar code: 8 × cvtsi2ss).
+inline Float8 bytes_to_floats(const uint8_t* p) {
+#if defined(__AVX2__)
+  const __m256 wide = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  Float8 v;
+  __builtin_memcpy(&v, &wide, sizeof v);
+  return v;
+#else
+  Float8 v;
+  for (int i = 0; i < 8; ++i) v[i] = static_cast<float>(static_cast<int8_t>(p[i]));
+  return v;
+#endif
+}
+
 template <int64_t kDim>
 inline void load_row(const uint8_t* row, Float8* out) {
-  typedef int8_t Byte8 __attribute__((vector_size(8)));
   for (int64_t b = 0; b < kDim / 32; ++b, row += 34) {
     c10::Half d;
     __builtin_memcpy(&d, row, sizeof d);
     const float scale = static_cast<float>(d);
-    for (int64_t i = 0; i < 4; ++i) {
-      Byte8 q;
-      __builtin_memcpy(&q, row + 2 + 8 * i, sizeof q);
-      out[4 * b + i] = __builtin_convertvector(q, Float8) * scale;
-    }
+    for (int64_t i = 0; i < 4; ++i) out[4 * b + i] = bytes_to_floats(row + 2 + 8 * i) * scale;
   }
 }
 

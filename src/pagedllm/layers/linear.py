@@ -342,8 +342,4 @@ def _warn_dense_once(device: str, in_features: int) -> None:
 
 def _gemm_dtype() -> torch.dtype:
     """bfloat16 where the CPU multiplies it natively (AVX-512 BF16, AMX), else float32."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if (" avx512_bf16" in flags or " amx_bf16" in flags) else torch.float32
+    return torch.bfloat16 if kernels.cpu_multiplies_bfloat16() else torch.float32

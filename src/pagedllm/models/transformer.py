@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..distributed import attention_heads, max_kv_heads, span
-from ..layers.linear import Embedding, Linear, LinearPlan, WeightLoadError, Weight
+from ..layers.linear import Embedding, Linear, LinearPlan, PackedMethod, WeightLoadError, Weight
 from ..attention import AttentionMetadata, LayerAttention, alibi_slopes, attention
 from ..attention.backend import attention_weights, window_mask
 from ..layers.mlp import MLP
@@ -330,6 +330,11 @@ class Transformer(nn.Module):
     @property
     def _head(self) -> Linear:
         return self.embed_tokens if self.lm_head is None else self.lm_head
+
+    @property
+    def packed_weights(self) -> bool:
+        """Whether some linear layer multiplies packed GGML blocks (the CPU's quantised path)."""
+        return any(isinstance(m, Linear) and isinstance(m.method, PackedMethod) for m in self.modules())
 
     def weight_bytes(self) -> int:
         """Bytes the weights take as stored (packed blocks counted as they are)."""
