@@ -194,7 +194,7 @@ class CacheConfig:
     block_size: int = 16
     kv_cache_memory_bytes: int = 512 * 1024**2
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"  # auto: 16 bits for packed weights on the CPU, else the model's dtype (llm_engine.auto_kv_dtype)
+    kv_cache_dtype: str = "auto"  # auto: float16 for packed weights on the CPU, else the model's dtype (llm_engine.auto_kv_dtype)
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

@@ -17,7 +17,6 @@ from ..config import EngineConfig, SpeculativeConfig
 from ..errors import PagedLLMError
 from ..attention import KV_Q8_0, Q8_0_VALUES
 from ..distributed import check_split
-from ..kernels import cpu_multiplies_bfloat16
 from ..kernels.openmp import release_thread_pool
 from ..lora import LoadedAdapter, LoRAError, LoRARegistry
 from ..models.loaders import ModelSource, load_model, read_model_config, resolve_model
@@ -522,12 +521,13 @@ def kv_pool_dtype(model, name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def auto_kv_dtype(model, dtype: torch.dtype) -> torch.dtype:
-    """`--kv-cache-dtype auto`: on the CPU with packed weights, 16 bits — bfloat16 where the CPU multiplies it
-    natively, float16 elsewhere (llama.cpp's default) — since a long decode step reads every cached byte and
-    the packed path is not batch-invariant anyway; float weights (`--quantization none`, the batch-invariant
-    reference) keep the model's dtype."""
+    """`--kv-cache-dtype auto`: on the CPU with packed weights, float16 (llama.cpp's default), since a long
+    decode step reads every cached byte and the packed path is not batch-invariant anyway; float weights
+    (`--quantization none`, the batch-invariant reference) keep the model's dtype. Not bfloat16, even where the
+    CPU multiplies it natively: the decode kernel reads float16 ~25% faster (one conversion instruction per
+    8 values, not two; measured on Zen 4 with AVX-512 BF16), prefill runs alike, and float16 keeps 3 more bits."""
     if dtype == torch.float32 and model.norm.weight.device.type == "cpu" and model.packed_weights:
-        return torch.bfloat16 if cpu_multiplies_bfloat16() else torch.float16
+        return torch.float16
     return dtype
 
 

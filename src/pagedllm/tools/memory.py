@@ -13,7 +13,6 @@ from ..config import ModelConfig
 from ..models.loaders import ModelSource, read_model_config
 from ..models.loaders.gguf_file import open_gguf
 from ..attention import KV_Q8_0, Q8_0_VALUES, kv_bytes_per_token
-from ..kernels import cpu_multiplies_bfloat16
 from ..layers.quant import PACKED_TYPES
 from ..models.loaders.gguf_loader import is_quantised_matrix
 from ..models.loaders.hf_loader import safetensors_files
@@ -40,12 +39,10 @@ class MemoryReport:
         return [d for d in KV_DTYPES if d != "q8_0" or self.config.head_dim % Q8_0_VALUES == 0]
 
     def auto_kv_dtype(self) -> str:
-        """What `--kv-cache-dtype auto` picks on this machine's CPU (engine/llm_engine.py auto_kv_dtype): 16 bits
-        for a GGUF file's packed weights, float32 for float weights (a Hugging Face folder without
-        --quantization int8/int4, which would make them packed too)."""
-        if self.packed_bytes is None:
-            return "float32"
-        return "bfloat16" if cpu_multiplies_bfloat16() else "float16"
+        """What `--kv-cache-dtype auto` picks on the CPU (engine/llm_engine.py auto_kv_dtype): float16 for a GGUF
+        file's packed weights, float32 for float weights (a Hugging Face folder without --quantization
+        int8/int4, which would make them packed too)."""
+        return "float32" if self.packed_bytes is None else "float16"
 
     def kv_bytes_per_token(self, dtype: str) -> int:
         return kv_bytes_per_token(self.config, KV_DTYPES[dtype])
@@ -107,7 +104,7 @@ def format_report(report: MemoryReport, budget_bytes: int) -> str:
         + ", ".join(f"{d} {format_bytes(report.weight_bytes(d))}" for d in WEIGHT_DTYPES),
         "KV cache/token   " + ", ".join(f"{d} {format_bytes(report.kv_bytes_per_token(d))}" for d in report.kv_dtypes())
         + f"   (2 · {c.num_hidden_layers} layers · {c.num_key_value_heads} kv heads · {c.head_dim} dims · bytes)",
-        f"KV dtype auto    {report.auto_kv_dtype()} here (--kv-cache-dtype to choose)",
+        f"KV dtype auto    {report.auto_kv_dtype()} (--kv-cache-dtype to choose)",
         f"tokens in {format_bytes(budget_bytes)}   "
         + ", ".join(f"{d} {report.tokens_in(budget_bytes, d):,}" for d in report.kv_dtypes())
         + f"   (context {c.max_position_embeddings:,})",

@@ -31,9 +31,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--kv-cache-memory", type=parse_bytes, default="512MiB", help="KV pool budget (default 512MiB)")
     p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto",
-                   help="KV pool element type (auto, the default: 16 bits for packed weights on the CPU - bfloat16 "
-                        "where the CPU multiplies it, else float16 - and the model's dtype otherwise); 16-bit halves "
-                        "the pool per token, q8_0 (8-bit blocks, as llama.cpp's) nearly quarters it")
+                   help="KV pool element type (auto, the default: float16 for packed weights on the CPU, the model's "
+                        "dtype otherwise); 16-bit halves the pool per token, q8_0 (8-bit blocks, as llama.cpp's) "
+                        "nearly quarters it")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--max-model-len", type=int, default=None, help="context cap (default: the model's)")
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="token budget per step")
