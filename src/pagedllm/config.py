@@ -145,6 +145,12 @@ class ModelConfig:
             return self.sliding_window
         return None
 
+    def uniform_window(self) -> int | None:
+        """The sliding window every layer keeps to (Mistral v0.1), or None where some layer sees the whole
+        context (Gemma 2's global layers) or none has a window."""
+        windows = {self.layer_window(layer) for layer in range(self.num_hidden_layers)}
+        return windows.pop() if len(windows) == 1 else None
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.num_experts > 0 and layer not in self.dense_layers
 

@@ -28,11 +28,16 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 sliding_window: int | None = None):
+        """`sliding_window`: the window every layer of the model keeps to; the blocks behind it go back to the
+        pool as a sequence moves on (None: a sequence keeps all of its blocks)."""
         self.block_size = block_size
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.stats = PrefixCacheStats()
-        self._blocks: dict[str, list[KVBlock]] = {}
+        # Each sequence's blocks by position; None where a block fell behind the window and was freed.
+        self._blocks: dict[str, list[KVBlock | None]] = {}
         self._hashes: dict[str, list[int]] = {}  # chained hashes of each sequence's full blocks
         self._pending_copies: list[tuple[int, int]] = []  # (source, destination) block ids, copy on write
 
@@ -68,6 +73,7 @@ class KVCacheManager:
         `computed_blocks`); returns the new block ids, or None if the pool is short."""
         blocks = self._blocks.setdefault(sequence.seq_id, [])
         computed_blocks = computed_blocks or []
+        self._free_behind_window(sequence, blocks)
         total = sequence.num_computed_tokens + len(computed_blocks) * self.block_size + num_new_tokens
         needed = blocks_needed(total, self.block_size) - len(blocks) - len(computed_blocks)
         shared_tail = self._shared_partial_tail(sequence, blocks)
@@ -82,6 +88,17 @@ class KVCacheManager:
         blocks.extend(computed_blocks + new)
         self._cache_full_blocks(sequence, min(total, sequence.num_tokens))  # drafts are not cached until accepted
         return [b.block_id for b in new]
+
+    def _free_behind_window(self, sequence: Sequence, blocks: list[KVBlock | None]) -> None:
+        """Free the blocks no query of this sequence will read again: every query from here on sits at a
+        position ≥ num_computed_tokens and sees only the `sliding_window` keys up to itself."""
+        if self.sliding_window is None:
+            return
+        dead = max(0, sequence.num_computed_tokens + 1 - self.sliding_window) // self.block_size
+        behind = [b for b in blocks[:dead] if b is not None]
+        if behind:
+            self.pool.free(behind)
+            blocks[:dead] = [None] * dead
 
     def _shared_partial_tail(self, sequence: Sequence, blocks: list[KVBlock]) -> bool:
         """The next token lands in a partly filled block that a fork shares with this sequence."""
@@ -98,7 +115,7 @@ class KVCacheManager:
         """`child` continues from `parent`'s cached tokens: it shares every block (the partly
         filled last one is copied when either of them writes to it)."""
         blocks = list(self._blocks.get(parent.seq_id, []))
-        self.pool.touch(blocks)
+        self.pool.touch([b for b in blocks if b is not None])
         self._blocks[child.seq_id] = blocks
         self._hashes[child.seq_id] = list(self._hashes.get(parent.seq_id, []))
 
@@ -119,8 +136,15 @@ class KVCacheManager:
         return tuple(ids[index * self.block_size:(index + 1) * self.block_size])
 
     def block_table(self, sequence: Sequence) -> list[int]:
-        return [b.block_id for b in self._blocks.get(sequence.seq_id, [])]
+        """Block ids by position; a block freed behind the window reads as the first one still held (the
+        window keeps attention off those positions, and a held block holds finite values)."""
+        blocks = self._blocks.get(sequence.seq_id, [])
+        held = next((b.block_id for b in blocks if b is not None), 0)
+        return [held if b is None else b.block_id for b in blocks]
+
+    def num_held_blocks(self, sequence: Sequence) -> int:
+        return sum(b is not None for b in self._blocks.get(sequence.seq_id, []))
 
     def free(self, sequence: Sequence) -> None:
         self._hashes.pop(sequence.seq_id, None)
-        self.pool.free(list(reversed(self._blocks.pop(sequence.seq_id, []))))
+        self.pool.free([b for b in reversed(self._blocks.pop(sequence.seq_id, [])) if b is not None])

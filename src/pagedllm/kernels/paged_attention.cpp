@@ -107,6 +107,8 @@ inline void modify_scores(float* row, int64_t n, int64_t first, int64_t last, fl
   }
 }
 
+constexpr int64_t kHeadTile = 4;  // query heads summed together in pass 2
+
 // A task's softmax partials for `group` query heads over keys [begin, end) of a sequence whose
 // query is its token last − 1: per head, kDim + 2 floats: the values summed with weights
 // exp(logit − peak) (unnormalised), the peak logit, and Σ exp(logit − peak) — or, `whole` (the task
@@ -142,15 +144,19 @@ void attend_keys(const float* __restrict__ query, const T* __restrict__ keys, co
     }
     partials[g * (kDim + 2) + kDim] = peak, partials[g * (kDim + 2) + kDim + 1] = total;
   }
-  for (int64_t g = 0; g < group; ++g) {
-    Float8 acc[kLanes] = {};
-    const float* p = scores + g * n;
+  // Pass 2 reads each value row once for kHeadTile heads (once per head, it cost a conversion a head).
+  for (int64_t g0 = 0; g0 < group; g0 += kHeadTile) {
+    const int64_t tile = std::min(kHeadTile, group - g0);
+    Float8 acc[kHeadTile][kLanes] = {};
     for (int64_t t = begin; t < end; ++t) {
       Float8 v[kLanes];
       load_row<kDim>(row_of(values, t), v);
-      for (int64_t i = 0; i < kLanes; ++i) acc[i] += p[t - begin] * v[i];
+      for (int64_t g = 0; g < tile; ++g) {
+        const float p = scores[(g0 + g) * n + (t - begin)];
+        for (int64_t i = 0; i < kLanes; ++i) acc[g][i] += p * v[i];
+      }
     }
-    __builtin_memcpy(partials + g * (kDim + 2), acc, sizeof acc);
+    for (int64_t g = 0; g < tile; ++g) __builtin_memcpy(partials + (g0 + g) * (kDim + 2), acc[g], sizeof acc[g]);
   }
 }
 
