@@ -99,9 +99,10 @@ class EngineCore:
         if len(self.probes) >= MAX_PROBE_JOBS:
             raise QueueFullError(f"{MAX_PROBE_JOBS} probes are already running; try again later")
         check_probe_budget(self.engine.model.config, len(ids), layers, attention)
-        with self.engine.adapted(lora):  # an unknown adapter is refused here
-            slices = inspect_slices(self.engine.model, ids, layers, top_k, self.engine.kv_spec.block_size, attention)
-        return ProbeJob(slices, lora)
+        if lora is not None:
+            self.engine.lora_adapter(lora)  # an unknown adapter is refused now, not at the first slice
+        return ProbeJob(inspect_slices(self.engine.model, ids, layers, top_k, self.engine.kv_spec.block_size,
+                                       attention), lora)
 
     def load_lora(self, name: str, path: str) -> int:
         """Load an adapter from this machine's files; its rank."""

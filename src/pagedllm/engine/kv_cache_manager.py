@@ -95,10 +95,12 @@ class KVCacheManager:
         if self.sliding_window is None:
             return
         dead = max(0, sequence.num_computed_tokens + 1 - self.sliding_window) // self.block_size
-        behind = [b for b in blocks[:dead] if b is not None]
-        if behind:
-            self.pool.free(behind)
-            blocks[:dead] = [None] * dead
+        first = dead  # the freed ones lead the list: walk back only over those newly behind
+        while first > 0 and blocks[first - 1] is not None:
+            first -= 1
+        if first < dead:
+            self.pool.free(blocks[first:dead])
+            blocks[first:dead] = [None] * (dead - first)
 
     def _shared_partial_tail(self, sequence: Sequence, blocks: list[KVBlock]) -> bool:
         """The next token lands in a partly filled block that a fork shares with this sequence."""
@@ -136,11 +138,10 @@ class KVCacheManager:
         return tuple(ids[index * self.block_size:(index + 1) * self.block_size])
 
     def block_table(self, sequence: Sequence) -> list[int]:
-        """Block ids by position; a block freed behind the window reads as the first one still held (the
+        """Block ids by position; a block freed behind the window reads as the last one, always held (the
         window keeps attention off those positions, and a held block holds finite values)."""
         blocks = self._blocks.get(sequence.seq_id, [])
-        held = next((b.block_id for b in blocks if b is not None), 0)
-        return [held if b is None else b.block_id for b in blocks]
+        return [(blocks[-1] if b is None else b).block_id for b in blocks]
 
     def num_held_blocks(self, sequence: Sequence) -> int:
         return sum(b is not None for b in self._blocks.get(sequence.seq_id, []))

@@ -5,7 +5,7 @@ it every operation that can make a string or list larger than its inputs is chec
 MAX_RENDER_CHARS (a rendered prompt longer than that could not fit any context anyway): `*`, `**`, `+`, `~`,
 block captures, the growing str methods and filters (`replace`, `join`, `format`, `%`, `indent`, `wordwrap`,
 `expandtabs`, widths and counts). `'a' * 300000000` drove `chat` to 20 GB before these checks. A render is
-bounded in time by a _Deadline on its thread: a loop of 99,999 × 99,999 is stopped at its next bytecode.
+bounded in time by a Deadline on its thread: a loop of 99,999 × 99,999 is stopped at its next bytecode.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _check_format(template: str, printf: bool) -> None:
     _check_counts(int(n) for n in numbers if n)
 
 
-def _join_size(items: list[Any], separator: Any) -> int:
+def _join_size(items: list[Any] | tuple | str, separator: Any) -> int:
     return sum(len(str(v)) for v in items) + len(str(separator)) * max(len(items) - 1, 0)
 
 
@@ -125,8 +125,8 @@ def bounded_filter(name: str, function: Callable[..., Any]) -> Callable[..., Any
     def bounded(*args: Any, **kwargs: Any) -> Any:
         passed, value, rest = args[:skip], args[skip] if len(args) > skip else None, args[skip + 1:]
         if name == "join":  # the items may be a generator: take them once, then measure
-            value = list(value) if not isinstance(value, (list, tuple, str)) else value
-            _check(_join_size(list(value), rest[0] if rest else kwargs.get("d", "")), "a join")
+            value = value if isinstance(value, (list, tuple, str)) else list(value)
+            _check(_join_size(value, rest[0] if rest else kwargs.get("d", "")), "a join")
         _check_growth(name, value, rest, kwargs, printf=True)
         return function(*passed, value, *rest, **kwargs)
     return bounded
