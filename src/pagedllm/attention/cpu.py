@@ -1,13 +1,15 @@
-"""The CPU backend: the torch backend, with decode groups (one query per sequence) sent to the C++
-kernel (pagedllm.kernels), which reads the K/V blocks in place through the block tables — same
-result, no gather, no padding, no mask. Packed decoder layers go further and run the whole layer
-around that kernel in one C++ call (models/fused_decode.py)."""
+"""The CPU backend: the torch backend, with its groups sent to C++ kernels (pagedllm.kernels) that read
+the K/V blocks in place through the block tables — no gather, no padding, no mask: decode groups (one
+query per sequence) to the decode kernel, prefill chunks to the fused prefill kernel (flash-style
+tiles and an online softmax; its products in bfloat16 where the layer's own GEMMs run in it). Packed
+decoder layers go further and run a whole decode layer around the decode kernel in one C++ call
+(models/fused_decode.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from ..kernels import KERNEL_HEAD_DIMS, cpu_kernels_available, paged_decode_attention
+from .. import kernels
 from .backend import TorchBackend
 from .metadata import AttentionMetadata, StepLayout
 
@@ -18,17 +20,24 @@ class CpuBackend(TorchBackend):
     @classmethod
     def usable(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         """float32 models on the CPU, with a compiled head size, once the kernels build."""
-        return (torch.device(device).type == "cpu" and dtype == torch.float32 and head_dim in KERNEL_HEAD_DIMS
-                and cpu_kernels_available())
+        return (torch.device(device).type == "cpu" and dtype == torch.float32 and head_dim in kernels.KERNEL_HEAD_DIMS
+                and kernels.cpu_kernels_available())
 
     def build_metadata(self, layout: StepLayout) -> AttentionMetadata:
         meta = super().build_metadata(layout)
+        prefill_kernel = kernels.quant_kernels_available()
         for group in meta.groups:
             group.use_decode_kernel = group.max_query_len == 1
+            group.use_prefill_kernel = prefill_kernel and not group.use_decode_kernel
         return meta
 
     def attend_group(self, q, kv_cache, meta, group, index, layer, matmul_dtype):
         if group.use_decode_kernel:
-            return paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, layer.scale,
-                                          layer.sliding_window, layer.softcap, layer.alibi)
+            return kernels.paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, layer.scale,
+                                                  layer.sliding_window, layer.softcap, layer.alibi)
+        if group.use_prefill_kernel and q.dtype == torch.float32 and not q.requires_grad:
+            bfloat16 = matmul_dtype == torch.bfloat16 and kernels.prefill_bfloat16_available()
+            return kernels.paged_prefill_attention(q, kv_cache, group.block_tables, group.query_start,
+                                                   group.context_lens, layer.scale, layer.sliding_window,
+                                                   layer.softcap, layer.alibi, bfloat16)
         return super().attend_group(q, kv_cache, meta, group, index, layer, matmul_dtype)

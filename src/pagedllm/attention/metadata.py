@@ -42,10 +42,12 @@ class AttentionGroup:
     block_tables:  [seqs, max_blocks] blocks of each sequence, padded with 0.
     token_seq:     [tokens] which of the group's sequences each token belongs to.
     token_index:   [tokens] index of the token among its sequence's new tokens.
+    query_start:   [seqs + 1] where each sequence's tokens start among the group's tokens.
     positions_padded: [seqs, max_query_len] absolute positions, padded rows at position 0.
     context_lens:  [seqs] tokens of each sequence in the cache once this step is written.
     max_context_len: the longest of them.
     use_decode_kernel: attend with the C++ decode kernel (the cpu backend: one query per sequence).
+    use_prefill_kernel: attend with the fused C++ prefill kernel (the cpu backend: several queries).
     from_start:    every sequence's new tokens start at position 0 (no cached prefix), so the plain
                    causal mask is the mask and SDPA can skip the blocks above the diagonal.
     """
@@ -54,10 +56,12 @@ class AttentionGroup:
     block_tables: torch.Tensor
     token_seq: torch.Tensor
     token_index: torch.Tensor
+    query_start: torch.Tensor
     positions_padded: torch.Tensor
     context_lens: torch.Tensor
     max_context_len: int
     use_decode_kernel: bool = False
+    use_prefill_kernel: bool = False
     from_start: bool = False
 
     @property
@@ -127,7 +131,7 @@ class StepLayout:
         blocks = self.table[seqs, :math.ceil(int(context_lens.max()) / self.block_size)]
         t = self.tensor
         return AttentionGroup(rows=t(rows), block_tables=t(blocks), token_seq=t(token_seq), token_index=t(token_index),
-                              positions_padded=t(padded), context_lens=t(context_lens),
+                              query_start=t(first), positions_padded=t(padded), context_lens=t(context_lens),
                               max_context_len=int(context_lens.max()), from_start=bool((self.starts[seqs] == 0).all()))
 
     def decode_and_prefill_groups(self) -> list[AttentionGroup]:

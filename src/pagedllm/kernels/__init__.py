@@ -73,7 +73,7 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
 
 # The quantised matmuls carry every instruction-set path in one build (no -march=native) and
 # pick one at run time, so their build does not depend on the CPU it was made on.
-_QUANT_SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "decode_layer.cpp", "quant_impl.h", "quant_kernels.h")]
+_QUANT_SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "decode_layer.cpp", "prefill_attention.cpp", "quant_impl.h", "quant_kernels.h", "simd_exp.h", "prefill_impl.h")]
 _QUANT_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
 ISA_NAMES = ("portable", "avx2", "avx512vnni")
 
@@ -113,3 +113,22 @@ def best_isa_id() -> int:
 
 def available_isas() -> tuple[str, ...]:
     return ISA_NAMES[: torch.ops.pagedllm_quant.best_isa() + 1]
+
+
+@functools.cache
+def prefill_bfloat16_available() -> bool:
+    """Whether the fused prefill kernel can take its products in bfloat16 (AVX-512 BF16)."""
+    return quant_kernels_available() and torch.ops.pagedllm_quant.prefill_has_bf16()
+
+
+def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
+                            query_start: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                            sliding_window: int | None, softcap: float | None = None, alibi: torch.Tensor | None = None,
+                            bfloat16: bool = False, isa: str | None = None) -> torch.Tensor:
+    """Each sequence's new tokens (query [tokens, heads, dim] float32, sequence s's rows from query_start[s])
+    against its cached K/V, read in place, in one fused pass (prefill_attention.cpp): [tokens, heads, dim].
+    `bfloat16`: the products in bfloat16 (where prefill_bfloat16_available()), else float32; `isa`: an
+    instruction-set path other than best_isa() (tests)."""
+    return torch.ops.pagedllm_quant.prefill_attention(
+        query.contiguous(), kv_cache, block_tables, query_start, context_lens, scale, sliding_window or 0,
+        softcap or 0.0, alibi, bfloat16, ISA_NAMES.index(isa) if isa else best_isa_id())

@@ -44,11 +44,13 @@ namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,bmi2,avx512f,avx512bw,avx512vl,avx512vnni")
 #define PAGEDLLM_VNNI
+#define PAGEDLLM_AVX512
 namespace avx512vnni {
 #include "quant_impl.h"
 }  // namespace avx512vnni
 #pragma GCC pop_options
 #undef PAGEDLLM_VNNI
+#undef PAGEDLLM_AVX512
 #undef PAGEDLLM_SIMD
 
 // Calls NAMESPACE::call for the instruction set `isa` names.
