@@ -91,7 +91,7 @@ std::vector<PrefillTask> plan_tasks(const PrefillArgs& a, int64_t seqs, int64_t 
   const int64_t group = a.heads / a.kv_heads;
   int64_t longest = 1, tokens = a.query_start[seqs];
   for (int64_t s = 0; s < seqs; ++s) longest = std::max(longest, a.query_start[s + 1] - a.query_start[s]);
-  int64_t rows = std::max<int64_t>(1, std::min(longest, 16384 / a.dim / group));
+  int64_t rows = std::max<int64_t>(1, std::min(longest, 8192 / a.dim / group));
   while (rows > 1 && (tokens / rows + seqs) * a.kv_heads < 4 * threads) rows /= 2;
   lanes = (rows * group + 15) / 16 * 16;  // a multiple of every path's vector width
   std::vector<PrefillTask> tasks;

@@ -13,7 +13,7 @@
 // dimension's pairs sit side by side in 32-bit words: Q as [D/2][M] words, K as its rows, P as
 // [N/2][M] words and V as [N/2][D] words. Everything else is float32.
 
-constexpr int64_t kKeys = 64;  // keys per tile (even: the bfloat16 path pairs them)
+constexpr int64_t kKeys = 128;  // keys per tile (even: the bfloat16 path pairs them)
 
 #if defined(PAGEDLLM_AVX512)
 constexpr int kW = 16, kRegKeys = 8, kRegVecs = 3;  // a register tile: 8 keys (or dims) × 3 vectors = 24 sums
@@ -129,21 +129,23 @@ inline void row_to_floats(const uint8_t* row, int64_t dim, float* out) {
 // tiles, all sized for M queries of `dim` values (words hold bfloat16 pairs on that path).
 struct TaskBuffers {
   int64_t dim, m;
-  std::vector<float> pos, low, slope, peak, total, alpha, out, scores, keys, values, probs, query;
+  std::vector<float> pos, low, slope, peak, tile_peak, total, alpha, out, scores, keys, values, probs, query;
   std::vector<uint32_t> query_words, key_words, value_words, prob_words;
 
   TaskBuffers(int64_t dim_, int64_t m_, bool bf16) : dim(dim_), m(m_) {
-    for (auto* v : {&pos, &low, &slope, &peak, &total, &alpha}) v->resize(m);
+    for (auto* v : {&pos, &low, &slope, &peak, &tile_peak, &total, &alpha}) v->resize(m);
     out.resize(dim * m);
     scores.resize(kKeys * m);
-    keys.resize(kKeys * dim);
-    values.resize(kKeys * dim);
     if (bf16) {
+      keys.resize(2 * dim);  // staging: two key rows, then two value rows as floats
+      values.resize(2 * dim);
       query_words.resize(dim / 2 * m);
       key_words.resize(kKeys * dim / 2);
       value_words.resize(kKeys / 2 * dim);
       prob_words.resize(kKeys / 2 * m);
     } else {
+      keys.resize(kKeys * dim);
+      values.resize(kKeys * dim);
       query.resize(dim * m);
       probs.resize(kKeys * m);
     }
@@ -152,9 +154,23 @@ struct TaskBuffers {
 
 // ---- float32 products ------------------------------------------------------------------------
 
+// A register tile's scores to scores[i][m0 ..], their maximum over the keys folded into tile_peak[m0 ..].
+template <int NV, typename Vec>
+inline void store_scores(Vec (&acc)[kRegKeys][NV], float* scores, int64_t m, int64_t m0, float* tile_peak) {
+  for (int j = 0; j < NV; ++j) {
+    VecF peak = vload(tile_peak + m0 + j * kW);
+    for (int i = 0; i < kRegKeys; ++i) {
+      vstore(scores + i * m + m0 + j * kW, acc[i][j]);
+      peak = vmax(peak, acc[i][j]);
+    }
+    vstore(tile_peak + m0 + j * kW, peak);
+  }
+}
+
 // scores[n][m0 ..] for kRegKeys keys (rows of `keys`, dim apart) and NV vectors of queries.
 template <int NV>
-inline void score_block(const float* query, int64_t m, const float* keys, int64_t dim, float* scores, int64_t m0) {
+inline void score_block(const float* query, int64_t m, const float* keys, int64_t dim, float* scores, int64_t m0,
+                        float* tile_peak) {
   VecF acc[kRegKeys][NV];
   for (auto& row : acc)
     for (auto& a : row) a = vset(0.f);
@@ -166,8 +182,7 @@ inline void score_block(const float* query, int64_t m, const float* keys, int64_
       for (int j = 0; j < NV; ++j) acc[i][j] = vfma(q[j], k, acc[i][j]);
     }
   }
-  for (int i = 0; i < kRegKeys; ++i)
-    for (int j = 0; j < NV; ++j) vstore(scores + i * m + m0 + j * kW, acc[i][j]);
+  store_scores<NV>(acc, scores, m, m0, tile_peak);
 }
 
 // out[d0 + i][m0 ..] = out · α + Σ_n P[n][m] · V[n][d0 + i] for kRegKeys dims; `values` points at column d0.
@@ -202,14 +217,20 @@ inline void over_query_vectors(int64_t m, Block&& block) {
 }
 
 struct FloatProducts {
+  static constexpr float kUnit = 1.f;  // natural-log scores, e^x: float32 accuracy
+  static VecF exp0(VecF x) { return vexp0(x); }
   static void pack_query(TaskBuffers& b, int64_t m, const float* row, float scale) {
     for (int64_t d = 0; d < b.dim; ++d) b.query[d * b.m + m] = row ? row[d] * scale : 0.f;
   }
-  static void pack_tile(TaskBuffers&) {}  // the float rows are the operands
+  // Keys n, n + 1 go straight to their rows of the tile: the float rows are the operands.
+  static float* key_pair(TaskBuffers& b, int64_t n) { return b.keys.data() + n * b.dim; }
+  static float* value_pair(TaskBuffers& b, int64_t n) { return b.values.data() + n * b.dim; }
+  static void put_pair(TaskBuffers&, int64_t) {}
   static void scores(TaskBuffers& b) {
     for (int64_t n = 0; n < kKeys; n += kRegKeys)
       over_query_vectors(b.m, [&]<int NV>(int64_t m0) {
-        score_block<NV>(b.query.data(), b.m, b.keys.data() + n * b.dim, b.dim, b.scores.data() + n * b.m, m0);
+        score_block<NV>(b.query.data(), b.m, b.keys.data() + n * b.dim, b.dim, b.scores.data() + n * b.m, m0,
+                        b.tile_peak.data());
       });
   }
   static void store_probs(TaskBuffers& b, int64_t n, int64_t m0, VecF even, VecF odd) {
@@ -228,6 +249,19 @@ struct FloatProducts {
 #if defined(PAGEDLLM_BF16)
 inline uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }  // round to nearest even
 
+// 2^x, 0 below 2^-126 (masked scores are −∞): 2^n · 2^f, f in [−½, ½] by Taylor to degree 4.
+inline __m512 exp2_0(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
+  const __m512 n = _mm512_roundscale_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(clamped, n);
+  __m512 p = _mm512_set1_ps(9.6181291e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ), p, n);
+}
+
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
 }
@@ -241,7 +275,7 @@ inline __m512i pair_words(__m512 even, __m512 odd) {
 
 template <int NV>
 inline void score_block_bf16(const uint32_t* query, int64_t m, const uint32_t* keys, int64_t pairs, float* scores,
-                             int64_t m0) {
+                             int64_t m0, float* tile_peak) {
   __m512 acc[kRegKeys][NV];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
@@ -253,8 +287,7 @@ inline void score_block_bf16(const uint32_t* query, int64_t m, const uint32_t* k
       for (int j = 0; j < NV; ++j) acc[i][j] = dot_pairs(acc[i][j], q[j], k);
     }
   }
-  for (int i = 0; i < kRegKeys; ++i)
-    for (int j = 0; j < NV; ++j) _mm512_storeu_ps(scores + i * m + m0 + j * 16, acc[i][j]);
+  store_scores<NV>(acc, scores, m, m0, tile_peak);
 }
 
 template <int NV>
@@ -276,25 +309,30 @@ inline void value_block_bf16(const uint32_t* probs, int64_t m, const uint32_t* v
 }
 
 struct Bf16Products {
+  // Base-2 scores (the queries carry log2 e), 2^x to ~4e-5: the weights are rounded to bfloat16 (2^-9) after.
+  static constexpr float kUnit = 1.44269504088896341f;
+  static VecF exp0(VecF x) { return exp2_0(x); }
   static void pack_query(TaskBuffers& b, int64_t m, const float* row, float scale) {
     for (int64_t d = 0; d < b.dim / 2; ++d)
       b.query_words[d * b.m + m] = row ? bf16_bits(row[2 * d] * scale) | bf16_bits(row[2 * d + 1] * scale) << 16 : 0;
   }
-  static void pack_tile(TaskBuffers& b) {
+  // Keys n, n + 1 are staged as floats, then become two bfloat16 key rows and one row of value pairs.
+  static float* key_pair(TaskBuffers& b, int64_t) { return b.keys.data(); }
+  static float* value_pair(TaskBuffers& b, int64_t) { return b.values.data(); }
+  static void put_pair(TaskBuffers& b, int64_t n) {
     const int64_t dim = b.dim;
-    for (int64_t i = 0; i < kKeys * dim; i += 32)  // key rows as bfloat16 rows
-      _mm512_storeu_si512(b.key_words.data() + i / 2,
+    for (int64_t i = 0; i < 2 * dim; i += 32)
+      _mm512_storeu_si512(b.key_words.data() + n * dim / 2 + i / 2,
                           reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(vload(b.keys.data() + i + 16), vload(b.keys.data() + i))));
-    for (int64_t n = 0; n < kKeys; n += 2)  // value rows n, n + 1 → one row of pairs
-      for (int64_t d = 0; d < dim; d += 16)
-        _mm512_storeu_si512(b.value_words.data() + n / 2 * dim + d,
-                            pair_words(vload(b.values.data() + n * dim + d), vload(b.values.data() + (n + 1) * dim + d)));
+    for (int64_t d = 0; d < dim; d += 16)
+      _mm512_storeu_si512(b.value_words.data() + n / 2 * dim + d,
+                          pair_words(vload(b.values.data() + d), vload(b.values.data() + dim + d)));
   }
   static void scores(TaskBuffers& b) {
     for (int64_t n = 0; n < kKeys; n += kRegKeys)
       over_query_vectors(b.m, [&]<int NV>(int64_t m0) {
         score_block_bf16<NV>(b.query_words.data(), b.m, b.key_words.data() + n * b.dim / 2, b.dim / 2,
-                             b.scores.data() + n * b.m, m0);
+                             b.scores.data() + n * b.m, m0, b.tile_peak.data());
       });
   }
   static void store_probs(TaskBuffers& b, int64_t n, int64_t m0, VecF even, VecF odd) {
@@ -312,36 +350,43 @@ struct Bf16Products {
 
 // ---- the task -----------------------------------------------------------------------------------
 
-// Soft-capping, ALiBi and the causal / window mask on a tile's scores, where the layer or the tile needs them.
-inline void modify_scores(TaskBuffers& b, const PrefillArgs& a, int64_t k0, bool mask) {
-  const bool alibi = a.alibi != nullptr;
+// Soft-capping, ALiBi and the causal / window mask on a tile's scores, where the layer or the tile needs
+// them; the tile's peaks taken again after. `unit`: what a score is in (1, or log2 e for base-2 scores).
+inline void modify_scores(TaskBuffers& b, const PrefillArgs& a, int64_t k0, bool mask, float unit) {
+  const bool alibi = a.alibi != nullptr, natural = a.softcap > 0.f || alibi;
+  std::fill(b.tile_peak.begin(), b.tile_peak.end(), -INFINITY);
   for (int64_t n = 0; n < kKeys; ++n) {
     const VecF key = vset(static_cast<float>(k0 + n));
     for (int64_t m0 = 0; m0 < b.m; m0 += kW) {
       float* at = b.scores.data() + n * b.m + m0;
       VecF s = vload(at);
       const VecF pos = vload(b.pos.data() + m0);
-      if (a.softcap > 0.f) s = vmul(vset(a.softcap), vtanh(vmul(s, vset(1.f / a.softcap))));
-      if (alibi) s = vfma(vload(b.slope.data() + m0), vsub(key, pos), s);
+      if (natural) {
+        s = vmul(s, vset(1.f / unit));
+        if (a.softcap > 0.f) s = vmul(vset(a.softcap), vtanh(vmul(s, vset(1.f / a.softcap))));
+        if (alibi) s = vfma(vload(b.slope.data() + m0), vsub(key, pos), s);
+        s = vmul(s, vset(unit));
+      }
       if (mask) s = visible(s, key, pos, vload(b.low.data() + m0));
       vstore(at, s);
+      vstore(b.tile_peak.data() + m0, vmax(vload(b.tile_peak.data() + m0), s));
     }
   }
 }
 
-// The online softmax over one tile: new peaks, α = e^(old peak − new), P = e^(S − peak), totals.
+// The online softmax over one tile: new peaks, α = e^(old peak − new), P = e^(S − peak), totals
+// (Products::exp0: e^x or 2^x, as the scores' unit is).
 template <typename Products>
 inline void softmax_tile(TaskBuffers& b) {
   for (int64_t m0 = 0; m0 < b.m; m0 += kW) {
     const float* s = b.scores.data() + m0;
-    VecF tile_peak = vset(-INFINITY);
-    for (int64_t n = 0; n < kKeys; ++n) tile_peak = vmax(tile_peak, vload(s + n * b.m));
-    const VecF old_peak = vload(b.peak.data() + m0), peak = vmax(old_peak, tile_peak);
+    const VecF old_peak = vload(b.peak.data() + m0), peak = vmax(old_peak, vload(b.tile_peak.data() + m0));
     const VecF ref = vmax(peak, vset(-1e30f));  // a lane with no visible key yet: its P and α are 0
-    const VecF alpha = vexp0(vsub(old_peak, ref));
+    const VecF alpha = Products::exp0(vsub(old_peak, ref));
     VecF sum = vset(0.f);
     for (int64_t n = 0; n < kKeys; n += 2) {
-      const VecF even = vexp0(vsub(vload(s + n * b.m), ref)), odd = vexp0(vsub(vload(s + (n + 1) * b.m), ref));
+      const VecF even = Products::exp0(vsub(vload(s + n * b.m), ref));
+      const VecF odd = Products::exp0(vsub(vload(s + (n + 1) * b.m), ref));
       sum = vadd(sum, vadd(even, odd));
       Products::store_probs(b, n, m0, even, odd);
     }
@@ -351,20 +396,41 @@ inline void softmax_tile(TaskBuffers& b) {
   }
 }
 
-// Keys [k0, k0 + count) of the task's kv head as float rows in b.keys / b.values, the rest of the tile zero.
+// Where key t's row of the task's kv head starts in the pool (its value row is value_offset further).
 template <typename T>
+inline const T* key_row(const PrefillArgs& a, const int64_t* table, int64_t kv_head, int64_t t) {
+  return static_cast<const T*>(a.pool) + ((table[t / a.block_size] * a.block_size + t % a.block_size) * a.kv_heads + kv_head) * a.row;
+}
+
+// Keys [k0, k0 + count) of the task's kv head into the tile's operands (Products::put_pair), two at a
+// time, zero past count; then the next tile's rows (up to `next` keys) are asked for, so they arrive
+// during this one's products.
+template <typename T, typename Products>
 inline void load_tile(TaskBuffers& b, const PrefillArgs& a, const int64_t* table, int64_t kv_head, int64_t k0,
-                      int64_t count) {
-  const T* pool = static_cast<const T*>(a.pool);
-  const int64_t value_offset = a.pool_blocks * a.block_size * a.kv_heads * a.row;
-  for (int64_t n = 0; n < count; ++n) {
-    const int64_t t = k0 + n;
-    const T* key = pool + ((table[t / a.block_size] * a.block_size + t % a.block_size) * a.kv_heads + kv_head) * a.row;
-    row_to_floats(key, b.dim, b.keys.data() + n * b.dim);
-    row_to_floats(key + value_offset, b.dim, b.values.data() + n * b.dim);
+                      int64_t count, int64_t next) {
+  const int64_t value_offset = a.pool_blocks * a.block_size * a.kv_heads * a.row, dim = b.dim;
+  for (int64_t n = 0; n < kKeys; n += 2) {
+    float *keys = Products::key_pair(b, n), *values = Products::value_pair(b, n);
+    for (int64_t i = 0; i < 2; ++i) {
+      if (n + i < count) {
+        const T* key = key_row<T>(a, table, kv_head, k0 + n + i);
+        row_to_floats(key, dim, keys + i * dim);
+        row_to_floats(key + value_offset, dim, values + i * dim);
+      } else {
+        std::fill(keys + i * dim, keys + (i + 1) * dim, 0.f);
+        std::fill(values + i * dim, values + (i + 1) * dim, 0.f);
+      }
+    }
+    Products::put_pair(b, n);
   }
-  std::fill(b.keys.begin() + count * b.dim, b.keys.end(), 0.f);
-  std::fill(b.values.begin() + count * b.dim, b.values.end(), 0.f);
+  const int64_t row_bytes = a.row * static_cast<int64_t>(sizeof(T));
+  for (int64_t n = 0; n < next; ++n) {
+    const char* key = reinterpret_cast<const char*>(key_row<T>(a, table, kv_head, k0 + kKeys + n));
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+      __builtin_prefetch(key + byte);
+      __builtin_prefetch(key + value_offset * static_cast<int64_t>(sizeof(T)) + byte);
+    }
+  }
 }
 
 // One task: `rows` new tokens of sequence `seq` from its `row0`-th, kv head `kv_head`'s query group.
@@ -378,7 +444,8 @@ void attend_task(const PrefillArgs& a, TaskBuffers& b, int64_t seq, int64_t kv_h
     b.pos[m] = static_cast<float>(first_pos + r);
     b.low[m] = a.window > 0 ? b.pos[m] - static_cast<float>(a.window) : -1.f;
     b.slope[m] = a.alibi ? a.alibi[head] : 0.f;
-    Products::pack_query(b, m, real ? a.q + ((first_token + r) * a.heads + head) * dim : nullptr, a.scale);
+    Products::pack_query(b, m, real ? a.q + ((first_token + r) * a.heads + head) * dim : nullptr,
+                         a.scale * Products::kUnit);
   }
   std::fill(b.peak.begin(), b.peak.end(), -INFINITY);
   std::fill(b.total.begin(), b.total.end(), 0.f);
@@ -387,11 +454,12 @@ void attend_task(const PrefillArgs& a, TaskBuffers& b, int64_t seq, int64_t kv_h
   const int64_t first_key = a.window > 0 ? std::max<int64_t>(0, first_pos - a.window + 1) : 0;
   const int64_t* table = a.tables + seq * a.table_stride;
   for (int64_t k0 = first_key / kKeys * kKeys; k0 <= last_pos; k0 += kKeys) {
-    load_tile<T>(b, a, table, kv_head, k0, std::min(kKeys, last_pos + 1 - k0));
-    Products::pack_tile(b);
+    load_tile<T, Products>(b, a, table, kv_head, k0, std::min(kKeys, last_pos + 1 - k0),
+                 std::clamp<int64_t>(last_pos + 1 - k0 - kKeys, 0, kKeys));
+    std::fill(b.tile_peak.begin(), b.tile_peak.end(), -INFINITY);
     Products::scores(b);
     const bool mask = k0 + kKeys - 1 > first_pos || (a.window > 0 && k0 <= last_pos - a.window);
-    if (mask || a.softcap > 0.f || a.alibi) modify_scores(b, a, k0, mask);
+    if (mask || a.softcap > 0.f || a.alibi) modify_scores(b, a, k0, mask, Products::kUnit);
     softmax_tile<Products>(b);
     Products::weigh_values(b);
   }
