@@ -111,6 +111,22 @@ def test_decode_kernel_splits_few_long_sequences_over_the_threads(seqs, heads, k
 
 
 @needs_kernel
+@pytest.mark.parametrize("window", [None, 1500])
+def test_decode_kernel_splits_long_contexts_into_shares(window):
+    """Past 1,024 keys every (sequence, kv head) pair is split into shares merged after, however many
+    pairs there are: 2,500 and 1,030 keys (three shares and two, the last of 6), next to a short one."""
+    gen = torch.Generator().manual_seed(11)
+    block_size, num_blocks, max_blocks, heads, kv_heads, head_dim = 16, 170, 160, 8, 2, 64
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen).to(torch.float16)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(3)])
+    lens = torch.tensor([2500, 1030, 40])
+    q = torch.randn(3, heads, head_dim, generator=gen) * 2
+    out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window)
+    torch.testing.assert_close(out, reference_scores_decode(q, kv_cache.float(), tables, lens, window),
+                               atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
 def test_decode_kernel_merges_only_shares_that_hold_keys():
     """A one-key sequence next to long ones leaves one of its shares empty; its only logit far below 0
     (−200) must still weigh 1, not underflow against an empty share's unset peak."""
