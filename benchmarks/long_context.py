@@ -8,7 +8,7 @@ prompt's FLOPs (2 · matrix parameters · N plus causal attention's 2 · 2 · la
 model (SmolLM2-135M Q4_1, N up to its 8,192) and a Qwen2.5-0.5B-shaped Q4_K_M mix (vs_llamacpp.py's).
 
     .venv/bin/python benchmarks/long_context.py [--files default,qwen] [--lengths 512,4096,16384,32768]
-        [--kv-dtypes auto] [--peer llama.cpp|none] [--decode 64] [--threads 2]
+        [--kv-dtypes auto] [--peer llama.cpp|none] [--flash on,off] [--decode 64] [--threads 2]
 
 Prints one JSON line per file and N.
 """
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="512,4096,16384,32768")
     parser.add_argument("--kv-dtypes", default="auto", help="pagedllm's --kv-cache-dtype values to run, comma-separated")
     parser.add_argument("--peer", choices=["llama.cpp", "none"], default="llama.cpp")
+    parser.add_argument("--flash", default="on,off", help="llama.cpp's flash attention settings to run (on, off)")
     parser.add_argument("--decode", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
@@ -155,7 +156,7 @@ def main() -> None:
             peers = {} if args.peer == "none" else {
                 f"llama.cpp fa={'on' if flash else 'off'}": run("llama.cpp", path, n, args.decode, args.threads,
                                                                  flash=flash)
-                for flash in (True, False)}
+                for flash in (f == "on" for f in args.flash.split(","))}
             line = {"cpu": cpu_model(), "threads": args.threads, "file": path.name, "n": n, "machine": rates,
                     **{f"pagedllm kv={kv}": {**r, **limits(path, n, rates, KV_BYTES[r["kv_dtype"]])}
                        for kv, r in ours.items()},
