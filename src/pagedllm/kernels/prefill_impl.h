@@ -137,7 +137,7 @@ struct TaskBuffers {
     out.resize(dim * m);
     scores.resize(kKeys * m);
     if (bf16) {
-      keys.resize(2 * dim);  // staging: two key rows, then two value rows as floats
+      keys.resize(2 * dim);  // staging: two keys' rows as floats, and their two value rows
       values.resize(2 * dim);
       query_words.resize(dim / 2 * m);
       key_words.resize(kKeys * dim / 2);
@@ -155,8 +155,8 @@ struct TaskBuffers {
 // ---- float32 products ------------------------------------------------------------------------
 
 // A register tile's scores to scores[i][m0 ..], their maximum over the keys folded into tile_peak[m0 ..].
-template <int NV, typename Vec>
-inline void store_scores(Vec (&acc)[kRegKeys][NV], float* scores, int64_t m, int64_t m0, float* tile_peak) {
+template <int NV>
+inline void store_scores(VecF (&acc)[kRegKeys][NV], float* scores, int64_t m, int64_t m0, float* tile_peak) {
   for (int j = 0; j < NV; ++j) {
     VecF peak = vload(tile_peak + m0 + j * kW);
     for (int i = 0; i < kRegKeys; ++i) {
@@ -276,7 +276,7 @@ inline __m512i pair_words(__m512 even, __m512 odd) {
 template <int NV>
 inline void score_block_bf16(const uint32_t* query, int64_t m, const uint32_t* keys, int64_t pairs, float* scores,
                              int64_t m0, float* tile_peak) {
-  __m512 acc[kRegKeys][NV];
+  VecF acc[kRegKeys][NV];
   for (auto& row : acc)
     for (auto& a : row) a = _mm512_setzero_ps();
   for (int64_t d = 0; d < pairs; ++d) {
