@@ -129,6 +129,9 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
     against its cached K/V, read in place, in one fused pass (prefill_attention.cpp): [tokens, heads, dim].
     `bfloat16`: the products in bfloat16 (where prefill_bfloat16_available()), else float32; `isa`: an
     instruction-set path other than best_isa() (tests)."""
+    # A tensor-parallel worker receives metadata built on rank 0: its own process loads the build here.
+    if not quant_kernels_available():
+        raise RuntimeError("the CPU kernels did not build: no fused prefill attention")
     return torch.ops.pagedllm_quant.prefill_attention(
         query.contiguous(), kv_cache, block_tables, query_start, context_lens, scale, sliding_window or 0,
         softcap or 0.0, alibi, bfloat16, ISA_NAMES.index(isa) if isa else best_isa_id())
