@@ -71,9 +71,11 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
                                                      sliding_window or 0, softcap or 0.0, alibi)
 
 
-# The quantised matmuls carry every instruction-set path in one build (no -march=native) and
-# pick one at run time, so their build does not depend on the CPU it was made on.
-_QUANT_SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.cpp", "decode_layer.cpp", "prefill_attention.cpp", "quant_impl.h", "quant_kernels.h", "simd_exp.h", "prefill_impl.h")]
+# The quantised matmuls (and the fused prefill attention) carry every instruction-set path in one
+# build (no -march=native) and pick one at run time, so their build does not depend on the CPU it was made on.
+_QUANT_SOURCES = [Path(__file__).with_name(name) for name in (
+    "quant_matmul.cpp", "decode_layer.cpp", "prefill_attention.cpp", "quant_impl.h", "quant_kernels.h", "simd_exp.h",
+    "prefill_impl.h")]
 _QUANT_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
 ISA_NAMES = ("portable", "avx2", "avx512vnni")
 
