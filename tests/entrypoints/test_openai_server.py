@@ -276,6 +276,10 @@ def test_reasoning_kept_apart_from_the_answer():
         client = openai.OpenAI(base_url=f"{live.url}/v1", api_key="none", max_retries=0)
         ask = dict(model=MODEL, messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=40,
                    temperature=0, extra_body={"structured_outputs": thinking})
+        # Both compared requests then find the prompt in the prefix cache and prefill the same rows: a
+        # cold prompt is one many-row chunk (bfloat16 GEMMs and attention), a warm one a few rows (int8
+        # products, float32 attention), which can tip this near-tied constrained text another way.
+        client.chat.completions.create(**ask)
         message = client.chat.completions.create(**ask).choices[0].message
         reasoning = message.model_extra["reasoning_content"]
         assert reasoning and "<think>" not in reasoning and " " in reasoning
