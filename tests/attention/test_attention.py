@@ -165,6 +165,77 @@ def test_decode_kernel_reads_q8_0_rows(head_dim, window):
                                atol=1e-5, rtol=1e-5)
 
 
+needs_bf16_decode = pytest.mark.skipif(not (cpu_kernels_available() and kernels.decode_bfloat16_available()),
+                                       reason="the decode kernel's bfloat16 products need AVX-512 BF16")
+POOL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, KV_Q8_0]
+
+
+def pool_of(values: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pool of `values` in `dtype`, and the float32 values it holds."""
+    pool = quantize_q8_0(values) if dtype == KV_Q8_0 else values.to(dtype)
+    return pool, dequantize_q8_0(pool, torch.float32) if dtype == KV_Q8_0 else pool.float()
+
+
+def assert_within_bfloat16(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Products in bfloat16 (8-bit significands): each value within 3e-2 of the float32 result, 3e-3 on average."""
+    torch.testing.assert_close(out, ref, rtol=0, atol=3e-2)
+    assert (out - ref).abs().mean() < 3e-3
+
+
+@needs_bf16_decode
+@pytest.mark.parametrize("head_dim", [32, 64, 96, 128, 256])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (9, 3), (14, 2), (8, 1)])
+@pytest.mark.parametrize("kv_dtype", POOL_DTYPES)
+def test_decode_kernel_bfloat16_products(head_dim, heads, kv_heads, kv_dtype):
+    """The bfloat16 path (16 keys a tile transposed, values paired) against float32 attention over the
+    same cached values: every pool dtype, GQA ratios, lengths around tiles (1, 15, 16, 17, 33, 100) and a window."""
+    gen = torch.Generator().manual_seed(head_dim + heads + POOL_DTYPES.index(kv_dtype))
+    seqs, block_size, num_blocks, max_blocks = 6, 4, 64, 26
+    kv_cache, floats = pool_of(torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen), kv_dtype)
+    tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(seqs)])
+    lens = torch.tensor([1, 15, 16, 17, 33, 100])
+    q = torch.randn(seqs, heads, head_dim, generator=gen)
+    for window in (None, 20):
+        out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window, bfloat16=True)
+        assert_within_bfloat16(out, reference_decode(q, floats, tables, lens, head_dim**-0.5, window))
+
+
+@needs_bf16_decode
+@pytest.mark.parametrize("softcap", [None, 2.0])
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_kernel_bfloat16_mods_and_shares(softcap, alibi, threads):
+    """Soft-capping and ALiBi (applied in natural units to base-2 scores), and long and few sequences
+    split into shares merged after: 2,500 and 1,030 keys, one key, a window of 1,500."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(21)
+        block_size, num_blocks, max_blocks, heads, kv_heads, head_dim = 16, 170, 160, 8, 2, 64
+        kv_cache, floats = pool_of(torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen), torch.float16)
+        tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(3)])
+        lens = torch.tensor([2500, 1030, 1])
+        q = torch.randn(3, heads, head_dim, generator=gen) * 2
+        slopes = alibi_slopes(heads) if alibi else None
+        for window in (None, 1500):
+            out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window, softcap, slopes, bfloat16=True)
+            assert_within_bfloat16(out, reference_scores_decode(q, floats, tables, lens, window, softcap, slopes))
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_kernel
+@pytest.mark.parametrize("head_dim", [16, 80])
+def test_decode_kernel_keeps_float_products_where_bfloat16_has_no_body(head_dim):
+    """Head sizes that are not whole 32-value runs take the float32 path even when bfloat16 is asked for."""
+    gen = torch.Generator().manual_seed(head_dim)
+    kv_cache = torch.randn(2, 16, 4, 2, head_dim, generator=gen).to(torch.float16)
+    tables, lens = torch.randperm(16, generator=gen)[None], torch.tensor([37])
+    q = torch.randn(1, 4, head_dim, generator=gen)
+    asked = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, None, bfloat16=True)
+    assert torch.equal(asked, paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, None))
+
+
 @pytest.mark.parametrize("length", [1, 127, 300])  # within one chunk, at its edge, three chunks with a remainder
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (14, 2)])
 def test_chunked_causal_attention_matches_sdpa(length, heads, kv_heads):

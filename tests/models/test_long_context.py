@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM, SamplingParams, kernels
 
 PROMPT_TOKENS, NEW_TOKENS = 8000, 12
 NEAR_TIE = 0.1  # logprob gap between the float32 pool's two best tokens where the pools may part
@@ -40,7 +40,12 @@ def test_a_float16_pool_keeps_the_float32_tokens_at_8k(default_gguf, prompt):
 
 
 def test_auto_picks_16_bits_for_packed_weights_and_float32_for_the_reference(default_gguf):
+    """And attention's products: bfloat16 where the packed layers' GEMMs are (a CPU that multiplies it
+    natively), float32 for the reference."""
     packed = LLM(str(default_gguf), kv_cache_memory=2**20)
     reference = LLM(str(default_gguf), kv_cache_memory=2**20, quantization="none")
     assert packed.engine.runner.kv_pool.dtype == torch.float16
     assert reference.engine.runner.kv_pool.dtype == torch.float32
+    attention = [llm.engine.model.layers[0].self_attn.layer_attention() for llm in (packed, reference)]
+    assert attention[0].bfloat16_products == kernels.cpu_multiplies_bfloat16()
+    assert not attention[1].bfloat16_products

@@ -34,9 +34,10 @@ class CpuBackend(TorchBackend):
     def attend_group(self, q, kv_cache, meta, group, index, layer, matmul_dtype):
         if group.use_decode_kernel:
             return kernels.paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, layer.scale,
-                                                  layer.sliding_window, layer.softcap, layer.alibi)
+                                                  layer.sliding_window, layer.softcap, layer.alibi,
+                                                  layer.bfloat16_products and kernels.decode_bfloat16_available())
         if group.use_prefill_kernel and q.dtype == torch.float32 and not q.requires_grad:
-            bfloat16 = matmul_dtype == torch.bfloat16 and kernels.prefill_bfloat16_available()
+            bfloat16 = layer.bfloat16_products and kernels.prefill_bfloat16_available()
             return kernels.paged_prefill_attention(q, kv_cache, group.block_tables, group.query_start,
                                                    group.context_lens, layer.scale, layer.sliding_window,
                                                    layer.softcap, layer.alibi, bfloat16)

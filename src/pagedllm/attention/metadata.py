@@ -26,12 +26,15 @@ def long_tensor(values, device: torch.device | str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerAttention:
-    """One layer's attention: its scale, window, soft-capping and ALiBi slopes."""
+    """One layer's attention: its scale, window, soft-capping and ALiBi slopes, and whether its
+    products may run in bfloat16 (the layer's own GEMMs do: packed weights on a CPU that multiplies
+    bfloat16 natively), as the CPU kernels then take them."""
 
     scale: float
     sliding_window: int | None = None
     softcap: float | None = None
     alibi: torch.Tensor | None = None  # [heads] float32 slopes
+    bfloat16_products: bool = False
 
 
 @dataclass

@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 KERNEL_HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # compiled-in head sizes (paged_attention.cpp)
 _SOURCE = Path(__file__).with_name("paged_attention.cpp")
+_SOURCE_HEADERS = [Path(__file__).with_name("simd_exp.h")]
 # -march=native: the extension is built on the machine that runs it. -fopenmp: at::parallel_for is
 # inlined here and is serial without it.
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp"]
+_FLAGS = ["-O3", "-std=c++20", "-march=native", "-ffast-math", "-fopenmp"]
 
 
 def _cpu_fingerprint() -> bytes:
@@ -50,7 +51,8 @@ def cpu_multiplies_bfloat16() -> bool:
 def cpu_kernels_available() -> bool:
     """Build (or load the cached build of) the CPU kernels; False, with one warning, if that fails."""
     # -march=native code from another CPU can die of an illegal instruction: name the build by both.
-    digest = hashlib.sha1(_SOURCE.read_bytes() + _cpu_fingerprint()).hexdigest()[:12]
+    sources = b"".join(p.read_bytes() for p in [_SOURCE, *_SOURCE_HEADERS])
+    digest = hashlib.sha1(sources + _cpu_fingerprint()).hexdigest()[:12]
     try:
         from torch.utils.cpp_extension import load
 
@@ -62,13 +64,21 @@ def cpu_kernels_available() -> bool:
     return True
 
 
+@functools.cache
+def decode_bfloat16_available() -> bool:
+    """Whether the decode kernel was built with bfloat16 products (the CPU has AVX-512 BF16)."""
+    return cpu_kernels_available() and torch.ops.pagedllm.decode_has_bf16()
+
+
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, sliding_window: int | None,
-                           softcap: float | None = None, alibi: torch.Tensor | None = None) -> torch.Tensor:
+                           softcap: float | None = None, alibi: torch.Tensor | None = None,
+                           bfloat16: bool = False) -> torch.Tensor:
     """One query per sequence against its cached K/V, read in place: [seqs, heads, dim] float32.
-    `softcap`: scores soft-capped; `alibi`: per-head ALiBi slopes."""
+    `softcap`: scores soft-capped; `alibi`: per-head ALiBi slopes; `bfloat16`: the products in bfloat16
+    where decode_bfloat16_available() and the head size is a multiple of 32, else float32."""
     return torch.ops.pagedllm.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale,
-                                                     sliding_window or 0, softcap or 0.0, alibi)
+                                                     sliding_window or 0, softcap or 0.0, alibi, bfloat16)
 
 
 # The quantised matmuls (and the fused prefill attention) carry every instruction-set path in one

@@ -149,6 +149,7 @@ struct LayerWeights {
   int64_t hidden, inter, num_heads, num_kv_heads, head_dim, rope_index;
   double scale, softcap;
   int64_t sliding_window;
+  bool bf16_attention;  // the decode kernel's products in bfloat16
 
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
@@ -245,9 +246,10 @@ void decode(const LayerWeights& l, at::Tensor& x, const at::Tensor& cos, const a
   static const auto attend = c10::Dispatcher::singleton()
       .findSchemaOrThrow("pagedllm::paged_decode_attention", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
-                        double, const std::optional<at::Tensor>&)>();
+                        double, const std::optional<at::Tensor>&, bool)>();
   const at::Tensor q = attention_input(l, x, cos, sin, kv_cache, slots, lora, isa);
-  const at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, l.scale, l.sliding_window, l.softcap, l.alibi);
+  const at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, l.scale, l.sliding_window, l.softcap, l.alibi,
+                                     l.bf16_attention);
   attention_output_mlp(l, x, out.contiguous(), lora, isa);
 }
 
@@ -265,14 +267,14 @@ struct DecodeLayers : torch::CustomClassHolder {
               const std::vector<int64_t>& gate_up_types, const std::vector<at::Tensor>& down_ws,
               const std::vector<int64_t>& down_types, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
               double scale, int64_t sliding_window, double softcap, const std::optional<at::Tensor>& alibi,
-              int64_t rope_index) {
+              bool bf16_attention, int64_t rope_index) {
     LayerWeights l;
     l.hidden = input_norm.numel();
     check_rows(input_norm, 1, l.hidden, "input_norm");
     check_rows(post_norm, 1, l.hidden, "post_norm");
     l.input_norm = input_norm, l.post_norm = post_norm, l.input_eps = input_eps, l.post_eps = post_eps;
     l.num_heads = num_heads, l.num_kv_heads = num_kv_heads, l.head_dim = head_dim, l.rope_index = rope_index;
-    l.scale = scale, l.sliding_window = sliding_window, l.softcap = softcap;
+    l.scale = scale, l.sliding_window = sliding_window, l.softcap = softcap, l.bf16_attention = bf16_attention;
     TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0 && head_dim % 2 == 0, "bad head shapes");
     const int64_t width = l.q_size() + 2 * l.kv_size();
     l.qkv = held_parts(l, qkv_ws, qkv_types, l.hidden);

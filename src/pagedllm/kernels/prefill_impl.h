@@ -249,19 +249,6 @@ struct FloatProducts {
 #if defined(PAGEDLLM_BF16)
 inline uint32_t bf16_bits(float x) { return c10::BFloat16(x).x; }  // round to nearest even
 
-// 2^x, 0 below 2^-126 (masked scores are −∞): 2^n · 2^f, f in [−½, ½] by Taylor to degree 4.
-inline __m512 exp2_0(__m512 x) {
-  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-126.f));
-  const __m512 n = _mm512_roundscale_ps(clamped, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(clamped, n);
-  __m512 p = _mm512_set1_ps(9.6181291e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ), p, n);
-}
-
 inline __m512 dot_pairs(__m512 acc, __m512i a, __m512i b) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
 }
@@ -311,7 +298,7 @@ inline void value_block_bf16(const uint32_t* probs, int64_t m, const uint32_t* v
 struct Bf16Products {
   // Base-2 scores (the queries carry log2 e), 2^x to ~4e-5: the weights are rounded to bfloat16 (2^-9) after.
   static constexpr float kUnit = 1.44269504088896341f;
-  static VecF exp0(VecF x) { return exp2_0(x); }
+  static VecF exp0(VecF x) { return exp2_16(x); }
   static void pack_query(TaskBuffers& b, int64_t m, const float* row, float scale) {
     for (int64_t d = 0; d < b.dim / 2; ++d)
       b.query_words[d * b.m + m] = row ? bf16_bits(row[2 * d] * scale) | bf16_bits(row[2 * d + 1] * scale) << 16 : 0;

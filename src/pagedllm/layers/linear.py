@@ -42,6 +42,8 @@ Weight = torch.Tensor | PackedWeight
 class LinearMethod(ABC):
     """How one layer stores and multiplies its weight."""
 
+    gemm_dtype: torch.dtype | None = None  # where products of many rows run in another dtype than x's
+
     @abstractmethod
     def create_weights(self, layer: "Linear") -> None: ...
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..attention import AttentionMetadata, LayerAttention
 from ..layers.linear import INT8_MAX_ROWS, Linear, PackedMethod
 from ..layers.norm import RMSNorm
@@ -82,7 +83,7 @@ class FusedDecodeLayer:
             *qk_norms, attn.o_proj.part_data, attn.o_proj.part_types, mlp.gate_up_proj.part_data,
             mlp.gate_up_proj.part_types, mlp.down_proj.part_data, mlp.down_proj.part_types, attn.num_heads,
             attn.num_kv_heads, attn.head_dim, a.scale, a.sliding_window or 0, a.softcap or 0.0, a.alibi,
-            layer.rope_index)
+            a.bfloat16_products and kernels.decode_bfloat16_available(), layer.rope_index)
         return cls(layers, index, *linears, a, attn.qkv_proj.method.isa)
 
     def applies_to(self, x: torch.Tensor) -> bool:

@@ -58,7 +58,8 @@ class Attention(nn.Module):
         self.register_buffer("alibi", slopes if cfg.position_encoding == "alibi" else None, persistent=False)
 
     def layer_attention(self) -> LayerAttention:
-        return LayerAttention(self.scale, self.sliding_window, self.softcap, self.alibi)
+        return LayerAttention(self.scale, self.sliding_window, self.softcap, self.alibi,
+                              self.qkv_proj.method.gemm_dtype == torch.bfloat16)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, rows: torch.Tensor | None = None) -> torch.Tensor:
