@@ -47,8 +47,8 @@ def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype
 def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeroed, not empty: stale slots are read (then masked) and must not hold NaN. On the CPU, an
     anonymous mapping hands out zero pages lazily, so the pool costs nothing until it is used; it
-    asks for huge pages because attention reads the pool with little locality, and 4 KiB pages
-    made the decode kernel ~1.9x slower through TLB misses (measured)."""
+    asks for huge pages because attention reads the pool with little locality (4 KiB pages made the
+    decode kernel ~1.9x slower on an earlier host through TLB misses; ≤ 5% on Zen 4, docs/benchmarks.md)."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     # Private: a shared anonymous mapping is shmem, which gets huge pages only where the host enables
