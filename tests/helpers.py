@@ -15,11 +15,11 @@ from pagedllm.sampling_params import SamplingParams
 @torch.inference_mode()
 def prefill_hidden(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
     """Final-norm hidden states at every position of `ids`, one paged forward pass."""
-    spec = plan_kv_cache(model.config, block_size, kv_bytes_per_token(model.config, torch.float32) * (len(ids) + block_size),
-                         torch.float32)
+    memory = kv_bytes_per_token(model.config, torch.float32) * (len(ids) + block_size) + model.config.state_bytes_per_sequence
+    spec = plan_kv_cache(model.config, block_size, memory, torch.float32, state_slots=1)
     runner = ModelRunner(model, spec, "cpu", torch.float32)
     batch = runner.prepare([ScheduledSequence(Sequence("x", ids, SamplingParams()), len(ids))],
-                           [list(range(spec.num_blocks))])
+                           [list(range(spec.num_blocks))], [0])
     return model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
 
 

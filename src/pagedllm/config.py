@@ -36,6 +36,9 @@ class RopeScaling:
 
 
 POSITION_ENCODINGS = ("rope", "alibi", "none")
+# What mixes a layer's tokens: attention over the paged KV cache, or a recurrent part that keeps a
+# fixed-size state per sequence instead (hybrid models): LFM2's gated short convolution.
+LAYER_MIXERS = ("attention", "short_conv")
 # Activations of the MLP's gate (or of its one projection, for an ungated MLP).
 HIDDEN_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -96,6 +99,11 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
     norm_topk_prob: bool = False  # the top-k weights are renormalised to sum to 1
     dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model
+    # Hybrid models: each layer's mixer (LAYER_MIXERS; None: attention everywhere), and the short
+    # convolution's taps and bias (LFM2).
+    layer_mixers: tuple[str, ...] | None = None
+    conv_kernel: int = 0
+    conv_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -130,6 +138,7 @@ class ModelConfig:
             raise ConfigError(f"model config: {self.num_experts} experts need 1 to {self.num_experts} experts per "
                               f"token (got {self.num_experts_per_tok}) and a positive expert size "
                               f"(got {self.moe_intermediate_size})")
+        self._check_mixers()
         for name in ("rms_norm_eps", "rope_theta"):  # NaN, 0 or infinite: every activation turns NaN
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
@@ -138,6 +147,44 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ConfigError(f"model config: {name} must be positive, got {value!r}")
+
+    def _check_mixers(self) -> None:
+        mixers = self.layer_mixers
+        if mixers is None:
+            return
+        if len(mixers) != self.num_hidden_layers:
+            raise ConfigError(f"model config: {len(mixers)} layer mixers for {self.num_hidden_layers} layers")
+        unknown = sorted(set(mixers) - set(LAYER_MIXERS))
+        if unknown:
+            raise ConfigError(f"model config: layer mixers {', '.join(map(repr, unknown))} are not one of "
+                              f"{', '.join(LAYER_MIXERS)}")
+        if "short_conv" in mixers and not 2 <= self.conv_kernel <= 64:
+            raise ConfigError(f"model config: a short convolution needs 2 to 64 taps, got {self.conv_kernel!r}")
+
+    def layer_mixer(self, layer: int) -> str:
+        return "attention" if self.layer_mixers is None else self.layer_mixers[layer]
+
+    @property
+    def attention_layers(self) -> tuple[int, ...]:
+        """The layers that keep K/V in the paged cache."""
+        return tuple(i for i in range(self.num_hidden_layers) if self.layer_mixer(i) == "attention")
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Whether some layer keeps a recurrent state per sequence instead of K/V."""
+        return len(self.attention_layers) < self.num_hidden_layers
+
+    def state_shapes(self, layer: int) -> tuple[tuple[int, ...], ...]:
+        """The per-sequence state tensors of a recurrent layer (none for attention): a short
+        convolution's last conv_kernel − 1 inputs."""
+        if self.layer_mixer(layer) == "short_conv":
+            return ((self.conv_kernel - 1, self.hidden_size),)
+        return ()
+
+    @property
+    def state_bytes_per_sequence(self) -> int:
+        """What one sequence's recurrent states take over all recurrent layers (float32; 0 but for hybrids)."""
+        return 4 * sum(math.prod(shape) for layer in range(self.num_hidden_layers) for shape in self.state_shapes(layer))
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of `layer`, or None where it attends to the whole context."""
@@ -173,11 +220,18 @@ class ModelConfig:
         q = self.num_attention_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0) + (h if self.o_proj_bias else 0)
         norm = 2 * h if self.norm_kind == "layer" else h
-        norms = (4 if self.sandwich_norms else 2) * norm + (2 * self.head_dim if self.qk_norm else 0)
+        norms = (4 if self.sandwich_norms else 2) * norm
+        attn += 2 * self.head_dim if self.qk_norm else 0
         mlps = sum(self._mlp_parameters(i) for i in range(self.num_hidden_layers))
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         embedding = self.vocab_size * h + (norm if self.embedding_norm else 0)
-        return embedding + self.num_hidden_layers * (attn + norms) + mlps + norm + head
+        mixers = sum(attn if self.layer_mixer(i) == "attention" else self._conv_parameters()
+                     for i in range(self.num_hidden_layers))
+        return embedding + self.num_hidden_layers * norms + mixers + mlps + norm + head
+
+    def _conv_parameters(self) -> int:
+        h = self.hidden_size
+        return 4 * h * h + h * self.conv_kernel + (5 * h if self.conv_bias else 0)
 
     def _mlp_parameters(self, layer: int) -> int:
         h = self.hidden_size

@@ -24,10 +24,10 @@ def kv_row_elements(head_dim: int, kv_dtype: torch.dtype) -> int:
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_dtype: torch.dtype, kv_heads: int | None = None) -> int:
-    """What one token's K and V take over all layers in a pool of `kv_dtype` (KV_Q8_0: q8_0 rows);
+    """What one token's K and V take over all attention layers in a pool of `kv_dtype` (KV_Q8_0: q8_0 rows);
     `kv_heads`: the heads one pool holds (a tensor-parallel rank's), by default the model's."""
     row_bytes = kv_row_elements(config.head_dim, kv_dtype) * kv_dtype.itemsize
-    return 2 * config.num_hidden_layers * (kv_heads or config.num_key_value_heads) * row_bytes
+    return 2 * len(config.attention_layers) * (kv_heads or config.num_key_value_heads) * row_bytes
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:

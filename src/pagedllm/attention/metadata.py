@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
+    from ..layers.recurrent_state import StateMetadata
     from .backend import AttentionBackend
 
 
@@ -85,6 +86,8 @@ class AttentionMetadata:
     backend: "AttentionBackend"
     # The backend's own per-step state (the torch backend's masks, one set per window), built on first use.
     cache: dict = field(default_factory=dict)
+    # Hybrid models: each sequence's recurrent-state slot (set by the model runner).
+    states: "StateMetadata | None" = None
 
 
 @dataclass(frozen=True)

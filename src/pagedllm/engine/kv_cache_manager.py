@@ -1,4 +1,5 @@
-"""KVCacheManager: the only door between the scheduler and the block pool."""
+"""KVCacheManager: the only door between the scheduler and the block pool (and, for hybrid models, the
+slots of the recurrent layers' per-sequence states)."""
 
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ class PrefixCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None):
+                 sliding_window: int | None = None, num_state_slots: int = 0):
         """`sliding_window`: the window every layer of the model keeps to; the blocks behind it go back to the
-        pool as a sequence moves on (None: a sequence keeps all of its blocks)."""
+        pool as a sequence moves on (None: a sequence keeps all of its blocks). `num_state_slots`: hybrid
+        models' recurrent-state slots; each running sequence holds one (0: the model has no such layers)."""
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
@@ -40,6 +42,10 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock | None]] = {}
         self._hashes: dict[str, list[int]] = {}  # chained hashes of each sequence's full blocks
         self._pending_copies: list[tuple[int, int]] = []  # (source, destination) block ids, copy on write
+        self.uses_states = num_state_slots > 0
+        self._free_states = list(range(num_state_slots - 1, -1, -1))  # popped from the end: slot 0 first
+        self._state_slots: dict[str, int] = {}
+        self._pending_state_copies: list[tuple[int, int]] = []  # (source, destination) slots, forks
 
     @property
     def num_blocks(self) -> int:
@@ -81,6 +87,10 @@ class KVCacheManager:
         reusable = sum(1 for b in computed_blocks if b.ref_count == 0)
         if needed + shared_tail > self.pool.num_free_blocks - reusable:
             return None
+        if self.uses_states and sequence.seq_id not in self._state_slots:
+            if not self._free_states:
+                return None
+            self._state_slots[sequence.seq_id] = self._free_states.pop()
         if shared_tail:
             self._copy_on_write(blocks)
         self.pool.touch(computed_blocks)
@@ -113,18 +123,33 @@ class KVCacheManager:
         blocks[-1] = copy
         self._pending_copies.append((shared.block_id, copy.block_id))
 
-    def fork(self, parent: Sequence, child: Sequence) -> None:
+    def fork(self, parent: Sequence, child: Sequence) -> bool:
         """`child` continues from `parent`'s cached tokens: it shares every block (the partly
-        filled last one is copied when either of them writes to it)."""
+        filled last one is copied when either of them writes to it) and gets a copy of its recurrent
+        states. False, and nothing shared, where no state slot is free: the child must start over."""
+        if self.uses_states:
+            if not self._free_states:
+                return False
+            self._state_slots[child.seq_id] = self._free_states.pop()
+            self._pending_state_copies.append((self._state_slots[parent.seq_id], self._state_slots[child.seq_id]))
         blocks = list(self._blocks.get(parent.seq_id, []))
         self.pool.touch([b for b in blocks if b is not None])
         self._blocks[child.seq_id] = blocks
         self._hashes[child.seq_id] = list(self._hashes.get(parent.seq_id, []))
+        return True
 
     def take_pending_copies(self) -> list[tuple[int, int]]:
         """Block copies the model runner must make before the next forward pass."""
         copies, self._pending_copies = self._pending_copies, []
         return copies
+
+    def take_pending_state_copies(self) -> list[tuple[int, int]]:
+        """State-slot copies (forks) the model runner must make before the next forward pass."""
+        copies, self._pending_state_copies = self._pending_state_copies, []
+        return copies
+
+    def state_slot(self, sequence: Sequence) -> int:
+        return self._state_slots[sequence.seq_id]
 
     def _cache_full_blocks(self, sequence: Sequence, num_tokens: int) -> None:
         blocks, hashes = self._blocks[sequence.seq_id], self._hashes.setdefault(sequence.seq_id, [])
@@ -147,5 +172,8 @@ class KVCacheManager:
         return sum(b is not None for b in self._blocks.get(sequence.seq_id, []))
 
     def free(self, sequence: Sequence) -> None:
+        slot = self._state_slots.pop(sequence.seq_id, None)
+        if slot is not None:
+            self._free_states.append(slot)
         self._hashes.pop(sequence.seq_id, None)
         self.pool.free([b for b in reversed(self._blocks.pop(sequence.seq_id, [])) if b is not None])

@@ -70,6 +70,8 @@ class LLMEngine:
         workers, tp, threads = [], None, torch.get_num_threads()
         if config.tensor_parallel_size > 1:  # workers first: each loads its slice while this rank loads its own
             model_config, _ = read_model_config(self.source)
+            if model_config.is_hybrid:
+                raise PagedLLMError("tensor parallelism does not support hybrid models (recurrent layers) yet")
             check_split(model_config.num_attention_heads, model_config.num_key_value_heads, config.tensor_parallel_size)
             port = free_port()
             workers = start_workers(config.tensor_parallel_size, port, _tensor_parallel_worker, config, self.source)
@@ -80,13 +82,18 @@ class LLMEngine:
         model_len = self.model.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_len, model_len)
         kv_dtype = kv_pool_dtype(self.model, config.cache.kv_cache_dtype, dtype)
+        hybrid = self._check_hybrid(config)
         self.kv_spec = plan_kv_cache(self.model.config, config.cache.block_size, config.cache.kv_cache_memory_bytes,
-                                     kv_dtype, self.model.planned_kv_heads)
+                                     kv_dtype, self.model.planned_kv_heads,
+                                     config.scheduler.max_num_seqs if hybrid else 0)
         if self.kv_spec.num_blocks < 1:
             raise PagedLLMError(f"kv cache memory {config.cache.kv_cache_memory_bytes} bytes is less than one block "
-                                f"({self.kv_spec.bytes_per_block} bytes)")
+                                f"({self.kv_spec.bytes_per_block} bytes) after the recurrent states "
+                                f"({self.kv_spec.num_state_slots} × {self.kv_spec.state_bytes_per_slot} bytes)")
+        # Hybrids: a prefix's recurrent states are not snapshotted yet, so no prefix can be skipped.
         self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size,
-                                       config.cache.enable_prefix_caching, self.model.config.uniform_window())
+                                       config.cache.enable_prefix_caching and not hybrid,
+                                       self.model.config.uniform_window(), self.kv_spec.num_state_slots)
         self.stop_rule = StopRule(self.tokenizer.stop_token_ids, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.stop_rule)
         runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype,
@@ -104,6 +111,16 @@ class LLMEngine:
         self._totals = [0, 0]  # prompt tokens computed, tokens generated
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
         release_thread_pool()  # loading ran kernels here; steps may be driven from another thread
+
+    def _check_hybrid(self, config: EngineConfig) -> bool:
+        """Whether the model keeps recurrent states (hybrid models), refusing what they cannot do yet: a
+        state cannot be rolled back past rejected drafts (tensor parallelism is refused before loading)."""
+        if not self.model.config.is_hybrid:
+            return False
+        if config.speculative is not None:
+            raise PagedLLMError("speculative decoding does not support hybrid models: a recurrent state cannot "
+                                "be rolled back past rejected drafts")
+        return True
 
     def _lora_registry(self) -> LoRARegistry | None:
         if self.config.lora is None:
@@ -287,9 +304,11 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.scheduled:
             self.runner.copy_blocks(self.kv_cache.take_pending_copies())
+            self.runner.copy_states(self.kv_cache.take_pending_state_copies())
             tables = [self.kv_cache.block_table(s.sequence) for s in out.scheduled]
+            slots = [self.kv_cache.state_slot(s.sequence) for s in out.scheduled] if self.kv_cache.uses_states else None
             prompt_tokens = self._prompt_tokens(out.scheduled)
-            result = self.runner.execute_model(out.scheduled, tables, self.grammars.allowed)
+            result = self.runner.execute_model(out.scheduled, tables, self.grammars.allowed, slots)
             self._record_prompt_logprobs(result.prompt_logprobs)
             self._record_hidden_states(result.hidden)
             forks = self._fork_samples(out.scheduled, result)
@@ -372,8 +391,11 @@ class LLMEngine:
                          gang=parent.gang, lora_id=parent.lora_id, stop_ids=parent.stop_ids,
                          grammar=parent.grammar.deep_copy() if parent.grammar is not None else None)
         self._add_sequence(request, child)
-        self.kv_cache.fork(parent, child)
-        self.scheduler.add_running(child)
+        if self.kv_cache.fork(parent, child):
+            self.scheduler.add_running(child)
+        else:  # no recurrent-state slot free: the child computes its tokens again once one is
+            child.num_computed_tokens = 0
+            self.scheduler.add_waiting(child)
         return child
 
     # -- searches ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import torch
 from ..config import ModelConfig
 from ..attention import AttentionMetadata, StepLayout, kv_bytes_per_token, kv_row_elements, select_backend
 from ..attention.metadata import long_tensor
+from ..layers.recurrent_state import StateMetadata
 from ..lora.layers import lora_segments
 from ..models.transformer import Transformer
 from ..sampling.sampler import Sampler, SamplingMetadata
@@ -26,11 +27,14 @@ from .scheduler import ScheduledSequence
 
 @dataclass(frozen=True)
 class KVCacheSpec:
-    """What was planned at start-up from the memory budget (a fact, not a setting)."""
+    """What was planned at start-up from the memory budget (a fact, not a setting): the KV blocks of the
+    attention layers and, for hybrid models, the slots of the recurrent layers' per-sequence states."""
 
     num_blocks: int
     block_size: int
     bytes_per_block: int
+    num_state_slots: int = 0
+    state_bytes_per_slot: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -38,10 +42,14 @@ class KVCacheSpec:
 
 
 def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype: torch.dtype,
-                  kv_heads: int | None = None) -> KVCacheSpec:
-    """`dtype`: the pool's elements (KV_Q8_0 for 8-bit rows); `kv_heads`: per pool (see kv_bytes_per_token)."""
+                  kv_heads: int | None = None, state_slots: int = 0) -> KVCacheSpec:
+    """`dtype`: the pool's elements (KV_Q8_0 for 8-bit rows); `kv_heads`: per pool (see kv_bytes_per_token);
+    `state_slots`: sequences whose recurrent states (hybrid models, float32) come out of the budget first."""
     per_block = kv_bytes_per_token(config, dtype, kv_heads) * block_size
-    return KVCacheSpec(memory_bytes // per_block, block_size, per_block)
+    state_bytes = config.state_bytes_per_sequence
+    slots = state_slots if state_bytes else 0
+    left = max(0, memory_bytes - slots * state_bytes)
+    return KVCacheSpec(left // per_block, block_size, per_block, slots, state_bytes)
 
 
 def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -111,12 +119,19 @@ class ModelRunner:
         self.attention_backend = select_backend(attention_backend, device, dtype, cfg.head_dim)
         use_graphs = graphs is not None and self.attention_backend.supports_graphs and model.capturable
         blocks = spec.num_blocks + use_graphs  # the graphs' scratch block for padding rows
-        shape = (cfg.num_hidden_layers, *self.attention_backend.kv_cache_shape(
-            blocks, spec.block_size, model.layers[0].self_attn.num_kv_heads, kv_row_elements(cfg.head_dim, kv_dtype)))
+        attention = cfg.attention_layers
+        shape = (len(attention), *self.attention_backend.kv_cache_shape(
+            blocks, spec.block_size, model.attention_layers[0].self_attn.num_kv_heads,
+            kv_row_elements(cfg.head_dim, kv_dtype)))
         self.kv_pool = _zeroed_pool(shape, kv_dtype, device)
         if torch.device(device).type == "cpu":
             keep_freed_buffers()
-        self.kv_caches = list(self.kv_pool.unbind(0))
+        # Each layer's cache: its slice of the KV pool, or a recurrent layer's states [slots, *shape].
+        pools = iter(self.kv_pool.unbind(0))
+        self.kv_caches = [next(pools) if i in attention else _zeroed_pool((spec.num_state_slots, *cfg.state_shapes(i)[0]),
+                                                                          dtype, device)
+                          for i in range(cfg.num_hidden_layers)]
+        self.state_caches = [self.kv_caches[i] for i in range(cfg.num_hidden_layers) if i not in attention]
         self.sampler = Sampler()
         self.graphs = DecodeGraphs(graphs, self._forward, spec.num_blocks, spec.block_size,
                                    self.attention_backend.build_metadata, device) if use_graphs else None
@@ -133,8 +148,10 @@ class ModelRunner:
             return None
         return self.graphs.config.bucket(len(counts))
 
-    def prepare(self, scheduled: list[ScheduledSequence], block_tables: list[list[int]]) -> StepBatch:
-        """Flatten the step's tokens; sequences with nothing to sample still write their K/V."""
+    def prepare(self, scheduled: list[ScheduledSequence], block_tables: list[list[int]],
+                state_slots: list[int] | None = None) -> StepBatch:
+        """Flatten the step's tokens; sequences with nothing to sample still write their K/V.
+        `state_slots`: each sequence's recurrent-state slot (hybrid models)."""
         bs = self.spec.block_size
         starts = np.asarray([s.sequence.num_computed_tokens for s in scheduled])
         counts = np.asarray([s.num_new_tokens for s in scheduled])
@@ -150,6 +167,8 @@ class ModelRunner:
             layout = StepLayout(starts, counts, table, bs, self.device)
         query_start, positions = layout.query_start, layout.positions
         meta = self.attention_backend.build_metadata(layout)
+        if self.state_caches:
+            meta.states = StateMetadata.build(starts, counts, np.asarray(state_slots), self.device)
         # A sequence with drafts is scored at the last real token and at every draft.
         sample_spans, sample_rows = [], []
         for i, s in enumerate(scheduled):
@@ -204,9 +223,9 @@ class ModelRunner:
         return StepResult(self.model.compute_logits(hidden[batch.logits_rows]), wanted)
 
     def execute_model(self, scheduled: list[ScheduledSequence], block_tables: list[list[int]],
-                      grammar_mask: GrammarMask) -> ModelRunnerOutput:
+                      grammar_mask: GrammarMask, state_slots: list[int] | None = None) -> ModelRunnerOutput:
         """One step: the forward pass over everything scheduled, then what each sequence got from it."""
-        batch = self.prepare(scheduled, block_tables)
+        batch = self.prepare(scheduled, block_tables, state_slots)
         return self.collect(scheduled, batch, self.execute(batch), grammar_mask)
 
     @torch.inference_mode()
@@ -232,3 +251,11 @@ class ModelRunner:
         if copies:
             source, destination = (self._long_tensor(c) for c in zip(*copies))
             self.kv_pool[:, :, destination] = self.kv_pool[:, :, source]
+
+    @torch.inference_mode()
+    def copy_states(self, copies: list[tuple[int, int]]) -> None:
+        """Copy recurrent-state slots (every recurrent layer): a fork continues from its parent's state."""
+        if copies:
+            source, destination = (self._long_tensor(c) for c in zip(*copies))
+            for states in self.state_caches:
+                states[destination] = states[source]

@@ -46,8 +46,8 @@ class ParallelRunner:
         self._finalizer = weakref.finalize(self, _stop_workers, workers, threads)
 
     def execute_model(self, scheduled: list[ScheduledSequence], block_tables: list[list[int]],
-                      grammar_mask: GrammarMask) -> ModelRunnerOutput:
-        batch = self.runner.prepare(scheduled, block_tables)
+                      grammar_mask: GrammarMask, state_slots: list[int] | None = None) -> ModelRunnerOutput:
+        batch = self.runner.prepare(scheduled, block_tables, state_slots)
         return self.runner.collect(scheduled, batch, self.execute(batch), grammar_mask)
 
     def execute(self, batch: StepBatch) -> StepResult:
@@ -58,6 +58,9 @@ class ParallelRunner:
         if copies:
             _send("copy_blocks", copies)
         self.runner.copy_blocks(copies)
+
+    def copy_states(self, copies: list[tuple[int, int]]) -> None:
+        self.runner.copy_states(copies)  # hybrid models run on one rank (LLMEngine._check_hybrid)
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -267,6 +267,19 @@ FAMILIES: tuple[FamilySpec, ...] = (
         gguf_local_rope_theta=10000.0,
         gguf_hidden_scale_layers=62,
     ),
+    FamilySpec(
+        # A hybrid: gated short convolutions (layers/short_conv.py) in most layers, attention with
+        # per-head q/k norms in the rest; its checkpoint's names as the canonical llama-style ones.
+        name="lfm2",
+        hf_architectures=("Lfm2ForCausalLM",),
+        example="LiquidAI/LFM2-350M",
+        qk_norm=True,
+        hf_renames=((r"\.operator_norm\.", ".input_layernorm."), (r"\.ffn_norm\.", ".post_attention_layernorm."),
+                    (r"\.feed_forward\.w1\.", ".mlp.gate_proj."), (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
+                    (r"\.feed_forward\.w2\.", ".mlp.down_proj."), (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."),
+                    (r"\.q_layernorm\.", ".q_norm."), (r"\.k_layernorm\.", ".k_norm."),
+                    (r"^model\.embedding_norm\.", "model.norm.")),  # LFM2's final norm, despite its name
+    ),
 )
 
 

@@ -25,6 +25,7 @@ from ..attention.backend import attention_weights, window_mask
 from ..layers.mlp import MLP
 from ..layers.moe import SparseMoE
 from ..layers.norm import LayerNorm, RMSNorm
+from ..layers.short_conv import ShortConv
 from ..layers.rotary import apply_rope, padded_inv_freq, rope_cos_sin, rope_inv_freq, rope_long_inv_freq
 from .fused_decode import FusedDecodeLayer, FusedDecodeModel, new_decode_layers
 
@@ -93,7 +94,11 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str, layer: int):
         super().__init__()
         self.input_layernorm = _norm(cfg)
-        self.self_attn = Attention(cfg, plan, f"{prefix}.self_attn", layer)
+        # The token mixer: attention over the paged cache, or (hybrid models) a recurrent part whose
+        # per-sequence state stands where an attention layer's K/V pool would.
+        mixer = cfg.layer_mixer(layer)
+        self.self_attn = Attention(cfg, plan, f"{prefix}.self_attn", layer) if mixer == "attention" else None
+        self.conv = ShortConv(cfg, plan, f"{prefix}.conv") if mixer == "short_conv" else None
         # Llama's post-attention norm comes before the MLP; Gemma 2/3's is on the attention's output,
         # and two more wrap the MLP (the checkpoints' names, kept).
         self.post_attention_layernorm = _norm(cfg)
@@ -107,13 +112,20 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, kv_cache, meta, rows=None):
         """The module path (Transformer.forward sends few-row steps to `fused` where it is set). With
         `rows`, the output holds those rows only (every token's K/V is still written)."""
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, rows)
+        attn = self._mix(self.input_layernorm(x), cos, sin, kv_cache, meta, rows)
         x = x if rows is None else x[rows]
         if self.pre_feedforward_layernorm is None:
             x = x + attn
             return x + self.mlp(self.post_attention_layernorm(x))
         x = x + self.post_attention_layernorm(attn)
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+    def _mix(self, x, cos, sin, cache, meta, rows):
+        if self.self_attn is not None:
+            return self.self_attn(x, cos, sin, cache, meta, rows)
+        out = self.conv(x, cache, meta.states)  # every token's state update; then the rows wanted
+        return out if rows is None else out[rows]
 
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -243,7 +255,7 @@ class Transformer(nn.Module):
         model.local_inv_freq = model.local_inv_freq.float()
         if hasattr(model, "long_inv_freq"):
             model.long_inv_freq = model.long_inv_freq.float()
-        for layer in model.layers:
+        for layer in model.attention_layers:
             if layer.self_attn.alibi is not None:
                 layer.self_attn.alibi = layer.self_attn.alibi.float()  # the kernels read float32 slopes
         return model
@@ -321,12 +333,17 @@ class Transformer(nn.Module):
     def capturable(self) -> bool:
         """Whether a forward pass decides nothing on the host from the step's data, so that it can be
         captured in a CUDA graph: routed experts sort tokens by expert, LoRA adapters gather rows by
-        adapter, LongRoPE picks frequencies from context lengths, and tensor-parallel all-reduces are
+        adapter, recurrent layers (hybrids) index their states by the step's sequences, LongRoPE picks frequencies from context lengths, and tensor-parallel all-reduces are
         not captured (yet; gloo's are no CUDA kernels)."""
         scaling = self.config.rope_scaling
-        return (self.tp is None and self.lora_context is None
+        return (self.tp is None and self.lora_context is None and not self.config.is_hybrid
                 and not any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
                 and (scaling is None or scaling.kind != "longrope"))
+
+    @property
+    def attention_layers(self) -> list[DecoderLayer]:
+        """The layers whose K/V live in the paged pool (all of them but a hybrid model's recurrent ones)."""
+        return [layer for layer in self.layers if layer.self_attn is not None]
 
     @property
     def _head(self) -> Linear:

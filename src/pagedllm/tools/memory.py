@@ -103,8 +103,11 @@ def format_report(report: MemoryReport, budget_bytes: int) -> str:
         "weights          " + (f"as stored (auto) {format_bytes(report.packed_bytes)}, " if report.packed_bytes else "")
         + ", ".join(f"{d} {format_bytes(report.weight_bytes(d))}" for d in WEIGHT_DTYPES),
         "KV cache/token   " + ", ".join(f"{d} {format_bytes(report.kv_bytes_per_token(d))}" for d in report.kv_dtypes())
-        + f"   (2 · {c.num_hidden_layers} layers · {c.num_key_value_heads} kv heads · {c.head_dim} dims · bytes)",
+        + f"   (2 · {len(c.attention_layers)} attention layers · {c.num_key_value_heads} kv heads · {c.head_dim} dims · bytes)",
         f"KV dtype auto    {report.auto_kv_dtype()} (--kv-cache-dtype to choose)",
+        *([f"state/sequence   {format_bytes(c.state_bytes_per_sequence)} float32 "
+           f"({c.num_hidden_layers - len(c.attention_layers)} recurrent layers; --max-num-seqs of them come out of "
+           f"the KV budget first)"] if c.is_hybrid else []),
         f"tokens in {format_bytes(budget_bytes)}   "
         + ", ".join(f"{d} {report.tokens_in(budget_bytes, d):,}" for d in report.kv_dtypes())
         + f"   (context {c.max_position_embeddings:,})",

@@ -114,6 +114,8 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None,
 
 
 _LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
+# Layer types that are no attention (hybrid models), as ModelConfig's mixers.
+_MIXER_TYPES = {"conv": "short_conv"}
 
 
 def _windows(cfg: dict[str, Any], family: FamilySpec) -> tuple[int | None, tuple[bool, ...] | None]:
@@ -127,10 +129,10 @@ def _windows(cfg: dict[str, Any], family: FamilySpec) -> tuple[int | None, tuple
         types = ["sliding_attention" if i >= start else "full_attention" for i in range(layers)]
     if types is None or not window:
         return None, None
-    unknown = sorted(set(map(str, types)) - set(_LAYER_TYPES))
+    unknown = sorted(set(map(str, types)) - set(_LAYER_TYPES) - set(_MIXER_TYPES))
     if unknown:
         raise HFModelError(f"layer types {', '.join(unknown)} are not supported (known: {', '.join(_LAYER_TYPES)})")
-    sliding = tuple(_LAYER_TYPES[t] for t in types)
+    sliding = tuple(_LAYER_TYPES.get(t, False) for t in types)
     if not any(sliding):
         return None, None
     return window, None if all(sliding) else sliding
@@ -163,9 +165,10 @@ def _experts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
                 dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step))
 
 
-# Older configs' names for the standard keys (BLOOM's, GPT-2's), as transformers' attribute maps.
+# Older configs' names for the standard keys (BLOOM's, GPT-2's, LFM2's), as transformers' attribute maps.
 _ALIASES = {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers", "n_embed": "hidden_size",
-            "layer_norm_epsilon": "rms_norm_eps"}
+            "layer_norm_epsilon": "rms_norm_eps", "norm_eps": "rms_norm_eps", "tie_embedding": "tie_word_embeddings",
+            "block_ff_dim": "intermediate_size"}
 
 
 def _standard_keys(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -173,6 +176,31 @@ def _standard_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     if "intermediate_size" not in cfg and "hidden_size" in cfg:
         cfg["intermediate_size"] = 4 * cfg["hidden_size"]  # BLOOM's fixed ratio
     return cfg
+
+
+def _mixers(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Hybrid models' ModelConfig fields: each layer's mixer and the short convolution's shape (LFM2)."""
+    layers, types = cfg["num_hidden_layers"], cfg.get("layer_types")
+    if types is None and "full_attn_idxs" in cfg:  # LFM2's older configs
+        attention = set(cfg["full_attn_idxs"] or range(layers))
+        types = ["full_attention" if i in attention else "conv" for i in range(layers)]
+    if types is None or not any(t in _MIXER_TYPES for t in types):
+        return {}
+    return dict(layer_mixers=tuple(_MIXER_TYPES.get(t, "attention") for t in types),
+                conv_kernel=int(cfg.get("conv_L_cache") or 0), conv_bias=bool(cfg.get("conv_bias", False)))
+
+
+def _intermediate_size(cfg: dict[str, Any]) -> int:
+    """The MLP's width; LFM2 derives it (block_auto_adjust_ff_dim): 2/3 of it, × a multiplier, rounded
+    up to a multiple, as its module does."""
+    size = cfg["intermediate_size"]
+    if cfg.get("block_auto_adjust_ff_dim"):
+        size = int(2 * size / 3)
+        multiplier, multiple = cfg.get("block_ffn_dim_multiplier"), cfg.get("block_multiple_of") or 1
+        if multiplier is not None:
+            size = int(multiplier * size)
+            size = multiple * math.ceil(size / multiple)
+    return size
 
 
 def _shape_parts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
@@ -195,7 +223,7 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
             family=family.name,
             vocab_size=cfg["vocab_size"],
             hidden_size=hidden,
-            intermediate_size=cfg["intermediate_size"],
+            intermediate_size=_intermediate_size(cfg),
             num_hidden_layers=cfg["num_hidden_layers"],
             num_attention_heads=heads,
             num_key_value_heads=cfg.get("num_key_value_heads") or heads,
@@ -217,6 +245,7 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
             final_logit_softcap=cfg.get("final_logit_softcapping"),
             mlp_bias=bool(cfg.get("mlp_bias") or family.mlp_bias),
             **_experts(cfg, family),
+            **_mixers(cfg),
             **family.model_parts(),
             **_shape_parts(cfg, family),
         )

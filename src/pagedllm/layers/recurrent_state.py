@@ -1,0 +1,82 @@
+"""Per-sequence recurrent state for the layers that are not attention (hybrid models): where each sequence
+of a step keeps its state between steps, and a causal convolution that continues from it.
+
+A sequence holds one slot of each such layer's state tensors (engine/kv_cache_manager.py hands the
+slots out); a sequence starting at position 0 starts from zeros, whatever its slot held before."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StateMetadata:
+    """The step's sequences, in batch order, as the recurrent layers see them.
+
+    slots:       [seqs] each sequence's state slot.
+    fresh:       [seqs] bool: the sequence starts at position 0 (its state is zeros, not its slot's).
+    query_start: [seqs + 1] where each sequence's tokens start in the flat batch.
+    counts:      numpy [seqs] new tokens of each sequence (host copy: layers pick their path by it).
+    """
+
+    slots: torch.Tensor
+    fresh: torch.Tensor
+    query_start: torch.Tensor
+    counts: np.ndarray
+    _conv_rows: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+    @classmethod
+    def build(cls, starts: np.ndarray, counts: np.ndarray, slots: np.ndarray, device) -> "StateMetadata":
+        query_start = np.concatenate([[0], np.cumsum(counts)])
+        def tensor(values, dtype=torch.long) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
+
+        return cls(tensor(slots), tensor(starts == 0, torch.bool), tensor(query_start), np.asarray(counts), {})
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.counts)
+
+    def conv_rows(self, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a causal convolution of `taps` taps over [history rows; token rows] (each sequence's taps − 1
+        remembered inputs, sequence by sequence, then the step's tokens): [tokens, taps] the rows each
+        token's output reads, oldest first, and [seqs, taps − 1] the rows that become each sequence's
+        history for its next step (its last taps − 1 inputs)."""
+        if taps not in self._conv_rows:
+            self._conv_rows[taps] = self._build_conv_rows(taps)
+        return self._conv_rows[taps]
+
+    def _build_conv_rows(self, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = torch.as_tensor(self.counts, device=self.query_start.device)
+        seqs, keep = len(self.counts), taps - 1
+        history = seqs * keep  # token rows follow the history rows
+
+        def row(seq: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+            """The row of a sequence's input at `offset` from its first new token (negative: remembered)."""
+            return torch.where(offset >= 0, history + self.query_start[seq] + offset, seq * keep + keep + offset)
+
+        device = counts.device
+        token_seq = torch.repeat_interleave(torch.arange(seqs, device=device), counts)
+        token_offset = torch.arange(len(token_seq), device=device) - self.query_start[token_seq]
+        reads = row(token_seq[:, None], token_offset[:, None] + torch.arange(-keep, 1, device=device)[None])
+        tail = row(torch.arange(seqs, device=device)[:, None], counts[:, None] - keep + torch.arange(keep, device=device)[None])
+        return reads, tail
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
+                meta: StateMetadata) -> torch.Tensor:
+    """Depthwise causal convolution of each sequence's tokens x [tokens, channels] with weight
+    [channels, taps], continuing from its remembered inputs (state [slots, taps − 1, channels], updated
+    in place to the sequence's last taps − 1 inputs)."""
+    taps = weight.shape[1]
+    reads, tail = meta.conv_rows(taps)
+    history = state[meta.slots].masked_fill(meta.fresh[:, None, None], 0)
+    rows = torch.cat([history.reshape(-1, x.shape[1]).to(x.dtype), x])
+    out = torch.einsum("tkc,ck->tc", rows[reads], weight)
+    if bias is not None:
+        out = out + bias
+    state[meta.slots] = rows[tail].to(state.dtype)
+    return out

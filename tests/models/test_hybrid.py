@@ -1,0 +1,150 @@
+"""Hybrid models (issue 36): LFM2's gated short convolutions beside attention, each sequence's
+convolution state in a slot of its own — against transformers, through chunked prefill, batches,
+forks (n > 1) and preemption."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.config import ModelConfig
+from pagedllm.engine.model_runner import plan_kv_cache
+from pagedllm.errors import ConfigError, PagedLLMError
+from pagedllm.layers.recurrent_state import StateMetadata, causal_conv
+from pagedllm.models.loaders import ModelSource, load_model, read_model_config
+from helpers import prefill_logits
+
+VOCAB = 49152  # the default model's tokenizer, saved beside the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_lfm2(tmp_path_factory, default_gguf):
+    from transformers import Lfm2Config, Lfm2ForCausalLM
+
+    from conftest import _save_tokenizer
+
+    torch.manual_seed(1234)
+    config = Lfm2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3)
+    model = Lfm2ForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1, so a misplaced one shows
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    folder = tmp_path_factory.mktemp("tiny-lfm2")
+    model.save_pretrained(folder)
+    _save_tokenizer(folder, default_gguf)
+    return folder, model
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _greedy_reference(model, ids: list[int], tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_lfm2_logits_match_transformers(tiny_lfm2):
+    folder, model = tiny_lfm2
+    ours = load_model(ModelSource("hf", Path(folder)))
+    assert ours.config.layer_mixers == ("short_conv", "short_conv", "attention", "short_conv")
+    assert ours.config.intermediate_size == 256  # LFM2's own rule: 2/3 of 192, rounded up to a multiple of 256
+    ids = _prompt(24, 0)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
+
+
+def test_lfm2_generates_as_transformers_in_chunks_batches_and_forks(tiny_lfm2):
+    """Three prompts at once, prefilled 8 tokens a step (each chunk continues its convolution state),
+    then decoded together; and n = 3 greedy samples of one prompt (forks copy their parent's state)."""
+    folder, model = tiny_lfm2
+    prompts = [_prompt(n, n) for n in (5, 13, 30)]
+    refs = [_greedy_reference(model, ids, 16) for ids in prompts]
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    forked = llm.generate({"prompt_token_ids": prompts[1]}, SamplingParams(max_tokens=16, temperature=0,
+                                                                          ignore_eos=True, n=3))[0]
+    assert [o.token_ids for o in forked.outputs] == [refs[1]] * 3
+
+
+def test_lfm2_preempted_sequences_start_their_state_over(tiny_lfm2):
+    """A KV budget too small for four long sequences at once: some are preempted and recomputed, and
+    their state slots go back to the pool and start from zeros again."""
+    folder, model = tiny_lfm2
+    prompts = [_prompt(20, 40 + i) for i in range(4)]
+    refs = [_greedy_reference(model, ids, 24) for ids in prompts]
+    config, _ = read_model_config(ModelSource("hf", Path(folder)))
+    memory = 24 * plan_kv_cache(config, 4, 2**20, torch.float32).bytes_per_block + 4 * config.state_bytes_per_sequence
+    llm = LLM(str(folder), kv_cache_memory=memory, block_size=4, max_num_seqs=4)
+    outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
+                        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert llm.engine.scheduler.num_preemptions > 0
+
+
+def test_lfm2_memory_plan_holds_a_state_per_sequence(tiny_lfm2):
+    folder, _ = tiny_lfm2
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_seqs=8)
+    spec = llm.engine.kv_spec
+    assert spec.num_state_slots == 8 and spec.state_bytes_per_slot == 3 * 2 * 64 * 4  # 3 conv layers, 2 inputs of 64
+    assert spec.num_blocks == (2**20 - 8 * spec.state_bytes_per_slot) // spec.bytes_per_block
+    assert spec.bytes_per_block == 2 * 1 * 2 * 16 * 4 * 4  # K and V, one attention layer, 2 kv heads of 16, 4 tokens
+    assert not llm.engine.kv_cache.pool.enable_caching  # no state snapshots yet: a prefix cannot be skipped
+
+
+def test_hybrids_refuse_speculative_decoding(tiny_lfm2):
+    folder, _ = tiny_lfm2
+    with pytest.raises(PagedLLMError, match="rolled back"):
+        LLM(str(folder), kv_cache_memory=2**20, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+
+
+def test_causal_conv_continues_each_sequence_from_its_state():
+    """Three sequences fed in uneven chunks (one of them a single token, one absent from a step) give the
+    convolution of each whole sequence."""
+    channels, taps = 6, 4
+    weight = torch.randn(channels, taps, generator=torch.Generator().manual_seed(0))
+    full = [torch.randn(n, channels, generator=torch.Generator().manual_seed(n)) for n in (9, 1, 5)]
+    state, slots, done = torch.full((5, taps - 1, channels), float("nan")), np.array([3, 0, 4]), np.zeros(3, int)
+    outs = [[] for _ in full]
+    for chunk in [(2, 1, 5), (1, 0, 0), (6, 0, 0)]:
+        sel = [i for i in range(3) if chunk[i]]
+        meta = StateMetadata.build(done[sel], np.array([chunk[i] for i in sel]), slots[sel], "cpu")
+        y = causal_conv(torch.cat([full[i][done[i]:done[i] + chunk[i]] for i in sel]), weight, None, state, meta)
+        for i, part in zip(sel, y.split([chunk[i] for i in sel])):
+            outs[i].append(part)
+            done[i] += chunk[i]
+    for seq, got in zip(full, outs):
+        padded = torch.cat([torch.zeros(taps - 1, channels), seq])
+        want = torch.stack([(padded[t:t + taps] * weight.T).sum(0) for t in range(len(seq))])
+        torch.testing.assert_close(torch.cat(got), want)
+
+
+def test_layer_mixers_are_checked():
+    base = dict(family="lfm2", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    with pytest.raises(ConfigError, match="2 to 64 taps"):
+        ModelConfig(**base, layer_mixers=("short_conv", "attention"), conv_kernel=1)
+    with pytest.raises(ConfigError, match="not one of"):
+        ModelConfig(**base, layer_mixers=("mamba", "attention"))
+    with pytest.raises(ConfigError, match="1 layer mixers for 2 layers"):
+        ModelConfig(**base, layer_mixers=("attention",))
+
+
+def test_memory_report_shows_the_state_per_sequence(tiny_lfm2):
+    from pagedllm.tools.memory import format_report, memory_report
+
+    folder, _ = tiny_lfm2
+    text = format_report(memory_report(ModelSource("hf", Path(folder))), 2**30)
+    assert "state/sequence   1.50 KiB float32 (3 recurrent layers" in text
+    assert "(2 · 1 attention layers · 2 kv heads" in text
