@@ -37,8 +37,9 @@ class RopeScaling:
 
 POSITION_ENCODINGS = ("rope", "alibi", "none")
 # What mixes a layer's tokens: attention over the paged KV cache, or a recurrent part that keeps a
-# fixed-size state per sequence instead (hybrid models): LFM2's gated short convolution.
-LAYER_MIXERS = ("attention", "short_conv")
+# fixed-size state per sequence instead (hybrid models): LFM2's gated short convolution, Qwen3.5's
+# Gated DeltaNet linear attention.
+LAYER_MIXERS = ("attention", "short_conv", "gated_delta_net")
 # Activations of the MLP's gate (or of its one projection, for an ungated MLP).
 HIDDEN_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 
@@ -104,6 +105,12 @@ class ModelConfig:
     layer_mixers: tuple[str, ...] | None = None
     conv_kernel: int = 0
     conv_bias: bool = False
+    # Gated DeltaNet's heads (its value heads a multiple of its key heads); its convolution has conv_kernel taps.
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    attention_output_gate: bool = False  # q_proj also gives each head a gate: o_proj(attention · sigmoid(gate))
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -158,8 +165,14 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"model config: layer mixers {', '.join(map(repr, unknown))} are not one of "
                               f"{', '.join(LAYER_MIXERS)}")
-        if "short_conv" in mixers and not 2 <= self.conv_kernel <= 64:
-            raise ConfigError(f"model config: a short convolution needs 2 to 64 taps, got {self.conv_kernel!r}")
+        if set(mixers) - {"attention"} and not 2 <= self.conv_kernel <= 64:
+            raise ConfigError(f"model config: a recurrent layer's convolution needs 2 to 64 taps, got {self.conv_kernel!r}")
+        heads = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                 self.linear_value_head_dim)
+        if "gated_delta_net" in mixers and not (all(isinstance(n, int) and n > 0 for n in heads)
+                                                and heads[1] % heads[0] == 0):
+            raise ConfigError(f"model config: Gated DeltaNet needs positive head counts and sizes, its value heads a "
+                              f"multiple of its key heads (got {heads})")
 
     def layer_mixer(self, layer: int) -> str:
         return "attention" if self.layer_mixers is None else self.layer_mixers[layer]
@@ -176,10 +189,20 @@ class ModelConfig:
 
     def state_shapes(self, layer: int) -> tuple[tuple[int, ...], ...]:
         """The per-sequence state tensors of a recurrent layer (none for attention): a short
-        convolution's last conv_kernel − 1 inputs."""
-        if self.layer_mixer(layer) == "short_conv":
+        convolution's last conv_kernel − 1 inputs; Gated DeltaNet's convolution inputs (q, k and v) and
+        its recurrent matrix per value head."""
+        mixer = self.layer_mixer(layer)
+        if mixer == "short_conv":
             return ((self.conv_kernel - 1, self.hidden_size),)
+        if mixer == "gated_delta_net":
+            conv = 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_value_dim
+            return ((self.conv_kernel - 1, conv),
+                    (self.linear_num_value_heads, self.linear_key_head_dim, self.linear_value_head_dim))
         return ()
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
 
     @property
     def state_bytes_per_sequence(self) -> int:

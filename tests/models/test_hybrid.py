@@ -21,25 +21,49 @@ from helpers import prefill_logits
 VOCAB = 49152  # the default model's tokenizer, saved beside the tiny model
 
 
+def _tiny_configs():
+    from transformers import Lfm2Config, Qwen3_5TextConfig
+
+    return {
+        # short convolutions of 3 taps in three layers of four
+        "lfm2": Lfm2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                           layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3),
+        # Gated DeltaNet (2 key heads, 4 value heads of 8) in three layers of four, gated attention with a
+        # quarter of each head rotating
+        "qwen3_5": Qwen3_5TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                                     linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=256,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "partial_rotary_factor": 0.25}),
+    }
+
+
 @pytest.fixture(scope="module")
-def tiny_lfm2(tmp_path_factory, default_gguf):
-    from transformers import Lfm2Config, Lfm2ForCausalLM
+def tiny_hybrids(tmp_path_factory, default_gguf):
+    from transformers import AutoModelForCausalLM
 
     from conftest import _save_tokenizer
 
-    torch.manual_seed(1234)
-    config = Lfm2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                        layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3)
-    model = Lfm2ForCausalLM(config).eval()
-    with torch.no_grad():  # norms away from 1, so a misplaced one shows
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.add_(torch.randn_like(param) * 0.1)
-    folder = tmp_path_factory.mktemp("tiny-lfm2")
-    model.save_pretrained(folder)
-    _save_tokenizer(folder, default_gguf)
-    return folder, model
+    models = {}
+    for family, config in _tiny_configs().items():
+        torch.manual_seed(1234)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        with torch.no_grad():  # norms away from their initial values, so a misplaced one shows
+            for name, param in model.named_parameters():
+                if "norm" in name:
+                    param.add_(torch.randn_like(param) * 0.1)
+        folder = tmp_path_factory.mktemp(f"tiny-{family}")
+        model.save_pretrained(folder)
+        _save_tokenizer(folder, default_gguf)
+        models[family] = (folder, model)
+    return models
+
+
+@pytest.fixture
+def tiny_lfm2(tiny_hybrids):
+    return tiny_hybrids["lfm2"]
 
 
 def _prompt(length: int, seed: int) -> list[int]:
@@ -52,21 +76,28 @@ def _greedy_reference(model, ids: list[int], tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
-def test_lfm2_logits_match_transformers(tiny_lfm2):
-    folder, model = tiny_lfm2
+def test_lfm2_widens_its_mlp_by_its_own_rule(tiny_lfm2):
+    config, _ = read_model_config(ModelSource("hf", Path(tiny_lfm2[0])))
+    assert config.intermediate_size == 256  # 2/3 of 192, rounded up to a multiple of 256
+@pytest.mark.parametrize("family,mixers", [("lfm2", ("short_conv", "short_conv", "attention", "short_conv")),
+                                           ("qwen3_5", ("gated_delta_net",) * 3 + ("attention",))])
+def test_logits_match_transformers(tiny_hybrids, family, mixers):
+    """Prompts within one chunk of the chunked delta rule and over several (150 tokens: 3 chunks of 64)."""
+    folder, model = tiny_hybrids[family]
     ours = load_model(ModelSource("hf", Path(folder)))
-    assert ours.config.layer_mixers == ("short_conv", "short_conv", "attention", "short_conv")
-    assert ours.config.intermediate_size == 256  # LFM2's own rule: 2/3 of 192, rounded up to a multiple of 256
-    ids = _prompt(24, 0)
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0]
-    assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
+    assert ours.config.layer_mixers == mixers
+    for length in (24, 150):
+        ids = _prompt(length, 0)
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0]
+        assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
 
 
-def test_lfm2_generates_as_transformers_in_chunks_batches_and_forks(tiny_lfm2):
-    """Three prompts at once, prefilled 8 tokens a step (each chunk continues its convolution state),
-    then decoded together; and n = 3 greedy samples of one prompt (forks copy their parent's state)."""
-    folder, model = tiny_lfm2
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_5"])
+def test_generates_as_transformers_in_chunks_batches_and_forks(tiny_hybrids, family):
+    """Three prompts at once, prefilled 8 tokens a step (each chunk continues its states), then decoded
+    together; and n = 3 greedy samples of one prompt (forks copy their parent's states)."""
+    folder, model = tiny_hybrids[family]
     prompts = [_prompt(n, n) for n in (5, 13, 30)]
     refs = [_greedy_reference(model, ids, 16) for ids in prompts]
     llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)

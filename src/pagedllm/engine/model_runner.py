@@ -126,12 +126,12 @@ class ModelRunner:
         self.kv_pool = _zeroed_pool(shape, kv_dtype, device)
         if torch.device(device).type == "cpu":
             keep_freed_buffers()
-        # Each layer's cache: its slice of the KV pool, or a recurrent layer's states [slots, *shape].
+        # Each layer's cache: its slice of the KV pool, or a recurrent layer's states, each [slots, *shape].
         pools = iter(self.kv_pool.unbind(0))
-        self.kv_caches = [next(pools) if i in attention else _zeroed_pool((spec.num_state_slots, *cfg.state_shapes(i)[0]),
-                                                                          dtype, device)
-                          for i in range(cfg.num_hidden_layers)]
-        self.state_caches = [self.kv_caches[i] for i in range(cfg.num_hidden_layers) if i not in attention]
+        self.kv_caches = [next(pools) if i in attention else tuple(
+            _zeroed_pool((spec.num_state_slots, *shape), torch.float32, device) for shape in cfg.state_shapes(i))
+            for i in range(cfg.num_hidden_layers)]
+        self.state_caches = [state for i, cache in enumerate(self.kv_caches) if i not in attention for state in cache]
         self.sampler = Sampler()
         self.graphs = DecodeGraphs(graphs, self._forward, spec.num_blocks, spec.block_size,
                                    self.attention_backend.build_metadata, device) if use_graphs else None

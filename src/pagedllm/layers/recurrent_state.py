@@ -26,7 +26,7 @@ class StateMetadata:
     fresh: torch.Tensor
     query_start: torch.Tensor
     counts: np.ndarray
-    _conv_rows: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    _rows: dict
 
     @classmethod
     def build(cls, starts: np.ndarray, counts: np.ndarray, slots: np.ndarray, device) -> "StateMetadata":
@@ -40,14 +40,24 @@ class StateMetadata:
     def num_seqs(self) -> int:
         return len(self.counts)
 
+    def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """[seqs, longest] the flat batch's row of each sequence's i-th new token (0 past its count), and
+        [seqs, longest] which of them are real."""
+        if "padded" not in self._rows:
+            counts = torch.as_tensor(self.counts, device=self.query_start.device)
+            index = torch.arange(int(self.counts.max()), device=counts.device)[None]
+            valid = index < counts[:, None]
+            self._rows["padded"] = (torch.where(valid, self.query_start[:-1, None] + index, 0), valid)
+        return self._rows["padded"]
+
     def conv_rows(self, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For a causal convolution of `taps` taps over [history rows; token rows] (each sequence's taps − 1
         remembered inputs, sequence by sequence, then the step's tokens): [tokens, taps] the rows each
         token's output reads, oldest first, and [seqs, taps − 1] the rows that become each sequence's
         history for its next step (its last taps − 1 inputs)."""
-        if taps not in self._conv_rows:
-            self._conv_rows[taps] = self._build_conv_rows(taps)
-        return self._conv_rows[taps]
+        if taps not in self._rows:
+            self._rows[taps] = self._build_conv_rows(taps)
+        return self._rows[taps]
 
     def _build_conv_rows(self, taps: int) -> tuple[torch.Tensor, torch.Tensor]:
         counts = torch.as_tensor(self.counts, device=self.query_start.device)

@@ -24,8 +24,8 @@ class ShortConv(nn.Module):
         # The checkpoint's depthwise convolution (its weight [hidden, 1, taps]); run by causal_conv.
         self.conv = nn.Conv1d(hidden, hidden, cfg.conv_kernel, groups=hidden, bias=cfg.conv_bias)
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor, meta: StateMetadata) -> torch.Tensor:
-        """x [tokens, hidden] of the step's sequences (meta's order); state [slots, taps − 1, hidden]."""
+    def forward(self, x: torch.Tensor, states: tuple[torch.Tensor, ...], meta: StateMetadata) -> torch.Tensor:
+        """x [tokens, hidden] of the step's sequences (meta's order); states: ([slots, taps − 1, hidden],)."""
         b, c, h = self.in_proj(x).chunk(3, dim=-1)
-        conv = causal_conv(b * h, self.conv.weight[:, 0], self.conv.bias, state, meta)
+        conv = causal_conv(b * h, self.conv.weight[:, 0], self.conv.bias, states[0], meta)
         return self.out_proj(c * conv)

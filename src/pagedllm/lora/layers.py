@@ -107,8 +107,9 @@ def lora_targets(model) -> dict[str, tuple[Linear, int]]:
     """Checkpoint tensor (less .weight) → (layer, shard) of every linear an adapter may update."""
     targets = {}
     for layer in model.layers:
-        attn, conv = layer.self_attn, layer.conv
-        linears = [attn.qkv_proj, attn.o_proj] if attn is not None else [conv.in_proj, conv.out_proj]
+        recurrent = layer.conv if layer.conv is not None else layer.linear_attn
+        linears = ([layer.self_attn.qkv_proj, layer.self_attn.o_proj] if recurrent is None
+                   else [recurrent.in_proj, recurrent.out_proj])
         if isinstance(layer.mlp, MLP):
             linears += [getattr(layer.mlp, "gate_up_proj", None) or layer.mlp.up_proj, layer.mlp.down_proj]
         for linear in linears:

@@ -54,8 +54,8 @@ class FusedDecodeLayer:
     def qualifies(layer: torch.nn.Module) -> bool:
         """Whether `layer` (a DecoderLayer, weights loaded) is made of the parts the C++ layer has."""
         attn, mlp = layer.self_attn, layer.mlp
-        if attn is None or not hasattr(mlp, "gate_up_proj"):
-            return False  # a recurrent mixer (hybrid models), routed experts (layers/moe.py)
+        if attn is None or attn.output_gate or not hasattr(mlp, "gate_up_proj"):
+            return False  # a recurrent mixer or gated attention (hybrid models), routed experts (layers/moe.py)
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(isinstance(m.method, PackedMethod) and m.method.int8_activations for m in linears):

@@ -69,12 +69,14 @@ class FamilySpec:
     # The output head's rows are normalised to unit length (Baichuan 2's NormHead) in models whose
     # vocabulary has this size (0: never).
     normalized_head_vocab: int = 0
+    attention_output_gate: bool = False  # q_proj also gives each head a sigmoid gate on its output (Qwen3.5)
 
     def model_parts(self) -> dict[str, object]:
         """The ModelConfig fields the family fixes, whatever its checkpoint says."""
         return {"norm_offset": self.norm_offset, "qk_norm": self.qk_norm, "sandwich_norms": self.sandwich_norms,
                 "rope_interleaved": self.rope_interleaved, "norm_kind": self.norm_kind,
-                "embedding_norm": self.embedding_norm, "gated_mlp": self.gated_mlp, "o_proj_bias": self.o_proj_bias}
+                "embedding_norm": self.embedding_norm, "gated_mlp": self.gated_mlp, "o_proj_bias": self.o_proj_bias,
+                "attention_output_gate": self.attention_output_gate}
 
     def model_shape_parts(self, layers: int, vocab_size: int) -> dict[str, object]:
         """The ModelConfig fields the family decides from a model's size."""
@@ -279,6 +281,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
                     (r"\.feed_forward\.w2\.", ".mlp.down_proj."), (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."),
                     (r"\.q_layernorm\.", ".q_norm."), (r"\.k_layernorm\.", ".k_norm."),
                     (r"^model\.embedding_norm\.", "model.norm.")),  # LFM2's final norm, despite its name
+    ),
+    FamilySpec(
+        # A hybrid: Gated DeltaNet (layers/gated_delta_net.py) in three of every four layers, gated
+        # attention with (1 + w) q/k norms and a partial rotation in the rest.
+        name="qwen3_5",
+        hf_architectures=("Qwen3_5ForCausalLM",),
+        example="Qwen/Qwen3.5-0.8B",
+        norm_offset=1.0,
+        qk_norm=True,
+        attention_output_gate=True,
     ),
 )
 

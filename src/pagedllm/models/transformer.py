@@ -25,6 +25,7 @@ from ..attention.backend import attention_weights, window_mask
 from ..layers.mlp import MLP
 from ..layers.moe import SparseMoE
 from ..layers.norm import LayerNorm, RMSNorm
+from ..layers.gated_delta_net import GatedDeltaNet
 from ..layers.short_conv import ShortConv
 from ..layers.rotary import apply_rope, padded_inv_freq, rope_cos_sin, rope_inv_freq, rope_long_inv_freq
 from .fused_decode import FusedDecodeLayer, FusedDecodeModel, new_decode_layers
@@ -44,8 +45,12 @@ class Attention(nn.Module):
             cfg.num_attention_heads, cfg.num_key_value_heads, plan.tp)
         self.head_dim = hd = cfg.head_dim
         self.q_size, self.kv_size = self.num_heads * hd, self.num_kv_heads * hd
-        q_rows, kv_rows = (q_first * hd, cfg.num_attention_heads * hd), (kv_first * hd, cfg.num_key_value_heads * hd)
-        self.qkv_proj = plan.linear(prefix, {"q_proj": self.q_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
+        # Qwen3.5's gated attention: q_proj gives each head its queries, then as many gate values.
+        self.output_gate = cfg.attention_output_gate
+        per_head = 2 * hd if self.output_gate else hd
+        q_rows, kv_rows = (q_first * per_head, cfg.num_attention_heads * per_head), (kv_first * hd, cfg.num_key_value_heads * hd)
+        self.q_proj_size = self.num_heads * per_head
+        self.qkv_proj = plan.linear(prefix, {"q_proj": self.q_proj_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
                                     cfg.hidden_size, bias=cfg.attention_bias, parallel="column",
                                     rank_slices=(q_rows, kv_rows, kv_rows))
         self.o_proj = plan.linear(prefix, {"o_proj": cfg.hidden_size}, self.q_size, bias=cfg.o_proj_bias,
@@ -65,24 +70,32 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Every token's K/V goes to the cache; the output is computed for `rows` only, where given."""
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v, gate = self._project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Products in bfloat16 GEMMs (packed weights, many rows) take attention's products with them.
         matmul_dtype = self.qkv_proj.method.activation_dtype(x)
         out = attention(q, k, v, kv_cache, meta, self.layer_attention(), matmul_dtype).reshape(-1, self.q_size)
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         return self.o_proj(out if rows is None else out[rows])
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q and k per head (normed where the family norms them), v, and the output gate (or None)."""
+        q, k, v = self.qkv_proj(x).split([self.q_proj_size, self.kv_size, self.kv_size], dim=-1)
+        gate = None
+        if self.output_gate:
+            q, gate = q.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(-1, self.q_size)
+        q, k = q.reshape(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v, gate
 
     def probabilities(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Probes: the attention weights [heads, tokens, tokens] (float32) of one sequence whose tokens
         from position 0 are all in `x` (the normed layer input), computed apart from the KV cache."""
-        q, k, _ = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = q.view(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, _, _ = self._project(x)
         q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
         positions = torch.arange(len(x), device=x.device)[None]
         mask = window_mask(positions, len(x), self.sliding_window)
@@ -99,6 +112,7 @@ class DecoderLayer(nn.Module):
         mixer = cfg.layer_mixer(layer)
         self.self_attn = Attention(cfg, plan, f"{prefix}.self_attn", layer) if mixer == "attention" else None
         self.conv = ShortConv(cfg, plan, f"{prefix}.conv") if mixer == "short_conv" else None
+        self.linear_attn = GatedDeltaNet(cfg, plan, f"{prefix}.linear_attn") if mixer == "gated_delta_net" else None
         # Llama's post-attention norm comes before the MLP; Gemma 2/3's is on the attention's output,
         # and two more wrap the MLP (the checkpoints' names, kept).
         self.post_attention_layernorm = _norm(cfg)
@@ -124,7 +138,8 @@ class DecoderLayer(nn.Module):
     def _mix(self, x, cos, sin, cache, meta, rows):
         if self.self_attn is not None:
             return self.self_attn(x, cos, sin, cache, meta, rows)
-        out = self.conv(x, cache, meta.states)  # every token's state update; then the rows wanted
+        recurrent = self.conv if self.conv is not None else self.linear_attn
+        out = recurrent(x, cache, meta.states)  # every token's state update; then the rows wanted
         return out if rows is None else out[rows]
 
 

@@ -141,14 +141,20 @@ def _row_slice(tensor: Weight, start: int, rows: int) -> Weight:
 
 
 def rotate_half_rows(weights: Iterable[tuple[str, Weight]], config: ModelConfig) -> Iterator[tuple[str, Weight]]:
-    """Each head's q/k rows (and biases) reordered so that the checkpoint's rotary pairs run in
-    the model's rotate-half layout (layers/rotary.py); q·k is unchanged, the same order on both."""
+    """Each head's q/k rows (and biases, and the per-head q/k norms that act on them) reordered so that
+    the checkpoint's rotary pairs run in the model's rotate-half layout (layers/rotary.py); q·k is
+    unchanged, the same order on both. A gated q_proj's per-head gate rows stay as they are."""
     order = torch.tensor(rotate_half_order(config.head_dim, config.rope_dims, config.rope_interleaved))
+    if config.attention_output_gate:
+        gated = torch.cat([order, torch.arange(config.head_dim, 2 * config.head_dim)])
     for name, tensor in weights:
         if ".q_proj." in name or ".k_proj." in name:
-            rows = torch.arange(tensor.shape[0]).view(-1, config.head_dim)[:, order].reshape(-1)
+            head = gated if config.attention_output_gate and ".q_proj." in name else order
+            rows = torch.arange(tensor.shape[0]).view(-1, len(head))[:, head].reshape(-1)
             tensor = (PackedWeight(tensor.qtype, tensor.data[rows], tensor.cols) if isinstance(tensor, PackedWeight)
                       else tensor[rows])
+        elif ".q_norm." in name or ".k_norm." in name:
+            tensor = tensor[order]
         yield name, tensor
 
 

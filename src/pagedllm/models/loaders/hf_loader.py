@@ -115,7 +115,7 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None, float | None,
 
 _LAYER_TYPES = {"full_attention": False, "sliding_attention": True}
 # Layer types that are no attention (hybrid models), as ModelConfig's mixers.
-_MIXER_TYPES = {"conv": "short_conv"}
+_MIXER_TYPES = {"conv": "short_conv", "linear_attention": "gated_delta_net"}
 
 
 def _windows(cfg: dict[str, Any], family: FamilySpec) -> tuple[int | None, tuple[bool, ...] | None]:
@@ -187,7 +187,10 @@ def _mixers(cfg: dict[str, Any]) -> dict[str, Any]:
     if types is None or not any(t in _MIXER_TYPES for t in types):
         return {}
     return dict(layer_mixers=tuple(_MIXER_TYPES.get(t, "attention") for t in types),
-                conv_kernel=int(cfg.get("conv_L_cache") or 0), conv_bias=bool(cfg.get("conv_bias", False)))
+                conv_kernel=int(cfg.get("conv_L_cache") or cfg.get("linear_conv_kernel_dim") or 0),
+                conv_bias=bool(cfg.get("conv_bias", False)),
+                **{key: int(cfg.get(key) or 0) for key in ("linear_num_key_heads", "linear_num_value_heads",
+                                                          "linear_key_head_dim", "linear_value_head_dim")})
 
 
 def _intermediate_size(cfg: dict[str, Any]) -> int:

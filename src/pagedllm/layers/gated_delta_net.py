@@ -1,0 +1,117 @@
+"""Gated DeltaNet (Qwen3.5, Qwen3-Next): linear attention whose state per sequence is a matrix per value
+head, updated by the gated delta rule, after a short causal convolution over q, k and v.
+
+Per token: S ← S·e^g, then S ← S + k ⊗ β(v − Sᵀk), and the output is Sᵀq (q, k l2-normalised, q
+scaled by 1/√dk; β = sigmoid(b), g = −e^A · softplus(a + dt_bias) ≤ 0). Decode steps take that step
+for every sequence at once; prefill chunks take the chunked form (chunks of 64 tokens: the steps
+within a chunk folded into matrix products through a unit-triangular solve), as transformers'
+torch_chunk_gated_delta_rule and flash-linear-attention compute it. The output is RMS-normalised per
+value head and gated by silu(z).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .linear import LinearPlan
+from .norm import RMSNorm
+from .recurrent_state import StateMetadata, causal_conv
+
+CHUNK = 64  # tokens a chunk of the chunked form folds together
+
+
+class GatedDeltaNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
+        super().__init__()
+        self.key_heads, self.value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+        self.key_dim, self.value_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        keys, values = self.key_heads * self.key_dim, cfg.linear_value_dim
+        self.splits = [keys, keys, values, values, self.value_heads, self.value_heads]  # q k v z b a
+        self.in_proj = plan.linear(prefix, {"in_proj_qkv": 2 * keys + values, "in_proj_z": values,
+                                            "in_proj_b": self.value_heads, "in_proj_a": self.value_heads},
+                                   cfg.hidden_size)
+        conv = 2 * keys + values
+        self.conv1d = nn.Conv1d(conv, conv, cfg.conv_kernel, groups=conv, bias=False)
+        self.dt_bias = nn.Parameter(torch.empty(self.value_heads))
+        self.A_log = nn.Parameter(torch.empty(self.value_heads))
+        self.norm = RMSNorm(self.value_dim, cfg.rms_norm_eps)  # plain w, not the model's (1 + w)
+        self.out_proj = plan.linear(prefix, {"out_proj": cfg.hidden_size}, values)
+
+    def forward(self, x: torch.Tensor, states: tuple[torch.Tensor, torch.Tensor], meta: StateMetadata) -> torch.Tensor:
+        """x [tokens, hidden] of the step's sequences (meta's order); states: the convolution's last inputs
+        [slots, taps − 1, conv channels] and the recurrent matrices [slots, value heads, dk, dv]."""
+        conv_state, matrices = states
+        q, k, v, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
+        mixed = F.silu(causal_conv(torch.cat([q, k, v], -1), self.conv1d.weight[:, 0], None, conv_state, meta))
+        q, k, v = mixed.float().split(self.splits[:3], dim=-1)
+        tokens, repeat = len(x), self.value_heads // self.key_heads  # value head h reads key head h // repeat
+        q = _l2_normalised(q.view(tokens, self.key_heads, -1)).repeat_interleave(repeat, 1) * self.key_dim**-0.5
+        k = _l2_normalised(k.view(tokens, self.key_heads, -1)).repeat_interleave(repeat, 1)
+        beta = torch.sigmoid(b.float())
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        out = gated_delta_rule(q, k, v.view(tokens, self.value_heads, -1), g, beta, matrices, meta)
+        out = self.norm(out.to(x.dtype)) * F.silu(z.view(tokens, self.value_heads, -1).float()).to(x.dtype)
+        return self.out_proj(out.reshape(tokens, -1))
+
+
+def _l2_normalised(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + 1e-6)
+
+
+def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                     matrices: torch.Tensor, meta: StateMetadata) -> torch.Tensor:
+    """Outputs [tokens, heads, dv] (float32) of each sequence's tokens (q, k [tokens, heads, dk]; v; g and
+    beta [tokens, heads]), continuing from its matrix [heads, dk, dv] in `matrices`, written back after."""
+    rows, valid = meta.padded_rows()  # [seqs, longest]: each sequence's tokens, padding past its count
+    state = matrices[meta.slots].masked_fill(meta.fresh[:, None, None, None], 0)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # [seqs, heads, longest, ...]; padding inert: k, β, g zero
+        x = x[rows] * valid.view(*valid.shape, *[1] * (x.dim() - 1))
+        return x.transpose(1, 2)
+
+    q, k, v, g, beta = (padded(t) for t in (q, k, v, g, beta))
+    if rows.shape[1] == 1:
+        out, state = _recurrent_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state)
+        out = out[:, :, None]
+    else:
+        out, state = _chunked(q, k, v, g, beta, state)
+    matrices[meta.slots] = state.to(matrices.dtype)
+    return out.transpose(1, 2)[valid]
+
+
+def _recurrent_step(q, k, v, g, beta, state):
+    """One token a sequence: q, k [seqs, heads, dk], v [.., dv], g, beta [seqs, heads]; state [seqs, heads, dk, dv]."""
+    state = state * g.exp()[..., None, None]
+    delta = (v - torch.einsum("shkv,shk->shv", state, k)) * beta[..., None]
+    state = state + k[..., :, None] * delta[..., None, :]
+    return torch.einsum("shkv,shk->shv", state, q), state
+
+
+def _chunked(q, k, v, g, beta, state):
+    """The chunked form over [seqs, heads, length, ...] (the length padded to whole chunks here)."""
+    length = q.shape[2]
+    pad = -length % CHUNK
+    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
+    chunks = lambda t: t.unflatten(2, (-1, CHUNK))  # noqa: E731  [seqs, heads, chunks, CHUNK, ...]
+    q, k, v, g, beta = (chunks(t) for t in (q, k, v, g, beta))
+    k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+    decay = g.cumsum(-1)  # log of the decay from the chunk's start to each token
+    upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
+    pairwise = (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()
+    system = (k_beta @ k.transpose(-1, -2)) * pairwise  # its strict lower triangle, with a unit diagonal
+    within = (q @ k.transpose(-1, -2)) * pairwise
+    new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
+    reads = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
+    q = q * decay.exp()[..., None]
+    k = k * (decay[..., -1:] - decay).exp()[..., None]
+    chunk_decay = decay[..., -1].exp()[..., None, None]
+    out = torch.empty_like(new_values)
+    for i in range(q.shape[2]):  # the chunks in order, each from the state the previous one left
+        corrected = new_values[:, :, i] - reads[:, :, i] @ state
+        out[:, :, i] = q[:, :, i] @ state + within[:, :, i] @ corrected
+        state = state * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ corrected
+    return out.flatten(2, 3)[:, :, :length], state
