@@ -22,8 +22,13 @@ VOCAB = 49152  # the default model's tokenizer, saved beside the tiny model
 
 
 def _tiny_configs():
-    from transformers import Lfm2Config, Qwen3_5TextConfig
+    from transformers import Lfm2Config, Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
 
+    delta_net = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                     linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=256,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25})
+    experts = dict(moe_intermediate_size=32, shared_expert_intermediate_size=48, num_experts=4, num_experts_per_tok=2)
     return {
         # short convolutions of 3 taps in three layers of four
         "lfm2": Lfm2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
@@ -31,12 +36,11 @@ def _tiny_configs():
                            layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3),
         # Gated DeltaNet (2 key heads, 4 value heads of 8) in three layers of four, gated attention with a
         # quarter of each head rotating
-        "qwen3_5": Qwen3_5TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                     linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
-                                     linear_num_key_heads=2, linear_num_value_heads=4, max_position_embeddings=256,
-                                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                      "partial_rotary_factor": 0.25}),
+        "qwen3_5": Qwen3_5TextConfig(**delta_net, intermediate_size=96),
+        # + routed experts (4, 2 a token, renormalised) and a gated shared expert in every layer
+        "qwen3_5_moe": Qwen3_5MoeTextConfig(**delta_net, **experts),
+        # its Gated DeltaNet projections grouped by key head in the checkpoint; experts not renormalised
+        "qwen3_next": Qwen3NextConfig(**delta_net, **experts, intermediate_size=96, norm_topk_prob=False),
     }
 
 
@@ -79,8 +83,13 @@ def _greedy_reference(model, ids: list[int], tokens: int) -> list[int]:
 def test_lfm2_widens_its_mlp_by_its_own_rule(tiny_lfm2):
     config, _ = read_model_config(ModelSource("hf", Path(tiny_lfm2[0])))
     assert config.intermediate_size == 256  # 2/3 of 192, rounded up to a multiple of 256
+DELTA_NET = ("gated_delta_net",) * 3 + ("attention",)
+FAMILIES = ["lfm2", "qwen3_5", "qwen3_5_moe", "qwen3_next"]
+
+
 @pytest.mark.parametrize("family,mixers", [("lfm2", ("short_conv", "short_conv", "attention", "short_conv")),
-                                           ("qwen3_5", ("gated_delta_net",) * 3 + ("attention",))])
+                                           ("qwen3_5", DELTA_NET), ("qwen3_5_moe", DELTA_NET),
+                                           ("qwen3_next", DELTA_NET)])
 def test_logits_match_transformers(tiny_hybrids, family, mixers):
     """Prompts within one chunk of the chunked delta rule and over several (150 tokens: 3 chunks of 64)."""
     folder, model = tiny_hybrids[family]
@@ -93,7 +102,7 @@ def test_logits_match_transformers(tiny_hybrids, family, mixers):
         assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("family", ["lfm2", "qwen3_5"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generates_as_transformers_in_chunks_batches_and_forks(tiny_hybrids, family):
     """Three prompts at once, prefilled 8 tokens a step (each chunk continues its states), then decoded
     together; and n = 3 greedy samples of one prompt (forks copy their parent's states)."""

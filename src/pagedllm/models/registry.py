@@ -70,6 +70,9 @@ class FamilySpec:
     # vocabulary has this size (0: never).
     normalized_head_vocab: int = 0
     attention_output_gate: bool = False  # q_proj also gives each head a sigmoid gate on its output (Qwen3.5)
+    # Gated DeltaNet's input projections stored per key-head group, [q k v z] and [b a] (Qwen3-Next): the
+    # Hugging Face loader regroups them as Qwen3.5's in_proj_qkv / _z / _b / _a.
+    hf_grouped_delta_net: bool = False
 
     def model_parts(self) -> dict[str, object]:
         """The ModelConfig fields the family fixes, whatever its checkpoint says."""
@@ -291,6 +294,27 @@ FAMILIES: tuple[FamilySpec, ...] = (
         norm_offset=1.0,
         qk_norm=True,
         attention_output_gate=True,
+    ),
+    FamilySpec(
+        # Qwen3.5's layers with routed experts and a sigmoid-gated shared expert in every layer.
+        name="qwen3_5_moe",
+        hf_architectures=("Qwen3_5MoeForCausalLM",),
+        example="Qwen/Qwen3.5-35B-A3B",
+        norm_offset=1.0,
+        qk_norm=True,
+        attention_output_gate=True,
+        moe=True,
+        norm_topk_prob=True,
+    ),
+    FamilySpec(
+        name="qwen3_next",
+        hf_architectures=("Qwen3NextForCausalLM",),
+        example="Qwen/Qwen3-Next-80B-A3B-Instruct",
+        norm_offset=1.0,
+        qk_norm=True,
+        attention_output_gate=True,
+        moe=True,
+        hf_grouped_delta_net=True,
     ),
 )
 
