@@ -188,3 +188,22 @@ def test_memory_report_shows_the_state_per_sequence(tiny_lfm2):
     text = format_report(memory_report(ModelSource("hf", Path(folder))), 2**30)
     assert "state/sequence   1.50 KiB float32 (3 recurrent layers" in text
     assert "(2 · 1 attention layers · 2 kv heads" in text
+
+
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_5"])
+def test_prompt_prefilled_in_chunks_of_1_7_and_64_gives_the_one_pass_logprobs(tiny_hybrids, family):
+    """Every prompt position's log-probability, the prompt prefilled whole (one chunk of 100 tokens: two of
+    the delta rule's chunks) and in chunks of 1, 7 and 64 tokens (each continuing from the states the
+    last one left), through the engine."""
+    folder, _ = tiny_hybrids[family]
+    prompt = _prompt(100, 7)
+    params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+
+    def prompt_logprobs(budget: int) -> list[float]:
+        llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=budget)
+        out = llm.generate({"prompt_token_ids": prompt}, params)[0]
+        return [next(iter(lp.values())).logprob for lp in out.prompt_logprobs[1:]]
+
+    whole = prompt_logprobs(128)
+    for budget in (1, 7, 64):
+        assert prompt_logprobs(budget) == pytest.approx(whole, abs=1e-4), budget
