@@ -11,6 +11,7 @@ value head and gated by silu(z).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -64,22 +65,35 @@ def _l2_normalised(x: torch.Tensor) -> torch.Tensor:
 def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
                      matrices: torch.Tensor, meta: StateMetadata) -> torch.Tensor:
     """Outputs [tokens, heads, dv] (float32) of each sequence's tokens (q, k [tokens, heads, dk]; v; g and
-    beta [tokens, heads]), continuing from its matrix [heads, dk, dv] in `matrices`, written back after."""
+    beta [tokens, heads]), continuing from its matrix [heads, dk, dv] in `matrices`, written back after.
+    Sequences decoding one token take the recurrent step together, the others the chunked form together
+    (padded to the longest of them only)."""
+    out = torch.empty(*v.shape, dtype=torch.float32, device=v.device)
+    single = meta.counts == 1
+    for group in (np.flatnonzero(single), np.flatnonzero(~single)):
+        if len(group):
+            _attend_group(q, k, v, g, beta, matrices, meta, torch.as_tensor(group, device=v.device), out)
+    return out
+
+
+def _attend_group(q, k, v, g, beta, matrices, meta: StateMetadata, seqs: torch.Tensor, out: torch.Tensor) -> None:
     rows, valid = meta.padded_rows()  # [seqs, longest]: each sequence's tokens, padding past its count
-    state = matrices[meta.slots].masked_fill(meta.fresh[:, None, None, None], 0)
+    longest = int(meta.counts[seqs.cpu().numpy()].max())
+    rows, valid, slots = rows[seqs, :longest], valid[seqs, :longest], meta.slots[seqs]
+    state = matrices[slots].masked_fill(meta.fresh[seqs][:, None, None, None], 0)
 
     def padded(x: torch.Tensor) -> torch.Tensor:  # [seqs, heads, longest, ...]; padding inert: k, β, g zero
         x = x[rows] * valid.view(*valid.shape, *[1] * (x.dim() - 1))
         return x.transpose(1, 2)
 
     q, k, v, g, beta = (padded(t) for t in (q, k, v, g, beta))
-    if rows.shape[1] == 1:
-        out, state = _recurrent_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state)
-        out = out[:, :, None]
+    if longest == 1:
+        result, state = _recurrent_step(q[:, :, 0], k[:, :, 0], v[:, :, 0], g[:, :, 0], beta[:, :, 0], state)
+        result = result[:, :, None]
     else:
-        out, state = _chunked(q, k, v, g, beta, state)
-    matrices[meta.slots] = state.to(matrices.dtype)
-    return out.transpose(1, 2)[valid]
+        result, state = _chunked(q, k, v, g, beta, state)
+    matrices[slots] = state.to(matrices.dtype)
+    out[rows[valid]] = result.transpose(1, 2)[valid]
 
 
 def _recurrent_step(q, k, v, g, beta, state):
