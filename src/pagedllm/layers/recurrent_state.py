@@ -6,7 +6,7 @@ slots out); a sequence starting at position 0 starts from zeros, whatever its sl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -20,25 +20,23 @@ class StateMetadata:
     fresh:       [seqs] bool: the sequence starts at position 0 (its state is zeros, not its slot's).
     query_start: [seqs + 1] where each sequence's tokens start in the flat batch.
     counts:      numpy [seqs] new tokens of each sequence (host copy: layers pick their path by it).
+    The row indices the layers gather through are built on first use and kept for the step's other layers.
     """
 
     slots: torch.Tensor
     fresh: torch.Tensor
     query_start: torch.Tensor
     counts: np.ndarray
-    _rows: dict
+    _rows: dict = field(default_factory=dict)
 
     @classmethod
     def build(cls, starts: np.ndarray, counts: np.ndarray, slots: np.ndarray, device) -> "StateMetadata":
         query_start = np.concatenate([[0], np.cumsum(counts)])
+
         def tensor(values, dtype=torch.long) -> torch.Tensor:
             return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
 
-        return cls(tensor(slots), tensor(starts == 0, torch.bool), tensor(query_start), np.asarray(counts), {})
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.counts)
+        return cls(tensor(slots), tensor(starts == 0, torch.bool), tensor(query_start), np.asarray(counts))
 
     def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[seqs, longest] the flat batch's row of each sequence's i-th new token (0 past its count), and
