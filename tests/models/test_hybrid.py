@@ -190,7 +190,7 @@ def test_memory_report_shows_the_state_per_sequence(tiny_lfm2):
     assert "(2 · 1 attention layers · 2 kv heads" in text
 
 
-@pytest.mark.parametrize("family", ["lfm2", "qwen3_5"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_prefilled_in_chunks_of_1_7_and_64_gives_the_one_pass_logprobs(tiny_hybrids, family):
     """Every prompt position's log-probability, the prompt prefilled whole (one chunk of 100 tokens: two of
     the delta rule's chunks) and in chunks of 1, 7 and 64 tokens (each continuing from the states the
