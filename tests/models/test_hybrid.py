@@ -207,3 +207,18 @@ def test_prompt_prefilled_in_chunks_of_1_7_and_64_gives_the_one_pass_logprobs(ti
     whole = prompt_logprobs(128)
     for budget in (1, 7, 64):
         assert prompt_logprobs(budget) == pytest.approx(whole, abs=1e-4), budget
+
+
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_5"])
+def test_beam_search_matches_transformers(tiny_hybrids, family):
+    """Beams of width 4: each beam a fork whose states are copied from its parent's slot each step."""
+    folder, model = tiny_hybrids[family]
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4)
+    eos = sorted(llm.get_tokenizer().stop_token_ids)
+    ids = _prompt(12, 3)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), num_beams=4, num_return_sequences=4, do_sample=False,
+                             max_new_tokens=10, min_new_tokens=10, eos_token_id=eos, pad_token_id=eos[0])
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, use_beam_search=True, n=4,
+                                                                 max_tokens=10, ignore_eos=True))[0]
+    assert [o.token_ids for o in out.outputs] == ref[:, len(ids):].tolist()
