@@ -98,6 +98,9 @@ _GLM4_NORMS = ((r"\.post_attention_layernorm\.", ".pre_feedforward_layernorm."),
                (r"\.post_self_attn_layernorm\.", ".post_attention_layernorm."),
                (r"\.post_mlp_layernorm\.", ".post_feedforward_layernorm."))
 
+# Qwen3.5's and Qwen3-Next's shared parts: (1 + w) norms, q/k norms, attention gated per head.
+_QWEN3_5_PARTS = dict(norm_offset=1.0, qk_norm=True, attention_output_gate=True)
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="llama",
@@ -291,18 +294,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
         name="qwen3_5",
         hf_architectures=("Qwen3_5ForCausalLM",),
         example="Qwen/Qwen3.5-0.8B",
-        norm_offset=1.0,
-        qk_norm=True,
-        attention_output_gate=True,
+        **_QWEN3_5_PARTS,
     ),
     FamilySpec(
         # Qwen3.5's layers with routed experts and a sigmoid-gated shared expert in every layer.
         name="qwen3_5_moe",
         hf_architectures=("Qwen3_5MoeForCausalLM",),
         example="Qwen/Qwen3.5-35B-A3B",
-        norm_offset=1.0,
-        qk_norm=True,
-        attention_output_gate=True,
+        **_QWEN3_5_PARTS,
         moe=True,
         norm_topk_prob=True,
     ),
@@ -310,9 +309,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         name="qwen3_next",
         hf_architectures=("Qwen3NextForCausalLM",),
         example="Qwen/Qwen3-Next-80B-A3B-Instruct",
-        norm_offset=1.0,
-        qk_norm=True,
-        attention_output_gate=True,
+        **_QWEN3_5_PARTS,
         moe=True,
         hf_grouped_delta_net=True,
     ),
