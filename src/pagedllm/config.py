@@ -110,6 +110,9 @@ class ModelConfig:
     linear_num_value_heads: int = 0
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
+    # Value heads in llama.cpp's tiled order (head h reads key head h mod key heads; Qwen3.5 GGUF files)
+    # rather than grouped by key head (h // (value heads / key heads); Hugging Face checkpoints).
+    linear_value_heads_tiled: bool = False
     attention_output_gate: bool = False  # q_proj also gives each head a gate: o_proj(attention · sigmoid(gate))
 
     def __post_init__(self) -> None:
@@ -248,13 +251,20 @@ class ModelConfig:
         mlps = sum(self._mlp_parameters(i) for i in range(self.num_hidden_layers))
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         embedding = self.vocab_size * h + (norm if self.embedding_norm else 0)
-        mixers = sum(attn if self.layer_mixer(i) == "attention" else self._conv_parameters()
+        attn += h * q if self.attention_output_gate else 0
+        mixers = sum(attn if self.layer_mixer(i) == "attention" else self._mixer_parameters(self.layer_mixer(i))
                      for i in range(self.num_hidden_layers))
         return embedding + self.num_hidden_layers * norms + mixers + mlps + norm + head
 
-    def _conv_parameters(self) -> int:
+    def _mixer_parameters(self, mixer: str) -> int:
         h = self.hidden_size
-        return 4 * h * h + h * self.conv_kernel + (5 * h if self.conv_bias else 0)
+        if mixer == "short_conv":
+            return 4 * h * h + h * self.conv_kernel + (5 * h if self.conv_bias else 0)
+        keys, values, heads = (self.linear_num_key_heads * self.linear_key_head_dim, self.linear_value_dim,
+                               self.linear_num_value_heads)
+        conv = 2 * keys + values
+        return h * (conv + values + 2 * heads) + conv * self.conv_kernel + 2 * heads + self.linear_value_head_dim \
+            + values * h
 
     def _mlp_parameters(self, layer: int) -> int:
         h = self.hidden_size

@@ -222,3 +222,69 @@ def test_beam_search_matches_transformers(tiny_hybrids, family):
     out = llm.generate({"prompt_token_ids": ids}, SamplingParams(temperature=0, use_beam_search=True, n=4,
                                                                  max_tokens=10, ignore_eos=True))[0]
     assert [o.token_ids for o in out.outputs] == ref[:, len(ids):].tolist()
+
+
+@pytest.fixture(scope="module")
+def hybrid_ggufs(tiny_hybrids, tmp_path_factory):
+    """Each tiny hybrid written by `pagedllm convert` as llama.cpp's GGUF (f32 and Q8_0); the same files
+    llama.cpp 0.3.36 loads, its logits within 2e-4 of transformers' (checked by hand: llama.cpp is no test
+    dependency)."""
+    from pagedllm.tools.export import ConvertPlan, convert
+
+    files = {}
+    for family, (folder, _) in tiny_hybrids.items():
+        out = tmp_path_factory.mktemp(f"gguf-{family}")
+        for weight_type in ("f32", "q8_0"):
+            convert(ModelSource("hf", Path(folder)), out / f"{weight_type}.gguf", ConvertPlan(quantize=weight_type))
+        files[family] = out
+    return files
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gguf_files_match_transformers(tiny_hybrids, hybrid_ggufs, family):
+    """Through the GGUF loader: llama.cpp's names and forms (ssm_a = −e^A_log, convolutions without their
+    middle axis, LFM2's per-layer kv heads, Qwen3.5's value heads tiled, Qwen3-Next's [b a] grouped) give
+    the transformers model back: logits over three of the delta rule's chunks, greedy tokens; a Q8_0 file
+    runs its packed kernels within quantisation noise."""
+    _, model = tiny_hybrids[family]
+    ids = _prompt(150, 0)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    f32 = load_model(ModelSource("gguf", hybrid_ggufs[family] / "f32.gguf"))
+    assert f32.config.linear_value_heads_tiled == family.startswith("qwen3_5")
+    assert (prefill_logits(f32, ids, block_size=4) - ref).abs().max().item() < 1e-4
+    q8 = load_model(ModelSource("gguf", hybrid_ggufs[family] / "q8_0.gguf"))
+    assert (prefill_logits(q8, ids, block_size=4) - ref).abs().max().item() < 0.1
+    llm = LLM(str(hybrid_ggufs[family] / "f32.gguf"), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)
+    out = llm.generate({"prompt_token_ids": ids[:13]}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == _greedy_reference(model, ids[:13], 12)
+
+
+def _gguf_with(tiny_folder: Path, path: Path, name: str, change) -> Path:
+    """The tiny Qwen3.5 as a GGUF file with one canonical tensor changed (value heads left in the file's
+    order, so a tensor of the wrong size is written as it is)."""
+    import dataclasses
+
+    from pagedllm.tokenizer import load_tokenizer
+    from pagedllm.tools.convert import write_gguf
+    from pagedllm.tools.export import canonical_weights, gguf_tokenizer_metadata
+
+    source = ModelSource("hf", tiny_folder)
+    config, weights = canonical_weights(source)
+    weights[name] = change(weights[name])
+    write_gguf(path, dataclasses.replace(config, linear_value_heads_tiled=True), weights.items(),
+               gguf_tokenizer_metadata(source, load_tokenizer(source)))
+    return path
+
+
+@pytest.mark.parametrize("name,change,message", [
+    ("model.layers.0.linear_attn.conv1d.weight", lambda t: t[..., :3], r"conv1d.weight' has shape \(64, 1, 3\), "
+                                                                        r"the model expects \(64, 1, 4\)"),
+    ("model.layers.1.linear_attn.A_log", lambda t: t[:2], r"A_log' has shape \(2,\), the model expects \(4,\)"),
+    ("model.layers.1.linear_attn.A_log", lambda t: torch.full_like(t, 100.0), "must be finite and negative"),
+    ("model.layers.2.linear_attn.dt_bias", lambda t: t[None], r"dt_bias' has shape \(1, 4\)"),
+])
+def test_a_misshaped_or_corrupt_state_tensor_in_a_file_is_a_clear_error(tiny_hybrids, tmp_path, name, change, message):
+    path = _gguf_with(Path(tiny_hybrids["qwen3_5"][0]), tmp_path / "bad.gguf", name, change)
+    with pytest.raises(PagedLLMError, match=message):
+        load_model(ModelSource("gguf", path))

@@ -29,6 +29,7 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         self.key_heads, self.value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.key_dim, self.value_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        self.tiled = cfg.linear_value_heads_tiled
         keys, values = self.key_heads * self.key_dim, cfg.linear_value_dim
         self.splits = [keys, keys, values, values, self.value_heads, self.value_heads]  # q k v z b a
         self.in_proj = plan.linear(prefix, {"in_proj_qkv": 2 * keys + values, "in_proj_z": values,
@@ -48,14 +49,21 @@ class GatedDeltaNet(nn.Module):
         q, k, v, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
         mixed = F.silu(causal_conv(torch.cat([q, k, v], -1), self.conv1d.weight[:, 0], None, conv_state, meta))
         q, k, v = mixed.float().split(self.splits[:3], dim=-1)
-        tokens, repeat = len(x), self.value_heads // self.key_heads  # value head h reads key head h // repeat
-        q = _l2_normalised(q.view(tokens, self.key_heads, -1)).repeat_interleave(repeat, 1) * self.key_dim**-0.5
-        k = _l2_normalised(k.view(tokens, self.key_heads, -1)).repeat_interleave(repeat, 1)
+        tokens = len(x)
+        q = self._per_value_head(_l2_normalised(q.view(tokens, self.key_heads, -1))) * self.key_dim**-0.5
+        k = self._per_value_head(_l2_normalised(k.view(tokens, self.key_heads, -1)))
         beta = torch.sigmoid(b.float())
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         out = gated_delta_rule(q, k, v.view(tokens, self.value_heads, -1), g, beta, matrices, meta)
         out = self.norm(out.to(x.dtype)) * F.silu(z.view(tokens, self.value_heads, -1).float()).to(x.dtype)
         return self.out_proj(out.reshape(tokens, -1))
+
+
+    def _per_value_head(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens, key heads, dk] → [tokens, value heads, dk]: value head h reads key head h // repeat
+        (grouped, as Hugging Face checkpoints order them) or h mod key heads (tiled, llama.cpp's files)."""
+        repeat = self.value_heads // self.key_heads
+        return x.repeat(1, repeat, 1) if self.tiled else x.repeat_interleave(repeat, 1)
 
 
 def _l2_normalised(x: torch.Tensor) -> torch.Tensor:

@@ -90,7 +90,9 @@ class DenseMethod(LinearMethod):
             target.copy_(tensor)
 
     def apply(self, layer: "Linear", x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight)
+        # A packed layer before this one may hand over bfloat16 (its GEMM's type; a file can keep a
+        # narrow matrix float beside packed ones, as a shared expert of 48 columns).
+        return F.linear(x.to(layer.weight.dtype), layer.weight)
 
     def embedding(self, layer: "Linear", ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(ids, layer.weight)

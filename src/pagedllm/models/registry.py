@@ -7,9 +7,9 @@ numbers of one model (sizes, eps, rope bases, caps) live in its ModelConfig.
 
 from __future__ import annotations
 
-from ..errors import PagedLLMError, shown
-
 from dataclasses import dataclass
+
+from ..errors import PagedLLMError, shown
 
 
 class UnsupportedModelError(PagedLLMError, ValueError):
@@ -73,6 +73,13 @@ class FamilySpec:
     # Gated DeltaNet's input projections stored per key-head group, [q k v z] and [b a] (Qwen3-Next): the
     # Hugging Face loader regroups them as Qwen3.5's in_proj_qkv / _z / _b / _a.
     hf_grouped_delta_net: bool = False
+    # A hybrid's recurrent mixer as llama.cpp's files describe it ("short_conv", "gated_delta_net"; "" for
+    # none), and whether its converter tiles Gated DeltaNet's value heads (Qwen3.5) rather than keeping them
+    # grouped by key head (Qwen3-Next).
+    gguf_mixer: str = ""
+    gguf_value_heads_tiled: bool = False
+    # llama.cpp names of whole-model tensors that mean something else in this family (LFM2's final norm).
+    gguf_global_renames: tuple[tuple[str, str], ...] = ()
 
     def model_parts(self) -> dict[str, object]:
         """The ModelConfig fields the family fixes, whatever its checkpoint says."""
@@ -98,8 +105,19 @@ _GLM4_NORMS = ((r"\.post_attention_layernorm\.", ".pre_feedforward_layernorm."),
                (r"\.post_self_attn_layernorm\.", ".post_attention_layernorm."),
                (r"\.post_mlp_layernorm\.", ".post_feedforward_layernorm."))
 
-# Qwen3.5's and Qwen3-Next's shared parts: (1 + w) norms, q/k norms, attention gated per head.
-_QWEN3_5_PARTS = dict(norm_offset=1.0, qk_norm=True, attention_output_gate=True)
+# The hybrid mixers' tensors in llama.cpp's files (names after blk.N.; one with its suffix is matched whole).
+SHORT_CONV_RENAMES = (("shortconv.in_proj", "conv.in_proj"), ("shortconv.conv", "conv.conv"),
+                      ("shortconv.out_proj", "conv.out_proj"))
+DELTA_NET_RENAMES = (("attn_qkv", "linear_attn.in_proj_qkv"), ("attn_gate", "linear_attn.in_proj_z"),
+                     ("ssm_beta", "linear_attn.in_proj_b"), ("ssm_alpha", "linear_attn.in_proj_a"),
+                     ("ssm_ba", "linear_attn.in_proj_ba"), ("ssm_in", "linear_attn.in_proj_qkvz"),
+                     ("ssm_conv1d", "linear_attn.conv1d"), ("ssm_dt.bias", "linear_attn.dt_bias"),
+                     ("ssm_a", "linear_attn.A_log"), ("ssm_norm", "linear_attn.norm"),
+                     ("ssm_out", "linear_attn.out_proj"), ("post_attention_norm", "post_attention_layernorm"))
+# Qwen3.5's and Qwen3-Next's shared parts: (1 + w) norms, q/k norms, attention gated per head; in llama.cpp's
+# files rotary rows in the checkpoint's order, Gated DeltaNet's tensors under ssm_* names.
+_QWEN3_5_PARTS = dict(norm_offset=1.0, qk_norm=True, attention_output_gate=True, gguf_qk_permuted=False,
+                      gguf_mixer="gated_delta_net", gguf_renames=DELTA_NET_RENAMES)
 
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
@@ -280,8 +298,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
         # per-head q/k norms in the rest; its checkpoint's names as the canonical llama-style ones.
         name="lfm2",
         hf_architectures=("Lfm2ForCausalLM",),
+        gguf_architectures=("lfm2",),
         example="LiquidAI/LFM2-350M",
         qk_norm=True,
+        gguf_qk_permuted=False,
+        gguf_mixer="short_conv",
+        gguf_renames=SHORT_CONV_RENAMES,
+        gguf_global_renames=(("token_embd_norm.weight", "model.norm.weight"),),  # llama.cpp's name for it
         hf_renames=((r"\.operator_norm\.", ".input_layernorm."), (r"\.ffn_norm\.", ".post_attention_layernorm."),
                     (r"\.feed_forward\.w1\.", ".mlp.gate_proj."), (r"\.feed_forward\.w3\.", ".mlp.up_proj."),
                     (r"\.feed_forward\.w2\.", ".mlp.down_proj."), (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."),
@@ -293,24 +316,30 @@ FAMILIES: tuple[FamilySpec, ...] = (
         # attention with (1 + w) q/k norms and a partial rotation in the rest.
         name="qwen3_5",
         hf_architectures=("Qwen3_5ForCausalLM",),
+        gguf_architectures=("qwen35",),
         example="Qwen/Qwen3.5-0.8B",
         **_QWEN3_5_PARTS,
+        gguf_value_heads_tiled=True,
     ),
     FamilySpec(
         # Qwen3.5's layers with routed experts and a sigmoid-gated shared expert in every layer.
         name="qwen3_5_moe",
         hf_architectures=("Qwen3_5MoeForCausalLM",),
+        gguf_architectures=("qwen35moe",),
         example="Qwen/Qwen3.5-35B-A3B",
         **_QWEN3_5_PARTS,
+        gguf_value_heads_tiled=True,
         moe=True,
         norm_topk_prob=True,
     ),
     FamilySpec(
         name="qwen3_next",
         hf_architectures=("Qwen3NextForCausalLM",),
+        gguf_architectures=("qwen3next",),
         example="Qwen/Qwen3-Next-80B-A3B-Instruct",
         **_QWEN3_5_PARTS,
         moe=True,
+        norm_topk_prob=True,  # transformers' default for it, and llama.cpp's rule for its files
         hf_grouped_delta_net=True,
     ),
 )

@@ -21,9 +21,9 @@ from ..layers.quant import QUANTIZERS, quantize
 from ..layers.rotary import rope_inv_freq, yarn_mscale
 from ..models.loaders import split_fused
 from ..models.loaders.gguf_loader import GLOBAL_RENAMES, is_norm_weight, layer_renames
+from ..models.loaders.gguf_mixers import grouped_ba, head_count_kv, to_gguf, write_mixer_metadata
 from ..models.registry import FamilySpec, family_by_name
 
-_TO_GGUF = {v: k for k, v in GLOBAL_RENAMES.items()}
 Q = GGMLQuantizationType
 _TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1,
           "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
@@ -31,6 +31,8 @@ _TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.
 _MIXES = {"q4_k_m": ("q4_k", "q6_k"), "q5_k_m": ("q5_k", "q6_k")}
 _PRECISE_PARTS = ("attn_v.", "ffn_down.", "output.")
 # A K-quant needs rows of 256 values; narrower rows fall back as llama.cpp does.
+# Routers and convolutions (a few taps a channel) stay float, as llama.cpp keeps them.
+_FLOAT_PARTS = ("ffn_gate_inp", "ssm_conv1d", "shortconv.conv")
 _K_FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 WEIGHT_TYPES = tuple(_TYPES) + tuple(_MIXES)
 
@@ -38,7 +40,7 @@ WEIGHT_TYPES = tuple(_TYPES) + tuple(_MIXES)
 def tensor_type(weight_type: str, gguf_tensor: str, shape: tuple[int, ...]) -> str:
     """The type one tensor is written in, for a file type (a plain type or a mix such as q4_k_m).
     `shape`: one matrix's (one expert's, for a stack of experts)."""
-    if len(shape) != 2 or "ffn_gate_inp" in gguf_tensor:  # routers stay float, as llama.cpp keeps them
+    if len(shape) != 2 or any(part in gguf_tensor for part in _FLOAT_PARTS) or shape[1] % 32:
         return "f32"
     if weight_type in _MIXES:
         base, precise = _MIXES[weight_type]
@@ -60,14 +62,17 @@ def expert_of(canonical: str) -> int | None:
 
 def gguf_name(canonical: str, family: FamilySpec) -> str:
     """llama.cpp's name for a canonical tensor (an expert's: that of the stack it goes into)."""
-    if canonical in _TO_GGUF:
-        return _TO_GGUF[canonical]
+    whole = {hf: gguf for gguf, hf in (*GLOBAL_RENAMES.items(), *family.gguf_global_renames)}  # the family's last
+    if canonical in whole:
+        return whole[canonical]
     to_gguf = {hf: gguf for gguf, hf in layer_renames(family).items()}
-    parts = _EXPERT.sub(".experts.{}.", canonical).removeprefix("model.layers.").split(".")
-    part = ".".join(parts[1:-1])
+    layer, _, rest = _EXPERT.sub(".experts.{}.", canonical).removeprefix("model.layers.").partition(".")
+    if rest in to_gguf:  # named with its suffix (ssm_dt.bias), or without one (ssm_a)
+        return f"blk.{layer}.{to_gguf[rest]}"
+    part, _, leaf = rest.rpartition(".")
     if part not in to_gguf:
         raise ValueError(f"tensor {canonical!r} has no llama.cpp name in family {family.name}")
-    return f"blk.{parts[0]}.{to_gguf[part]}.{parts[-1]}"
+    return f"blk.{layer}.{to_gguf[part]}.{leaf}"
 
 
 def _llama_cpp_tensors(weights: Iterable[tuple[str, torch.Tensor]], config: ModelConfig,
@@ -107,8 +112,13 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
     for key, value in (metadata or {}).items():
         _write_value(writer, key, value)
     stacks: dict[str, dict[int, torch.Tensor]] = {}  # experts' matrices, until each stack is complete
-    for name, tensor in _llama_cpp_tensors(weights, config, family):
+    weights = _llama_cpp_tensors(weights, config, family)
+    if family.hf_grouped_delta_net:  # Qwen3-Next's files keep [b a] grouped per key head, as its checkpoints
+        weights = grouped_ba(weights, config)
+    for name, tensor in weights:
         tensor = tensor.detach().float()
+        if config.layer_mixers:
+            tensor = to_gguf(name, tensor, config, family)
         if family.gguf_qk_permuted and (".q_proj." in name or ".k_proj." in name):
             heads = config.num_attention_heads if ".q_proj." in name else config.num_key_value_heads
             tensor = permute_rows(tensor, heads)
@@ -148,7 +158,7 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_head_count_kv(head_count_kv(c))
     writer.add_key_length(c.head_dim)
     writer.add_value_length(c.head_dim)
     writer.add_rope_dimension_count(c.rope_dims)
@@ -193,6 +203,8 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
     if c.rope_scaling is not None and c.rope_scaling.kind == "linear":
         writer.add_string(f"{arch}.rope.scaling.type", "linear")
         writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_scaling.factor)
+    if c.layer_mixers:
+        write_mixer_metadata(writer, arch, c)
 
 
 def _add_tensor(writer: GGUFWriter, name: str, tensor: torch.Tensor, weight_type: str) -> None:

@@ -23,6 +23,7 @@ from ...layers.dequant import dequantize
 from ...layers.rotary import yarn_mscale
 from ...errors import shown
 from .gguf_file import GGUFError, GGUFFile
+from .gguf_mixers import from_gguf, gguf_layer_count, gguf_mixer_fields, loaded_names
 
 LAYER_RENAMES = {
     "attn_norm": "input_layernorm",
@@ -55,7 +56,7 @@ GLOBAL_RENAMES = {
     "output_norm.bias": "model.norm.bias",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.([\w.]+)$")
 _CONSUMED_BY_CONFIG = {"rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight"}
 
 
@@ -64,15 +65,26 @@ def layer_renames(family: FamilySpec) -> dict[str, str]:
     return {**LAYER_RENAMES, **dict(family.gguf_renames)}
 
 
+def global_renames(family: FamilySpec) -> dict[str, str]:
+    """llama.cpp's names of whole-model tensors → Hugging Face's, for one family."""
+    return {**GLOBAL_RENAMES, **dict(family.gguf_global_renames)}
+
+
 def canonical_name(gguf_name: str, family: FamilySpec) -> str:
-    if gguf_name in GLOBAL_RENAMES:
-        return GLOBAL_RENAMES[gguf_name]
+    renames = global_renames(family)
+    if gguf_name in renames:
+        return renames[gguf_name]
     match = _LAYER_NAME.match(gguf_name)
+    if not match:
+        return gguf_name  # the model reports it as unexpected
+    layer, rest = match.groups()
     renames = layer_renames(family)
-    if match and match.group(2) in renames:
-        layer, part, kind = match.groups()
+    if rest in renames:  # a name matched with its suffix (ssm_dt.bias), or one without any (ssm_a)
+        return f"model.layers.{layer}.{renames[rest]}"
+    part, _, kind = rest.rpartition(".")
+    if part in renames and kind in ("weight", "bias"):
         return f"model.layers.{layer}.{renames[part]}.{kind}"
-    return gguf_name  # the model reports it as unexpected
+    return gguf_name
 
 
 def expert_names(canonical: str, experts: int) -> list[str]:
@@ -81,8 +93,9 @@ def expert_names(canonical: str, experts: int) -> list[str]:
 
 
 def is_norm_weight(canonical: str) -> bool:
-    """The tensors llama.cpp's converter shifts by a family's norm offset (Gemma's 1 + w)."""
-    return canonical.endswith("norm.weight")
+    """The tensors llama.cpp's converter shifts by a family's norm offset (Gemma's 1 + w); Gated DeltaNet's
+    own norm is a plain w in a model of (1 + w) norms (Qwen3.5)."""
+    return canonical.endswith("norm.weight") and ".linear_attn." not in canonical
 
 
 def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -167,7 +180,7 @@ def _attention_scale(f: GGUFFile, arch: str, family: FamilySpec, layers: int, hi
     return None
 
 
-def _experts(f: GGUFFile, arch: str, family: FamilySpec) -> dict:
+def _experts(f: GGUFFile, arch: str, family: FamilySpec, layers: int) -> dict:
     experts = _int_key(f, f"{arch}.expert_count", 0)
     if not experts:
         return {}
@@ -179,7 +192,7 @@ def _experts(f: GGUFFile, arch: str, family: FamilySpec) -> dict:
                                                _int_key(f, f"{arch}.feed_forward_length")),
                 shared_expert_intermediate_size=_int_key(f, f"{arch}.expert_shared_feed_forward_length", 0),
                 norm_topk_prob=bool(norm),
-                dense_layers=tuple(i for i in range(_int_key(f, f"{arch}.block_count"))
+                dense_layers=tuple(i for i in range(layers)
                                    if f"blk.{i}.ffn_gate_inp.weight" not in f.tensors))
 
 
@@ -210,7 +223,8 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         raise GGUFError(f"{f.path}: tensor 'token_embd.weight' is missing")
     vocab_size = f.tensors["token_embd.weight"].shape[0]
     window = _int_key(f, f"{arch}.attention.sliding_window", 0) or None
-    layers = _block_count(f, arch)
+    layers = gguf_layer_count(f, arch, _block_count(f, arch))
+    mixers = gguf_mixer_fields(f, arch, family, layers)
     sliding_layers = _sliding_layers(f, arch, family, layers) if window else None
     local_theta = _float_key(f, f"{arch}.rope.freq_base_swa", family.gguf_local_rope_theta or 0.0) or None
     config = ModelConfig(
@@ -220,7 +234,8 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         intermediate_size=_int_key(f, f"{arch}.feed_forward_length", 0) or _int_key(f, f"{arch}.expert_feed_forward_length"),
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=_int_key(f, f"{arch}.attention.head_count_kv", heads),
+        num_key_value_heads=mixers.pop("num_key_value_heads", None) or _int_key(f, f"{arch}.attention.head_count_kv",
+                                                                                heads),
         head_dim=head_dim,
         rotary_dim=rope_dim if rope_dim != head_dim else None,
         rms_norm_eps=_float_key(f, f"{arch}.attention.layer_norm_rms_epsilon",
@@ -239,7 +254,8 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         attn_logit_softcap=_optional_float(f, f"{arch}.attn_logit_softcapping"),
         final_logit_softcap=_optional_float(f, f"{arch}.final_logit_softcapping"),
         mlp_bias=family.mlp_bias or "blk.0.ffn_down.bias" in f.tensors,
-        **_experts(f, arch, family),
+        **_experts(f, arch, family, layers),
+        **mixers,
         **family.model_parts(),
         **family.model_shape_parts(layers, vocab_size),
     )
@@ -257,8 +273,9 @@ def is_quantised_matrix(info) -> bool:
 
 def packed_tensor_names(f: GGUFFile, family: FamilySpec) -> frozenset[str]:
     """Canonical names of the matrices the file stores quantised."""
-    return frozenset(name for info in f.tensors.values() if is_quantised_matrix(info)
-                     for name in expert_names(canonical_name(info.name, family), info.shape[0]))
+    return frozenset(part for info in f.tensors.values() if is_quantised_matrix(info)
+                     for name in expert_names(canonical_name(info.name, family), info.shape[0])
+                     for part in loaded_names(name))
 
 
 def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: bool = False
@@ -269,8 +286,8 @@ def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: b
     of the mapped file (no copy); otherwise they are dequantised to float32.
     """
     for info in f.tensors.values():
-        if info.name in _CONSUMED_BY_CONFIG:
-            continue
+        if info.name in _CONSUMED_BY_CONFIG or _block_of(info.name) >= config.num_hidden_layers:
+            continue  # the multi-token-prediction blocks past the model's layers are not loaded
         name = canonical_name(info.name, family)
         keep_packed = packed and is_quantised_matrix(info)
         tensor = _packed(f, info) if keep_packed else dequantize(f.tensor_bytes(info), info.ggml_type, info.shape)
@@ -286,7 +303,12 @@ def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: b
             tensor = _unpermute(tensor, heads)
             if keep_packed:
                 f.release(info)  # the rows were copied: the mapped pages are no longer needed
-        yield name, tensor
+        yield from from_gguf(name, tensor, config) if config.layer_mixers else ((name, tensor),)
+
+
+def _block_of(gguf_name: str) -> int:
+    match = _LAYER_NAME.match(gguf_name)
+    return int(match.group(1)) if match else -1
 
 
 def _packed(f: GGUFFile, info) -> PackedWeight:

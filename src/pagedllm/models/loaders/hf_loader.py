@@ -17,6 +17,7 @@ from ...config import ModelConfig, RopeScaling
 from ...layers.rotary import yarn_mscale
 from ...errors import PagedLLMError, shown
 from ..registry import FamilySpec, family_for_hf
+from .gguf_mixers import ungrouped_delta_net
 from .shard_set import is_shard_set, shard_set_weights
 
 
@@ -279,6 +280,7 @@ def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         return
     cfg = _standard_keys(read_json(folder / "config.json"))
     family = family_for_hf(cfg.get("architectures"))
+    config = hf_model_config(folder)[0] if family.hf_grouped_delta_net else None
     for path in safetensors_files(folder):
         try:
             with safe_open(os.fspath(path), framework="pt") as f:
@@ -287,29 +289,11 @@ def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     if family.hf_qkv_per_head and ".qkv_proj." in name:
                         tensor = qkv_by_kind(tensor, cfg["num_attention_heads"])
                     if family.hf_grouped_delta_net and (".in_proj_qkvz." in name or ".in_proj_ba." in name):
-                        yield from ungrouped_delta_net(name, tensor, cfg)
+                        yield from ungrouped_delta_net(name, tensor, config)
                         continue
                     yield name, tensor
         except (OSError, RuntimeError, ValueError) as exc:  # safetensors reports bad headers as these
             raise HFModelError(f"{path}: cannot read safetensors ({exc})") from None
-
-
-def ungrouped_delta_net(name: str, tensor: torch.Tensor, cfg: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    """Qwen3-Next's Gated DeltaNet projections, rows grouped by key head ([q k v z] and [b a] per group),
-    as Qwen3.5's flat in_proj_qkv (all q, all k, all v), in_proj_z, in_proj_b and in_proj_a."""
-    key_heads, key_dim = cfg["linear_num_key_heads"], cfg["linear_key_head_dim"]
-    per_group = cfg["linear_num_value_heads"] // key_heads
-    value_rows = per_group * cfg["linear_value_head_dim"]
-    groups = tensor.reshape(key_heads, -1, *tensor.shape[1:])
-    prefix = name.rsplit(".", 2)[0]
-    if ".in_proj_qkvz." in name:
-        q, k, v, z = groups.split([key_dim, key_dim, value_rows, value_rows], dim=1)
-        yield f"{prefix}.in_proj_qkv.weight", torch.cat([t.flatten(0, 1) for t in (q, k, v)])
-        yield f"{prefix}.in_proj_z.weight", z.flatten(0, 1)
-    else:
-        b, a = groups.split([per_group, per_group], dim=1)
-        yield f"{prefix}.in_proj_b.weight", b.flatten(0, 1)
-        yield f"{prefix}.in_proj_a.weight", a.flatten(0, 1)
 
 
 def qkv_by_kind(tensor: torch.Tensor, heads: int) -> torch.Tensor:
