@@ -39,8 +39,9 @@ _PAGEDLLM = """
 import torch
 torch.set_num_threads(THREADS)
 from pagedllm import LLM, SamplingParams
-llm = LLM(PATH, kv_cache_memory=(N + DECODE + 64) * 64 * 1024, max_model_len=N + DECODE + 16,
-          enable_prefix_caching=False, kv_cache_dtype=KV_DTYPE)
+# One sequence; 64 MiB over its pages hold a hybrid's recurrent states (Qwen3.5-0.8B's: 20 MiB).
+llm = LLM(PATH, kv_cache_memory=(N + DECODE + 64) * 64 * 1024 + 64 * 2**20, max_model_len=N + DECODE + 16,
+          enable_prefix_caching=False, kv_cache_dtype=KV_DTYPE, max_num_seqs=1)
 llm.generate({"prompt_token_ids": ids[:64]}, SamplingParams(max_tokens=4, temperature=0))  # warm-up
 engine, times = llm.engine, []
 engine.add_request("long", {"prompt_token_ids": ids}, SamplingParams(max_tokens=DECODE + 1, temperature=0,

@@ -141,6 +141,11 @@ def test_lfm2_memory_plan_holds_a_state_per_sequence(tiny_lfm2):
     assert spec.num_blocks == (2**20 - 8 * spec.state_bytes_per_slot) // spec.bytes_per_block
     assert spec.bytes_per_block == 2 * 1 * 2 * 16 * 4 * 4  # K and V, one attention layer, 2 kv heads of 16, 4 tokens
     assert not llm.engine.kv_cache.pool.enable_caching  # no state snapshots yet: a prefix cannot be skipped
+    # A budget whose half holds the states of 5 sequences, not the 64 asked for: 5 run at once.
+    small = LLM(str(folder), kv_cache_memory=10 * spec.state_bytes_per_slot + 100, block_size=4, max_num_seqs=64)
+    assert small.engine.kv_spec.num_state_slots == small.engine.scheduler.config.max_num_seqs == 5
+    with pytest.raises(PagedLLMError, match="cannot hold one sequence's recurrent states"):
+        LLM(str(folder), kv_cache_memory=spec.state_bytes_per_slot, block_size=4)
 
 
 def test_hybrids_refuse_speculative_decoding(tiny_lfm2):

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 
 import heapq
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from .search import ContrastiveSearch, make_search
 from .stop_rule import StopRule
 from .request import Pooled, Request
 
+log = logging.getLogger(__name__)
 THROUGHPUT_WINDOW_S = 10.0
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,8 +86,7 @@ class LLMEngine:
         kv_dtype = kv_pool_dtype(self.model, config.cache.kv_cache_dtype, dtype)
         hybrid = self._check_hybrid(config)
         self.kv_spec = plan_kv_cache(self.model.config, config.cache.block_size, config.cache.kv_cache_memory_bytes,
-                                     kv_dtype, self.model.planned_kv_heads,
-                                     config.scheduler.max_num_seqs if hybrid else 0)
+                                     kv_dtype, self.model.planned_kv_heads, self._state_slots() if hybrid else 0)
         if self.kv_spec.num_blocks < 1:
             raise PagedLLMError(f"kv cache memory {config.cache.kv_cache_memory_bytes} bytes is less than one block "
                                 f"({self.kv_spec.bytes_per_block} bytes) after the recurrent states "
@@ -95,7 +96,7 @@ class LLMEngine:
                                        config.cache.enable_prefix_caching and not hybrid,
                                        self.model.config.uniform_window(), self.kv_spec.num_state_slots)
         self.stop_rule = StopRule(self.tokenizer.stop_token_ids, self.max_model_len)
-        self.scheduler = Scheduler(config.scheduler, self.kv_cache, self.stop_rule)
+        self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, self.stop_rule)
         runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype,
                              self._graph_config())
         self.runner = ParallelRunner(runner, workers, threads) if tp is not None else runner
@@ -121,6 +122,23 @@ class LLMEngine:
             raise PagedLLMError("speculative decoding does not support hybrid models: a recurrent state cannot "
                                 "be rolled back past rejected drafts")
         return True
+
+    def _state_slots(self) -> int:
+        """A hybrid's recurrent states: a slot for each sequence that may run at once, out of at most half of
+        the KV budget (the rest holds the attention layers' pages); where fewer fit, max_num_seqs comes down
+        to them, as a warning says (Qwen3.5-0.8B's states take 20 MiB a sequence)."""
+        budget, per_sequence = self.config.cache.kv_cache_memory_bytes, self.model.config.state_bytes_per_sequence
+        wanted, fit = self.config.scheduler.max_num_seqs, budget // 2 // per_sequence
+        if fit < 1:
+            raise PagedLLMError(f"kv cache memory {budget} bytes cannot hold one sequence's recurrent states "
+                                f"({per_sequence} bytes) and as much again for its pages: raise --kv-cache-memory")
+        if fit < wanted:
+            log.warning("the recurrent states of %d sequences (%d bytes each) fit in half of the %d-byte KV budget: "
+                        "max_num_seqs lowered from %d to %d (raise --kv-cache-memory for more)", fit, per_sequence,
+                        budget, wanted, fit)
+            self.config = dataclasses.replace(self.config, scheduler=dataclasses.replace(self.config.scheduler,
+                                                                                         max_num_seqs=fit))
+        return min(wanted, fit)
 
     def _lora_registry(self) -> LoRARegistry | None:
         if self.config.lora is None:
