@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM, SamplingParams, kernels
 from pagedllm.config import ModelConfig
 from pagedllm.engine.model_runner import plan_kv_cache
 from pagedllm.errors import ConfigError, PagedLLMError
@@ -102,6 +102,14 @@ def test_logits_match_transformers(tiny_hybrids, family, mixers):
         assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
 
 
+def test_delta_net_decodes_through_its_torch_form_too(tiny_hybrids, recurrent_path):
+    folder, model = tiny_hybrids["qwen3_5"]
+    ids = _prompt(9, 2)
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4)
+    out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == _greedy_reference(model, ids, 10)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generates_as_transformers_in_chunks_batches_and_forks(tiny_hybrids, family):
     """Three prompts at once, prefilled 8 tokens a step (each chunk continues its states), then decoded
@@ -154,7 +162,15 @@ def test_hybrids_refuse_speculative_decoding(tiny_lfm2):
         LLM(str(folder), kv_cache_memory=2**20, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
 
 
-def test_causal_conv_continues_each_sequence_from_its_state():
+@pytest.fixture(params=["kernels", "torch"])
+def recurrent_path(request, monkeypatch):
+    """The recurrent layers through the C++ kernels (where they build) and through their torch forms."""
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "quant_kernels_available", lambda: False)
+    return request.param
+
+
+def test_causal_conv_continues_each_sequence_from_its_state(recurrent_path):
     """Three sequences fed in uneven chunks (one of them a single token, one absent from a step) give the
     convolution of each whole sequence."""
     channels, taps = 6, 4

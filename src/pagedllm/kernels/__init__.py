@@ -84,8 +84,8 @@ def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_ta
 # The quantised matmuls (and the fused prefill attention) carry every instruction-set path in one
 # build (no -march=native) and pick one at run time, so their build does not depend on the CPU it was made on.
 _QUANT_SOURCES = [Path(__file__).with_name(name) for name in (
-    "quant_matmul.cpp", "decode_layer.cpp", "prefill_attention.cpp", "quant_impl.h", "quant_kernels.h", "simd_exp.h",
-    "prefill_impl.h")]
+    "quant_matmul.cpp", "decode_layer.cpp", "prefill_attention.cpp", "recurrent_layers.cpp", "quant_impl.h", "quant_kernels.h",
+    "simd_exp.h", "prefill_impl.h", "recurrent_impl.h")]
 _QUANT_FLAGS = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
 ISA_NAMES = ("portable", "avx2", "avx512vnni")
 
@@ -147,3 +147,27 @@ def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_t
     return torch.ops.pagedllm_quant.prefill_attention(
         query.contiguous(), kv_cache, block_tables, query_start, context_lens, scale, sliding_window or 0,
         softcap or 0.0, alibi, bfloat16, ISA_NAMES.index(isa) if isa else best_isa_id())
+
+
+def delta_net_decode(proj: torch.Tensor, conv_weight: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor,
+                     norm_weight: torch.Tensor, eps: float, conv_state: torch.Tensor, matrices: torch.Tensor,
+                     slots: torch.Tensor, fresh: torch.Tensor, key_heads: int, tiled: bool,
+                     isa: str | None = None) -> torch.Tensor:
+    """Gated DeltaNet's decode step for sequences of one new token each (recurrent_layers.cpp): proj [seqs, q | k | v
+    | z | b | a] float32 → [seqs, value heads · dv] float32, the normalised and gated output; the states in
+    their slots (conv_state [slots, taps − 1, channels], matrices [slots, value heads, dk, dv]) advanced in
+    place. `isa`: an instruction-set path other than best_isa() (tests)."""
+    return torch.ops.pagedllm_quant.delta_net_decode(
+        proj, conv_weight, a_log, dt_bias, norm_weight, eps, conv_state, matrices, slots, fresh, key_heads, tiled,
+        ISA_NAMES.index(isa) if isa else best_isa_id())
+
+
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
+                slots: torch.Tensor, fresh: torch.Tensor, query_start: torch.Tensor, silu: bool = False,
+                isa: str | None = None) -> torch.Tensor:
+    """The causal depthwise convolution (weight [channels, taps]) of each sequence's new inputs x [tokens,
+    channels] float32 (sequence s's rows from query_start[s]), continuing from its last taps − 1 inputs
+    in state [slots, taps − 1, channels] (zeros where `fresh`), which it updates in place
+    (recurrent_layers.cpp); optionally through SiLU. `isa`: another instruction-set path (tests)."""
+    return torch.ops.pagedllm_quant.causal_conv(x, weight, bias, state, slots, fresh, query_start, silu,
+                                                ISA_NAMES.index(isa) if isa else best_isa_id())

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from .linear import LinearPlan
 from .norm import RMSNorm
@@ -46,8 +47,11 @@ class GatedDeltaNet(nn.Module):
         """x [tokens, hidden] of the step's sequences (meta's order); states: the convolution's last inputs
         [slots, taps − 1, conv channels] and the recurrent matrices [slots, value heads, dk, dv]."""
         conv_state, matrices = states
-        q, k, v, z, b, a = self.in_proj(x).split(self.splits, dim=-1)
-        mixed = F.silu(causal_conv(torch.cat([q, k, v], -1), self.conv1d.weight[:, 0], None, conv_state, meta))
+        if meta.decoding and _decode_kernel_runs(x, matrices):
+            return self.out_proj(self._decode_step(x, conv_state, matrices, meta).to(x.dtype))
+        proj = self.in_proj(x)
+        z, b, a = proj[:, sum(self.splits[:3]):].split(self.splits[3:], dim=-1)
+        mixed = causal_conv(proj[:, :sum(self.splits[:3])], self.conv1d.weight[:, 0], None, conv_state, meta, silu=True)
         q, k, v = mixed.float().split(self.splits[:3], dim=-1)
         tokens = len(x)
         q = self._per_value_head(_l2_normalised(q.view(tokens, self.key_heads, -1))) * self.key_dim**-0.5
@@ -59,11 +63,24 @@ class GatedDeltaNet(nn.Module):
         return self.out_proj(out.reshape(tokens, -1))
 
 
+    def _decode_step(self, x: torch.Tensor, conv_state: torch.Tensor, matrices: torch.Tensor,
+                     meta: StateMetadata) -> torch.Tensor:
+        """Every sequence decoding one token: the C++ step (kernels/recurrent_layers.cpp), the same arithmetic."""
+        proj = self.in_proj(x).float().contiguous()
+        taps = self.conv1d.weight.shape[-1]
+        return kernels.delta_net_decode(proj, self.conv1d.weight.float().reshape(-1, taps), self.A_log.float(),
+                                        self.dt_bias.float(), self.norm.weight.float(), self.norm.eps, conv_state,
+                                        matrices, meta.slots, meta.fresh, self.key_heads, self.tiled)
+
     def _per_value_head(self, x: torch.Tensor) -> torch.Tensor:
         """[tokens, key heads, dk] → [tokens, value heads, dk]: value head h reads key head h // repeat
         (grouped, as Hugging Face checkpoints order them) or h mod key heads (tiled, llama.cpp's files)."""
         repeat = self.value_heads // self.key_heads
         return x.repeat(1, repeat, 1) if self.tiled else x.repeat_interleave(repeat, 1)
+
+
+def _decode_kernel_runs(x: torch.Tensor, matrices: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and matrices.dtype == torch.float32 and kernels.quant_kernels_available()
 
 
 def _l2_normalised(x: torch.Tensor) -> torch.Tensor:
@@ -113,27 +130,35 @@ def _recurrent_step(q, k, v, g, beta, state):
 
 
 def _chunked(q, k, v, g, beta, state):
-    """The chunked form over [seqs, heads, length, ...] (the length padded to whole chunks here)."""
-    length = q.shape[2]
+    """The chunked form over [seqs, heads, length, ...] (the length padded to whole chunks here). The work
+    is laid out chunk-major, [chunks, seqs · heads, CHUNK, ...] contiguous, so every product is one
+    batched GEMM over contiguous matrices (strided batches make torch copy each matrix on its own)."""
+    seqs, heads, length = q.shape[:3]
     pad = -length % CHUNK
-    q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
-    g, beta = (F.pad(t, (0, pad)) for t in (g, beta))
-    chunks = lambda t: t.unflatten(2, (-1, CHUNK))  # noqa: E731  [seqs, heads, chunks, CHUNK, ...]
-    q, k, v, g, beta = (chunks(t) for t in (q, k, v, g, beta))
+
+    def chunk_major(t: torch.Tensor) -> torch.Tensor:
+        t = F.pad(t, (0, 0, 0, pad) if t.dim() == 4 else (0, pad))
+        return t.reshape(seqs * heads, -1, CHUNK, *t.shape[3:]).transpose(0, 1).contiguous()
+
+    q, k, v, g, beta = (chunk_major(t) for t in (q, k, v, g, beta))
+    state = state.reshape(seqs * heads, *state.shape[2:])
     k_beta, v_beta = k * beta[..., None], v * beta[..., None]
     decay = g.cumsum(-1)  # log of the decay from the chunk's start to each token
     upper = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).triu(1)
     pairwise = (decay[..., :, None] - decay[..., None, :]).masked_fill(upper, float("-inf")).exp()
     system = (k_beta @ k.transpose(-1, -2)) * pairwise  # its strict lower triangle, with a unit diagonal
     within = (q @ k.transpose(-1, -2)) * pairwise
-    new_values = torch.linalg.solve_triangular(system, v_beta, upper=False, unitriangular=True)
-    reads = torch.linalg.solve_triangular(system, k_beta * decay.exp()[..., None], upper=False, unitriangular=True)
+    # One solve for both right-hand sides: the corrected values and what each token reads of the state.
+    solved = torch.linalg.solve_triangular(system, torch.cat([v_beta, k_beta * decay.exp()[..., None]], -1),
+                                           upper=False, unitriangular=True)
+    new_values, reads = solved.split([v.shape[-1], k.shape[-1]], -1)
     q = q * decay.exp()[..., None]
-    k = k * (decay[..., -1:] - decay).exp()[..., None]
+    k_to_end = (k * (decay[..., -1:] - decay).exp()[..., None]).transpose(-1, -2).contiguous()
     chunk_decay = decay[..., -1].exp()[..., None, None]
     out = torch.empty_like(new_values)
-    for i in range(q.shape[2]):  # the chunks in order, each from the state the previous one left
-        corrected = new_values[:, :, i] - reads[:, :, i] @ state
-        out[:, :, i] = q[:, :, i] @ state + within[:, :, i] @ corrected
-        state = state * chunk_decay[:, :, i] + k[:, :, i].transpose(-1, -2) @ corrected
-    return out.flatten(2, 3)[:, :, :length], state
+    for i in range(q.shape[0]):  # the chunks in order, each from the state the previous one left
+        corrected = new_values[i] - reads[i] @ state
+        out[i] = q[i] @ state + within[i] @ corrected
+        state = state * chunk_decay[i] + k_to_end[i] @ corrected
+    out = out.transpose(0, 1).reshape(seqs, heads, -1, out.shape[-1])[:, :, :length]
+    return out, state.reshape(seqs, heads, *state.shape[1:])

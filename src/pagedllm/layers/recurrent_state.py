@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from .. import kernels
 
 
 @dataclass
@@ -37,6 +40,11 @@ class StateMetadata:
             return torch.as_tensor(np.asarray(values), dtype=dtype, device=device)
 
         return cls(tensor(slots), tensor(starts == 0, torch.bool), tensor(query_start), np.asarray(counts))
+
+    @property
+    def decoding(self) -> bool:
+        """Every sequence of the step has one new token."""
+        return bool((self.counts == 1).all())
 
     def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[seqs, longest] the flat batch's row of each sequence's i-th new token (0 past its count), and
@@ -75,16 +83,23 @@ class StateMetadata:
 
 
 def causal_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: torch.Tensor,
-                meta: StateMetadata) -> torch.Tensor:
+                meta: StateMetadata, silu: bool = False) -> torch.Tensor:
     """Depthwise causal convolution of each sequence's tokens x [tokens, channels] with weight
     [channels, taps], continuing from its remembered inputs (state [slots, taps − 1, channels], updated
-    in place to the sequence's last taps − 1 inputs)."""
+    in place to the sequence's last taps − 1 inputs); `silu`: the output through SiLU."""
+    if x.device.type == "cpu" and state.dtype == torch.float32 and kernels.quant_kernels_available():
+        return kernels.causal_conv(x.float().contiguous(), weight.float().contiguous(),
+                                   None if bias is None else bias.float(), state, meta.slots, meta.fresh,
+                                   meta.query_start, silu).to(x.dtype)
     taps = weight.shape[1]
     reads, tail = meta.conv_rows(taps)
     history = state[meta.slots].masked_fill(meta.fresh[:, None, None], 0)
     rows = torch.cat([history.reshape(-1, x.shape[1]).to(x.dtype), x])
-    out = torch.einsum("tkc,ck->tc", rows[reads], weight)
+    # Tap by tap: a batched product per channel would make torch copy thousands of 1-column matrices.
+    out = rows[reads[:, 0]] * weight[:, 0]
+    for tap in range(1, taps):
+        out += rows[reads[:, tap]] * weight[:, tap]
     if bias is not None:
         out = out + bias
     state[meta.slots] = rows[tail].to(state.dtype)
-    return out
+    return F.silu(out) if silu else out
