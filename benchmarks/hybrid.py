@@ -2,7 +2,7 @@
 one Q4_K_M GGUF file written by tools/convert, and against transformers with 64 requests at once.
 
     .venv/bin/python benchmarks/hybrid.py [--parts single,batch] [--lengths 100,512,4000] [--rounds 2]
-        [--threads 2] [--batch 64]
+        [--threads 2] [--batch 64] [--dtypes float32,bfloat16]
 
 The model: Qwen3.5-0.8B's text shapes (24 layers of hidden 1024, Gated DeltaNet of 16 heads of 128 in three of
 every four, gated attention of 8 heads of 256 with 2 kv heads in the rest, MLP 3584, vocabulary 248,320, tied
@@ -16,7 +16,8 @@ attention layers' K/V at N + the states read and written, ÷ read bandwidth; pre
 attention's + the delta rule's, ÷ the GEMM rate); then a line with decode at the longest N over decode at
 the shortest (the states do not grow).
 batch: `--batch` prompts of 32 tokens, 32 output tokens each (EOS ignored), pagedllm's `LLM.generate` on the
-float32 Hugging Face folder against one transformers `generate` over the same batch, same threads.
+Hugging Face folder against one transformers `generate` over the same batch, same threads, both computing in
+each of `--dtypes`.
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ def single_stream(lengths: list[int], rounds: int, threads: int) -> None:
     print(json.dumps({f"pagedllm decode at {long} over decode at {short}": round(decode_at[long] / decode_at[short], 2)}))
 
 
-def batch(size: int, threads: int) -> None:
+def batch(size: int, threads: int, dtype: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -128,20 +129,22 @@ def batch(size: int, threads: int) -> None:
     torch.set_num_threads(threads)
     folder = hf_folder()
     prompts = torch.randint(100, 49152, (size, PROMPT), generator=torch.Generator().manual_seed(size)).tolist()
-    llm = LLM(str(folder), kv_cache_memory=size * 2**20 * 24, max_num_seqs=size)
+    # Room for every sequence's states (20 MiB each) in half the budget, their pages in the rest.
+    llm = LLM(str(folder), kv_cache_memory=size * 48 * 2**20, max_num_seqs=size, dtype=dtype)
     params = SamplingParams(max_tokens=OUTPUT, temperature=0, ignore_eos=True)
     llm.generate({"prompt_token_ids": prompts[0]}, params)  # warm-up
     start = time.perf_counter()
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     ours = sum(len(o.outputs[0].token_ids) for o in outputs) / (time.perf_counter() - start)
     del llm
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     start = time.perf_counter()
     with torch.no_grad():
         out = hf.generate(torch.tensor(prompts), max_new_tokens=OUTPUT, min_new_tokens=OUTPUT, do_sample=False,
                           pad_token_id=0)
     peer = (out.shape[1] - PROMPT) * size / (time.perf_counter() - start)
-    print(json.dumps({"cpu": cpu_model(), "threads": threads, "batch": size, "prompt": PROMPT, "output": OUTPUT,
+    print(json.dumps({"cpu": cpu_model(), "threads": threads, "dtype": dtype, "batch": size, "prompt": PROMPT,
+                      "output": OUTPUT,
                       "pagedllm_tok_s": round(ours, 1), "transformers_tok_s": round(peer, 1),
                       "ratio": round(ours / peer, 2)}), flush=True)
 
@@ -153,13 +156,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="batch: both engines in each of these")
     args = parser.parse_args()
     parts = args.parts.split(",")
     if "single" in parts:
         ensure_llamacpp()
         single_stream([int(n) for n in args.lengths.split(",")], args.rounds, args.threads)
     if "batch" in parts:
-        batch(args.batch, args.threads)
+        for dtype in args.dtypes.split(","):
+            batch(args.batch, args.threads, dtype)
 
 
 if __name__ == "__main__":
