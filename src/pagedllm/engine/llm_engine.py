@@ -126,7 +126,7 @@ class LLMEngine:
     def _state_slots(self) -> int:
         """A hybrid's recurrent states: a slot for each sequence that may run at once, out of at most half of
         the KV budget (the rest holds the attention layers' pages); where fewer fit, max_num_seqs comes down
-        to them, as a warning says (Qwen3.5-0.8B's states take 20 MiB a sequence)."""
+        to them, as a warning says (Qwen3.5-0.8B's states take 19.3 MiB a sequence)."""
         budget, per_sequence = self.config.cache.kv_cache_memory_bytes, self.model.config.state_bytes_per_sequence
         wanted, fit = self.config.scheduler.max_num_seqs, budget // 2 // per_sequence
         if fit < 1:
