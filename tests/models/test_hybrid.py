@@ -309,3 +309,28 @@ def test_a_misshaped_or_corrupt_state_tensor_in_a_file_is_a_clear_error(tiny_hyb
     path = _gguf_with(Path(tiny_hybrids["qwen3_5"][0]), tmp_path / "bad.gguf", name, change)
     with pytest.raises(PagedLLMError, match=message):
         load_model(ModelSource("gguf", path))
+
+
+def test_gguf_multi_token_prediction_blocks_are_not_loaded(tiny_hybrids, tmp_path):
+    """A Qwen3.5 file carrying one MTP block past its layers (block_count 5, nextn_predict_layers 1, as
+    llama.cpp's converter writes them) loads the 4 layers and gives the same logits."""
+    import dataclasses
+
+    from pagedllm.tokenizer import load_tokenizer
+    from pagedllm.tools.convert import write_gguf
+    from pagedllm.tools.export import canonical_weights, gguf_tokenizer_metadata
+
+    folder, model = tiny_hybrids["qwen3_5"]
+    source = ModelSource("hf", Path(folder))
+    config, weights = canonical_weights(source)
+    weights |= {name.replace("layers.3.", "layers.4."): t for name, t in weights.items() if ".layers.3." in name}
+    longer = dataclasses.replace(config, num_hidden_layers=5, layer_mixers=config.layer_mixers + ("attention",))
+    path = tmp_path / "mtp.gguf"
+    write_gguf(path, longer, weights.items(), gguf_tokenizer_metadata(source, load_tokenizer(source))
+               | {"qwen35.nextn_predict_layers": 1})
+    ours = load_model(ModelSource("gguf", path))
+    assert ours.config.num_hidden_layers == 4
+    ids = _prompt(24, 5)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
