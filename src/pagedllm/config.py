@@ -288,6 +288,8 @@ class CacheConfig:
     kv_cache_memory_bytes: int = 512 * 1024**2
     enable_prefix_caching: bool = True
     kv_cache_dtype: str = "auto"  # auto: float16 for packed weights on the CPU, else the model's dtype (llm_engine.auto_kv_dtype)
+    # Hybrid models' prefix cache: their recurrent states saved every this many blocks (engine/state_snapshots.py).
+    state_snapshot_interval: int = 16
 
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
@@ -296,6 +298,9 @@ class CacheConfig:
             raise ConfigError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
         if not isinstance(self.kv_cache_memory_bytes, int) or self.kv_cache_memory_bytes <= 0:
             raise ConfigError(f"kv cache memory must be a positive number of bytes, got {self.kv_cache_memory_bytes!r}")
+        if not isinstance(self.state_snapshot_interval, int) or not 1 <= self.state_snapshot_interval <= 2**16:
+            raise ConfigError(f"state snapshot interval must be an integer in [1, 65536] blocks, "
+                              f"got {self.state_snapshot_interval!r}")
 
 
 @dataclass(frozen=True)
@@ -409,7 +414,8 @@ def build_engine_config(model: str | None = None, *, device: str = "cpu", dtype:
                         speculative_config: SpeculativeConfig | dict | None = None,
                         tensor_parallel_size: int = 1, enforce_eager: bool = False, enable_lora: bool = False,
                         lora_modules: dict[str, str] | None = None, max_loras: int = LoRAConfig.max_loras,
-                        max_lora_rank: int = LoRAConfig.max_lora_rank) -> EngineConfig:
+                        max_lora_rank: int = LoRAConfig.max_lora_rank,
+                        state_snapshot_interval: int = CacheConfig.state_snapshot_interval) -> EngineConfig:
     """The engine options every front end takes (LLM, infer, the CLI), as one frozen EngineConfig.
     LoRA is on with `enable_lora` or any `lora_modules` (name → adapter path)."""
     lora = (LoRAConfig(tuple((lora_modules or {}).items()), max_loras, max_lora_rank)
@@ -420,6 +426,7 @@ def build_engine_config(model: str | None = None, *, device: str = "cpu", dtype:
         speculative=SpeculativeConfig(**speculative_config) if isinstance(speculative_config, dict)
         else speculative_config,
         cache=CacheConfig(block_size=block_size, kv_cache_memory_bytes=kv_cache_memory,
-                          enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype),
+                          enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype,
+                          state_snapshot_interval=state_snapshot_interval),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                   enable_chunked_prefill=enable_chunked_prefill, max_model_len=max_model_len))

@@ -146,12 +146,17 @@ def test_lfm2_memory_plan_holds_a_state_per_sequence(tiny_lfm2):
     llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_seqs=8)
     spec = llm.engine.kv_spec
     assert spec.num_state_slots == 8 and spec.state_bytes_per_slot == 3 * 2 * 64 * 4  # 3 conv layers, 2 inputs of 64
-    assert spec.num_blocks == (2**20 - 8 * spec.state_bytes_per_slot) // spec.bytes_per_block
+    # The prefix cache's saved states: what the running ones leave of half the budget, up to a quarter of it.
+    assert spec.num_snapshot_slots == 2**20 // 4 // spec.state_bytes_per_slot == 170
+    assert spec.num_blocks == (2**20 - (8 + 170) * spec.state_bytes_per_slot) // spec.bytes_per_block
     assert spec.bytes_per_block == 2 * 1 * 2 * 16 * 4 * 4  # K and V, one attention layer, 2 kv heads of 16, 4 tokens
-    assert not llm.engine.kv_cache.pool.enable_caching  # no state snapshots yet: a prefix cannot be skipped
-    # A budget whose half holds the states of 5 sequences, not the 64 asked for: 5 run at once.
+    # A budget whose half holds the states of 5 sequences, not the 64 asked for: 4 run at once, 1 is saved.
     small = LLM(str(folder), kv_cache_memory=10 * spec.state_bytes_per_slot + 100, block_size=4, max_num_seqs=64)
-    assert small.engine.kv_spec.num_state_slots == small.engine.scheduler.config.max_num_seqs == 5
+    assert small.engine.kv_spec.num_state_slots == small.engine.scheduler.config.max_num_seqs == 4
+    assert small.engine.kv_spec.num_snapshot_slots == 1
+    plain = LLM(str(folder), kv_cache_memory=10 * spec.state_bytes_per_slot + 100, block_size=4, max_num_seqs=64,
+                enable_prefix_caching=False)
+    assert (plain.engine.kv_spec.num_state_slots, plain.engine.kv_spec.num_snapshot_slots) == (5, 0)
     with pytest.raises(PagedLLMError, match="cannot hold one sequence's recurrent states"):
         LLM(str(folder), kv_cache_memory=spec.state_bytes_per_slot, block_size=4)
 
@@ -334,3 +339,27 @@ def test_gguf_multi_token_prediction_blocks_are_not_loaded(tiny_hybrids, tmp_pat
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_5", "qwen3_next"])
+def test_cached_prefixes_resume_from_saved_states(tiny_hybrids, family):
+    """Prefix caching for hybrids: a shared system prompt resumes from the state saved at its last snapshot
+    point (every 2 blocks of 4 tokens here), the same prompt again from its last block, and a chat's next turn
+    from the rolling snapshot its first turn left while decoding — each giving the cold run's tokens."""
+    folder, model = tiny_hybrids[family]
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, state_snapshot_interval=2, max_num_batched_tokens=64)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    system, user = _prompt(30, 11), _prompt(7, 12)
+
+    def run(ids: list[int]) -> tuple[list[int], int]:
+        """The request's tokens (checked against transformers) and the prompt tokens it found cached."""
+        before = llm.engine.kv_cache.stats.hit_tokens
+        out = llm.generate({"prompt_token_ids": ids}, params)[0]
+        assert out.outputs[0].token_ids == _greedy_reference(model, ids, 12)
+        return out.outputs[0].token_ids, llm.engine.kv_cache.stats.hit_tokens - before
+
+    first, cached = run(system + user)
+    assert cached == 0
+    assert run(system + _prompt(9, 13))[1] == 24  # the system prompt's last multiple of 2 blocks
+    assert run(system + user)[1] == 36  # the whole prompt's last block (one token left to compute)
+    assert run(system + user + first + _prompt(5, 14))[1] == 48  # the first turn's last decoded block

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from .block_pool import BlockPool, KVBlock, chain_hash
 from .sequence import Sequence
+from .state_snapshots import StateSnapshots
 
 
 def _root_hash(sequence: Sequence) -> int | None:
@@ -30,10 +31,13 @@ class PrefixCacheStats:
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 sliding_window: int | None = None, num_state_slots: int = 0):
+                 sliding_window: int | None = None, num_state_slots: int = 0, num_snapshot_slots: int = 0,
+                 snapshot_interval: int = 16):
         """`sliding_window`: the window every layer of the model keeps to; the blocks behind it go back to the
         pool as a sequence moves on (None: a sequence keeps all of its blocks). `num_state_slots`: hybrid
-        models' recurrent-state slots; each running sequence holds one (0: the model has no such layers)."""
+        models' recurrent-state slots; each running sequence holds one (0: the model has no such layers).
+        `num_snapshot_slots`: the slots after those that hold saved states, the hybrid's prefix cache
+        (state_snapshots.py: one every `snapshot_interval` blocks); without any, no prefix is reused."""
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
@@ -45,7 +49,12 @@ class KVCacheManager:
         self.uses_states = num_state_slots > 0
         self._free_states = list(range(num_state_slots - 1, -1, -1))  # popped from the end: slot 0 first
         self._state_slots: dict[str, int] = {}
-        self._pending_state_copies: list[tuple[int, int]] = []  # (source, destination) slots, forks
+        self._pending_state_copies: list[tuple[int, int]] = []  # (source, destination) slots: forks, snapshots
+        self.snapshots = StateSnapshots(range(num_state_slots, num_state_slots + num_snapshot_slots), block_size,
+                                        snapshot_interval) if num_snapshot_slots and enable_prefix_caching else None
+        self._resume_from: dict[str, int] = {}  # sequence → the snapshot slot its state starts from
+        if self.uses_states and self.snapshots is None:
+            self.pool.enable_caching = False  # a hybrid's cached K/V is of no use without its states
 
     @property
     def num_blocks(self) -> int:
@@ -69,6 +78,11 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
+        if self.snapshots is not None:  # a hybrid resumes only where a state was saved
+            length, slot = self.snapshots.resume([b.block_hash for b in hits])
+            hits = hits[:length]
+            if slot is not None:
+                self._resume_from[sequence.seq_id] = slot
         self.stats.queried_tokens += sequence.num_tokens
         self.stats.hit_tokens += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
@@ -87,10 +101,8 @@ class KVCacheManager:
         reusable = sum(1 for b in computed_blocks if b.ref_count == 0)
         if needed + shared_tail > self.pool.num_free_blocks - reusable:
             return None
-        if self.uses_states and sequence.seq_id not in self._state_slots:
-            if not self._free_states:
-                return None
-            self._state_slots[sequence.seq_id] = self._free_states.pop()
+        if self.uses_states and not self._take_state_slot(sequence, computed_blocks):
+            return None
         if shared_tail:
             self._copy_on_write(blocks)
         self.pool.touch(computed_blocks)
@@ -98,6 +110,36 @@ class KVCacheManager:
         blocks.extend(computed_blocks + new)
         self._cache_full_blocks(sequence, min(total, sequence.num_tokens))  # drafts are not cached until accepted
         return [b.block_id for b in new]
+
+    def chunk_end(self, sequence: Sequence, start: int, num_new: int) -> int:
+        """`num_new` tokens of `sequence` from `start`, cut where a hybrid's prefill chunk must end for its
+        state to be saved (StateSnapshots.chunk_end)."""
+        return num_new if self.snapshots is None else self.snapshots.chunk_end(sequence, start, num_new)
+
+    def _take_state_slot(self, sequence: Sequence, computed_blocks: list[KVBlock]) -> bool:
+        """A hybrid sequence's state slot: kept, or taken (a prefix hit's saved state copied in); where it
+        has just computed a block boundary, its state saved there if that is a snapshot point."""
+        slot = self._state_slots.get(sequence.seq_id)
+        if slot is None:
+            if not self._free_states:
+                return False
+            slot = self._state_slots[sequence.seq_id] = self._free_states.pop()
+            resume = self._resume_from.pop(sequence.seq_id, None)
+            if computed_blocks and resume is not None:
+                self._pending_state_copies.append((resume, slot))
+        self._save_state(sequence, slot)
+        return True
+
+    def _save_state(self, sequence: Sequence, slot: int) -> None:
+        """Where `sequence` has just computed a block boundary that is a snapshot point, its state (in `slot`)
+        is saved there."""
+        computed = sequence.num_computed_tokens
+        hashes = self._hashes.get(sequence.seq_id, [])
+        if self.snapshots is not None and computed and computed % self.block_size == 0 \
+                and len(hashes) >= computed // self.block_size:
+            copy = self.snapshots.save(sequence, computed, hashes[computed // self.block_size - 1], slot)
+            if copy is not None:
+                self._pending_state_copies.append(copy)
 
     def _free_behind_window(self, sequence: Sequence, blocks: list[KVBlock | None]) -> None:
         """Free the blocks no query of this sequence will read again: every query from here on sits at a
@@ -172,7 +214,12 @@ class KVCacheManager:
         return sum(b is not None for b in self._blocks.get(sequence.seq_id, []))
 
     def free(self, sequence: Sequence) -> None:
+        self._resume_from.pop(sequence.seq_id, None)
         slot = self._state_slots.pop(sequence.seq_id, None)
+        if self.snapshots is not None:  # a sequence ending on a block boundary leaves its state there
+            if slot is not None:
+                self._save_state(sequence, slot)
+            self.snapshots.forget(sequence)
         if slot is not None:
             self._free_states.append(slot)
         self._hashes.pop(sequence.seq_id, None)

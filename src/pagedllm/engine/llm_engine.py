@@ -86,15 +86,15 @@ class LLMEngine:
         kv_dtype = kv_pool_dtype(self.model, config.cache.kv_cache_dtype, dtype)
         hybrid = self._check_hybrid(config)
         self.kv_spec = plan_kv_cache(self.model.config, config.cache.block_size, config.cache.kv_cache_memory_bytes,
-                                     kv_dtype, self.model.planned_kv_heads, self._state_slots() if hybrid else 0)
+                                     kv_dtype, self.model.planned_kv_heads, *(self._state_slots() if hybrid else (0, 0)))
         if self.kv_spec.num_blocks < 1:
             raise PagedLLMError(f"kv cache memory {config.cache.kv_cache_memory_bytes} bytes is less than one block "
                                 f"({self.kv_spec.bytes_per_block} bytes) after the recurrent states "
                                 f"({self.kv_spec.num_state_slots} × {self.kv_spec.state_bytes_per_slot} bytes)")
-        # Hybrids: a prefix's recurrent states are not snapshotted yet, so no prefix can be skipped.
         self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size,
-                                       config.cache.enable_prefix_caching and not hybrid,
-                                       self.model.config.uniform_window(), self.kv_spec.num_state_slots)
+                                       config.cache.enable_prefix_caching, self.model.config.uniform_window(),
+                                       self.kv_spec.num_state_slots, self.kv_spec.num_snapshot_slots,
+                                       config.cache.state_snapshot_interval)
         self.stop_rule = StopRule(self.tokenizer.stop_token_ids, self.max_model_len)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, self.stop_rule)
         runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype,
@@ -123,22 +123,28 @@ class LLMEngine:
                                 "be rolled back past rejected drafts")
         return True
 
-    def _state_slots(self) -> int:
-        """A hybrid's recurrent states: a slot for each sequence that may run at once, out of at most half of
-        the KV budget (the rest holds the attention layers' pages); where fewer fit, max_num_seqs comes down
-        to them, as a warning says (Qwen3.5-0.8B's states take 19.3 MiB a sequence)."""
+    def _state_slots(self) -> tuple[int, int]:
+        """A hybrid's recurrent states: (a slot for each sequence that may run at once, snapshot slots for
+        its prefix cache), out of at most half of the KV budget (the rest holds the attention layers' pages);
+        with prefix caching, what the running ones leave of that half, up to a quarter of the budget (and a
+        quarter of the half at least, one at least, before the running ones). Where fewer sequences fit,
+        max_num_seqs comes down to them, as a warning says (Qwen3.5-0.8B's states take 19.3 MiB a sequence)."""
         budget, per_sequence = self.config.cache.kv_cache_memory_bytes, self.model.config.state_bytes_per_sequence
-        wanted, fit = self.config.scheduler.max_num_seqs, budget // 2 // per_sequence
-        if fit < 1:
+        fit = budget // 2 // per_sequence
+        caching = self.config.cache.enable_prefix_caching
+        wanted = min(self.config.scheduler.max_num_seqs, fit - max(1, fit // 4) if caching else fit)
+        if wanted < 1:
             raise PagedLLMError(f"kv cache memory {budget} bytes cannot hold one sequence's recurrent states "
-                                f"({per_sequence} bytes) and as much again for its pages: raise --kv-cache-memory")
-        if fit < wanted:
-            log.warning("the recurrent states of %d sequences (%d bytes each) fit in half of the %d-byte KV budget: "
-                        "max_num_seqs lowered from %d to %d (raise --kv-cache-memory for more)", fit, per_sequence,
-                        budget, wanted, fit)
+                                f"({per_sequence} bytes){' and a saved one' if caching else ''} and as much again "
+                                "for its pages: raise --kv-cache-memory")
+        if wanted < self.config.scheduler.max_num_seqs:
+            log.warning("the recurrent states of %d running sequences (%d bytes each) fit in half of the %d-byte KV "
+                        "budget beside the prefix cache's: max_num_seqs lowered from %d to %d (raise "
+                        "--kv-cache-memory for more)", wanted, per_sequence, budget,
+                        self.config.scheduler.max_num_seqs, wanted)
             self.config = dataclasses.replace(self.config, scheduler=dataclasses.replace(self.config.scheduler,
-                                                                                         max_num_seqs=fit))
-        return min(wanted, fit)
+                                                                                         max_num_seqs=wanted))
+        return wanted, min(fit - wanted, max(1, budget // 4 // per_sequence)) if caching else 0
 
     def _lora_registry(self) -> LoRARegistry | None:
         if self.config.lora is None:

@@ -33,8 +33,9 @@ class KVCacheSpec:
     num_blocks: int
     block_size: int
     bytes_per_block: int
-    num_state_slots: int = 0
+    num_state_slots: int = 0  # one a running sequence
     state_bytes_per_slot: int = 0
+    num_snapshot_slots: int = 0  # saved states, the hybrid's prefix cache (after the running ones)
 
     @property
     def num_tokens(self) -> int:
@@ -42,14 +43,15 @@ class KVCacheSpec:
 
 
 def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype: torch.dtype,
-                  kv_heads: int | None = None, state_slots: int = 0) -> KVCacheSpec:
+                  kv_heads: int | None = None, state_slots: int = 0, snapshot_slots: int = 0) -> KVCacheSpec:
     """`dtype`: the pool's elements (KV_Q8_0 for 8-bit rows); `kv_heads`: per pool (see kv_bytes_per_token);
-    `state_slots`: sequences whose recurrent states (hybrid models, float32) come out of the budget first."""
+    `state_slots`: sequences whose recurrent states (hybrid models, float32) come out of the budget first,
+    and `snapshot_slots` saved states beside them."""
     per_block = kv_bytes_per_token(config, dtype, kv_heads) * block_size
     state_bytes = config.state_bytes_per_sequence
-    slots = state_slots if state_bytes else 0
-    left = max(0, memory_bytes - slots * state_bytes)
-    return KVCacheSpec(left // per_block, block_size, per_block, slots, state_bytes)
+    slots, snapshots = (state_slots, snapshot_slots) if state_bytes else (0, 0)
+    left = max(0, memory_bytes - (slots + snapshots) * state_bytes)
+    return KVCacheSpec(left // per_block, block_size, per_block, slots, state_bytes, snapshots)
 
 
 def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -129,7 +131,8 @@ class ModelRunner:
         # Each layer's cache: its slice of the KV pool, or a recurrent layer's states, each [slots, *shape].
         pools = iter(self.kv_pool.unbind(0))
         self.kv_caches = [next(pools) if i in attention else tuple(
-            _zeroed_pool((spec.num_state_slots, *shape), torch.float32, device) for shape in cfg.state_shapes(i))
+            _zeroed_pool((spec.num_state_slots + spec.num_snapshot_slots, *shape), torch.float32, device)
+            for shape in cfg.state_shapes(i))
             for i in range(cfg.num_hidden_layers)]
         self.state_caches = [state for i, cache in enumerate(self.kv_caches) if i not in attention for state in cache]
         self.sampler = Sampler()
@@ -254,8 +257,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_states(self, copies: list[tuple[int, int]]) -> None:
-        """Copy recurrent-state slots (every recurrent layer): a fork continues from its parent's state."""
-        if copies:
-            source, destination = (self._long_tensor(c) for c in zip(*copies))
+        """Copy recurrent-state slots (every recurrent layer), in order — a snapshot saved this step may be
+        the one a new sequence resumes from: a fork continues from its parent's state, a snapshot from
+        its sequence's, a prefix hit from a snapshot."""
+        for source, destination in copies:
             for states in self.state_caches:
-                states[destination] = states[source]
+                states[destination].copy_(states[source])

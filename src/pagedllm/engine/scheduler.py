@@ -97,6 +97,8 @@ class Scheduler:
             sequence = self.running[index]
             behind = sequence.num_tokens - sequence.num_computed_tokens
             num_new = min(behind + len(sequence.spec_token_ids), budget)
+            if not sequence.spec_token_ids:
+                num_new = self.kv_cache.chunk_end(sequence, sequence.num_computed_tokens, num_new)
             if num_new == 0:
                 index += 1
                 continue
@@ -118,7 +120,7 @@ class Scheduler:
             remaining = sequence.num_tokens - num_cached
             if remaining > budget and not self.config.enable_chunked_prefill:
                 break
-            num_new = min(remaining, budget)
+            num_new = self.kv_cache.chunk_end(sequence, num_cached, min(remaining, budget))
             if self.kv_cache.allocate_slots(sequence, num_new, cached_blocks) is None:
                 break
             self.waiting.popleft()

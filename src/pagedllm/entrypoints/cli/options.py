@@ -40,6 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step")
     p.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    help="do not reuse KV blocks of shared prompt prefixes")
+    p.add_argument("--state-snapshot-interval", type=int, default=16, metavar="BLOCKS",
+                   help="hybrid models' prefix cache: save the recurrent states every this many blocks of a prompt "
+                        "(default 16), besides its last block and each block a sequence decodes past")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
                    help="split the model over this many processes (gloo on the CPU, NCCL on GPUs: rank r on cuda:r)")
@@ -98,6 +101,7 @@ def engine_options(args: argparse.Namespace) -> dict:
                 quantization=args.quantization, speculative_config=speculative, block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                 kv_cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=args.enable_prefix_caching, max_num_batched_tokens=args.max_num_batched_tokens,
+                state_snapshot_interval=args.state_snapshot_interval,
                 max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
                 tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
                 enable_lora=args.enable_lora, lora_modules=lora_modules(args.lora_modules), max_loras=args.max_loras,
