@@ -2,7 +2,7 @@
 one Q4_K_M GGUF file written by tools/convert, and against transformers with 64 requests at once.
 
     .venv/bin/python benchmarks/hybrid.py [--parts single,batch] [--lengths 100,512,4000] [--rounds 2]
-        [--threads 2] [--batch 64] [--dtypes float32,bfloat16]
+        [--threads 2] [--batch 64] [--dtypes float32,bfloat16] [--intervals 1,4,16,64]
 
 The model: Qwen3.5-0.8B's text shapes (24 layers of hidden 1024, Gated DeltaNet of 16 heads of 128 in three of
 every four, gated attention of 8 heads of 256 with 2 kv heads in the rest, MLP 3584, vocabulary 248,320, tied
@@ -18,6 +18,8 @@ the shortest (the states do not grow).
 batch: `--batch` prompts of 32 tokens, 32 output tokens each (EOS ignored), pagedllm's `LLM.generate` on the
 Hugging Face folder against one transformers `generate` over the same batch, same threads, both computing in
 each of `--dtypes`.
+prefix (not in the default parts): the prefix cache's hits and saved states on a chat workload for each
+snapshot interval (prefix_cache).
 """
 
 from __future__ import annotations
@@ -149,6 +151,54 @@ def batch(size: int, threads: int, dtype: str) -> None:
                       "ratio": round(ours / peer, 2)}), flush=True)
 
 
+def prefix_cache(intervals: list[int]) -> None:
+    """Hybrid prefix caching: the prompt tokens a chat workload finds cached, and the saved states it
+    keeps, for each snapshot interval. The workload: 8 conversations of 3 turns over one 320-token system
+    prompt (user turns of 20–60 tokens, 32-token answers fed back), one request at a time, blocks of 16, on a
+    tiny Qwen3.5 (the
+    hits do not depend on the model's size; the memory is given for Qwen3.5-0.8B's 19.3 MiB states)."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.models.loaders import ModelSource, default_model_path
+    from pagedllm.tokenizer import load_tokenizer
+    from pagedllm.tools.export import write_tokenizer_files
+
+    folder = CACHE / "qwen3.5-tiny-random"
+    if not (folder / "config.json").exists():
+        tiny = dict(SHAPE, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                    intermediate_size=96, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                    linear_num_value_heads=4, vocab_size=49152)
+        AutoModelForCausalLM.from_config(Qwen3_5TextConfig(**tiny)).save_pretrained(folder)
+        source = ModelSource("gguf", default_model_path())
+        write_tokenizer_files(source, load_tokenizer(source), folder)
+    state_mib = 20201472 / 2**20  # Qwen3.5-0.8B's states a sequence
+    rng = random.Random(0)
+    system = [rng.randrange(100, 40000) for _ in range(320)]
+    turns = [[[rng.randrange(100, 40000) for _ in range(rng.randint(20, 60))] for _ in range(3)] for _ in range(8)]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    for interval in intervals:
+        llm = LLM(str(folder), kv_cache_memory=256 * 2**20, state_snapshot_interval=interval, max_num_seqs=8)
+        cache = llm.engine.kv_cache
+        history = [list(system) for _ in turns]
+        prompt_tokens = 0
+        for turn in range(3):  # each conversation's turn in turn: what the cache can give, not scheduling luck
+            for c, conversation in enumerate(turns):
+                prompt = history[c] + conversation[turn]
+                prompt_tokens += len(prompt)
+                output = llm.generate({"prompt_token_ids": prompt}, params)[0]
+                history[c] = prompt + list(output.outputs[0].token_ids)
+        saved = len(cache.snapshots)
+        print(json.dumps({"interval_blocks": interval, "prompt_tokens": prompt_tokens,
+                          "hit_tokens": cache.stats.hit_tokens,
+                          "hit_share": round(cache.stats.hit_tokens / prompt_tokens, 3),
+                          "states_saved_at_end": saved, "their_mib_at_qwen3.5_0.8b": round(saved * state_mib)}),
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="single,batch")
@@ -157,6 +207,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--dtypes", default="float32,bfloat16", help="batch: both engines in each of these")
+    parser.add_argument("--intervals", default="1,4,16,64", help="prefix: snapshot intervals (blocks) to compare")
     args = parser.parse_args()
     parts = args.parts.split(",")
     if "single" in parts:
@@ -165,6 +216,8 @@ def main() -> None:
     if "batch" in parts:
         for dtype in args.dtypes.split(","):
             batch(args.batch, args.threads, dtype)
+    if "prefix" in parts:
+        prefix_cache([int(i) for i in args.intervals.split(",")])
 
 
 if __name__ == "__main__":
