@@ -66,7 +66,7 @@ def step_logits(llm, prompts: list[tuple[list[int], str | None]]) -> list[torch.
         blocks = -(-len(ids) // bs)
         tables.append(list(range(first, first + blocks)))
         first += blocks
-    batch = runner.prepare(scheduled, tables)
+    batch = runner.prepare(scheduled, tables, list(range(len(prompts))))  # hybrids: a fresh state slot each
     with engine.model.lora_context.applied(batch.lora_segments), torch.inference_mode():
         logits = engine.model.compute_logits(engine.model(batch.input_ids, batch.positions, runner.kv_caches,
                                                           batch.meta))

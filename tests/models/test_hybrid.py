@@ -363,3 +363,30 @@ def test_cached_prefixes_resume_from_saved_states(tiny_hybrids, family):
     assert run(system + _prompt(9, 13))[1] == 24  # the system prompt's last multiple of 2 blocks
     assert run(system + user)[1] == 36  # the whole prompt's last block (one token left to compute)
     assert run(system + user + first + _prompt(5, 14))[1] == 48  # the first turn's last decoded block
+
+
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_5"])
+def test_lora_on_every_projection_gives_peft_logits(tiny_hybrids, tmp_path, family):
+    """A PEFT adapter on all linear layers — the recurrent mixers' in/out projections too — beside the base
+    model in one step: each row gets its own logits."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from helpers import step_logits
+
+    folder, model = tiny_hybrids[family]
+    torch.manual_seed(3)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.mul_(3.0)
+    peft.eval().save_pretrained(tmp_path / "a")
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, lora_modules={"a": str(tmp_path / "a")})
+    ids = _prompt(20, 4)
+    ours, plain = step_logits(llm, [(ids, "a"), (ids, None)])
+    with torch.no_grad():
+        ref, base_ref = peft(torch.tensor([ids])).logits[0], model(torch.tensor([ids])).logits[0]
+    assert (ref - base_ref).abs().max() > 0.05
+    assert (ours - ref).abs().max().item() < 1e-4 and (plain - base_ref).abs().max().item() < 1e-4
