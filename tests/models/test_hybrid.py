@@ -390,3 +390,22 @@ def test_lora_on_every_projection_gives_peft_logits(tiny_hybrids, tmp_path, fami
         ref, base_ref = peft(torch.tensor([ids])).logits[0], model(torch.tensor([ids])).logits[0]
     assert (ref - base_ref).abs().max() > 0.05
     assert (ours - ref).abs().max().item() < 1e-4 and (plain - base_ref).abs().max().item() < 1e-4
+
+
+def test_probes_show_the_recurrent_layers_too(tiny_hybrids, monkeypatch):
+    """`inspect` on Qwen3.5: every layer's hidden states equal transformers', the prompt prefilled in slices of
+    5 tokens (each continuing its recurrent states); an attention query on a Gated DeltaNet layer is refused."""
+    from pagedllm.tools import inspect as inspect_module
+    from pagedllm.tools.inspect import ProbeError, inspect_model
+    from tools.test_inspect import _reference
+
+    monkeypatch.setattr(inspect_module, "PREFILL_SLICE_TOKENS", 5)
+    folder, model = tiny_hybrids["qwen3_5"]
+    ids = _prompt(12, 6)
+    ours = inspect_model(load_model(ModelSource("hf", Path(folder))), ids, top_k=5, block_size=4, attention=["3:0"])
+    for probe, expected in zip(ours.layers, _reference(model, ids, top_k=5), strict=True):
+        assert torch.allclose(torch.tensor(probe.residual_norm), expected["norm"], rtol=1e-4)
+        assert [[t for t, _ in row] for row in probe.top_k] == expected["ids"].tolist()
+    assert len(ours.attention) == 1
+    with pytest.raises(ProbeError, match="layer 0 is a gated delta net layer, not attention"):
+        inspect_model(load_model(ModelSource("hf", Path(folder))), ids, attention=["0:0"])

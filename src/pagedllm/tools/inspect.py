@@ -165,7 +165,9 @@ def prefill_slices(model: Transformer, token_ids: list[int], observe: LayerObser
         raise ProbeError("probes need the whole model in one process (not under --tensor-parallel-size)")
     cfg = model.config
     dtype, device = model.norm.weight.dtype, model.norm.weight.device
-    spec = plan_kv_cache(cfg, block_size, kv_bytes_per_token(cfg, dtype) * (len(token_ids) + block_size), dtype)
+    states = 1 if cfg.is_hybrid else 0  # a hybrid's recurrent layers keep the sequence's state in slot 0
+    memory = kv_bytes_per_token(cfg, dtype) * (len(token_ids) + block_size) + states * cfg.state_bytes_per_sequence
+    spec = plan_kv_cache(cfg, block_size, memory, dtype, state_slots=states)
     runner = ModelRunner(model, spec, device, dtype)
     sequence = Sequence("inspect", list(token_ids), SamplingParams(max_tokens=1))
     finals, rotations, table = [], [], [list(range(spec.num_blocks))]
@@ -173,7 +175,7 @@ def prefill_slices(model: Transformer, token_ids: list[int], observe: LayerObser
         if finals:
             yield
         chunk = min(PREFILL_SLICE_TOKENS, len(token_ids) - sequence.num_computed_tokens)
-        batch = runner.prepare([ScheduledSequence(sequence, chunk)], table)
+        batch = runner.prepare([ScheduledSequence(sequence, chunk)], table, [0] * states)
         finals.append(model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta, observe=observe))
         rotations.append(model.rotations(batch.positions, batch.meta, dtype))
         sequence.num_computed_tokens += chunk
@@ -190,6 +192,10 @@ def prefill_observed(model: Transformer, token_ids: list[int], observe: LayerObs
 def _attention_probe(model: Transformer, query: AttentionQuery, layer_input: torch.Tensor,
                      rotations: Rotations) -> AttentionProbe:
     layer = model.layers[query.layer]
+    if layer.self_attn is None:
+        raise ProbeError(f"layer {query.layer} is a {model.config.layer_mixer(query.layer).replace('_', ' ')} layer, "
+                         f"not attention: it has no attention weights (attention layers: "
+                         f"{', '.join(map(str, model.config.attention_layers))})")
     tokens = len(layer_input)
     heads = _index(query.head, layer.self_attn.num_heads, "head")
     queries, keys = _index(query.query, tokens, "query token"), _index(query.key, tokens, "key token")
