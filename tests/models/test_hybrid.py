@@ -409,3 +409,31 @@ def test_probes_show_the_recurrent_layers_too(tiny_hybrids, monkeypatch):
     assert len(ours.attention) == 1
     with pytest.raises(ProbeError, match="layer 0 is a gated delta net layer, not attention"):
         inspect_model(load_model(ModelSource("hf", Path(folder))), ids, attention=["0:0"])
+
+
+def test_served_and_batched_as_any_model(tiny_hybrids, tmp_path):
+    """A hybrid behind the OpenAI server (the engine core in its own process) streams what the offline engine
+    generates, twice (the second from its saved prefix), and a batch job writes the same records."""
+    import json
+
+    import httpx
+
+    from live_server import LiveServer
+    from pagedllm import infer
+
+    folder = str(tiny_hybrids["qwen3_5"][0])
+    prompt = _prompt(40, 8)
+    want = LLM(folder, kv_cache_memory=2**20, block_size=4).generate(
+        {"prompt_token_ids": prompt}, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].outputs[0].text
+    with LiveServer(folder, kv_cache_memory=2**20, block_size=4) as live, httpx.Client(base_url=live.url) as http:
+        for _ in range(2):
+            answer = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0,
+                                                        "ignore_eos": True}, timeout=60)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["text"] == want
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"id": "a", "prompt": prompt, "max_tokens": 8, "ignore_eos": True}) + "\n")
+    summary = infer(folder, rows, tmp_path / "out.jsonl", 1, sampling_params=SamplingParams(temperature=0.0),
+                    engine_options={"kv_cache_memory": 2**20, "block_size": 4}, progress=False)
+    assert summary.errors == 0
+    assert json.loads((tmp_path / "out.jsonl").read_text())["text"] == want
