@@ -161,10 +161,23 @@ def test_lfm2_memory_plan_holds_a_state_per_sequence(tiny_lfm2):
         LLM(str(folder), kv_cache_memory=spec.state_bytes_per_slot, block_size=4)
 
 
-def test_hybrids_refuse_speculative_decoding(tiny_lfm2):
-    folder, _ = tiny_lfm2
-    with pytest.raises(PagedLLMError, match="rolled back"):
-        LLM(str(folder), kv_cache_memory=2**20, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_5"])
+def test_speculative_decoding_rolls_rejected_drafts_back(tiny_hybrids, family):
+    """N-gram drafts on a hybrid: each drafting step's states are checkpointed first; where a draft is
+    rejected they go back to the checkpoint and the tokens kept are computed again — the greedy tokens stay
+    transformers', with drafts both accepted and rejected on the way."""
+    folder, model = tiny_hybrids[family]
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4,
+              speculative_config={"method": "ngram", "num_speculative_tokens": 3})
+    scheduler = llm.engine.scheduler
+    for seed in range(4):
+        prompt = _prompt(12, 20 + seed)
+        # The prompt, its answer, the prompt again: the n-gram proposer drafts the answer again (accepted
+        # where the states lead the model to repeat it); or a segment repeated (drafts of another kind).
+        ids = prompt + _greedy_reference(model, prompt, 12) + prompt if seed % 2 else prompt[:6] * 4
+        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+        assert out[0].outputs[0].token_ids == _greedy_reference(model, ids, 24)
+    assert scheduler.num_draft_tokens > scheduler.num_accepted_drafts > 0
 
 
 @pytest.fixture(params=["kernels", "torch"])

@@ -32,12 +32,14 @@ class PrefixCacheStats:
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
                  sliding_window: int | None = None, num_state_slots: int = 0, num_snapshot_slots: int = 0,
-                 snapshot_interval: int = 16):
+                 snapshot_interval: int = 16, state_checkpoints: bool = False):
         """`sliding_window`: the window every layer of the model keeps to; the blocks behind it go back to the
         pool as a sequence moves on (None: a sequence keeps all of its blocks). `num_state_slots`: hybrid
         models' recurrent-state slots; each running sequence holds one (0: the model has no such layers).
         `num_snapshot_slots`: the slots after those that hold saved states, the hybrid's prefix cache
-        (state_snapshots.py: one every `snapshot_interval` blocks); without any, no prefix is reused."""
+        (state_snapshots.py: one every `snapshot_interval` blocks); without any, no prefix is reused.
+        `state_checkpoints`: a second slot a running one, after the snapshots (speculative decoding: a state
+        before a step's drafts, to roll back to when some are rejected)."""
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
@@ -53,6 +55,7 @@ class KVCacheManager:
         self.snapshots = StateSnapshots(range(num_state_slots, num_state_slots + num_snapshot_slots), block_size,
                                         snapshot_interval) if num_snapshot_slots and enable_prefix_caching else None
         self._resume_from: dict[str, int] = {}  # sequence → the snapshot slot its state starts from
+        self._checkpoint_offset = num_state_slots + num_snapshot_slots if state_checkpoints else None
         if self.uses_states and self.snapshots is None:
             self.pool.enable_caching = False  # a hybrid's cached K/V is of no use without its states
 
@@ -189,6 +192,19 @@ class KVCacheManager:
         """State-slot copies (forks) the model runner must make before the next forward pass."""
         copies, self._pending_state_copies = self._pending_state_copies, []
         return copies
+
+    def checkpoint_state(self, sequence: Sequence) -> None:
+        """A hybrid sequence about to verify drafts: its state copied aside before the step (roll_back_state)."""
+        if self._checkpoint_offset is None:
+            raise RuntimeError("the cache keeps no state checkpoints: speculative decoding on a hybrid needs them")
+        slot = self._state_slots[sequence.seq_id]
+        self._pending_state_copies.append((slot, slot + self._checkpoint_offset))
+
+    def roll_back_state(self, sequence: Sequence) -> None:
+        """Some of the step's drafts were rejected: the state goes back to before the step (the tokens kept
+        are computed again from there next step; the K/V they wrote is written again, the same)."""
+        slot = self._state_slots[sequence.seq_id]
+        self._pending_state_copies.append((slot + self._checkpoint_offset, slot))
 
     def state_slot(self, sequence: Sequence) -> int:
         return self._state_slots[sequence.seq_id]

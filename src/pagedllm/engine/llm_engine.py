@@ -84,9 +84,10 @@ class LLMEngine:
         model_len = self.model.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_len, model_len)
         kv_dtype = kv_pool_dtype(self.model, config.cache.kv_cache_dtype, dtype)
-        hybrid = self._check_hybrid(config)
+        hybrid = self.model.config.is_hybrid  # recurrent states (tensor parallelism was refused before loading)
         self.kv_spec = plan_kv_cache(self.model.config, config.cache.block_size, config.cache.kv_cache_memory_bytes,
-                                     kv_dtype, self.model.planned_kv_heads, *(self._state_slots() if hybrid else (0, 0)))
+                                     kv_dtype, self.model.planned_kv_heads, *(self._state_slots() if hybrid else (0, 0)),
+                                     checkpoints=hybrid and config.speculative is not None)
         if self.kv_spec.num_blocks < 1:
             raise PagedLLMError(f"kv cache memory {config.cache.kv_cache_memory_bytes} bytes is less than one block "
                                 f"({self.kv_spec.bytes_per_block} bytes) after the recurrent states "
@@ -94,7 +95,7 @@ class LLMEngine:
         self.kv_cache = KVCacheManager(self.kv_spec.num_blocks, self.kv_spec.block_size,
                                        config.cache.enable_prefix_caching, self.model.config.uniform_window(),
                                        self.kv_spec.num_state_slots, self.kv_spec.num_snapshot_slots,
-                                       config.cache.state_snapshot_interval)
+                                       config.cache.state_snapshot_interval, self.kv_spec.num_checkpoint_slots > 0)
         self.stop_rule = StopRule(self.tokenizer.stop_token_ids, self.max_model_len)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, self.stop_rule)
         runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype,
@@ -113,16 +114,6 @@ class LLMEngine:
         self._recent: deque[tuple[float, int, int]] = deque()  # (time, prompt tokens, generated) per step
         release_thread_pool()  # loading ran kernels here; steps may be driven from another thread
 
-    def _check_hybrid(self, config: EngineConfig) -> bool:
-        """Whether the model keeps recurrent states (hybrid models), refusing what they cannot do yet: a
-        state cannot be rolled back past rejected drafts (tensor parallelism is refused before loading)."""
-        if not self.model.config.is_hybrid:
-            return False
-        if config.speculative is not None:
-            raise PagedLLMError("speculative decoding does not support hybrid models: a recurrent state cannot "
-                                "be rolled back past rejected drafts")
-        return True
-
     def _state_slots(self) -> tuple[int, int]:
         """A hybrid's recurrent states: (a slot for each sequence that may run at once, snapshot slots for
         its prefix cache), out of at most half of the KV budget (the rest holds the attention layers' pages);
@@ -130,6 +121,8 @@ class LLMEngine:
         quarter of the half at least, one at least, before the running ones). Where fewer sequences fit,
         max_num_seqs comes down to them, as a warning says (Qwen3.5-0.8B's states take 19.3 MiB a sequence)."""
         budget, per_sequence = self.config.cache.kv_cache_memory_bytes, self.model.config.state_bytes_per_sequence
+        if self.config.speculative is not None:  # a checkpoint beside each running state (rolled back to)
+            per_sequence *= 2
         fit = budget // 2 // per_sequence
         caching = self.config.cache.enable_prefix_caching
         wanted = min(self.config.scheduler.max_num_seqs, fit - max(1, fit // 4) if caching else fit)

@@ -36,6 +36,7 @@ class KVCacheSpec:
     num_state_slots: int = 0  # one a running sequence
     state_bytes_per_slot: int = 0
     num_snapshot_slots: int = 0  # saved states, the hybrid's prefix cache (after the running ones)
+    num_checkpoint_slots: int = 0  # speculative decoding: each running slot's state before its drafts (after those)
 
     @property
     def num_tokens(self) -> int:
@@ -43,15 +44,18 @@ class KVCacheSpec:
 
 
 def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype: torch.dtype,
-                  kv_heads: int | None = None, state_slots: int = 0, snapshot_slots: int = 0) -> KVCacheSpec:
+                  kv_heads: int | None = None, state_slots: int = 0, snapshot_slots: int = 0,
+                  checkpoints: bool = False) -> KVCacheSpec:
     """`dtype`: the pool's elements (KV_Q8_0 for 8-bit rows); `kv_heads`: per pool (see kv_bytes_per_token);
     `state_slots`: sequences whose recurrent states (hybrid models, float32) come out of the budget first,
-    and `snapshot_slots` saved states beside them."""
+    `snapshot_slots` saved states beside them, and with `checkpoints` a second slot a sequence (speculative
+    decoding's rollback)."""
     per_block = kv_bytes_per_token(config, dtype, kv_heads) * block_size
     state_bytes = config.state_bytes_per_sequence
     slots, snapshots = (state_slots, snapshot_slots) if state_bytes else (0, 0)
-    left = max(0, memory_bytes - (slots + snapshots) * state_bytes)
-    return KVCacheSpec(left // per_block, block_size, per_block, slots, state_bytes, snapshots)
+    copies = slots if checkpoints else 0
+    left = max(0, memory_bytes - (slots + snapshots + copies) * state_bytes)
+    return KVCacheSpec(left // per_block, block_size, per_block, slots, state_bytes, snapshots, copies)
 
 
 def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -131,7 +135,8 @@ class ModelRunner:
         # Each layer's cache: its slice of the KV pool, or a recurrent layer's states, each [slots, *shape].
         pools = iter(self.kv_pool.unbind(0))
         self.kv_caches = [next(pools) if i in attention else tuple(
-            _zeroed_pool((spec.num_state_slots + spec.num_snapshot_slots, *shape), torch.float32, device)
+            _zeroed_pool((spec.num_state_slots + spec.num_snapshot_slots + spec.num_checkpoint_slots, *shape),
+                         torch.float32, device)
             for shape in cfg.state_shapes(i))
             for i in range(cfg.num_hidden_layers)]
         self.state_caches = [state for i, cache in enumerate(self.kv_caches) if i not in attention for state in cache]

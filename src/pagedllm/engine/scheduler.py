@@ -96,6 +96,8 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             sequence = self.running[index]
             behind = sequence.num_tokens - sequence.num_computed_tokens
+            if behind > 1 and self.kv_cache.uses_states:
+                sequence.spec_token_ids.clear()  # a hybrid rolled back: its kept tokens first, drafts next step
             num_new = min(behind + len(sequence.spec_token_ids), budget)
             if not sequence.spec_token_ids:
                 num_new = self.kv_cache.chunk_end(sequence, sequence.num_computed_tokens, num_new)
@@ -104,6 +106,8 @@ class Scheduler:
                 continue
             if self.kv_cache.allocate_slots(sequence, num_new) is not None:
                 del sequence.spec_token_ids[max(0, num_new - behind):]  # drafts past the budget wait
+                if sequence.spec_token_ids and self.kv_cache.uses_states:
+                    self.kv_cache.checkpoint_state(sequence)
                 out.scheduled.append(ScheduledSequence(sequence, num_new, len(sequence.spec_token_ids)))
                 budget -= num_new
                 index += 1
@@ -159,7 +163,10 @@ class Scheduler:
                 self.num_draft_tokens += item.num_spec_tokens
                 self.num_accepted_drafts += agreed
                 sequence.spec_token_ids = []
-                sequence.num_computed_tokens = sequence.num_tokens + len(tokens) - 1  # the last kept is not computed
+                if agreed < item.num_spec_tokens and self.kv_cache.uses_states:
+                    self.kv_cache.roll_back_state(sequence)  # the tokens kept are computed again, from before
+                else:
+                    sequence.num_computed_tokens = sequence.num_tokens + len(tokens) - 1  # the last kept is not
             else:
                 sequence.num_computed_tokens += item.num_new_tokens
             appended[sequence.seq_id] = self._append(sequence, tokens)
