@@ -159,7 +159,6 @@ def prefix_cache(intervals: list[int]) -> None:
     hits do not depend on the model's size; the memory is given for Qwen3.5-0.8B's 19.3 MiB states)."""
     import random
 
-    import torch
     from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
 
     from pagedllm import LLM, SamplingParams
