@@ -54,7 +54,7 @@ class Attention(nn.Module):
                                     cfg.hidden_size, bias=cfg.attention_bias, parallel="column",
                                     rank_slices=(q_rows, kv_rows, kv_rows))
         self.o_proj = plan.linear(prefix, {"o_proj": cfg.hidden_size}, self.q_size, bias=cfg.o_proj_bias,
-                                  parallel="row", rank_slices=(q_rows,))
+                                  parallel="row", rank_slices=((q_first * hd, cfg.num_attention_heads * hd),))
         self.q_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.k_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.scale = cfg.scale
