@@ -131,8 +131,9 @@ def batch(size: int, threads: int, dtype: str) -> None:
     torch.set_num_threads(threads)
     folder = hf_folder()
     prompts = torch.randint(100, 49152, (size, PROMPT), generator=torch.Generator().manual_seed(size)).tolist()
-    # Room for every sequence's states (20 MiB each) in half the budget, their pages in the rest.
-    llm = LLM(str(folder), kv_cache_memory=size * 48 * 2**20, max_num_seqs=size, dtype=dtype)
+    # Room for every sequence's states (19.3 MiB each) and the prefix cache's in half the budget, pages in the rest.
+    llm = LLM(str(folder), kv_cache_memory=size * 64 * 2**20, max_num_seqs=size, dtype=dtype)
+    assert llm.engine.scheduler.config.max_num_seqs == size
     params = SamplingParams(max_tokens=OUTPUT, temperature=0, ignore_eos=True)
     llm.generate({"prompt_token_ids": prompts[0]}, params)  # warm-up
     start = time.perf_counter()

@@ -284,6 +284,23 @@ def test_backends_give_the_same_greedy_tokens():
     assert outputs["auto"] == outputs["torch"]
 
 
+def test_a_bfloat16_model_attends_with_the_kernels_too():
+    """A --dtype bfloat16 model on the CPU: the C++ kernels (queries widened, outputs narrowed) give the torch
+    backend's step within bfloat16's rounding, prompt and decode."""
+    if not cpu_kernels_available():
+        pytest.skip("the CPU kernels did not build")
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+    logprobs = {}
+    for backend in ("auto", "torch"):
+        llm = LLM(kv_cache_memory=32 * 2**20, max_num_batched_tokens=64, attention_backend=backend,
+                  quantization=FLOAT, dtype="bfloat16")
+        assert llm.engine.runner.attention_backend.name == ("cpu" if backend == "auto" else "torch")
+        out = llm.generate(PROMPTS[0], params)[0].outputs[0]
+        logprobs[backend] = (out.token_ids, [next(iter(row.values())).logprob for row in out.logprobs])
+    assert logprobs["auto"][0][:4] == logprobs["torch"][0][:4]
+    assert logprobs["auto"][1][:4] == pytest.approx(logprobs["torch"][1][:4], abs=0.1)
+
+
 def test_failed_build_falls_back_to_torch(monkeypatch, caplog):
     def no_compiler(*args, **kwargs):
         raise RuntimeError("no C++ compiler")

@@ -19,9 +19,10 @@ class CpuBackend(TorchBackend):
 
     @classmethod
     def usable(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-        """float32 models on the CPU, with a compiled head size, once the kernels build."""
-        return (torch.device(device).type == "cpu" and dtype == torch.float32 and head_dim in kernels.KERNEL_HEAD_DIMS
-                and kernels.cpu_kernels_available())
+        """float32 and bfloat16 models on the CPU (the kernels take float32 queries: a bfloat16 model's are
+        widened, its outputs narrowed back), with a compiled head size, once the kernels build."""
+        return (torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                and head_dim in kernels.KERNEL_HEAD_DIMS and kernels.cpu_kernels_available())
 
     def build_metadata(self, layout: StepLayout) -> AttentionMetadata:
         meta = super().build_metadata(layout)
@@ -32,13 +33,14 @@ class CpuBackend(TorchBackend):
         return meta
 
     def attend_group(self, q, kv_cache, meta, group, index, layer, matmul_dtype):
-        if group.use_decode_kernel:
-            return kernels.paged_decode_attention(q, kv_cache, group.block_tables, group.context_lens, layer.scale,
-                                                  layer.sliding_window, layer.softcap, layer.alibi,
-                                                  layer.bfloat16_products and kernels.decode_bfloat16_available())
-        if group.use_prefill_kernel and q.dtype == torch.float32 and not q.requires_grad:
+        if group.use_decode_kernel and not q.requires_grad:
+            return kernels.paged_decode_attention(q.float(), kv_cache, group.block_tables, group.context_lens,
+                                                  layer.scale, layer.sliding_window, layer.softcap, layer.alibi,
+                                                  layer.bfloat16_products and kernels.decode_bfloat16_available()
+                                                  ).to(q.dtype)
+        if group.use_prefill_kernel and q.dtype in (torch.float32, torch.bfloat16) and not q.requires_grad:
             bfloat16 = layer.bfloat16_products and kernels.prefill_bfloat16_available()
-            return kernels.paged_prefill_attention(q, kv_cache, group.block_tables, group.query_start,
+            return kernels.paged_prefill_attention(q.float(), kv_cache, group.block_tables, group.query_start,
                                                    group.context_lens, layer.scale, layer.sliding_window,
-                                                   layer.softcap, layer.alibi, bfloat16)
+                                                   layer.softcap, layer.alibi, bfloat16).to(q.dtype)
         return super().attend_group(q, kv_cache, meta, group, index, layer, matmul_dtype)
