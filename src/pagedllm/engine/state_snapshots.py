@@ -3,7 +3,8 @@
 A cached prefix of K/V blocks is only usable by a hybrid model together with its recurrent layers' state
 at the prefix's end, and a state cannot be rebuilt from K/V. So a sequence's state is saved (copied into a
 snapshot slot) when it has just computed a snapshot point: every `interval`-th block boundary of its
-tokens, the last block boundary of its prompt that a request with the same prompt can resume from, and,
+tokens, the last block boundary of its prompt that a request with the same prompt can resume from (prompts
+of an interval or more), and,
 while it decodes, each block boundary it passes (one rolling snapshot a sequence, each replacing its last:
 the next turn of a chat resumes within a block of where this one ended). A new request's prefix hit is
 cut back to the longest run of blocks whose end has a saved state; the snapshot is copied into its slot.
@@ -37,12 +38,19 @@ class StateSnapshots:
         same prompt resumes)."""
         return (len(sequence.prompt_token_ids) - 1) // self.block_size * self.block_size
 
+    def _prompt_snapshot(self, sequence: Sequence) -> int | None:
+        """The prompt's own snapshot point, for prompts of an interval or more (a shorter one costs less to
+        compute again than the extra prefill chunk its snapshot would)."""
+        point = self.prompt_point(sequence)
+        return point if point >= self.interval * self.block_size else None
+
     def chunk_end(self, sequence: Sequence, start: int, num_new: int) -> int:
         """`num_new` tokens from `start`, cut to end at the first snapshot point after `start`."""
         step = self.interval * self.block_size
         points = [(start // step + 1) * step]
-        if self.prompt_point(sequence) > start:
-            points.append(self.prompt_point(sequence))
+        prompt = self._prompt_snapshot(sequence)
+        if prompt is not None and prompt > start:
+            points.append(prompt)
         return min(num_new, min(points) - start)
 
     def resume(self, hashes: list[int]) -> tuple[int, int | None]:
@@ -59,7 +67,7 @@ class StateSnapshots:
         """`sequence` (its state in slot `source`) has computed `computed` tokens, a block boundary whose
         block hashes to `block_hash`: the (source, snapshot) copy to make where this is a snapshot point."""
         decoding = computed > self.prompt_point(sequence)
-        if not decoding and computed % (self.interval * self.block_size) and computed != self.prompt_point(sequence):
+        if not decoding and computed % (self.interval * self.block_size) and computed != self._prompt_snapshot(sequence):
             return None
         if block_hash in self._saved:
             self._saved.move_to_end(block_hash)
