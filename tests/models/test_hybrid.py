@@ -450,3 +450,16 @@ def test_served_and_batched_as_any_model(tiny_hybrids, tmp_path):
                     engine_options={"kv_cache_memory": 2**20, "block_size": 4}, progress=False)
     assert summary.errors == 0
     assert json.loads((tmp_path / "out.jsonl").read_text())["text"] == want
+
+
+def test_a_peft_adapter_on_a_tiled_gguf_is_refused_clearly(tiny_hybrids, hybrid_ggufs, tmp_path):
+    """Qwen3.5's GGUF tiles the delta net's value heads (4 value heads over 2 key heads here); a PEFT adapter on
+    those projections is in the checkpoint's grouped order: refused with the reason, not applied out of order."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = tiny_hybrids["qwen3_5"]
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    get_peft_model(base, LoraConfig(r=2, target_modules=["in_proj_z"])).save_pretrained(tmp_path / "a")
+    with pytest.raises(PagedLLMError, match="tiles"):
+        LLM(str(hybrid_ggufs["qwen3_5"] / "f32.gguf"), kv_cache_memory=2**20, lora_modules={"a": str(tmp_path / "a")})

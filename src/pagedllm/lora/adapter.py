@@ -67,6 +67,7 @@ def load_adapter(name: str, path: str | os.PathLike, config: ModelConfig, family
     path = Path(path).expanduser()
     if path.is_dir():
         modules, rank = _peft_modules(path)
+        _check_value_head_order(path, modules, config)
         rows = _hf_rows
     elif path.is_file():
         modules, rank = _gguf_modules(path, family)
@@ -213,6 +214,16 @@ def _nested_repetition(items, inside_repeat: bool) -> bool:
 
 def _positive_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
+
+
+def _check_value_head_order(path: Path, modules: dict, config: ModelConfig) -> None:
+    """A PEFT adapter orders Gated DeltaNet's value heads as the Hugging Face checkpoint does (grouped by key
+    head); a Qwen3.5 GGUF model tiles them, and an adapter's rows and columns are not reordered to match."""
+    tiled = config.linear_value_heads_tiled and config.linear_num_value_heads != config.linear_num_key_heads
+    if tiled and any(".linear_attn." in module for module in modules):
+        raise LoRAError(f"LoRA adapter {path}: it adapts Gated DeltaNet projections in the Hugging Face order of "
+                        "value heads, which this GGUF model tiles; load the model from its Hugging Face checkpoint, "
+                        "or convert the adapter with llama.cpp's convert_lora_to_gguf.py")
 
 
 def _hf_rows(module: str, b: torch.Tensor, config: ModelConfig, family: FamilySpec,
