@@ -298,7 +298,8 @@ class CacheConfig:
             raise ConfigError(f"block_size must be an integer in [1, 1024], got {self.block_size!r}")
         if not isinstance(self.kv_cache_memory_bytes, int) or self.kv_cache_memory_bytes <= 0:
             raise ConfigError(f"kv cache memory must be a positive number of bytes, got {self.kv_cache_memory_bytes!r}")
-        if not isinstance(self.state_snapshot_interval, int) or not 1 <= self.state_snapshot_interval <= 2**16:
+        interval = self.state_snapshot_interval
+        if not isinstance(interval, int) or isinstance(interval, bool) or not 1 <= interval <= 2**16:
             raise ConfigError(f"state snapshot interval must be an integer in [1, 65536] blocks, "
                               f"got {self.state_snapshot_interval!r}")
 

@@ -463,3 +463,66 @@ def test_a_peft_adapter_on_a_tiled_gguf_is_refused_clearly(tiny_hybrids, hybrid_
     get_peft_model(base, LoraConfig(r=2, target_modules=["in_proj_z"])).save_pretrained(tmp_path / "a")
     with pytest.raises(PagedLLMError, match="tiles"):
         LLM(str(hybrid_ggufs["qwen3_5"] / "f32.gguf"), kv_cache_memory=2**20, lora_modules={"a": str(tmp_path / "a")})
+
+
+class _Metadata:
+    """A GGUF file's metadata and tensor names only, as gguf_mixers reads them."""
+
+    def __init__(self, metadata: dict, tensors=()):
+        self.path, self.metadata, self.tensors = "bad.gguf", metadata, dict.fromkeys(tensors)
+
+    def get(self, key, default=None):
+        return self.metadata.get(key, default)
+
+    def require(self, key):
+        from pagedllm.models.loaders.gguf_file import GGUFError
+
+        if key not in self.metadata:
+            raise GGUFError(f"{self.path}: required metadata key {key!r} is missing")
+        return self.metadata[key]
+
+
+_DELTA_KEYS = {"qwen35.ssm.conv_kernel": 4, "qwen35.ssm.state_size": 8, "qwen35.ssm.group_count": 2,
+               "qwen35.ssm.time_step_rank": 4, "qwen35.ssm.inner_size": 32}
+
+
+@pytest.mark.parametrize("arch,changes,message", [
+    ("lfm2", {"lfm2.attention.head_count_kv": 2}, "one count per layer"),
+    ("lfm2", {"lfm2.attention.head_count_kv": np.zeros(4, np.uint32)}, "some of them positive"),
+    ("lfm2", {"lfm2.attention.head_count_kv": np.array([2, 0], np.uint32)}, "one count per layer"),
+    ("lfm2", {"lfm2.attention.head_count_kv": np.array([0, 0, 2, 0], np.uint32),
+              "lfm2.shortconv.l_cache": 2**40}, "positive count"),
+    ("qwen35", {"qwen35.ssm.inner_size": 30}, "not a multiple"),
+    ("qwen35", {"qwen35.ssm.time_step_rank": -4}, "positive count"),
+    ("qwen35", {"qwen35.ssm.group_count": 1.5}, "positive count"),
+    ("qwen35", {"qwen35.ssm.state_size": None}, "positive count"),
+    ("qwen35", {"qwen35.attention.recurrent_layers": np.array([True, False])}, "one flag per layer"),
+    ("qwen35", {"qwen35.attention.recurrent_layers": "tttf"}, "one flag per layer"),
+    ("qwen35", {"qwen35.full_attention_interval": 0}, "positive count"),
+])
+def test_hostile_hybrid_metadata_is_a_clear_error(arch, changes, message):
+    from pagedllm.models.loaders.gguf_file import GGUFError
+    from pagedllm.models.loaders.gguf_mixers import gguf_mixer_fields
+    from pagedllm.models.registry import family_for_gguf
+
+    metadata = {**({"lfm2.shortconv.l_cache": 3} if arch == "lfm2" else _DELTA_KEYS), **changes}
+    metadata = {k: v for k, v in metadata.items() if v is not None}
+    with pytest.raises(GGUFError, match=message):
+        gguf_mixer_fields(_Metadata(metadata), arch, family_for_gguf(arch), 4)
+
+
+@pytest.mark.parametrize("extra", [4, 9, -1, True, 2**63])
+def test_hostile_multi_token_prediction_counts_are_refused(extra):
+    from pagedllm.models.loaders.gguf_file import GGUFError
+    from pagedllm.models.loaders.gguf_mixers import gguf_layer_count
+
+    with pytest.raises(GGUFError, match="nextn_predict_layers"):
+        gguf_layer_count(_Metadata({"qwen35.nextn_predict_layers": extra}), "qwen35", 4)
+
+
+def test_state_snapshot_interval_is_checked():
+    from pagedllm.config import CacheConfig
+
+    for bad in (0, -3, 2**20, 1.5, True):
+        with pytest.raises(ConfigError, match="state snapshot interval"):
+            CacheConfig(state_snapshot_interval=bad)
