@@ -6,6 +6,7 @@ slots out); a sequence starting at position 0 starts from zeros, whatever its sl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,9 +42,9 @@ class StateMetadata:
 
         return cls(tensor(slots), tensor(starts == 0, torch.bool), tensor(query_start), np.asarray(counts))
 
-    @property
+    @functools.cached_property
     def decoding(self) -> bool:
-        """Every sequence of the step has one new token."""
+        """Every sequence of the step has one new token (asked by every recurrent layer: worked out once)."""
         return bool((self.counts == 1).all())
 
     def padded_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
