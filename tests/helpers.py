@@ -23,6 +23,23 @@ def prefill_hidden(model: Transformer, ids: list[int], block_size: int = 16) -> 
     return model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
 
 
+def rank_prefill_logits(rank: int, size: int, port: int, sources: list, ids: list[int], out) -> None:
+    """One rank of a tensor-parallel group (run by torch.multiprocessing.spawn): each source's model
+    slice and its prefill logits of `ids` (all ranks take part; rank 0 saves the list to `out`)."""
+    import torch.distributed as dist
+
+    from pagedllm.distributed import init_group
+    from pagedllm.models.loaders import load_model
+
+    torch.set_num_threads(1)
+    tp = init_group(rank, size, port, "cpu")
+    logits = [prefill_logits(load_model(source, tp=tp), ids, block_size=4) for source in sources]
+    if rank == 0:
+        torch.save(logits, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 @torch.inference_mode()
 def prefill_logits(model: Transformer, ids: list[int], block_size: int = 16) -> torch.Tensor:
     """Logits at every position of `ids`, computed in one paged forward pass."""

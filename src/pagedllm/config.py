@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from .distributed import TensorParallel, delta_net_heads, span
 from .errors import ConfigError
 
 
@@ -190,17 +191,18 @@ class ModelConfig:
         """Whether some layer keeps a recurrent state per sequence instead of K/V."""
         return len(self.attention_layers) < self.num_hidden_layers
 
-    def state_shapes(self, layer: int) -> tuple[tuple[int, ...], ...]:
-        """The per-sequence state tensors of a recurrent layer (none for attention): a short
-        convolution's last conv_kernel − 1 inputs; Gated DeltaNet's convolution inputs (q, k and v) and
-        its recurrent matrix per value head."""
+    def state_shapes(self, layer: int, tp: TensorParallel | None = None) -> tuple[tuple[int, ...], ...]:
+        """The per-sequence state tensors of a recurrent layer (none for attention), of rank `tp`'s part
+        under tensor parallelism: a short convolution's last conv_kernel − 1 inputs (its channels split);
+        Gated DeltaNet's convolution inputs (q, k and v) and its recurrent matrix per value head (its heads split)."""
         mixer = self.layer_mixer(layer)
         if mixer == "short_conv":
-            return ((self.conv_kernel - 1, self.hidden_size),)
+            return ((self.conv_kernel - 1, span(self.hidden_size, tp)[1]),)
         if mixer == "gated_delta_net":
-            conv = 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_value_dim
-            return ((self.conv_kernel - 1, conv),
-                    (self.linear_num_value_heads, self.linear_key_head_dim, self.linear_value_head_dim))
+            keys, values = delta_net_heads(self.linear_num_key_heads, self.linear_num_value_heads,
+                                           self.linear_value_heads_tiled, tp)
+            conv = 2 * keys.count * self.linear_key_head_dim + values.count * self.linear_value_head_dim
+            return ((self.conv_kernel - 1, conv), (values.count, self.linear_key_head_dim, self.linear_value_head_dim))
         return ()
 
     @property
@@ -210,7 +212,17 @@ class ModelConfig:
     @property
     def state_bytes_per_sequence(self) -> int:
         """What one sequence's recurrent states take over all recurrent layers (float32; 0 but for hybrids)."""
-        return 4 * sum(math.prod(shape) for layer in range(self.num_hidden_layers) for shape in self.state_shapes(layer))
+        return self.rank_state_bytes(None)
+
+    def rank_state_bytes(self, tp: TensorParallel | None) -> int:
+        """One sequence's recurrent states on rank `tp` (the whole model's with None)."""
+        return 4 * sum(math.prod(shape) for layer in range(self.num_hidden_layers)
+                       for shape in self.state_shapes(layer, tp))
+
+    def planned_state_bytes(self, ranks: int) -> int:
+        """The most state bytes a sequence takes on any of `ranks` ranks: what every rank's slots are planned
+        for, so that all hold as many as rank 0's scheduler hands out."""
+        return max(self.rank_state_bytes(TensorParallel(rank, ranks) if ranks > 1 else None) for rank in range(ranks))
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of `layer`, or None where it attends to the whole context."""

@@ -40,6 +40,41 @@ class TensorParallel:
         return torch.cat(parts, dim=dim)
 
 
+@dataclass(frozen=True)
+class RankRows:
+    """Where this rank's part of a split dimension lies in the checkpoint tensor's whole `size`: one range
+    (a span of heads or of a width), or several, in order (each third of LFM2's B|C|x projection; value
+    heads tiled over their key heads, as llama.cpp's Qwen3.5 files order them)."""
+
+    size: int
+    ranges: tuple[tuple[int, int], ...]  # (start, length)
+
+    @classmethod
+    def span(cls, first: int, count: int, size: int) -> "RankRows":
+        return cls(size, ((first, count),))
+
+    @property
+    def count(self) -> int:
+        return sum(length for _, length in self.ranges)
+
+    def scaled(self, factor: int) -> "RankRows":
+        """The same units, each `factor` rows (heads → their rows)."""
+        return RankRows(self.size * factor, tuple((start * factor, length * factor) for start, length in self.ranges))
+
+    @classmethod
+    def concat(cls, *parts: "RankRows") -> "RankRows":
+        """The parts of one tensor laid end to end (q | k | v of a fused projection), each split as given."""
+        ranges, size = [], 0
+        for part in parts:
+            ranges += [(size + start, length) for start, length in part.ranges]
+            size += part.size
+        return cls(size, tuple(ranges))
+
+    def take(self, tensor: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        parts = [tensor.narrow(dim, start, length) for start, length in self.ranges]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
 def span(units: int, tp: TensorParallel | None) -> tuple[int, int]:
     """(first, count) of the `units` (heads, rows) this rank holds: contiguous, as even as they go
     (9 heads over 2 ranks: 5 and 4), or one shared unit where there are fewer units than ranks."""
@@ -67,9 +102,29 @@ def attention_heads(heads: int, kv_heads: int, tp: TensorParallel | None) -> tup
     return q_first, q_count, q_first // group, 1
 
 
-def check_split(heads: int, kv_heads: int, size: int) -> None:
-    """Refuse, before any process starts, a model whose heads cannot be split over `size` ranks."""
+def delta_net_heads(key_heads: int, value_heads: int, tiled: bool,
+                    tp: TensorParallel | None) -> tuple[RankRows, RankRows]:
+    """This rank's Gated DeltaNet key heads and the value heads that read them (in heads): whole key heads
+    a rank, each with its value heads — h // repeat reads key head h where they are grouped (Hugging Face
+    checkpoints: one span), h mod key heads where tiled (llama.cpp's Qwen3.5 files: a span in each tile)."""
+    if tp is not None and tp.size > key_heads:
+        raise ConfigError(f"{key_heads} linear-attention key heads cannot be split over {tp.size} ranks "
+                          "(--tensor-parallel-size)")
+    first, count = span(key_heads, tp)
+    repeat = value_heads // key_heads
+    if tiled:
+        values = RankRows(value_heads, tuple((tile * key_heads + first, count) for tile in range(repeat)))
+    else:
+        values = RankRows.span(first * repeat, count * repeat, value_heads)
+    return RankRows.span(first, count, key_heads), values
+
+
+def check_split(heads: int, kv_heads: int, size: int, linear_key_heads: int = 0) -> None:
+    """Refuse, before any process starts, a model whose heads cannot be split over `size` ranks
+    (`linear_key_heads`: a hybrid's Gated DeltaNet heads, split whole)."""
     max_kv_heads(heads, kv_heads, size)
+    if linear_key_heads:
+        delta_net_heads(linear_key_heads, linear_key_heads, False, TensorParallel(0, size))
 
 
 def max_kv_heads(heads: int, kv_heads: int, size: int) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.multiprocessing as mp
 
 from pagedllm import LLM, SamplingParams
 from pagedllm.models.loaders import ModelSource, load_model
-from helpers import prefill_logits
+from helpers import prefill_logits, rank_prefill_logits
 
 FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "glm", "glm4",
             "bloom", "gemma", "gemma2", "gemma3"]
@@ -24,26 +23,11 @@ def _sources(tiny) -> list[ModelSource]:
     return [ModelSource("hf", tiny.hf_dir), ModelSource("gguf", tiny.gguf_path)]
 
 
-def _rank_logits(rank: int, size: int, port: int, sources: list[ModelSource], out: Path) -> None:
-    """One rank: each model's slice, its prefill logits (all ranks take part; rank 0 saves them)."""
-    import torch.distributed as dist
-
-    from pagedllm.distributed import init_group
-
-    torch.set_num_threads(1)
-    tp = init_group(rank, size, port, "cpu")
-    logits = [prefill_logits(load_model(source, tp=tp), PROMPT, block_size=4) for source in sources]
-    if rank == 0:
-        torch.save(logits, out)
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def test_every_family_gives_single_process_logits(tiny_models, tmp_path):
     from pagedllm.engine.parallel import free_port
 
     sources = [source for family in FAMILIES for source in _sources(tiny_models[family])]
-    mp.spawn(_rank_logits, args=(2, free_port(), sources, tmp_path / "logits.pt"), nprocs=2, join=True)
+    mp.spawn(rank_prefill_logits, args=(2, free_port(), sources, PROMPT, tmp_path / "logits.pt"), nprocs=2, join=True)
     for source, logits in zip(sources, torch.load(tmp_path / "logits.pt")):
         reference = prefill_logits(load_model(source), PROMPT, block_size=4)
         assert (logits - reference).abs().max().item() < 1e-4, source

@@ -526,3 +526,43 @@ def test_state_snapshot_interval_is_checked():
     for bad in (0, -3, 2**20, 1.5, True):
         with pytest.raises(ConfigError, match="state snapshot interval"):
             CacheConfig(state_snapshot_interval=bad)
+
+
+def test_tensor_parallel_2_gives_single_process_logits(tiny_hybrids, hybrid_ggufs, tmp_path):
+    """Each family split over 2 ranks (heads or channels, with their states and convolutions), through both
+    loaders — Qwen3.5's GGUF value heads tiled, so each rank's value rows are strided in the file."""
+    import torch.multiprocessing as mp
+
+    from pagedllm.engine.parallel import free_port
+    from helpers import rank_prefill_logits
+
+    sources = [source for family in FAMILIES for source in (ModelSource("hf", Path(tiny_hybrids[family][0])),
+                                                            ModelSource("gguf", hybrid_ggufs[family] / "f32.gguf"))]
+    ids = _prompt(70, 3)  # two of the delta rule's chunks
+    mp.spawn(rank_prefill_logits, args=(2, free_port(), sources, ids, tmp_path / "logits.pt"), nprocs=2, join=True)
+    for source, logits in zip(sources, torch.load(tmp_path / "logits.pt")):
+        assert (logits - prefill_logits(load_model(source), ids, block_size=4)).abs().max().item() < 1e-4, source
+
+
+@pytest.mark.parametrize("family", ["lfm2", "qwen3_5"])
+def test_tensor_parallel_engine_generates_as_one_process(tiny_hybrids, hybrid_ggufs, family):
+    """The engine over 2 ranks: chunked prefill, forks (n = 3) and prefix hits copy every rank's state slots
+    (rank 0 sends the copies with the step), and its tokens are transformers'."""
+    folder, model = tiny_hybrids[family]
+    path = hybrid_ggufs[family] / "f32.gguf" if family == "qwen3_5" else folder
+    llm = LLM(str(path), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8, state_snapshot_interval=2,
+              tensor_parallel_size=2)
+    try:
+        prompts = [_prompt(13, 21), _prompt(13, 21)[:9] + _prompt(6, 22)]  # the second hits the first's 2 blocks
+        for ids in prompts:
+            out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=10, temperature=0,
+                                                                         ignore_eos=True, n=3))[0]
+            assert [o.token_ids for o in out.outputs] == [_greedy_reference(model, ids, 10)] * 3
+        assert llm.engine.kv_cache.stats.hit_tokens == 8
+    finally:
+        llm.engine.runner.shutdown()
+
+
+def test_tensor_parallel_refuses_more_ranks_than_linear_key_heads(tiny_hybrids):
+    with pytest.raises(PagedLLMError, match="2 linear-attention key heads cannot be split over 4 ranks"):
+        LLM(str(tiny_hybrids["qwen3_5"][0]), kv_cache_memory=2**20, tensor_parallel_size=4)

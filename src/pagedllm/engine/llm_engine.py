@@ -27,7 +27,8 @@ from ..sampling_params import SamplingParams
 from ..tokenizer import Tokenizer, load_tokenizer
 from .cuda_graphs import GraphConfig
 from .kv_cache_manager import KVCacheManager, blocks_needed
-from .parallel import ParallelRunner, exit_with_parent, free_port, join_group, serve_steps, start_workers
+from .parallel import (ParallelRunner, exit_with_parent, free_port, join_group, receive_plan, send_plan, serve_steps,
+                       start_workers)
 from .model_runner import ModelRunner, plan_kv_cache
 from .runner_output import ModelRunnerOutput
 from .deltas import LogprobRow, RequestDelta
@@ -72,9 +73,9 @@ class LLMEngine:
         workers, tp, threads = [], None, torch.get_num_threads()
         if config.tensor_parallel_size > 1:  # workers first: each loads its slice while this rank loads its own
             model_config, _ = read_model_config(self.source)
-            if model_config.is_hybrid:
-                raise PagedLLMError("tensor parallelism does not support hybrid models (recurrent layers) yet")
-            check_split(model_config.num_attention_heads, model_config.num_key_value_heads, config.tensor_parallel_size)
+            delta_net = "gated_delta_net" in (model_config.layer_mixers or ())
+            check_split(model_config.num_attention_heads, model_config.num_key_value_heads, config.tensor_parallel_size,
+                        model_config.linear_num_key_heads if delta_net else 0)
             port = free_port()
             workers = start_workers(config.tensor_parallel_size, port, _tensor_parallel_worker, config, self.source)
             tp = join_group(0, config.tensor_parallel_size, port, config.device)
@@ -84,10 +85,11 @@ class LLMEngine:
         model_len = self.model.config.max_position_embeddings
         self.max_model_len = min(config.scheduler.max_model_len or model_len, model_len)
         kv_dtype = kv_pool_dtype(self.model, config.cache.kv_cache_dtype, dtype)
-        hybrid = self.model.config.is_hybrid  # recurrent states (tensor parallelism was refused before loading)
+        hybrid = self.model.config.is_hybrid  # recurrent states: slots planned beside the pages
         self.kv_spec = plan_kv_cache(self.model.config, config.cache.block_size, config.cache.kv_cache_memory_bytes,
                                      kv_dtype, self.model.planned_kv_heads, *(self._state_slots() if hybrid else (0, 0)),
-                                     checkpoints=hybrid and config.speculative is not None)
+                                     checkpoints=hybrid and config.speculative is not None,
+                                     state_bytes=self.model.planned_state_bytes)
         if self.kv_spec.num_blocks < 1:
             raise PagedLLMError(f"kv cache memory {config.cache.kv_cache_memory_bytes} bytes is less than one block "
                                 f"({self.kv_spec.bytes_per_block} bytes) after the recurrent states "
@@ -98,6 +100,8 @@ class LLMEngine:
                                        config.cache.state_snapshot_interval, self.kv_spec.num_checkpoint_slots > 0)
         self.stop_rule = StopRule(self.tokenizer.stop_token_ids, self.max_model_len)
         self.scheduler = Scheduler(self.config.scheduler, self.kv_cache, self.stop_rule)
+        if tp is not None:
+            send_plan(self.kv_spec)  # the workers' pools: as many blocks and state slots as this rank's
         runner = ModelRunner(self.model, self.kv_spec, self.device, dtype, config.attention_backend, kv_dtype,
                              self._graph_config())
         self.runner = ParallelRunner(runner, workers, threads) if tp is not None else runner
@@ -120,7 +124,7 @@ class LLMEngine:
         with prefix caching, what the running ones leave of that half, up to a quarter of the budget (and a
         quarter of the half at least, one at least, before the running ones). Where fewer sequences fit,
         max_num_seqs comes down to them, as a warning says (Qwen3.5-0.8B's states take 19.3 MiB a sequence)."""
-        budget, per_sequence = self.config.cache.kv_cache_memory_bytes, self.model.config.state_bytes_per_sequence
+        budget, per_sequence = self.config.cache.kv_cache_memory_bytes, self.model.planned_state_bytes
         if self.config.speculative is not None:  # a checkpoint beside each running state (rolled back to)
             per_sequence *= 2
         fit = budget // 2 // per_sequence
@@ -578,9 +582,7 @@ def _tensor_parallel_worker(rank: int, size: int, port: int, config: EngineConfi
     torch.manual_seed(config.seed)
     model = load_model(source, device, dtype, config.quantization, tp)
     kv_dtype = kv_pool_dtype(model, config.cache.kv_cache_dtype, dtype)
-    spec = plan_kv_cache(model.config, config.cache.block_size, config.cache.kv_cache_memory_bytes, kv_dtype,
-                         model.planned_kv_heads)
-    serve_steps(ModelRunner(model, spec, device, dtype, config.attention_backend, kv_dtype))
+    serve_steps(ModelRunner(model, receive_plan(), device, dtype, config.attention_backend, kv_dtype))
 
 
 def _rank_device(config: EngineConfig, rank: int) -> str:

@@ -45,13 +45,13 @@ class KVCacheSpec:
 
 def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype: torch.dtype,
                   kv_heads: int | None = None, state_slots: int = 0, snapshot_slots: int = 0,
-                  checkpoints: bool = False) -> KVCacheSpec:
+                  checkpoints: bool = False, state_bytes: int | None = None) -> KVCacheSpec:
     """`dtype`: the pool's elements (KV_Q8_0 for 8-bit rows); `kv_heads`: per pool (see kv_bytes_per_token);
     `state_slots`: sequences whose recurrent states (hybrid models, float32) come out of the budget first,
     `snapshot_slots` saved states beside them, and with `checkpoints` a second slot a sequence (speculative
-    decoding's rollback)."""
+    decoding's rollback); `state_bytes`: a slot's, per pool (default: the whole model's, one process)."""
     per_block = kv_bytes_per_token(config, dtype, kv_heads) * block_size
-    state_bytes = config.state_bytes_per_sequence
+    state_bytes = config.state_bytes_per_sequence if state_bytes is None else state_bytes
     slots, snapshots = (state_slots, snapshot_slots) if state_bytes else (0, 0)
     copies = slots if checkpoints else 0
     left = max(0, memory_bytes - (slots + snapshots + copies) * state_bytes)
@@ -137,7 +137,7 @@ class ModelRunner:
         self.kv_caches = [next(pools) if i in attention else tuple(
             _zeroed_pool((spec.num_state_slots + spec.num_snapshot_slots + spec.num_checkpoint_slots, *shape),
                          torch.float32, device)
-            for shape in cfg.state_shapes(i))
+            for shape in cfg.state_shapes(i, model.tp))
             for i in range(cfg.num_hidden_layers)]
         self.state_caches = [state for i, cache in enumerate(self.kv_caches) if i not in attention for state in cache]
         self.sampler = Sampler()

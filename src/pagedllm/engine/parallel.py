@@ -4,7 +4,8 @@ Rank 0 is the engine's process: it schedules, samples and streams as always. Ran
 worker processes, each with its slice of the model (pagedllm.distributed) and its own KV pool of
 its heads. Every step rank 0 sends the step's batch to the workers (a broadcast over the group), all
 ranks run the forward pass together — summing partial products and gathering the vocabulary's
-logits — and rank 0 samples. Block copies (forks) are sent the same way.
+logits — and rank 0 samples. Block and state-slot copies (forks, hybrids' snapshots) are sent the
+same way, and, before the first step, rank 0's memory plan (the workers' pools match it).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import TensorParallel, init_group
-from .model_runner import ModelRunner, StepBatch, StepResult
+from .model_runner import KVCacheSpec, ModelRunner, StepBatch, StepResult
 from .runner_output import GrammarMask, ModelRunnerOutput
 from .scheduler import ScheduledSequence
 
@@ -60,7 +61,9 @@ class ParallelRunner:
         self.runner.copy_blocks(copies)
 
     def copy_states(self, copies: list[tuple[int, int]]) -> None:
-        self.runner.copy_states(copies)  # hybrid models run on one rank (LLMEngine._check_hybrid)
+        if copies:
+            _send("copy_states", copies)
+        self.runner.copy_states(copies)
 
     def shutdown(self) -> None:
         self._finalizer()
@@ -87,6 +90,19 @@ def start_workers(size: int, port: int, worker_main, *args) -> list[multiprocess
     return workers
 
 
+def send_plan(spec: KVCacheSpec) -> None:
+    """Rank 0's memory plan, to every worker: each pool holds as many blocks and state slots as rank 0's
+    scheduler hands out (their sizes planned for the rank holding the most heads)."""
+    _send("plan", spec)
+
+
+def receive_plan() -> KVCacheSpec:
+    command, spec = _send("", None)
+    if command != "plan":
+        raise RuntimeError(f"tensor-parallel worker: expected rank 0's memory plan, got {command!r}")
+    return spec
+
+
 def serve_steps(runner: ModelRunner) -> None:
     """A worker's life: run each step rank 0 sends, until it says stop."""
     while True:
@@ -95,6 +111,8 @@ def serve_steps(runner: ModelRunner) -> None:
             runner.execute(payload)
         elif command == "copy_blocks":
             runner.copy_blocks(payload)
+        elif command == "copy_states":
+            runner.copy_states(payload)
         else:
             break
     dist.destroy_process_group()

@@ -18,6 +18,7 @@ from torch import nn
 
 from .. import kernels
 from ..config import ModelConfig
+from ..distributed import RankRows, delta_net_heads
 from .linear import LinearPlan
 from .norm import RMSNorm
 from .recurrent_state import StateMetadata, causal_conv
@@ -26,22 +27,35 @@ CHUNK = 64  # tokens a chunk of the chunked form folds together
 
 
 class GatedDeltaNet(nn.Module):
+    """Under tensor parallelism each rank holds whole key heads and the value heads that read them: its
+    rows of q, k, v, z, b and a, its convolution channels, decays and recurrent states, and the matching
+    input columns of out_proj (whose partial products the ranks sum)."""
+
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
         super().__init__()
-        self.key_heads, self.value_heads = cfg.linear_num_key_heads, cfg.linear_num_value_heads
-        self.key_dim, self.value_dim = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+        key_heads, value_heads = delta_net_heads(cfg.linear_num_key_heads, cfg.linear_num_value_heads,
+                                                 cfg.linear_value_heads_tiled, plan.tp)
+        self.key_heads, self.value_heads = key_heads.count, value_heads.count  # this rank's
+        self.key_dim, self.value_dim = dk, dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.tiled = cfg.linear_value_heads_tiled
-        keys, values = self.key_heads * self.key_dim, cfg.linear_value_dim
+        keys, values = self.key_heads * dk, self.value_heads * dv
         self.splits = [keys, keys, values, values, self.value_heads, self.value_heads]  # q k v z b a
+        key_rows, value_rows = key_heads.scaled(dk), value_heads.scaled(dv)
+        conv_rows = RankRows.concat(key_rows, key_rows, value_rows)
         self.in_proj = plan.linear(prefix, {"in_proj_qkv": 2 * keys + values, "in_proj_z": values,
                                             "in_proj_b": self.value_heads, "in_proj_a": self.value_heads},
-                                   cfg.hidden_size)
+                                   cfg.hidden_size, parallel="column",
+                                   rank_slices=(conv_rows, value_rows, value_heads, value_heads))
         conv = 2 * keys + values
         self.conv1d = nn.Conv1d(conv, conv, cfg.conv_kernel, groups=conv, bias=False)
         self.dt_bias = nn.Parameter(torch.empty(self.value_heads))
         self.A_log = nn.Parameter(torch.empty(self.value_heads))
-        self.norm = RMSNorm(self.value_dim, cfg.rms_norm_eps)  # plain w, not the model's (1 + w)
-        self.out_proj = plan.linear(prefix, {"out_proj": cfg.hidden_size}, values)
+        if plan.tp is not None and plan.tp.size > 1:
+            self.conv1d.weight.rank_rows = conv_rows  # read by the loader (models/transformer.py: _copy_param)
+            self.dt_bias.rank_rows = self.A_log.rank_rows = value_heads
+        self.norm = RMSNorm(dv, cfg.rms_norm_eps)  # plain w, not the model's (1 + w); shared by the heads
+        self.out_proj = plan.linear(prefix, {"out_proj": cfg.hidden_size}, values, parallel="row",
+                                    rank_slices=(value_rows,))
 
     def forward(self, x: torch.Tensor, states: tuple[torch.Tensor, torch.Tensor], meta: StateMetadata) -> torch.Tensor:
         """x [tokens, hidden] of the step's sequences (meta's order); states: the convolution's last inputs

@@ -21,7 +21,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
 from .. import kernels
-from ..distributed import TensorParallel, span
+from ..distributed import RankRows, TensorParallel, span
 from ..errors import PagedLLMError
 from .dequant import dequantize
 from .quant import REPACK_TYPE, PackedWeight, quantize
@@ -190,10 +190,10 @@ class Linear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  shard_sizes: tuple[int, ...] | None = None, method: LinearMethod | None = None,
                  parallel: str | None = None, tp: TensorParallel | None = None,
-                 rank_slices: tuple[tuple[int, int], ...] = ()):
+                 rank_slices: tuple[RankRows, ...] = ()):
         """`parallel`: "column" or "row" under tensor parallelism `tp`: the sizes given are this rank's,
-        `rank_slices` where they sit in the checkpoint's tensors — (offset, whole size) of each shard's
-        rows (column), or of the input columns (row)."""
+        `rank_slices` where they sit in the checkpoint's tensors — each shard's rows (column), or the
+        input columns (row)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         parallel = parallel if tp is not None and tp.size > 1 else None
@@ -232,13 +232,13 @@ class Linear(nn.Module):
         dim = 1 if self.parallel == "row" else 0
         if self.parallel == "row" and leaf == "bias":
             return tensor
-        offset, full = self.rank_slices[0 if self.parallel == "row" else shard]
-        whole = expected[:dim] + (full,) + expected[dim + 1:]
+        rows = self.rank_slices[0 if self.parallel == "row" else shard]
+        whole = expected[:dim] + (rows.size,) + expected[dim + 1:]
         if tuple(tensor.shape) != whole:
             raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {whole}")
         if isinstance(tensor, PackedWeight):
-            return _packed_slice(tensor, dim, offset, expected[dim], name)
-        return tensor.narrow(dim, offset, expected[dim])
+            return _packed_slice(tensor, dim, rows, name)
+        return rows.take(tensor, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.method.apply(self, x)
@@ -252,14 +252,19 @@ class Linear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def _packed_slice(tensor: PackedWeight, dim: int, start: int, size: int, name: str) -> PackedWeight:
-    if dim == 0:  # whole rows of blocks
-        return PackedWeight(tensor.qtype, tensor.data[start:start + size], tensor.cols)
+def _packed_slice(tensor: PackedWeight, dim: int, rows: RankRows, name: str) -> PackedWeight:
+    """The ranges `rows` of a packed tensor's rows (whole rows of blocks) or of its columns (on blocks)."""
+    if dim == 0:
+        return PackedWeight(tensor.qtype, rows.take(tensor.data), tensor.cols)
     block, block_bytes = GGML_QUANT_SIZES[tensor.qtype]
-    if start % block or size % block:
-        raise WeightLoadError(f"tensor {name!r}: a slice of {size} columns does not fall on its {block}-value blocks")
-    first = start // block * block_bytes
-    return PackedWeight(tensor.qtype, tensor.data[:, first:first + size // block * block_bytes].contiguous(), size)
+    if any(start % block or length % block for start, length in rows.ranges):
+        raise WeightLoadError(f"tensor {name!r}: a slice of {rows.count} columns does not fall on its "
+                              f"{block}-value blocks")
+    def in_bytes(values: int) -> int:
+        return values // block * block_bytes
+
+    byte_rows = RankRows(in_bytes(rows.size), tuple((in_bytes(start), in_bytes(length)) for start, length in rows.ranges))
+    return PackedWeight(tensor.qtype, byte_rows.take(tensor.data, 1).contiguous(), rows.count)
 
 
 class Embedding(Linear):
@@ -270,7 +275,7 @@ class Embedding(Linear):
                  tp: TensorParallel | None = None):
         first, count = span(num_embeddings, tp)
         super().__init__(embedding_dim, count, method=method, parallel="column", tp=tp,
-                         rank_slices=((first, num_embeddings),))
+                         rank_slices=(RankRows.span(first, count, num_embeddings),))
         self.vocab_start = first
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -298,7 +303,7 @@ class LinearPlan:
 
     def linear(self, prefix: str, shards: dict[str, int], in_features: int, bias: bool = False,
                keep_float: bool = False, parallel: str | None = None,
-               rank_slices: tuple[tuple[int, int], ...] = ()) -> Linear:
+               rank_slices: tuple[RankRows, ...] = ()) -> Linear:
         """A layer fusing the checkpoint tensors `prefix.<shard>.weight` (shard name → rows), in order;
         `parallel` ("column" / "row"): split over the plan's tensor-parallel group (Linear's rank_slices)."""
         names = [f"{prefix}.{shard}.weight" for shard in shards]

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..distributed import span
+from ..distributed import RankRows, span
 from .activation import ACTIVATIONS, gated
 from .linear import LinearPlan
 
@@ -22,7 +22,7 @@ class MLP(nn.Module):
         super().__init__()
         whole = size or cfg.intermediate_size
         first, size = span(whole, plan.tp)  # this rank's share of the intermediate width
-        rows = ((first, whole),)
+        rows = (RankRows.span(first, size, whole),)
         if cfg.gated_mlp:
             self.gate_up_proj = plan.linear(prefix, {"gate_proj": size, "up_proj": size}, cfg.hidden_size,
                                             bias=cfg.mlp_bias, parallel="column", rank_slices=rows * 2)

@@ -11,18 +11,29 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..distributed import RankRows, span
 from .linear import LinearPlan
 from .recurrent_state import StateMetadata, causal_conv
 
 
 class ShortConv(nn.Module):
+    """Under tensor parallelism each rank holds a span of the channels: its rows of B, C and x, of the
+    convolution and its state, and the matching input columns of out_proj (the ranks sum its products)."""
+
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
         super().__init__()
         hidden = cfg.hidden_size
-        self.in_proj = plan.linear(prefix, {"in_proj": 3 * hidden}, hidden, bias=cfg.conv_bias)
-        self.out_proj = plan.linear(prefix, {"out_proj": hidden}, hidden, bias=cfg.conv_bias)
-        # The checkpoint's depthwise convolution (its weight [hidden, 1, taps]); run by causal_conv.
-        self.conv = nn.Conv1d(hidden, hidden, cfg.conv_kernel, groups=hidden, bias=cfg.conv_bias)
+        first, channels = span(hidden, plan.tp)
+        rows = RankRows.span(first, channels, hidden)
+        self.in_proj = plan.linear(prefix, {"in_proj": 3 * channels}, hidden, bias=cfg.conv_bias, parallel="column",
+                                   rank_slices=(RankRows.concat(rows, rows, rows),))
+        self.out_proj = plan.linear(prefix, {"out_proj": hidden}, channels, bias=cfg.conv_bias, parallel="row",
+                                    rank_slices=(rows,))
+        # The checkpoint's depthwise convolution (its weight [channels, 1, taps]); run by causal_conv.
+        self.conv = nn.Conv1d(channels, channels, cfg.conv_kernel, groups=channels, bias=cfg.conv_bias)
+        if plan.tp is not None and plan.tp.size > 1:
+            for param in self.conv.parameters():
+                param.rank_rows = rows
 
     def forward(self, x: torch.Tensor, states: tuple[torch.Tensor, ...], meta: StateMetadata) -> torch.Tensor:
         """x [tokens, hidden] of the step's sequences (meta's order); states: ([slots, taps − 1, hidden],)."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..distributed import attention_heads, max_kv_heads, span
+from ..distributed import RankRows, attention_heads, max_kv_heads, span
 from ..layers.linear import Embedding, Linear, LinearPlan, PackedMethod, WeightLoadError, Weight
 from ..attention import AttentionMetadata, LayerAttention, alibi_slopes, attention
 from ..attention.backend import attention_weights, window_mask
@@ -48,13 +48,15 @@ class Attention(nn.Module):
         # Qwen3.5's gated attention: q_proj gives each head its queries, then as many gate values.
         self.output_gate = cfg.attention_output_gate
         per_head = 2 * hd if self.output_gate else hd
-        q_rows, kv_rows = (q_first * per_head, cfg.num_attention_heads * per_head), (kv_first * hd, cfg.num_key_value_heads * hd)
+        q_rows = RankRows.span(q_first * per_head, self.num_heads * per_head, cfg.num_attention_heads * per_head)
+        kv_rows = RankRows.span(kv_first * hd, self.kv_size, cfg.num_key_value_heads * hd)
         self.q_proj_size = self.num_heads * per_head
         self.qkv_proj = plan.linear(prefix, {"q_proj": self.q_proj_size, "k_proj": self.kv_size, "v_proj": self.kv_size},
                                     cfg.hidden_size, bias=cfg.attention_bias, parallel="column",
                                     rank_slices=(q_rows, kv_rows, kv_rows))
         self.o_proj = plan.linear(prefix, {"o_proj": cfg.hidden_size}, self.q_size, bias=cfg.o_proj_bias,
-                                  parallel="row", rank_slices=((q_first * hd, cfg.num_attention_heads * hd),))
+                                  parallel="row",
+                                  rank_slices=(RankRows.span(q_first * hd, self.q_size, cfg.num_attention_heads * hd),))
         self.q_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.k_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.scale = cfg.scale
@@ -167,11 +169,12 @@ class Transformer(nn.Module):
         first, count = span(cfg.vocab_size, self.tp)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, count, method=plan.method_for(["lm_head.weight"], cfg.hidden_size, output_head=True),
-            parallel="column", tp=self.tp, rank_slices=((first, cfg.vocab_size),))
+            parallel="column", tp=self.tp, rank_slices=(RankRows.span(first, count, cfg.vocab_size),))
         # What each rank's KV pool is planned for: the most key/value heads a rank holds, so that every
         # rank has as many blocks as rank 0's scheduler hands out.
         self.planned_kv_heads = max_kv_heads(cfg.num_attention_heads, cfg.num_key_value_heads,
                                              self.tp.size if self.tp else 1)
+        self.planned_state_bytes = cfg.planned_state_bytes(self.tp.size if self.tp else 1)  # likewise, a state slot
         self.head_scale: torch.Tensor | None = None  # per-row scale of the logits (normalized_head), set at load
         self.lora_context = None  # set where LoRA adapters may apply (lora/layers.py: ModelAdapters)
         self.fused_model: FusedDecodeModel | None = None  # set once the weights are in, where every layer is fused
@@ -399,8 +402,12 @@ def _owned_by_linear(param_name: str, linears: dict[str, Linear]) -> bool:
 def _copy_param(param: nn.Parameter, tensor: torch.Tensor, name: str, norm: RMSNorm | None = None) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise WeightLoadError(f"tensor {name!r} is quantised, but the model keeps it in float")
-    if tuple(param.shape) != tuple(tensor.shape):
-        raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
+    rows = getattr(param, "rank_rows", None)  # under tensor parallelism, where this rank's rows lie in the tensor
+    expected = tuple(param.shape) if rows is None else (rows.size, *param.shape[1:])
+    if tuple(tensor.shape) != expected:
+        raise WeightLoadError(f"tensor {name!r} has shape {tuple(tensor.shape)}, the model expects {expected}")
+    if rows is not None:
+        tensor = rows.take(tensor)
     if norm is not None:
         norm.load_weight(tensor)
         return
