@@ -58,17 +58,21 @@ def plan_kv_cache(config: ModelConfig, block_size: int, memory_bytes: int, dtype
     return KVCacheSpec(left // per_block, block_size, per_block, slots, state_bytes, snapshots, copies)
 
 
-def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def _zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 huge_pages: bool = True) -> torch.Tensor:
     """Zeroed, not empty: stale slots are read (then masked) and must not hold NaN. On the CPU, an
     anonymous mapping hands out zero pages lazily, so the pool costs nothing until it is used; it
     asks for huge pages because attention reads the pool with little locality (4 KiB pages made the
-    decode kernel ~1.9x slower on an earlier host through TLB misses; ≤ 5% on Zen 4, docs/benchmarks.md)."""
+    decode kernel ~1.9x slower on an earlier host through TLB misses; ≤ 5% on Zen 4, docs/benchmarks.md).
+    Not for recurrent states (`huge_pages` False): they are read a whole slot at a time (the delta rule ran
+    as fast on 4 KiB pages), and the first touch of a huge page stalled up to 85 ms in the kernel's
+    compaction (Qwen3.5-0.8B's first snapshot of a sequence; 6 ms on 4 KiB pages, measured on Zen 4)."""
     if torch.device(device).type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     # Private: a shared anonymous mapping is shmem, which gets huge pages only where the host enables
     # them for shmem (often `never`, as here), whatever madvise asks.
     buffer = mmap.mmap(-1, max(1, math.prod(shape) * dtype.itemsize), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
         buffer.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
 
@@ -136,7 +140,7 @@ class ModelRunner:
         pools = iter(self.kv_pool.unbind(0))
         self.kv_caches = [next(pools) if i in attention else tuple(
             _zeroed_pool((spec.num_state_slots + spec.num_snapshot_slots + spec.num_checkpoint_slots, *shape),
-                         torch.float32, device)
+                         torch.float32, device, huge_pages=False)
             for shape in cfg.state_shapes(i, model.tp))
             for i in range(cfg.num_hidden_layers)]
         self.state_caches = [state for i, cache in enumerate(self.kv_caches) if i not in attention for state in cache]
