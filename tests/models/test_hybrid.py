@@ -566,3 +566,30 @@ def test_tensor_parallel_engine_generates_as_one_process(tiny_hybrids, hybrid_gg
 def test_tensor_parallel_refuses_more_ranks_than_linear_key_heads(tiny_hybrids):
     with pytest.raises(PagedLLMError, match="2 linear-attention key heads cannot be split over 4 ranks"):
         LLM(str(tiny_hybrids["qwen3_5"][0]), kv_cache_memory=2**20, tensor_parallel_size=4)
+
+
+def test_fused_decode_runs_gated_attention_and_delta_net_layers(hybrid_ggufs, monkeypatch):
+    """Packed Qwen3.5 layers decode through the fused C++ path, the whole stack in one call a step (gated
+    attention's output gate, Gated DeltaNet's in_proj → recurrent step → out_proj, the MLP): the tokens and
+    their logprobs of the module path, three sequences at once."""
+    from pagedllm.models.fused_decode import FusedDecodeModel
+
+    llm = LLM(str(hybrid_ggufs["qwen3_5"] / "q8_0.gguf"), kv_cache_memory=2**20, block_size=4)
+    model = llm.engine.model
+    assert model.fused_model is not None and all(layer.fused.whole_only for layer in model.layers)
+    calls = []
+    whole = FusedDecodeModel.__call__
+    monkeypatch.setattr(FusedDecodeModel, "__call__", lambda self, *a: calls.append(1) or whole(self, *a))
+    prompts = [{"prompt_token_ids": _prompt(n, n)} for n in (5, 9, 14)]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
+    fused = [o.outputs[0] for o in llm.generate(prompts, params)]
+    assert len(calls) >= 7  # every decode step
+    model.drop_fused_decode()
+    module = [o.outputs[0] for o in llm.generate(prompts, params)]
+
+    def chosen(out) -> list[float]:
+        return [step[token].logprob for step, token in zip(out.logprobs, out.token_ids)]
+
+    for a, b in zip(fused, module):
+        assert a.token_ids == b.token_ids
+        assert np.allclose(chosen(a), chosen(b), atol=1e-4)

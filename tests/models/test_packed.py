@@ -122,7 +122,7 @@ def test_fused_decode_layer_equals_the_module_path(write, family, rows, kv_dtype
     written = [cached_values(runner.kv_caches[1], torch.float32) for runner in runners]
     step = written[1].abs().max().item() / 127 if kv_dtype == KV_Q8_0 else 0  # a k a hair apart may round apart
     torch.testing.assert_close(written[0], written[1], rtol=1e-5, atol=1e-5 + step)
-    assert layer.fused.applies_to(x)
+    assert layer.fused.applies_to(x, batch.meta)
 
 
 def _random_adapter(model, layer: int, seed: int, suffixes: tuple[str, ...] | None = None) -> LoRAAdapter:

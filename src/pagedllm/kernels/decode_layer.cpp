@@ -9,6 +9,11 @@
 // query per sequence runs a layer whole (`decode`, the attention kernel in between) or every layer
 // of the model (`decode_all`).
 //
+// Hybrid models (Qwen3.5): gated attention (q_proj gives each head its queries, then as many gate values;
+// the attention output is multiplied by sigmoid(gate) before o), and Gated DeltaNet layers — rmsnorm,
+// in_proj, the recurrent step (recurrent_layers.cpp: delta_net_decode, on each sequence's state slot),
+// out_proj — before the same MLP. These run only whole (`decode`, `decode_delta_net`, `decode_all`).
+//
 // `lora` adds LoRA adapters to the four products, from the same float32 inputs the module path gives
 // them: per adapter in the step, 9 tensors — its rows (int64; empty: every row), then Aᵀ and Bᵀ for
 // q/k/v, o, gate/up and down (each pair empty where the adapter leaves that product alone).
@@ -25,6 +30,8 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace pagedllm_quant {
@@ -144,14 +151,21 @@ struct LayerWeights {
   at::Tensor input_norm, post_norm;
   double input_eps, post_eps;
   std::vector<at::Tensor> weights;
-  std::vector<Part> qkv, o, gate_up, down;
+  std::vector<Part> qkv, o, gate_up, down;  // a Gated DeltaNet layer's in_proj and out_proj in qkv and o
   std::optional<at::Tensor> bias, q_norm, k_norm, alibi;
-  int64_t hidden, inter, num_heads, num_kv_heads, head_dim, rope_index;
-  double scale, softcap;
-  int64_t sliding_window;
-  bool bf16_attention;  // the decode kernel's products in bfloat16
+  int64_t hidden, inter, num_heads = 0, num_kv_heads = 0, head_dim = 0, rope_index = 0;
+  double scale = 0, softcap = 0;
+  int64_t sliding_window = 0;
+  bool bf16_attention = false;  // the decode kernel's products in bfloat16
+  bool output_gate = false;  // gated attention: each head's q rows followed by its gate rows
+  bool delta_net = false;  // the mixer is Gated DeltaNet, not attention
+  at::Tensor conv_weight, a_log, dt_bias, mixer_norm;  // Gated DeltaNet's (delta_net_decode's arguments)
+  double mixer_eps = 0;
+  int64_t key_heads = 0, in_width = 0, value_width = 0;
+  bool tiled = false;
 
   int64_t q_size() const { return num_heads * head_dim; }
+  int64_t q_width() const { return output_gate ? 2 * q_size() : q_size(); }  // q_proj's rows
   int64_t kv_size() const { return num_kv_heads * head_dim; }
 };
 
@@ -162,13 +176,33 @@ std::vector<Part> held_parts(LayerWeights& l, const std::vector<at::Tensor>& ws,
   return parts;
 }
 
-// x [M, hidden] → q [M, heads, dim]; k and v written to kv_cache at `slots` [M].
-at::Tensor attention_input(const LayerWeights& l, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-                           at::Tensor& kv_cache, const at::Tensor& slots, const std::vector<at::Tensor>& lora,
-                           int64_t isa) {
-  check_isa(isa);
+void check_x(const LayerWeights& l, const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == l.hidden,
               "x must be contiguous [M, ", l.hidden, "] float32");
+}
+
+// Gated attention's q_proj rows, [heads, q | gate] a row, apart: q [M, heads, dim] and gate [M, heads · dim].
+std::pair<at::Tensor, at::Tensor> split_gated_queries(const float* qkv, int64_t m, int64_t width, int64_t heads,
+                                                      int64_t dim) {
+  at::Tensor q = at::empty({m, heads, dim}, at::dtype(at::kFloat)), gate = at::empty({m, heads * dim}, q.options());
+  float *qp = q.data_ptr<float>(), *gp = gate.data_ptr<float>();
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* src = qkv + r * width + h * 2 * dim;
+      std::copy(src, src + dim, qp + (r * heads + h) * dim);
+      std::copy(src + dim, src + 2 * dim, gp + (r * heads + h) * dim);
+    }
+  return {q, gate};
+}
+
+// x [M, hidden] → q [M, heads, dim]; k and v written to kv_cache at `slots` [M]. Gated attention: its
+// gate [M, heads · dim] into `gate`.
+at::Tensor attention_input(const LayerWeights& l, const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                           at::Tensor& kv_cache, const at::Tensor& slots, const std::vector<at::Tensor>& lora,
+                           int64_t isa, at::Tensor* gate = nullptr) {
+  TORCH_CHECK(!l.delta_net && (!l.output_gate || gate), "this fused layer runs only whole (decode)");
+  check_isa(isa);
+  check_x(l, x);
   const int64_t m = x.size(0), dim = l.head_dim, q_size = l.q_size(), kv_size = l.kv_size();
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous() && kv_cache.size(0) == 2 && kv_cache.size(3) == l.num_kv_heads,
               "kv_cache must be a contiguous [2, blocks, block_size, kv_heads, row] pool");
@@ -186,46 +220,41 @@ at::Tensor attention_input(const LayerWeights& l, const at::Tensor& x, const at:
   rms_norm_rows(x.data_ptr<float>(), m, l.hidden, l.input_norm.data_ptr<float>(), static_cast<float>(l.input_eps),
                 normed.data_ptr<float>());
   const at::Tensor xq = quantised_rows(normed.data_ptr<float>(), m, l.hidden, l.hidden, isa);
-  const int64_t width = q_size + 2 * kv_size;
+  const int64_t q_width = l.q_width(), width = q_width + 2 * kv_size;
   at::Tensor qkv = at::empty({m, width}, x.options());
   float* out = qkv.data_ptr<float>();
   matmul_parts(xq.data_ptr<uint8_t>(), m, l.qkv, l.hidden, out, width, false, false, isa);
   if (l.bias) qkv.add_(*l.bias);
   add_lora(lora, 0, normed, qkv, isa);
+  at::Tensor q = qkv.narrow(1, 0, q_size).view({m, l.num_heads, dim});
+  if (l.output_gate) std::tie(q, *gate) = split_gated_queries(out, m, width, l.num_heads, dim);
+  // Row r's q heads (row stride q_stride) and k heads (in qkv, after q_proj's rows).
+  float* qp = q.data_ptr<float>();
+  const int64_t q_stride = l.output_gate ? q_size : width;
   if (l.q_norm) {  // Qwen3 / Gemma 3: each head of q and k normalised before the rotation
     const float eps = static_cast<float>(l.input_eps);
     for (int64_t r = 0; r < m; ++r) {
-      float* row = out + r * width;
-      rms_norm_rows(row, l.num_heads, dim, l.q_norm->data_ptr<float>(), eps, row);
-      rms_norm_rows(row + q_size, l.num_kv_heads, dim, l.k_norm->data_ptr<float>(), eps, row + q_size);
+      rms_norm_rows(qp + r * q_stride, l.num_heads, dim, l.q_norm->data_ptr<float>(), eps, qp + r * q_stride);
+      float* k = out + r * width + q_width;
+      rms_norm_rows(k, l.num_kv_heads, dim, l.k_norm->data_ptr<float>(), eps, k);
     }
   }
   for (int64_t r = 0; r < m; ++r) {
     const float *c = cos.data_ptr<float>() + r * dim, *s = sin.data_ptr<float>() + r * dim;
-    rope_row(out + r * width, l.num_heads + l.num_kv_heads, dim, c, s);  // q and k heads are adjacent
+    rope_row(qp + r * q_stride, l.num_heads, dim, c, s);
+    rope_row(out + r * width + q_width, l.num_kv_heads, dim, c, s);
   }
-  write_kv(out, m, width, q_size, kv_size, kv_cache, slot);
-  return qkv.narrow(1, 0, q_size).view({m, l.num_heads, dim});
+  write_kv(out, m, width, q_width, kv_size, kv_cache, slot);
+  return q;
 }
 
-// x [M, hidden] += attn·W_oᵀ, then += the SwiGLU MLP of rmsnorm(x). attn: [M, heads·dim].
-void attention_output_mlp(const LayerWeights& l, at::Tensor& x, const at::Tensor& attn,
-                          const std::vector<at::Tensor>& lora, int64_t isa) {
-  check_isa(isa);
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() && x.size(1) == l.hidden,
-              "x must be contiguous [M, ", l.hidden, "] float32");
-  const int64_t m = x.size(0), hidden = l.hidden, inter = l.inter, attn_width = l.q_size();
-  check_rows(attn, m, attn_width, "attn");
-  check_lora(lora, m);
+// x [M, hidden] += down(silu(gate) · up)(rmsnorm(x)): every layer's second half.
+void mlp(const LayerWeights& l, at::Tensor& x, const std::vector<at::Tensor>& lora, int64_t isa) {
+  const int64_t m = x.size(0), hidden = l.hidden, inter = l.inter;
   float* xp = x.data_ptr<float>();
-
-  at::Tensor xq = quantised_rows(attn.data_ptr<float>(), m, attn_width, attn_width, isa);
-  matmul_parts(xq.data_ptr<uint8_t>(), m, l.o, attn_width, xp, hidden, false, true, isa);
-  add_lora(lora, 1, attn.view({m, attn_width}), x, isa);
-
   at::Tensor normed = at::empty({m, hidden}, x.options());
   rms_norm_rows(xp, m, hidden, l.post_norm.data_ptr<float>(), static_cast<float>(l.post_eps), normed.data_ptr<float>());
-  xq = quantised_rows(normed.data_ptr<float>(), m, hidden, hidden, isa);
+  at::Tensor xq = quantised_rows(normed.data_ptr<float>(), m, hidden, hidden, isa);
   at::Tensor gu = at::empty({m, 2 * inter}, x.options());
   float* g = gu.data_ptr<float>();
   matmul_parts(xq.data_ptr<uint8_t>(), m, l.gate_up, hidden, g, 2 * inter, false, false, isa);
@@ -237,9 +266,31 @@ void attention_output_mlp(const LayerWeights& l, at::Tensor& x, const at::Tensor
   add_lora(lora, 3, silu_out, x, isa);
 }
 
+// x [M, hidden] += mixed · W_oᵀ (the mixer's output [M, width] through o_proj / out_proj).
+void add_output_projection(const LayerWeights& l, at::Tensor& x, const at::Tensor& mixed, int64_t width,
+                           const std::vector<at::Tensor>& lora, int64_t isa) {
+  const int64_t m = x.size(0);
+  const at::Tensor xq = quantised_rows(mixed.data_ptr<float>(), m, width, width, isa);
+  matmul_parts(xq.data_ptr<uint8_t>(), m, l.o, width, x.data_ptr<float>(), l.hidden, false, true, isa);
+  add_lora(lora, 1, mixed.view({m, width}), x, isa);
+}
+
+// x [M, hidden] += attn·W_oᵀ, then += the SwiGLU MLP of rmsnorm(x). attn: [M, heads·dim].
+void attention_output_mlp(const LayerWeights& l, at::Tensor& x, const at::Tensor& attn,
+                          const std::vector<at::Tensor>& lora, int64_t isa) {
+  check_isa(isa);
+  check_x(l, x);
+  TORCH_CHECK(!l.delta_net && !l.output_gate, "this fused layer runs only whole (decode)");
+  const int64_t m = x.size(0);
+  check_rows(attn, m, l.q_size(), "attn");
+  check_lora(lora, m);
+  add_output_projection(l, x, attn, l.q_size(), lora, isa);
+  mlp(l, x, lora, isa);
+}
+
 // The whole layer for a step of one query per sequence: attention_input, the paged decode kernel
-// (pagedllm::paged_decode_attention, from the attention build, through the dispatcher) and
-// attention_output_mlp.
+// (pagedllm::paged_decode_attention, from the attention build, through the dispatcher), the output gate
+// where the layer has one, o_proj and the MLP.
 void decode(const LayerWeights& l, at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
             const at::Tensor& slots, const at::Tensor& block_tables, const at::Tensor& context_lens,
             const std::vector<at::Tensor>& lora, int64_t isa) {
@@ -247,10 +298,45 @@ void decode(const LayerWeights& l, at::Tensor& x, const at::Tensor& cos, const a
       .findSchemaOrThrow("pagedllm::paged_decode_attention", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
                         double, const std::optional<at::Tensor>&, bool)>();
-  const at::Tensor q = attention_input(l, x, cos, sin, kv_cache, slots, lora, isa);
-  const at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, l.scale, l.sliding_window, l.softcap, l.alibi,
-                                     l.bf16_attention);
-  attention_output_mlp(l, x, out.contiguous(), lora, isa);
+  at::Tensor gate;
+  const at::Tensor q = attention_input(l, x, cos, sin, kv_cache, slots, lora, isa, &gate);
+  at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, l.scale, l.sliding_window, l.softcap, l.alibi,
+                               l.bf16_attention).contiguous();
+  if (l.output_gate) {  // out · sigmoid(gate), as the module path
+    float* o = out.data_ptr<float>();
+    const float* g = gate.data_ptr<float>();
+    for (int64_t i = 0; i < out.numel(); ++i) o[i] *= 1.f / (1.f + std::exp(-g[i]));
+  }
+  add_output_projection(l, x, out, l.q_size(), lora, isa);
+  mlp(l, x, lora, isa);
+}
+
+// A Gated DeltaNet layer whole, every sequence decoding one token: x += out_proj(delta rule step(in_proj(
+// rmsnorm(x)))) on each sequence's state slot (conv_state, matrices, advanced in place), then the MLP.
+void decode_delta_net(const LayerWeights& l, at::Tensor& x, at::Tensor& conv_state, at::Tensor& matrices,
+                      const at::Tensor& state_slots, const at::Tensor& fresh, const std::vector<at::Tensor>& lora,
+                      int64_t isa) {
+  static const auto step = c10::Dispatcher::singleton()
+      .findSchemaOrThrow("pagedllm_quant::delta_net_decode", "")
+      .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                        double, at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool,
+                        int64_t)>();
+  check_isa(isa);
+  check_x(l, x);
+  TORCH_CHECK(l.delta_net, "not a Gated DeltaNet layer");
+  const int64_t m = x.size(0);
+  check_lora(lora, m);
+  at::Tensor normed = at::empty({m, l.hidden}, x.options());
+  rms_norm_rows(x.data_ptr<float>(), m, l.hidden, l.input_norm.data_ptr<float>(), static_cast<float>(l.input_eps),
+                normed.data_ptr<float>());
+  const at::Tensor xq = quantised_rows(normed.data_ptr<float>(), m, l.hidden, l.hidden, isa);
+  at::Tensor proj = at::empty({m, l.in_width}, x.options());
+  matmul_parts(xq.data_ptr<uint8_t>(), m, l.qkv, l.hidden, proj.data_ptr<float>(), l.in_width, false, false, isa);
+  add_lora(lora, 0, normed, proj, isa);
+  const at::Tensor out = step.call(proj, l.conv_weight, l.a_log, l.dt_bias, l.mixer_norm, l.mixer_eps, conv_state,
+                                   matrices, state_slots, fresh, l.key_heads, l.tiled, isa);
+  add_output_projection(l, x, out, l.value_width, lora, isa);
+  mlp(l, x, lora, isa);
 }
 
 // A model's fused decoder layers (models/fused_decode.py), built once after loading. A step calls
@@ -267,24 +353,17 @@ struct DecodeLayers : torch::CustomClassHolder {
               const std::vector<int64_t>& gate_up_types, const std::vector<at::Tensor>& down_ws,
               const std::vector<int64_t>& down_types, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
               double scale, int64_t sliding_window, double softcap, const std::optional<at::Tensor>& alibi,
-              bool bf16_attention, int64_t rope_index) {
-    LayerWeights l;
-    l.hidden = input_norm.numel();
-    check_rows(input_norm, 1, l.hidden, "input_norm");
-    check_rows(post_norm, 1, l.hidden, "post_norm");
-    l.input_norm = input_norm, l.post_norm = post_norm, l.input_eps = input_eps, l.post_eps = post_eps;
+              bool bf16_attention, int64_t rope_index, bool output_gate) {
+    LayerWeights l = with_norms(input_norm, input_eps, post_norm, post_eps);
     l.num_heads = num_heads, l.num_kv_heads = num_kv_heads, l.head_dim = head_dim, l.rope_index = rope_index;
     l.scale = scale, l.sliding_window = sliding_window, l.softcap = softcap, l.bf16_attention = bf16_attention;
+    l.output_gate = output_gate;
     TORCH_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0 && head_dim % 2 == 0, "bad head shapes");
-    const int64_t width = l.q_size() + 2 * l.kv_size();
+    const int64_t width = l.q_width() + 2 * l.kv_size();
     l.qkv = held_parts(l, qkv_ws, qkv_types, l.hidden);
     TORCH_CHECK(rows_of(l.qkv) == width, "q/k/v weights have ", rows_of(l.qkv), " rows, heads need ", width);
     l.o = held_parts(l, o_ws, o_types, l.q_size());
-    l.gate_up = held_parts(l, gate_up_ws, gate_up_types, l.hidden);
-    l.inter = rows_of(l.gate_up) / 2;
-    l.down = held_parts(l, down_ws, down_types, l.inter);
-    TORCH_CHECK(rows_of(l.o) == l.hidden && rows_of(l.down) == l.hidden && rows_of(l.gate_up) == 2 * l.inter,
-                "o, gate/up and down weights do not fit the hidden size");
+    add_mlp(l, gate_up_ws, gate_up_types, down_ws, down_types);
     if (bias) check_rows(*bias, 1, width, "bias");
     TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "q_norm and k_norm come together");
     if (q_norm) {
@@ -296,6 +375,52 @@ struct DecodeLayers : torch::CustomClassHolder {
     l.bias = bias, l.q_norm = q_norm, l.k_norm = k_norm, l.alibi = alibi;
     layers.push_back(std::move(l));
     return static_cast<int64_t>(layers.size()) - 1;
+  }
+
+  // A Gated DeltaNet layer (its shapes are checked again by delta_net_decode at each step).
+  int64_t add_delta_net(const at::Tensor& input_norm, double input_eps, const at::Tensor& post_norm, double post_eps,
+                        const std::vector<at::Tensor>& in_ws, const std::vector<int64_t>& in_types,
+                        const at::Tensor& conv_weight, const at::Tensor& a_log, const at::Tensor& dt_bias,
+                        const at::Tensor& mixer_norm, double mixer_eps, int64_t key_heads, bool tiled,
+                        const std::vector<at::Tensor>& out_ws, const std::vector<int64_t>& out_types,
+                        const std::vector<at::Tensor>& gate_up_ws, const std::vector<int64_t>& gate_up_types,
+                        const std::vector<at::Tensor>& down_ws, const std::vector<int64_t>& down_types) {
+    LayerWeights l = with_norms(input_norm, input_eps, post_norm, post_eps);
+    l.delta_net = true, l.key_heads = key_heads, l.tiled = tiled, l.mixer_eps = mixer_eps;
+    for (const at::Tensor* t : {&conv_weight, &a_log, &dt_bias, &mixer_norm})
+      TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "Gated DeltaNet's parameters must be float32");
+    l.conv_weight = conv_weight, l.a_log = a_log, l.dt_bias = dt_bias, l.mixer_norm = mixer_norm;
+    const int64_t values = a_log.numel(), dv = mixer_norm.numel();
+    TORCH_CHECK(key_heads > 0 && values % key_heads == 0 && conv_weight.dim() == 2, "bad Gated DeltaNet shapes");
+    l.value_width = values * dv;
+    l.qkv = held_parts(l, in_ws, in_types, l.hidden);
+    l.in_width = rows_of(l.qkv);
+    TORCH_CHECK(l.in_width == conv_weight.size(0) + l.value_width + 2 * values, "in_proj has ", l.in_width,
+                " rows, the heads need ", conv_weight.size(0) + l.value_width + 2 * values);
+    l.o = held_parts(l, out_ws, out_types, l.value_width);
+    add_mlp(l, gate_up_ws, gate_up_types, down_ws, down_types);
+    layers.push_back(std::move(l));
+    return static_cast<int64_t>(layers.size()) - 1;
+  }
+
+  static LayerWeights with_norms(const at::Tensor& input_norm, double input_eps, const at::Tensor& post_norm,
+                                 double post_eps) {
+    LayerWeights l;
+    l.hidden = input_norm.numel();
+    check_rows(input_norm, 1, l.hidden, "input_norm");
+    check_rows(post_norm, 1, l.hidden, "post_norm");
+    l.input_norm = input_norm, l.post_norm = post_norm, l.input_eps = input_eps, l.post_eps = post_eps;
+    return l;
+  }
+
+  static void add_mlp(LayerWeights& l, const std::vector<at::Tensor>& gate_up_ws,
+                      const std::vector<int64_t>& gate_up_types, const std::vector<at::Tensor>& down_ws,
+                      const std::vector<int64_t>& down_types) {
+    l.gate_up = held_parts(l, gate_up_ws, gate_up_types, l.hidden);
+    l.inter = rows_of(l.gate_up) / 2;
+    l.down = held_parts(l, down_ws, down_types, l.inter);
+    TORCH_CHECK(rows_of(l.o) == l.hidden && rows_of(l.down) == l.hidden && rows_of(l.gate_up) == 2 * l.inter,
+                "o, gate/up and down weights do not fit the hidden size");
   }
 
   const LayerWeights& layer(int64_t index) const {
@@ -320,20 +445,37 @@ struct DecodeLayers : torch::CustomClassHolder {
     pagedllm_quant::decode(layer(index), x, cos, sin, kv_cache, slots, block_tables, context_lens, lora, isa);
   }
 
-  // Every layer in order; cos/sin per rotation of the model (a layer's rope_index picks one), one
-  // KV pool per layer, `lora` the layers' lists one after the other (each the same length).
+  void decode_delta_net(int64_t index, at::Tensor x, at::Tensor conv_state, at::Tensor matrices,
+                        const at::Tensor& state_slots, const at::Tensor& fresh, const std::vector<at::Tensor>& lora,
+                        int64_t isa) {
+    pagedllm_quant::decode_delta_net(layer(index), x, conv_state, matrices, state_slots, fresh, lora, isa);
+  }
+
+  // Every layer in order; cos/sin per rotation of the model (a layer's rope_index picks one); `caches` each
+  // layer's in order — an attention layer's KV pool, a Gated DeltaNet layer's conv state and matrices (its
+  // sequences' slots in `state_slots`, `fresh` where a sequence starts over; empty for other models);
+  // `lora` the layers' lists one after the other (each the same length).
   void decode_all(at::Tensor x, const std::vector<at::Tensor>& cos, const std::vector<at::Tensor>& sin,
-                  std::vector<at::Tensor> kv_caches, const at::Tensor& slots, const at::Tensor& block_tables,
-                  const at::Tensor& context_lens, const std::vector<at::Tensor>& lora, int64_t isa) {
+                  std::vector<at::Tensor> caches, const at::Tensor& slots, const at::Tensor& block_tables,
+                  const at::Tensor& context_lens, const at::Tensor& state_slots, const at::Tensor& fresh,
+                  const std::vector<at::Tensor>& lora, int64_t isa) {
     const size_t n = layers.size();
-    TORCH_CHECK(kv_caches.size() == n && lora.size() % std::max<size_t>(n, 1) == 0 && cos.size() == sin.size(),
-                "decode_all needs one KV pool and one LoRA list per layer");
+    size_t wanted = 0;
+    for (const LayerWeights& l : layers) wanted += l.delta_net ? 2 : 1;
+    TORCH_CHECK(caches.size() == wanted && lora.size() % std::max<size_t>(n, 1) == 0 && cos.size() == sin.size(),
+                "decode_all needs each layer's caches and one LoRA list per layer");
     const size_t per_layer = n ? lora.size() / n : 0;
+    size_t cache = 0;
     for (size_t i = 0; i < n; ++i) {
       const LayerWeights& l = layers[i];
-      TORCH_CHECK(l.rope_index >= 0 && l.rope_index < static_cast<int64_t>(cos.size()), "no rotation ", l.rope_index);
       const std::vector<at::Tensor> layer_lora(lora.begin() + i * per_layer, lora.begin() + (i + 1) * per_layer);
-      pagedllm_quant::decode(l, x, cos[l.rope_index], sin[l.rope_index], kv_caches[i], slots, block_tables,
+      if (l.delta_net) {
+        pagedllm_quant::decode_delta_net(l, x, caches[cache], caches[cache + 1], state_slots, fresh, layer_lora, isa);
+        cache += 2;
+        continue;
+      }
+      TORCH_CHECK(l.rope_index >= 0 && l.rope_index < static_cast<int64_t>(cos.size()), "no rotation ", l.rope_index);
+      pagedllm_quant::decode(l, x, cos[l.rope_index], sin[l.rope_index], caches[cache++], slots, block_tables,
                              context_lens, layer_lora, isa);
     }
   }
@@ -347,6 +489,8 @@ TORCH_LIBRARY_FRAGMENT(pagedllm_quant, m) {
   m.class_<DecodeLayers>("DecodeLayers")
       .def(torch::init<>())
       .def("add", &DecodeLayers::add)
+      .def("add_delta_net", &DecodeLayers::add_delta_net)
+      .def("decode_delta_net", &DecodeLayers::decode_delta_net)
       .def("attention_input", &DecodeLayers::attention_input)
       .def("attention_output_mlp", &DecodeLayers::attention_output_mlp)
       .def("decode", &DecodeLayers::decode)

@@ -10,7 +10,8 @@ activations — so a layer takes it only when its parts are the ones the kernels
 (RMSNorm, optional per-head q/k RMSNorm, packed int8-activation linears, no bias on o/down,
 SwiGLU, rotate-half rope — the identity where a model has no rotary positions —, soft-capping and
 ALiBi in the attention kernel; no sandwich norms);
-any other layer keeps the module path. Steps with LoRA adapters keep the fused path too: the C++
+any other layer keeps the module path. Hybrid models' gated attention and Gated DeltaNet layers (Qwen3.5)
+are fused too, but only whole: for steps of one query per sequence (the recurrent step's C++ form inside). Steps with LoRA adapters keep the fused path too: the C++
 layer adds each adapter's updates to its rows of the four products (lora/layers.py holds them).
 """
 
@@ -28,7 +29,8 @@ from ..layers.norm import RMSNorm
 
 
 _NONE = torch.empty(0)  # a projection an adapter does not update
-_NO_ROWS = torch.empty(0, dtype=torch.long)  # an adapter that has every row of the step
+_NO_ROWS = torch.empty(0, dtype=torch.long)  # an adapter that has every row of the step; a model without states
+_NO_FLAGS = torch.empty(0, dtype=torch.bool)
 
 
 def new_decode_layers() -> torch.ScriptObject:
@@ -45,34 +47,41 @@ class FusedDecodeLayer:
     o: Linear
     gate_up: Linear
     down: Linear
-    attention: LayerAttention  # for the attention backend, where a step is not one query per sequence
+    attention: LayerAttention | None  # for the attention backend, where a step is not one query per sequence
     isa: int
+    whole_only: bool = False  # gated attention, Gated DeltaNet: steps of one query per sequence only
+    delta_net: bool = False  # the mixer is Gated DeltaNet (its cache: the conv state and the matrices)
 
     max_rows = INT8_MAX_ROWS  # beyond, the module path's dequantise-and-GEMM products are faster
 
     @staticmethod
     def qualifies(layer: torch.nn.Module) -> bool:
         """Whether `layer` (a DecoderLayer, weights loaded) is made of the parts the C++ layer has."""
-        attn, mlp = layer.self_attn, layer.mlp
-        if attn is None or attn.output_gate or not hasattr(mlp, "gate_up_proj"):
-            return False  # a recurrent mixer or gated attention (hybrid models), routed experts (layers/moe.py)
-        linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        attn, delta_net, mlp = layer.self_attn, layer.linear_attn, layer.mlp
+        if (attn is None and delta_net is None) or not hasattr(mlp, "gate_up_proj"):
+            return False  # a short convolution (LFM2), routed experts (layers/moe.py)
+        mixer = (attn.qkv_proj, attn.o_proj) if attn is not None else (delta_net.in_proj, delta_net.out_proj)
+        linears = (*mixer, mlp.gate_up_proj, mlp.down_proj)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(isinstance(m.method, PackedMethod) and m.method.int8_activations for m in linears):
             return False
         if layer.pre_feedforward_layernorm is not None or mlp.hidden_act != "silu":
             return False  # parts the C++ layer does not have
-        if attn.o_proj.bias is not None or mlp.down_proj.bias is not None:
+        if mixer[1].bias is not None or mlp.down_proj.bias is not None:
             return False
-        if attn.q_norm is not None:
+        if delta_net is not None:
+            norms += (delta_net.norm,)
+        elif attn.q_norm is not None:
             norms += (attn.q_norm, attn.k_norm)
         if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 for n in norms):
             return False
-        return attn.qkv_proj.bias is None or attn.qkv_proj.bias.dtype == torch.float32
+        return mixer[0].bias is None or mixer[0].bias.dtype == torch.float32
 
     @classmethod
     def build(cls, layer: torch.nn.Module, layers: torch.ScriptObject) -> "FusedDecodeLayer":
         """The fused path for a layer that qualifies, its weights added to `layers`."""
+        if layer.linear_attn is not None:
+            return cls._build_delta_net(layer, layers)
         attn, mlp = layer.self_attn, layer.mlp
         linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
         qk_norms = (attn.q_norm.weight, attn.k_norm.weight) if attn.q_norm is not None else (None, None)
@@ -83,11 +92,26 @@ class FusedDecodeLayer:
             *qk_norms, attn.o_proj.part_data, attn.o_proj.part_types, mlp.gate_up_proj.part_data,
             mlp.gate_up_proj.part_types, mlp.down_proj.part_data, mlp.down_proj.part_types, attn.num_heads,
             attn.num_kv_heads, attn.head_dim, a.scale, a.sliding_window or 0, a.softcap or 0.0, a.alibi,
-            a.bfloat16_products and kernels.decode_bfloat16_available(), layer.rope_index)
-        return cls(layers, index, *linears, a, attn.qkv_proj.method.isa)
+            a.bfloat16_products and kernels.decode_bfloat16_available(), layer.rope_index, attn.output_gate)
+        return cls(layers, index, *linears, a, attn.qkv_proj.method.isa, whole_only=attn.output_gate)
 
-    def applies_to(self, x: torch.Tensor) -> bool:
-        return x.dtype == torch.float32 and x.shape[0] <= self.max_rows
+    @classmethod
+    def _build_delta_net(cls, layer: torch.nn.Module, layers: torch.ScriptObject) -> "FusedDecodeLayer":
+        mixer, mlp = layer.linear_attn, layer.mlp
+        taps = mixer.conv1d.weight.shape[-1]
+        index = layers.add_delta_net(
+            layer.input_layernorm.weight, layer.input_layernorm.eps, layer.post_attention_layernorm.weight,
+            layer.post_attention_layernorm.eps, mixer.in_proj.part_data, mixer.in_proj.part_types,
+            mixer.conv1d.weight.float().reshape(-1, taps).contiguous(), mixer.A_log.float().contiguous(),
+            mixer.dt_bias.float().contiguous(), mixer.norm.weight, mixer.norm.eps, mixer.key_heads, mixer.tiled,
+            mixer.out_proj.part_data, mixer.out_proj.part_types, mlp.gate_up_proj.part_data, mlp.gate_up_proj.part_types,
+            mlp.down_proj.part_data, mlp.down_proj.part_types)
+        return cls(layers, index, mixer.in_proj, mixer.out_proj, mlp.gate_up_proj, mlp.down_proj, None,
+                   mixer.in_proj.method.isa, whole_only=True, delta_net=True)
+
+    def applies_to(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        return (x.dtype == torch.float32 and x.shape[0] <= self.max_rows
+                and (not self.whole_only or _one_query_each(meta)))
 
     def lora_updates(self, segments: list[tuple[int, torch.Tensor | None]]) -> list[torch.Tensor]:
         """The C++ layer's `lora` argument for a step's adapter segments (lora/layers.py: LoRAContext):
@@ -107,6 +131,9 @@ class FusedDecodeLayer:
         `lora`: lora_updates' list ([] without adapters)."""
         rows, layers, i = x.shape[0], self.layers, self.index
         x, cos, sin, lora = x.contiguous(), cos.reshape(rows, -1), sin.reshape(rows, -1), list(lora)
+        if self.delta_net:  # kv_cache: this layer's (conv state, matrices)
+            layers.decode_delta_net(i, x, *kv_cache, meta.states.slots, meta.states.fresh, lora, self.isa)
+            return x
         group = meta.groups[0] if len(meta.groups) == 1 else None
         if group is not None and group.use_decode_kernel:  # one query per sequence: the whole layer in one call
             layers.decode(i, x, cos, sin, kv_cache, meta.slot_mapping, group.block_tables, group.context_lens, lora,
@@ -125,7 +152,7 @@ class FusedDecodeModel:
     fused: list[FusedDecodeLayer]
 
     def applies_to(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
-        return (self.fused[0].applies_to(x) and len(meta.groups) == 1 and meta.groups[0].use_decode_kernel)
+        return self.fused[0].applies_to(x, meta) and _one_query_each(meta)
 
     def __call__(self, x: torch.Tensor, ropes: list[tuple[torch.Tensor, torch.Tensor]], kv_caches: list[torch.Tensor],
                  meta: AttentionMetadata, segments: list[tuple[int, torch.Tensor | None]]) -> torch.Tensor:
@@ -134,7 +161,15 @@ class FusedDecodeModel:
         rows, group = x.shape[0], meta.groups[0]
         lora = [t for layer in self.fused for t in layer.lora_updates(segments)] if segments else []
         x = x.contiguous()
+        caches = [t for cache in kv_caches for t in (cache if isinstance(cache, tuple) else (cache,))]
+        states = meta.states
         self.layers.decode_all(x, [cos.reshape(rows, -1) for cos, _ in ropes], [sin.reshape(rows, -1) for _, sin in ropes],
-                               kv_caches, meta.slot_mapping, group.block_tables, group.context_lens, lora,
-                               self.fused[0].isa)
+                               caches, meta.slot_mapping, group.block_tables, group.context_lens,
+                               _NO_ROWS if states is None else states.slots, _NO_FLAGS if states is None else states.fresh,
+                               lora, self.fused[0].isa)
         return x
+
+
+def _one_query_each(meta: AttentionMetadata) -> bool:
+    """A step of one new token per sequence, in one group that the C++ decode kernel attends."""
+    return len(meta.groups) == 1 and meta.groups[0].use_decode_kernel

@@ -219,7 +219,7 @@ class Transformer(nn.Module):
             cos, sin = ropes[layer.rope_index]
             fused = layer.fused  # called directly: at ~60 µs a layer, nn.Module's call costs show
             before = x if observe is None else x.clone()  # the fused layer updates x in place
-            if fused is not None and fused.applies_to(x):
+            if fused is not None and fused.applies_to(x, meta):
                 x = fused(x, cos, sin, kv_cache, meta, fused.lora_updates(segments))
             elif prune_last and layer is last:
                 x, output_rows = layer(x, cos, sin, kv_cache, meta, output_rows), None
