@@ -10,6 +10,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
@@ -53,6 +55,7 @@ namespace portable {
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+#define PAGEDLLM_SIMD
 namespace avx2 {
 #include "recurrent_impl.h"
 }  // namespace avx2
@@ -60,10 +63,13 @@ namespace avx2 {
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl")
+#define PAGEDLLM_AVX512
 namespace avx512 {
 #include "recurrent_impl.h"
 }  // namespace avx512
 #pragma GCC pop_options
+#undef PAGEDLLM_AVX512
+#undef PAGEDLLM_SIMD
 
 void check(const at::Tensor& t, at::ScalarType type, int64_t dims, const char* what) {
   TORCH_CHECK(t.scalar_type() == type && t.dim() == dims && t.is_contiguous(), what, " must be a contiguous ",
