@@ -20,9 +20,9 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _tiny_configs():
-    from transformers import (BloomConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, GlmConfig, LlamaConfig,
-                              MistralConfig, MixtralConfig, Phi3Config, Qwen2Config, Qwen2MoeConfig, Qwen3Config,
-                              Qwen3MoeConfig)
+    from transformers import (BloomConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
+                              GlmConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
+                              Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -56,6 +56,13 @@ def _tiny_configs():
         # + norms after attention and around the MLP; a quarter of each head rotates
         "glm4": Glm4Config(**TINY, head_dim=16, pad_token_id=0, tie_word_embeddings=False, rope_parameters={
             "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25}),
+        # GLM-4.5: 8 experts of 32 in 4 groups (the best 2 open), 3 a token by sigmoid scores plus a choice bias,
+        # renormalised and scaled by 2.5; one plain shared expert; the first of 3 layers dense; q/k norms and
+        # q/k/v biases; half of each head rotates (NeoX pairs)
+        "glm4_moe": Glm4MoeConfig(**{**TINY, "num_hidden_layers": 3}, head_dim=16, n_routed_experts=8,
+                                  num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=1, n_group=4,
+                                  topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, use_qk_norm=True,
+                                  attention_bias=True, tie_word_embeddings=False),
         # ALiBi (6 heads: not a power of two), LayerNorm with biases (one after the embeddings), a plain
         # GELU MLP with biases, q/k/v fused head by head in the checkpoint
         "bloom": BloomConfig(vocab_size=49152, hidden_size=96, n_layer=2, n_head=6, initializer_range=0.1,
@@ -110,6 +117,12 @@ def tiny_models(tmp_path_factory, default_gguf, default_tokenizer_metadata) -> d
             for name, param in hf.named_parameters():
                 if "norm" in name or name.endswith(".bias"):
                     param.add_(torch.randn_like(param) * 0.1)
+            for name, buffer in hf.named_buffers():  # DeepSeek-style routers' choice bias starts at zero
+                if name.endswith("e_score_correction_bias"):
+                    buffer.add_(torch.rand_like(buffer) * 0.2)
+                    # and a random sigmoid router scores every expert near ½: sharpened, as trained ones are,
+                    # so that a packed file's slightly different inputs seldom tip a near-tie
+                    hf.get_parameter(name.replace("e_score_correction_bias", "weight")).mul_(4)
         folder = tmp_path_factory.mktemp(f"tiny-{family}")
         hf.save_pretrained(folder)
         _save_tokenizer(folder, default_gguf)

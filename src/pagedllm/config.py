@@ -43,6 +43,7 @@ POSITION_ENCODINGS = ("rope", "alibi", "none")
 LAYER_MIXERS = ("attention", "short_conv", "gated_delta_net")
 # Activations of the MLP's gate (or of its one projection, for an ungated MLP).
 HIDDEN_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+MOE_SCORINGS = ("softmax", "sigmoid")  # how a router's logits become expert scores
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,18 @@ class ModelConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0  # each expert's intermediate width
-    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's always-on expert (0: none)
+    shared_expert_intermediate_size: int = 0  # an always-on expert's width (0: none)
+    shared_expert_gate: bool = True  # Qwen2-MoE's shared expert is scaled by sigmoid(a gate); DeepSeek's is not
     norm_topk_prob: bool = False  # the top-k weights are renormalised to sum to 1
     dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model
+    # DeepSeek-V3-style routing (GLM-4.5, DeepSeek V3): the router's scores (MOE_SCORINGS), a per-expert bias
+    # added to them for the choice only, the choice limited to the best `moe_topk_groups` of `moe_groups`
+    # groups of experts (a group scored by its two best), and the weights scaled after the renormalising.
+    moe_scoring: str = "softmax"
+    moe_expert_bias: bool = False
+    moe_groups: int = 1
+    moe_topk_groups: int = 1
+    routed_scaling_factor: float = 1.0
     # Hybrid models: each layer's mixer (LAYER_MIXERS; None: attention everywhere), and the short
     # convolution's taps and bias (LFM2).
     layer_mixers: tuple[str, ...] | None = None
@@ -149,6 +159,7 @@ class ModelConfig:
             raise ConfigError(f"model config: {self.num_experts} experts need 1 to {self.num_experts} experts per "
                               f"token (got {self.num_experts_per_tok}) and a positive expert size "
                               f"(got {self.moe_intermediate_size})")
+        self._check_routing()
         self._check_mixers()
         for name in ("rms_norm_eps", "rope_theta"):  # NaN, 0 or infinite: every activation turns NaN
             value = getattr(self, name)
@@ -278,14 +289,31 @@ class ModelConfig:
         return h * (conv + values + 2 * heads) + conv * self.conv_kernel + 2 * heads + self.linear_value_head_dim \
             + values * h
 
+    def _check_routing(self) -> None:
+        if self.moe_scoring not in MOE_SCORINGS:
+            raise ConfigError(f"model config: expert scoring {self.moe_scoring!r} is not one of {', '.join(MOE_SCORINGS)}")
+        groups, chosen = self.moe_groups, self.moe_topk_groups
+        if not (isinstance(groups, int) and isinstance(chosen, int) and 0 < chosen <= groups):
+            raise ConfigError(f"model config: expert groups must be positive integers, the chosen ones at most all "
+                              f"(got {chosen!r} of {groups!r})")
+        if self.num_experts and (self.num_experts % groups or (groups > 1 and self.num_experts // groups < 2)
+                                 or self.num_experts_per_tok > chosen * (self.num_experts // groups)):
+            raise ConfigError(f"model config: {self.num_experts} experts in {groups} groups (each of at least 2, "
+                              f"{chosen} chosen) cannot give {self.num_experts_per_tok} experts a token")
+        if not (isinstance(self.routed_scaling_factor, (int, float)) and 0 < self.routed_scaling_factor < math.inf):
+            raise ConfigError(f"model config: routed_scaling_factor must be a positive finite number, "
+                              f"got {self.routed_scaling_factor!r}")
+
     def _mlp_parameters(self, layer: int) -> int:
         h = self.hidden_size
         if not self.is_moe_layer(layer):
             size, matrices = self.intermediate_size, 3 if self.gated_mlp else 2
             biases = (matrices - 1) * size + h if self.mlp_bias else 0
             return matrices * h * size + biases
-        shared = 3 * h * self.shared_expert_intermediate_size + (h if self.shared_expert_intermediate_size else 0)
-        return self.num_experts * (3 * h * self.moe_intermediate_size + h) + shared
+        shared = 3 * h * self.shared_expert_intermediate_size
+        if self.shared_expert_intermediate_size and self.shared_expert_gate:
+            shared += h
+        return self.num_experts * (3 * h * self.moe_intermediate_size + h) + shared + self.num_experts * self.moe_expert_bias
 
 
 # q8_0: llama.cpp's 8-bit blocks (32 int8 values and a float16 scale), 1.06 bytes a value.

@@ -20,15 +20,16 @@ def _per_token_reference(moe: SparseMoE, x: torch.Tensor) -> torch.Tensor:
         weights, experts = moe.route(row)
         y = sum(w * moe.experts[int(e)](row) for w, e in zip(weights[0], experts[0]))
         if moe.shared_expert is not None:
-            y = y + torch.sigmoid(moe.shared_expert_gate(row)) * moe.shared_expert(row)
+            gate = 1 if moe.shared_expert_gate is None else torch.sigmoid(moe.shared_expert_gate(row))
+            y = y + gate * moe.shared_expert(row)
         out.append(y)
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"])
 def test_batched_experts_equal_per_token_reference(tiny_models, family):
     model = load_model(ModelSource("hf", tiny_models[family].hf_dir))
-    moe = model.layers[0].mlp
+    moe = next(layer.mlp for layer in model.layers if isinstance(layer.mlp, SparseMoE))
     x = torch.randn(53, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         batched, reference = moe(x), _per_token_reference(moe, x)
@@ -80,3 +81,45 @@ def test_moe_serves_a_batch(tiny_models):
     together = [o.token_ids for o in llm.generate(prompts, params)]
     alone = [llm.generate(p, params)[0].token_ids for p in prompts]
     assert_same_or_near_tie(llm, prompts, alone, together)
+
+
+def test_multi_token_prediction_tensors_are_not_loaded(tiny_models, tmp_path):
+    """GLM-4.5's and DeepSeek V3's MTP blocks are layers past `num_hidden_layers`, Qwen3.5's are `mtp.*`: the
+    loader skips both (pagedllm runs the main model), and the logits are the checkpoint's without them."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from helpers import prefill_logits
+
+    tiny = tiny_models["glm4_moe"]
+    folder = tmp_path / "with-mtp"
+    shutil.copytree(tiny.hf_dir, folder)
+    layers = tiny.hf_model.config.num_hidden_layers
+    assert tiny.hf_model.config.num_nextn_predict_layers == 1
+    save_file({f"model.layers.{layers}.eh_proj.weight": torch.ones(64, 128),
+               f"model.layers.{layers}.input_layernorm.weight": torch.ones(64),
+               "mtp.fc.weight": torch.ones(64, 128)}, folder / "model-mtp.safetensors")
+    ids = list(range(40, 60))
+    assert torch.equal(prefill_logits(load_model(ModelSource("hf", folder)), ids),
+                       prefill_logits(load_model(ModelSource("hf", tiny.hf_dir)), ids))
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(moe_scoring="softplus"), "expert scoring 'softplus' is not one of"),
+    (dict(moe_groups=3), "8 experts in 3 groups"),
+    (dict(moe_groups=4, moe_topk_groups=5), "expert groups must be positive integers"),
+    (dict(moe_groups=4, moe_topk_groups=1), "cannot give 3 experts a token"),
+    (dict(moe_groups=8), "8 experts in 8 groups"),
+    (dict(routed_scaling_factor=float("nan")), "routed_scaling_factor must be a positive finite number"),
+    (dict(routed_scaling_factor=0), "routed_scaling_factor must be a positive finite number"),
+])
+def test_hostile_routing_configs_are_refused(tiny_models, changes, message):
+    import dataclasses
+
+    from pagedllm.errors import ConfigError
+    from pagedllm.models.loaders import read_model_config
+
+    config, _ = read_model_config(ModelSource("hf", tiny_models["glm4_moe"].hf_dir))
+    with pytest.raises(ConfigError, match=message):
+        dataclasses.replace(config, **changes)

@@ -1,4 +1,5 @@
-"""Mixture of experts: a router picks each token's top-k expert MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE).
+"""Mixture of experts: a router picks each token's top-k expert MLPs (Mixtral, Qwen2-MoE, Qwen3-MoE; GLM-4.5 and
+DeepSeek V3's sigmoid scores with a choice bias and expert groups).
 
 The experts run batched over the step's tokens: the (token, expert) pairs are sorted by expert,
 and each expert that got any multiplies all its rows in one product — a loop over experts, never
@@ -17,13 +18,22 @@ from .mlp import MLP
 
 
 class SparseMoE(nn.Module):
-    """Σ over the top-k experts of softmax weight · expert(x), plus Qwen2-MoE's shared expert
-    scaled by sigmoid(shared_expert_gate(x)) where the model has one."""
+    """Σ over the top-k experts of weight · expert(x), plus a shared expert where the model has one (Qwen2-MoE's
+    scaled by sigmoid(shared_expert_gate(x)), DeepSeek's and GLM-4.5's as it is).
+
+    Routing: the router's softmax (or sigmoid) scores; the experts chosen by the scores plus `expert_bias`
+    (DeepSeek V3's correction, for the choice only), among the best `topk_groups` of `groups` groups of experts
+    (each scored by its two best); their weights are their scores, renormalised where the model says, times
+    `routed_scaling_factor`."""
 
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
         super().__init__()
         self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.scoring, self.scale = cfg.moe_scoring, cfg.routed_scaling_factor
+        self.groups, self.topk_groups = cfg.moe_groups, cfg.moe_topk_groups
         self.gate = plan.linear(prefix, {"gate": cfg.num_experts}, cfg.hidden_size, keep_float=True)
+        self.expert_bias = nn.Parameter(torch.empty(cfg.num_experts), requires_grad=False) if cfg.moe_expert_bias \
+            else None
         # Under tensor parallelism every expert is split by width; the ranks' partial sums are added
         # once for the whole block (forward), not once per expert.
         self.tp = plan.tp if plan.tp is not None and plan.tp.size > 1 else None
@@ -33,20 +43,36 @@ class SparseMoE(nn.Module):
         if cfg.shared_expert_intermediate_size:
             self.shared_expert = MLP(cfg, plan, f"{prefix}.shared_expert", cfg.shared_expert_intermediate_size,
                                      reduce=False)
-            self.shared_expert_gate = plan.linear(prefix, {"shared_expert_gate": 1}, cfg.hidden_size, keep_float=True)
+            if cfg.shared_expert_gate:
+                self.shared_expert_gate = plan.linear(prefix, {"shared_expert_gate": 1}, cfg.hidden_size,
+                                                      keep_float=True)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights, expert ids), each [tokens, top_k]: the router's softmax in float32, as the references."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)
-        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        """(weights, expert ids), each [tokens, top_k], in float32 as the references."""
+        logits = self.gate(x).float()
+        scores = torch.sigmoid(logits) if self.scoring == "sigmoid" else torch.softmax(logits, dim=-1)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias.float()
+        if self.groups > 1:
+            choice = self._best_groups_only(choice)
+        experts = torch.topk(choice, self.top_k, dim=-1).indices
+        weights = scores.gather(1, experts)
         if self.normalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, experts
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scale if self.scale != 1.0 else weights, experts
+
+    def _best_groups_only(self, choice: torch.Tensor) -> torch.Tensor:
+        """`choice` with the experts outside each token's best topk_groups groups at −∞."""
+        grouped = choice.view(len(choice), self.groups, -1)
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        best = group_scores.topk(self.topk_groups, dim=-1).indices
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.experts_output(x, *self.route(x))
         if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+            shared = self.shared_expert(x)
+            out = out + (shared if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * shared)
         return out if self.tp is None else self.tp.all_reduce(out)
 
     def experts_output(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

@@ -50,6 +50,11 @@ class FamilySpec:
     # architecture for GGUF files).
     moe: bool = False
     norm_topk_prob: bool = False
+    shared_expert_gate: bool = True  # a shared expert scaled by sigmoid(gate) (Qwen2-MoE), not as it is (GLM-4.5)
+    # GLM-4.5 / DeepSeek V3 routing: sigmoid scores with a per-expert choice bias (a config's `scoring_func`
+    # overrides the scoring; GGUF files say both).
+    moe_scoring: str = "softmax"
+    moe_expert_bias: bool = False
     # Checkpoint names → canonical ones: (regular expression, replacement), applied in order
     # (Mixtral's block_sparse_moe.experts.N.w1 → mlp.experts.N.gate_proj).
     hf_renames: tuple[tuple[str, str], ...] = ()
@@ -86,7 +91,7 @@ class FamilySpec:
         return {"norm_offset": self.norm_offset, "qk_norm": self.qk_norm, "sandwich_norms": self.sandwich_norms,
                 "rope_interleaved": self.rope_interleaved, "norm_kind": self.norm_kind,
                 "embedding_norm": self.embedding_norm, "gated_mlp": self.gated_mlp, "o_proj_bias": self.o_proj_bias,
-                "attention_output_gate": self.attention_output_gate}
+                "attention_output_gate": self.attention_output_gate, "shared_expert_gate": self.shared_expert_gate}
 
     def model_shape_parts(self, layers: int, vocab_size: int) -> dict[str, object]:
         """The ModelConfig fields the family decides from a model's size."""
@@ -215,6 +220,25 @@ FAMILIES: tuple[FamilySpec, ...] = (
         sandwich_norms=True,
         hf_renames=_GLM4_NORMS,
         gguf_renames=_GEMMA_SANDWICH + (("ffn_up", "mlp.gate_up_proj"),),
+    ),
+    FamilySpec(
+        name="glm4_moe",
+        # GLM-4.5 / 4.6 / 4.7 (and -Air): llama attention (biases, partial rotary in NeoX pairs, optional q/k norms),
+        # routed experts by sigmoid scores with a choice bias, one plain shared expert, the first layers dense.
+        hf_architectures=("Glm4MoeForCausalLM",),
+        gguf_architectures=("glm4moe",),
+        example="zai-org/GLM-4.5-Air",
+        attention_bias=True,
+        gguf_qk_permuted=False,
+        moe=True,
+        norm_topk_prob=True,
+        shared_expert_gate=False,
+        moe_scoring="sigmoid",
+        moe_expert_bias=True,
+        hf_renames=((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),
+                    (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.expert_bias")),
+        # llama.cpp names the norm before the MLP post_attention_norm in this architecture
+        gguf_renames=(("exp_probs_b.bias", "mlp.expert_bias"), ("post_attention_norm", "post_attention_layernorm")),
     ),
     FamilySpec(
         name="baichuan",

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFWriter
+from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter
 from gguf import quants as gguf_quants
 
 from ..config import ModelConfig
@@ -190,6 +190,18 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
         writer.add_expert_weights_norm(c.norm_topk_prob)
         if c.shared_expert_intermediate_size:
             writer.add_expert_shared_feed_forward_length(c.shared_expert_intermediate_size)
+            if not c.shared_expert_gate and c.shared_expert_intermediate_size % c.moe_intermediate_size == 0:
+                # llama.cpp's GLM-4.5 (plain shared experts) reads their count
+                writer.add_expert_shared_count(c.shared_expert_intermediate_size // c.moe_intermediate_size)
+        writer.add_expert_gating_func(ExpertGatingFuncType.SIGMOID if c.moe_scoring == "sigmoid"
+                                      else ExpertGatingFuncType.SOFTMAX)
+        if c.routed_scaling_factor != 1.0:
+            writer.add_expert_weights_scale(c.routed_scaling_factor)
+        if c.moe_groups > 1:
+            writer.add_expert_group_count(c.moe_groups)
+            writer.add_expert_group_used_count(c.moe_topk_groups)
+        if c.dense_layers and c.dense_layers == tuple(range(len(c.dense_layers))):
+            writer.add_leading_dense_block_count(len(c.dense_layers))
     if c.rope_scaling is not None and c.rope_scaling.kind == "yarn":
         s = c.rope_scaling
         if not s.truncate:

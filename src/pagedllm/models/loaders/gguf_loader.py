@@ -187,13 +187,37 @@ def _experts(f: GGUFFile, arch: str, family: FamilySpec, layers: int) -> dict:
     if not family.moe:
         raise GGUFError(f"{f.path}: architecture {shown(arch)} with experts is not supported")
     norm = f.get(f"{arch}.expert_weights_norm", family.norm_topk_prob)
+    width = _int_key(f, f"{arch}.expert_feed_forward_length", _int_key(f, f"{arch}.feed_forward_length"))
+    # Qwen2-MoE's files give the shared expert's width, GLM-4.5's their count (each an expert's width).
+    shared = _int_key(f, f"{arch}.expert_shared_feed_forward_length", 0) \
+        or _int_key(f, f"{arch}.expert_shared_count", 0) * width
+    gating = _int_key(f, f"{arch}.expert_gating_func", 2 if family.moe_scoring == "sigmoid" else 1)
+    if gating not in _GATING_FUNCTIONS:
+        raise GGUFError(f"{f.path}: expert gating function {gating} is not supported (1 softmax, 2 sigmoid)")
     return dict(num_experts=experts, num_experts_per_tok=_int_key(f, f"{arch}.expert_used_count"),
-                moe_intermediate_size=_int_key(f, f"{arch}.expert_feed_forward_length",
-                                               _int_key(f, f"{arch}.feed_forward_length")),
-                shared_expert_intermediate_size=_int_key(f, f"{arch}.expert_shared_feed_forward_length", 0),
-                norm_topk_prob=bool(norm),
+                moe_intermediate_size=width, shared_expert_intermediate_size=shared, norm_topk_prob=bool(norm),
                 dense_layers=tuple(i for i in range(layers)
-                                   if f"blk.{i}.ffn_gate_inp.weight" not in f.tensors))
+                                   if f"blk.{i}.ffn_gate_inp.weight" not in f.tensors),
+                moe_scoring=_GATING_FUNCTIONS[gating],
+                moe_expert_bias=any(name.endswith(".exp_probs_b.bias") for name in f.tensors),
+                moe_groups=_int_key(f, f"{arch}.expert_group_count", 1),
+                moe_topk_groups=_int_key(f, f"{arch}.expert_group_used_count", 1),
+                routed_scaling_factor=_float_key(f, f"{arch}.expert_weights_scale", 1.0),
+                shared_expert_gate=any(name.endswith(".ffn_gate_inp_shexp.weight") for name in f.tensors))
+
+
+_GATING_FUNCTIONS = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func values
+
+
+def _parts(f: GGUFFile, family: FamilySpec, experts: dict) -> dict:
+    """The family's parts; q/k norms where the file has them (GLM-4.5's are optional); a shared expert's gate
+    as the file has it."""
+    parts = family.model_parts()
+    if any(name.endswith(".attn_q_norm.weight") for name in f.tensors):
+        parts["qk_norm"] = True
+    if "shared_expert_gate" in experts:
+        parts["shared_expert_gate"] = experts.pop("shared_expert_gate")
+    return parts
 
 
 def _block_count(f: GGUFFile, arch: str) -> int:
@@ -226,6 +250,8 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     layers = gguf_layer_count(f, arch, _block_count(f, arch))
     mixers = gguf_mixer_fields(f, arch, family, layers)
     sliding_layers = _sliding_layers(f, arch, family, layers) if window else None
+    experts = _experts(f, arch, family, layers)
+    parts = _parts(f, family, experts)
     local_theta = _float_key(f, f"{arch}.rope.freq_base_swa", family.gguf_local_rope_theta or 0.0) or None
     config = ModelConfig(
         family=family.name,
@@ -254,9 +280,9 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         attn_logit_softcap=_optional_float(f, f"{arch}.attn_logit_softcapping"),
         final_logit_softcap=_optional_float(f, f"{arch}.final_logit_softcapping"),
         mlp_bias=family.mlp_bias or "blk.0.ffn_down.bias" in f.tensors,
-        **_experts(f, arch, family, layers),
+        **experts,
         **mixers,
-        **family.model_parts(),
+        **parts,
         **family.model_shape_parts(layers, vocab_size),
     )
     return config, family

@@ -153,17 +153,22 @@ def _activation(cfg: dict[str, Any], family: FamilySpec) -> str:
 
 
 def _experts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
-    """The MoE fields of ModelConfig, as transformers reads Mixtral's and Qwen-MoE's configs."""
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or 0
+    """The MoE fields of ModelConfig, as transformers reads Mixtral's, Qwen-MoE's and GLM-4.5's configs."""
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0
     if not family.moe or not experts:
         return {}
     layers, step = cfg["num_hidden_layers"], cfg.get("decoder_sparse_step") or 1
     only_mlp = set(cfg.get("mlp_only_layers") or ())
-    return dict(num_experts=experts, num_experts_per_tok=cfg["num_experts_per_tok"],
-                moe_intermediate_size=cfg.get("moe_intermediate_size") or cfg["intermediate_size"],
-                shared_expert_intermediate_size=cfg.get("shared_expert_intermediate_size") or 0,
+    first_moe = cfg.get("first_k_dense_replace") or 0  # DeepSeek / GLM-4.5: the first layers stay dense
+    width = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * width
+    return dict(num_experts=experts, num_experts_per_tok=cfg["num_experts_per_tok"], moe_intermediate_size=width,
+                shared_expert_intermediate_size=shared,
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", family.norm_topk_prob)),
-                dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step))
+                dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step or i < first_moe),
+                moe_scoring=cfg.get("scoring_func") or family.moe_scoring, moe_expert_bias=family.moe_expert_bias,
+                moe_groups=cfg.get("n_group") or 1, moe_topk_groups=cfg.get("topk_group") or 1,
+                routed_scaling_factor=cfg.get("routed_scaling_factor") or 1.0)
 
 
 # Older configs' names for the standard keys (BLOOM's, GPT-2's, LFM2's), as transformers' attribute maps.
@@ -205,6 +210,14 @@ def _intermediate_size(cfg: dict[str, Any]) -> int:
             size = int(multiplier * size)
             size = multiple * math.ceil(size / multiple)
     return size
+
+
+def _parts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
+    """The family's parts; q/k norms where a config says (GLM-4.5's `use_qk_norm`)."""
+    parts = family.model_parts()
+    if "use_qk_norm" in cfg:
+        parts["qk_norm"] = bool(cfg["use_qk_norm"])
+    return parts
 
 
 def _shape_parts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
@@ -250,7 +263,7 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
             mlp_bias=bool(cfg.get("mlp_bias") or family.mlp_bias),
             **_experts(cfg, family),
             **_mixers(cfg),
-            **family.model_parts(),
+            **_parts(cfg, family),
             **_shape_parts(cfg, family),
         )
     except KeyError as exc:
@@ -285,6 +298,8 @@ def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         try:
             with safe_open(os.fspath(path), framework="pt") as f:
                 for name in f.keys():
+                    if _multi_token_prediction(name, cfg):
+                        continue  # not loaded: pagedllm runs the main model only
                     tensor, name = f.get_tensor(name), canonical_hf_name(name, family)
                     if family.hf_qkv_per_head and ".qkv_proj." in name:
                         tensor = qkv_by_kind(tensor, cfg["num_attention_heads"])
@@ -294,6 +309,19 @@ def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, tensor
         except (OSError, RuntimeError, ValueError) as exc:  # safetensors reports bad headers as these
             raise HFModelError(f"{path}: cannot read safetensors ({exc})") from None
+
+
+_LAYER_INDEX = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def _multi_token_prediction(name: str, cfg: dict[str, Any]) -> bool:
+    """A multi-token-prediction tensor: Qwen3.5's and Qwen3-Next's `mtp.*`, or a layer past the model's
+    (GLM-4.5's and DeepSeek V3's `num_nextn_predict_layers` blocks)."""
+    if name.startswith("mtp."):
+        return True
+    match = _LAYER_INDEX.match(name)
+    return bool(cfg.get("num_nextn_predict_layers")) and match is not None \
+        and int(match.group(1)) >= cfg["num_hidden_layers"]
 
 
 def qkv_by_kind(tensor: torch.Tensor, heads: int) -> torch.Tensor:
