@@ -72,7 +72,8 @@ class ModelConfig:
     position_encoding: str = "rope"
     rotary_dim: int | None = None
     # The checkpoint's q/k rows pair dims (2i, 2i + 1) for rotation (GLM) rather than (i, i + dim/2);
-    # the loaders reorder the rows to the latter, which the model runs.
+    # the loaders reorder the rows to the latter, which the model runs (latent attention reorders its rotary
+    # parts itself: layers/mla.py).
     rope_interleaved: bool = False
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
@@ -125,6 +126,14 @@ class ModelConfig:
     # rather than grouped by key head (h // (value heads / key heads); Hugging Face checkpoints).
     linear_value_heads_tiled: bool = False
     attention_output_gate: bool = False  # q_proj also gives each head a gate: o_proj(attention · sigmoid(gate))
+    # Multi-head latent attention (DeepSeek V2 / V3; kv_lora_rank > 0): each token caches a latent of
+    # kv_lora_rank values and a rotary key part of head_dim values (head_dim is the rotary part's size here),
+    # shared by the heads, whose no-rope query and key parts have qk_nope_head_dim values and whose values
+    # v_head_dim; queries through a low-rank path of q_lora_rank (0: one projection).
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -161,6 +170,12 @@ class ModelConfig:
                               f"(got {self.moe_intermediate_size})")
         self._check_routing()
         self._check_mixers()
+        if self.kv_lora_rank and not all(isinstance(v, int) and v > 0 for v in (self.qk_nope_head_dim, self.v_head_dim)):
+            raise ConfigError(f"model config: latent attention needs positive qk_nope_head_dim and v_head_dim, got "
+                              f"{self.qk_nope_head_dim!r} and {self.v_head_dim!r}")
+        for name in ("kv_lora_rank", "q_lora_rank"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
+                raise ConfigError(f"model config: {name} must be a count, got {getattr(self, name)!r}")
         for name in ("rms_norm_eps", "rope_theta"):  # NaN, 0 or infinite: every activation turns NaN
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
@@ -254,6 +269,25 @@ class ModelConfig:
         return self.local_rope_theta is not None and self.layer_window(layer) is not None
 
     @property
+    def latent_attention(self) -> bool:
+        """Multi-head latent attention: one cached row a token (latent | rotary key), shared by the heads."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def kv_row_dim(self) -> int:
+        """Values of one cached row: a head's K (or V), or latent attention's latent and rotary key."""
+        return self.kv_lora_rank + self.head_dim if self.latent_attention else self.head_dim
+
+    @property
+    def kv_halves(self) -> int:
+        """Rows a cached head holds a token: K and V, or latent attention's one row (its values are part of it)."""
+        return 1 if self.latent_attention else 2
+
+    @property
+    def cached_kv_heads(self) -> int:
+        return 1 if self.latent_attention else self.num_key_value_heads
+
+    @property
     def rope_dims(self) -> int:
         """How many dims of each head rotate."""
         return self.rotary_dim or self.head_dim
@@ -275,6 +309,7 @@ class ModelConfig:
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         embedding = self.vocab_size * h + (norm if self.embedding_norm else 0)
         attn += h * q if self.attention_output_gate else 0
+        attn = self._latent_attention_parameters() if self.latent_attention else attn
         mixers = sum(attn if self.layer_mixer(i) == "attention" else self._mixer_parameters(self.layer_mixer(i))
                      for i in range(self.num_hidden_layers))
         return embedding + self.num_hidden_layers * norms + mixers + mlps + norm + head
@@ -288,6 +323,15 @@ class ModelConfig:
         conv = 2 * keys + values
         return h * (conv + values + 2 * heads) + conv * self.conv_kernel + 2 * heads + self.linear_value_head_dim \
             + values * h
+
+    def _latent_attention_parameters(self) -> int:
+        h, heads, rank, rope, q_rank = (self.hidden_size, self.num_attention_heads, self.kv_lora_rank, self.head_dim,
+                                        self.q_lora_rank)
+        q = heads * (self.qk_nope_head_dim + rope)
+        queries = h * q_rank + q_rank + q_rank * q if q_rank else h * q
+        biases = (q_rank if q_rank else 0) + rank + rope + h if self.attention_bias else 0
+        return (queries + h * (rank + rope) + rank + rank * heads * (self.qk_nope_head_dim + self.v_head_dim)
+                + heads * self.v_head_dim * h + biases)
 
     def _check_routing(self) -> None:
         if self.moe_scoring not in MOE_SCORINGS:

@@ -26,6 +26,7 @@ from .metadata import AttentionGroup, AttentionMetadata, LayerAttention, StepLay
 class AttentionBackend(ABC):
     name: str
     supports_graphs = False  # whether graph_inputs holds all a step's attention reads (engine/cuda_graphs.py)
+    supports_latent = False  # whether it attends latent pools (LayerAttention.value_dim; layers/mla.py)
 
     @classmethod
     def usable(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -33,9 +34,10 @@ class AttentionBackend(ABC):
         return True
 
     @staticmethod
-    def kv_cache_shape(num_blocks: int, block_size: int, kv_heads: int, row: int) -> tuple[int, ...]:
-        """One layer's pool: [K/V, blocks, block_size, kv_heads, row] (row: head_dim, or q8_0 bytes)."""
-        return (2, num_blocks, block_size, kv_heads, row)
+    def kv_cache_shape(num_blocks: int, block_size: int, kv_heads: int, row: int, halves: int = 2) -> tuple[int, ...]:
+        """One layer's pool: [K/V, blocks, block_size, kv_heads, row] (row: head_dim, or q8_0 bytes; `halves` 1:
+        a latent pool's one row a token)."""
+        return (halves, num_blocks, block_size, kv_heads, row)
 
     def build_metadata(self, layout: StepLayout) -> AttentionMetadata:
         return AttentionMetadata(layout.slot_mapping(), layout.decode_and_prefill_groups(), self)
@@ -62,12 +64,13 @@ class AttentionBackend(ABC):
 
 class TorchBackend(AttentionBackend):
     name = "torch"
+    supports_latent = True
 
     def attend(self, q, kv_cache, meta, layer, matmul_dtype=None):
         """Group by group (decodes and prefill chunks apart: padding stays within each group)."""
         if len(meta.groups) == 1:
             return self.attend_group(q, kv_cache, meta, meta.groups[0], 0, layer, matmul_dtype)
-        out = torch.empty_like(q)
+        out = q.new_empty(*q.shape[:-1], layer.value_dim or q.shape[-1])
         for index, group in enumerate(meta.groups):
             out[group.rows] = self.attend_group(q[group.rows], kv_cache, meta, group, index, layer, matmul_dtype)
         return out
@@ -77,7 +80,10 @@ class TorchBackend(AttentionBackend):
         """Attention for one group's tokens (`index`: the group's place in meta.groups)."""
         length = group.max_context_len
         keys = cached_values(kv_cache[0][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)
-        values = cached_values(kv_cache[1][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)
+        if layer.value_dim is not None:  # a latent pool: each row's first value_dim entries are its value
+            values = keys[..., :layer.value_dim]
+        else:
+            values = cached_values(kv_cache[1][group.block_tables].flatten(1, 2)[:, :length], q.dtype).transpose(1, 2)
         queries = q.new_zeros(group.num_seqs, group.max_query_len, q.shape[1], q.shape[2])
         queries[group.token_seq, group.token_index] = q
         queries = queries.transpose(1, 2)

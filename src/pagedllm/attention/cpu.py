@@ -33,6 +33,8 @@ class CpuBackend(TorchBackend):
         return meta
 
     def attend_group(self, q, kv_cache, meta, group, index, layer, matmul_dtype):
+        if layer.value_dim is not None:  # a latent pool (layers/mla.py): the C++ kernels read K/V halves
+            return super().attend_group(q, kv_cache, meta, group, index, layer, matmul_dtype)
         if group.use_decode_kernel and not q.requires_grad:
             return kernels.paged_decode_attention(q.float(), kv_cache, group.block_tables, group.context_lens,
                                                   layer.scale, layer.sliding_window, layer.softcap, layer.alibi,

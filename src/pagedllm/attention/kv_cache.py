@@ -24,10 +24,11 @@ def kv_row_elements(head_dim: int, kv_dtype: torch.dtype) -> int:
 
 
 def kv_bytes_per_token(config: ModelConfig, kv_dtype: torch.dtype, kv_heads: int | None = None) -> int:
-    """What one token's K and V take over all attention layers in a pool of `kv_dtype` (KV_Q8_0: q8_0 rows);
-    `kv_heads`: the heads one pool holds (a tensor-parallel rank's), by default the model's."""
-    row_bytes = kv_row_elements(config.head_dim, kv_dtype) * kv_dtype.itemsize
-    return 2 * len(config.attention_layers) * (kv_heads or config.num_key_value_heads) * row_bytes
+    """What one token's K and V (latent attention: its one row) take over all attention layers in a pool of
+    `kv_dtype` (KV_Q8_0: q8_0 rows); `kv_heads`: the heads one pool holds (a tensor-parallel rank's), by
+    default the model's."""
+    row_bytes = kv_row_elements(config.kv_row_dim, kv_dtype) * kv_dtype.itemsize
+    return config.kv_halves * len(config.attention_layers) * (kv_heads or config.cached_kv_heads) * row_bytes
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:
@@ -51,8 +52,9 @@ def cached_values(kv: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize_q8_0(kv, dtype) if kv.dtype == KV_Q8_0 else kv.to(dtype)
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    _, num_blocks, block_size, kv_heads, row = kv_cache.shape
-    flat = kv_cache.view(2, num_blocks * block_size, kv_heads, row)
-    for index, x in enumerate((k, v)):
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor | None, slot_mapping: torch.Tensor) -> None:
+    """k and v of each token to its slot; a latent pool (one row a token, no V half) takes k only."""
+    halves, num_blocks, block_size, kv_heads, row = kv_cache.shape
+    flat = kv_cache.view(halves, num_blocks * block_size, kv_heads, row)
+    for index, x in enumerate((k, v)[:halves]):
         flat[index].index_copy_(0, slot_mapping, quantize_q8_0(x) if kv_cache.dtype == KV_Q8_0 else x.to(kv_cache.dtype))

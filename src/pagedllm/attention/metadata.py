@@ -36,6 +36,8 @@ class LayerAttention:
     softcap: float | None = None
     alibi: torch.Tensor | None = None  # [heads] float32 slopes
     bfloat16_products: bool = False
+    # Latent attention: the pool holds one row a token, the keys; the values are its first value_dim entries.
+    value_dim: int | None = None
 
 
 @dataclass

@@ -73,6 +73,8 @@ class LLMEngine:
         workers, tp, threads = [], None, torch.get_num_threads()
         if config.tensor_parallel_size > 1:  # workers first: each loads its slice while this rank loads its own
             model_config, _ = read_model_config(self.source)
+            if model_config.latent_attention:
+                raise PagedLLMError("tensor parallelism does not split latent attention (DeepSeek) yet")
             delta_net = "gated_delta_net" in (model_config.layer_mixers or ())
             check_split(model_config.num_attention_heads, model_config.num_key_value_heads, config.tensor_parallel_size,
                         model_config.linear_num_key_heads if delta_net else 0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import math
 import mmap
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..attention import AttentionMetadata, StepLayout, kv_bytes_per_token, kv_row_elements, select_backend
+from ..attention import (AttentionMetadata, StepLayout, TorchBackend, kv_bytes_per_token, kv_row_elements,
+                         select_backend)
 from ..attention.metadata import long_tensor
 from ..layers.recurrent_state import StateMetadata
 from ..lora.layers import lora_segments
@@ -23,6 +25,8 @@ from .cuda_graphs import DecodeGraphs, GraphConfig
 from .runner_output import (GrammarMask, ModelRunnerOutput, record_hidden, record_prompt_logprobs, record_sampled,
                             record_search_rows, sampling_rows)
 from .scheduler import ScheduledSequence
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,12 +131,16 @@ class ModelRunner:
         self.model, self.spec, self.device = model, spec, device
         kv_dtype = kv_dtype or dtype
         self.attention_backend = select_backend(attention_backend, device, dtype, cfg.head_dim)
+        if cfg.latent_attention and not self.attention_backend.supports_latent:
+            log.warning("the %s attention backend does not read latent attention's pool: the torch backend attends",
+                        self.attention_backend.name)
+            self.attention_backend = TorchBackend()
         use_graphs = graphs is not None and self.attention_backend.supports_graphs and model.capturable
         blocks = spec.num_blocks + use_graphs  # the graphs' scratch block for padding rows
         attention = cfg.attention_layers
         shape = (len(attention), *self.attention_backend.kv_cache_shape(
             blocks, spec.block_size, model.attention_layers[0].self_attn.num_kv_heads,
-            kv_row_elements(cfg.head_dim, kv_dtype)))
+            kv_row_elements(cfg.kv_row_dim, kv_dtype), cfg.kv_halves))
         self.kv_pool = _zeroed_pool(shape, kv_dtype, device)
         if torch.device(device).type == "cpu":
             keep_freed_buffers()

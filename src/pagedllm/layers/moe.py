@@ -72,7 +72,8 @@ class SparseMoE(nn.Module):
         out = self.experts_output(x, *self.route(x))
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
-            out = out + (shared if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x)) * shared)
+            gate = None if self.shared_expert_gate is None else torch.sigmoid(self.shared_expert_gate(x))
+            out = out + (shared if gate is None else gate * shared)
         return out if self.tp is None else self.tp.all_reduce(out)
 
     def experts_output(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:

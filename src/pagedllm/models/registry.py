@@ -241,6 +241,21 @@ FAMILIES: tuple[FamilySpec, ...] = (
         gguf_renames=(("exp_probs_b.bias", "mlp.expert_bias"), ("post_attention_norm", "post_attention_layernorm")),
     ),
     FamilySpec(
+        name="deepseek_v3",
+        # DeepSeek V3 / R1, Kimi K2, Moonlight: multi-head latent attention (layers/mla.py) and DeepSeekMoE —
+        # sigmoid routing with a choice bias in expert groups, plain shared experts, the first layers dense.
+        hf_architectures=("DeepseekV3ForCausalLM",),
+        example="deepseek-ai/DeepSeek-V3",
+        gguf_qk_permuted=False,
+        moe=True,
+        norm_topk_prob=True,
+        shared_expert_gate=False,
+        moe_scoring="sigmoid",
+        moe_expert_bias=True,
+        hf_renames=((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),
+                    (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.expert_bias")),
+    ),
+    FamilySpec(
         name="baichuan",
         # Baichuan 1 and 2, 7B (RoPE) and 13B (ALiBi); remote code, no transformers class.
         hf_architectures=("BaichuanForCausalLM", "BaiChuanForCausalLM"),

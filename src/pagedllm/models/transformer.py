@@ -26,6 +26,7 @@ from ..layers.mlp import MLP
 from ..layers.moe import SparseMoE
 from ..layers.norm import LayerNorm, RMSNorm
 from ..layers.gated_delta_net import GatedDeltaNet
+from ..layers.mla import LatentAttention
 from ..layers.short_conv import ShortConv
 from ..layers.rotary import apply_rope, padded_inv_freq, rope_cos_sin, rope_inv_freq, rope_long_inv_freq
 from .fused_decode import FusedDecodeLayer, FusedDecodeModel, new_decode_layers
@@ -112,7 +113,8 @@ class DecoderLayer(nn.Module):
         # The token mixer: attention over the paged cache, or (hybrid models) a recurrent part whose
         # per-sequence state stands where an attention layer's K/V pool would.
         mixer = cfg.layer_mixer(layer)
-        self.self_attn = Attention(cfg, plan, f"{prefix}.self_attn", layer) if mixer == "attention" else None
+        attention_kind = LatentAttention if cfg.latent_attention else Attention
+        self.self_attn = attention_kind(cfg, plan, f"{prefix}.self_attn", layer) if mixer == "attention" else None
         self.conv = ShortConv(cfg, plan, f"{prefix}.conv") if mixer == "short_conv" else None
         self.linear_attn = GatedDeltaNet(cfg, plan, f"{prefix}.linear_attn") if mixer == "gated_delta_net" else None
         # Llama's post-attention norm comes before the MLP; Gemma 2/3's is on the attention's output,
@@ -172,8 +174,8 @@ class Transformer(nn.Module):
             parallel="column", tp=self.tp, rank_slices=(RankRows.span(first, count, cfg.vocab_size),))
         # What each rank's KV pool is planned for: the most key/value heads a rank holds, so that every
         # rank has as many blocks as rank 0's scheduler hands out.
-        self.planned_kv_heads = max_kv_heads(cfg.num_attention_heads, cfg.num_key_value_heads,
-                                             self.tp.size if self.tp else 1)
+        self.planned_kv_heads = 1 if cfg.latent_attention else max_kv_heads(
+            cfg.num_attention_heads, cfg.num_key_value_heads, self.tp.size if self.tp else 1)
         self.planned_state_bytes = cfg.planned_state_bytes(self.tp.size if self.tp else 1)  # likewise, a state slot
         self.head_scale: torch.Tensor | None = None  # per-row scale of the logits (normalized_head), set at load
         self.lora_context = None  # set where LoRA adapters may apply (lora/layers.py: ModelAdapters)

@@ -105,6 +105,9 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
     """
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
+    if config.latent_attention:
+        raise ValueError(f"family {config.family}: latent attention has no GGUF writer yet (llama.cpp's deepseek2 "
+                         "layout is not written)")
     arch = gguf_architecture(config)
     family = family_by_name(config.family)
     writer = GGUFWriter(os.fspath(path), arch)

@@ -93,6 +93,14 @@ def format_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def _kv_formula(c: ModelConfig) -> str:
+    layers = f"{len(c.attention_layers)} attention layers"
+    if c.latent_attention:
+        return (f"{layers} · (latent {c.kv_lora_rank} + rotary key {c.head_dim}) · bytes: one row for all "
+                f"{c.num_attention_heads} heads")
+    return f"2 · {layers} · {c.num_key_value_heads} kv heads · {c.head_dim} dims · bytes"
+
+
 def format_report(report: MemoryReport, budget_bytes: int) -> str:
     c = report.config
     lines = [
@@ -103,7 +111,7 @@ def format_report(report: MemoryReport, budget_bytes: int) -> str:
         "weights          " + (f"as stored (auto) {format_bytes(report.packed_bytes)}, " if report.packed_bytes else "")
         + ", ".join(f"{d} {format_bytes(report.weight_bytes(d))}" for d in WEIGHT_DTYPES),
         "KV cache/token   " + ", ".join(f"{d} {format_bytes(report.kv_bytes_per_token(d))}" for d in report.kv_dtypes())
-        + f"   (2 · {len(c.attention_layers)} attention layers · {c.num_key_value_heads} kv heads · {c.head_dim} dims · bytes)",
+        + f"   ({_kv_formula(c)})",
         f"KV dtype auto    {report.auto_kv_dtype()} (--kv-cache-dtype to choose)",
         *([f"state/sequence   {format_bytes(c.state_bytes_per_sequence)} float32 "
            f"({c.num_hidden_layers - len(c.attention_layers)} recurrent layers; --max-num-seqs of them come out of "

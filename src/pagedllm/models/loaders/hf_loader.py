@@ -212,6 +212,22 @@ def _intermediate_size(cfg: dict[str, Any]) -> int:
     return size
 
 
+def _latent_attention(cfg: dict[str, Any]) -> dict[str, Any]:
+    """DeepSeek's multi-head latent attention: its sizes, head_dim as its rotary part, the softmax scale over the
+    whole query head (with YaRN, × mscale(mscale_all_dim)², as the reference), its rotary pairs' order."""
+    if not cfg.get("kv_lora_rank"):
+        return {}
+    nope, rope = cfg["qk_nope_head_dim"], cfg["qk_rope_head_dim"]
+    scale = (nope + rope) ** -0.5
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if params.get("rope_type", params.get("type", "default")) != "default" and params.get("mscale_all_dim"):
+        mscale = 0.1 * params["mscale_all_dim"] * math.log(params["factor"]) + 1 if params["factor"] > 1 else 1.0
+        scale *= mscale * mscale
+    return dict(kv_lora_rank=cfg["kv_lora_rank"], q_lora_rank=cfg.get("q_lora_rank") or 0, qk_nope_head_dim=nope,
+                v_head_dim=cfg["v_head_dim"], head_dim=rope, rotary_dim=None, attention_scale=scale,
+                rope_interleaved=bool(cfg.get("rope_interleave", True)))
+
+
 def _parts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
     """The family's parts; q/k norms where a config says (GLM-4.5's `use_qk_norm`)."""
     parts = family.model_parts()
@@ -236,7 +252,7 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
         head_dim = cfg.get("head_dim") or hidden // heads
         window, sliding_layers = _windows(cfg, family)
         scalar = cfg.get("query_pre_attn_scalar")
-        config = ModelConfig(
+        fields = dict(
             family=family.name,
             vocab_size=cfg["vocab_size"],
             hidden_size=hidden,
@@ -266,6 +282,7 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
             **_parts(cfg, family),
             **_shape_parts(cfg, family),
         )
+        config = ModelConfig(**{**fields, **_latent_attention(cfg)})  # latent attention's head sizes and scale
     except KeyError as exc:
         raise HFModelError(f"{folder / 'config.json'}: missing key {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:

@@ -1,0 +1,125 @@
+"""DeepSeek V3 (issue 37): multi-head latent attention with its latent pool, attended in the latent space,
+and DeepSeekMoE routing — against transformers on a tiny random model, through the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.attention import kv_bytes_per_token
+from pagedllm.errors import PagedLLMError
+from pagedllm.models.loaders import ModelSource, load_model
+from helpers import prefill_logits
+
+VOCAB = 49152  # the default model's tokenizer, saved beside the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_deepseek(tmp_path_factory, default_gguf):
+    """3 layers (the first dense) of 4 heads: queries through a rank-48 path, a latent of 32 and a rotary key of 8
+    cached a token, no-rope query/key parts of 16, values of 12; 8 experts of 32 in 4 groups (the best 2 open),
+    3 a token by sigmoid scores plus a choice bias, renormalised and scaled by 2.5; a plain shared expert."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    from conftest import TINY, _save_tokenizer
+
+    config = DeepseekV3Config(**{**TINY, "num_hidden_layers": 3, "num_key_value_heads": 4}, q_lora_rank=48,
+                              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                              n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=1,
+                              n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+                              tie_word_embeddings=False)
+    torch.manual_seed(1234)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():  # norms and the router's choice bias away from their initial values; a decisive router
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.add_(torch.rand_like(buffer) * 0.2)
+                model.get_parameter(name.replace("e_score_correction_bias", "weight")).mul_(4)
+    folder = tmp_path_factory.mktemp("tiny-deepseek-v3")
+    model.save_pretrained(folder)
+    _save_tokenizer(folder, default_gguf)
+    return folder, model
+
+
+def _prompt(length: int, seed: int) -> list[int]:
+    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _greedy_reference(model, ids: list[int], tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+def test_logits_match_transformers(tiny_deepseek):
+    folder, model = tiny_deepseek
+    ours = load_model(ModelSource("hf", Path(folder)))
+    assert ours.config.latent_attention and ours.config.head_dim == 8
+    for length in (6, 40):
+        ids = _prompt(length, length)
+        with torch.no_grad():
+            ref = model(torch.tensor([ids])).logits[0]
+        assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
+
+
+def test_the_pool_holds_the_latent_and_the_rotary_key_only(tiny_deepseek):
+    """A token's bytes: each layer's latent (32) and rotary key (8), one row for all 4 heads — where expanded
+    heads would take 4 × (16 + 8) key and 4 × 12 value values a layer (3.6× more here, ~57× at V3's shapes)."""
+    folder, _ = tiny_deepseek
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4)
+    config = llm.engine.model.config
+    assert kv_bytes_per_token(config, torch.float32) == 3 * (32 + 8) * 4
+    assert tuple(llm.engine.runner.kv_pool.shape[:2]) == (3, 1) and llm.engine.runner.kv_pool.shape[-2:] == (1, 40)
+
+
+def test_generates_as_transformers_in_chunks_forks_and_from_a_cached_prefix(tiny_deepseek):
+    """Prefill in chunks of 8 tokens over the cached latents, decode, n = 2 forks sharing their prompt's blocks,
+    and a second request that resumes from the first one's cached prefix."""
+    folder, model = tiny_deepseek
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)
+    first = _prompt(21, 5)
+    second = first[:16] + _prompt(5, 6)
+    for ids in (first, second):
+        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                                     n=2))[0]
+        assert [o.token_ids for o in out.outputs] == [_greedy_reference(model, ids, 12)] * 2
+    assert llm.engine.kv_cache.stats.hit_tokens == 16
+
+
+def test_tensor_parallelism_is_refused_clearly(tiny_deepseek):
+    with pytest.raises(PagedLLMError, match="tensor parallelism does not split latent attention"):
+        LLM(str(tiny_deepseek[0]), kv_cache_memory=2**20, tensor_parallel_size=2)
+
+
+def test_gguf_writing_is_refused_clearly(tiny_deepseek, tmp_path):
+    from pagedllm.tools.export import ConvertPlan, convert
+
+    with pytest.raises(ValueError, match="latent attention has no GGUF writer yet"):
+        convert(ModelSource("hf", Path(tiny_deepseek[0])), tmp_path / "x.gguf", ConvertPlan())
+
+
+def test_probes_show_latent_attention_weights(tiny_deepseek):
+    """`inspect`'s attention probe on latent-attention layers: the weights transformers computes with its
+    expanded heads."""
+    from pagedllm.tools.inspect import inspect_model
+
+    folder, model = tiny_deepseek
+    ids = _prompt(9, 3)
+    probed = inspect_model(load_model(ModelSource("hf", Path(folder))), ids, attention=["0", "2"])
+    with torch.no_grad():
+        expected = model(torch.tensor([ids]), output_attentions=True).attentions
+    for probe in probed.attention:
+        assert torch.allclose(torch.tensor(probe.weights), expected[probe.layer][0], atol=1e-5)
+
+
+def test_memory_report_shows_the_latent_row(tiny_deepseek):
+    from pagedllm.tools.memory import format_report, memory_report
+
+    report = format_report(memory_report(ModelSource("hf", Path(tiny_deepseek[0]))), 2**30)
+    assert "float32 480 B" in report and "(latent 32 + rotary key 8)" in report
