@@ -12,7 +12,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.attention import kv_bytes_per_token
 from pagedllm.errors import PagedLLMError
 from pagedllm.models.loaders import ModelSource, load_model
-from helpers import prefill_logits
+from helpers import assert_packed_logits_close, prefill_logits
 
 VOCAB = 49152  # the default model's tokenizer, saved beside the tiny model
 
@@ -97,11 +97,36 @@ def test_tensor_parallelism_is_refused_clearly(tiny_deepseek):
         LLM(str(tiny_deepseek[0]), kv_cache_memory=2**20, tensor_parallel_size=2)
 
 
-def test_gguf_writing_is_refused_clearly(tiny_deepseek, tmp_path):
+@pytest.fixture(scope="module")
+def deepseek_ggufs(tiny_deepseek, tmp_path_factory):
+    """The tiny model written by `pagedllm convert` in llama.cpp's deepseek2 layout (f32 and Q8_0): kv_b_proj as
+    attn_k_b / attn_v_b, one key-value head of latent + rotary key."""
     from pagedllm.tools.export import ConvertPlan, convert
 
-    with pytest.raises(ValueError, match="latent attention has no GGUF writer yet"):
-        convert(ModelSource("hf", Path(tiny_deepseek[0])), tmp_path / "x.gguf", ConvertPlan())
+    out = tmp_path_factory.mktemp("gguf-deepseek")
+    for weight_type in ("f32", "q8_0"):
+        convert(ModelSource("hf", Path(tiny_deepseek[0])), out / f"{weight_type}.gguf", ConvertPlan(quantize=weight_type))
+    return out
+
+
+def test_gguf_files_match_transformers(tiny_deepseek, deepseek_ggufs):
+    from pagedllm.models.loaders.gguf_file import GGUFFile
+
+    _, model = tiny_deepseek
+    f = GGUFFile(deepseek_ggufs / "f32.gguf")
+    assert f.metadata["general.architecture"] == "deepseek2" and f.metadata["deepseek2.attention.key_length"] == 40
+    assert "blk.0.attn_k_b.weight" in f.tensors and "blk.0.attn_kv_b.weight" not in f.tensors
+    ids = _prompt(40, 7)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    f32 = load_model(ModelSource("gguf", deepseek_ggufs / "f32.gguf"))
+    assert f32.config.latent_attention and f32.config.rope_interleaved
+    assert (prefill_logits(f32, ids, block_size=4) - ref).abs().max().item() < 1e-4
+    q8 = load_model(ModelSource("gguf", deepseek_ggufs / "q8_0.gguf"))
+    assert_packed_logits_close(prefill_logits(q8, ids, block_size=4), ref)
+    llm = LLM(str(deepseek_ggufs / "f32.gguf"), kv_cache_memory=2**20, block_size=4)
+    out = llm.generate({"prompt_token_ids": ids[:11]}, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    assert out[0].outputs[0].token_ids == _greedy_reference(model, ids[:11], 10)
 
 
 def test_probes_show_latent_attention_weights(tiny_deepseek):

@@ -119,6 +119,11 @@ DELTA_NET_RENAMES = (("attn_qkv", "linear_attn.in_proj_qkv"), ("attn_gate", "lin
                      ("ssm_conv1d", "linear_attn.conv1d"), ("ssm_dt.bias", "linear_attn.dt_bias"),
                      ("ssm_a", "linear_attn.A_log"), ("ssm_norm", "linear_attn.norm"),
                      ("ssm_out", "linear_attn.out_proj"), ("post_attention_norm", "post_attention_layernorm"))
+# Latent attention's tensors in llama.cpp's deepseek2 files (kv_b_proj split in two: models/loaders/gguf_latent.py).
+LATENT_RENAMES = (("attn_q_a", "self_attn.q_a_proj"), ("attn_q_a_norm", "self_attn.q_a_layernorm"),
+                  ("attn_q_b", "self_attn.q_b_proj"), ("attn_kv_a_mqa", "self_attn.kv_a_proj_with_mqa"),
+                  ("attn_kv_a_norm", "self_attn.kv_a_layernorm"), ("attn_k_b.weight", "self_attn.k_b_proj.weight"),
+                  ("attn_v_b.weight", "self_attn.v_b_proj.weight"))
 # Qwen3.5's and Qwen3-Next's shared parts: (1 + w) norms, q/k norms, attention gated per head; in llama.cpp's
 # files rotary rows in the checkpoint's order, Gated DeltaNet's tensors under ssm_* names.
 _QWEN3_5_PARTS = dict(norm_offset=1.0, qk_norm=True, attention_output_gate=True, gguf_qk_permuted=False,
@@ -245,6 +250,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         # DeepSeek V3 / R1, Kimi K2, Moonlight: multi-head latent attention (layers/mla.py) and DeepSeekMoE —
         # sigmoid routing with a choice bias in expert groups, plain shared experts, the first layers dense.
         hf_architectures=("DeepseekV3ForCausalLM",),
+        gguf_architectures=("deepseek2",),
         example="deepseek-ai/DeepSeek-V3",
         gguf_qk_permuted=False,
         moe=True,
@@ -254,6 +260,7 @@ FAMILIES: tuple[FamilySpec, ...] = (
         moe_expert_bias=True,
         hf_renames=((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),
                     (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.expert_bias")),
+        gguf_renames=LATENT_RENAMES + (("exp_probs_b.bias", "mlp.expert_bias"),),
     ),
     FamilySpec(
         name="baichuan",

@@ -21,6 +21,7 @@ from ..layers.quant import QUANTIZERS, quantize
 from ..layers.rotary import rope_inv_freq, yarn_mscale
 from ..models.loaders import split_fused
 from ..models.loaders.gguf_loader import GLOBAL_RENAMES, is_norm_weight, layer_renames
+from ..models.loaders.gguf_latent import split_up_projection, write_latent_metadata
 from ..models.loaders.gguf_mixers import grouped_ba, head_count_kv, to_gguf, write_mixer_metadata
 from ..models.registry import FamilySpec, family_by_name
 
@@ -105,9 +106,6 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
     """
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
-    if config.latent_attention:
-        raise ValueError(f"family {config.family}: latent attention has no GGUF writer yet (llama.cpp's deepseek2 "
-                         "layout is not written)")
     arch = gguf_architecture(config)
     family = family_by_name(config.family)
     writer = GGUFWriter(os.fspath(path), arch)
@@ -118,6 +116,8 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
     weights = _llama_cpp_tensors(weights, config, family)
     if family.hf_grouped_delta_net:  # Qwen3-Next's files keep [b a] grouped per key head, as its checkpoints
         weights = grouped_ba(weights, config)
+    if config.latent_attention:  # llama.cpp's attn_k_b and attn_v_b
+        weights = (pair for name, tensor in weights for pair in split_up_projection(name, tensor, config))
     for name, tensor in weights:
         tensor = tensor.detach().float()
         if config.layer_mixers:
@@ -161,9 +161,12 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
     writer.add_embedding_length(c.hidden_size)
     writer.add_feed_forward_length(c.intermediate_size)
     writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(head_count_kv(c))
-    writer.add_key_length(c.head_dim)
-    writer.add_value_length(c.head_dim)
+    if c.latent_attention:
+        write_latent_metadata(writer, arch, c)
+    else:
+        writer.add_head_count_kv(head_count_kv(c))
+        writer.add_key_length(c.head_dim)
+        writer.add_value_length(c.head_dim)
     writer.add_rope_dimension_count(c.rope_dims)
     if c.norm_kind == "layer":
         writer.add_layer_norm_eps(c.rms_norm_eps)

@@ -23,6 +23,7 @@ from ...layers.dequant import dequantize
 from ...layers.rotary import yarn_mscale
 from ...errors import shown
 from .gguf_file import GGUFError, GGUFFile
+from .gguf_latent import latent_fields, merged_up_projections
 from .gguf_mixers import from_gguf, gguf_layer_count, gguf_mixer_fields, loaded_names
 
 LAYER_RENAMES = {
@@ -253,7 +254,7 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     experts = _experts(f, arch, family, layers)
     parts = _parts(f, family, experts)
     local_theta = _float_key(f, f"{arch}.rope.freq_base_swa", family.gguf_local_rope_theta or 0.0) or None
-    config = ModelConfig(
+    fields = dict(
         family=family.name,
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -285,7 +286,7 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         **parts,
         **family.model_shape_parts(layers, vocab_size),
     )
-    return config, family
+    return ModelConfig(**{**fields, **latent_fields(f, arch)}), family  # latent attention's head sizes, scale
 
 
 _FLOAT_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16,
@@ -311,6 +312,11 @@ def gguf_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: b
     Float tensors come as float32. With `packed`, quantised matrices come as PackedWeight views
     of the mapped file (no copy); otherwise they are dequantised to float32.
     """
+    weights = _file_weights(f, config, family, packed)
+    return merged_up_projections(weights, config) if config.latent_attention else weights
+
+
+def _file_weights(f: GGUFFile, config: ModelConfig, family: FamilySpec, packed: bool) -> Iterator[tuple[str, Weight]]:
     for info in f.tensors.values():
         if info.name in _CONSUMED_BY_CONFIG or _block_of(info.name) >= config.num_hidden_layers:
             continue  # the multi-token-prediction blocks past the model's layers are not loaded
