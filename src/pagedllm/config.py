@@ -104,9 +104,10 @@ class ModelConfig:
     shared_expert_gate: bool = True  # Qwen2-MoE's shared expert is scaled by sigmoid(a gate); DeepSeek's is not
     norm_topk_prob: bool = False  # the top-k weights are renormalised to sum to 1
     dense_layers: tuple[int, ...] = ()  # layers that keep the dense MLP in a MoE model
-    # DeepSeek-V3-style routing (GLM-4.5, DeepSeek V3): the router's scores (MOE_SCORINGS), a per-expert bias
+    # DeepSeek-style routing (GLM-4.5, DeepSeek V2 / V3): the router's scores (MOE_SCORINGS), a per-expert bias
     # added to them for the choice only, the choice limited to the best `moe_topk_groups` of `moe_groups`
-    # groups of experts (a group scored by its two best), and the weights scaled after the renormalising.
+    # groups of experts (a group scored by its two best sigmoid scores, or its best softmax one), and the
+    # weights scaled after the renormalising.
     moe_scoring: str = "softmax"
     moe_expert_bias: bool = False
     moe_groups: int = 1

@@ -1,5 +1,5 @@
-"""DeepSeek V3 (issue 37): multi-head latent attention with its latent pool, attended in the latent space,
-and DeepSeekMoE routing — against transformers on a tiny random model, through the engine."""
+"""DeepSeek V2 / V3 (issue 37): multi-head latent attention with its latent pool, attended in the latent space,
+and DeepSeekMoE routing — against transformers on tiny random models, through the engine and llama.cpp's files."""
 
 from __future__ import annotations
 
@@ -148,3 +148,37 @@ def test_memory_report_shows_the_latent_row(tiny_deepseek):
 
     report = format_report(memory_report(ModelSource("hf", Path(tiny_deepseek[0]))), 2**30)
     assert "float32 480 B" in report and "(latent 32 + rotary key 8)" in report
+
+
+def test_deepseek_v2_lite_shape_matches_transformers(tmp_path, default_gguf):
+    """V2-Lite's form: queries through one projection (no low-rank path), softmax routing limited to the best 2
+    of 4 groups (each scored by its best expert), weights neither renormalised nor scaled (V2-Lite's 1.0: the V3
+    test scales); no choice bias."""
+    from transformers import AutoModelForCausalLM, DeepseekV2Config
+
+    from conftest import TINY, _save_tokenizer
+    from pagedllm.tools.export import ConvertPlan, convert
+
+    config = DeepseekV2Config(**{**TINY, "num_hidden_layers": 3, "num_key_value_heads": 4}, q_lora_rank=None,
+                              kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                              n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=2,
+                              topk_method="group_limited_greedy", n_group=4, topk_group=2, first_k_dense_replace=1,
+                              routed_scaling_factor=1.0, tie_word_embeddings=False)
+    torch.manual_seed(99)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+            if name.endswith("mlp.gate.weight"):
+                param.mul_(4)  # a decisive router (a random one ties)
+    model.save_pretrained(tmp_path)
+    _save_tokenizer(tmp_path, default_gguf)
+    convert(ModelSource("hf", tmp_path), tmp_path / "v2.gguf", ConvertPlan())  # softmax gating, 4 groups in the file
+    ids = _prompt(30, 8)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0]
+    for source in (ModelSource("hf", tmp_path), ModelSource("gguf", tmp_path / "v2.gguf")):
+        ours = load_model(source)
+        assert not hasattr(ours.layers[0].self_attn, "q_a_proj") and ours.layers[1].mlp.scoring == "softmax"
+        assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4, source.kind

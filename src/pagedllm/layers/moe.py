@@ -61,9 +61,13 @@ class SparseMoE(nn.Module):
         return weights * self.scale if self.scale != 1.0 else weights, experts
 
     def _best_groups_only(self, choice: torch.Tensor) -> torch.Tensor:
-        """`choice` with the experts outside each token's best topk_groups groups at −∞."""
+        """`choice` with the experts outside each token's best topk_groups groups at −∞: groups scored by their
+        two best sigmoid scores (DeepSeek V3, GLM-4.5), or by their best softmax one (DeepSeek V2)."""
         grouped = choice.view(len(choice), self.groups, -1)
-        group_scores = grouped.topk(2, dim=-1).values.sum(-1)
+        if self.scoring == "softmax":
+            group_scores = grouped.max(dim=-1).values
+        else:
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)
         best = group_scores.topk(self.topk_groups, dim=-1).indices
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
         return grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)

@@ -246,10 +246,11 @@ FAMILIES: tuple[FamilySpec, ...] = (
         gguf_renames=(("exp_probs_b.bias", "mlp.expert_bias"), ("post_attention_norm", "post_attention_layernorm")),
     ),
     FamilySpec(
-        name="deepseek_v3",
-        # DeepSeek V3 / R1, Kimi K2, Moonlight: multi-head latent attention (layers/mla.py) and DeepSeekMoE —
-        # sigmoid routing with a choice bias in expert groups, plain shared experts, the first layers dense.
-        hf_architectures=("DeepseekV3ForCausalLM",),
+        name="deepseek",
+        # DeepSeek V2 / V2-Lite / V3 / R1, Kimi K2, Moonlight: multi-head latent attention (layers/mla.py) and
+        # DeepSeekMoE — V3's sigmoid routing with a choice bias in expert groups (V2's softmax, its groups scored by
+        # their best expert, as the config's topk_method says), plain shared experts, the first layers dense.
+        hf_architectures=("DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"),
         gguf_architectures=("deepseek2",),
         example="deepseek-ai/DeepSeek-V3",
         gguf_qk_permuted=False,

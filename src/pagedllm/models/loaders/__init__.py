@@ -187,6 +187,7 @@ def model_rows(weights: Iterable[tuple[str, Weight]], config: ModelConfig,
     order. Every step moves whole output rows, so it also places a LoRA adapter's B (lora/adapter.py)."""
     if family.fused_checkpoint:
         weights = split_fused(weights, config)
-    if config.position_encoding == "rope" and (config.rope_interleaved or config.rope_dims < config.head_dim):
-        weights = rotate_half_rows(weights, config)
+    rotary_reordered = config.rope_interleaved or config.rope_dims < config.head_dim
+    if config.position_encoding == "rope" and rotary_reordered and not config.latent_attention:
+        weights = rotate_half_rows(weights, config)  # (latent attention orders its rotary parts itself)
     return iter(weights)

@@ -166,9 +166,21 @@ def _experts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
                 shared_expert_intermediate_size=shared,
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", family.norm_topk_prob)),
                 dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step or i < first_moe),
-                moe_scoring=cfg.get("scoring_func") or family.moe_scoring, moe_expert_bias=family.moe_expert_bias,
-                moe_groups=cfg.get("n_group") or 1, moe_topk_groups=cfg.get("topk_group") or 1,
-                routed_scaling_factor=cfg.get("routed_scaling_factor") or 1.0)
+                **_routing(cfg, family), routed_scaling_factor=cfg.get("routed_scaling_factor") or 1.0)
+
+
+# DeepSeek V2's routers (its config's topk_method): softmax scores, no choice bias, groups only where limited.
+_V2_ROUTING = {"greedy": False, "group_limited_greedy": True}
+
+
+def _routing(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
+    """How experts are chosen: the family's way (GLM-4.5, DeepSeek V3), or DeepSeek V2's by its topk_method."""
+    if cfg.get("topk_method") in _V2_ROUTING:
+        grouped = _V2_ROUTING[cfg["topk_method"]]
+        return dict(moe_scoring="softmax", moe_expert_bias=False, moe_groups=(cfg.get("n_group") or 1) if grouped else 1,
+                    moe_topk_groups=(cfg.get("topk_group") or 1) if grouped else 1)
+    return dict(moe_scoring=cfg.get("scoring_func") or family.moe_scoring, moe_expert_bias=family.moe_expert_bias,
+                moe_groups=cfg.get("n_group") or 1, moe_topk_groups=cfg.get("topk_group") or 1)
 
 
 # Older configs' names for the standard keys (BLOOM's, GPT-2's, LFM2's), as transformers' attribute maps.
