@@ -22,7 +22,7 @@ VOCAB = 49152  # the default model's tokenizer, saved beside the tiny model
 
 
 def _tiny_configs():
-    from transformers import Lfm2Config, Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
+    from transformers import Lfm2Config, Lfm2MoeConfig, Qwen3_5MoeTextConfig, Qwen3_5TextConfig, Qwen3NextConfig
 
     delta_net = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                      head_dim=16, linear_conv_kernel_dim=4, linear_key_head_dim=8, linear_value_head_dim=8,
@@ -34,6 +34,12 @@ def _tiny_configs():
         "lfm2": Lfm2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                            layer_types=["conv", "conv", "full_attention", "conv"], conv_L_cache=3),
+        # + 4 routed experts of 32 after the first (dense) layer, 2 a token by sigmoid scores and a choice bias,
+        # renormalised
+        "lfm2_moe": Lfm2MoeConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                  num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=256, layer_types=["conv", "conv", "full_attention", "conv"],
+                                  conv_L_cache=3, num_experts=4, num_experts_per_tok=2, num_dense_layers=1),
         # Gated DeltaNet (2 key heads, 4 value heads of 8) in three layers of four, gated attention with a
         # quarter of each head rotating
         "qwen3_5": Qwen3_5TextConfig(**delta_net, intermediate_size=96),
@@ -58,6 +64,10 @@ def tiny_hybrids(tmp_path_factory, default_gguf):
             for name, param in model.named_parameters():
                 if "norm" in name:
                     param.add_(torch.randn_like(param) * 0.1)
+            for name, buffer in model.named_buffers():  # LFM2-MoE's choice bias starts at zero; a decisive router
+                if name.endswith("expert_bias"):
+                    buffer.add_(torch.rand_like(buffer) * 0.2)
+                    model.get_parameter(name.replace("expert_bias", "gate.weight")).mul_(4)
         folder = tmp_path_factory.mktemp(f"tiny-{family}")
         model.save_pretrained(folder)
         _save_tokenizer(folder, default_gguf)
@@ -88,6 +98,7 @@ FAMILIES = ["lfm2", "qwen3_5", "qwen3_5_moe", "qwen3_next"]
 
 
 @pytest.mark.parametrize("family,mixers", [("lfm2", ("short_conv", "short_conv", "attention", "short_conv")),
+                                           ("lfm2_moe", ("short_conv", "short_conv", "attention", "short_conv")),
                                            ("qwen3_5", DELTA_NET), ("qwen3_5_moe", DELTA_NET),
                                            ("qwen3_next", DELTA_NET)])
 def test_logits_match_transformers(tiny_hybrids, family, mixers):
@@ -279,7 +290,7 @@ def hybrid_ggufs(tiny_hybrids, tmp_path_factory):
     return files
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + ["lfm2_moe"])
 def test_gguf_files_match_transformers(tiny_hybrids, hybrid_ggufs, family):
     """Through the GGUF loader: llama.cpp's names and forms (ssm_a = −e^A_log, convolutions without their
     middle axis, LFM2's per-layer kv heads, Qwen3.5's value heads tiled, Qwen3-Next's [b a] grouped) give
@@ -536,7 +547,7 @@ def test_tensor_parallel_2_gives_single_process_logits(tiny_hybrids, hybrid_gguf
     from pagedllm.engine.parallel import free_port
     from helpers import rank_prefill_logits
 
-    sources = [source for family in FAMILIES for source in (ModelSource("hf", Path(tiny_hybrids[family][0])),
+    sources = [source for family in FAMILIES + ["lfm2_moe"] for source in (ModelSource("hf", Path(tiny_hybrids[family][0])),
                                                             ModelSource("gguf", hybrid_ggufs[family] / "f32.gguf"))]
     ids = _prompt(70, 3)  # two of the delta rule's chunks
     mp.spawn(rank_prefill_logits, args=(2, free_port(), sources, ids, tmp_path / "logits.pt"), nprocs=2, join=True)

@@ -359,6 +359,27 @@ FAMILIES: tuple[FamilySpec, ...] = (
                     (r"^model\.embedding_norm\.", "model.norm.")),  # LFM2's final norm, despite its name
     ),
     FamilySpec(
+        # LFM2's layers with routed experts after its first dense ones: sigmoid scores, a choice bias, no shared expert.
+        name="lfm2_moe",
+        hf_architectures=("Lfm2MoeForCausalLM",),
+        gguf_architectures=("lfm2moe",),
+        example="LiquidAI/LFM2-8B-A1B",
+        qk_norm=True,
+        gguf_qk_permuted=False,
+        gguf_mixer="short_conv",
+        gguf_renames=SHORT_CONV_RENAMES + (("exp_probs_b.bias", "mlp.expert_bias"),),
+        gguf_global_renames=(("token_embd_norm.weight", "model.norm.weight"),),
+        moe=True,
+        norm_topk_prob=True,
+        moe_scoring="sigmoid",
+        moe_expert_bias=True,
+        hf_renames=((r"\.operator_norm\.", ".input_layernorm."), (r"\.ffn_norm\.", ".post_attention_layernorm."),
+                    (r"\.feed_forward\.", ".mlp."), (r"\.w1\.", ".gate_proj."), (r"\.w3\.", ".up_proj."),
+                    (r"\.w2\.", ".down_proj."), (r"\.self_attn\.out_proj\.", ".self_attn.o_proj."),
+                    (r"\.q_layernorm\.", ".q_norm."), (r"\.k_layernorm\.", ".k_norm."),
+                    (r"^model\.embedding_norm\.", "model.norm.")),
+    ),
+    FamilySpec(
         # A hybrid: Gated DeltaNet (layers/gated_delta_net.py) in three of every four layers, gated
         # attention with (1 + w) q/k norms and a partial rotation in the rest.
         name="qwen3_5",

@@ -159,7 +159,8 @@ def _experts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
         return {}
     layers, step = cfg["num_hidden_layers"], cfg.get("decoder_sparse_step") or 1
     only_mlp = set(cfg.get("mlp_only_layers") or ())
-    first_moe = cfg.get("first_k_dense_replace") or 0  # DeepSeek / GLM-4.5: the first layers stay dense
+    # DeepSeek / GLM-4.5 / LFM2-MoE: the first layers stay dense
+    first_moe = cfg.get("first_k_dense_replace") or cfg.get("num_dense_layers") or 0
     width = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
     shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * width
     return dict(num_experts=experts, num_experts_per_tok=cfg["num_experts_per_tok"], moe_intermediate_size=width,
@@ -179,7 +180,8 @@ def _routing(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
         grouped = _V2_ROUTING[cfg["topk_method"]]
         return dict(moe_scoring="softmax", moe_expert_bias=False, moe_groups=(cfg.get("n_group") or 1) if grouped else 1,
                     moe_topk_groups=(cfg.get("topk_group") or 1) if grouped else 1)
-    return dict(moe_scoring=cfg.get("scoring_func") or family.moe_scoring, moe_expert_bias=family.moe_expert_bias,
+    return dict(moe_scoring=cfg.get("scoring_func") or family.moe_scoring,
+                moe_expert_bias=bool(cfg.get("use_expert_bias", family.moe_expert_bias)),  # LFM2-MoE's says
                 moe_groups=cfg.get("n_group") or 1, moe_topk_groups=cfg.get("topk_group") or 1)
 
 
