@@ -547,8 +547,9 @@ def test_tensor_parallel_2_gives_single_process_logits(tiny_hybrids, hybrid_gguf
     from pagedllm.engine.parallel import free_port
     from helpers import rank_prefill_logits
 
-    sources = [source for family in FAMILIES + ["lfm2_moe"] for source in (ModelSource("hf", Path(tiny_hybrids[family][0])),
-                                                            ModelSource("gguf", hybrid_ggufs[family] / "f32.gguf"))]
+    sources = [source for family in FAMILIES + ["lfm2_moe"]
+               for source in (ModelSource("hf", Path(tiny_hybrids[family][0])),
+                              ModelSource("gguf", hybrid_ggufs[family] / "f32.gguf"))]
     ids = _prompt(70, 3)  # two of the delta rule's chunks
     mp.spawn(rank_prefill_logits, args=(2, free_port(), sources, ids, tmp_path / "logits.pt"), nprocs=2, join=True)
     for source, logits in zip(sources, torch.load(tmp_path / "logits.pt")):
