@@ -227,6 +227,24 @@ FAMILIES: tuple[FamilySpec, ...] = (
         gguf_renames=_GEMMA_SANDWICH + (("ffn_up", "mlp.gate_up_proj"),),
     ),
     FamilySpec(
+        name="seed_oss",
+        # ByteDance's Seed-OSS: llama layers whose q/k/v and o projections may carry biases (its config says).
+        hf_architectures=("SeedOssForCausalLM",),
+        gguf_architectures=("seed_oss",),
+        example="ByteDance-Seed/Seed-OSS-36B-Instruct",
+        gguf_qk_permuted=False,
+        gguf_renames=(("post_attention_norm", "post_attention_layernorm"),),  # llama.cpp's name for the pre-MLP norm
+    ),
+    FamilySpec(
+        name="ernie4_5",
+        # Baidu's ERNIE 4.5 dense models: llama layers, rotary pairs (2i, 2i + 1), biases where `use_bias` says.
+        hf_architectures=("Ernie4_5ForCausalLM",),
+        gguf_architectures=("ernie4_5",),
+        example="baidu/ERNIE-4.5-0.3B-PT",
+        gguf_qk_permuted=False,
+        rope_interleaved=True,
+    ),
+    FamilySpec(
         name="glm4_moe",
         # GLM-4.5 / 4.6 / 4.7 (and -Air): llama attention (biases, partial rotary in NeoX pairs, optional q/k norms),
         # routed experts by sigmoid scores with a choice bias, one plain shared expert, the first layers dense.

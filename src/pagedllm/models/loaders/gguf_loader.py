@@ -216,6 +216,8 @@ def _parts(f: GGUFFile, family: FamilySpec, experts: dict) -> dict:
     parts = family.model_parts()
     if any(name.endswith(".attn_q_norm.weight") for name in f.tensors):
         parts["qk_norm"] = True
+    if "blk.0.attn_output.bias" in f.tensors:  # Seed-OSS, ERNIE 4.5 with biases
+        parts["o_proj_bias"] = True
     if "shared_expert_gate" in experts:
         parts["shared_expert_gate"] = experts.pop("shared_expert_gate")
     return parts

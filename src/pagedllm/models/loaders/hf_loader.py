@@ -193,6 +193,9 @@ _ALIASES = {"n_head": "num_attention_heads", "n_layer": "num_hidden_layers", "n_
 
 def _standard_keys(cfg: dict[str, Any]) -> dict[str, Any]:
     cfg = {**{new: cfg[old] for old, new in _ALIASES.items() if old in cfg}, **cfg}
+    if cfg.get("use_bias") is not None:  # ERNIE 4.5: one flag for every projection's bias
+        cfg = {"attention_bias": cfg["use_bias"], "attention_out_bias": cfg["use_bias"], "mlp_bias": cfg["use_bias"],
+               **{k: v for k, v in cfg.items() if v is not None}}
     if "intermediate_size" not in cfg and "hidden_size" in cfg:
         cfg["intermediate_size"] = 4 * cfg["hidden_size"]  # BLOOM's fixed ratio
     return cfg
@@ -243,10 +246,12 @@ def _latent_attention(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
-    """The family's parts; q/k norms where a config says (GLM-4.5's `use_qk_norm`)."""
+    """The family's parts; q/k norms and o_proj's bias where a config says (GLM-4.5's `use_qk_norm`)."""
     parts = family.model_parts()
     if "use_qk_norm" in cfg:
         parts["qk_norm"] = bool(cfg["use_qk_norm"])
+    if cfg.get("attention_out_bias") is not None:  # Seed-OSS, ERNIE 4.5: o_proj's bias as the config says
+        parts["o_proj_bias"] = bool(cfg["attention_out_bias"])
     return parts
 
 
