@@ -22,7 +22,8 @@ TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_
 def _tiny_configs():
     from transformers import (BloomConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
                               GlmConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
-                              Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, Ernie4_5Config)
+                              Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, Ernie4_5Config,
+                              SmolLM3Config)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -63,6 +64,9 @@ def _tiny_configs():
                                   num_experts_per_tok=3, moe_intermediate_size=32, n_shared_experts=1, n_group=4,
                                   topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, use_qk_norm=True,
                                   attention_bias=True, tie_word_embeddings=False),
+        # the last of 4 layers without rotary positions (NoPE), as llama.cpp's fixed step
+        "smollm3": SmolLM3Config(**{**TINY, "num_hidden_layers": 4}, head_dim=16, no_rope_layer_interval=4, pad_token_id=0,
+                                 tie_word_embeddings=True),
         # q/k/v and o biases (its own flags)
         "seed_oss": SeedOssConfig(**TINY, head_dim=16, attention_bias=True, attention_out_bias=True,
                                   tie_word_embeddings=False),

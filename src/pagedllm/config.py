@@ -75,6 +75,7 @@ class ModelConfig:
     # the loaders reorder the rows to the latter, which the model runs (latent attention reorders its rotary
     # parts itself: layers/mla.py).
     rope_interleaved: bool = False
+    nope_layers: tuple[int, ...] = ()  # layers whose attention has no rotary positions (SmolLM3's every 4th)
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
     attention_bias: bool = False
@@ -171,6 +172,9 @@ class ModelConfig:
                               f"(got {self.moe_intermediate_size})")
         self._check_routing()
         self._check_mixers()
+        if not all(isinstance(i, int) and 0 <= i < self.num_hidden_layers for i in self.nope_layers):
+            raise ConfigError(f"model config: layers without rotary positions must be layer indices, got "
+                              f"{list(self.nope_layers)[:8]}")
         if self.kv_lora_rank and not all(isinstance(v, int) and v > 0 for v in (self.qk_nope_head_dim, self.v_head_dim)):
             raise ConfigError(f"model config: latent attention needs positive qk_nope_head_dim and v_head_dim, got "
                               f"{self.qk_nope_head_dim!r} and {self.v_head_dim!r}")
@@ -268,6 +272,13 @@ class ModelConfig:
 
     def uses_local_rope(self, layer: int) -> bool:
         return self.local_rope_theta is not None and self.layer_window(layer) is not None
+
+    def rotation_index(self, layer: int) -> int:
+        """Which of the model's rotations (Transformer.rotations) a layer takes: the global one, the windowed
+        layers' own base, or none (SmolLM3's NoPE layers: the identity, after the others)."""
+        if layer in self.nope_layers:
+            return 1 + (self.local_rope_theta is not None)
+        return 1 if self.uses_local_rope(layer) else 0
 
     @property
     def latent_attention(self) -> bool:

@@ -83,6 +83,8 @@ class FamilySpec:
     # grouped by key head (Qwen3-Next).
     gguf_mixer: str = ""
     gguf_value_heads_tiled: bool = False
+    # llama.cpp's fixed NoPE pattern for the architecture: every n-th layer has no rotary positions (SmolLM3: 4).
+    gguf_nope_layer_step: int = 0
     # llama.cpp names of whole-model tensors that mean something else in this family (LFM2's final norm).
     gguf_global_renames: tuple[tuple[str, str], ...] = ()
 
@@ -225,6 +227,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
         sandwich_norms=True,
         hf_renames=_GLM4_NORMS,
         gguf_renames=_GEMMA_SANDWICH + (("ffn_up", "mlp.gate_up_proj"),),
+    ),
+    FamilySpec(
+        name="smollm3",
+        # Hugging Face's SmolLM3: llama layers, every 4th without rotary positions (NoPE; the config lists them).
+        hf_architectures=("SmolLM3ForCausalLM",),
+        gguf_architectures=("smollm3",),
+        example="HuggingFaceTB/SmolLM3-3B",
+        gguf_nope_layer_step=4,
     ),
     FamilySpec(
         name="seed_oss",

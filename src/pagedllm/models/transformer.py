@@ -123,7 +123,7 @@ class DecoderLayer(nn.Module):
         self.pre_feedforward_layernorm = _norm(cfg) if cfg.sandwich_norms else None
         self.post_feedforward_layernorm = _norm(cfg) if cfg.sandwich_norms else None
         self.mlp = SparseMoE(cfg, plan, f"{prefix}.mlp") if cfg.is_moe_layer(layer) else MLP(cfg, plan, f"{prefix}.mlp")
-        self.rope_index = 1 if cfg.uses_local_rope(layer) else 0  # which of the model's rotations
+        self.rope_index = cfg.rotation_index(layer)  # which of the model's rotations
         self.fused: FusedDecodeLayer | None = None  # set once the weights are in, where the layer qualifies
         self.index = layer
 
@@ -237,6 +237,8 @@ class Transformer(nn.Module):
         ropes = [self._global_rope(positions, meta, dtype)]
         if self.config.local_rope_theta is not None:
             ropes.append(rope_cos_sin(positions, self.local_inv_freq, dtype))
+        if self.config.nope_layers:  # the identity: cos 1, sin 0
+            ropes.append(rope_cos_sin(positions, torch.zeros_like(self.inv_freq), dtype))
         return ropes
 
     def _global_rope(self, positions: torch.Tensor, meta: AttentionMetadata,

@@ -108,6 +108,7 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
         raise ValueError(f"weight type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
     arch = gguf_architecture(config)
     family = family_by_name(config.family)
+    _check_nope_layers(config, family)
     writer = GGUFWriter(os.fspath(path), arch)
     _write_hparams(writer, arch, config)
     for key, value in (metadata or {}).items():
@@ -153,6 +154,15 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _check_nope_layers(c: ModelConfig, family: FamilySpec) -> None:
+    """llama.cpp knows NoPE layers only as its architecture's fixed step (SmolLM3: every 4th)."""
+    step = family.gguf_nope_layer_step
+    expected = tuple(i for i in range(c.num_hidden_layers) if step and (i + 1) % step == 0)
+    if c.nope_layers != expected:
+        raise ValueError(f"layers without rotary positions {list(c.nope_layers)} have no GGUF form in family "
+                         f"{c.family} (llama.cpp's: {list(expected) or 'none'})")
 
 
 def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:

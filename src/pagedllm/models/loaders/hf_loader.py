@@ -252,6 +252,8 @@ def _parts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
         parts["qk_norm"] = bool(cfg["use_qk_norm"])
     if cfg.get("attention_out_bias") is not None:  # Seed-OSS, ERNIE 4.5: o_proj's bias as the config says
         parts["o_proj_bias"] = bool(cfg["attention_out_bias"])
+    if cfg.get("no_rope_layers"):  # SmolLM3: 1 where a layer rotates, 0 where it does not
+        parts["nope_layers"] = tuple(i for i, rotates in enumerate(cfg["no_rope_layers"]) if not rotates)
     return parts
 
 
