@@ -93,7 +93,9 @@ class ModelConfig:
     qk_norm: bool = False  # an RMSNorm over each head of q and of k, before the rotation
     sandwich_norms: bool = False  # norms on the attention's output and around the MLP (Gemma 2/3)
     hidden_act: str = "silu"
-    embedding_scale: float = 1.0  # the embeddings are multiplied by this (Gemma: √hidden)
+    embedding_scale: float = 1.0  # the embeddings are multiplied by this (Gemma: √hidden; Granite's multiplier)
+    residual_scale: float = 1.0  # each sub-layer's output × this before the residual add (Granite)
+    logits_scaling: float = 1.0  # the logits ÷ this (Granite)
     attention_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcap: float | None = None  # scores → cap · tanh(scores / cap)
     final_logit_softcap: float | None = None
@@ -181,7 +183,8 @@ class ModelConfig:
         for name in ("kv_lora_rank", "q_lora_rank"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ConfigError(f"model config: {name} must be a count, got {getattr(self, name)!r}")
-        for name in ("rms_norm_eps", "rope_theta"):  # NaN, 0 or infinite: every activation turns NaN
+        for name in ("rms_norm_eps", "rope_theta", "embedding_scale", "residual_scale", "logits_scaling"):
+            # NaN, 0 or infinite: every activation turns NaN
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ConfigError(f"model config: {name} must be a positive finite number, got {value!r}")

@@ -67,7 +67,7 @@ class FusedDecodeLayer:
         norms = (layer.input_layernorm, layer.post_attention_layernorm)
         if not all(isinstance(m.method, PackedMethod) and m.method.int8_activations for m in linears):
             return False
-        if layer.pre_feedforward_layernorm is not None or mlp.hidden_act != "silu":
+        if layer.pre_feedforward_layernorm is not None or mlp.hidden_act != "silu" or layer.residual_scale != 1.0:
             return False  # parts the C++ layer does not have
         if mixer[1].bias is not None or mlp.down_proj.bias is not None:
             return False

@@ -229,6 +229,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
         gguf_renames=_GEMMA_SANDWICH + (("ffn_up", "mlp.gate_up_proj"),),
     ),
     FamilySpec(
+        name="granite",
+        # IBM's Granite 3: llama layers with multipliers — embeddings, residual branches, the attention scale, and
+        # logits divided (the config's *_multiplier and logits_scaling; llama.cpp's *_scale keys).
+        hf_architectures=("GraniteForCausalLM",),
+        gguf_architectures=("granite",),
+        example="ibm-granite/granite-3.3-2b-instruct",
+    ),
+    FamilySpec(
         name="smollm3",
         # Hugging Face's SmolLM3: llama layers, every 4th without rotary positions (NoPE; the config lists them).
         hf_architectures=("SmolLM3ForCausalLM",),

@@ -124,6 +124,7 @@ class DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = _norm(cfg) if cfg.sandwich_norms else None
         self.mlp = SparseMoE(cfg, plan, f"{prefix}.mlp") if cfg.is_moe_layer(layer) else MLP(cfg, plan, f"{prefix}.mlp")
         self.rope_index = cfg.rotation_index(layer)  # which of the model's rotations
+        self.residual_scale = cfg.residual_scale
         self.fused: FusedDecodeLayer | None = None  # set once the weights are in, where the layer qualifies
         self.index = layer
 
@@ -132,6 +133,9 @@ class DecoderLayer(nn.Module):
         `rows`, the output holds those rows only (every token's K/V is still written)."""
         attn = self._mix(self.input_layernorm(x), cos, sin, kv_cache, meta, rows)
         x = x if rows is None else x[rows]
+        if self.residual_scale != 1.0:  # Granite
+            x = x + attn * self.residual_scale
+            return x + self.mlp(self.post_attention_layernorm(x)) * self.residual_scale
         if self.pre_feedforward_layernorm is None:
             x = x + attn
             return x + self.mlp(self.post_attention_layernorm(x))
@@ -261,6 +265,8 @@ class Transformer(nn.Module):
         logits = Linear.forward(self._head, hidden).float()
         if self.head_scale is not None:
             logits = logits * self.head_scale
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
         if self.tp is not None:
             logits = self.tp.all_gather(logits)  # each rank scored its slice of the vocabulary
         cap = self.config.final_logit_softcap

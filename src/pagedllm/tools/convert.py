@@ -192,6 +192,10 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
         writer.add_rope_freq_base_swa(c.local_rope_theta)
     if c.attention_scale is not None:
         writer.add_float32(f"{arch}.attention.scale", c.attention_scale)
+    if c.residual_scale != 1.0 or c.logits_scaling != 1.0:  # Granite's multipliers, as llama.cpp's keys
+        writer.add_embedding_scale(c.embedding_scale)
+        writer.add_residual_scale(c.residual_scale)
+        writer.add_logit_scale(c.logits_scaling)
     if c.attn_logit_softcap is not None:
         writer.add_attn_logit_softcapping(c.attn_logit_softcap)
     if c.final_logit_softcap is not None:

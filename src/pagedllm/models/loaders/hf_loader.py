@@ -245,6 +245,13 @@ def _latent_attention(cfg: dict[str, Any]) -> dict[str, Any]:
                 rope_interleaved=bool(cfg.get("rope_interleave", True)))
 
 
+def _multipliers(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Granite's: the embeddings, each residual branch and the attention scores scaled, the logits divided."""
+    names = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
+             "attention_multiplier": "attention_scale", "logits_scaling": "logits_scaling"}
+    return {ours: float(cfg[theirs]) for theirs, ours in names.items() if cfg.get(theirs) is not None}
+
+
 def _parts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
     """The family's parts; q/k norms and o_proj's bias where a config says (GLM-4.5's `use_qk_norm`)."""
     parts = family.model_parts()
@@ -303,7 +310,8 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
             **_parts(cfg, family),
             **_shape_parts(cfg, family),
         )
-        config = ModelConfig(**{**fields, **_latent_attention(cfg)})  # latent attention's head sizes and scale
+        # latent attention's head sizes and scale; Granite's multipliers
+        config = ModelConfig(**{**fields, **_latent_attention(cfg), **_multipliers(cfg)})
     except KeyError as exc:
         raise HFModelError(f"{folder / 'config.json'}: missing key {exc.args[0]!r}") from None
     except (TypeError, ValueError) as exc:
