@@ -182,3 +182,10 @@ def test_deepseek_v2_lite_shape_matches_transformers(tmp_path, default_gguf):
         ours = load_model(source)
         assert not hasattr(ours.layers[0].self_attn, "q_a_proj") and ours.layers[1].mlp.scoring == "softmax"
         assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4, source.kind
+
+
+def test_conversion_to_llama_names_latent_attention(tiny_deepseek, tmp_path):
+    from pagedllm.tools.export import ConversionError, ConvertPlan, convert
+
+    with pytest.raises(ConversionError, match=r"multi-head latent attention \(MLA\)"):
+        convert(ModelSource("hf", Path(tiny_deepseek[0])), tmp_path / "out", ConvertPlan(to="llama"))

@@ -75,7 +75,10 @@ def test_llama_qwen2_llama_round_trip_is_bit_exact(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("family, reasons", [
-    ("gemma2", ["norms around each sub-layer", "embeddings scaled by √hidden", "soft-capped logits", "(1 + w) norms"]),
+    ("gemma2", ["norms around each sub-layer", "scaled embeddings", "soft-capped logits", "(1 + w) norms"]),
+    ("granite", ["scaled embeddings", "residual and logit multipliers (Granite)", "a query scale other than"]),
+    ("smollm3", ["layers without rotary positions (NoPE)"]),
+    ("glm4_moe", ["routed experts", "per-head q/k norms"]),
     ("bloom", ["ALiBi position biases (LlamaForCausalLM has rotary positions only)", "LayerNorm", "MLP biases"]),
     ("mixtral", ["routed experts"]),
     ("glm", ["rotary on part of each head", "interleaved rotary pairs"]),

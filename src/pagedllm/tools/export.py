@@ -85,6 +85,12 @@ def refusals(config: ModelConfig, target: Target, windows: str) -> list[str]:
     arch = target.architecture
     checks = [
         (config.num_experts > 0, "routed experts (a mixture of experts)"),
+        (config.latent_attention, "multi-head latent attention (MLA)"),
+        (config.is_hybrid, "recurrent layers (a hybrid model)"),
+        (config.attention_output_gate, "gated attention outputs"),
+        (bool(config.nope_layers), "layers without rotary positions (NoPE)"),
+        (config.residual_scale != 1.0 or config.logits_scaling != 1.0, "residual and logit multipliers (Granite)"),
+        (config.o_proj_bias, "an output projection bias"),
         (config.position_encoding == "alibi", f"ALiBi position biases ({arch} has rotary positions only)"),
         (config.position_encoding == "none", "no position encoding"),
         (config.norm_kind != "rms", "LayerNorm"),
@@ -95,7 +101,7 @@ def refusals(config: ModelConfig, target: Target, windows: str) -> list[str]:
         (config.qk_norm and not target.qk_norm, "per-head q/k norms"),
         (target.qk_norm and not config.qk_norm, f"no per-head q/k norms ({arch} always has them)"),
         (config.norm_offset != 0, "(1 + w) norms"),
-        (config.embedding_scale != 1.0, "embeddings scaled by √hidden"),
+        (config.embedding_scale != 1.0, "scaled embeddings (Gemma's √hidden, Granite's multiplier)"),
         (config.attn_logit_softcap is not None or config.final_logit_softcap is not None, "soft-capped logits"),
         (config.attention_scale is not None and not math.isclose(config.scale, config.head_dim ** -0.5),
          "a query scale other than 1/√head_dim"),
