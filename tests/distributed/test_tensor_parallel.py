@@ -33,7 +33,13 @@ def test_every_family_gives_single_process_logits(tiny_models, tmp_path):
         assert (logits - reference).abs().max().item() < 1e-4, source
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# The engine's path over ranks is the same for every family (each family's split is checked by the logits test
+# above): a representative set keeps `make test` within its budget — one kv head shared, fused checkpoint rows,
+# routed experts with and without a shared expert's gate, ALiBi, windows with two rope bases, and multipliers.
+ENGINE_FAMILIES = ["llama", "qwen2", "phi3", "mixtral", "qwen2_moe", "glm4_moe", "bloom", "gemma3", "granite"]
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
 def test_greedy_tokens_equal_a_single_process(tiny_models, family):
     """The engine with a worker process: one scheduler, the step broadcast, logits gathered on rank 0."""
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
