@@ -23,6 +23,18 @@ def prefill_hidden(model: Transformer, ids: list[int], block_size: int = 16) -> 
     return model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
 
 
+def random_prompt(length: int, seed: int, vocab: int = 49152) -> list[int]:
+    """`length` token ids drawn from the default tokenizer's vocabulary (past its 3 special ids), seeded."""
+    return torch.randint(3, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def greedy_reference(model, ids: list[int], tokens: int) -> list[int]:
+    """transformers' greedy continuation of `ids`: exactly `tokens` new tokens."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
 def rank_prefill_logits(rank: int, size: int, port: int, sources: list, ids: list[int], out) -> None:
     """One rank of a tensor-parallel group (run by torch.multiprocessing.spawn): each source's model
     slice and its prefill logits of `ids` (all ranks take part; rank 0 saves the list to `out`)."""

@@ -12,9 +12,8 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.attention import kv_bytes_per_token
 from pagedllm.errors import PagedLLMError
 from pagedllm.models.loaders import ModelSource, load_model
-from helpers import assert_packed_logits_close, prefill_logits
+from helpers import assert_packed_logits_close, greedy_reference, prefill_logits, random_prompt
 
-VOCAB = 49152  # the default model's tokenizer, saved beside the tiny model
 
 
 @pytest.fixture(scope="module")
@@ -47,22 +46,12 @@ def tiny_deepseek(tmp_path_factory, default_gguf):
     return folder, model
 
 
-def _prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _greedy_reference(model, ids: list[int], tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    return out[0, len(ids):].tolist()
-
-
 def test_logits_match_transformers(tiny_deepseek):
     folder, model = tiny_deepseek
     ours = load_model(ModelSource("hf", Path(folder)))
     assert ours.config.latent_attention and ours.config.head_dim == 8
     for length in (6, 40):
-        ids = _prompt(length, length)
+        ids = random_prompt(length, length)
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0]
         assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
@@ -83,12 +72,12 @@ def test_generates_as_transformers_in_chunks_forks_and_from_a_cached_prefix(tiny
     and a second request that resumes from the first one's cached prefix."""
     folder, model = tiny_deepseek
     llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)
-    first = _prompt(21, 5)
-    second = first[:16] + _prompt(5, 6)
+    first = random_prompt(21, 5)
+    second = first[:16] + random_prompt(5, 6)
     for ids in (first, second):
         out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
                                                                      n=2))[0]
-        assert [o.token_ids for o in out.outputs] == [_greedy_reference(model, ids, 12)] * 2
+        assert [o.token_ids for o in out.outputs] == [greedy_reference(model, ids, 12)] * 2
     assert llm.engine.kv_cache.stats.hit_tokens == 16
 
 
@@ -116,7 +105,7 @@ def test_gguf_files_match_transformers(tiny_deepseek, deepseek_ggufs):
     f = GGUFFile(deepseek_ggufs / "f32.gguf")
     assert f.metadata["general.architecture"] == "deepseek2" and f.metadata["deepseek2.attention.key_length"] == 40
     assert "blk.0.attn_k_b.weight" in f.tensors and "blk.0.attn_kv_b.weight" not in f.tensors
-    ids = _prompt(40, 7)
+    ids = random_prompt(40, 7)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     f32 = load_model(ModelSource("gguf", deepseek_ggufs / "f32.gguf"))
@@ -126,7 +115,7 @@ def test_gguf_files_match_transformers(tiny_deepseek, deepseek_ggufs):
     assert_packed_logits_close(prefill_logits(q8, ids, block_size=4), ref)
     llm = LLM(str(deepseek_ggufs / "f32.gguf"), kv_cache_memory=2**20, block_size=4)
     out = llm.generate({"prompt_token_ids": ids[:11]}, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
-    assert out[0].outputs[0].token_ids == _greedy_reference(model, ids[:11], 10)
+    assert out[0].outputs[0].token_ids == greedy_reference(model, ids[:11], 10)
 
 
 def test_probes_show_latent_attention_weights(tiny_deepseek):
@@ -135,7 +124,7 @@ def test_probes_show_latent_attention_weights(tiny_deepseek):
     from pagedllm.tools.inspect import inspect_model
 
     folder, model = tiny_deepseek
-    ids = _prompt(9, 3)
+    ids = random_prompt(9, 3)
     probed = inspect_model(load_model(ModelSource("hf", Path(folder))), ids, attention=["0", "2"])
     with torch.no_grad():
         expected = model(torch.tensor([ids]), output_attentions=True).attentions
@@ -175,7 +164,7 @@ def test_deepseek_v2_lite_shape_matches_transformers(tmp_path, default_gguf):
     model.save_pretrained(tmp_path)
     _save_tokenizer(tmp_path, default_gguf)
     convert(ModelSource("hf", tmp_path), tmp_path / "v2.gguf", ConvertPlan())  # softmax gating, 4 groups in the file
-    ids = _prompt(30, 8)
+    ids = random_prompt(30, 8)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     for source in (ModelSource("hf", tmp_path), ModelSource("gguf", tmp_path / "v2.gguf")):

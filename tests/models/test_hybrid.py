@@ -16,7 +16,7 @@ from pagedllm.engine.model_runner import plan_kv_cache
 from pagedllm.errors import ConfigError, PagedLLMError
 from pagedllm.layers.recurrent_state import StateMetadata, causal_conv
 from pagedllm.models.loaders import ModelSource, load_model, read_model_config
-from helpers import prefill_logits
+from helpers import greedy_reference, prefill_logits, random_prompt
 
 VOCAB = 49152  # the default model's tokenizer, saved beside the tiny model
 
@@ -80,16 +80,6 @@ def tiny_lfm2(tiny_hybrids):
     return tiny_hybrids["lfm2"]
 
 
-def _prompt(length: int, seed: int) -> list[int]:
-    return torch.randint(3, VOCAB, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _greedy_reference(model, ids: list[int], tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-    return out[0, len(ids):].tolist()
-
-
 def test_lfm2_widens_its_mlp_by_its_own_rule(tiny_lfm2):
     config, _ = read_model_config(ModelSource("hf", Path(tiny_lfm2[0])))
     assert config.intermediate_size == 256  # 2/3 of 192, rounded up to a multiple of 256
@@ -107,7 +97,7 @@ def test_logits_match_transformers(tiny_hybrids, family, mixers):
     ours = load_model(ModelSource("hf", Path(folder)))
     assert ours.config.layer_mixers == mixers
     for length in (24, 150):
-        ids = _prompt(length, 0)
+        ids = random_prompt(length, 0)
         with torch.no_grad():
             ref = model(torch.tensor([ids])).logits[0]
         assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
@@ -115,10 +105,10 @@ def test_logits_match_transformers(tiny_hybrids, family, mixers):
 
 def test_delta_net_decodes_through_its_torch_form_too(tiny_hybrids, recurrent_path):
     folder, model = tiny_hybrids["qwen3_5"]
-    ids = _prompt(9, 2)
+    ids = random_prompt(9, 2)
     llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4)
     out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
-    assert out[0].outputs[0].token_ids == _greedy_reference(model, ids, 10)
+    assert out[0].outputs[0].token_ids == greedy_reference(model, ids, 10)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -126,8 +116,8 @@ def test_generates_as_transformers_in_chunks_batches_and_forks(tiny_hybrids, fam
     """Three prompts at once, prefilled 8 tokens a step (each chunk continues its states), then decoded
     together; and n = 3 greedy samples of one prompt (forks copy their parent's states)."""
     folder, model = tiny_hybrids[family]
-    prompts = [_prompt(n, n) for n in (5, 13, 30)]
-    refs = [_greedy_reference(model, ids, 16) for ids in prompts]
+    prompts = [random_prompt(n, n) for n in (5, 13, 30)]
+    refs = [greedy_reference(model, ids, 16) for ids in prompts]
     llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     outs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params)
@@ -141,8 +131,8 @@ def test_lfm2_preempted_sequences_start_their_state_over(tiny_lfm2):
     """A KV budget too small for four long sequences at once: some are preempted and recomputed, and
     their state slots go back to the pool and start from zeros again."""
     folder, model = tiny_lfm2
-    prompts = [_prompt(20, 40 + i) for i in range(4)]
-    refs = [_greedy_reference(model, ids, 24) for ids in prompts]
+    prompts = [random_prompt(20, 40 + i) for i in range(4)]
+    refs = [greedy_reference(model, ids, 24) for ids in prompts]
     config, _ = read_model_config(ModelSource("hf", Path(folder)))
     memory = 24 * plan_kv_cache(config, 4, 2**20, torch.float32).bytes_per_block + 4 * config.state_bytes_per_sequence
     llm = LLM(str(folder), kv_cache_memory=memory, block_size=4, max_num_seqs=4)
@@ -182,12 +172,12 @@ def test_speculative_decoding_rolls_rejected_drafts_back(tiny_hybrids, family):
               speculative_config={"method": "ngram", "num_speculative_tokens": 3})
     scheduler = llm.engine.scheduler
     for seed in range(4):
-        prompt = _prompt(12, 20 + seed)
+        prompt = random_prompt(12, 20 + seed)
         # The prompt, its answer, the prompt again: the n-gram proposer drafts the answer again (accepted
         # where the states lead the model to repeat it); or a segment repeated (drafts of another kind).
-        ids = prompt + _greedy_reference(model, prompt, 12) + prompt if seed % 2 else prompt[:6] * 4
+        ids = prompt + greedy_reference(model, prompt, 12) + prompt if seed % 2 else prompt[:6] * 4
         out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
-        assert out[0].outputs[0].token_ids == _greedy_reference(model, ids, 24)
+        assert out[0].outputs[0].token_ids == greedy_reference(model, ids, 24)
     assert scheduler.num_draft_tokens > scheduler.num_accepted_drafts > 0
 
 
@@ -246,7 +236,7 @@ def test_prompt_prefilled_in_chunks_of_1_7_and_64_gives_the_one_pass_logprobs(ti
     the delta rule's chunks) and in chunks of 1, 7 and 64 tokens (each continuing from the states the
     last one left), through the engine."""
     folder, _ = tiny_hybrids[family]
-    prompt = _prompt(100, 7)
+    prompt = random_prompt(100, 7)
     params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
 
     def prompt_logprobs(budget: int) -> list[float]:
@@ -265,7 +255,7 @@ def test_beam_search_matches_transformers(tiny_hybrids, family):
     folder, model = tiny_hybrids[family]
     llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4)
     eos = sorted(llm.get_tokenizer().stop_token_ids)
-    ids = _prompt(12, 3)
+    ids = random_prompt(12, 3)
     with torch.no_grad():
         ref = model.generate(torch.tensor([ids]), num_beams=4, num_return_sequences=4, do_sample=False,
                              max_new_tokens=10, min_new_tokens=10, eos_token_id=eos, pad_token_id=eos[0])
@@ -297,7 +287,7 @@ def test_gguf_files_match_transformers(tiny_hybrids, hybrid_ggufs, family):
     the transformers model back: logits over three of the delta rule's chunks, greedy tokens; a Q8_0 file
     runs its packed kernels within quantisation noise."""
     _, model = tiny_hybrids[family]
-    ids = _prompt(150, 0)
+    ids = random_prompt(150, 0)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     f32 = load_model(ModelSource("gguf", hybrid_ggufs[family] / "f32.gguf"))
@@ -307,7 +297,7 @@ def test_gguf_files_match_transformers(tiny_hybrids, hybrid_ggufs, family):
     assert (prefill_logits(q8, ids, block_size=4) - ref).abs().max().item() < 0.1
     llm = LLM(str(hybrid_ggufs[family] / "f32.gguf"), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)
     out = llm.generate({"prompt_token_ids": ids[:13]}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
-    assert out[0].outputs[0].token_ids == _greedy_reference(model, ids[:13], 12)
+    assert out[0].outputs[0].token_ids == greedy_reference(model, ids[:13], 12)
 
 
 def _gguf_with(tiny_folder: Path, path: Path, name: str, change) -> Path:
@@ -359,7 +349,7 @@ def test_gguf_multi_token_prediction_blocks_are_not_loaded(tiny_hybrids, tmp_pat
                | {"qwen35.nextn_predict_layers": 1})
     ours = load_model(ModelSource("gguf", path))
     assert ours.config.num_hidden_layers == 4
-    ids = _prompt(24, 5)
+    ids = random_prompt(24, 5)
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0]
     assert (prefill_logits(ours, ids, block_size=4) - ref).abs().max().item() < 1e-4
@@ -373,20 +363,20 @@ def test_cached_prefixes_resume_from_saved_states(tiny_hybrids, family):
     folder, model = tiny_hybrids[family]
     llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, state_snapshot_interval=2, max_num_batched_tokens=64)
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    system, user = _prompt(30, 11), _prompt(7, 12)
+    system, user = random_prompt(30, 11), random_prompt(7, 12)
 
     def run(ids: list[int]) -> tuple[list[int], int]:
         """The request's tokens (checked against transformers) and the prompt tokens it found cached."""
         before = llm.engine.kv_cache.stats.hit_tokens
         out = llm.generate({"prompt_token_ids": ids}, params)[0]
-        assert out.outputs[0].token_ids == _greedy_reference(model, ids, 12)
+        assert out.outputs[0].token_ids == greedy_reference(model, ids, 12)
         return out.outputs[0].token_ids, llm.engine.kv_cache.stats.hit_tokens - before
 
     first, cached = run(system + user)
     assert cached == 0
-    assert run(system + _prompt(9, 13))[1] == 24  # the system prompt's last multiple of 2 blocks
+    assert run(system + random_prompt(9, 13))[1] == 24  # the system prompt's last multiple of 2 blocks
     assert run(system + user)[1] == 36  # the whole prompt's last block (one token left to compute)
-    assert run(system + user + first + _prompt(5, 14))[1] == 48  # the first turn's last decoded block
+    assert run(system + user + first + random_prompt(5, 14))[1] == 48  # the first turn's last decoded block
 
 
 @pytest.mark.parametrize("family", ["lfm2", "qwen3_5"])
@@ -408,7 +398,7 @@ def test_lora_on_every_projection_gives_peft_logits(tiny_hybrids, tmp_path, fami
                 param.mul_(3.0)
     peft.eval().save_pretrained(tmp_path / "a")
     llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, lora_modules={"a": str(tmp_path / "a")})
-    ids = _prompt(20, 4)
+    ids = random_prompt(20, 4)
     ours, plain = step_logits(llm, [(ids, "a"), (ids, None)])
     with torch.no_grad():
         ref, base_ref = peft(torch.tensor([ids])).logits[0], model(torch.tensor([ids])).logits[0]
@@ -425,7 +415,7 @@ def test_probes_show_the_recurrent_layers_too(tiny_hybrids, monkeypatch):
 
     monkeypatch.setattr(inspect_module, "PREFILL_SLICE_TOKENS", 5)
     folder, model = tiny_hybrids["qwen3_5"]
-    ids = _prompt(12, 6)
+    ids = random_prompt(12, 6)
     ours = inspect_model(load_model(ModelSource("hf", Path(folder))), ids, top_k=5, block_size=4, attention=["3:0"])
     for probe, expected in zip(ours.layers, _reference(model, ids, top_k=5), strict=True):
         assert torch.allclose(torch.tensor(probe.residual_norm), expected["norm"], rtol=1e-4)
@@ -446,7 +436,7 @@ def test_served_and_batched_as_any_model(tiny_hybrids, tmp_path):
     from pagedllm import infer
 
     folder = str(tiny_hybrids["qwen3_5"][0])
-    prompt = _prompt(40, 8)
+    prompt = random_prompt(40, 8)
     want = LLM(folder, kv_cache_memory=2**20, block_size=4).generate(
         {"prompt_token_ids": prompt}, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].outputs[0].text
     with LiveServer(folder, kv_cache_memory=2**20, block_size=4) as live, httpx.Client(base_url=live.url) as http:
@@ -550,7 +540,7 @@ def test_tensor_parallel_2_gives_single_process_logits(tiny_hybrids, hybrid_gguf
     sources = [source for family in FAMILIES + ["lfm2_moe"]
                for source in (ModelSource("hf", Path(tiny_hybrids[family][0])),
                               ModelSource("gguf", hybrid_ggufs[family] / "f32.gguf"))]
-    ids = _prompt(70, 3)  # two of the delta rule's chunks
+    ids = random_prompt(70, 3)  # two of the delta rule's chunks
     mp.spawn(rank_prefill_logits, args=(2, free_port(), sources, ids, tmp_path / "logits.pt"), nprocs=2, join=True)
     for source, logits in zip(sources, torch.load(tmp_path / "logits.pt")):
         assert (logits - prefill_logits(load_model(source), ids, block_size=4)).abs().max().item() < 1e-4, source
@@ -565,11 +555,11 @@ def test_tensor_parallel_engine_generates_as_one_process(tiny_hybrids, hybrid_gg
     llm = LLM(str(path), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8, state_snapshot_interval=2,
               tensor_parallel_size=2)
     try:
-        prompts = [_prompt(13, 21), _prompt(13, 21)[:9] + _prompt(6, 22)]  # the second hits the first's 2 blocks
+        prompts = [random_prompt(13, 21), random_prompt(13, 21)[:9] + random_prompt(6, 22)]  # the second hits the first's 2 blocks
         for ids in prompts:
             out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=10, temperature=0,
                                                                          ignore_eos=True, n=3))[0]
-            assert [o.token_ids for o in out.outputs] == [_greedy_reference(model, ids, 10)] * 3
+            assert [o.token_ids for o in out.outputs] == [greedy_reference(model, ids, 10)] * 3
         assert llm.engine.kv_cache.stats.hit_tokens == 8
     finally:
         llm.engine.runner.shutdown()
@@ -592,7 +582,7 @@ def test_fused_decode_runs_gated_attention_and_delta_net_layers(hybrid_ggufs, mo
     calls = []
     whole = FusedDecodeModel.__call__
     monkeypatch.setattr(FusedDecodeModel, "__call__", lambda self, *a: calls.append(1) or whole(self, *a))
-    prompts = [{"prompt_token_ids": _prompt(n, n)} for n in (5, 9, 14)]
+    prompts = [{"prompt_token_ids": random_prompt(n, n)} for n in (5, 9, 14)]
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=0)
     fused = [o.outputs[0] for o in llm.generate(prompts, params)]
     assert len(calls) >= 7  # every decode step
