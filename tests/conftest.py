@@ -23,7 +23,7 @@ def _tiny_configs():
     from transformers import (BloomConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
                               GlmConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
                               Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, Ernie4_5Config,
-                              SmolLM3Config, GraniteConfig)
+                              SmolLM3Config, GraniteConfig, HunYuanDenseV1Config)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -67,6 +67,8 @@ def _tiny_configs():
         # embeddings × 3, residual branches × 0.5, scores × 0.2, logits ÷ 2
         "granite": GraniteConfig(**TINY, embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
                                  logits_scaling=2.0, tie_word_embeddings=False),
+        # per-head q/k norms after the rotation
+        "hunyuan_dense": HunYuanDenseV1Config(**TINY, head_dim=16, tie_word_embeddings=False),
         # the last of 4 layers without rotary positions (NoPE), as llama.cpp's fixed step
         "smollm3": SmolLM3Config(**{**TINY, "num_hidden_layers": 4}, head_dim=16, no_rope_layer_interval=4, pad_token_id=0,
                                  tie_word_embeddings=True),

@@ -91,6 +91,7 @@ class ModelConfig:
     normalized_head: bool = False  # the output head's rows are scaled to unit length (Baichuan 2)
     norm_offset: float = 0.0  # each RMSNorm scales by (norm_offset + w)
     qk_norm: bool = False  # an RMSNorm over each head of q and of k, before the rotation
+    qk_norm_after_rope: bool = False  # those norms after the rotation instead (Hunyuan)
     sandwich_norms: bool = False  # norms on the attention's output and around the MLP (Gemma 2/3)
     hidden_act: str = "silu"
     embedding_scale: float = 1.0  # the embeddings are multiplied by this (Gemma: √hidden; Granite's multiplier)

@@ -14,7 +14,7 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.models.loaders import ModelSource, load_model
 from helpers import prefill_logits, rank_prefill_logits
 
-FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "glm", "glm4", "glm4_moe", "seed_oss", "ernie4_5", "smollm3", "granite",
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "glm", "glm4", "glm4_moe", "seed_oss", "ernie4_5", "smollm3", "granite", "hunyuan_dense",
             "bloom", "gemma", "gemma2", "gemma3"]
 PROMPT = list(range(100, 124))
 

@@ -74,6 +74,8 @@ class FusedDecodeLayer:
         if delta_net is not None:
             norms += (delta_net.norm,)
         elif attn.q_norm is not None:
+            if attn.norm_after_rope:
+                return False  # the C++ layer norms before rotating
             norms += (attn.q_norm, attn.k_norm)
         if any(type(n) is not RMSNorm or n.weight.dtype != torch.float32 for n in norms):
             return False

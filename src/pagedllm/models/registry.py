@@ -30,6 +30,7 @@ class FamilySpec:
     # The parts a family chooses (see ModelConfig).
     norm_offset: float = 0.0  # Gemma's (1 + w); llama.cpp's converter stores such norms with the 1 added
     qk_norm: bool = False
+    qk_norm_after_rope: bool = False  # Hunyuan norms q and k after rotating them
     sandwich_norms: bool = False
     scale_embeddings: bool = False  # embeddings × √hidden
     hidden_act: str = "silu"  # what GGUF files imply; a Hugging Face config names its own
@@ -91,6 +92,7 @@ class FamilySpec:
     def model_parts(self) -> dict[str, object]:
         """The ModelConfig fields the family fixes, whatever its checkpoint says."""
         return {"norm_offset": self.norm_offset, "qk_norm": self.qk_norm, "sandwich_norms": self.sandwich_norms,
+                "qk_norm_after_rope": self.qk_norm_after_rope,
                 "rope_interleaved": self.rope_interleaved, "norm_kind": self.norm_kind,
                 "embedding_norm": self.embedding_norm, "gated_mlp": self.gated_mlp, "o_proj_bias": self.o_proj_bias,
                 "attention_output_gate": self.attention_output_gate, "shared_expert_gate": self.shared_expert_gate}
@@ -243,6 +245,17 @@ FAMILIES: tuple[FamilySpec, ...] = (
         gguf_architectures=("smollm3",),
         example="HuggingFaceTB/SmolLM3-3B",
         gguf_nope_layer_step=4,
+    ),
+    FamilySpec(
+        name="hunyuan_dense",
+        # Tencent's Hunyuan dense models: llama layers whose per-head q/k norms come after the rotation.
+        hf_architectures=("HunYuanDenseV1ForCausalLM",),
+        gguf_architectures=("hunyuan-dense",),
+        example="tencent/Hunyuan-7B-Instruct",
+        gguf_qk_permuted=False,
+        qk_norm=True,
+        qk_norm_after_rope=True,
+        hf_renames=((r"\.query_layernorm\.", ".q_norm."), (r"\.key_layernorm\.", ".k_norm.")),
     ),
     FamilySpec(
         name="seed_oss",

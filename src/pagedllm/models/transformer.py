@@ -60,6 +60,7 @@ class Attention(nn.Module):
                                   rank_slices=(RankRows.span(q_first * hd, self.q_size, cfg.num_attention_heads * hd),))
         self.q_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.k_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
+        self.norm_after_rope = cfg.qk_norm_after_rope
         self.scale = cfg.scale
         self.sliding_window = cfg.layer_window(layer)
         self.softcap = cfg.attn_logit_softcap
@@ -74,7 +75,7 @@ class Attention(nn.Module):
                 meta: AttentionMetadata, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Every token's K/V goes to the cache; the output is computed for `rows` only, where given."""
         q, k, v, gate = self._project(x)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rotate(q, k, cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Products in bfloat16 GEMMs (packed weights, many rows) take attention's products with them.
         matmul_dtype = self.qkv_proj.method.activation_dtype(x)
@@ -91,15 +92,23 @@ class Attention(nn.Module):
             q, gate = q.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
             gate = gate.reshape(-1, self.q_size)
         q, k = q.reshape(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and not self.norm_after_rope:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v, gate
+
+    def _rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q and k rotated, then normed where the family norms them after the rotation (Hunyuan)."""
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.q_norm is not None and self.norm_after_rope:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k
 
     def probabilities(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Probes: the attention weights [heads, tokens, tokens] (float32) of one sequence whose tokens
         from position 0 are all in `x` (the normed layer input), computed apart from the KV cache."""
         q, k, _, _ = self._project(x)
-        q, k = apply_rope(q, cos, sin).float(), apply_rope(k, cos, sin).float()
+        q, k = (t.float() for t in self._rotate(q, k, cos, sin))
         positions = torch.arange(len(x), device=x.device)[None]
         mask = window_mask(positions, len(x), self.sliding_window)
         return attention_weights(q.transpose(0, 1)[None], k.transpose(0, 1)[None], mask, self.layer_attention(),
