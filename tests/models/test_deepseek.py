@@ -178,3 +178,47 @@ def test_conversion_to_llama_names_latent_attention(tiny_deepseek, tmp_path):
 
     with pytest.raises(ConversionError, match=r"multi-head latent attention \(MLA\)"):
         convert(ModelSource("hf", Path(tiny_deepseek[0])), tmp_path / "out", ConvertPlan(to="llama"))
+
+
+_GOOD = {"deepseek2.attention.kv_lora_rank": 32, "deepseek2.rope.dimension_count": 8,
+         "deepseek2.attention.key_length_mla": 24, "deepseek2.attention.value_length_mla": 12}
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"deepseek2.attention.kv_lora_rank": -1}, "kv_lora_rank' should be a count"),
+    ({"deepseek2.attention.kv_lora_rank": 1.5}, "kv_lora_rank' should be a count"),
+    ({"deepseek2.attention.key_length_mla": 8}, "must exceed the rotary part"),
+    ({"deepseek2.attention.value_length_mla": "12"}, "value_length_mla' should be a count"),
+    ({"deepseek2.rope.scaling.factor": 4.0, "deepseek2.rope.scaling.yarn_log_mul": float("nan")}, "yarn_log_mul"),
+])
+def test_hostile_latent_attention_metadata_is_a_clear_error(changes, message):
+    """A deepseek2 file's latent-attention keys checked before anything is sized by them."""
+    from pagedllm.models.loaders.gguf_file import GGUFError
+    from pagedllm.models.loaders.gguf_latent import latent_fields
+
+    class Metadata:
+        path, tensors = "bad.gguf", {}
+
+        def __init__(self, metadata):
+            self.metadata = metadata
+
+        def get(self, key, default=None):
+            return self.metadata.get(key, default)
+
+    assert latent_fields(Metadata(_GOOD), "deepseek2")["qk_nope_head_dim"] == 16
+    with pytest.raises(GGUFError, match=message):
+        latent_fields(Metadata({**_GOOD, **changes}), "deepseek2")
+
+
+def test_mismatched_up_projection_halves_are_a_clear_error(tiny_deepseek):
+    from pagedllm.models.loaders.gguf_file import GGUFError
+    from pagedllm.models.loaders.gguf_latent import merged_up_projections
+    from pagedllm.models.loaders import read_model_config
+
+    config, _ = read_model_config(ModelSource("hf", Path(tiny_deepseek[0])))
+    halves = [("model.layers.0.self_attn.k_b_proj.weight", torch.zeros(4, 32, 16)),
+              ("model.layers.0.self_attn.v_b_proj.weight", torch.zeros(4, 13, 32))]
+    with pytest.raises(GGUFError, match="up-projections have shapes"):
+        list(merged_up_projections(halves, config))
+    with pytest.raises(GGUFError, match="lack attn_k_b or attn_v_b"):
+        list(merged_up_projections(halves[:1], config))
