@@ -23,7 +23,7 @@ class SparseMoE(nn.Module):
 
     Routing: the router's softmax (or sigmoid) scores; the experts chosen by the scores plus `expert_bias`
     (DeepSeek V3's correction, for the choice only), among the best `topk_groups` of `groups` groups of experts
-    (each scored by its two best); their weights are their scores, renormalised where the model says, times
+    (_best_groups_only); their weights are their scores, renormalised where the model says, times
     `routed_scaling_factor`."""
 
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str):
