@@ -50,8 +50,9 @@ def test_decode_kernel_matches_torch(head_dim, heads, kv_heads, window, kv_dtype
                                atol=1e-5, rtol=1e-5)
 
 
-def reference_scores_decode(q, kv_cache, tables, lens, window, softcap=None, slopes=None):
-    """Explicit scores (soft-capped, ALiBi-biased where asked), masked softmax, weighted values."""
+def reference_scores_decode(q, kv_cache, tables, lens, window, softcap=None, slopes=None, sinks=None):
+    """Explicit scores (soft-capped, ALiBi-biased where asked), masked softmax (with each head's sink logit as
+    one more column, dropped after, where given), weighted values."""
     heads, kv_heads, head_dim = q.shape[1], kv_cache.shape[3], q.shape[2]
     keys = kv_cache[0][tables].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)  # [seqs, ctx, heads, dim]
     values = kv_cache[1][tables].flatten(1, 2).repeat_interleave(heads // kv_heads, dim=2)
@@ -62,8 +63,43 @@ def reference_scores_decode(q, kv_cache, tables, lens, window, softcap=None, slo
     if slopes is not None:
         scores = scores + slopes[None, :, None] * (pos[None, None, :] - (lens[:, None, None] - 1))
     visible = (pos[None] < lens[:, None]) & ((pos[None] >= lens[:, None] - window) if window else True)
-    weights = scores.masked_fill(~visible[:, None], float("-inf")).softmax(-1)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    if sinks is not None:
+        column = sinks[None, :, None].expand(len(scores), -1, 1)
+        weights = torch.cat([scores, column], dim=-1).softmax(-1)[..., :-1]
+    else:
+        weights = scores.softmax(-1)
     return torch.einsum("sht,sthd->shd", weights, values)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bfloat16", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_decode_kernel_attention_sinks(bfloat16, threads):
+    """gpt-oss's sinks: a per-head logit in each softmax's denominator, on one share and on shares merged
+    after (2,500 keys), with and without a window; sinks large enough to take most of the weight."""
+    if bfloat16 and not kernels.decode_bfloat16_available():
+        pytest.skip("the decode kernel's bfloat16 products need AVX-512 BF16")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(5)
+        block_size, num_blocks, max_blocks, heads, kv_heads, head_dim = 16, 170, 160, 8, 2, 64
+        kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=gen)
+        tables = torch.stack([torch.randperm(num_blocks, generator=gen)[:max_blocks] for _ in range(3)])
+        lens = torch.tensor([2500, 20, 1])
+        q = torch.randn(3, heads, head_dim, generator=gen) * 2
+        sinks = torch.randn(heads, generator=gen) * 3
+        for window in (None, 128):
+            out = paged_decode_attention(q, kv_cache, tables, lens, head_dim**-0.5, window, bfloat16=bfloat16,
+                                         sinks=sinks)
+            ref = reference_scores_decode(q, kv_cache, tables, lens, window, sinks=sinks)
+            if bfloat16:
+                assert_within_bfloat16(out, ref)
+            else:
+                torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    finally:
+        torch.set_num_threads(saved)
 
 
 @needs_kernel

@@ -48,8 +48,9 @@ def paged_case(gen, counts, contexts, heads, kv_heads, dim, block_size, pool_dty
     return q, pool, floats, tables, starts, torch.tensor(contexts)
 
 
-def reference(q, floats, tables, starts, contexts, scale, window=None, softcap=None, slopes=None):
-    """Each sequence's queries against its gathered keys, scores written out in float64."""
+def reference(q, floats, tables, starts, contexts, scale, window=None, softcap=None, slopes=None, sinks=None):
+    """Each sequence's queries against its gathered keys, scores written out in float64 (each head's sink
+    logit one more softmax column, dropped after, where given)."""
     block_size, kv_heads, dim = floats.shape[2], floats.shape[3], floats.shape[4]
     group = q.shape[1] // kv_heads
     out = torch.empty_like(q)
@@ -67,7 +68,12 @@ def reference(q, floats, tables, starts, contexts, scale, window=None, softcap=N
         visible = key_pos <= query_pos
         if window:
             visible &= key_pos > query_pos - window
-        weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        if sinks is not None:
+            column = sinks.double()[:, None, None].expand(-1, scores.shape[1], 1)
+            weights = torch.cat([scores, column], dim=-1).softmax(-1)[..., :-1]
+        else:
+            weights = scores.softmax(-1)
         out[rows] = torch.einsum("htc,chd->thd", weights, values).float()
     return out
 
@@ -104,6 +110,20 @@ def test_prefill_kernel_windows_softcaps_alibi(isa, bfloat16, window, softcap, a
     out = kernels.paged_prefill_attention(q, pool, tables, starts, lens, dim**-0.5, window, softcap, slopes,
                                           bfloat16=bfloat16, isa=isa)
     check(out, reference(q, floats, tables, starts, lens, dim**-0.5, window, softcap, slopes), bfloat16)
+
+
+@pytest.mark.parametrize("isa,bfloat16", products())
+@pytest.mark.parametrize("window", [None, 50])
+def test_prefill_kernel_attention_sinks(isa, bfloat16, window):
+    """gpt-oss's per-head sink logits in the denominator, over whole prompts and chunks after a prefix."""
+    gen = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim = 8, 2, 64
+    counts, contexts = [90, 3, 200], [250, 70, 200]
+    q, pool, floats, tables, starts, lens = paged_case(gen, counts, contexts, heads, kv_heads, dim, 16, torch.bfloat16)
+    sinks = torch.randn(heads, generator=gen) * 3
+    out = kernels.paged_prefill_attention(q, pool, tables, starts, lens, dim**-0.5, window, bfloat16=bfloat16, isa=isa,
+                                          sinks=sinks)
+    check(out, reference(q, floats, tables, starts, lens, dim**-0.5, window, sinks=sinks), bfloat16)
 
 
 @pytest.mark.parametrize("isa,bfloat16", products())

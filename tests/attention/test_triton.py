@@ -42,7 +42,7 @@ SHAPES_AND_POOLS = [(shape, kv_dtype) for shape in [(4, 4, 64), (6, 2, 32), (8, 
 
 @pytest.mark.parametrize("shape,kv_dtype", SHAPES_AND_POOLS)
 @pytest.mark.parametrize("window", [None, 4])
-@pytest.mark.parametrize("extra", ["none", "softcap", "alibi"])
+@pytest.mark.parametrize("extra", ["none", "softcap", "alibi", "sinks"])
 def test_triton_equals_torch_backend(shape, kv_dtype, window, extra):
     heads, kv_heads, head_dim = shape
     gen = np.random.default_rng(heads * 100 + head_dim)
@@ -57,7 +57,8 @@ def test_triton_equals_torch_backend(shape, kv_dtype, window, extra):
     q = torch.randn(tokens, heads, head_dim) * 2
     k, v = torch.randn(tokens, kv_heads, head_dim), torch.randn(tokens, kv_heads, head_dim)
     layer = LayerAttention(head_dim**-0.5, window, 3.0 if extra == "softcap" else None,
-                           alibi_slopes(heads).to(DEVICE) if extra == "alibi" else None)
+                           alibi_slopes(heads).to(DEVICE) if extra == "alibi" else None,
+                           sinks=torch.randn(heads, device=DEVICE) * 2 if extra == "sinks" else None)
     outs = []
     for backend in (TorchBackend(), TritonBackend()):
         cache = pool.clone().to(DEVICE)

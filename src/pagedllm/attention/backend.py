@@ -88,7 +88,7 @@ class TorchBackend(AttentionBackend):
         queries[group.token_seq, group.token_index] = q
         queries = queries.transpose(1, 2)
         mask = _masks(meta, layer.sliding_window)[index]
-        if layer.softcap is not None or layer.alibi is not None:
+        if layer.softcap is not None or layer.alibi is not None or layer.sinks is not None:
             mask = mask if mask is not None else causal_mask(group, layer.sliding_window)
             out = _explicit_scores_attention(queries, keys, values, mask, layer, group.positions_padded)
         elif mask is None and matmul_dtype not in (None, q.dtype):
@@ -144,7 +144,8 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, layer: LayerAttention,
                       query_pos: torch.Tensor) -> torch.Tensor:
     """Softmax attention weights in float32, from explicit scores: soft-capped (cap · tanh(s / cap),
-    Gemma 2) and/or with ALiBi's slope · (key position − query position) added, then the mask.
+    Gemma 2) and/or with ALiBi's slope · (key position − query position) added, then the mask; with
+    attention sinks, each head's sink logit joins the softmax and is dropped after (gpt-oss).
     q [seqs, heads, len, dim]; k [seqs, kv_heads, ctx, dim]; mask [seqs, 1, len, ctx]; query_pos [seqs, len].
     Returns [seqs, heads, len, ctx]."""
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
@@ -154,7 +155,11 @@ def attention_weights(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, laye
     if layer.alibi is not None:
         distance = torch.arange(k.shape[2], device=q.device)[None, None, :] - query_pos[:, :, None]
         scores = scores + layer.alibi[None, :, None, None] * distance[:, None].to(scores.dtype)
-    return scores.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if layer.sinks is None:
+        return scores.softmax(-1, dtype=torch.float32)
+    sinks = layer.sinks.float()[None, :, None, None].expand(*scores.shape[:-1], 1)
+    return torch.cat([scores.float(), sinks], dim=-1).softmax(-1)[..., :-1]
 
 
 def _explicit_scores_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

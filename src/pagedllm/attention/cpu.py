@@ -38,11 +38,11 @@ class CpuBackend(TorchBackend):
         if group.use_decode_kernel and not q.requires_grad:
             return kernels.paged_decode_attention(q.float(), kv_cache, group.block_tables, group.context_lens,
                                                   layer.scale, layer.sliding_window, layer.softcap, layer.alibi,
-                                                  layer.bfloat16_products and kernels.decode_bfloat16_available()
-                                                  ).to(q.dtype)
+                                                  layer.bfloat16_products and kernels.decode_bfloat16_available(),
+                                                  layer.sinks).to(q.dtype)
         if group.use_prefill_kernel and q.dtype in (torch.float32, torch.bfloat16) and not q.requires_grad:
             bfloat16 = layer.bfloat16_products and kernels.prefill_bfloat16_available()
             return kernels.paged_prefill_attention(q.float(), kv_cache, group.block_tables, group.query_start,
                                                    group.context_lens, layer.scale, layer.sliding_window,
-                                                   layer.softcap, layer.alibi, bfloat16).to(q.dtype)
+                                                   layer.softcap, layer.alibi, bfloat16, sinks=layer.sinks).to(q.dtype)
         return super().attend_group(q, kv_cache, meta, group, index, layer, matmul_dtype)

@@ -27,8 +27,8 @@ def long_tensor(values, device: torch.device | str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class LayerAttention:
-    """One layer's attention: its scale, window, soft-capping and ALiBi slopes, and whether its
-    products may run in bfloat16 (the layer's own GEMMs do: packed weights on a CPU that multiplies
+    """One layer's attention: its scale, window, soft-capping and ALiBi slopes, attention sinks, and whether
+    its products may run in bfloat16 (the layer's own GEMMs do: packed weights on a CPU that multiplies
     bfloat16 natively), as the CPU kernels then take them."""
 
     scale: float
@@ -38,6 +38,9 @@ class LayerAttention:
     bfloat16_products: bool = False
     # Latent attention: the pool holds one row a token, the keys; the values are its first value_dim entries.
     value_dim: int | None = None
+    # Attention sinks (gpt-oss): [heads] float32 learned logits, one more term in each head's softmax
+    # denominator with no value (the weights of the real keys sum to less than 1).
+    sinks: torch.Tensor | None = None
 
 
 @dataclass

@@ -54,14 +54,16 @@ class TritonBackend(AttentionBackend):
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         group = heads // kv_heads
         alibi = layer.alibi if layer.alibi is not None else q.new_zeros(1, dtype=torch.float32)
+        sinks = layer.sinks if layer.sinks is not None else q.new_zeros(1, dtype=torch.float32)
         paged_attention_kernel[(tokens, kv_heads)](
-            out, q, k_cache, v_cache, table, token_seq, positions, alibi,
+            out, q, k_cache, v_cache, table, token_seq, positions, alibi, sinks,
             layer.scale, layer.softcap or 0.0, layer.sliding_window or NO_WINDOW,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), table.stride(0),
             GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(1, triton_next_power_of_2(group)),
             BLOCK_D=triton_next_power_of_2(head_dim), BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N,
-            HAS_ALIBI=layer.alibi is not None, HAS_SOFTCAP=layer.softcap is not None, Q8=kv_cache.dtype == KV_Q8_0)
+            HAS_ALIBI=layer.alibi is not None, HAS_SOFTCAP=layer.softcap is not None, Q8=kv_cache.dtype == KV_Q8_0,
+            HAS_SINKS=layer.sinks is not None)
         return out
 
 

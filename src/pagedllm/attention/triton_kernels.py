@@ -32,13 +32,13 @@ def _load_rows(cache, block_ids, offsets_in_block, kv_head, d, d_mask, valid,
 
 @triton.jit
 def paged_attention_kernel(
-    out, q, k_cache, v_cache, block_tables, token_seq, positions, alibi,
+    out, q, k_cache, v_cache, block_tables, token_seq, positions, alibi, sinks,
     scale, softcap, window,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_block, stride_slot, stride_head, stride_table,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HAS_ALIBI: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    Q8: tl.constexpr,
+    Q8: tl.constexpr, HAS_SINKS: tl.constexpr,
 ):
     token = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -55,6 +55,9 @@ def paged_attention_kernel(
     first = tl.maximum(position + 1 - window, 0)  # window: the context length where there is none
     running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
     running_sum = tl.zeros([BLOCK_H], tl.float32)
+    if HAS_SINKS:  # the sink starts the softmax: a term e^(sink − max) with no value (gpt-oss)
+        running_max = tl.load(sinks + heads, mask=h_mask, other=0.0)
+        running_sum = tl.full([BLOCK_H], 1.0, tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for start in range((first // BLOCK_N) * BLOCK_N, position + 1, BLOCK_N):
         key_pos = start + tl.arange(0, BLOCK_N)

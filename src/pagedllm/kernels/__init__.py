@@ -73,12 +73,13 @@ def decode_bfloat16_available() -> bool:
 def paged_decode_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                            context_lens: torch.Tensor, scale: float, sliding_window: int | None,
                            softcap: float | None = None, alibi: torch.Tensor | None = None,
-                           bfloat16: bool = False) -> torch.Tensor:
+                           bfloat16: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """One query per sequence against its cached K/V, read in place: [seqs, heads, dim] float32.
     `softcap`: scores soft-capped; `alibi`: per-head ALiBi slopes; `bfloat16`: the products in bfloat16
-    where decode_bfloat16_available() and the head size is a multiple of 32, else float32."""
+    where decode_bfloat16_available() and the head size is a multiple of 32, else float32; `sinks`: per-head
+    attention-sink logits (float32)."""
     return torch.ops.pagedllm.paged_decode_attention(query, kv_cache, block_tables, context_lens, scale,
-                                                     sliding_window or 0, softcap or 0.0, alibi, bfloat16)
+                                                     sliding_window or 0, softcap or 0.0, alibi, bfloat16, sinks)
 
 
 # The quantised matmuls (and the fused prefill attention) carry every instruction-set path in one
@@ -136,17 +137,18 @@ def prefill_bfloat16_available() -> bool:
 def paged_prefill_attention(query: torch.Tensor, kv_cache: torch.Tensor, block_tables: torch.Tensor,
                             query_start: torch.Tensor, context_lens: torch.Tensor, scale: float,
                             sliding_window: int | None, softcap: float | None = None, alibi: torch.Tensor | None = None,
-                            bfloat16: bool = False, isa: str | None = None) -> torch.Tensor:
+                            bfloat16: bool = False, isa: str | None = None,
+                            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Each sequence's new tokens (query [tokens, heads, dim] float32, sequence s's rows from query_start[s])
     against its cached K/V, read in place, in one fused pass (prefill_attention.cpp): [tokens, heads, dim].
     `bfloat16`: the products in bfloat16 (where prefill_bfloat16_available()), else float32; `isa`: an
-    instruction-set path other than best_isa() (tests)."""
+    instruction-set path other than best_isa() (tests); `sinks`: per-head attention-sink logits (float32)."""
     # A tensor-parallel worker receives metadata built on rank 0: its own process loads the build here.
     if not quant_kernels_available():
         raise RuntimeError("the CPU kernels did not build: no fused prefill attention")
     return torch.ops.pagedllm_quant.prefill_attention(
         query.contiguous(), kv_cache, block_tables, query_start, context_lens, scale, sliding_window or 0,
-        softcap or 0.0, alibi, bfloat16, ISA_NAMES.index(isa) if isa else best_isa_id())
+        softcap or 0.0, alibi, bfloat16, ISA_NAMES.index(isa) if isa else best_isa_id(), sinks)
 
 
 def delta_net_decode(proj: torch.Tensor, conv_weight: torch.Tensor, a_log: torch.Tensor, dt_bias: torch.Tensor,

@@ -297,11 +297,11 @@ void decode(const LayerWeights& l, at::Tensor& x, const at::Tensor& cos, const a
   static const auto attend = c10::Dispatcher::singleton()
       .findSchemaOrThrow("pagedllm::paged_decode_attention", "")
       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t,
-                        double, const std::optional<at::Tensor>&, bool)>();
+                        double, const std::optional<at::Tensor>&, bool, const std::optional<at::Tensor>&)>();
   at::Tensor gate;
   const at::Tensor q = attention_input(l, x, cos, sin, kv_cache, slots, lora, isa, &gate);
   at::Tensor out = attend.call(q, kv_cache, block_tables, context_lens, l.scale, l.sliding_window, l.softcap, l.alibi,
-                               l.bf16_attention).contiguous();
+                               l.bf16_attention, std::nullopt).contiguous();
   if (l.output_gate) {  // out · sigmoid(gate), as the module path
     float* o = out.data_ptr<float>();
     const float* g = gate.data_ptr<float>();

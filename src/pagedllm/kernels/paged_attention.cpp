@@ -436,12 +436,13 @@ void attend_keys_bf16(const DecodeTask& task, const T* __restrict__ keys, const 
 #endif
 
 // out[head_dim] = the softmax-weighted values of one query head from its tasks' partials (each
-// partial `stride` floats apart: dim sums, then peak and total), the peaks brought to a common one.
-void merge_partials(const float* partials, int64_t count, int64_t stride, int64_t dim, float* out) {
-  float peak = -std::numeric_limits<float>::infinity();
+// partial `stride` floats apart: dim sums, then peak and total), the peaks brought to a common one; a sink
+// (gpt-oss; `sink` points at its logit, or is null) is one more term of the denominator with no value.
+void merge_partials(const float* partials, int64_t count, int64_t stride, int64_t dim, const float* sink, float* out) {
+  float peak = sink ? *sink : -std::numeric_limits<float>::infinity();
   for (int64_t c = 0; c < count; ++c)
     if (partials[c * stride + dim + 1] != 0.f) peak = std::max(peak, partials[c * stride + dim]);  // shares with keys
-  float total = 0.f;
+  float total = sink ? std::exp(*sink - peak) : 0.f;
   std::fill(out, out + dim, 0.f);
   for (int64_t c = 0; c < count; ++c) {
     const float* part = partials + c * stride;
@@ -496,7 +497,7 @@ Attend<T> pick_attend(int64_t head_dim, bool bf16) {
 template <typename T>
 void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const at::Tensor& block_tables,
                       const at::Tensor& context_lens, double scale, int64_t sliding_window, double softcap,
-                      const float* slopes, bool bf16, at::Tensor& out) {
+                      const float* slopes, bool bf16, const float* sinks, at::Tensor& out) {
   const int64_t seqs = query.size(0), heads = query.size(1), head_dim = query.size(2);
   const int64_t block_size = kv_cache.size(2), kv_heads = kv_cache.size(3);
   const int64_t row = row_elements<T>(head_dim), group = heads / kv_heads, token_stride = kv_heads * row;
@@ -552,14 +553,15 @@ void decode_attention(const at::Tensor& query, const at::Tensor& kv_cache, const
                             run_heads, group};
       const ScoreMods mods{static_cast<float>(scale), static_cast<float>(softcap), slopes ? slopes + head0 : nullptr};
       const int64_t first_row = run * run_heads * row;
-      attend(task, keys + first_row, values + first_row, mods, shares == 1, scores.data(), part);
+      // With sinks the partials stay unnormalised: the merge adds the sink to the denominator.
+      attend(task, keys + first_row, values + first_row, mods, shares == 1 && !sinks, scores.data(), part);
     }
   });
   at::parallel_for(0, seqs * heads, 16, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const int64_t seq = index / heads, head = index % heads;
       merge_partials(partials.data() + (seq * shares * heads + head) * stride, shares, heads * stride, head_dim,
-                     out_all + index * head_dim);
+                     sinks ? sinks + head : nullptr, out_all + index * head_dim);
     }
   });
 }
@@ -575,13 +577,15 @@ bool supported_head_dim(int64_t head_dim) {
 // query [seqs, heads, dim] float32; kv_cache [2, blocks, block_size, kv_heads, dim] float32, bfloat16
 // or float16, or [..., dim / 32 · 34] uint8 (q8_0 rows);
 // block_tables [seqs, max_blocks] int64; context_lens [seqs] int64 (tokens in the cache,
-// this step's included); softcap 0: none; alibi: [heads] float32 slopes, or none.
+// this step's included); softcap 0: none; alibi: [heads] float32 slopes, or none; sinks: [heads] float32
+// attention-sink logits, or none.
 // bf16: products in bfloat16 where built (AVX-512 BF16) and the head size is a multiple of 32.
 // Returns [seqs, heads, dim] float32.
 at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_cache,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens,
                                   double scale, int64_t sliding_window, double softcap,
-                                  const std::optional<at::Tensor>& alibi, bool bf16) {
+                                  const std::optional<at::Tensor>& alibi, bool bf16,
+                                  const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(query.dim() == 3 && query.scalar_type() == at::kFloat, "query must be [seqs, heads, dim] float32");
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.is_contiguous(), "kv_cache must be a contiguous 5-d pool");
   const bool q8 = kv_cache.scalar_type() == at::kByte;
@@ -593,18 +597,22 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_
               "block_tables and context_lens must be int64");
   TORCH_CHECK(!alibi || (alibi->scalar_type() == at::kFloat && alibi->numel() == query.size(1)),
               "alibi must hold one float32 slope per query head");
+  TORCH_CHECK(!sinks || (sinks->scalar_type() == at::kFloat && sinks->numel() == query.size(1)),
+              "sinks must hold one float32 logit per query head");
   const at::Tensor q = query.contiguous();
   const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
   const at::Tensor slopes = alibi ? alibi->contiguous() : at::Tensor();
   const float* s = alibi ? slopes.data_ptr<float>() : nullptr;
+  const at::Tensor sink_logits = sinks ? sinks->contiguous() : at::Tensor();
+  const float* k = sinks ? sink_logits.data_ptr<float>() : nullptr;
   at::Tensor out = at::empty_like(q);
   switch (kv_cache.scalar_type()) {
-    case at::kFloat: decode_attention<float>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, bf16, out); break;
+    case at::kFloat: decode_attention<float>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, bf16, k, out); break;
     case at::kBFloat16:
-      decode_attention<c10::BFloat16>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, bf16, out);
+      decode_attention<c10::BFloat16>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, bf16, k, out);
       break;
-    case at::kHalf: decode_attention<c10::Half>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, bf16, out); break;
-    case at::kByte: decode_attention<uint8_t>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, bf16, out); break;
+    case at::kHalf: decode_attention<c10::Half>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, bf16, k, out); break;
+    case at::kByte: decode_attention<uint8_t>(q, kv_cache, tables, lens, scale, sliding_window, softcap, s, bf16, k, out); break;
     default: TORCH_CHECK(false, "kv_cache dtype ", kv_cache.scalar_type(), " has no kernel");
   }
   return out;
@@ -614,7 +622,7 @@ at::Tensor paged_decode_attention(const at::Tensor& query, const at::Tensor& kv_
 
 TORCH_LIBRARY(pagedllm, m) {
   m.def("paged_decode_attention(Tensor query, Tensor kv_cache, Tensor block_tables, Tensor context_lens, "
-        "float scale, int sliding_window, float softcap=0., Tensor? alibi=None, bool bf16=False) -> Tensor",
+        "float scale, int sliding_window, float softcap=0., Tensor? alibi=None, bool bf16=False, Tensor? sinks=None) -> Tensor",
         paged_decode_attention);
   m.def("decode_has_bf16() -> bool", decode_has_bf16);
 }

@@ -39,6 +39,7 @@ struct PrefillArgs {
   float scale, softcap;         // softcap 0: none
   int64_t window;               // 0: none
   const float* alibi;           // [heads] slopes, or null
+  const float* sinks;           // [heads] attention-sink logits, or null
 };
 
 struct PrefillTask {
@@ -126,7 +127,8 @@ void run(const PrefillArgs& a, int64_t seqs, bool bf16, int64_t isa) {
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& tables,
-                  const at::Tensor& query_start, const at::Tensor& context_lens, const std::optional<at::Tensor>& alibi) {
+                  const at::Tensor& query_start, const at::Tensor& context_lens, const std::optional<at::Tensor>& alibi,
+                  const std::optional<at::Tensor>& sinks) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(), "q must be contiguous [tokens, heads, dim] float32");
   const int64_t dim = q.size(2);
   TORCH_CHECK(dim % 16 == 0, "head dim must be a multiple of 16");
@@ -149,6 +151,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& kv_cache, const at::Ten
                 lens[s] <= tables.size(1) * kv_cache.size(2), "sequence ", s, ": lengths do not fit its block table");
   if (alibi) TORCH_CHECK(alibi->scalar_type() == at::kFloat && alibi->is_contiguous() && alibi->numel() == q.size(1),
                          "alibi must be one float32 slope per head");
+  if (sinks) TORCH_CHECK(sinks->scalar_type() == at::kFloat && sinks->is_contiguous() && sinks->numel() == q.size(1),
+                         "sinks must be one float32 logit per head");
 }
 
 // q [tokens, heads, dim] float32 (each sequence's new tokens, in order) → attention over each sequence's
@@ -156,8 +160,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& kv_cache, const at::Ten
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& tables,
                              const at::Tensor& query_start, const at::Tensor& context_lens, double scale,
                              int64_t window, double softcap, const std::optional<at::Tensor>& alibi, bool bf16,
-                             int64_t isa) {
-  check_inputs(q, kv_cache, tables, query_start, context_lens, alibi);
+                             int64_t isa, const std::optional<at::Tensor>& sinks) {
+  check_inputs(q, kv_cache, tables, query_start, context_lens, alibi, sinks);
   TORCH_CHECK(!bf16 || has_bf16(), "bfloat16 products need AVX-512 BF16");
   TORCH_CHECK(isa >= kIsaPortable && isa <= kIsaAvx512, "unknown instruction set ", isa);
   at::Tensor out = at::empty_like(q);
@@ -166,7 +170,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv_cache, co
                       kv_cache.data_ptr(), kv_cache.size(1), kv_cache.size(2), kv_cache.size(4),
                       tables.data_ptr<int64_t>(), tables.size(1), query_start.data_ptr<int64_t>(),
                       context_lens.data_ptr<int64_t>(), static_cast<float>(scale), static_cast<float>(softcap),
-                      window, alibi ? alibi->data_ptr<float>() : nullptr};
+                      window, alibi ? alibi->data_ptr<float>() : nullptr, sinks ? sinks->data_ptr<float>() : nullptr};
   const int64_t seqs = context_lens.numel();
   switch (kv_cache.scalar_type()) {
     case at::kFloat: run<float>(a, seqs, bf16, isa); break;
@@ -183,6 +187,6 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& kv_cache, co
 TORCH_LIBRARY_FRAGMENT(pagedllm_quant, m) {
   m.def("prefill_has_bf16() -> bool", pagedllm_prefill::has_bf16);
   m.def("prefill_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor query_start, Tensor context_lens, "
-        "float scale, int window, float softcap, Tensor? alibi, bool bf16, int isa) -> Tensor",
+        "float scale, int window, float softcap, Tensor? alibi, bool bf16, int isa, Tensor? sinks=None) -> Tensor",
         pagedllm_prefill::prefill_attention);
 }

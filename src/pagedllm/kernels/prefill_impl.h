@@ -451,8 +451,11 @@ void attend_task(const PrefillArgs& a, TaskBuffers& b, int64_t seq, int64_t kv_h
     Products::weigh_values(b);
   }
   for (int64_t m = 0; m < rows * group; ++m) {
-    float* out = a.out + ((first_token + m / group) * a.heads + kv_head * group + m % group) * dim;
-    const float inv = 1.f / b.total[m];
+    const int64_t head = kv_head * group + m % group;
+    float* out = a.out + ((first_token + m / group) * a.heads + head) * dim;
+    // A sink (gpt-oss) adds e^(sink − peak) to the denominator; the peak is in the scores' unit.
+    const float sink = a.sinks ? std::exp(a.sinks[head] - b.peak[m] / Products::kUnit) : 0.f;
+    const float inv = 1.f / (b.total[m] + sink);
     for (int64_t d = 0; d < dim; ++d) out[d] = b.out[d * b.m + m] * inv;
   }
 }
