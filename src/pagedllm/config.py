@@ -42,7 +42,8 @@ POSITION_ENCODINGS = ("rope", "alibi", "none")
 # Gated DeltaNet linear attention.
 LAYER_MIXERS = ("attention", "short_conv", "gated_delta_net")
 # Activations of the MLP's gate (or of its one projection, for an ungated MLP).
-HIDDEN_ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
+# "swiglu_oai": gpt-oss's clamped SwiGLU, (clamp(up) + 1) · g · sigmoid(swiglu_alpha · g), g = gate clamped above.
+HIDDEN_ACTIVATIONS = ("silu", "gelu_tanh", "gelu", "swiglu_oai")
 MOE_SCORINGS = ("softmax", "sigmoid")  # how a router's logits become expert scores
 
 
@@ -94,6 +95,9 @@ class ModelConfig:
     qk_norm_after_rope: bool = False  # those norms after the rotation instead (Hunyuan)
     sandwich_norms: bool = False  # norms on the attention's output and around the MLP (Gemma 2/3)
     hidden_act: str = "silu"
+    swiglu_alpha: float = 1.702  # "swiglu_oai"'s sigmoid slope and clamp (gpt-oss's, and llama.cpp's fixed values)
+    swiglu_limit: float = 7.0
+    attention_sinks: bool = False  # each head has a learned logit in its softmax's denominator (gpt-oss)
     embedding_scale: float = 1.0  # the embeddings are multiplied by this (Gemma: √hidden; Granite's multiplier)
     residual_scale: float = 1.0  # each sub-layer's output × this before the residual add (Granite)
     logits_scaling: float = 1.0  # the logits ÷ this (Granite)
@@ -114,6 +118,7 @@ class ModelConfig:
     # weights scaled after the renormalising.
     moe_scoring: str = "softmax"
     moe_expert_bias: bool = False
+    router_bias: bool = False  # the router's logits have a bias (gpt-oss)
     moe_groups: int = 1
     moe_topk_groups: int = 1
     routed_scaling_factor: float = 1.0
@@ -184,7 +189,8 @@ class ModelConfig:
         for name in ("kv_lora_rank", "q_lora_rank"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 0):
                 raise ConfigError(f"model config: {name} must be a count, got {getattr(self, name)!r}")
-        for name in ("rms_norm_eps", "rope_theta", "embedding_scale", "residual_scale", "logits_scaling"):
+        for name in ("rms_norm_eps", "rope_theta", "embedding_scale", "residual_scale", "logits_scaling",
+                     "swiglu_alpha", "swiglu_limit"):
             # NaN, 0 or infinite: every activation turns NaN
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):

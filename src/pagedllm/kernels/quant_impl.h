@@ -102,6 +102,28 @@ struct Format<kQ8_0> {
   }
 };
 
+// MXFP4 (gpt-oss): an E8M0 exponent e, scale d = 2^(e − 128) (llama.cpp's e8m0_to_fp32_half, its table
+// holding twice the E2M1 values), then 16 bytes of nibbles indexing that table: read as q = value + 12
+// (0..24, unsigned like the other formats) with the offset −12·d.
+inline float e8m0_half(uint8_t e) {
+  const uint32_t bits = e < 2 ? 0x00200000u << e : static_cast<uint32_t>(e - 1) << 23;
+  float d;
+  std::memcpy(&d, &bits, 4);
+  return d;
+}
+alignas(16) constexpr uint8_t kMxfp4Shifted[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+
+template <>
+struct Format<kMXFP4> {
+  static constexpr int kBytes = 17, kSub = 1;
+  static void decode(const uint8_t* b, int, uint8_t* q, Coef& c) {
+    const float d = e8m0_half(b[0]);
+    uniform(c, d, -12.f * d);
+    nibbles16(b + 1, q);
+    for (int i = 0; i < 32; ++i) q[i] = kMxfp4Shifted[q[i]];
+  }
+};
+
 template <>
 struct Format<kQ4_K> {
   static constexpr int kBytes = 144, kSub = 8;
@@ -276,9 +298,9 @@ inline uint32_t load_u32(const uint8_t* p) {
 template <int kType>
 struct SmallBlock {
   static constexpr int kBytes = Format<kType>::kBytes;
-  static constexpr int kNibbles = kType == kQ4_0 ? 2 : kType == kQ4_1 ? 4 : kType == kQ5_0 ? 6 : 8;
+  static constexpr int kNibbles = kType == kMXFP4 ? 1 : kType == kQ4_0 ? 2 : kType == kQ4_1 ? 4 : kType == kQ5_0 ? 6 : 8;
   static constexpr bool kHasMin = kType == kQ4_1 || kType == kQ5_1;
-  static constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : 0.f;  // in units of d
+  static constexpr float kOffset = kType == kQ4_0 ? -8.f : kType == kQ5_0 ? -16.f : kType == kMXFP4 ? -12.f : 0.f;  // × d
   static constexpr bool kHasOffset = kHasMin || kOffset != 0.f;
 };
 
@@ -287,6 +309,12 @@ struct SmallBlock {
 template <int kType, int kValid = 4>
 inline void four_headers(const uint8_t* w, int64_t stride, __m128& d, __m128& offset) {
   using B = SmallBlock<kType>;
+  if constexpr (kType == kMXFP4) {  // one exponent byte a block
+    const auto scale = [&](int i) { return i < kValid ? e8m0_half(w[i * stride]) : 0.f; };
+    d = _mm_setr_ps(scale(0), scale(1), scale(2), scale(3));
+    offset = _mm_mul_ps(d, _mm_set1_ps(B::kOffset));
+    return;
+  }
   // The first two fp16 of each block: {d, m} (or d and two bytes that are not used).
   const auto head = [&](int i) { return i < kValid ? static_cast<int>(load_u32(w + i * stride)) : 0; };
   const __m128i heads = _mm_setr_epi32(head(0), head(1), head(2), head(3));
@@ -330,6 +358,8 @@ template <> inline __m256i simd_q<kQ5_1>(const uint8_t* b, int) {
   return _mm256_or_si256(nibbles_simd(b + 8), fifth_bits(b + 4));
 }
 template <> inline __m256i simd_q<kQ8_0>(const uint8_t* b, int) { return load32(b + 2); }  // signed
+inline __m256i mxfp4_table() { return _mm256_broadcastsi128_si256(_mm_load_si128(reinterpret_cast<const __m128i*>(kMxfp4Shifted))); }
+template <> inline __m256i simd_q<kMXFP4>(const uint8_t* b, int) { return _mm256_shuffle_epi8(mxfp4_table(), nibbles_simd(b + 1)); }
 template <> inline __m256i simd_q<kQ4_K>(const uint8_t* b, int j) {
   return low4(_mm256_srli_epi16(load32(b + 16 + 32 * (j / 2)), 4 * (j % 2)));
 }
@@ -367,6 +397,10 @@ template <> inline __m128 coef4<kQ4_1>(const uint8_t* b) { return d_and_min(b); 
 template <> inline __m128 coef4<kQ5_0>(const uint8_t* b) { return scaled_d(b, -16.f); }
 template <> inline __m128 coef4<kQ5_1>(const uint8_t* b) { return d_and_min(b); }
 template <> inline __m128 coef4<kQ8_0>(const uint8_t* b) { return scaled_d(b, 0.f); }
+template <> inline __m128 coef4<kMXFP4>(const uint8_t* b) {
+  const float d = e8m0_half(b[0]);
+  return _mm_setr_ps(d, d, -12.f * d, -12.f * d);
+}
 
 // The coefficients of every sub-block of a block; K-quant super-blocks unpack their eight scales
 // with vector instructions, once per 256 weights (specialisations below).
@@ -553,6 +587,10 @@ inline void small_group(const uint8_t* w, const ActivationGroup<kParts>* x, int6
     const __m512i v = lanes_of_blocks<kValid>(w, kBytes, B::kNibbles);
     lo = _mm512_and_si512(v, low4);
     hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    if constexpr (kType == kMXFP4) {  // nibbles → table values + 12, per 128-bit lane
+      const __m512i table = _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(kMxfp4Shifted)));
+      lo = _mm512_shuffle_epi8(table, lo), hi = _mm512_shuffle_epi8(table, hi);
+    }
     if constexpr (kType == kQ5_0 || kType == kQ5_1) {  // bit e of each block's qh: element e's fifth bit
       constexpr int kHigh = kType == kQ5_0 ? 2 : 4;
       uint64_t mask_lo = 0, mask_hi = 0;
@@ -748,6 +786,7 @@ inline void small_group(const uint8_t* w, const ActivationGroup<kParts>* x, int6
       const __m256i v = pair_of_blocks<kN>(wp, kBytes, B::kNibbles);
       lo[p] = low4(v);
       hi[p] = low4(_mm256_srli_epi16(v, 4));
+      if constexpr (kType == kMXFP4) lo[p] = _mm256_shuffle_epi8(mxfp4_table(), lo[p]), hi[p] = _mm256_shuffle_epi8(mxfp4_table(), hi[p]);
       if constexpr (kType == kQ5_0 || kType == kQ5_1) {  // each block's fifth bits: 0..15 in lane 0, 16..31 in lane 1
         constexpr int kHigh = kType == kQ5_0 ? 2 : 4;
         const __m256i a = fifth_bits(wp + kHigh), b = kN == 2 ? fifth_bits(wp + kBytes + kHigh) : _mm256_setzero_si256();

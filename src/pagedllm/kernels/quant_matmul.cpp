@@ -26,7 +26,7 @@ namespace pagedllm_quant {
 namespace {
 
 // GGML type ids (ggml.h), the keys the Python side passes.
-constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14;
+constexpr int kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kMXFP4 = 39;
 constexpr int kIsaPortable = 0, kIsaAvx2 = 1, kIsaAvx512Vnni = 2;
 
 namespace portable {
@@ -85,6 +85,7 @@ FormatInfo format_info(int64_t type) {
     case kQ4_K: return {256, 144};
     case kQ5_K: return {256, 176};
     case kQ6_K: return {256, 210};
+    case kMXFP4: return {32, 17};
   }
   TORCH_CHECK(false, "GGML type ", type, " has no packed kernel");
 }
@@ -101,6 +102,7 @@ void with_format(int64_t type, Body&& body) {
     case kQ4_K: return body.template operator()<kQ4_K>();
     case kQ5_K: return body.template operator()<kQ5_K>();
     case kQ6_K: return body.template operator()<kQ6_K>();
+    case kMXFP4: return body.template operator()<kMXFP4>();
   }
   TORCH_CHECK(false, "GGML type ", type, " has no packed kernel");
 }

@@ -1,5 +1,5 @@
 """MLP activations: the gated kinds over a fused gate/up product (SwiGLU's silu(gate) · up,
-GeGLU's gelu(gate) · up), and the plain ones for an ungated MLP."""
+GeGLU's gelu(gate) · up, gpt-oss's clamped SwiGLU), and the plain ones for an ungated MLP."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..config import ModelConfig
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -31,10 +32,25 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "gelu_tanh": gelu_tanh, "gelu": F.gelu}
 
 
-def gated(kind: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The gated activation over [..., 2·n] gate/up products for an activation name of ModelConfig."""
+def clamped_swiglu(alpha: float, limit: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """gpt-oss's SwiGLU (llama.cpp's swiglu_oai): the gate clamped above at `limit`, up to ±limit, then
+    (up + 1) · gate · sigmoid(alpha · gate); computed in float32."""
+
+    def swiglu_oai(gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.float().chunk(2, dim=-1)
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return ((up + 1) * gate * torch.sigmoid(alpha * gate)).to(gate_up.dtype)
+
+    return swiglu_oai
+
+
+def gated(cfg: ModelConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The gated activation over [..., 2·n] gate/up products for the model's activation."""
+    kind = cfg.hidden_act
     if kind == "silu":
         return silu_and_mul
+    if kind == "swiglu_oai":
+        return clamped_swiglu(cfg.swiglu_alpha, cfg.swiglu_limit)
     activation = ACTIVATIONS[kind]
 
     def act_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

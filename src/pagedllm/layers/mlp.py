@@ -26,7 +26,7 @@ class MLP(nn.Module):
         if cfg.gated_mlp:
             self.gate_up_proj = plan.linear(prefix, {"gate_proj": size, "up_proj": size}, cfg.hidden_size,
                                             bias=cfg.mlp_bias, parallel="column", rank_slices=rows * 2)
-            self.activation = gated(cfg.hidden_act)
+            self.activation = gated(cfg)
         else:
             self.up_proj = plan.linear(prefix, {"up_proj": size}, cfg.hidden_size, bias=cfg.mlp_bias,
                                        parallel="column", rank_slices=rows)

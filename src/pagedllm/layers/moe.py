@@ -31,7 +31,8 @@ class SparseMoE(nn.Module):
         self.top_k, self.normalize = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.scoring, self.scale = cfg.moe_scoring, cfg.routed_scaling_factor
         self.groups, self.topk_groups = cfg.moe_groups, cfg.moe_topk_groups
-        self.gate = plan.linear(prefix, {"gate": cfg.num_experts}, cfg.hidden_size, keep_float=True)
+        self.gate = plan.linear(prefix, {"gate": cfg.num_experts}, cfg.hidden_size, bias=cfg.router_bias,
+                                keep_float=True)
         self.expert_bias = nn.Parameter(torch.empty(cfg.num_experts), requires_grad=False) if cfg.moe_expert_bias \
             else None
         # Under tensor parallelism every expert is split by width; the ranks' partial sums are added

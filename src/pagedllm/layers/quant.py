@@ -5,6 +5,10 @@ A `PackedWeight` is what a loader hands over for a quantised checkpoint tensor: 
 Formats with a kernel (`PACKED_TYPES`) run as they are; every other GGML type is repacked at
 load to Q8_0, which holds any of them at least as precisely (8 bits per weight, one scale per
 32). Float checkpoints can be quantised at load to Q8_0 (`int8`) or Q4_1 (`int4`).
+
+MXFP4 (gpt-oss's experts): blocks of 32 FP4 (E2M1) values with one power-of-two scale (E8M0), 17 bytes:
+the exponent e, then 16 bytes whose low nibbles are values 0-15 and high nibbles 16-31, each nibble an
+index into MXFP4_VALUES (twice the E2M1 values), scaled by 2^(e − 128) — llama.cpp's layout.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 Q = GGMLQuantizationType
-PACKED_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+PACKED_TYPES = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.MXFP4)
+MXFP4_VALUES = (0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12)  # llama.cpp's kvalues_mxfp4
 REPACK_TYPE = Q.Q8_0  # what a GGML type without a kernel becomes
 QUANTIZE_AT_LOAD = {"int8": Q.Q8_0, "int4": Q.Q4_1}
 
 # Byte offsets of each block's fp16 scale fields (d, and m / dmin where the format has one).
-_FP16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q4_K: (0, 2),
+_FP16_FIELDS = {Q.MXFP4: (), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q4_K: (0, 2),
                 Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.Q3_K: (108,)}
 
 
@@ -48,9 +53,12 @@ def row_bytes(qtype: GGMLQuantizationType, cols: int) -> int:
 
 
 def random_blocks(qtype: GGMLQuantizationType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
-    """Random bytes for a [rows, cols] tensor of `qtype`, with finite, small fp16 scales."""
+    """Random bytes for a [rows, cols] tensor of `qtype`, with finite, small fp16 scales (MXFP4: exponents
+    for scales of 2^-11 to 2^-7)."""
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows * cols // block, size), dtype=np.uint8)
+    if qtype == Q.MXFP4:
+        raw[:, 0] = rng.integers(117, 122, raw.shape[0])
     for offset in _FP16_FIELDS[qtype]:
         scales = (rng.random(raw.shape[0]) * 0.02 + 1e-4).astype(np.float16)
         raw[:, offset : offset + 2] = scales.view(np.uint8).reshape(-1, 2)
@@ -81,7 +89,29 @@ def quantize_q4_1(w: torch.Tensor) -> torch.Tensor:
     return out.reshape(w.shape[0], -1)
 
 
-QUANTIZERS = {Q.Q8_0: quantize_q8_0, Q.Q4_1: quantize_q4_1}
+def quantize_mxfp4(w: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] float → MXFP4 blocks, llama.cpp's rounding (quantize_row_mxfp4_ref): the exponent from
+    the block's largest magnitude, each value the nearest of the 16 (the first of equals)."""
+    blocks = w.float().reshape(w.shape[0], -1, 32)
+    amax = blocks.abs().amax(-1)
+    e = torch.where(amax > 0, torch.floor(torch.log2(amax.clamp_min(1e-38))) - 2 + 127, 0).clamp(0, 255)
+    d = torch.ldexp(torch.ones_like(e), (e - 128).to(torch.int32))[..., None]
+    values = torch.tensor(MXFP4_VALUES, dtype=torch.float32)
+    index = ((values * d[..., None]) - blocks[..., None]).abs().argmin(-1).to(torch.uint8)
+    nibbles = index[..., :16] | (index[..., 16:] << 4)
+    return torch.cat([e.to(torch.uint8)[..., None], nibbles], dim=-1).reshape(w.shape[0], -1)
+
+
+def mxfp4_blocks(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """OpenAI's MXFP4 tensors (Hugging Face gpt-oss: `_blocks` [..., groups, 16] with value 2i in byte i's low
+    nibble and 2i + 1 in its high one, `_scales` [..., groups] of E8M0 exponents; the same value table and
+    scale) → llama.cpp's blocks [..., groups · 17]."""
+    index = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).flatten(-2)  # [..., groups, 32] in value order
+    nibbles = index[..., :16] | (index[..., 16:] << 4)
+    return torch.cat([scales[..., None], nibbles], dim=-1).flatten(-2)
+
+
+QUANTIZERS = {Q.Q8_0: quantize_q8_0, Q.Q4_1: quantize_q4_1, Q.MXFP4: quantize_mxfp4}
 
 
 def quantize(w: torch.Tensor, qtype: GGMLQuantizationType) -> PackedWeight:

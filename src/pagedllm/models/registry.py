@@ -76,6 +76,11 @@ class FamilySpec:
     # vocabulary has this size (0: never).
     normalized_head_vocab: int = 0
     attention_output_gate: bool = False  # q_proj also gives each head a sigmoid gate on its output (Qwen3.5)
+    attention_sinks: bool = False  # a learned per-head logit in each softmax (gpt-oss)
+    router_bias: bool = False  # the MoE router's logits have a bias (gpt-oss)
+    # The Hugging Face checkpoint stacks each layer's experts in one tensor per projection, gate and up
+    # interleaved ([experts, in, 2·out], gpt-oss; its MXFP4 form as _blocks / _scales): the loader unstacks them.
+    hf_stacked_experts: bool = False
     # Gated DeltaNet's input projections stored per key-head group, [q k v z] and [b a] (Qwen3-Next): the
     # Hugging Face loader regroups them as Qwen3.5's in_proj_qkv / _z / _b / _a.
     hf_grouped_delta_net: bool = False
@@ -95,7 +100,8 @@ class FamilySpec:
                 "qk_norm_after_rope": self.qk_norm_after_rope,
                 "rope_interleaved": self.rope_interleaved, "norm_kind": self.norm_kind,
                 "embedding_norm": self.embedding_norm, "gated_mlp": self.gated_mlp, "o_proj_bias": self.o_proj_bias,
-                "attention_output_gate": self.attention_output_gate, "shared_expert_gate": self.shared_expert_gate}
+                "attention_output_gate": self.attention_output_gate, "shared_expert_gate": self.shared_expert_gate,
+                "attention_sinks": self.attention_sinks, "router_bias": self.router_bias}
 
     def model_shape_parts(self, layers: int, vocab_size: int) -> dict[str, object]:
         """The ModelConfig fields the family decides from a model's size."""
@@ -293,6 +299,28 @@ FAMILIES: tuple[FamilySpec, ...] = (
                     (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.expert_bias")),
         # llama.cpp names the norm before the MLP post_attention_norm in this architecture
         gguf_renames=(("exp_probs_b.bias", "mlp.expert_bias"), ("post_attention_norm", "post_attention_layernorm")),
+    ),
+    FamilySpec(
+        name="gpt_oss",
+        # OpenAI's gpt-oss-20b / -120b: llama attention with biases and a learned sink logit per head, sliding
+        # windows (128) on every other layer, YaRN; every layer routed experts (softmax over the top-k logits of a
+        # biased router; each expert biased, its SwiGLU clamped), stored MXFP4 in both file kinds.
+        hf_architectures=("GptOssForCausalLM",),
+        gguf_architectures=("gpt-oss",),
+        example="openai/gpt-oss-20b",
+        attention_bias=True,
+        o_proj_bias=True,
+        gguf_qk_permuted=False,  # llama.cpp runs it with NEOX rope
+        moe=True,
+        norm_topk_prob=True,  # softmax over the chosen experts' logits = the softmax's top-k renormalised
+        mlp_bias=True,
+        hidden_act="swiglu_oai",
+        attention_sinks=True,
+        router_bias=True,
+        hf_stacked_experts=True,
+        hf_renames=((r"\.mlp\.router\.", ".mlp.gate."),),
+        gguf_renames=(("attn_sinks.weight", "self_attn.sinks"), ("post_attention_norm", "post_attention_layernorm")),
+        gguf_swa_pattern=2,  # llama.cpp: the even layers windowed
     ),
     FamilySpec(
         name="deepseek",

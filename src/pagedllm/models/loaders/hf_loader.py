@@ -19,6 +19,7 @@ from ...errors import PagedLLMError, shown
 from ..registry import FamilySpec, family_for_hf
 from .gguf_mixers import ungrouped_delta_net
 from .shard_set import is_shard_set, shard_set_weights
+from .stacked_experts import is_stacked_mxfp4, unstacked_experts, unstacked_names
 
 
 class HFModelError(PagedLLMError, ValueError):
@@ -144,6 +145,8 @@ _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh
 
 
 def _activation(cfg: dict[str, Any], family: FamilySpec) -> str:
+    if cfg.get("swiglu_limit") is not None:
+        return "swiglu_oai"  # gpt-oss (its config names "silu", which its experts clamp)
     name = cfg.get("hidden_activation") or cfg.get("hidden_act") or family.hidden_act
     if family.name == "gemma" and name == "gelu":
         name = "gelu_pytorch_tanh"  # transformers' rule: Gemma's legacy "gelu" means the tanh form
@@ -300,6 +303,7 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
             sliding_layers=sliding_layers,
             local_rope_theta=local_theta if window is not None else None,
             hidden_act=_activation(cfg, family),
+            **{key: float(cfg[key]) for key in ("swiglu_alpha", "swiglu_limit") if cfg.get(key) is not None},
             embedding_scale=float(hidden) ** 0.5 if family.scale_embeddings else 1.0,
             attention_scale=float(scalar) ** -0.5 if scalar else None,
             attn_logit_softcap=cfg.get("attn_logit_softcapping"),
@@ -339,6 +343,28 @@ def hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         return
     cfg = _standard_keys(read_json(folder / "config.json"))
     family = family_for_hf(cfg.get("architectures"))
+    tensors = _checkpoint_tensors(folder, cfg, family)
+    yield from unstacked_experts(tensors) if family.hf_stacked_experts else tensors
+
+
+def hf_packed_tensor_names(folder: Path) -> frozenset[str]:
+    """Canonical names of the weights a checkpoint stores quantised (gpt-oss's MXFP4 experts), read from the
+    safetensors headers: they stay packed."""
+    if is_shard_set(folder):
+        return frozenset()
+    names = set()
+    for path in safetensors_files(folder):
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                for name in f.keys():
+                    if is_stacked_mxfp4(name):
+                        names.update(unstacked_names(name, f.get_slice(name).get_shape()[0]))
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise HFModelError(f"{path}: cannot read safetensors ({exc})") from None
+    return frozenset(names)
+
+
+def _checkpoint_tensors(folder: Path, cfg: dict[str, Any], family: FamilySpec) -> Iterator[tuple[str, torch.Tensor]]:
     config = hf_model_config(folder)[0] if family.hf_grouped_delta_net else None
     for path in safetensors_files(folder):
         try:
