@@ -122,6 +122,23 @@ def test_new_families_pre_tokenizers_build(default_tokenizer_metadata, pre):
     assert tok.decode(tok.encode("Hello, world! 12345").ids) == "Hello, world! 12345"
 
 
+def test_o200k_pre_tokenizer_splits_as_its_regex(default_tokenizer_metadata):
+    """gpt-oss's GGUF files name llama.cpp's "gpt-4o" pre-tokenizer: words keep a leading non-letter, CamelCase
+    parts and contractions split as o200k's regex splits them, numbers in threes."""
+    import regex
+
+    from pagedllm.tokenizer.gguf_vocab import PRE_TOKENIZER_REGEXES
+
+    tok = build_gguf_tokenizer({**default_tokenizer_metadata, "tokenizer.ggml.pre": "gpt-4o"}, "x.gguf")
+    text = "HelloWorld, it's 1234567 (DON'T)\n\n  tabs\there"
+    (pattern,) = PRE_TOKENIZER_REGEXES["gpt-4o"]
+    pieces = [piece for piece, _ in tok.pre_tokenizer.pre_tokenize_str(text)]
+    expected = regex.findall(pattern, text)
+    assert "".join(expected) == text and "World" in expected and "456" in expected
+    assert [p.replace("Ġ", " ").replace("Ċ", "\n").replace("ĉ", "\t") for p in pieces] == expected
+    assert tok.decode(tok.encode(text).ids) == text
+
+
 def test_unknown_pre_tokenizer_is_named(default_tokenizer_metadata):
     meta = dict(default_tokenizer_metadata, **{"tokenizer.ggml.pre": "martian"})
     with pytest.raises(ValueError, match="'martian' is not supported"):

@@ -19,6 +19,9 @@ from .gguf_vocab import build_gguf_tokenizer
 
 # Tokens that end a turn in common chat formats, recognised when a model's metadata names only EOS.
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "<end_of_turn>", "<|eom_id|>")
+# gpt-oss's harmony (its o200k_harmony vocabulary): <|return|> and <|call|> end a reply; <|end|> closes one message
+# of it (the reasoning, before the answer) and must not stop generation, whatever a file names (llama.cpp's rule).
+_HARMONY_ENDS, _HARMONY_MESSAGE_END = ("<|return|>", "<|call|>"), "<|end|>"
 
 
 class TokenizerError(PagedLLMError, ValueError):
@@ -95,7 +98,11 @@ class Tokenizer:
 def _stop_ids(backend: HFTokenizer, eos_ids: list[int]) -> frozenset[int]:
     ids = {i for i in eos_ids if i is not None}
     known = ids | _special_ids(backend)
-    ids |= {i for t in _END_OF_TURN if (i := backend.token_to_id(t)) is not None and i in known}
+    harmony = backend.token_to_id(_HARMONY_ENDS[0]) in known
+    ids |= {i for t in (_HARMONY_ENDS if harmony else _END_OF_TURN)
+            if (i := backend.token_to_id(t)) is not None and i in known}
+    if harmony:
+        ids.discard(backend.token_to_id(_HARMONY_MESSAGE_END))
     return frozenset(ids)
 
 

@@ -186,6 +186,7 @@ class ChatMessage(BaseModel):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None  # on assistant messages
     tool_call_id: str | None = None  # on tool messages: the call this is the result of
+    reasoning_content: str | None = None  # on assistant messages: their reasoning, as this server returned it
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -194,7 +195,10 @@ class ChatMessage(BaseModel):
 
     def as_template_input(self) -> dict[str, Any]:
         role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": self.text()}
+        item = {"role": role, "content": self.text()}
+        if self.reasoning_content:  # Qwen3's templates read reasoning_content, gpt-oss's thinking
+            item["reasoning_content"] = item["thinking"] = self.reasoning_content
+        return item
 
 
 class FunctionDefinition(BaseModel):

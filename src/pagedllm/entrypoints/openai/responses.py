@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from ...engine.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from ...tokenizer import Tokenizer
+from .harmony import HarmonyParser
 from .reasoning import ReasoningSplitter
 from .tool_calls import ToolCall, ToolCallParser
 
@@ -149,13 +150,22 @@ def _add_top_token_ids(choice: dict, c: CompletionOutput, top_n: int | None, del
 
 
 class ChoiceText:
-    """One chat choice's text split into reasoning, content and tool calls, whole or delta by delta."""
+    """One chat choice's text split into reasoning, content and tool calls, whole or delta by delta: by a reasoning
+    splitter then a tool call parser, or by one parser of a format that interleaves them (gpt-oss's harmony)."""
 
-    def __init__(self, reasoning: ReasoningSplitter | None = None, tools: ToolCallParser | None = None):
-        self.reasoning, self.tools = reasoning, tools
+    def __init__(self, reasoning: ReasoningSplitter | None = None, tools: ToolCallParser | None = None,
+                 channels: HarmonyParser | None = None):
+        self.reasoning, self.tools, self.channels = reasoning, tools, channels
         self.calls: list[ToolCall] = []
 
     def split(self, delta: str, final: bool) -> tuple[str, str, list[ToolCall]]:
+        if self.channels is not None:
+            reasoning, content, calls = self.channels.feed(delta)
+            if final:
+                rest = self.channels.finish()
+                reasoning, content, calls = reasoning + rest[0], content + rest[1], calls + rest[2]
+            self.calls += calls
+            return reasoning, content, calls
         reasoning, content = self.reasoning.feed(delta) if self.reasoning else ("", delta)
         if final and self.reasoning:
             rest_reasoning, rest_content = self.reasoning.finish()
@@ -172,7 +182,7 @@ class ChoiceText:
     def message(self, text: str) -> dict:
         reasoning, content, calls = self.split(text, final=True)
         message = {"role": "assistant", "content": None if calls and not content.strip() else content}
-        if self.reasoning is not None:
+        if self.reasoning is not None or self.channels is not None:
             message["reasoning_content"] = reasoning or None
         if calls:
             message["tool_calls"] = [call.as_openai() for call in calls]

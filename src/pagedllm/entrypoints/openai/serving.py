@@ -24,6 +24,7 @@ from ...tools.inspect import ProbeError
 from .errors import APIError, api_error
 from .metrics import ServerMetrics
 from .protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, ProbeRequest, SamplingFields
+from .harmony import HarmonyParser
 from .reasoning import REASONING_FORMATS, ReasoningSplitter, detect_format
 from .responses import ChoiceText, chat_response
 from .streams import chat_stream, then_probes
@@ -74,6 +75,10 @@ class OpenAIServer:
                           else REASONING_FORMATS.get(config.reasoning_parser))
         self.tool_format = (detect_tool_format(template) if config.tool_call_parser == "auto"
                             else TOOL_FORMATS[config.tool_call_parser])
+        # gpt-oss's harmony: one parser splits reasoning, answer and calls, read from the special tokens
+        self.harmony = self.tool_format.name == "harmony"
+        if self.harmony:
+            self.reasoning = None
         self.template_reads_tools = template_reads_tools(template)
         # A marker that is a control token (Mistral's [TOOL_CALLS]): decoding must spell it out for the
         # parser, and grammars match it by id.
@@ -236,6 +241,8 @@ class OpenAIServer:
                     tools: ToolPlan) -> SamplingParams:
         """The request's sampling, with the grammar that makes a required or named tool choice binding."""
         params = self.sampling_params(body, max_tokens, logprobs)
+        if self.harmony:
+            params = dataclasses.replace(params, skip_special_tokens=False)
         if not tools.parses:
             return params
         if self.tool_marker_id is not None:
@@ -270,6 +277,8 @@ class OpenAIServer:
         (gen,) = await self.start([request_id], [prompt], [params], lora)
 
         def choice_text() -> ChoiceText:
+            if self.harmony:
+                return ChoiceText(channels=HarmonyParser(tools.forced))
             return ChoiceText(self.splitter(prompt), tools.parser())
 
         if body.stream:

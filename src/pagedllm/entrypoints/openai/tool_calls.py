@@ -9,7 +9,9 @@ added to TOOL_FORMATS. Formats:
 - llama3_json: the message is `{"name": ..., "parameters": {...}}`, calls separated by `; `,
   optionally after `<|python_tag|>` (Llama 3.1-3.3 JSON tool calling);
 - mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (Mistral v3 templates), or
-  `[TOOL_CALLS]name[ARGS]{...}` (later ones).
+  `[TOOL_CALLS]name[ARGS]{...}` (later ones);
+- harmony: gpt-oss's `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>`,
+  parsed together with the reasoning and the answer (harmony.py).
 
 `tool_choice` "required" or a named function turns into a grammar (llguidance Lark with the
 functions' JSON schemas embedded): the output is one call or more in the family's own format, so
@@ -249,7 +251,45 @@ class MistralFormat(ToolFormat):
         return f"{self.start}[{items}]"
 
 
-TOOL_FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HermesFormat(), MistralFormat(), Llama3JsonFormat())}
+class HarmonyFormat(ToolFormat):
+    """Tool calls in harmony (gpt-oss): chosen from templates that write harmony; parsed by HarmonyParser with
+    the reasoning and the answer. A forced call (tool_choice required or named) is one commentary message to the
+    function from the reply's first token, as the other formats' grammars force the call itself; the grammar then
+    allows only a stop token (`<|call|>`, `<|return|>`), so one call a turn."""
+
+    name, start = "harmony", "to=functions."
+
+    def matches(self, chat_template: str) -> bool:
+        from .harmony import is_harmony_template  # harmony.py builds on this module
+
+        return is_harmony_template(chat_template)
+
+    def parse(self, section: str) -> list[ToolCall] | None:
+        from .harmony import HarmonyParser
+
+        calls = HarmonyParser().parse(section)[2]
+        return calls or None
+
+    def grammar(self, tools: list[FunctionSpec], parallel: bool, literal: Callable[[str], str]) -> str:
+        from .harmony import CHANNEL, CONSTRAIN, FUNCTIONS, MESSAGE
+
+        rules = ["start: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+        for i, tool in enumerate(tools):
+            schema = {**tool.parameters, "x-guidance": JSON_STYLE}
+            rules.append(f'call_{i}: {literal(CHANNEL)} {json.dumps("commentary to=" + FUNCTIONS + tool.name + " ")} '
+                         f'{literal(CONSTRAIN)} "json" {literal(MESSAGE)} args_{i}')
+            rules.append(f"args_{i}: %json {json.dumps(schema)}")
+        return "\n".join(rules) + "\n"
+
+    def render(self, calls: list[dict]) -> str:
+        from .harmony import CALL, CHANNEL, FUNCTIONS, MESSAGE, START
+
+        return "".join(f"{START}assistant to={FUNCTIONS}{c['name']}{CHANNEL}commentary json{MESSAGE}{c['arguments']}"
+                       f"{CALL}" for c in calls)
+
+
+TOOL_FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HarmonyFormat(), HermesFormat(), MistralFormat(),
+                                                             Llama3JsonFormat())}
 FALLBACK_FORMAT = "hermes"  # for templates that know no tool format: pagedllm writes the tool prompt itself
 
 
