@@ -25,7 +25,7 @@ chat: setup
 	$(VENV)/bin/pagedllm chat --message "$(PROMPT)"
 
 test: setup $(CHROMIUM)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # The web page's end-to-end tests drive Debian's Chromium (Playwright cannot download a browser here).
 $(CHROMIUM):
