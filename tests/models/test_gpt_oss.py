@@ -201,3 +201,20 @@ def test_an_mxfp4_checkpoint_converts_with_its_blocks_as_they_are(tiny_gpt_oss, 
             theirs = [p.data for p in getattr(hf.layers[2].mlp.experts[e], proj).parts]
             assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
     assert json.loads((tmp_path / "mx" / "config.json").read_text())["rope_parameters"]["truncate"] is False
+
+
+def test_one_token_through_packed_experts_matches_the_module_path(gpt_oss_ggufs):
+    """A step of one token (one stream decoding) takes the MoE layer's few-call path over packed experts
+    (stacked gate/up rows, batched activations): the same numbers, bit for bit, as each expert's modules."""
+    from pagedllm.layers.moe import SparseMoE
+
+    model = load_model(ModelSource("gguf", gpt_oss_ggufs / "mxfp4_moe.gguf"))
+    moe = next(m for m in model.modules() if isinstance(m, SparseMoE))
+    for seed in range(3):
+        x = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(seed))
+        weights, experts = moe.route(x)
+        ids = sorted(experts[0].tolist())
+        order = torch.argsort(experts.reshape(-1), stable=True)
+        modules = torch.cat([moe.experts[e](x) for e in ids]).float() * weights.reshape(-1)[order, None]
+        expected = torch.zeros_like(x).index_add_(0, torch.zeros(len(ids), dtype=torch.long), modules)
+        assert torch.equal(moe.experts_output(x, weights, experts), expected)

@@ -4,7 +4,9 @@ DeepSeek V3's sigmoid scores with a choice bias and expert groups).
 The experts run batched over the step's tokens: the (token, expert) pairs are sorted by expert,
 and each expert that got any multiplies all its rows in one product — a loop over experts, never
 over tokens, so a step of many tokens costs about as many expert calls as a step of one. Each
-expert's weights are its own Linear layers, packed or float like any other.
+expert's weights are its own Linear layers, packed or float like any other. A step of one token (one
+stream decoding) through packed experts skips the module calls: the chosen experts' gate/up rows are one
+kernel call, their activations one batch, their down products one call each (_one_token_packed).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .linear import LinearPlan
+from .linear import Linear, LinearPlan, PackedMethod
 from .mlp import MLP
 
 
@@ -82,6 +84,12 @@ class SparseMoE(nn.Module):
         return out if self.tp is None else self.tp.all_reduce(out)
 
     def experts_output(self, x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        if len(x) == 1 and self.tp is None and not x.requires_grad:
+            ids, order = experts[0].sort()  # the module path's order of summing, so the results are the same
+            chosen = [self.experts[e] for e in ids.tolist()]
+            if all(hasattr(m, "gate_up_proj") and _plain_packed(m.gate_up_proj) and _plain_packed(m.down_proj)
+                   for m in chosen):
+                return self._one_token_packed(x, weights[0, order], chosen)
         flat = experts.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
         tokens = order // self.top_k
@@ -90,3 +98,34 @@ class SparseMoE(nn.Module):
         outputs = [self.experts[e](rows[e]) for e, n in enumerate(counts) if n]
         weighted = torch.cat(outputs).float() * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, tokens, weighted.to(x.dtype))
+
+    @staticmethod
+    def _one_token_packed(x: torch.Tensor, weights: torch.Tensor, chosen: list[MLP]) -> torch.Tensor:
+        """One token's chosen experts (packed, int8 activations): x quantised once and every expert's gate/up rows
+        in one product (their parts stacked), the activations of all of them at once, then each expert's down
+        product on its own row — the module path's arithmetic in a few calls."""
+        ops = torch.ops.pagedllm_quant
+        first = chosen[0]
+        gate_up, down = first.gate_up_proj, first.down_proj
+        isa, hidden, width = gate_up.method.isa, gate_up.in_features, down.in_features
+        xq = ops.quantize_q8(x.float(), isa)
+        products = torch.empty(1, len(chosen) * gate_up.out_features)
+        ops.matmul_q8(xq, [d for m in chosen for d in m.gate_up_proj.part_data],
+                      [t for m in chosen for t in m.gate_up_proj.part_types], hidden, products, isa)
+        products = products.view(len(chosen), -1)
+        if gate_up.bias is not None:
+            products += torch.stack([m.gate_up_proj.bias for m in chosen])
+        hidden_rows = first.activation(products).contiguous()  # [experts, width]
+        hq = ops.quantize_q8(hidden_rows, isa)
+        out = torch.empty(len(chosen), down.out_features)
+        for i, m in enumerate(chosen):
+            ops.matmul_q8(hq[i:i + 1], m.down_proj.part_data, m.down_proj.part_types, width, out[i:i + 1], isa)
+        if down.bias is not None:
+            out += torch.stack([m.down_proj.bias for m in chosen])
+        weighted = (out.to(x.dtype).float() * weights[:, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, torch.zeros(len(chosen), dtype=torch.long), weighted)
+
+
+def _plain_packed(layer: Linear) -> bool:
+    """A layer the one-token path multiplies by hand: packed with int8 activations, no LoRA update on it."""
+    return isinstance(layer.method, PackedMethod) and layer.method.int8_activations and layer.lora is None

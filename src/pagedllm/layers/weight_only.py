@@ -3,7 +3,8 @@
 A weight is stored as integers with a float scale (and, for asymmetric formats, a minimum) per
 group of G input columns: w = q · scale + min. Every GGML format the CPU kernels run maps onto
 this exactly — Q8_0 (int8, G 32), Q4_0 / Q4_1 / Q4_K (4-bit, G 32), Q5_0 / Q5_1 / Q5_K (5-bit
-values held as int8, G 32), Q6_K (6-bit held as int8, G 16) — with the scales in float16 (a
+values held as int8, G 32), Q6_K (6-bit held as int8, G 16), MXFP4 (its table values −12..12 held as
+int8, G 32, the power-of-two scale exact in float16 down to 2⁻²⁴) — with the scales in float16 (a
 K-quant's super-block scale × sub-block scale is rounded there, 2⁻¹¹ relative). Other GGML types
 are repacked to Q8_0 first, as on the CPU; float checkpoints quantised at load (`--quantization
 int8|int4`) go through Q8_0 / Q4_1.
@@ -31,7 +32,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..attention.triton import triton_available
 from .dequant import block_nibbles, dequantize, f16_field, fifth_bits
 from .linear import LinearMethod, Weight
-from .quant import REPACK_TYPE, PackedWeight, quantize
+from .quant import MXFP4_VALUES, REPACK_TYPE, PackedWeight, quantize
 
 Q = GGMLQuantizationType
 DEQUANT_TILE_BYTES = 32 * 2**20  # float rows dequantised at once on the torch path
@@ -176,8 +177,14 @@ def _from_q6_k(b):
     return q, f16_field(b, 208) * b[..., 192:208].view(torch.int8).float(), None, 16
 
 
+def _from_mxfp4(b):
+    values = torch.tensor(MXFP4_VALUES, dtype=torch.int8)[block_nibbles(b[..., 1:]).long()]
+    scale = torch.ldexp(torch.ones(b.shape[:-1]), b[..., 0].to(torch.int32) - 128)[..., None]
+    return values, scale, None, 32
+
+
 _FROM_BLOCKS = {Q.Q8_0: _from_q8_0, Q.Q4_0: _from_q4_0, Q.Q4_1: _from_q4_1, Q.Q5_0: _from_q5_0,
-                Q.Q5_1: _from_q5_1, Q.Q4_K: _from_q4_k, Q.Q5_K: _from_q5_k, Q.Q6_K: _from_q6_k}
+                Q.Q5_1: _from_q5_1, Q.Q4_K: _from_q4_k, Q.Q5_K: _from_q5_k, Q.Q6_K: _from_q6_k, Q.MXFP4: _from_mxfp4}
 _FOUR_BIT = (Q.Q4_0, Q.Q4_1, Q.Q4_K)
 
 
