@@ -43,6 +43,21 @@ OUTPUTS = [
     ("mistral", 'Sure. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]add[ARGS]{"a": 1, "b": 2}', "Sure. ",
      [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]),
     ("mistral", "[TOOL_CALLS] nonsense", "[TOOL_CALLS] nonsense", []),
+    ("deepseek_v3", 'Sure.<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}'
+                    '<｜tool▁call▁end｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>{"a": 1, "b": 2}<｜tool▁call▁end｜>'
+                    '<｜tool▁calls▁end｜>', "Sure.", [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]),
+    ("deepseek_v3", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n'
+                    '{"city": "Oslo"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>', "",
+     [("get_weather", {"city": "Oslo"})]),  # V3-0324's and R1's form
+    ("deepseek_v3", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>broken", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>broken",
+     []),
+    ("glm45", 'Let me look.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n'
+              '</tool_call>\n<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n<arg_key>b</arg_key>\n'
+              '<arg_value>2</arg_value>\n</tool_call>', "Let me look.\n",
+     [("get_weather", {"city": "Paris"}), ("add", {"a": 1, "b": 2})]),
+    ("glm45", "<tool_call>get_time\n</tool_call>", "", [("get_time", {})]),
+    ("glm45", "<tool_call>get_weather\nno pairs here\n</tool_call>", "<tool_call>get_weather\nno pairs here\n</tool_call>",
+     []),
 ]
 
 
@@ -81,6 +96,9 @@ def test_content_before_a_marker_is_not_held_longer_than_needed():
     ("{{ '[TOOL_CALLS]' }}{{ tools }}", "mistral"),
     ("{% if message.role == 'ipython' %}<|python_tag|>{% endif %}", "llama3_json"),
     ("{{ messages }}", "hermes"),  # no tool support: pagedllm writes the tool prompt in hermes' format
+    ("<tool_call>{{ tc.name }}\n<arg_key>{{ k }}</arg_key>", "glm45"),  # GLM-4.5's, before Hermes' <tool_call>
+    ("{{'<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>' + name }}", "deepseek_v3"),
+    ("<|start|>assistant<|channel|>final<|message|>", "harmony"),
 ])
 def test_format_detected_from_the_template(template, expected):
     assert detect_tool_format(template).name == expected
@@ -108,6 +126,13 @@ def _accepts(ll_tokenizer, grammar: str, token_ids: list[int]) -> bool:
     ("llama3_json", '{"name": "add", "parameters": {"a": 1, "b": 2}}; '
                     '{"name": "get_weather", "parameters": {"city": "Oslo"}}', True),
     ("llama3_json", '{"name": "add", "parameters": {"a": 1}}', False),
+    ("deepseek_v3", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>{"a": 1, "b": 2}<｜tool▁call▁end｜>'
+                    '<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Oslo"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>', True),
+    ("deepseek_v3", '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>add<｜tool▁sep｜>{"a": "x", "b": 2}<｜tool▁call▁end｜>'
+                    '<｜tool▁calls▁end｜>', False),
+    ("glm45", "<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n<arg_key>b</arg_key>\n"
+              "<arg_value>2</arg_value>\n</tool_call>", True),
+    ("glm45", "<tool_call>add\n<arg_key>c</arg_key>\n<arg_value>1</arg_value>\n</tool_call>", False),
 ])
 def test_required_grammar_accepts_exactly_valid_calls(ll_tokenizer, fmt, text, ok):
     tokenizer, _ = ll_tokenizer

@@ -10,6 +10,9 @@ added to TOOL_FORMATS. Formats:
   optionally after `<|python_tag|>` (Llama 3.1-3.3 JSON tool calling);
 - mistral: `[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]` (Mistral v3 templates), or
   `[TOOL_CALLS]name[ARGS]{...}` (later ones);
+- deepseek_v3: `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{...}<｜tool▁call▁end｜>…` (V3.1),
+  or V3-0324's / R1's `function<｜tool▁sep｜>NAME` with the arguments in a ```json block;
+- glm45: `<tool_call>NAME` then `<arg_key>K</arg_key><arg_value>V</arg_value>` pairs, `</tool_call>` (GLM-4.5+);
 - harmony: gpt-oss's `<|channel|>commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>`,
   parsed together with the reasoning and the answer (harmony.py).
 
@@ -251,6 +254,135 @@ class MistralFormat(ToolFormat):
         return f"{self.start}[{items}]"
 
 
+class DeepSeekFormat(ToolFormat):
+    """DeepSeek V3 / V3.1 / R1: calls between `<｜tool▁calls▁begin｜>` and `<｜tool▁calls▁end｜>`, each
+    `<｜tool▁call▁begin｜>NAME<｜tool▁sep｜>{arguments}<｜tool▁call▁end｜>` (V3.1), or in V3-0324's and R1's form
+    `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME` then the arguments in a ```json block. The markers are
+    special tokens: decoding keeps them for the parser, grammars match them by id."""
+
+    name, start = "deepseek_v3", "<｜tool▁calls▁begin｜>"
+    end, call_begin, sep, call_end = "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+    _fenced = re.compile(r"function\s*$")
+
+    def parse(self, section: str) -> list[ToolCall] | None:
+        body = section.strip().removeprefix(self.start)
+        body = body.split(self.end)[0]
+        calls = []
+        for part in body.split(self.call_begin)[1:]:
+            call = self._call(part.split(self.call_end)[0])
+            if call is None:
+                return None
+            calls.append(call)
+        return calls or None
+
+    def _call(self, text: str) -> ToolCall | None:
+        head, found, rest = text.partition(self.sep)
+        if not found:
+            return None
+        if head.strip() == "function":  # V3-0324 / R1: NAME on the separator's line, then ```json … ```
+            name, _, fenced = rest.partition("\n")
+            arguments = _loads(fenced.strip().removeprefix("```json").removesuffix("```").strip())
+        else:
+            name, arguments = head, _loads(rest.strip())
+        if not isinstance(arguments, dict) or not name.strip():
+            return None
+        return ToolCall(name.strip(), json.dumps(arguments, ensure_ascii=False))
+
+    def take_complete(self, section: str) -> tuple[list[ToolCall], str]:
+        """Each call as soon as its <｜tool▁call▁end｜> arrives; the closing <｜tool▁calls▁end｜> is dropped."""
+        calls = []
+        while (at := section.find(self.call_end)) >= 0:
+            call = self._call(section[:at].rpartition(self.call_begin)[2])
+            if call is None:
+                break
+            calls.append(call)
+            section = section[at + len(self.call_end):]
+        if section.lstrip().startswith(self.end):  # only after a call: until then the section opens with start
+            section = section.lstrip()[len(self.end):]
+        return calls, section
+
+    def grammar(self, tools: list[FunctionSpec], parallel: bool, literal: Callable[[str], str]) -> str:
+        rules = [f"start: {literal(self.start)} call{'+' if parallel else ''} {literal(self.end)}",
+                 "call: " + " | ".join(f"call_{i}" for i in range(len(tools)))]
+        for i, tool in enumerate(tools):
+            rules.append(f"call_{i}: {literal(self.call_begin)} {json.dumps(tool.name)} {literal(self.sep)} args_{i} "
+                         f"{literal(self.call_end)}")
+            rules.append(f"args_{i}: %json {json.dumps({**tool.parameters, 'x-guidance': JSON_STYLE})}")
+        return "\n".join(rules) + "\n"
+
+    def render(self, calls: list[dict]) -> str:
+        return self.start + "".join(f"{self.call_begin}{c['name']}{self.sep}{c['arguments']}{self.call_end}"
+                                    for c in calls) + self.end
+
+
+class Glm45Format(ToolFormat):
+    """GLM-4.5 / 4.6 / 4.7: `<tool_call>NAME` then one `<arg_key>K</arg_key>` `<arg_value>V</arg_value>` pair a
+    line per argument, `</tool_call>`; a value is JSON where it reads as JSON, else the text itself (strings
+    are written bare). Chosen from templates that write `<arg_key>` (before Hermes, whose `<tool_call>` they
+    share)."""
+
+    name, start, end = "glm45", "<tool_call>", "</tool_call>"
+    _pair = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.DOTALL)
+
+    def matches(self, chat_template: str) -> bool:
+        return "<arg_key>" in chat_template and self.start in chat_template
+
+    def parse(self, section: str) -> list[ToolCall] | None:
+        calls = []
+        for block in section.split(self.start)[1:]:
+            call = self._call(block.split(self.end)[0])
+            if call is None:
+                return None
+            calls.append(call)
+        return calls or None
+
+    def _call(self, block: str) -> ToolCall | None:
+        name = re.split(r"\n|<arg_key>", block, maxsplit=1)[0]
+        rest = block[len(name):]
+        if not name.strip() or self._pair.sub("", rest).strip():
+            return None
+        arguments = {key.strip(): _glm_value(value) for key, value in self._pair.findall(rest)}
+        return ToolCall(name.strip(), json.dumps(arguments, ensure_ascii=False))
+
+    def take_complete(self, section: str) -> tuple[list[ToolCall], str]:
+        calls = []
+        while (at := section.find(self.end)) >= 0:
+            call = self._call(section[:at].rpartition(self.start)[2])
+            if call is None:
+                break
+            calls.append(call)
+            section = section[at + len(self.end):]
+        return calls, section
+
+    def grammar(self, tools: list[FunctionSpec], parallel: bool, literal: Callable[[str], str]) -> str:
+        """Calls of the offered functions with their own argument names; values are free text (the XML form has
+        no typed values to hold to a schema)."""
+        rules = [f"start: call{('(' + json.dumps(chr(10)) + ' call)*') if parallel else ''}",
+                 "call: " + " | ".join(f"call_{i}" for i in range(len(tools))),
+                 r'value: /[^<]*/']
+        for i, tool in enumerate(tools):
+            keys = list((tool.parameters.get("properties") or {}).keys())
+            pair = (f'{literal("<arg_key>")} ({" | ".join(json.dumps(k) for k in keys)}) {literal("</arg_key>")} "\\n" '
+                    f'{literal("<arg_value>")} value {literal("</arg_value>")} "\\n"') if keys else '""'
+            rules.append(f'call_{i}: {literal(self.start)} {json.dumps(tool.name + chr(10))} ({pair})* '
+                         f'{literal(self.end)}')
+        return "\n".join(rules) + "\n"
+
+    def render(self, calls: list[dict]) -> str:
+        out = []
+        for c in calls:
+            arguments = _loads(c["arguments"]) if isinstance(c["arguments"], str) else c["arguments"]
+            pairs = "".join(f"<arg_key>{k}</arg_key>\n<arg_value>{v if isinstance(v, str) else json.dumps(v)}"
+                            f"</arg_value>\n" for k, v in (arguments or {}).items())
+            out.append(f"{self.start}{c['name']}\n{pairs}{self.end}")
+        return "\n".join(out)
+
+
+def _glm_value(text: str):
+    value = _loads(text)
+    return text if value is None and text.strip() != "null" else value
+
+
 class HarmonyFormat(ToolFormat):
     """Tool calls in harmony (gpt-oss): chosen from templates that write harmony; parsed by HarmonyParser with
     the reasoning and the answer. A forced call (tool_choice required or named) is one commentary message to the
@@ -288,8 +420,9 @@ class HarmonyFormat(ToolFormat):
                        f"{CALL}" for c in calls)
 
 
-TOOL_FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HarmonyFormat(), HermesFormat(), MistralFormat(),
-                                                             Llama3JsonFormat())}
+# Detection tries them in this order: GLM-4.5's templates also mention Hermes' <tool_call>.
+TOOL_FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HarmonyFormat(), Glm45Format(), DeepSeekFormat(),
+                                                             HermesFormat(), MistralFormat(), Llama3JsonFormat())}
 FALLBACK_FORMAT = "hermes"  # for templates that know no tool format: pagedllm writes the tool prompt itself
 
 
