@@ -23,7 +23,7 @@ def _tiny_configs():
     from transformers import (BloomConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
                               GlmConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
                               Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, Ernie4_5Config,
-                              SmolLM3Config, GraniteConfig, HunYuanDenseV1Config)
+                              SmolLM3Config, GraniteConfig, HunYuanDenseV1Config, Olmo3Config)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -72,6 +72,10 @@ def _tiny_configs():
         # the last of 4 layers without rotary positions (NoPE), as llama.cpp's fixed step
         "smollm3": SmolLM3Config(**{**TINY, "num_hidden_layers": 4}, head_dim=16, no_rope_layer_interval=4, pad_token_id=0,
                                  tie_word_embeddings=True),
+        # OLMo 3 (family olmo2): norms on each sub-layer's output only, q/k norms over the whole projections,
+        # three layers in four windowed
+        "olmo2": Olmo3Config(**{**TINY, "num_hidden_layers": 4}, sliding_window=8, tie_word_embeddings=False,
+                             layer_types=["sliding_attention"] * 3 + ["full_attention"]),
         # q/k/v and o biases (its own flags)
         "seed_oss": SeedOssConfig(**TINY, head_dim=16, attention_bias=True, attention_out_bias=True,
                                   tie_word_embeddings=False),

@@ -93,7 +93,9 @@ class ModelConfig:
     norm_offset: float = 0.0  # each RMSNorm scales by (norm_offset + w)
     qk_norm: bool = False  # an RMSNorm over each head of q and of k, before the rotation
     qk_norm_after_rope: bool = False  # those norms after the rotation instead (Hunyuan)
+    qk_norm_whole: bool = False  # those norms over the whole q and k projections, not each head (OLMo 2)
     sandwich_norms: bool = False  # norms on the attention's output and around the MLP (Gemma 2/3)
+    pre_norms: bool = True  # False: a layer norms only each sub-layer's output, not its input (OLMo 2)
     hidden_act: str = "silu"
     swiglu_alpha: float = 1.702  # "swiglu_oai"'s sigmoid slope and clamp (gpt-oss's, and llama.cpp's fixed values)
     swiglu_limit: float = 7.0
@@ -161,6 +163,11 @@ class ModelConfig:
         if self.sliding_layers is not None and len(self.sliding_layers) != self.num_hidden_layers:
             raise ConfigError(f"model config: {len(self.sliding_layers)} sliding-layer flags for "
                               f"{self.num_hidden_layers} layers")
+        if not self.pre_norms and not self.sandwich_norms:
+            raise ConfigError("model config: layers without input norms need the norms after each sub-layer "
+                              "(sandwich_norms)")
+        if self.qk_norm_whole and not self.qk_norm:
+            raise ConfigError("model config: qk_norm_whole describes q/k norms (qk_norm)")
         if self.norm_kind not in ("rms", "layer"):
             raise ConfigError(f"model config: norm kind {self.norm_kind!r} is not one of rms, layer")
         if self.position_encoding not in POSITION_ENCODINGS:
@@ -325,8 +332,8 @@ class ModelConfig:
         q = self.num_attention_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + (q + 2 * kv if self.attention_bias else 0) + (h if self.o_proj_bias else 0)
         norm = 2 * h if self.norm_kind == "layer" else h
-        norms = (4 if self.sandwich_norms else 2) * norm
-        attn += 2 * self.head_dim if self.qk_norm else 0
+        norms = (2 + 2 * (self.sandwich_norms and self.pre_norms)) * norm
+        attn += (q + kv if self.qk_norm_whole else 2 * self.head_dim) if self.qk_norm else 0
         mlps = sum(self._mlp_parameters(i) for i in range(self.num_hidden_layers))
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         embedding = self.vocab_size * h + (norm if self.embedding_norm else 0)

@@ -16,7 +16,7 @@ from pagedllm.models.loaders.hf_loader import hf_weights
 from pagedllm.tools.convert import write_gguf
 from helpers import assert_packed_close_where_routes_agree, prefill_logits
 
-FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "glm", "glm4", "glm4_moe", "seed_oss", "ernie4_5", "smollm3", "granite", "hunyuan_dense",
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "glm", "glm4", "glm4_moe", "seed_oss", "ernie4_5", "smollm3", "granite", "hunyuan_dense", "olmo2",
             "bloom", "gemma", "gemma2", "gemma3"]
 LOADERS = ["hf", "gguf"]
 
@@ -175,3 +175,12 @@ def test_yarn_for_any_rope_family(tmp_path, default_tokenizer_metadata, family, 
         ref = hf(torch.tensor([ids])).logits[0]
     for source in (ModelSource("hf", tmp_path / "hf"), ModelSource("gguf", tmp_path / "m.gguf")):
         assert (prefill_logits(load_model(source), ids) - ref).abs().max().item() < 1e-4
+
+
+def test_tensor_parallelism_refuses_whole_projection_qk_norms(tiny_models):
+    """OLMo 2's q/k norms span every head: a rank holding some heads cannot norm them alone (yet)."""
+    from pagedllm import LLM
+    from pagedllm.errors import PagedLLMError
+
+    with pytest.raises(PagedLLMError, match="q/k norms over whole projections"):
+        LLM(str(tiny_models["olmo2"].hf_dir), kv_cache_memory=2**20, tensor_parallel_size=2)

@@ -75,6 +75,8 @@ class LLMEngine:
             model_config, _ = read_model_config(self.source)
             if model_config.latent_attention:
                 raise PagedLLMError("tensor parallelism does not split latent attention (DeepSeek) yet")
+            if model_config.qk_norm_whole:  # each rank holds some heads; the norm spans all of them
+                raise PagedLLMError("tensor parallelism does not split q/k norms over whole projections (OLMo 2) yet")
             delta_net = "gated_delta_net" in (model_config.layer_mixers or ())
             check_split(model_config.num_attention_heads, model_config.num_key_value_heads, config.tensor_parallel_size,
                         model_config.linear_num_key_heads if delta_net else 0)

@@ -31,7 +31,9 @@ class FamilySpec:
     norm_offset: float = 0.0  # Gemma's (1 + w); llama.cpp's converter stores such norms with the 1 added
     qk_norm: bool = False
     qk_norm_after_rope: bool = False  # Hunyuan norms q and k after rotating them
+    qk_norm_whole: bool = False  # OLMo 2's q/k norms span the whole projection
     sandwich_norms: bool = False
+    pre_norms: bool = True  # OLMo 2: no norm on a sub-layer's input, only on its output
     scale_embeddings: bool = False  # embeddings × √hidden
     hidden_act: str = "silu"  # what GGUF files imply; a Hugging Face config names its own
     # llama.cpp tensor names that mean something else in this family (llama.cpp name, HF name).
@@ -97,7 +99,8 @@ class FamilySpec:
     def model_parts(self) -> dict[str, object]:
         """The ModelConfig fields the family fixes, whatever its checkpoint says."""
         return {"norm_offset": self.norm_offset, "qk_norm": self.qk_norm, "sandwich_norms": self.sandwich_norms,
-                "qk_norm_after_rope": self.qk_norm_after_rope,
+                "qk_norm_after_rope": self.qk_norm_after_rope, "qk_norm_whole": self.qk_norm_whole,
+                "pre_norms": self.pre_norms,
                 "rope_interleaved": self.rope_interleaved, "norm_kind": self.norm_kind,
                 "embedding_norm": self.embedding_norm, "gated_mlp": self.gated_mlp, "o_proj_bias": self.o_proj_bias,
                 "attention_output_gate": self.attention_output_gate, "shared_expert_gate": self.shared_expert_gate,
@@ -299,6 +302,21 @@ FAMILIES: tuple[FamilySpec, ...] = (
                     (r"\.mlp\.gate\.e_score_correction_bias$", ".mlp.expert_bias")),
         # llama.cpp names the norm before the MLP post_attention_norm in this architecture
         gguf_renames=(("exp_probs_b.bias", "mlp.expert_bias"), ("post_attention_norm", "post_attention_layernorm")),
+    ),
+    FamilySpec(
+        name="olmo2",
+        # AI2's OLMo 2 and OLMo 3: llama's parts, but each sub-layer's output normed instead of its input, and the
+        # q/k norms over the whole projections; OLMo 3 windows three layers in four (its layer_types).
+        hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
+        gguf_architectures=("olmo2",),
+        example="allenai/OLMo-2-1124-7B-Instruct (also allenai/Olmo-3-7B-Instruct)",
+        gguf_qk_permuted=False,  # llama.cpp runs it with NEOX rope
+        qk_norm=True,
+        qk_norm_whole=True,
+        sandwich_norms=True,
+        pre_norms=False,
+        gguf_renames=(("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")),
+        gguf_swa_pattern=4,  # llama.cpp's OLMo 3 default: every 4th layer global
     ),
     FamilySpec(
         name="gpt_oss",

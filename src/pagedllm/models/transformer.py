@@ -58,8 +58,10 @@ class Attention(nn.Module):
         self.o_proj = plan.linear(prefix, {"o_proj": cfg.hidden_size}, self.q_size, bias=cfg.o_proj_bias,
                                   parallel="row",
                                   rank_slices=(RankRows.span(q_first * hd, self.q_size, cfg.num_attention_heads * hd),))
-        self.q_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
-        self.k_norm = _norm(cfg, self.head_dim) if cfg.qk_norm else None
+        # per head, or (OLMo 2) over the whole projection
+        self.qk_norm_whole = cfg.qk_norm_whole
+        self.q_norm = _norm(cfg, self.q_size if cfg.qk_norm_whole else self.head_dim) if cfg.qk_norm else None
+        self.k_norm = _norm(cfg, self.kv_size if cfg.qk_norm_whole else self.head_dim) if cfg.qk_norm else None
         self.norm_after_rope = cfg.qk_norm_after_rope
         self.scale = cfg.scale
         self.sliding_window = cfg.layer_window(layer)
@@ -91,12 +93,14 @@ class Attention(nn.Module):
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """q and k per head (normed where the family norms them), v, and the output gate (or None)."""
         q, k, v = self.qkv_proj(x).split([self.q_proj_size, self.kv_size, self.kv_size], dim=-1)
+        if self.qk_norm_whole:
+            q, k = self.q_norm(q), self.k_norm(k)
         gate = None
         if self.output_gate:
             q, gate = q.view(-1, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
             gate = gate.reshape(-1, self.q_size)
         q, k = q.reshape(-1, self.num_heads, self.head_dim), k.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and not self.norm_after_rope:
+        if self.q_norm is not None and not (self.norm_after_rope or self.qk_norm_whole):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v, gate
 
@@ -122,7 +126,7 @@ class Attention(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: LinearPlan, prefix: str, layer: int):
         super().__init__()
-        self.input_layernorm = _norm(cfg)
+        self.input_layernorm = _norm(cfg) if cfg.pre_norms else nn.Identity()  # OLMo 2 norms outputs only
         # The token mixer: attention over the paged cache, or (hybrid models) a recurrent part whose
         # per-sequence state stands where an attention layer's K/V pool would.
         mixer = cfg.layer_mixer(layer)
@@ -133,7 +137,8 @@ class DecoderLayer(nn.Module):
         # Llama's post-attention norm comes before the MLP; Gemma 2/3's is on the attention's output,
         # and two more wrap the MLP (the checkpoints' names, kept).
         self.post_attention_layernorm = _norm(cfg)
-        self.pre_feedforward_layernorm = _norm(cfg) if cfg.sandwich_norms else None
+        self.pre_feedforward_layernorm = (_norm(cfg) if cfg.pre_norms else nn.Identity()) if cfg.sandwich_norms \
+            else None
         self.post_feedforward_layernorm = _norm(cfg) if cfg.sandwich_norms else None
         self.mlp = SparseMoE(cfg, plan, f"{prefix}.mlp") if cfg.is_moe_layer(layer) else MLP(cfg, plan, f"{prefix}.mlp")
         self.rope_index = cfg.rotation_index(layer)  # which of the model's rotations
