@@ -23,7 +23,7 @@ def _tiny_configs():
     from transformers import (BloomConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
                               GlmConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
                               Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, Ernie4_5Config,
-                              SmolLM3Config, GraniteConfig, HunYuanDenseV1Config, Olmo3Config)
+                              SmolLM3Config, GraniteConfig, HunYuanDenseV1Config, Olmo3Config, Exaone4Config)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -76,6 +76,9 @@ def _tiny_configs():
         # three layers in four windowed
         "olmo2": Olmo3Config(**{**TINY, "num_hidden_layers": 4}, sliding_window=8, tie_word_embeddings=False,
                              layer_types=["sliding_attention"] * 3 + ["full_attention"]),
+        # EXAONE 4: OLMo 2's norms with per-head q/k norms; three layers in four windowed, the fourth without rotary
+        "exaone4": Exaone4Config(**{**TINY, "num_hidden_layers": 4}, sliding_window=8, sliding_window_pattern=4,
+                                 tie_word_embeddings=False),
         # q/k/v and o biases (its own flags)
         "seed_oss": SeedOssConfig(**TINY, head_dim=16, attention_bias=True, attention_out_bias=True,
                                   tie_word_embeddings=False),

@@ -35,6 +35,21 @@ def greedy_reference(model, ids: list[int], tokens: int) -> list[int]:
     return out[0, len(ids):].tolist()
 
 
+def assert_chunked_forked_and_cached_generation(folder, model) -> None:
+    """The engine on the Hugging Face folder against transformers' `model`: prefill in chunks of 8 tokens, decode,
+    n = 2 forks sharing their prompt's blocks, and a second request resuming from the first one's cached prefix."""
+    from pagedllm import LLM
+
+    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)
+    first = random_prompt(21, 5)
+    second = first[:16] + random_prompt(5, 6)
+    for ids in (first, second):
+        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                                     n=2))[0]
+        assert [o.token_ids for o in out.outputs] == [greedy_reference(model, ids, 12)] * 2
+    assert llm.engine.kv_cache.stats.hit_tokens == 16
+
+
 def rank_prefill_logits(rank: int, size: int, port: int, sources: list, ids: list[int], out) -> None:
     """One rank of a tensor-parallel group (run by torch.multiprocessing.spawn): each source's model
     slice and its prefill logits of `ids` (all ranks take part; rank 0 saves the list to `out`)."""

@@ -12,7 +12,8 @@ from pagedllm import LLM, SamplingParams
 from pagedllm.attention import kv_bytes_per_token
 from pagedllm.errors import PagedLLMError
 from pagedllm.models.loaders import ModelSource, load_model
-from helpers import assert_packed_logits_close, greedy_reference, prefill_logits, random_prompt
+from helpers import (assert_chunked_forked_and_cached_generation, assert_packed_logits_close, greedy_reference,
+                     prefill_logits, random_prompt)
 
 
 
@@ -70,15 +71,7 @@ def test_the_pool_holds_the_latent_and_the_rotary_key_only(tiny_deepseek):
 def test_generates_as_transformers_in_chunks_forks_and_from_a_cached_prefix(tiny_deepseek):
     """Prefill in chunks of 8 tokens over the cached latents, decode, n = 2 forks sharing their prompt's blocks,
     and a second request that resumes from the first one's cached prefix."""
-    folder, model = tiny_deepseek
-    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)
-    first = random_prompt(21, 5)
-    second = first[:16] + random_prompt(5, 6)
-    for ids in (first, second):
-        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
-                                                                     n=2))[0]
-        assert [o.token_ids for o in out.outputs] == [greedy_reference(model, ids, 12)] * 2
-    assert llm.engine.kv_cache.stats.hit_tokens == 16
+    assert_chunked_forked_and_cached_generation(*tiny_deepseek)
 
 
 def test_tensor_parallelism_is_refused_clearly(tiny_deepseek):

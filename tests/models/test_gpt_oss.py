@@ -13,11 +13,11 @@ from gguf import GGMLQuantizationType
 from gguf import quants as gguf_quants
 from safetensors.torch import load_file, save_file
 
-from pagedllm import LLM, SamplingParams
 from pagedllm.layers.dequant import dequantize
 from pagedllm.layers.quant import mxfp4_blocks, quantize_mxfp4
 from pagedllm.models.loaders import ModelSource, load_model
-from helpers import assert_packed_close_where_routes_agree, greedy_reference, prefill_logits, random_prompt
+from helpers import (assert_chunked_forked_and_cached_generation, assert_packed_close_where_routes_agree,
+                     prefill_logits, random_prompt)
 
 EXPERTS = 8
 
@@ -77,15 +77,7 @@ def test_logits_match_transformers(tiny_gpt_oss):
 def test_generates_as_transformers_in_chunks_and_from_a_cached_prefix(tiny_gpt_oss):
     """Prefill chunks of 8 tokens (the fused prefill kernel, with sinks and windows) and decode (the decode
     kernel), n = 2 forks, and a request resuming from the first one's cached prefix."""
-    folder, model = tiny_gpt_oss
-    llm = LLM(str(folder), kv_cache_memory=2**20, block_size=4, max_num_batched_tokens=8)
-    first = random_prompt(21, 5)
-    second = first[:16] + random_prompt(5, 6)
-    for ids in (first, second):
-        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
-                                                                     n=2))[0]
-        assert [o.token_ids for o in out.outputs] == [greedy_reference(model, ids, 12)] * 2
-    assert llm.engine.kv_cache.stats.hit_tokens == 16
+    assert_chunked_forked_and_cached_generation(*tiny_gpt_oss)
 
 
 def _openai_checkpoint(source: Path, out: Path) -> None:

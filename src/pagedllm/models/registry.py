@@ -93,6 +93,8 @@ class FamilySpec:
     gguf_value_heads_tiled: bool = False
     # llama.cpp's fixed NoPE pattern for the architecture: every n-th layer has no rotary positions (SmolLM3: 4).
     gguf_nope_layer_step: int = 0
+    # In a model with windows, the layers without one have no rotary positions (EXAONE 4's global layers).
+    nope_unwindowed: bool = False
     # llama.cpp names of whole-model tensors that mean something else in this family (LFM2's final norm).
     gguf_global_renames: tuple[tuple[str, str], ...] = ()
 
@@ -105,6 +107,15 @@ class FamilySpec:
                 "embedding_norm": self.embedding_norm, "gated_mlp": self.gated_mlp, "o_proj_bias": self.o_proj_bias,
                 "attention_output_gate": self.attention_output_gate, "shared_expert_gate": self.shared_expert_gate,
                 "attention_sinks": self.attention_sinks, "router_bias": self.router_bias}
+
+    def nope_layers(self, layers: int, sliding_layers: tuple[bool, ...] | None, windowed: bool) -> tuple[int, ...]:
+        """The layers without rotary positions that the family's rule gives (llama.cpp knows no other): every
+        gguf_nope_layer_step-th, or (nope_unwindowed) the unwindowed layers of a model with windows."""
+        if self.gguf_nope_layer_step:
+            return tuple(i for i in range(layers) if (i + 1) % self.gguf_nope_layer_step == 0)
+        if self.nope_unwindowed and windowed and sliding_layers is not None:
+            return tuple(i for i, sliding in enumerate(sliding_layers) if not sliding)
+        return ()
 
     def model_shape_parts(self, layers: int, vocab_size: int) -> dict[str, object]:
         """The ModelConfig fields the family decides from a model's size."""
@@ -317,6 +328,21 @@ FAMILIES: tuple[FamilySpec, ...] = (
         pre_norms=False,
         gguf_renames=(("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")),
         gguf_swa_pattern=4,  # llama.cpp's OLMo 3 default: every 4th layer global
+    ),
+    FamilySpec(
+        name="exaone4",
+        # LG's EXAONE 4.0: OLMo 2's norms (each sub-layer's output only) with per-head q/k norms; three layers in four
+        # windowed, and where there are windows the global layers have no rotary positions.
+        hf_architectures=("Exaone4ForCausalLM",),
+        gguf_architectures=("exaone4",),
+        example="LGAI-EXAONE/EXAONE-4.0-1.2B (also EXAONE-4.0-32B)",
+        gguf_qk_permuted=False,  # llama.cpp runs it with NEOX rope
+        qk_norm=True,
+        sandwich_norms=True,
+        pre_norms=False,
+        nope_unwindowed=True,
+        gguf_renames=(("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")),
+        gguf_swa_pattern=4,
     ),
     FamilySpec(
         name="gpt_oss",

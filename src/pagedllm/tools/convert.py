@@ -158,9 +158,8 @@ def write_gguf(path: str | os.PathLike, config: ModelConfig, weights: Iterable[t
 
 
 def _check_nope_layers(c: ModelConfig, family: FamilySpec) -> None:
-    """llama.cpp knows NoPE layers only as its architecture's fixed step (SmolLM3: every 4th)."""
-    step = family.gguf_nope_layer_step
-    expected = tuple(i for i in range(c.num_hidden_layers) if step and (i + 1) % step == 0)
+    """llama.cpp knows NoPE layers only by its architecture's rule (SmolLM3: every 4th; EXAONE 4: the global ones)."""
+    expected = family.nope_layers(c.num_hidden_layers, c.sliding_layers, c.sliding_window is not None)
     if c.nope_layers != expected:
         raise ValueError(f"layers without rotary positions {list(c.nope_layers)} have no GGUF form in family "
                          f"{c.family} (llama.cpp's: {list(expected) or 'none'})")

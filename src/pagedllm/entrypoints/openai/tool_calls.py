@@ -290,13 +290,7 @@ class DeepSeekFormat(ToolFormat):
 
     def take_complete(self, section: str) -> tuple[list[ToolCall], str]:
         """Each call as soon as its <｜tool▁call▁end｜> arrives; the closing <｜tool▁calls▁end｜> is dropped."""
-        calls = []
-        while (at := section.find(self.call_end)) >= 0:
-            call = self._call(section[:at].rpartition(self.call_begin)[2])
-            if call is None:
-                break
-            calls.append(call)
-            section = section[at + len(self.call_end):]
+        calls, section = _closed_calls(section, self.call_begin, self.call_end, self._call)
         if section.lstrip().startswith(self.end):  # only after a call: until then the section opens with start
             section = section.lstrip()[len(self.end):]
         return calls, section
@@ -345,14 +339,7 @@ class Glm45Format(ToolFormat):
         return ToolCall(name.strip(), json.dumps(arguments, ensure_ascii=False))
 
     def take_complete(self, section: str) -> tuple[list[ToolCall], str]:
-        calls = []
-        while (at := section.find(self.end)) >= 0:
-            call = self._call(section[:at].rpartition(self.start)[2])
-            if call is None:
-                break
-            calls.append(call)
-            section = section[at + len(self.end):]
-        return calls, section
+        return _closed_calls(section, self.start, self.end, self._call)
 
     def grammar(self, tools: list[FunctionSpec], parallel: bool, literal: Callable[[str], str]) -> str:
         """Calls of the offered functions with their own argument names; values are free text (the XML form has
@@ -376,6 +363,20 @@ class Glm45Format(ToolFormat):
                             f"</arg_value>\n" for k, v in (arguments or {}).items())
             out.append(f"{self.start}{c['name']}\n{pairs}{self.end}")
         return "\n".join(out)
+
+
+def _closed_calls(section: str, opener: str, closer: str, read: Callable[[str], ToolCall | None]
+                  ) -> tuple[list[ToolCall], str]:
+    """The calls at the front of a growing section that `closer` has closed (each read from the text after its
+    `opener`), and the rest."""
+    calls = []
+    while (at := section.find(closer)) >= 0:
+        call = read(section[:at].rpartition(opener)[2])
+        if call is None:
+            break
+        calls.append(call)
+        section = section[at + len(closer):]
+    return calls, section
 
 
 def _glm_value(text: str):

@@ -210,13 +210,11 @@ def _experts(f: GGUFFile, arch: str, family: FamilySpec, layers: int) -> dict:
 _GATING_FUNCTIONS = {1: "softmax", 2: "sigmoid"}  # llama.cpp's expert_gating_func values
 
 
-def _parts(f: GGUFFile, family: FamilySpec, experts: dict, layers: int) -> dict:
+def _parts(f: GGUFFile, family: FamilySpec, experts: dict, layers: int, sliding_layers: tuple[bool, ...] | None) -> dict:
     """The family's parts; q/k norms where the file has them (GLM-4.5's are optional); a shared expert's gate
-    as the file has it; the NoPE layers of the architecture's fixed pattern."""
+    as the file has it; the NoPE layers by the architecture's rule (FamilySpec.nope_layers)."""
     parts = family.model_parts()
-    step = family.gguf_nope_layer_step
-    if step:
-        parts["nope_layers"] = tuple(i for i in range(layers) if (i + 1) % step == 0)
+    parts["nope_layers"] = family.nope_layers(layers, sliding_layers, sliding_layers is not None)
     if any(name.endswith(".attn_q_norm.weight") for name in f.tensors):
         parts["qk_norm"] = True
     if "blk.0.attn_output.bias" in f.tensors:  # Seed-OSS, ERNIE 4.5 with biases
@@ -257,7 +255,7 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
     mixers = gguf_mixer_fields(f, arch, family, layers)
     sliding_layers = _sliding_layers(f, arch, family, layers) if window else None
     experts = _experts(f, arch, family, layers)
-    parts = _parts(f, family, experts, layers)
+    parts = _parts(f, family, experts, layers, sliding_layers)
     local_theta = _float_key(f, f"{arch}.rope.freq_base_swa", family.gguf_local_rope_theta or 0.0) or None
     fields = dict(
         family=family.name,

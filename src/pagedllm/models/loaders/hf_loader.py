@@ -264,6 +264,9 @@ def _parts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
         parts["o_proj_bias"] = bool(cfg["attention_out_bias"])
     if cfg.get("no_rope_layers"):  # SmolLM3: 1 where a layer rotates, 0 where it does not
         parts["nope_layers"] = tuple(i for i, rotates in enumerate(cfg["no_rope_layers"]) if not rotates)
+    elif family.nope_unwindowed:  # EXAONE 4: the global layers of a windowed model
+        window, sliding = _windows(cfg, family)
+        parts["nope_layers"] = family.nope_layers(cfg["num_hidden_layers"], sliding, window is not None)
     return parts
 
 
