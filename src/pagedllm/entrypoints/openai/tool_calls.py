@@ -265,15 +265,8 @@ class DeepSeekFormat(ToolFormat):
     _fenced = re.compile(r"function\s*$")
 
     def parse(self, section: str) -> list[ToolCall] | None:
-        body = section.strip().removeprefix(self.start)
-        body = body.split(self.end)[0]
-        calls = []
-        for part in body.split(self.call_begin)[1:]:
-            call = self._call(part.split(self.call_end)[0])
-            if call is None:
-                return None
-            calls.append(call)
-        return calls or None
+        return _every_call(section.strip().removeprefix(self.start).split(self.end)[0], self.call_begin,
+                           self.call_end, self._call)
 
     def _call(self, text: str) -> ToolCall | None:
         head, found, rest = text.partition(self.sep)
@@ -322,13 +315,7 @@ class Glm45Format(ToolFormat):
         return "<arg_key>" in chat_template and self.start in chat_template
 
     def parse(self, section: str) -> list[ToolCall] | None:
-        calls = []
-        for block in section.split(self.start)[1:]:
-            call = self._call(block.split(self.end)[0])
-            if call is None:
-                return None
-            calls.append(call)
-        return calls or None
+        return _every_call(section, self.start, self.end, self._call)
 
     def _call(self, block: str) -> ToolCall | None:
         name = re.split(r"\n|<arg_key>", block, maxsplit=1)[0]
@@ -363,6 +350,13 @@ class Glm45Format(ToolFormat):
                             f"</arg_value>\n" for k, v in (arguments or {}).items())
             out.append(f"{self.start}{c['name']}\n{pairs}{self.end}")
         return "\n".join(out)
+
+
+def _every_call(text: str, opener: str, closer: str, read: Callable[[str], ToolCall | None]) -> list[ToolCall] | None:
+    """The calls of every `opener` … `closer` block in `text` (the closer may be missing at the end); None
+    unless every block reads as a call."""
+    calls = [read(block.split(closer)[0]) for block in text.split(opener)[1:]]
+    return None if not calls or None in calls else calls
 
 
 def _closed_calls(section: str, opener: str, closer: str, read: Callable[[str], ToolCall | None]
