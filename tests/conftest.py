@@ -23,7 +23,8 @@ def _tiny_configs():
     from transformers import (BloomConfig, Gemma2Config, Gemma3TextConfig, GemmaConfig, Glm4Config, Glm4MoeConfig,
                               GlmConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
                               Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, Ernie4_5Config,
-                              SmolLM3Config, GraniteConfig, HunYuanDenseV1Config, Olmo3Config, Exaone4Config)
+                              SmolLM3Config, GraniteConfig, HunYuanDenseV1Config, Olmo3Config, Exaone4Config,
+                              MinistralConfig)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -36,6 +37,10 @@ def _tiny_configs():
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),
         # a sliding window shorter than the test sequences
         "mistral": MistralConfig(**TINY, sliding_window=8, tie_word_embeddings=False),
+        # windows on every other layer only (Mistral's apply to all)
+        "ministral": MinistralConfig(**TINY, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                                     tie_word_embeddings=False),
         # per-head q/k norms, explicit head_dim
         "qwen3": Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),

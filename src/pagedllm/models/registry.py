@@ -177,6 +177,13 @@ FAMILIES: tuple[FamilySpec, ...] = (
         sliding_window=True,
     ),
     FamilySpec(
+        name="ministral",
+        # Ministral 8B (2410): Mistral's layers with windows on some layers only (its layer_types), not every one;
+        # llama.cpp writes it as architecture "llama" with one window flag a layer.
+        hf_architectures=("MinistralForCausalLM",),
+        example="mistralai/Ministral-8B-Instruct-2410",
+    ),
+    FamilySpec(
         name="qwen3",
         hf_architectures=("Qwen3ForCausalLM",),
         gguf_architectures=("qwen3",),
