@@ -24,7 +24,7 @@ def _tiny_configs():
                               GlmConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
                               Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, Ernie4_5Config,
                               SmolLM3Config, GraniteConfig, HunYuanDenseV1Config, Olmo3Config, Exaone4Config,
-                              MinistralConfig)
+                              MinistralConfig, Ernie4_5_MoeConfig)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -89,6 +89,11 @@ def _tiny_configs():
                                   tie_word_embeddings=False),
         # rotary pairs (2i, 2i + 1), biases on every projection (one flag), tied embeddings
         "ernie4_5": Ernie4_5Config(**TINY, head_dim=16, use_bias=True, tie_word_embeddings=True),
+        # ERNIE 4.5 MoE: 8 experts of 32, 3 a token by softmax scores with a choice bias, renormalised; a plain shared
+        # expert; the first of 3 layers dense; rotary pairs (2i, 2i + 1)
+        "ernie4_5_moe": Ernie4_5_MoeConfig(**{**TINY, "num_hidden_layers": 3}, head_dim=16, moe_num_experts=8, moe_k=3,
+                                           moe_intermediate_size=32, moe_num_shared_experts=1, moe_layer_start_index=1,
+                                           use_bias=False, tie_word_embeddings=False),
         # ALiBi (6 heads: not a power of two), LayerNorm with biases (one after the embeddings), a plain
         # GELU MLP with biases, q/k/v fused head by head in the checkpoint
         "bloom": BloomConfig(vocab_size=49152, hidden_size=96, n_layer=2, n_head=6, initializer_range=0.1,

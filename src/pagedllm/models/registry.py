@@ -303,6 +303,23 @@ FAMILIES: tuple[FamilySpec, ...] = (
         rope_interleaved=True,
     ),
     FamilySpec(
+        name="ernie4_5_moe",
+        # ERNIE 4.5 MoE (21B-A3B, 300B-A47B): ERNIE 4.5's layers; routed experts by softmax scores with a choice bias,
+        # renormalised, plain shared experts; the first layer (moe_layer_start_index) dense.
+        hf_architectures=("Ernie4_5_MoeForCausalLM",),
+        gguf_architectures=("ernie4_5-moe",),
+        example="baidu/ERNIE-4.5-21B-A3B-PT",
+        gguf_qk_permuted=False,
+        rope_interleaved=True,
+        moe=True,
+        norm_topk_prob=True,
+        shared_expert_gate=False,
+        moe_expert_bias=True,
+        hf_renames=((r"\.mlp\.shared_experts\.", ".mlp.shared_expert."),
+                    (r"\.mlp\.moe_statics\.e_score_correction_bias$", ".mlp.expert_bias")),
+        gguf_renames=(("exp_probs_b.bias", "mlp.expert_bias"),),
+    ),
+    FamilySpec(
         name="glm4_moe",
         # GLM-4.5 / 4.6 / 4.7 (and -Air): llama attention (biases, partial rotary in NeoX pairs, optional q/k norms),
         # routed experts by sigmoid scores with a choice bias, one plain shared expert, the first layers dense.

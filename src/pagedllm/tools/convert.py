@@ -222,6 +222,7 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
             writer.add_expert_group_used_count(c.moe_topk_groups)
         if c.dense_layers and c.dense_layers == tuple(range(len(c.dense_layers))):
             writer.add_leading_dense_block_count(len(c.dense_layers))
+            writer.add_interleave_moe_layer_step(1)  # ERNIE 4.5 MoE's files must say it (llama.cpp asserts)
     if c.rope_scaling is not None and c.rope_scaling.kind == "yarn":
         s = c.rope_scaling
         writer.add_string(f"{arch}.rope.scaling.type", "yarn")

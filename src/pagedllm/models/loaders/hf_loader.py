@@ -157,19 +157,24 @@ def _activation(cfg: dict[str, Any], family: FamilySpec) -> str:
 
 def _experts(cfg: dict[str, Any], family: FamilySpec) -> dict[str, Any]:
     """The MoE fields of ModelConfig, as transformers reads Mixtral's, Qwen-MoE's and GLM-4.5's configs."""
-    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") or 0
+    experts = cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts") \
+        or cfg.get("moe_num_experts") or 0
     if not family.moe or not experts:
         return {}
-    layers, step = cfg["num_hidden_layers"], cfg.get("decoder_sparse_step") or 1
+    layers, step = cfg["num_hidden_layers"], cfg.get("decoder_sparse_step") or cfg.get("moe_layer_interval") or 1
     only_mlp = set(cfg.get("mlp_only_layers") or ())
-    # DeepSeek / GLM-4.5 / LFM2-MoE: the first layers stay dense
-    first_moe = cfg.get("first_k_dense_replace") or cfg.get("num_dense_layers") or 0
+    # DeepSeek / GLM-4.5 / LFM2-MoE / ERNIE 4.5: the first layers stay dense (ERNIE's past an end index too)
+    first_moe = cfg.get("first_k_dense_replace") or cfg.get("num_dense_layers") or cfg.get("moe_layer_start_index") or 0
+    last_moe = cfg.get("moe_layer_end_index")
+    last_moe = layers - 1 if last_moe is None or last_moe < 0 else last_moe
     width = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
-    shared = cfg.get("shared_expert_intermediate_size") or (cfg.get("n_shared_experts") or 0) * width
-    return dict(num_experts=experts, num_experts_per_tok=cfg["num_experts_per_tok"], moe_intermediate_size=width,
-                shared_expert_intermediate_size=shared,
+    shared = cfg.get("shared_expert_intermediate_size") or \
+        (cfg.get("n_shared_experts") or cfg.get("moe_num_shared_experts") or 0) * width
+    return dict(num_experts=experts, num_experts_per_tok=cfg.get("num_experts_per_tok") or cfg["moe_k"],
+                moe_intermediate_size=width, shared_expert_intermediate_size=shared,
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", family.norm_topk_prob)),
-                dense_layers=tuple(i for i in range(layers) if i in only_mlp or (i + 1) % step or i < first_moe),
+                dense_layers=tuple(i for i in range(layers)
+                                   if i in only_mlp or (i + 1) % step or i < first_moe or i > last_moe),
                 **_routing(cfg, family), routed_scaling_factor=cfg.get("routed_scaling_factor") or 1.0)
 
 
@@ -376,6 +381,8 @@ def _checkpoint_tensors(folder: Path, cfg: dict[str, Any], family: FamilySpec) -
                     if _multi_token_prediction(name, cfg):
                         continue  # not loaded: pagedllm runs the main model only
                     tensor, name = f.get_tensor(name), canonical_hf_name(name, family)
+                    if name.endswith(".mlp.expert_bias"):
+                        tensor = tensor.reshape(-1)  # ERNIE 4.5 keeps it [1, experts] (one group)
                     if family.hf_qkv_per_head and ".qkv_proj." in name:
                         tensor = qkv_by_kind(tensor, cfg["num_attention_heads"])
                     if family.hf_grouped_delta_net and (".in_proj_qkvz." in name or ".in_proj_ba." in name):
