@@ -24,7 +24,7 @@ def _tiny_configs():
                               GlmConfig, LlamaConfig, MistralConfig, MixtralConfig, Phi3Config, Qwen2Config,
                               Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig, SeedOssConfig, Ernie4_5Config,
                               SmolLM3Config, GraniteConfig, HunYuanDenseV1Config, Olmo3Config, Exaone4Config,
-                              MinistralConfig, Ernie4_5_MoeConfig)
+                              MinistralConfig, Ernie4_5_MoeConfig, Ministral3Config)
 
     gemma = dict(head_dim=16, query_pre_attn_scalar=16)  # llama.cpp scales by head_dim ** -0.5 (but for 27B)
     return {
@@ -41,6 +41,10 @@ def _tiny_configs():
         "ministral": MinistralConfig(**TINY, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
                                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
                                      tie_word_embeddings=False),
+        # Ministral 3: YaRN, and queries × 1 + 0.5 · ln(1 + ⌊position / 8⌋) (the test prompts run past 8)
+        "ministral3": Ministral3Config(**TINY, head_dim=16, tie_word_embeddings=False, rope_parameters={
+            "rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 8,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0, "llama_4_scaling_beta": 0.5}),
         # per-head q/k norms, explicit head_dim
         "qwen3": Qwen3Config(**TINY, head_dim=16, tie_word_embeddings=True,
                              rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}),

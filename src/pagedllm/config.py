@@ -104,6 +104,9 @@ class ModelConfig:
     residual_scale: float = 1.0  # each sub-layer's output × this before the residual add (Granite)
     logits_scaling: float = 1.0  # the logits ÷ this (Granite)
     attention_scale: float | None = None  # None: head_dim ** -0.5
+    # Queries × 1 + beta · ln(1 + ⌊position / span⌋) (Ministral 3's long-context temperature; beta 0: none).
+    query_scale_beta: float = 0.0
+    query_scale_span: int = 0
     attn_logit_softcap: float | None = None  # scores → cap · tanh(scores / cap)
     final_logit_softcap: float | None = None
     # Mixture of experts (0 experts: a dense MLP in every layer).
@@ -202,6 +205,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value < math.inf):
                 raise ConfigError(f"model config: {name} must be a positive finite number, got {value!r}")
+        if not (isinstance(self.query_scale_beta, (int, float)) and 0 <= self.query_scale_beta < math.inf) or \
+                (self.query_scale_beta and not (isinstance(self.query_scale_span, int) and self.query_scale_span > 0)):
+            raise ConfigError(f"model config: a query temperature needs a finite beta ≥ 0 and a positive span, got "
+                              f"{self.query_scale_beta!r} and {self.query_scale_span!r}")
         for name in ("attention_scale", "attn_logit_softcap", "final_logit_softcap"):
             value = getattr(self, name)
             if value is not None and not value > 0:

@@ -16,7 +16,7 @@ from pagedllm.models.loaders.hf_loader import hf_weights
 from pagedllm.tools.convert import write_gguf
 from helpers import assert_packed_close_where_routes_agree, prefill_logits
 
-FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "glm", "glm4", "glm4_moe", "seed_oss", "ernie4_5", "smollm3", "granite", "hunyuan_dense", "olmo2", "exaone4", "ministral", "ernie4_5_moe",
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "phi3", "mixtral", "qwen2_moe", "qwen3_moe", "glm", "glm4", "glm4_moe", "seed_oss", "ernie4_5", "smollm3", "granite", "hunyuan_dense", "olmo2", "exaone4", "ministral", "ministral3", "ernie4_5_moe",
             "bloom", "gemma", "gemma2", "gemma3"]
 LOADERS = ["hf", "gguf"]
 

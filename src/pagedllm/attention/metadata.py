@@ -93,6 +93,8 @@ class AttentionMetadata:
     cache: dict = field(default_factory=dict)
     # Hybrid models: each sequence's recurrent-state slot (set by the model runner).
     states: "StateMetadata | None" = None
+    # [tokens] a multiplier of each token's queries (Ministral 3's long-context temperature), set by the model.
+    query_scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

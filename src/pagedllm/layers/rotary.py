@@ -73,6 +73,12 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
+def query_temperature(positions: torch.Tensor, beta: float, span: int) -> torch.Tensor:
+    """Llama 4's and Ministral 3's long-context query scale: 1 + beta · ln(1 + ⌊position / span⌋) a token (1 within
+    the first span positions), float32."""
+    return 1 + beta * torch.log1p(torch.floor(positions.float() / span))
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
                  scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of shape [tokens, 1, head_dim] for the given absolute positions (× `scale`).

@@ -60,8 +60,9 @@ class FusedDecodeLayer:
         attn, delta_net, mlp = layer.self_attn, layer.linear_attn, layer.mlp
         if (attn is None and delta_net is None) or not hasattr(mlp, "gate_up_proj"):
             return False  # a short convolution (LFM2), routed experts (layers/moe.py)
-        if attn is not None and (not hasattr(attn, "qkv_proj") or attn.sinks is not None):
-            return False  # latent attention (layers/mla.py); attention sinks (gpt-oss: its layers are MoE too)
+        if attn is not None and (not hasattr(attn, "qkv_proj") or attn.sinks is not None or attn.query_scale is not None):
+            return False  # latent attention (layers/mla.py); attention sinks (gpt-oss: its layers are MoE too); a
+            # query temperature (Ministral 3)
         mixer = (attn.qkv_proj, attn.o_proj) if attn is not None else (delta_net.in_proj, delta_net.out_proj)
         linears = (*mixer, mlp.gate_up_proj, mlp.down_proj)
         norms = (layer.input_layernorm, layer.post_attention_layernorm)

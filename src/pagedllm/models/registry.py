@@ -184,6 +184,14 @@ FAMILIES: tuple[FamilySpec, ...] = (
         example="mistralai/Ministral-8B-Instruct-2410",
     ),
     FamilySpec(
+        name="ministral3",
+        # Ministral 3 (3B, 8B, 14B; 2025-12): Mistral's layers, YaRN, and queries scaled up past the original context
+        # (1 + β · ln(1 + ⌊position / original⌋), llama.cpp's attention temperature).
+        hf_architectures=("Ministral3ForCausalLM",),
+        gguf_architectures=("mistral3",),
+        example="mistralai/Ministral-3-8B-Instruct-2512",
+    ),
+    FamilySpec(
         name="qwen3",
         hf_architectures=("Qwen3ForCausalLM",),
         gguf_architectures=("qwen3",),

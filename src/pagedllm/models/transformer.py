@@ -28,7 +28,8 @@ from ..layers.norm import LayerNorm, RMSNorm
 from ..layers.gated_delta_net import GatedDeltaNet
 from ..layers.mla import LatentAttention
 from ..layers.short_conv import ShortConv
-from ..layers.rotary import apply_rope, padded_inv_freq, rope_cos_sin, rope_inv_freq, rope_long_inv_freq
+from ..layers.rotary import (apply_rope, padded_inv_freq, query_temperature, rope_cos_sin, rope_inv_freq,
+                             rope_long_inv_freq)
 from .fused_decode import FusedDecodeLayer, FusedDecodeModel, new_decode_layers
 
 
@@ -64,6 +65,7 @@ class Attention(nn.Module):
         self.k_norm = _norm(cfg, self.kv_size if cfg.qk_norm_whole else self.head_dim) if cfg.qk_norm else None
         self.norm_after_rope = cfg.qk_norm_after_rope
         self.scale = cfg.scale
+        self.query_scale = (cfg.query_scale_beta, cfg.query_scale_span) if cfg.query_scale_beta else None
         self.sliding_window = cfg.layer_window(layer)
         self.softcap = cfg.attn_logit_softcap
         slopes = alibi_slopes(cfg.num_attention_heads)[q_first:q_first + self.num_heads]
@@ -82,6 +84,8 @@ class Attention(nn.Module):
         """Every token's K/V goes to the cache; the output is computed for `rows` only, where given."""
         q, k, v, gate = self._project(x)
         q, k = self._rotate(q, k, cos, sin)
+        if meta.query_scale is not None:
+            q = q * meta.query_scale[:, None, None].to(q.dtype)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         # Products in bfloat16 GEMMs (packed weights, many rows) take attention's products with them.
         matmul_dtype = self.qkv_proj.method.activation_dtype(x)
@@ -118,6 +122,8 @@ class Attention(nn.Module):
         q, k, _, _ = self._project(x)
         q, k = (t.float() for t in self._rotate(q, k, cos, sin))
         positions = torch.arange(len(x), device=x.device)[None]
+        if self.query_scale is not None:
+            q = q * query_temperature(positions[0], *self.query_scale)[:, None, None]
         mask = window_mask(positions, len(x), self.sliding_window)
         return attention_weights(q.transpose(0, 1)[None], k.transpose(0, 1)[None], mask, self.layer_attention(),
                                  positions)[0]
@@ -233,6 +239,8 @@ class Transformer(nn.Module):
         if self.embed_layernorm is not None:
             x = self.embed_layernorm(x)
         ropes = self.rotations(positions, meta, x.dtype)
+        if self.config.query_scale_beta:
+            meta.query_scale = query_temperature(positions, self.config.query_scale_beta, self.config.query_scale_span)
         segments = self.lora_context.segments if self.lora_context is not None else []
         prune_last = output_rows is not None and observe is None and not segments  # adapters' segments are all rows
         last = self.layers[-1]
@@ -386,7 +394,7 @@ class Transformer(nn.Module):
         scaling = self.config.rope_scaling
         return (self.tp is None and self.lora_context is None and not self.config.is_hybrid
                 and not any(isinstance(layer.mlp, SparseMoE) for layer in self.layers)
-                and (scaling is None or scaling.kind != "longrope"))
+                and (scaling is None or scaling.kind != "longrope") and not self.config.query_scale_beta)
 
     @property
     def attention_layers(self) -> list[DecoderLayer]:

@@ -192,6 +192,12 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
         writer.add_rope_freq_base_swa(c.local_rope_theta)
     if c.attention_scale is not None:
         writer.add_float32(f"{arch}.attention.scale", c.attention_scale)
+    if c.query_scale_beta:  # llama.cpp's attention temperature; its floor scale is the rope's original context
+        writer.add_float32(f"{arch}.attention.temperature_scale", c.query_scale_beta)
+        if c.rope_scaling is None or c.rope_scaling.kind not in ("yarn", "longrope"):
+            writer.add_rope_scaling_orig_ctx_len(c.query_scale_span)
+        elif c.rope_scaling.original_max_position_embeddings != c.query_scale_span:
+            raise ValueError("a query temperature over another span than the rope's original context has no GGUF form")
     if c.residual_scale != 1.0 or c.logits_scaling != 1.0:  # Granite's multipliers, as llama.cpp's keys
         writer.add_embedding_scale(c.embedding_scale)
         writer.add_residual_scale(c.residual_scale)

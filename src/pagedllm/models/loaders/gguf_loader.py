@@ -173,6 +173,14 @@ def _sliding_layers(f: GGUFFile, arch: str, family: FamilySpec, layers: int) -> 
     return None if all(flags) else flags
 
 
+def _query_temperature(f: GGUFFile, arch: str) -> dict:
+    """llama.cpp's attention temperature (Ministral 3): beta, over the rope's original context (its floor scale)."""
+    beta = _float_key(f, f"{arch}.attention.temperature_scale", 0.0)
+    if not beta:
+        return {}
+    return dict(query_scale_beta=beta, query_scale_span=_int_key(f, f"{arch}.rope.scaling.original_context_length", 0))
+
+
 def _attention_scale(f: GGUFFile, arch: str, family: FamilySpec, layers: int, hidden: int, heads: int) -> float | None:
     if f"{arch}.attention.scale" in f.metadata:
         return _float_key(f, f"{arch}.attention.scale", 1.0)
@@ -283,6 +291,7 @@ def gguf_model_config(f: GGUFFile) -> tuple[ModelConfig, FamilySpec]:
         residual_scale=_float_key(f, f"{arch}.residual_scale", 1.0),
         logits_scaling=_float_key(f, f"{arch}.logit_scale", 1.0),
         attention_scale=_attention_scale(f, arch, family, layers, hidden, heads),
+        **_query_temperature(f, arch),
         attn_logit_softcap=_optional_float(f, f"{arch}.attn_logit_softcapping"),
         final_logit_softcap=_optional_float(f, f"{arch}.final_logit_softcapping"),
         mlp_bias=family.mlp_bias or "blk.0.ffn_down.bias" in f.tensors,

@@ -253,6 +253,15 @@ def _latent_attention(cfg: dict[str, Any]) -> dict[str, Any]:
                 rope_interleaved=bool(cfg.get("rope_interleave", True)))
 
 
+def _query_temperature(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Ministral 3's long-context query scale: its rope parameters' llama_4_scaling_beta over their original context."""
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    beta = params.get("llama_4_scaling_beta")
+    if not beta:
+        return {}
+    return dict(query_scale_beta=float(beta), query_scale_span=int(params["original_max_position_embeddings"]))
+
+
 def _multipliers(cfg: dict[str, Any]) -> dict[str, Any]:
     """Granite's: the embeddings, each residual branch and the attention scores scaled, the logits divided."""
     names = {"embedding_multiplier": "embedding_scale", "residual_multiplier": "residual_scale",
@@ -319,6 +328,7 @@ def hf_model_config(folder: Path) -> tuple[ModelConfig, FamilySpec]:
             mlp_bias=bool(cfg.get("mlp_bias") or family.mlp_bias),
             **_experts(cfg, family),
             **_mixers(cfg),
+            **_query_temperature(cfg),
             **_parts(cfg, family),
             **_shape_parts(cfg, family),
         )
