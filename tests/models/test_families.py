@@ -184,3 +184,17 @@ def test_tensor_parallelism_refuses_whole_projection_qk_norms(tiny_models):
 
     with pytest.raises(PagedLLMError, match="q/k norms over whole projections"):
         LLM(str(tiny_models["olmo2"].hf_dir), kv_cache_memory=2**20, tensor_parallel_size=2)
+
+
+def test_a_yarn_attention_factor_is_written_where_llama_cpp_reads_it(tiny_models):
+    """llama.cpp scales a YaRN rotation by rope.scaling.attn_factor × mscale(factor) (it recomputes
+    yarn_attn_factor itself): Ministral 3's factor of 1 must go there to survive in llama.cpp, and come back."""
+    from pagedllm.layers.rotary import yarn_mscale
+    from pagedllm.models.loaders.gguf_file import GGUFFile
+
+    tiny = tiny_models["ministral3"]
+    scaling = read_model_config(ModelSource("hf", tiny.hf_dir))[0].rope_scaling
+    assert scaling.attention_factor == 1.0 and scaling.factor == 4.0
+    written = GGUFFile(tiny.gguf_path).metadata["mistral3.rope.scaling.attn_factor"]
+    assert abs(written - 1.0 / yarn_mscale(4.0)) < 1e-6
+    assert abs(read_model_config(ModelSource("gguf", tiny.gguf_path))[0].rope_scaling.attention_factor - 1.0) < 1e-6

@@ -236,7 +236,12 @@ def _write_hparams(writer: GGUFWriter, arch: str, c: ModelConfig) -> None:
         writer.add_rope_scaling_orig_ctx_len(s.original_max_position_embeddings)
         writer.add_rope_scaling_yarn_beta_fast(s.beta_fast)
         writer.add_rope_scaling_yarn_beta_slow(s.beta_slow)
-        writer.add_rope_scaling_yarn_attn_factor(s.attention_factor / yarn_mscale(s.factor))
+        # llama.cpp scales cos/sin by rope.scaling.attn_factor × mscale(factor) (it recomputes yarn_attn_factor
+        # itself); deepseek2 files carry their correction in yarn_log_mul instead (gguf_latent.py).
+        if c.latent_attention:
+            writer.add_rope_scaling_yarn_attn_factor(s.attention_factor / yarn_mscale(s.factor))
+        else:
+            writer.add_rope_scaling_attn_factors(s.attention_factor / yarn_mscale(s.factor))
     if c.rope_scaling is not None and c.rope_scaling.kind == "linear":
         writer.add_string(f"{arch}.rope.scaling.type", "linear")
         writer.add_float32(f"{arch}.rope.scaling.factor", c.rope_scaling.factor)

@@ -141,13 +141,16 @@ def _rope_scaling(f: GGUFFile, arch: str) -> RopeScaling | None:
         return None
     if kind == "linear":
         return RopeScaling(kind="linear", factor=float(f.get(f"{arch}.rope.scaling.factor", 1.0)))
-    if kind == "yarn":  # llama.cpp's reading: cos/sin × yarn_attn_factor × (0.1 ln factor + 1)
+    if kind == "yarn":  # llama.cpp's reading: cos/sin × attn_factor × (0.1 ln factor + 1); files pagedllm wrote before
+        # carry the factor as yarn_attn_factor (which llama.cpp recomputes, but for deepseek2's yarn_log_mul)
         factor = _float_key(f, f"{arch}.rope.scaling.factor", 1.0)
+        extra = _float_key(f, f"{arch}.rope.scaling.attn_factor",
+                           _float_key(f, f"{arch}.rope.scaling.yarn_attn_factor", 1.0))
         return RopeScaling(kind="yarn", factor=factor,
                            original_max_position_embeddings=_int_key(f, f"{arch}.rope.scaling.original_context_length"),
                            beta_fast=_float_key(f, f"{arch}.rope.scaling.yarn_beta_fast", 32.0),
                            beta_slow=_float_key(f, f"{arch}.rope.scaling.yarn_beta_slow", 1.0),
-                           attention_factor=_float_key(f, f"{arch}.rope.scaling.yarn_attn_factor", 1.0) * yarn_mscale(factor))
+                           attention_factor=extra * yarn_mscale(factor))
     raise GGUFError(f"{f.path}: rope scaling {shown(kind)} is not supported (pagedllm supports linear, llama3, longrope "
                     "and yarn)")
 
