@@ -153,6 +153,12 @@ LATENT_RENAMES = (("attn_q_a", "self_attn.q_a_proj"), ("attn_q_a_norm", "self_at
 _QWEN3_5_PARTS = dict(norm_offset=1.0, qk_norm=True, attention_output_gate=True, gguf_qk_permuted=False,
                       gguf_mixer="gated_delta_net", gguf_renames=DELTA_NET_RENAMES)
 
+# OLMo 2's and EXAONE 4's layers: norms on each sub-layer's output only (llama.cpp's post_attention_norm and
+# post_ffw_norm), q/k norms, NEOX rope in llama.cpp's files, every 4th layer global where there are windows.
+_OUTPUT_NORM_PARTS = dict(gguf_qk_permuted=False, qk_norm=True, sandwich_norms=True, pre_norms=False, gguf_swa_pattern=4,
+                          gguf_renames=(("post_attention_norm", "post_attention_layernorm"),
+                                        ("post_ffw_norm", "post_feedforward_layernorm")))
+
 FAMILIES: tuple[FamilySpec, ...] = (
     FamilySpec(
         name="llama",
@@ -353,13 +359,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         hf_architectures=("Olmo2ForCausalLM", "Olmo3ForCausalLM"),
         gguf_architectures=("olmo2",),
         example="allenai/OLMo-2-1124-7B-Instruct (also allenai/Olmo-3-7B-Instruct)",
-        gguf_qk_permuted=False,  # llama.cpp runs it with NEOX rope
-        qk_norm=True,
         qk_norm_whole=True,
-        sandwich_norms=True,
-        pre_norms=False,
-        gguf_renames=(("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")),
-        gguf_swa_pattern=4,  # llama.cpp's OLMo 3 default: every 4th layer global
+        **_OUTPUT_NORM_PARTS,  # llama.cpp's OLMo 3 default window pattern: every 4th layer global
     ),
     FamilySpec(
         name="exaone4",
@@ -368,13 +369,8 @@ FAMILIES: tuple[FamilySpec, ...] = (
         hf_architectures=("Exaone4ForCausalLM",),
         gguf_architectures=("exaone4",),
         example="LGAI-EXAONE/EXAONE-4.0-1.2B (also EXAONE-4.0-32B)",
-        gguf_qk_permuted=False,  # llama.cpp runs it with NEOX rope
-        qk_norm=True,
-        sandwich_norms=True,
-        pre_norms=False,
         nope_unwindowed=True,
-        gguf_renames=(("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm")),
-        gguf_swa_pattern=4,
+        **_OUTPUT_NORM_PARTS,
     ),
     FamilySpec(
         name="gpt_oss",
